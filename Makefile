@@ -1,0 +1,16 @@
+# Appointment scheduler: common tasks. Standard library only; nothing to install.
+PYTHON ?= python3
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.DEFAULT_GOAL := help
+.PHONY: help run test
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-6s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+run: ## Serve the API (change the port with: make run PORT=9000)
+	$(PYTHON) scheduler.py --host $(HOST) --port $(PORT)
+
+test: ## Run the test suite (override the interpreter: make test PYTHON=python3.9)
+	$(PYTHON) -m unittest -v

@@ -1,0 +1,756 @@
+"""Tests for scheduler.py, layer by layer: the domain and the store without
+sockets, then the real server on a free port over HTTP, then the command line.
+
+Run: make test  (that is: python3 -m unittest -v)
+"""
+
+import datetime as dt
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import unittest
+from typing import NamedTuple
+
+import scheduler
+
+UTC = dt.timezone.utc
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "scheduler.py")
+README = os.path.join(HERE, "README.md")
+
+
+def appointment(user_id="alice", date="2026-11-25", time="09:30") -> scheduler.Appointment:
+    return scheduler.parse_appointment({"user_id": user_id, "date": date, "time": time})
+
+
+# --- Domain -------------------------------------------------------------------------
+
+
+class ParseUserIdTest(unittest.TestCase):
+    VALID = [
+        ("alice", "alice"),
+        ("alice+bob@example.com", "alice+bob@example.com"),
+        ("a/b c", "a/b c"),
+        ("Zoë 東京", "Zoë 東京"),
+        ("x" * 256, "x" * 256),
+        (42, "42"),
+        ("42", "42"),
+        (-7, "-7"),
+    ]
+    INVALID = [
+        (True, "string or an integer"),
+        (False, "string or an integer"),
+        (None, "string or an integer"),
+        (1.5, "string or an integer"),
+        (["alice"], "string or an integer"),
+        ({"id": "alice"}, "string or an integer"),
+        ("", "empty"),
+        ("x" * 257, "at most 256"),
+        (10 ** 300, "at most 256"),
+        ("al\x00ice", "control characters"),
+        ("alice\n", "control characters"),
+        ("al\x7fice", "control characters"),
+        ("al\x85ice", "control characters"),
+        ("al\ud800ice", "lone surrogates"),
+        (" alice", "whitespace"),
+        ("alice\u3000", "whitespace"),
+    ]
+
+    def test_valid(self):
+        for value, expected in self.VALID:
+            with self.subTest(value=value):
+                self.assertEqual(scheduler.parse_user_id(value), expected)
+
+    def test_invalid(self):
+        for value, message in self.INVALID:
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(ValueError, message):
+                    scheduler.parse_user_id(value)
+
+
+class ParseDateTest(unittest.TestCase):
+    VALID = [
+        ("2026-11-25", dt.date(2026, 11, 25)),
+        ("2024-02-29", dt.date(2024, 2, 29)),  # leap year
+        ("2000-01-01", dt.date(2000, 1, 1)),
+        ("2019-01-01", dt.date(2019, 1, 1)),  # past dates are bookable
+    ]
+    INVALID = [
+        ("2025-02-29", "not a real calendar date"),
+        ("2026-13-01", "not a real calendar date"),
+        ("2026-11-31", "not a real calendar date"),
+        ("0000-01-01", "not a real calendar date"),
+        ("2026-1-5", "YYYY-MM-DD"),
+        ("20261105", "YYYY-MM-DD"),
+        ("2026-W45-3", "YYYY-MM-DD"),
+        ("2026-11-25T09:30", "YYYY-MM-DD"),
+        ("2026-11-25\n", "YYYY-MM-DD"),
+        (" 2026-11-25", "YYYY-MM-DD"),
+        ("٢٠٢٦-١١-٢٥", "YYYY-MM-DD"),  # Arabic-Indic digits match \d, not [0-9]
+        ("", "YYYY-MM-DD"),
+        (20261125, "YYYY-MM-DD"),
+        (None, "YYYY-MM-DD"),
+    ]
+
+    def test_valid(self):
+        for value, expected in self.VALID:
+            with self.subTest(value=value):
+                self.assertEqual(scheduler.parse_date(value), expected)
+
+    def test_invalid(self):
+        for value, message in self.INVALID:
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(ValueError, message):
+                    scheduler.parse_date(value)
+
+
+class ParseTimeTest(unittest.TestCase):
+    VALID = [
+        ("00:00", dt.time(0, 0)),
+        ("09:00", dt.time(9, 0)),
+        ("13:30", dt.time(13, 30)),
+        ("23:30", dt.time(23, 30)),
+    ]
+    INVALID = [
+        ("09:15", "on the hour or half hour"),
+        ("09:59", "on the hour or half hour"),
+        ("9:00", "on the hour or half hour"),
+        ("24:00", "00 to 23"),
+        ("09:00:00", "on the hour or half hour"),
+        ("0900", "on the hour or half hour"),
+        ("9:30am", "on the hour or half hour"),
+        ("09:30\n", "on the hour or half hour"),
+        ("０９:３０", "on the hour or half hour"),  # full-width digits
+        ("", "on the hour or half hour"),
+        (930, "HH:MM"),
+        (None, "HH:MM"),
+    ]
+
+    def test_valid(self):
+        for value, expected in self.VALID:
+            with self.subTest(value=value):
+                self.assertEqual(scheduler.parse_time(value), expected)
+
+    def test_invalid(self):
+        for value, message in self.INVALID:
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(ValueError, message):
+                    scheduler.parse_time(value)
+
+
+class ParseAppointmentTest(unittest.TestCase):
+    def test_builds_a_utc_appointment(self):
+        booked = appointment("alice", "2026-11-25", "09:30")
+        self.assertEqual(booked.user_id, "alice")
+        self.assertEqual(booked.start, dt.datetime(2026, 11, 25, 9, 30, tzinfo=UTC))
+        self.assertEqual(booked.end, dt.datetime(2026, 11, 25, 10, 0, tzinfo=UTC))
+
+    def test_json_shape(self):
+        self.assertEqual(appointment(42, "2026-11-25", "09:30").as_json(), {
+            "user_id": "42", "date": "2026-11-25", "time": "09:30",
+            "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"})
+
+    def test_last_slot_ends_at_midnight_next_day(self):
+        booked = appointment(date="2026-12-31", time="23:30")
+        self.assertEqual(booked.as_json()["end"], "2027-01-01T00:00:00Z")
+        self.assertEqual(booked.date, dt.date(2026, 12, 31))
+
+    def test_unknown_fields_are_ignored(self):
+        fields = {"user_id": "alice", "date": "2026-11-25", "time": "09:30", "note": "hi"}
+        self.assertEqual(scheduler.parse_appointment(fields), appointment())
+
+    def test_every_bad_field_is_reported_at_once(self):
+        with self.assertRaises(scheduler.ValidationError) as caught:
+            scheduler.parse_appointment({"user_id": True, "date": "2025-02-29"})
+        error = caught.exception
+        self.assertEqual([e["field"] for e in error.extensions["errors"]],
+                         ["user_id", "date", "time"])
+        self.assertIn("time is required", error.extensions["errors"][2]["message"])
+        self.assertEqual(error.status, 422)
+
+
+# --- Store ----------------------------------------------------------------------------
+
+
+class InMemoryStoreTest(unittest.TestCase):
+    def setUp(self):
+        self.store = scheduler.InMemoryStore()
+
+    def test_book_returns_the_appointment_and_lists_it(self):
+        booked = self.store.book(appointment())
+        self.assertEqual(booked, appointment())
+        self.assertEqual(self.store.list_for_user("alice"), [appointment()])
+
+    def test_second_booking_on_a_date_conflicts_and_names_the_first(self):
+        self.store.book(appointment(time="09:30"))
+        with self.assertRaises(scheduler.Conflict) as caught:
+            self.store.book(appointment(time="15:00"))
+        self.assertEqual(caught.exception.extensions["appointment"],
+                         appointment(time="09:30").as_json())
+        self.assertEqual(self.store.list_for_user("alice"), [appointment(time="09:30")])
+
+    def test_same_booking_twice_conflicts(self):
+        self.store.book(appointment())
+        with self.assertRaises(scheduler.Conflict):
+            self.store.book(appointment())
+
+    def test_other_users_may_book_the_same_slot(self):
+        for user in ("alice", "bob", "carol"):
+            self.store.book(appointment(user))
+        for user in ("alice", "bob", "carol"):
+            self.assertEqual(self.store.list_for_user(user), [appointment(user)])
+
+    def test_one_user_may_book_other_dates(self):
+        self.store.book(appointment(date="2026-11-25", time="23:30"))
+        self.store.book(appointment(date="2026-11-26", time="00:00"))
+        self.assertEqual(len(self.store.list_for_user("alice")), 2)
+
+    def test_list_is_sorted_by_start(self):
+        dates = ["2026-12-01", "2026-11-24", "2026-11-30", "2026-11-25"]
+        for date in dates:
+            self.store.book(appointment(date=date))
+        listed = [a.date.isoformat() for a in self.store.list_for_user("alice")]
+        self.assertEqual(listed, sorted(dates))
+
+    def test_unknown_user_has_no_appointments(self):
+        self.assertEqual(self.store.list_for_user("nobody"), [])
+
+    def test_list_is_a_snapshot(self):
+        self.store.book(appointment())
+        listed = self.store.list_for_user("alice")
+        listed.clear()
+        self.assertEqual(self.store.list_for_user("alice"), [appointment()])
+
+    def test_racing_bookings_for_one_date_store_exactly_one(self):
+        threads, barrier = 16, threading.Barrier(16)
+        outcomes = []  # list.append is atomic
+
+        def book(time):
+            barrier.wait()
+            try:
+                self.store.book(appointment(time=time))
+                outcomes.append("booked")
+            except scheduler.Conflict:
+                outcomes.append("conflict")
+
+        times = [f"{hour:02d}:00" for hour in range(threads)]
+        workers = [threading.Thread(target=book, args=(t,)) for t in times]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * (threads - 1))
+        self.assertEqual(len(self.store.list_for_user("alice")), 1)
+
+
+# --- Routing --------------------------------------------------------------------------
+
+
+class MatchTest(unittest.TestCase):
+    ROUTES = (
+        scheduler.Route("GET", "/things", "list"),
+        scheduler.Route("POST", "/things", "create"),
+        scheduler.Route("GET", "/things/{name}/{date}", "show"),
+    )
+    FOUND = [
+        ("GET", "/things", "list", {}),
+        ("HEAD", "/things", "list", {}),
+        ("POST", "/things", "create", {}),
+        ("GET", "/things/a%2Fb%20c/2026", "show", {"name": "a/b c", "date": "2026"}),
+        ("GET", "/things/%C3%A9/x", "show", {"name": "é", "date": "x"}),
+    ]
+    NOT_FOUND = ["/", "/thing", "/things/", "/things/a", "/things/a/b/c", "/THINGS"]
+
+    def test_found(self):
+        for method, path, handler, params in self.FOUND:
+            with self.subTest(method=method, path=path):
+                route, got = scheduler.match(self.ROUTES, method, path)
+                self.assertEqual((route.handler, got), (handler, params))
+
+    def test_not_found(self):
+        for path in self.NOT_FOUND:
+            with self.subTest(path=path):
+                with self.assertRaises(scheduler.NotFound):
+                    scheduler.match(self.ROUTES, "GET", path)
+
+    def test_wrong_method_lists_allowed_ones(self):
+        with self.assertRaises(scheduler.MethodNotAllowed) as caught:
+            scheduler.match(self.ROUTES, "DELETE", "/things")
+        self.assertEqual(caught.exception.headers, {"Allow": "GET, HEAD, POST"})
+
+    def test_path_that_is_not_utf8_is_a_bad_request(self):
+        with self.assertRaises(scheduler.BadRequest):
+            scheduler.match(self.ROUTES, "GET", "/things/%ff/x")
+
+
+# --- HTTP -----------------------------------------------------------------------------
+
+
+class Response(NamedTuple):
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def start_server(testcase: unittest.TestCase, store=None) -> scheduler.SchedulerServer:
+    """Start the real server on a free port in a thread; stop it when the test ends."""
+    server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO())
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    testcase.addCleanup(thread.join)
+    testcase.addCleanup(server.server_close)
+    testcase.addCleanup(server.shutdown)  # cleanups run last-in, first-out
+    return server
+
+
+class ServerTestCase(unittest.TestCase):
+    """Base for tests that talk HTTP to a fresh server with an empty store."""
+
+    def setUp(self):
+        self.store = scheduler.InMemoryStore()
+        self.server = start_server(self, self.store)
+        self.host, self.port = self.server.server_address[:2]
+
+    def connect(self) -> http.client.HTTPConnection:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        self.addCleanup(conn.close)
+        return conn
+
+    def request(self, method, path, body=None, headers=None, conn=None) -> Response:
+        """Send one request (a dict or list body goes as JSON) and read the answer."""
+        headers = dict(headers or {})
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body)
+            headers.setdefault("Content-Type", "application/json")
+        conn = conn or self.connect()
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        data = response.read()
+        if method != "HEAD" and response.status not in (204, 304):
+            self.assertEqual(response.getheader("Content-Length"), str(len(data)))
+        return Response(response.status, response.headers, data)
+
+    def book(self, user_id="alice", date="2026-11-25", time="09:30", conn=None) -> Response:
+        return self.request("POST", "/appointments",
+                            {"user_id": user_id, "date": date, "time": time}, conn=conn)
+
+    def assertProblem(self, response: Response, status: int) -> dict:
+        """The response is an RFC 9457 problem with this status; returns its body."""
+        self.assertEqual(response.status, status, response.body)
+        self.assertEqual(response.headers["Content-Type"], "application/problem+json")
+        problem = response.json()
+        self.assertEqual(problem["status"], status)
+        self.assertEqual(problem["type"], "about:blank")
+        self.assertIsInstance(problem["title"], str)
+        self.assertIsInstance(problem["detail"], str)
+        self.assertNotIn("Traceback", problem["detail"])
+        return problem
+
+    def stored(self, user_id="alice") -> list:
+        return self.store.list_for_user(user_id)
+
+
+class BookTest(ServerTestCase):
+    def test_created_with_location_and_the_appointment(self):
+        response = self.book("alice", "2026-11-25", "09:30")
+        self.assertEqual(response.status, 201)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        self.assertEqual(response.headers["Location"], "/appointments/alice/2026-11-25")
+        self.assertEqual(response.json(), {
+            "user_id": "alice", "date": "2026-11-25", "time": "09:30",
+            "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"})
+        self.assertEqual(self.stored(), [appointment()])
+
+    def test_location_percent_encodes_the_user_id(self):
+        response = self.book("a/b c+d@e.com\u00e9", "2026-11-25", "09:30")
+        self.assertEqual(response.headers["Location"],
+                         "/appointments/a%2Fb%20c%2Bd%40e.com%C3%A9/2026-11-25")
+
+    def test_half_past_eleven_ends_next_day(self):
+        response = self.book(time="23:30")
+        self.assertEqual(response.json()["end"], "2026-11-26T00:00:00Z")
+
+    def test_integer_user_id_is_its_decimal_string(self):
+        self.assertEqual(self.book(42).json()["user_id"], "42")
+        self.assertEqual(self.book("42", date="2026-11-26").status, 201)
+        self.assertEqual(len(self.stored("42")), 2)
+
+    def test_charset_parameter_is_accepted(self):
+        response = self.request("POST", "/appointments",
+                                json.dumps({"user_id": "a", "date": "2026-11-25", "time": "09:00"}),
+                                {"Content-Type": "Application/JSON; charset=utf-8"})
+        self.assertEqual(response.status, 201)
+
+    def test_second_booking_that_date_conflicts_and_shows_the_first(self):
+        first = self.book(time="09:30").json()
+        problem = self.assertProblem(self.book(time="14:00"), 409)
+        self.assertEqual(problem["appointment"], first)
+        self.assertIn("already has an appointment on 2026-11-25", problem["detail"])
+        self.assertEqual(self.stored(), [appointment(time="09:30")])
+
+    def test_other_users_share_a_slot(self):
+        for user in ("alice", "bob"):
+            self.assertEqual(self.book(user).status, 201)
+
+    def test_same_user_books_different_dates(self):
+        self.assertEqual(self.book(date="2026-11-25").status, 201)
+        self.assertEqual(self.book(date="2026-11-26").status, 201)
+
+
+class ListTest(ServerTestCase):
+    def test_lists_the_users_appointments_sorted_by_start(self):
+        for date in ("2026-11-27", "2026-11-25", "2026-11-26"):
+            self.book("alice", date)
+        self.book("bob", "2026-11-25")
+        response = self.request("GET", "/appointments?user_id=alice")
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.headers["Content-Type"], "application/json")
+        body = response.json()
+        self.assertEqual(body["user_id"], "alice")
+        self.assertEqual([a["date"] for a in body["appointments"]],
+                         ["2026-11-25", "2026-11-26", "2026-11-27"])
+        self.assertEqual({a["user_id"] for a in body["appointments"]}, {"alice"})
+
+    def test_unknown_user_gets_an_empty_list(self):
+        response = self.request("GET", "/appointments?user_id=nobody")
+        self.assertEqual((response.status, response.json()),
+                         (200, {"user_id": "nobody", "appointments": []}))
+
+    def test_percent_encoded_user_id(self):
+        self.book("a+b/c@d e")
+        body = self.request("GET", "/appointments?user_id=a%2Bb%2Fc%40d%20e").json()
+        self.assertEqual(body["user_id"], "a+b/c@d e")
+        self.assertEqual(len(body["appointments"]), 1)
+
+    def test_head_has_the_headers_of_get_and_no_body(self):
+        self.book()
+        get = self.request("GET", "/appointments?user_id=alice")
+        head = self.request("HEAD", "/appointments?user_id=alice")
+        self.assertEqual(head.status, 200)
+        self.assertEqual(head.body, b"")
+        self.assertEqual(head.headers["Content-Length"], get.headers["Content-Length"])
+
+    BAD_QUERIES = [
+        ("/appointments", "required"),
+        ("/appointments?", "required"),
+        ("/appointments?user_id=", "required"),
+        ("/appointments?userid=alice", "required"),
+        ("/appointments?user_id=a&user_id=b", "once"),
+        ("/appointments?user_id=%00", "control characters"),
+        ("/appointments?user_id=" + "x" * 257, "at most 256"),
+        ("/appointments?user_id=%ff", "UTF-8"),
+    ]
+
+    def test_bad_query_is_400(self):
+        for path, message in self.BAD_QUERIES:
+            with self.subTest(path=path):
+                problem = self.assertProblem(self.request("GET", path), 400)
+                self.assertIn(message, problem["detail"])
+
+
+class BadBookingTest(ServerTestCase):
+    """Bad requests get the right status, say why, and never change the store."""
+
+    def setUp(self):
+        super().setUp()
+        self.assertEqual(self.book("alice", "2026-11-24").status, 201)
+        self.before = self.stored()
+
+    def tearDown(self):
+        self.assertEqual(self.stored(), self.before)
+
+    UNPARSEABLE_BODIES = [  # 400: the body is not a JSON object we can read
+        (b"", "not valid JSON"),
+        (b"{", "not valid JSON"),
+        (b"{'user_id': 'alice'}", "not valid JSON"),
+        (b'["alice", "2026-11-25", "09:30"]', "JSON object"),
+        (b'"alice"', "JSON object"),
+        (b"null", "JSON object"),
+        (b'{"user_id": "a", "date": NaN}', "NaN"),
+        (b'{"time": Infinity}', "Infinity"),
+        (b'{"user_id": "a", "user_id": "b"}', "more than once"),
+        (b'{"user_id": "\xff"}', "UTF-8"),
+    ]
+
+    def test_unparseable_body_is_400(self):
+        for body, message in self.UNPARSEABLE_BODIES:
+            with self.subTest(body=body[:40]):
+                response = self.request("POST", "/appointments", body,
+                                        {"Content-Type": "application/json"})
+                self.assertIn(message, self.assertProblem(response, 400)["detail"])
+
+    def test_deep_nesting_is_400(self):
+        depth = scheduler.MAX_BODY_BYTES // 2 - 1
+        body = b"[" * depth + b"]" * depth
+        response = self.request("POST", "/appointments", body, {"Content-Type": "application/json"})
+        self.assertIn("nested too deeply", self.assertProblem(response, 400)["detail"])
+
+    INVALID_FIELDS = [  # 422: a JSON object whose fields are missing or invalid
+        ({}, ["user_id", "date", "time"]),
+        ({"user_id": "alice"}, ["date", "time"]),
+        ({"user_id": True, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
+        ({"user_id": None, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
+        ({"user_id": 1.0, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
+        ({"user_id": "", "date": "2025-02-29", "time": "09:15"}, ["user_id", "date", "time"]),
+        ({"user_id": "alice", "date": "2026-11-25", "time": "24:00"}, ["time"]),
+        ({"user_id": "alice", "date": "2026-W45-3", "time": "09:00"}, ["date"]),
+        ({"user_id": "alice", "date": "2026-11-25T09:00Z", "time": "09:00"}, ["date"]),
+        ({"user_id": "alice", "date": "2026-11-25", "time": 9}, ["time"]),
+    ]
+
+    def test_invalid_fields_are_422_listing_each(self):
+        for body, fields in self.INVALID_FIELDS:
+            with self.subTest(body=body):
+                problem = self.assertProblem(self.request("POST", "/appointments", body), 422)
+                self.assertEqual([e["field"] for e in problem["errors"]], fields)
+                for error in problem["errors"]:
+                    self.assertTrue(error["message"])
+
+    def test_time_error_says_hour_or_half_hour(self):
+        problem = self.assertProblem(self.book(time="09:15"), 422)
+        self.assertIn("on the hour or half hour", problem["errors"][0]["message"])
+
+    def test_wrong_content_type_is_415_with_a_hint(self):
+        for headers in ({}, {"Content-Type": "text/plain"},
+                        {"Content-Type": "application/x-www-form-urlencoded"}):
+            with self.subTest(headers=headers):
+                response = self.request(
+                    "POST", "/appointments",
+                    json.dumps({"user_id": "bob", "date": "2026-11-25", "time": "09:00"}), headers)
+                problem = self.assertProblem(response, 415)
+                self.assertIn("Content-Type: application/json", problem["detail"])
+
+    def test_body_over_the_cap_is_413(self):
+        body = b'{"pad": "' + b"x" * scheduler.MAX_BODY_BYTES + b'"}'
+        response = self.request("POST", "/appointments", body, {"Content-Type": "application/json"})
+        self.assertProblem(response, 413)
+
+    def test_bad_content_length_is_400(self):
+        conn = self.connect()
+        conn.putrequest("POST", "/appointments")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", "-1")
+        conn.endheaders()
+        response = conn.getresponse()
+        self.assertProblem(Response(response.status, response.headers, response.read()), 400)
+
+
+class ProtocolTest(ServerTestCase):
+    def test_unknown_path_is_404(self):
+        for path in ("/", "/appointment", "/appointments/", "/appointments/alice"):
+            with self.subTest(path=path):
+                self.assertProblem(self.request("GET", path), 404)
+
+    def test_wrong_method_is_405_with_allow(self):
+        for method in ("PUT", "PATCH", "DELETE"):
+            with self.subTest(method=method):
+                response = self.request(method, "/appointments")
+                self.assertProblem(response, 405)
+                self.assertEqual(response.headers["Allow"], "GET, HEAD, POST")
+
+    def test_http_servers_own_errors_are_problem_json(self):
+        cases = [(b"NOT A REQUEST\r\n\r\n", 400),
+                 (b"GET /appointments HTTP/9.9\r\n\r\n", 505),
+                 (b"BREW /appointments HTTP/1.1\r\nHost: x\r\n\r\n", 501)]
+        for raw, status in cases:
+            with self.subTest(raw=raw):
+                with socket.create_connection((self.host, self.port), timeout=10) as sock:
+                    sock.sendall(raw)
+                    response = http.client.HTTPResponse(sock)
+                    response.begin()
+                    parsed = Response(response.status, response.headers, response.read())
+                self.assertProblem(parsed, status)
+                self.assertEqual(parsed.headers["Connection"], "close")
+
+    def test_keep_alive_serves_many_requests_on_one_connection(self):
+        conn = self.connect()
+        self.assertEqual(self.book("alice", conn=conn).status, 201)
+        sock = conn.sock
+        statuses = [self.book("alice", conn=conn).status,              # 409
+                    self.book("bob", time="9:15", conn=conn).status,   # 422
+                    self.request("GET", "/nowhere", conn=conn).status,  # 404
+                    self.request("GET", "/appointments?user_id=alice", conn=conn).status]
+        self.assertEqual(statuses, [409, 422, 404, 200])
+        self.assertIs(conn.sock, sock, "the client had to reconnect")
+
+    def test_access_log_has_one_line_per_request(self):
+        self.book()
+        self.request("GET", "/appointments?user_id=alice")
+        lines = self.server.log_stream.getvalue().splitlines()
+        self.assertEqual(len(lines), 2)
+        self.assertIn('"POST /appointments HTTP/1.1" 201', lines[0])
+        self.assertIn('"GET /appointments?user_id=alice HTTP/1.1" 200', lines[1])
+
+
+class BrokenStore(scheduler.InMemoryStore):
+    def book(self, appointment):
+        raise RuntimeError("disk on fire")
+
+
+class UnexpectedErrorTest(ServerTestCase):
+    def setUp(self):
+        self.store = BrokenStore()
+        self.server = start_server(self, self.store)
+        self.host, self.port = self.server.server_address[:2]
+
+    def test_500_without_traceback_and_server_stays_up(self):
+        conn = self.connect()
+        problem = self.assertProblem(self.book(conn=conn), 500)
+        self.assertNotIn("disk on fire", json.dumps(problem))
+        self.assertIn("RuntimeError: disk on fire", self.server.log_stream.getvalue())
+        self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+
+
+class RaceTest(ServerTestCase):
+    def test_simultaneous_bookings_for_one_date_create_exactly_one(self):
+        clients = 24
+        barrier = threading.Barrier(clients)
+        results = [None] * clients
+
+        def book(index):
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            try:
+                conn.connect()
+                barrier.wait()
+                body = json.dumps({"user_id": "racer", "date": "2026-11-25",
+                                   "time": f"{index % 24:02d}:00"})
+                conn.request("POST", "/appointments", body, {"Content-Type": "application/json"})
+                response = conn.getresponse()
+                results[index] = (response.status, json.loads(response.read()))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=book, args=(i,)) for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        statuses = sorted(status for status, _ in results)
+        self.assertEqual(statuses, [201] + [409] * (clients - 1))
+        winner = next(body for status, body in results if status == 201)
+        for status, body in results:
+            if status == 409:
+                self.assertEqual(body["appointment"], winner)
+        listed = self.request("GET", "/appointments?user_id=racer").json()["appointments"]
+        self.assertEqual(listed, [winner])
+
+
+def readme_examples():
+    """The README's curl examples in order: (command, documented output or None).
+
+    An example is a ```sh block that starts with curl; the ```json or ```http block
+    right after it, if any, is what the command prints.
+    """
+    with open(README, encoding="utf-8") as file:
+        blocks = re.findall(r"```(\w+)\n(.*?)```", file.read(), re.DOTALL)
+    examples = []
+    for (kind, text), (next_kind, next_text) in zip(blocks, blocks[1:] + [("", "")]):
+        if kind == "sh" and text.startswith("curl "):
+            examples.append((text, next_text if next_kind in ("json", "http") else None))
+    return examples
+
+
+def without_varying_headers(text: str) -> str:
+    return "\n".join(line for line in text.replace("\r\n", "\n").split("\n")
+                     if not line.startswith(("Date: ", "Server: ")))
+
+
+@unittest.skipUnless(shutil.which("curl"), "curl is not installed")
+class ReadmeExamplesTest(ServerTestCase):
+    """Every curl example in the README works as written and prints what it shows."""
+
+    def test_examples_print_what_the_readme_shows(self):
+        examples = readme_examples()
+        self.assertGreaterEqual(len(examples), 8)
+        for command, documented in examples:
+            with self.subTest(command=command):
+                command = command.replace("http://127.0.0.1:8000", f"http://{self.host}:{self.port}")
+                result = subprocess.run(["bash", "-c", "curl -s " + command[len("curl "):]],
+                                        capture_output=True, text=True, timeout=30)
+                self.assertEqual(result.returncode, 0, result.stderr)
+                if documented is not None:
+                    self.assertEqual(without_varying_headers(result.stdout),
+                                     without_varying_headers(documented))
+
+
+# --- Command line ---------------------------------------------------------------------
+
+
+class CommandLineTest(unittest.TestCase):
+    def start(self, *args, env=None):
+        """Run scheduler.py; return the process and the URL it printed."""
+        process = subprocess.Popen(
+            [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, env={**os.environ, **(env or {})})
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        line = process.stdout.readline()
+        self.assertIn("Listening on http://", line)
+        return process, line.split()[2]
+
+    def stop(self, process, signum):
+        process.send_signal(signum)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            self.fail("the server did not stop")
+        return process.stderr.read()
+
+    def get(self, url, path):
+        host, port = url[len("http://"):].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            conn.request("GET", path)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    def test_help_explains_every_option(self):
+        result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
+                                text=True, timeout=30)
+        self.assertEqual(result.returncode, 0)
+        for word in ("--host", "--port", "PORT"):
+            self.assertIn(word, result.stdout)
+
+    def test_serves_logs_and_stops_cleanly_on_ctrl_c_and_sigterm(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with self.subTest(signal=signum.name):
+                process, url = self.start("--port", "0")
+                self.assertEqual(self.get(url, "/appointments?user_id=alice"), 200)
+                stderr = self.stop(process, signum)
+                self.assertEqual(process.returncode, 0)
+                self.assertIn('"GET /appointments?user_id=alice HTTP/1.1" 200', stderr)
+                self.assertNotIn("Traceback", stderr)
+
+    def test_port_comes_from_the_environment_and_the_flag_wins(self):
+        process, url = self.start(env={"PORT": "0"})  # 0: a free port, not the default 8000
+        self.assertNotEqual(url.rsplit(":", 1)[1], str(scheduler.DEFAULT_PORT))
+        self.stop(process, signal.SIGINT)
+        process, url = self.start("--port", "0", env={"PORT": "not-a-port"})
+        self.assertEqual(self.get(url, "/appointments?user_id=a"), 200)
+        self.stop(process, signal.SIGINT)
+
+    def test_bad_port_is_a_usage_error(self):
+        for args, env in ((["--port", "70000"], {}), ([], {"PORT": "http"})):
+            with self.subTest(args=args, env=env):
+                result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
+                                        text=True, timeout=30, env={**os.environ, **env})
+                self.assertEqual(result.returncode, 2)
+                self.assertIn("not a port number", result.stderr)
+
+
+if __name__ == "__main__":
+    unittest.main()
