@@ -16,6 +16,8 @@ factory and ``main()``. Each layer only uses the ones above it.
 
 import argparse
 import datetime as dt
+import email.utils
+import io
 import json
 import os
 import re
@@ -23,11 +25,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Dict, List, Mapping, NamedTuple, Optional, TextIO, Tuple
+from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, TextIO,
+                    Tuple)
 
 __version__ = "1.0"
 
@@ -38,7 +42,22 @@ DEFAULT_PORT = 8000
 
 APPOINTMENT_LENGTH = dt.timedelta(minutes=30)
 MAX_USER_ID_LENGTH = 256
-MAX_BODY_BYTES = 64 * 1024
+MAX_REQUEST_LINE = 65536  # bytes, as http.server allows; longer gets 414
+LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
+LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
+
+SERVER_NAME = f"scheduler/{__version__}"
+
+
+class Limits(NamedTuple):
+    """What a client may take of the server; each is a command-line option."""
+
+    max_body_bytes: int = 64 * 1024  # larger bodies get 413, unread
+    request_timeout: float = 10.0  # seconds for a whole request to arrive; then 408
+    idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for a request
+    max_connections: int = 256  # connections served at once; more get 503
+    shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
+
 
 JSON_TYPE = "application/json"
 PROBLEM_TYPE = "application/problem+json"
@@ -101,6 +120,11 @@ class MethodNotAllowed(ServiceError):
         super().__init__(f"{method} is not supported here; use {allow}.", headers={"Allow": allow})
 
 
+class RequestTimeout(ServiceError):
+    status = HTTPStatus.REQUEST_TIMEOUT
+    title = "Request Timeout"
+
+
 class Conflict(ServiceError):
     status = HTTPStatus.CONFLICT
     title = "Conflict"
@@ -132,6 +156,21 @@ class ValidationError(ServiceError):
         noun = "field is" if len(errors) == 1 else "fields are"
         super().__init__(f"The appointment was not booked: {len(errors)} {noun} invalid ({fields}).",
                          errors=errors)
+
+
+class ServiceUnavailable(ServiceError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    title = "Service Unavailable"
+
+
+class HTTPError(ServiceError):
+    """An error that http.server itself detects: a malformed request line,
+    oversized headers, an unknown method. The title is the status phrase."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = HTTPStatus(status)
+        self.title = self.status.phrase
 
 
 # --- Domain: what an appointment is -------------------------------------------
@@ -250,8 +289,9 @@ class InMemoryStore:
     """
 
     def __init__(self):
-        self._lock = threading.Lock()  # guards _by_user
+        self._lock = threading.Lock()  # guards _by_user and _count
         self._by_user: Dict[str, Dict[dt.date, dt.datetime]] = {}
+        self._count = 0
 
     def book(self, appointment: Appointment) -> Appointment:
         """Store the appointment and return it.
@@ -265,6 +305,7 @@ class InMemoryStore:
             existing = days.get(date)
             if existing is None:
                 days[date] = appointment.start
+                self._count += 1
         if existing is not None:
             booked = Appointment(appointment.user_id, existing)
             raise Conflict(
@@ -272,6 +313,11 @@ class InMemoryStore:
                 f"at {existing:%H:%M}; a user may book one appointment per date.",
                 appointment=booked.as_json())
         return appointment
+
+    def count(self) -> int:
+        """How many appointments are stored, over all users."""
+        with self._lock:
+            return self._count
 
     def list_for_user(self, user_id: str) -> List[Appointment]:
         """The user's appointments sorted by start; empty for an unknown user."""
@@ -428,15 +474,127 @@ def decode_json(raw: bytes) -> object:
         raise BadRequest("The request body is nested too deeply.") from None
 
 
+def render_response(status: HTTPStatus, content_type: str, body: bytes,
+                    headers: Iterable[Tuple[str, str]] = (), *, close: bool = False,
+                    head_only: bool = False) -> bytes:
+    """A whole HTTP/1.1 response as bytes, to be sent in one write: separate small
+    writes for headers and body meet Nagle's algorithm and delayed ACKs, which
+    stall a keep-alive client for tens of milliseconds per request."""
+    lines = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Server: {SERVER_NAME}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        *(f"{name}: {value}" for name, value in headers),
+    ]
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+def json_bytes(value) -> bytes:
+    return (json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+# Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
+_LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's read side with a deadline for a whole request, not just a read.
+
+    A timeout per read alone lets a client that trickles a byte at a time
+    (slowloris) hold a thread forever. Waiting for a request, the deadline is the
+    idle timeout; the request's first byte starts the request timeout.
+    """
+
+    def __init__(self, sock: socket.socket, limits: Limits):
+        super().__init__()
+        self._sock = sock
+        self._limits = limits
+        self._deadline = 0.0
+        self.idle = False  # waiting for the first byte of a request
+
+    def readable(self) -> bool:
+        return True
+
+    def await_request(self) -> None:
+        self.idle = True
+        self._deadline = time.monotonic() + self._limits.idle_timeout
+
+    def readinto(self, buffer) -> int:
+        """Raises RequestTimeout when the deadline passes."""
+        remaining = self._deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise socket.timeout
+            self._sock.settimeout(remaining)
+            received = self._sock.recv_into(buffer)
+        except socket.timeout:
+            timeout = self._limits.idle_timeout if self.idle else self._limits.request_timeout
+            raise RequestTimeout(f"The request did not arrive whole within {timeout:g} "
+                                 "seconds.") from None
+        if received and self.idle:
+            self.idle = False
+            self._deadline = time.monotonic() + self._limits.request_timeout
+        return received
+
+    def close_if_idle(self) -> None:
+        """End the wait for another request: the blocked read returns end-of-file."""
+        if self.idle:
+            try:
+                self._sock.shutdown(socket.SHUT_RD)
+            except OSError:  # already closed by the client
+                pass
+
+
 class SchedulerHandler(BaseHTTPRequestHandler):
     """Turns each HTTP request into a route call and its Reply into a response.
 
-    Speaks HTTP/1.1 with keep-alive: every response has a Content-Length and is
-    written in one send. All errors, including http.server's own, are problem+json.
+    Speaks HTTP/1.1 with keep-alive. Adds to http.server: deadlines on reading a
+    request, a body size cap, problem+json for every error (its own included),
+    one write per response, and escaped log lines.
     """
 
     protocol_version = "HTTP/1.1"
-    server_version = f"scheduler/{__version__}"
+    known_methods = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # replaced by a reader that enforces the request deadline
+        self._reader = _DeadlineReader(self.connection, self.server.limits)
+        self.rfile = io.BufferedReader(self._reader)
+        self.server.track(self._reader)
+
+    def finish(self) -> None:
+        self.server.untrack(self._reader)
+        super().finish()
+
+    def handle_one_request(self) -> None:
+        """Read and answer one request: http.server's loop, plus deadlines and drain."""
+        self.requestline = self.command = ""
+        self._reader.await_request()
+        if self.server.draining:  # checked after await_request(): see SchedulerServer.drain
+            self.close_connection = True
+            return
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+            elif len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            elif not self.parse_request():
+                pass  # parse_request has sent the error
+            elif self.command not in self.known_methods:
+                self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"Unknown method {self.command!r}.")
+            else:
+                self.dispatch()
+        except RequestTimeout as error:
+            self.close_connection = True
+            if not self._reader.idle:  # part of a request came, then the client stalled
+                self.send_reply(self.problem_reply(error))
 
     def dispatch(self) -> None:
         self._body_consumed = False
@@ -444,15 +602,15 @@ class SchedulerHandler(BaseHTTPRequestHandler):
             reply = self.route_request()
         except ServiceError as error:
             reply = self.problem_reply(error)
+        except ConnectionError:
+            raise  # the client went away: nobody to answer
         except Exception:
-            self.log_error("unhandled error in %r:\n%s", self.requestline, traceback.format_exc())
+            self.server.log(f"Unexpected error in {self.requestline!r}:\n{traceback.format_exc()}")
             reply = self.problem_reply(ServiceError(
                 "The server hit an unexpected error and logged it; please try again."))
         if not self._body_consumed and self._declares_body():
             self.close_connection = True  # the unread body would be taken for the next request
         self.send_reply(reply)
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = dispatch
 
     def route_request(self) -> Reply:
         path, _, query = self.path.partition("?")
@@ -464,7 +622,8 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         return "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0") != "0"
 
     def read_json_body(self) -> object:
-        """Read and parse the JSON body, enforcing Content-Type and a size cap."""
+        """Read and parse the JSON body: Content-Type, Content-Length and the size
+        cap are checked before a byte of it is read."""
         media_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if media_type != JSON_TYPE:
             raise UnsupportedMediaType(
@@ -477,11 +636,13 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         declared = self.headers.get("Content-Length")
         if declared is None:
             raise LengthRequired("A request body needs a Content-Length header.")
-        if not declared.isdigit() or not declared.isascii():
+        if not (declared.isdigit() and declared.isascii()):
             raise BadRequest(f"Content-Length must be a non-negative integer, not {declared!r}.")
-        length = int(declared)
-        if length > MAX_BODY_BYTES:
-            raise ContentTooLarge(f"The body is {length} bytes; the limit is {MAX_BODY_BYTES}.")
+        length, limit = int(declared), self.server.limits.max_body_bytes
+        if length > limit:
+            raise ContentTooLarge(f"The body is {length} bytes; the limit is {limit}.")
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         raw = self.rfile.read(length)
         self._body_consumed = True
         if len(raw) < length:
@@ -489,57 +650,60 @@ class SchedulerHandler(BaseHTTPRequestHandler):
             raise BadRequest(f"The body ended after {len(raw)} of {length} bytes.")
         return decode_json(raw)
 
+    def handle_expect_100(self) -> bool:
+        """Defer "100 Continue" to read_json_body, so that a request refused on its
+        headers (404, 413, 415...) is answered before the client sends the body."""
+        return True
+
     def problem_reply(self, error: ServiceError) -> Reply:
         return Reply(error.status, error.problem(), tuple(error.headers.items()))
 
     def send_reply(self, reply: Reply) -> None:
-        """Write status line, headers and body in one send: separate small writes
-        meet Nagle's algorithm and delayed ACKs and stall keep-alive clients."""
         status = HTTPStatus(reply.status)
-        body = (json.dumps(reply.body, ensure_ascii=False) + "\n").encode("utf-8")
-        content_type = PROBLEM_TYPE if status >= 400 else JSON_TYPE
-        lines = [
-            f"{self.protocol_version} {status.value} {status.phrase}",
-            f"Server: {self.version_string()}",
-            f"Date: {self.date_time_string()}",
-            f"Content-Type: {content_type}",
-            f"Content-Length: {len(body)}",
-        ]
-        lines += [f"{name}: {value}" for name, value in reply.headers]
-        if self.close_connection:
-            lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        body = json_bytes(reply.body)
+        if self.server.draining:
+            self.close_connection = True
+        response = render_response(status, PROBLEM_TYPE if status >= 400 else JSON_TYPE, body,
+                                   reply.headers, close=self.close_connection,
+                                   head_only=self.command == "HEAD")
         self.log_request(status.value, len(body))  # before the write, so it is never lost
-        self.wfile.write(head if self.command == "HEAD" else head + body)
+        self.connection.settimeout(self.server.limits.request_timeout)  # for the write
+        self.connection.sendall(response)
 
     def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None):
         """http.server's own errors (bad request line, oversized headers, unknown
         method...) as problem+json too. The connection is closed after them."""
         self.close_connection = True
-        error = ServiceError(message or HTTPStatus(code).description)
-        error.status = HTTPStatus(code)
-        error.title = error.status.phrase
+        error = HTTPError(code, message or HTTPStatus(code).description)
         self.send_reply(self.problem_reply(error))
 
+    def version_string(self) -> str:
+        return SERVER_NAME  # no Python version: it only helps attackers
+
     def log_message(self, format: str, *args) -> None:
-        stream = self.server.log_stream
-        if stream is not None:
-            stream.write(f"{self.address_string()} - - [{self.log_date_time_string()}] "
-                         f"{format % args}\n")
+        message = (format % args).translate(_LOG_ESCAPES)
+        self.server.log(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}")
 
 
 # --- Server ---------------------------------------------------------------------
 
 
 class SchedulerServer(ThreadingHTTPServer):
-    """A threading HTTP server that carries the shared store and log stream."""
+    """A threading HTTP server that carries the shared store, the limits and the
+    log, caps the connections it serves at once, and drains them on shutdown."""
 
-    daemon_threads = True  # an open keep-alive connection must not block exit
+    daemon_threads = True  # a connection still open after drain() must not block exit
     request_queue_size = 128  # listen backlog; the default 5 drops bursts of connects
 
-    def __init__(self, address, store, log_stream):
+    def __init__(self, address, store, log_stream: Optional[TextIO], limits: Limits):
         self.store = store
+        self.limits = limits
         self.log_stream = log_stream
+        self.draining = False  # set once by drain(): finish current requests, take no more
+        self._lock = threading.Lock()  # guards _active and _readers
+        self._all_closed = threading.Condition(self._lock)
+        self._active = 0  # connections being served, at most limits.max_connections
+        self._readers = set()  # the read side of each connection being served
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, SchedulerHandler)
@@ -549,17 +713,124 @@ class SchedulerServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
+    def log(self, line: str) -> None:
+        if self.log_stream is not None:
+            self.log_stream.write(line + "\n")
+            self.log_stream.flush()
+
+    def process_request(self, request, client_address) -> None:
+        """Serve the connection in a new thread, or refuse it when at the cap."""
+        with self._lock:
+            admitted = self._active < self.limits.max_connections
+            if admitted:
+                self._active += 1
+        if not admitted:
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        with self._lock:
+            self._active -= 1
+            self._all_closed.notify_all()
+
+    def _refuse(self, request: socket.socket, client_address) -> None:
+        """Answer 503 from the accepting thread and close, without spending a thread."""
+        error = ServiceUnavailable(
+            f"The server is serving its maximum of {self.limits.max_connections} connections; "
+            "retry shortly.", headers={"Retry-After": "1"})
+        response = render_response(error.status, PROBLEM_TYPE, json_bytes(error.problem()),
+                                   error.headers.items(), close=True)
+        try:
+            request.setblocking(False)  # never let this client stall the accept loop
+            try:  # take what the client already sent, so closing does not reset the connection
+                request.recv(65536)
+            except BlockingIOError:
+                pass
+            request.send(response)  # small enough for an empty socket buffer
+            request.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        request.close()
+        self.log(f"{client_address[0]} - - refused: {self.limits.max_connections} "
+                 "connections open; 503")
+
+    def shutdown_request(self, request: socket.socket) -> None:
+        """Close without resetting: after our FIN, read for a moment what the client
+        still sends, so its unread bytes do not make the kernel reset the connection
+        and destroy the last response (for example a 413 sent before its body)."""
+        try:
+            request.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + LINGER_SECONDS
+            drained = 0
+            while drained < LINGER_BYTES:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                request.settimeout(remaining)
+                chunk = request.recv(65536)
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except OSError:
+            pass
+        self.close_request(request)
+
+    def handle_error(self, request, client_address) -> None:
+        """Log what ended a connection, instead of socketserver's traceback on stderr."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # the client reset, or stalled while we wrote
+            self.log(f"{client_address[0]} - - connection dropped: {error!r}")
+        else:
+            self.log(f"Unexpected error serving {client_address[0]}:\n{traceback.format_exc()}")
+
+    def track(self, reader: _DeadlineReader) -> None:
+        with self._lock:
+            self._readers.add(reader)
+
+    def untrack(self, reader: _DeadlineReader) -> None:
+        with self._lock:
+            self._readers.discard(reader)
+
+    def drain(self, timeout: float) -> int:
+        """Close idle keep-alive connections, let requests in flight finish, and wait
+        up to timeout seconds for every connection to close. Call after
+        serve_forever() has returned. Returns how many connections are still open.
+
+        A handler sets its reader idle, then checks draining; this sets draining,
+        then checks for idle readers: so every connection sees one or the other.
+        """
+        with self._lock:
+            self.draining = True
+            for reader in self._readers:
+                reader.close_if_idle()
+            self.log(f"No longer accepting connections; letting {self._active} open "
+                     f"connection(s) finish their requests (up to {timeout:g} seconds).")
+            self._all_closed.wait_for(lambda: self._active == 0, timeout)
+            return self._active
+
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, *,
-                log_stream: Optional[TextIO] = sys.stderr) -> SchedulerServer:
+                log_stream: Optional[TextIO] = sys.stderr,
+                limits: Optional[Limits] = None) -> SchedulerServer:
     """Build a bound server (port 0 picks a free port); the caller runs serve_forever().
 
-    store defaults to a new InMemoryStore. log_stream gets one access-log line a
-    request and the tracebacks of unexpected errors; None silences it.
-    Raises OSError when the address cannot be bound.
+    store defaults to a new InMemoryStore, limits to Limits(). log_stream gets one
+    access-log line a request and the tracebacks of unexpected errors; None
+    silences it. Raises OSError when the address cannot be bound.
     """
     return SchedulerServer((host, port), store if store is not None else InMemoryStore(),
-                           log_stream)
+                           log_stream, limits if limits is not None else Limits())
 
 
 # --- Command line ----------------------------------------------------------------
@@ -575,16 +846,45 @@ def _port(text: str) -> int:
     return port
 
 
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+        return value
+    return parse
+
+
+_LIMIT_OPTIONS = {  # Limits field: (metavar, help)
+    "max_body_bytes": ("N", "largest request body accepted; larger gets 413"),
+    "request_timeout": ("SECONDS", "time for a whole request (line, headers, body) to arrive; "
+                                   "slower gets 408 and is closed"),
+    "idle_timeout": ("SECONDS", "time a keep-alive connection may wait for its next request"),
+    "max_connections": ("N", "connections served at once; more get 503 with Retry-After"),
+    "shutdown_timeout": ("SECONDS", "on SIGTERM or Ctrl-C, time in-flight requests get to "
+                                    "finish"),
+}
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Appointment scheduler: an HTTP JSON API for booking 30-minute "
-                    "appointments (UTC). Logs one line per request to stderr; "
-                    "Ctrl-C or SIGTERM stops it.")
+                    "appointments (UTC). Logs one line per request to stderr. Ctrl-C or "
+                    "SIGTERM stops it gracefully; a second one stops it at once.")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=_port, default=None,
                         help=f"port to listen on; 0 picks a free one (default: $PORT, "
                              f"else {DEFAULT_PORT})")
+    limits = parser.add_argument_group("limits")
+    for name, (metavar, description) in _LIMIT_OPTIONS.items():
+        default = getattr(Limits(), name)
+        limits.add_argument("--" + name.replace("_", "-"), type=_positive(type(default)),
+                            default=default, metavar=metavar,
+                            help=f"{description} (default: {default:g})")
     args = parser.parse_args(argv)
     if args.port is None:
         try:
@@ -596,27 +896,31 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
     try:
-        server = make_server(args.host, args.port)
+        server = make_server(args.host, args.port, limits=limits)
     except OSError as error:
         print(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}",
               file=sys.stderr)
         return 1
-    # SIGTERM stops the server like Ctrl-C does: serve_forever returns, then we close.
-    signal.signal(signal.SIGTERM, _interrupt)
+    signals = []
+
+    def stop(signum, frame):
+        if signals:  # the second signal: stop now
+            raise SystemExit(1)
+        signals.append(signal.Signals(signum).name)
+        # serve_forever() runs in this thread and shutdown() waits for it to return.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    print("Stopped.", file=sys.stderr, flush=True)
+    server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
+    server.server_close()  # stop accepting
+    server.log(f"{signals[0]} received: shutting down.")
+    still_open = server.drain(limits.shutdown_timeout)
+    server.log(f"Stopped; {still_open} connection(s) cut off." if still_open else "Stopped.")
     return 0
-
-
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -9,7 +9,10 @@ import http.client
 import io
 import json
 import os
+import queue
+import random
 import re
+import select
 import shutil
 import signal
 import socket
@@ -303,9 +306,17 @@ class Response(NamedTuple):
         return json.loads(self.body)
 
 
-def start_server(testcase: unittest.TestCase, store=None) -> scheduler.SchedulerServer:
+def read_response(sock: socket.socket, method: str = "GET") -> Response:
+    response = http.client.HTTPResponse(sock, method=method)
+    response.begin()
+    return Response(response.status, response.headers, response.read())
+
+
+def start_server(testcase: unittest.TestCase, store=None,
+                 limits=None) -> scheduler.SchedulerServer:
     """Start the real server on a free port in a thread; stop it when the test ends."""
-    server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO())
+    server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO(),
+                                   limits=limits)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
     thread.start()
     testcase.addCleanup(thread.join)
@@ -317,10 +328,24 @@ def start_server(testcase: unittest.TestCase, store=None) -> scheduler.Scheduler
 class ServerTestCase(unittest.TestCase):
     """Base for tests that talk HTTP to a fresh server with an empty store."""
 
+    limits = None  # the defaults; subclasses set short timeouts or small caps
+
     def setUp(self):
         self.store = scheduler.InMemoryStore()
-        self.server = start_server(self, self.store)
+        self.server = start_server(self, self.store, self.limits)
         self.host, self.port = self.server.server_address[:2]
+
+    def open_socket(self) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        self.addCleanup(sock.close)
+        return sock
+
+    def raw(self, data: bytes) -> Response:
+        """Send raw bytes (anything, well-formed or not) on a new connection and read
+        one response."""
+        with socket.create_connection((self.host, self.port), timeout=10) as sock:
+            sock.sendall(data)
+            return read_response(sock)
 
     def connect(self) -> http.client.HTTPConnection:
         conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
@@ -491,7 +516,7 @@ class BadBookingTest(ServerTestCase):
                 self.assertIn(message, self.assertProblem(response, 400)["detail"])
 
     def test_deep_nesting_is_400(self):
-        depth = scheduler.MAX_BODY_BYTES // 2 - 1
+        depth = scheduler.Limits().max_body_bytes // 2 - 1
         body = b"[" * depth + b"]" * depth
         response = self.request("POST", "/appointments", body, {"Content-Type": "application/json"})
         self.assertIn("nested too deeply", self.assertProblem(response, 400)["detail"])
@@ -532,18 +557,10 @@ class BadBookingTest(ServerTestCase):
                 self.assertIn("Content-Type: application/json", problem["detail"])
 
     def test_body_over_the_cap_is_413(self):
-        body = b'{"pad": "' + b"x" * scheduler.MAX_BODY_BYTES + b'"}'
+        body = b'{"pad": "' + b"x" * scheduler.Limits().max_body_bytes + b'"}'
         response = self.request("POST", "/appointments", body, {"Content-Type": "application/json"})
         self.assertProblem(response, 413)
 
-    def test_bad_content_length_is_400(self):
-        conn = self.connect()
-        conn.putrequest("POST", "/appointments")
-        conn.putheader("Content-Type", "application/json")
-        conn.putheader("Content-Length", "-1")
-        conn.endheaders()
-        response = conn.getresponse()
-        self.assertProblem(Response(response.status, response.headers, response.read()), 400)
 
 
 class ProtocolTest(ServerTestCase):
@@ -565,13 +582,9 @@ class ProtocolTest(ServerTestCase):
                  (b"BREW /appointments HTTP/1.1\r\nHost: x\r\n\r\n", 501)]
         for raw, status in cases:
             with self.subTest(raw=raw):
-                with socket.create_connection((self.host, self.port), timeout=10) as sock:
-                    sock.sendall(raw)
-                    response = http.client.HTTPResponse(sock)
-                    response.begin()
-                    parsed = Response(response.status, response.headers, response.read())
-                self.assertProblem(parsed, status)
-                self.assertEqual(parsed.headers["Connection"], "close")
+                response = self.raw(raw)
+                self.assertProblem(response, status)
+                self.assertEqual(response.headers["Connection"], "close")
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         conn = self.connect()
@@ -646,6 +659,305 @@ class RaceTest(ServerTestCase):
         self.assertEqual(listed, [winner])
 
 
+# --- Hardening: limits, slow clients, bad input --------------------------------------
+
+
+def post_head(length, extra: str = "") -> bytes:
+    """The request line and headers of a JSON POST that announces a body of length."""
+    return (f"POST /appointments HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+VALID_BODY = b'{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}'
+
+
+class BodyLimitTest(ServerTestCase):
+    limits = scheduler.Limits(max_body_bytes=1000, request_timeout=2.0)
+
+    def test_declared_length_over_the_cap_is_413_before_the_body_is_read(self):
+        response = self.raw(post_head(10 ** 9))  # no body follows: it is never waited for
+        self.assertIn("limit is 1000", self.assertProblem(response, 413)["detail"])
+        self.assertEqual(response.headers["Connection"], "close")
+
+    def test_a_large_body_sent_anyway_still_gets_its_413(self):
+        # The server closes without reading; lingering on close keeps the reset that
+        # unread bytes would cause from destroying the 413 before the client reads it.
+        body = b"x" * 500_000
+        response = self.request("POST", "/appointments", body, {"Content-Type": "application/json"})
+        self.assertProblem(response, 413)
+        self.assertEqual(self.store.count(), 0)
+
+    def test_expect_100_continue_is_refused_without_continue(self):
+        sock = self.open_socket()
+        sock.sendall(post_head(5000, "Expect: 100-continue\r\n"))
+        self.assertProblem(read_response(sock), 413)  # not "100 Continue" first
+
+    def test_expect_100_continue_is_honoured_for_an_acceptable_body(self):
+        sock = self.open_socket()
+        sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(VALID_BODY)
+        self.assertEqual(read_response(sock).status, 201)
+
+    def test_post_without_content_length_is_411(self):
+        head = b"POST /appointments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\r\n"
+        self.assertProblem(self.raw(head), 411)
+
+    def test_chunked_body_is_411(self):
+        head = (b"POST /appointments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n3\r\n{}\n\r\n0\r\n\r\n")
+        self.assertIn("Content-Length", self.assertProblem(self.raw(head), 411)["detail"])
+
+    BAD_LENGTHS = ["-1", "abc", "1e3", "+5", "0x10", "١٢", "5, 5"]
+
+    def test_bad_content_length_is_400(self):
+        for length in self.BAD_LENGTHS:
+            with self.subTest(length=length):
+                response = self.raw(post_head(length))
+                self.assertIn("Content-Length", self.assertProblem(response, 400)["detail"])
+
+    def test_body_cut_short_by_the_client_is_400(self):
+        sock = self.open_socket()
+        sock.sendall(post_head(100) + b'{"user_id":')
+        sock.shutdown(socket.SHUT_WR)
+        self.assertIn("ended after 11 of 100", self.assertProblem(read_response(sock), 400)["detail"])
+
+
+class SlowClientTest(ServerTestCase):
+    limits = scheduler.Limits(request_timeout=0.5, idle_timeout=0.5)
+
+    def assertClosed(self, sock: socket.socket):
+        """The server closed the connection (end of file), within the socket timeout."""
+        self.assertEqual(sock.recv(1), b"")
+
+    def test_body_shorter_than_its_length_gets_408_not_a_stuck_thread(self):
+        sock = self.open_socket()
+        sock.sendall(post_head(100) + b'{"user_id":')
+        problem = self.assertProblem(read_response(sock), 408)
+        self.assertIn("0.5 seconds", problem["detail"])
+        self.assertClosed(sock)
+
+    def test_headers_that_never_end_get_408(self):
+        sock = self.open_socket()
+        sock.sendall(b"GET /appointments?user_id=a HTTP/1.1\r\nHost: t\r\n")
+        self.assertProblem(read_response(sock), 408)
+
+    def test_slowloris_is_cut_off_while_others_are_served(self):
+        slow = self.open_socket()
+        request = b"GET /appointments?user_id=alice HTTP/1.1\r\n" + b"X: y\r\n" * 200
+        cut_off = False
+        for index in range(len(request)):  # a byte every 20 ms: 25 s if never cut off
+            try:
+                slow.sendall(request[index:index + 1])
+            except (BrokenPipeError, ConnectionResetError):
+                cut_off = True
+                break
+            if index % 10 == 0:  # meanwhile, a normal client gets normal service
+                self.assertEqual(self.request("GET", "/appointments?user_id=bob").status, 200)
+            readable, _, _ = select.select([slow], [], [], 0.02)
+            if readable:
+                cut_off = True
+                break
+        self.assertTrue(cut_off, "the trickling client was never cut off")
+        self.assertProblem(read_response(slow), 408)
+
+    def test_idle_keep_alive_connection_is_closed(self):
+        conn = self.connect()
+        self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+        self.assertClosed(conn.sock)
+
+    def test_connection_that_sends_nothing_is_closed_without_a_response(self):
+        self.assertClosed(self.open_socket())
+
+
+class ConnectionCapTest(ServerTestCase):
+    limits = scheduler.Limits(max_connections=3)
+
+    def test_beyond_the_cap_503_with_retry_after_then_recovery(self):
+        held = [self.connect() for _ in range(3)]
+        for conn in held:  # each is being served: its thread holds a slot
+            self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+        refused = self.raw(b"GET /appointments?user_id=a HTTP/1.1\r\nHost: t\r\n\r\n")
+        problem = self.assertProblem(refused, 503)
+        self.assertEqual(refused.headers["Retry-After"], "1")
+        self.assertEqual(refused.headers["Connection"], "close")
+        self.assertIn("maximum of 3", problem["detail"])
+        held.pop().close()
+        self.assertEqual(self.retry_until_served(), 200)
+        for conn in held:  # the connections at the cap were never disturbed
+            self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+
+    def retry_until_served(self, attempts: int = 100) -> int:
+        """Retry as a client told Retry-After would, but briefly: the slot frees as
+        soon as the server has seen the close, which takes a moment."""
+        for _ in range(attempts):
+            status = self.request("GET", "/appointments?user_id=a").status
+            if status != 503:
+                return status
+            select.select([], [], [], 0.02)
+        return 503
+
+
+class HeaderLimitTest(ServerTestCase):
+    CASES = [
+        ("request line over 64 KiB", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+        ("over 100 headers", b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
+        ("header line over 64 KiB", b"GET / HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
+        ("not HTTP at all", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
+    ]
+
+    def test_http_server_limits_answer_with_problem_json(self):
+        for name, raw, status in self.CASES:
+            with self.subTest(name):
+                response = self.raw(raw)
+                self.assertProblem(response, status)
+                self.assertEqual(response.headers["Connection"], "close")
+
+    def test_log_lines_escape_control_characters(self):
+        self.raw(b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: t\r\n\r\n")
+        log = self.server.log_stream.getvalue()
+        self.assertIn("/\\x1b[31mred\\x07", log)
+        self.assertNotIn("\x1b", log)
+        self.assertNotIn("\x07", log)
+
+
+class FuzzTest(ServerTestCase):
+    """Thousands of seeded random malformed requests: each gets a 4xx problem
+    response, the server keeps serving, and the stored appointments never change."""
+
+    SEED = 20261125
+    CASES = 2000
+    limits = scheduler.Limits(max_body_bytes=4096, request_timeout=5.0)
+
+    BAD_VALUES = {
+        "user_id": [True, None, 1.5, [], {}, "", " x", "x" * 257, "a\x00", "\ud800"],
+        "date": ["2025-02-29", "2026-1-5", "20261105", "2026-W45-3", "", 20261125, None,
+                 "2026-13-01", "٢٠٢٦-١١-٢٥"],
+        "time": ["09:15", "9:00", "24:00", "09:00:00", "", 930, None, "09:60", "noon"],
+    }
+
+    def setUp(self):
+        super().setUp()
+        for index in range(5):
+            self.assertEqual(self.book(f"fuzz-{index}", "2026-11-25").status, 201)
+        self.before = {f"fuzz-{i}": self.stored(f"fuzz-{i}") for i in range(5)}
+        self.random = random.Random(self.SEED)
+
+    def junk(self, alphabet: str, longest: int) -> str:
+        return "".join(self.random.choice(alphabet) for _ in range(self.random.randint(0, longest)))
+
+    def bad_json(self) -> bytes:
+        text = VALID_BODY.decode()
+        choice = self.random.randrange(4)
+        if choice == 0:  # random bytes
+            return bytes(self.random.randrange(256) for _ in range(self.random.randint(0, 80)))
+        if choice == 1:  # a valid body cut short
+            return text[:self.random.randrange(len(text))].encode()
+        if choice == 2:  # a field replaced by a bad value
+            fields = json.loads(text)
+            name = self.random.choice(sorted(self.BAD_VALUES))
+            fields[name] = self.random.choice(self.BAD_VALUES[name])
+            return json.dumps(fields).encode()
+        return self.random.choice([b"NaN", b'{"a": Infinity}', b'{"a": 1, "a": 2}', b"[" * 3000,
+                                   b'"\xff"', b"null", b"[]", b"{}", b"\xef\xbb\xbf{}"])
+
+    def bad_request(self) -> bytes:
+        choice = self.random.randrange(6)
+        if choice == 0:  # a JSON POST whose body is wrong
+            body = self.bad_json()
+            return post_head(len(body)) + body
+        if choice == 1:  # wrong or broken body headers
+            head = self.random.choice([
+                post_head(self.junk("-+x0123456789 ,.", 8) + self.random.choice("-x.")),
+                post_head(10 ** 9),
+                b"POST /appointments HTTP/1.1\r\nContent-Type: application/json\r\n\r\n",
+                b"POST /appointments HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\n{}",
+                b"POST /appointments HTTP/1.1\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            ])
+            return head
+        if choice == 2:  # a query string of random percent-escapes and separators
+            query = self.junk("%fFzZ0+&=user_id\x7f", 30)
+            return f"GET /appointments?{query} HTTP/1.1\r\nHost: t\r\n\r\n".encode("latin-1")
+        if choice == 3:  # a random path
+            path = "/" + self.junk("/%abcdefghijklmnopqrstuvwxyz.?=&", 40)
+            method = self.random.choice(["GET", "POST", "PUT", "DELETE", "PATCH"])
+            return f"{method} {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode("latin-1")
+        if choice == 4:  # a request line that is not HTTP
+            line = self.junk("ABCabc /\t\x00\x1b\xff%", 60).replace(" ", "").encode("latin-1")
+            return line + b" / NOT-HTTP\r\n\r\n"
+        header = self.junk("abc:\t\x00 \x7f\xe9", 30).encode("latin-1")  # a header line of junk
+        return b"GET /appointments?user_id=a HTTP/1.1\r\n" + header + b"\r\n" * 2
+
+    def test_malformed_requests_get_problems_and_change_nothing(self):
+        for case in range(self.CASES):
+            raw = self.bad_request()
+            with self.subTest(case=case, raw=raw[:120]):
+                response = self.raw(raw)
+                if response.status == 200:  # a junk header line can still be a valid header
+                    self.assertTrue(raw.startswith(b"GET /appointments?user_id=a "))
+                    continue
+                self.assertGreaterEqual(response.status, 400)
+                self.assertLess(response.status, 500)
+                self.assertProblem(response, response.status)
+        self.assertEqual(self.request("GET", "/appointments?user_id=fuzz-0").status, 200)
+        self.assertEqual(self.store.count(), 5)
+        self.assertEqual({user: self.stored(user) for user in self.before}, self.before)
+
+
+class LoadTest(ServerTestCase):
+    """Mixed keep-alive traffic from many threads: every answer is right and the
+    store ends holding exactly what the successful bookings created."""
+
+    THREADS, REQUESTS = 32, 200
+
+    def test_mixed_traffic_is_answered_correctly(self):
+        failures, created = [], []  # list.append is atomic
+
+        def client(number):
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
+            user, booked = f"load-{number}", 0
+            try:
+                conn.connect()
+                sock = conn.sock
+                for index in range(self.REQUESTS):
+                    day = dt.date(2026, 1, 1) + dt.timedelta(days=index // 3)
+                    kind = index % 3
+                    if kind == 2:
+                        conn.request("GET", f"/appointments?user_id={user}")
+                    else:  # a new booking, then a second one that date
+                        time = "09:00" if kind == 0 else "10:30"
+                        conn.request("POST", "/appointments", json.dumps(
+                            {"user_id": user, "date": day.isoformat(), "time": time}),
+                            {"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    body = json.loads(response.read())
+                    expected = (201, 409, 200)[kind]
+                    if response.status != expected:
+                        failures.append((user, index, response.status, body))
+                    elif kind == 0:
+                        booked += 1
+                        created.append(body)
+                    elif kind == 2 and len(body["appointments"]) != booked:
+                        failures.append((user, index, "listed", len(body["appointments"])))
+                    if conn.sock is not sock:
+                        failures.append((user, index, "reconnected"))
+            except Exception as error:  # a dropped connection, a timeout...
+                failures.append((user, repr(error)))
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(self.THREADS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.assertEqual(failures, [])
+        self.assertEqual(self.store.count(), len(created))
+        stored = [a.as_json() for n in range(self.THREADS) for a in self.stored(f"load-{n}")]
+        self.assertEqual(sorted(map(json.dumps, stored)), sorted(map(json.dumps, created)))
+
+
 def readme_examples():
     """The README's curl examples in order: (command, documented output or None).
 
@@ -687,31 +999,54 @@ class ReadmeExamplesTest(ServerTestCase):
 # --- Command line ---------------------------------------------------------------------
 
 
+class ServerProcess(NamedTuple):
+    process: subprocess.Popen
+    host: str
+    port: int
+    log: "queue.Queue[str]"  # stderr, a line at a time
+    reader: threading.Thread  # puts the lines there; ends when the process does
+
+
 class CommandLineTest(unittest.TestCase):
-    def start(self, *args, env=None):
-        """Run scheduler.py; return the process and the URL it printed."""
+    def start(self, *args, env=None) -> ServerProcess:
+        """Run scheduler.py and wait for the address it prints."""
         process = subprocess.Popen(
             [sys.executable, SCRIPT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True, env={**os.environ, **(env or {})})
-        self.addCleanup(process.stderr.close)
+        log = queue.Queue()
+        reader = threading.Thread(target=lambda: [log.put(line) for line in process.stderr])
+        reader.start()
         self.addCleanup(process.stdout.close)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(reader.join)
         self.addCleanup(lambda: process.poll() is None and process.kill())
         line = process.stdout.readline()
         self.assertIn("Listening on http://", line)
-        return process, line.split()[2]
+        host, port = line.split()[2][len("http://"):].rsplit(":", 1)
+        return ServerProcess(process, host, int(port), log, reader)
 
-    def stop(self, process, signum):
-        process.send_signal(signum)
+    def wait_for_log(self, server: ServerProcess, text: str) -> None:
+        """Read the server's stderr until a line contains text (10 s at most)."""
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            self.fail("the server did not stop")
-        return process.stderr.read()
+            while text not in server.log.get(timeout=10):
+                pass
+        except queue.Empty:
+            self.fail(f"the server never logged {text!r}")
 
-    def get(self, url, path):
-        host, port = url[len("http://"):].rsplit(":", 1)
-        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    def stop(self, server: ServerProcess, signum=None) -> str:
+        """Signal the server (if signum), wait for it to exit, return the rest of its log."""
+        if signum is not None:
+            server.process.send_signal(signum)
+        try:
+            server.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.process.kill()
+            self.fail("the server did not stop")
+        server.reader.join()
+        return "".join(server.log.get_nowait() for _ in range(server.log.qsize()))
+
+    def get(self, server: ServerProcess, path: str) -> int:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         try:
             conn.request("GET", path)
             return conn.getresponse().status
@@ -722,34 +1057,107 @@ class CommandLineTest(unittest.TestCase):
         result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
                                 text=True, timeout=30)
         self.assertEqual(result.returncode, 0)
-        for word in ("--host", "--port", "PORT"):
+        limits = ["--" + name.replace("_", "-") for name in scheduler.Limits._fields]
+        for word in ["--host", "--port", "PORT", *limits]:
             self.assertIn(word, result.stdout)
+
+    def test_limits_come_from_the_command_line(self):
+        args = scheduler.parse_args(["--max-body-bytes", "100", "--request-timeout", "1.5",
+                                     "--idle-timeout", "2", "--max-connections", "3",
+                                     "--shutdown-timeout", "4"])
+        self.assertEqual([getattr(args, name) for name in scheduler.Limits._fields],
+                         [100, 1.5, 2.0, 3, 4.0])
+        server = self.start("--port", "0", "--max-body-bytes", "100")
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:
+            sock.sendall(post_head(101))
+            response = read_response(sock, "POST")
+        self.assertEqual(response.status, 413)
+        self.assertIn("limit is 100", response.json()["detail"])
+        self.stop(server, signal.SIGTERM)
 
     def test_serves_logs_and_stops_cleanly_on_ctrl_c_and_sigterm(self):
         for signum in (signal.SIGINT, signal.SIGTERM):
             with self.subTest(signal=signum.name):
-                process, url = self.start("--port", "0")
-                self.assertEqual(self.get(url, "/appointments?user_id=alice"), 200)
-                stderr = self.stop(process, signum)
-                self.assertEqual(process.returncode, 0)
-                self.assertIn('"GET /appointments?user_id=alice HTTP/1.1" 200', stderr)
-                self.assertNotIn("Traceback", stderr)
+                server = self.start("--port", "0")
+                self.assertEqual(self.get(server, "/appointments?user_id=alice"), 200)
+                log = self.stop(server, signum)
+                self.assertEqual(server.process.returncode, 0)
+                self.assertIn('"GET /appointments?user_id=alice HTTP/1.1" 200', log)
+                self.assertIn(f"{signum.name} received: shutting down.", log)
+                self.assertIn("No longer accepting connections", log)
+                self.assertNotIn("Traceback", log)
 
     def test_port_comes_from_the_environment_and_the_flag_wins(self):
-        process, url = self.start(env={"PORT": "0"})  # 0: a free port, not the default 8000
-        self.assertNotEqual(url.rsplit(":", 1)[1], str(scheduler.DEFAULT_PORT))
-        self.stop(process, signal.SIGINT)
-        process, url = self.start("--port", "0", env={"PORT": "not-a-port"})
-        self.assertEqual(self.get(url, "/appointments?user_id=a"), 200)
-        self.stop(process, signal.SIGINT)
+        server = self.start(env={"PORT": "0"})  # 0: a free port, not the default 8000
+        self.assertNotEqual(server.port, scheduler.DEFAULT_PORT)
+        self.stop(server, signal.SIGINT)
+        server = self.start("--port", "0", env={"PORT": "not-a-port"})
+        self.assertEqual(self.get(server, "/appointments?user_id=a"), 200)
+        self.stop(server, signal.SIGINT)
 
-    def test_bad_port_is_a_usage_error(self):
-        for args, env in ((["--port", "70000"], {}), ([], {"PORT": "http"})):
+    def start_request_in_flight(self, server: ServerProcess) -> socket.socket:
+        """Send a POST's headers and wait for "100 Continue": the server is now
+        waiting for the body of a request it has begun."""
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        return sock
+
+    def test_sigterm_lets_the_request_in_flight_finish(self):
+        server = self.start("--port", "0", "--shutdown-timeout", "10")
+        sock = self.start_request_in_flight(server)
+        server.process.send_signal(signal.SIGTERM)
+        self.wait_for_log(server, "No longer accepting connections")
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection((server.host, server.port), timeout=10).close()
+        sock.sendall(VALID_BODY)
+        response = read_response(sock, "POST")
+        sock.close()
+        self.assertEqual(response.status, 201)
+        self.assertEqual(response.json()["user_id"], "alice")
+        self.assertEqual(response.headers["Connection"], "close")
+        log = self.stop(server)
+        self.assertEqual(server.process.returncode, 0)
+        self.assertIn('"POST /appointments HTTP/1.1" 201', log)
+        self.assertIn("Stopped.", log)
+
+    def test_idle_keep_alive_connections_are_closed_at_shutdown(self):
+        server = self.start("--port", "0", "--shutdown-timeout", "60")
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/appointments?user_id=a")
+        self.assertEqual(conn.getresponse().read(), b'{"user_id": "a", "appointments": []}\n')
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(conn.sock.recv(1), b"")  # closed by the server, not left to time out
+        log = self.stop(server)  # within 10 s, so it did not wait out the 60 s
+        self.assertEqual(server.process.returncode, 0)
+        self.assertIn("Stopped.", log)
+        self.assertNotIn("cut off", log)
+
+    def test_a_second_signal_stops_at_once(self):
+        server = self.start("--port", "0", "--shutdown-timeout", "60")
+        self.start_request_in_flight(server)
+        server.process.send_signal(signal.SIGTERM)
+        self.wait_for_log(server, "No longer accepting connections")
+        self.stop(server, signal.SIGINT)  # within 10 s, though the request is unfinished
+        self.assertEqual(server.process.returncode, 1)
+
+    USAGE_ERRORS = [
+        (["--port", "70000"], {}, "not a port number"),
+        ([], {"PORT": "http"}, "not a port number"),
+        (["--max-body-bytes", "0"], {}, "not a positive number"),
+        (["--request-timeout", "-1"], {}, "not a positive number"),
+        (["--max-connections", "many"], {}, "not a positive number"),
+    ]
+
+    def test_bad_option_is_a_usage_error(self):
+        for args, env, message in self.USAGE_ERRORS:
             with self.subTest(args=args, env=env):
                 result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
                                         text=True, timeout=30, env={**os.environ, **env})
                 self.assertEqual(result.returncode, 2)
-                self.assertIn("not a port number", result.stderr)
+                self.assertIn(message, result.stderr)
 
 
 if __name__ == "__main__":
