@@ -14,15 +14,18 @@ is and how one is validated), the store, the routes, the HTTP handler, the serve
 factory and ``main()``. Each layer only uses the ones above it.
 """
 
+import abc
 import argparse
 import datetime as dt
 import email.utils
+import hashlib
 import io
 import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -61,6 +64,8 @@ class Limits(NamedTuple):
 
 JSON_TYPE = "application/json"
 PROBLEM_TYPE = "application/problem+json"
+CALENDAR_TYPE = "text/calendar; charset=utf-8"
+CALENDAR_SUMMARY = "Appointment with a practitioner"
 
 # Anchored with fullmatch(); [0-9] rather than \d, which also matches non-ASCII digits.
 _DATE_FORMAT = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
@@ -206,6 +211,10 @@ def _rfc3339(instant: dt.datetime) -> str:
     return instant.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+# Each parser raises ValueError with a message that follows the field's name:
+# "date" + " must be a string in YYYY-MM-DD format...".
+
+
 def parse_user_id(value) -> str:
     """Return the user ID as a string; raise ValueError saying what is wrong.
 
@@ -213,18 +222,18 @@ def parse_user_id(value) -> str:
     """
     if isinstance(value, int) and not isinstance(value, bool):  # bool is an int
         if abs(value) >= 10 ** MAX_USER_ID_LENGTH:  # checked before str(): that is slow on huge ints
-            raise ValueError(f"user_id must be at most {MAX_USER_ID_LENGTH} characters long")
+            raise ValueError(f"must be at most {MAX_USER_ID_LENGTH} characters long")
         value = str(value)
     if not isinstance(value, str):
-        raise ValueError("user_id must be a string or an integer")
+        raise ValueError("must be a string or an integer")
     if not value:
-        raise ValueError("user_id must not be empty")
+        raise ValueError("must not be empty")
     if len(value) > MAX_USER_ID_LENGTH:
-        raise ValueError(f"user_id must be at most {MAX_USER_ID_LENGTH} characters long")
+        raise ValueError(f"must be at most {MAX_USER_ID_LENGTH} characters long")
     if _FORBIDDEN_IN_USER_ID.search(value):
-        raise ValueError("user_id must not contain control characters or lone surrogates")
+        raise ValueError("must not contain control characters or lone surrogates")
     if value != value.strip():
-        raise ValueError("user_id must not start or end with whitespace")
+        raise ValueError("must not start or end with whitespace")
     return value
 
 
@@ -232,11 +241,11 @@ def parse_date(value) -> dt.date:
     """Return the calendar date for a YYYY-MM-DD string; raise ValueError otherwise."""
     match = _DATE_FORMAT.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ValueError("date must be a string in YYYY-MM-DD format, e.g. 2026-11-25")
+        raise ValueError("must be a string in YYYY-MM-DD format, e.g. 2026-11-25")
     try:
         return dt.date(*map(int, match.groups()))
     except ValueError:
-        raise ValueError(f"date {value} is not a real calendar date") from None
+        raise ValueError(f"{value} is not a real calendar date") from None
 
 
 def parse_time(value) -> dt.time:
@@ -244,13 +253,13 @@ def parse_time(value) -> dt.time:
     ValueError otherwise."""
     match = _TIME_FORMAT.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ValueError("time must be a string in 24-hour HH:MM format, e.g. 09:30; "
+        raise ValueError("must be a string in 24-hour HH:MM format, e.g. 09:30; "
                          "appointments start on the hour or half hour")
     hour, minute = map(int, match.groups())
     if hour > 23:
-        raise ValueError(f"time {value} is not a time of day: hours run from 00 to 23")
+        raise ValueError(f"{value} is not a time of day: hours run from 00 to 23")
     if minute not in (0, 30):
-        raise ValueError(f"time {value} is not bookable: appointments start on the hour "
+        raise ValueError(f"{value} is not bookable: appointments start on the hour "
                          "or half hour (minutes 00 or 30)")
     return dt.time(hour, minute)
 
@@ -271,7 +280,7 @@ def parse_appointment(fields: Mapping) -> Appointment:
         try:
             values[name] = parse(fields[name])
         except ValueError as error:
-            errors.append({"field": name, "message": str(error)})
+            errors.append({"field": name, "message": f"{name} {error}"})
     if errors:
         raise ValidationError(errors)
     start = dt.datetime.combine(values["date"], values["time"], tzinfo=dt.timezone.utc)
@@ -281,8 +290,52 @@ def parse_appointment(fields: Mapping) -> Appointment:
 # --- Store ----------------------------------------------------------------------
 
 
-class InMemoryStore:
-    """Appointments in a dict, shared safely by the request threads.
+class Store(abc.ABC):
+    """Where appointments live. Every method is safe to call from many threads at
+    once, and returns immutable Appointments or new lists, never internal state."""
+
+    @abc.abstractmethod
+    def book(self, appointment: Appointment) -> Appointment:
+        """Store the appointment and return it. Raises Conflict, carrying the
+        existing appointment, when the user already has one that date."""
+
+    @abc.abstractmethod
+    def get(self, user_id: str, date: dt.date) -> Appointment:
+        """The user's appointment on that date; NotFound when there is none."""
+
+    @abc.abstractmethod
+    def cancel(self, user_id: str, date: dt.date) -> None:
+        """Delete the user's appointment on that date; NotFound when there is none."""
+
+    @abc.abstractmethod
+    def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
+                      last: Optional[dt.date] = None) -> List[Appointment]:
+        """The user's appointments from first to last (inclusive, each optional),
+        sorted by start; empty for an unknown user."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """How many appointments are stored, over all users."""
+
+    def check(self) -> None:
+        """Raise ServiceUnavailable if the store cannot serve requests."""
+
+    def close(self) -> None:
+        """Release what the store holds; it is not used afterwards."""
+
+
+def _conflict(existing: Appointment) -> Conflict:
+    return Conflict(f"User {existing.user_id} already has an appointment on "
+                    f"{existing.date.isoformat()}, at {existing.start:%H:%M}; a user may book "
+                    "one appointment per date.", appointment=existing.as_json())
+
+
+def _not_found(user_id: str, date: dt.date) -> NotFound:
+    return NotFound(f"User {user_id} has no appointment on {date.isoformat()}.")
+
+
+class InMemoryStore(Store):
+    """Appointments in a dict, shared safely by the request threads; the default.
 
     Holds user ID -> {date -> start}. Dates and datetimes are immutable and
     untracked by the garbage collector, so a large store stays cheap to keep.
@@ -294,36 +347,186 @@ class InMemoryStore:
         self._count = 0
 
     def book(self, appointment: Appointment) -> Appointment:
-        """Store the appointment and return it.
-
-        Raises Conflict, carrying the existing appointment, when the user already
-        has one that date. The check and the insert happen under one lock hold.
-        """
         date = appointment.date
-        with self._lock:
+        with self._lock:  # check and insert under one hold of the lock
             days = self._by_user.setdefault(appointment.user_id, {})
             existing = days.get(date)
             if existing is None:
                 days[date] = appointment.start
                 self._count += 1
         if existing is not None:
-            booked = Appointment(appointment.user_id, existing)
-            raise Conflict(
-                f"User {appointment.user_id} already has an appointment on {date.isoformat()}, "
-                f"at {existing:%H:%M}; a user may book one appointment per date.",
-                appointment=booked.as_json())
+            raise _conflict(Appointment(appointment.user_id, existing))
         return appointment
 
+    def get(self, user_id: str, date: dt.date) -> Appointment:
+        with self._lock:
+            start = self._by_user.get(user_id, {}).get(date)
+        if start is None:
+            raise _not_found(user_id, date)
+        return Appointment(user_id, start)
+
+    def cancel(self, user_id: str, date: dt.date) -> None:
+        with self._lock:
+            days = self._by_user.get(user_id, {})
+            found = days.pop(date, None) is not None
+            if found:
+                self._count -= 1
+                if not days:
+                    del self._by_user[user_id]
+        if not found:
+            raise _not_found(user_id, date)
+
+    def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
+                      last: Optional[dt.date] = None) -> List[Appointment]:
+        with self._lock:
+            starts = list(self._by_user.get(user_id, {}).values())
+        return [Appointment(user_id, start) for start in sorted(starts)
+                if (first is None or start.date() >= first)
+                and (last is None or start.date() <= last)]
+
     def count(self) -> int:
-        """How many appointments are stored, over all users."""
         with self._lock:
             return self._count
 
-    def list_for_user(self, user_id: str) -> List[Appointment]:
-        """The user's appointments sorted by start; empty for an unknown user."""
+
+class SQLiteStore(Store):
+    """Appointments in an SQLite file: they survive restarts, and several server
+    processes may share one file. The UNIQUE constraint, not this process,
+    enforces one appointment per user and date, so it holds across processes.
+    """
+
+    SCHEMA = """
+        CREATE TABLE IF NOT EXISTS appointments (
+            user_id TEXT NOT NULL,
+            date    TEXT NOT NULL,  -- YYYY-MM-DD, UTC
+            time    TEXT NOT NULL,  -- HH:MM, UTC
+            UNIQUE (user_id, date)
+        )"""
+
+    def __init__(self, path: str):
+        """Open (creating if needed) the database; raises sqlite3.Error if it cannot."""
+        self.path = path
+        self._lock = threading.Lock()  # guards _db: a connection serves one thread at a time
+        # Autocommit (isolation_level=None): each statement is its own transaction.
+        # timeout: how long to wait for another process's write lock.
+        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+                                   check_same_thread=False)
         with self._lock:
-            starts = list(self._by_user.get(user_id, {}).values())
-        return [Appointment(user_id, start) for start in sorted(starts)]
+            self._db.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
+            self._db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
+            self._db.execute(self.SCHEMA)
+
+    @staticmethod
+    def _appointment(user_id: str, date: str, time: str) -> Appointment:
+        start = dt.datetime.fromisoformat(f"{date}T{time}").replace(tzinfo=dt.timezone.utc)
+        return Appointment(user_id, start)
+
+    def book(self, appointment: Appointment) -> Appointment:
+        date, time = appointment.date.isoformat(), f"{appointment.start:%H:%M}"
+        while True:  # the existing one may be cancelled by another process in between
+            try:
+                with self._lock:
+                    self._db.execute("INSERT INTO appointments (user_id, date, time) "
+                                     "VALUES (?, ?, ?)", (appointment.user_id, date, time))
+                return appointment
+            except sqlite3.IntegrityError:
+                try:
+                    existing = self.get(appointment.user_id, appointment.date)
+                except NotFound:
+                    continue
+                raise _conflict(existing) from None
+
+    def get(self, user_id: str, date: dt.date) -> Appointment:
+        with self._lock:
+            row = self._db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
+                                   (user_id, date.isoformat())).fetchone()
+        if row is None:
+            raise _not_found(user_id, date)
+        return self._appointment(user_id, date.isoformat(), row[0])
+
+    def cancel(self, user_id: str, date: dt.date) -> None:
+        with self._lock:
+            deleted = self._db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
+                                       (user_id, date.isoformat())).rowcount
+        if not deleted:
+            raise _not_found(user_id, date)
+
+    def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
+                      last: Optional[dt.date] = None) -> List[Appointment]:
+        bounds = (first or dt.date.min).isoformat(), (last or dt.date.max).isoformat()
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT date, time FROM appointments WHERE user_id = ? AND date BETWEEN ? AND ? "
+                "ORDER BY date", (user_id, *bounds)).fetchall()
+        return [self._appointment(user_id, date, time) for date, time in rows]
+
+    def count(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM appointments").fetchone()[0]
+
+    def check(self) -> None:
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1 FROM appointments LIMIT 1").fetchall()
+        except sqlite3.Error as error:
+            raise ServiceUnavailable(f"The database does not answer: {error}.") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# --- Calendar feed (RFC 5545) ------------------------------------------------------
+
+
+def _ical_text(value: str) -> str:
+    """Escape a TEXT property value (RFC 5545 section 3.3.11)."""
+    return (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,")
+            .replace("\n", "\\n"))
+
+
+def _fold(line: str) -> str:
+    """Fold a content line into pieces of at most 75 octets, never splitting a
+    UTF-8 character; continuation lines start with a space (section 3.1)."""
+    pieces, piece, size, limit = [], [], 0, 75
+    for char in line:
+        width = len(char.encode("utf-8"))
+        if size + width > limit:
+            pieces.append("".join(piece))
+            piece, size, limit = [], 0, 74  # the leading space takes one octet
+        piece.append(char)
+        size += width
+    pieces.append("".join(piece))
+    return "\r\n ".join(pieces)
+
+
+def _ical_instant(instant: dt.datetime) -> str:
+    return instant.strftime("%Y%m%dT%H%M%SZ")
+
+
+def appointment_uid(appointment: Appointment) -> str:
+    """A UID that stays the same in every feed for as long as the appointment
+    exists. It hashes the user ID, which may hold characters UIDs should not."""
+    user = hashlib.sha256(appointment.user_id.encode("utf-8")).hexdigest()[:16]
+    return f"{_ical_instant(appointment.start)}-{user}@scheduler"
+
+
+def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetime) -> str:
+    """The appointments as an iCalendar object, one VEVENT each. With METHOD, the
+    DTSTAMP of each event is when this object was made: now."""
+    lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:-//scheduler//{SERVER_NAME}//EN",
+             "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
+             f"X-WR-CALNAME:{_ical_text(f'Appointments of {user_id}')}"]
+    for appointment in appointments:
+        lines += ["BEGIN:VEVENT",
+                  f"UID:{appointment_uid(appointment)}",
+                  f"DTSTAMP:{_ical_instant(now)}",
+                  f"DTSTART:{_ical_instant(appointment.start)}",
+                  f"DTEND:{_ical_instant(appointment.end)}",
+                  f"SUMMARY:{CALENDAR_SUMMARY}",
+                  "END:VEVENT"]
+    lines.append("END:VCALENDAR")
+    return "".join(_fold(line) + "\r\n" for line in lines)
 
 
 # --- Routes ---------------------------------------------------------------------
@@ -340,8 +543,9 @@ class Request(NamedTuple):
 
 class Reply(NamedTuple):
     status: HTTPStatus
-    body: object  # anything json.dumps takes
+    body: object  # anything json.dumps takes; a str is sent as it is; None for 204
     headers: Tuple[Tuple[str, str], ...] = ()
+    media_type: str = JSON_TYPE
 
 
 def appointment_url(appointment: Appointment) -> str:
@@ -351,28 +555,66 @@ def appointment_url(appointment: Appointment) -> str:
     return f"/appointments/{user}/{appointment.date.isoformat()}"
 
 
+def _query_value(query: Dict[str, List[str]], name: str) -> Optional[str]:
+    """The one value of a query parameter, or None; BadRequest when repeated."""
+    values = query.get(name)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"Give the {name} query parameter once.")
+    return values[0]
+
+
 def query_user_id(query: Dict[str, List[str]]) -> str:
     """The user_id query parameter; BadRequest when missing, repeated or invalid."""
-    values = query.get("user_id", [])
-    if not values or values == [""]:
+    value = _query_value(query, "user_id")
+    if not value:
         raise BadRequest("The user_id query parameter is required, "
                          "e.g. /appointments?user_id=alice.")
-    if len(values) > 1:
-        raise BadRequest("Give the user_id query parameter once.")
     try:
-        return parse_user_id(values[0])
+        return parse_user_id(value)
     except ValueError as error:
-        raise BadRequest(f"Invalid query parameter: {error}.") from None
+        raise BadRequest(f"Invalid query parameter: user_id {error}.") from None
 
 
-def list_appointments(store: InMemoryStore, request: Request) -> Reply:
+def query_date_range(query: Dict[str, List[str]]) -> Tuple[Optional[dt.date], Optional[dt.date]]:
+    """The optional inclusive bounds from= and to=; BadRequest when malformed or
+    when from is after to."""
+    bounds = []
+    for name in ("from", "to"):
+        value = _query_value(query, name)
+        try:
+            bounds.append(None if value is None else parse_date(value))
+        except ValueError as error:
+            raise BadRequest(f"Invalid query parameter: {name} {error}.") from None
+    first, last = bounds
+    if first and last and first > last:
+        raise BadRequest(f"from ({first.isoformat()}) is after to ({last.isoformat()}); "
+                         "the range is inclusive, so from must be on or before to.")
+    return first, last
+
+
+def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
+    """The user ID and date from /appointments/{user_id}/{date}; BadRequest if
+    either is malformed (a well-formed one that is not booked is a NotFound later)."""
+    try:
+        user_id = parse_user_id(params["user_id"])
+    except ValueError as error:
+        raise BadRequest(f"Invalid path: user_id {error}.") from None
+    try:
+        return user_id, parse_date(params["date"])
+    except ValueError as error:
+        raise BadRequest(f"Invalid path: date {error}.") from None
+
+
+def list_appointments(store: Store, request: Request) -> Reply:
     user_id = query_user_id(request.query)
-    appointments = store.list_for_user(user_id)
+    appointments = store.list_for_user(user_id, *query_date_range(request.query))
     return Reply(HTTPStatus.OK, {"user_id": user_id,
                                  "appointments": [a.as_json() for a in appointments]})
 
 
-def book_appointment(store: InMemoryStore, request: Request) -> Reply:
+def book_appointment(store: Store, request: Request) -> Reply:
     if not isinstance(request.body, dict):
         raise BadRequest("The request body must be a JSON object, e.g. "
                          '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
@@ -381,16 +623,46 @@ def book_appointment(store: InMemoryStore, request: Request) -> Reply:
                  (("Location", appointment_url(appointment)),))
 
 
+def show_appointment(store: Store, request: Request) -> Reply:
+    return Reply(HTTPStatus.OK, store.get(*path_key(request.params)).as_json())
+
+
+def cancel_appointment(store: Store, request: Request) -> Reply:
+    store.cancel(*path_key(request.params))
+    return Reply(HTTPStatus.NO_CONTENT, None)
+
+
+def calendar(store: Store, request: Request) -> Reply:
+    user_id = query_user_id(request.query)
+    feed = calendar_feed(user_id, store.list_for_user(user_id),
+                         dt.datetime.now(dt.timezone.utc))
+    return Reply(HTTPStatus.OK, feed, media_type=CALENDAR_TYPE)
+
+
+def health(store: Store, request: Request) -> Reply:
+    store.check()
+    return Reply(HTTPStatus.OK, {"status": "ok"})
+
+
+def describe(store: Store, request: Request) -> Reply:
+    return Reply(HTTPStatus.OK, OPENAPI)
+
+
 class Route(NamedTuple):
     method: str
     path: str  # literal segments, or {name} to capture one decoded segment
-    handler: Callable[[InMemoryStore, Request], Reply]
+    handler: Callable[[Store, Request], Reply]
     reads_body: bool = False
 
 
 ROUTES = (
     Route("GET", "/appointments", list_appointments),
     Route("POST", "/appointments", book_appointment, reads_body=True),
+    Route("GET", "/appointments/{user_id}/{date}", show_appointment),
+    Route("DELETE", "/appointments/{user_id}/{date}", cancel_appointment),
+    Route("GET", "/appointments.ics", calendar),
+    Route("GET", "/healthz", health),
+    Route("GET", "/openapi.json", describe),
 )
 
 
@@ -427,6 +699,234 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
     if allowed:
         raise MethodNotAllowed(method, allowed)
     raise NotFound(f"There is no resource at {path}; see the README for the API.")
+
+
+# --- API description (OpenAPI 3.1) ----------------------------------------------------
+# Served at /openapi.json. Its examples are literal, not computed, and tests hold
+# the service to them: each request example, sent to a fresh server, must get the
+# response example of the same name.
+
+_APPOINTMENT_EXAMPLE = {"user_id": "alice", "date": "2026-11-25", "time": "09:30",
+                        "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"}
+
+
+def _json_content(schema: dict, examples: Optional[dict] = None,
+                  media_type: str = JSON_TYPE) -> dict:
+    content = {"schema": schema}
+    if examples:
+        content["examples"] = {name: {"value": value} for name, value in examples.items()}
+    return {media_type: content}
+
+
+def _ref(kind: str, name: str) -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _problem(description: str, schema: str = "Problem", examples: Optional[dict] = None) -> dict:
+    return {"description": description,
+            "content": _json_content(_ref("schemas", schema), examples, PROBLEM_TYPE)}
+
+
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of every route in ROUTES."""
+    text, date = {"type": "string"}, {"type": "string", "format": "date",
+                                      "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
+    time = {"type": "string", "pattern": "^([01][0-9]|2[0-3]):(00|30)$"}
+    user_id = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH}
+    appointment = _ref("schemas", "Appointment")
+    default = {"default": _ref("responses", "Error")}
+    path_key = [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Appointment scheduler",
+            "version": __version__,
+            "description": "Book 30-minute appointments that start on the hour or half hour "
+                           "(UTC), one per user per date; any number of users may share a "
+                           "slot. HEAD works wherever GET does. Every error is an RFC 9457 "
+                           "problem (application/problem+json).",
+        },
+        "paths": {
+            "/appointments": {
+                "get": {
+                    "summary": "List a user's appointments, sorted by start",
+                    "parameters": [_ref("parameters", "UserIdQuery"),
+                                   _ref("parameters", "From"), _ref("parameters", "To")],
+                    "responses": {
+                        "200": {"description": "The appointments (an empty list for a user "
+                                               "with none)",
+                                "content": _json_content(_ref("schemas", "AppointmentList"), {
+                                    "list": {"user_id": "alice",
+                                             "appointments": [_APPOINTMENT_EXAMPLE]}})},
+                        "400": _ref("responses", "BadRequest"), **default},
+                },
+                "post": {
+                    "summary": "Book an appointment",
+                    "requestBody": {"required": True, "content": _json_content(
+                        _ref("schemas", "NewAppointment"), {
+                            "book": {"user_id": "alice", "date": "2026-11-25",
+                                     "time": "09:30"},
+                            "invalid-fields": {"user_id": "", "date": "2025-02-29",
+                                               "time": "09:15"},
+                            "not-an-object": ["alice", "2026-11-25", "09:30"]})},
+                    "responses": {
+                        "201": {"description": "Booked",
+                                "headers": {"Location": {
+                                    "description": "The appointment's own URL",
+                                    "schema": text}},
+                                "content": _json_content(appointment,
+                                                         {"book": _APPOINTMENT_EXAMPLE})},
+                        "400": _problem("The body is not a JSON object", examples={
+                            "not-an-object": {
+                                "type": "about:blank", "title": "Bad Request", "status": 400,
+                                "detail": "The request body must be a JSON object, e.g. "
+                                          '{"user_id": "alice", "date": "2026-11-25", '
+                                          '"time": "09:30"}.'}}),
+                        "409": _problem(
+                            "The user already has an appointment that date; `appointment` is "
+                            "that one", "ConflictProblem", {"conflict": {
+                                "type": "about:blank", "title": "Conflict", "status": 409,
+                                "detail": "User alice already has an appointment on "
+                                          "2026-11-25, at 09:30; a user may book one "
+                                          "appointment per date.",
+                                "appointment": _APPOINTMENT_EXAMPLE}}),
+                        "411": _problem("No Content-Length (chunked bodies are refused)"),
+                        "413": _problem("The body is larger than the server's limit"),
+                        "415": _problem("The body is not labelled application/json"),
+                        "422": _problem("Fields are missing or invalid; `errors` lists each",
+                                        "ValidationProblem", {"invalid-fields": {
+                                            "type": "about:blank",
+                                            "title": "Unprocessable Content", "status": 422,
+                                            "detail": "The appointment was not booked: 3 "
+                                                      "fields are invalid (user_id, date, "
+                                                      "time).",
+                                            "errors": [
+                                                {"field": "user_id",
+                                                 "message": "user_id must not be empty"},
+                                                {"field": "date",
+                                                 "message": "date 2025-02-29 is not a real "
+                                                            "calendar date"},
+                                                {"field": "time",
+                                                 "message": "time 09:15 is not bookable: "
+                                                            "appointments start on the hour "
+                                                            "or half hour (minutes 00 or 30)"},
+                                            ]}}),
+                        **default},
+                },
+            },
+            "/appointments/{user_id}/{date}": {
+                "get": {
+                    "summary": "One appointment: the URL in a booking's Location header",
+                    "parameters": path_key,
+                    "responses": {
+                        "200": {"description": "The appointment",
+                                "content": _json_content(appointment,
+                                                         {"show": _APPOINTMENT_EXAMPLE})},
+                        "400": _ref("responses", "BadRequest"),
+                        "404": _ref("responses", "NotFound"), **default},
+                },
+                "delete": {
+                    "summary": "Cancel an appointment; the user may then book that date again",
+                    "parameters": path_key,
+                    "responses": {"204": {"description": "Cancelled"},
+                                  "400": _ref("responses", "BadRequest"),
+                                  "404": _ref("responses", "NotFound"), **default},
+                },
+            },
+            "/appointments.ics": {
+                "get": {
+                    "summary": "A user's appointments as an iCalendar feed (RFC 5545) to "
+                               "subscribe to",
+                    "parameters": [_ref("parameters", "UserIdQuery")],
+                    "responses": {
+                        "200": {"description": "One VEVENT per appointment; DTSTAMP is when "
+                                               "the feed was made",
+                                "content": {CALENDAR_TYPE: {"schema": text}}},
+                        "400": _ref("responses", "BadRequest"), **default},
+                },
+            },
+            "/healthz": {
+                "get": {
+                    "summary": "Whether the service (and its database) can serve requests",
+                    "responses": {
+                        "200": {"description": "Healthy", "content": _json_content(
+                            {"type": "object", "required": ["status"],
+                             "properties": {"status": {"const": "ok"}}},
+                            {"health": {"status": "ok"}})},
+                        "503": _problem("The database does not answer"), **default},
+                },
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": {"description": "OpenAPI 3.1",
+                                          "content": _json_content({"type": "object"})},
+                                  **default},
+                },
+            },
+        },
+        "components": {
+            "schemas": {
+                "NewAppointment": {
+                    "type": "object", "required": ["user_id", "date", "time"],
+                    "properties": {
+                        "user_id": {"oneOf": [user_id, {"type": "integer"}],
+                                    "description": "No control characters, no leading or "
+                                                   "trailing whitespace; an integer means "
+                                                   "its decimal string"},
+                        "date": date, "time": time},
+                },
+                "Appointment": {
+                    "type": "object", "required": ["user_id", "date", "time", "start", "end"],
+                    "properties": {"user_id": user_id, "date": date, "time": time,
+                                   "start": {"type": "string", "format": "date-time"},
+                                   "end": {"type": "string", "format": "date-time"}},
+                },
+                "AppointmentList": {
+                    "type": "object", "required": ["user_id", "appointments"],
+                    "properties": {"user_id": user_id,
+                                   "appointments": {"type": "array", "items": appointment}},
+                },
+                "Problem": {
+                    "type": "object", "required": ["type", "title", "status", "detail"],
+                    "properties": {"type": text, "title": text, "status": {"type": "integer"},
+                                   "detail": text},
+                },
+                "ValidationProblem": {"allOf": [_ref("schemas", "Problem"), {
+                    "type": "object", "required": ["errors"],
+                    "properties": {"errors": {"type": "array", "items": {
+                        "type": "object", "required": ["field", "message"],
+                        "properties": {"field": text, "message": text}}}}}]},
+                "ConflictProblem": {"allOf": [_ref("schemas", "Problem"), {
+                    "type": "object", "required": ["appointment"],
+                    "properties": {"appointment": appointment}}]},
+            },
+            "parameters": {
+                "UserIdQuery": {"name": "user_id", "in": "query", "required": True,
+                                "schema": user_id, "example": "alice",
+                                "description": "Percent-encode it: a raw + means a space"},
+                "From": {"name": "from", "in": "query", "schema": date,
+                         "example": "2026-11-01", "description": "First date, inclusive"},
+                "To": {"name": "to", "in": "query", "schema": date, "example": "2026-11-30",
+                       "description": "Last date, inclusive; not before from"},
+                "UserIdPath": {"name": "user_id", "in": "path", "required": True,
+                               "schema": user_id, "example": "alice",
+                               "description": "Percent-encoded, / included (%2F)"},
+                "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
+                             "example": "2026-11-25"},
+            },
+            "responses": {
+                "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
+                                       "parameter, or a body that is not valid JSON"),
+                "NotFound": _problem("No such appointment or path"),
+                "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, "
+                                  "503 (with Retry-After)..."),
+            },
+        },
+    }
+
+
+OPENAPI = openapi_document()
 
 
 # --- HTTP handler -----------------------------------------------------------------
@@ -474,24 +974,24 @@ def decode_json(raw: bytes) -> object:
         raise BadRequest("The request body is nested too deeply.") from None
 
 
-def render_response(status: HTTPStatus, content_type: str, body: bytes,
+def render_response(status: HTTPStatus, media_type: str, body: Optional[bytes],
                     headers: Iterable[Tuple[str, str]] = (), *, close: bool = False,
                     head_only: bool = False) -> bytes:
     """A whole HTTP/1.1 response as bytes, to be sent in one write: separate small
     writes for headers and body meet Nagle's algorithm and delayed ACKs, which
-    stall a keep-alive client for tens of milliseconds per request."""
-    lines = [
-        f"HTTP/1.1 {status.value} {status.phrase}",
-        f"Server: {SERVER_NAME}",
-        f"Date: {email.utils.formatdate(usegmt=True)}",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {len(body)}",
-        *(f"{name}: {value}" for name, value in headers),
-    ]
+    stall a keep-alive client for tens of milliseconds per request.
+
+    body None means no content at all (204): no Content-Type, no Content-Length.
+    """
+    lines = [f"HTTP/1.1 {status.value} {status.phrase}", f"Server: {SERVER_NAME}",
+             f"Date: {email.utils.formatdate(usegmt=True)}"]
+    if body is not None:
+        lines += [f"Content-Type: {media_type}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
     if close:
         lines.append("Connection: close")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head if head_only else head + body
+    return head if head_only or body is None else head + body
 
 
 def json_bytes(value) -> bytes:
@@ -656,17 +1156,21 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         return True
 
     def problem_reply(self, error: ServiceError) -> Reply:
-        return Reply(error.status, error.problem(), tuple(error.headers.items()))
+        return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
 
     def send_reply(self, reply: Reply) -> None:
         status = HTTPStatus(reply.status)
-        body = json_bytes(reply.body)
+        if reply.body is None:
+            body = None
+        elif isinstance(reply.body, str):
+            body = reply.body.encode("utf-8")
+        else:
+            body = json_bytes(reply.body)
         if self.server.draining:
             self.close_connection = True
-        response = render_response(status, PROBLEM_TYPE if status >= 400 else JSON_TYPE, body,
-                                   reply.headers, close=self.close_connection,
-                                   head_only=self.command == "HEAD")
-        self.log_request(status.value, len(body))  # before the write, so it is never lost
+        response = render_response(status, reply.media_type, body, reply.headers,
+                                   close=self.close_connection, head_only=self.command == "HEAD")
+        self.log_request(status.value, len(body or b""))  # before the write: never lost
         self.connection.settimeout(self.server.limits.request_timeout)  # for the write
         self.connection.sendall(response)
 
@@ -879,6 +1383,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--port", type=_port, default=None,
                         help=f"port to listen on; 0 picks a free one (default: $PORT, "
                              f"else {DEFAULT_PORT})")
+    parser.add_argument("--db", metavar="PATH",
+                        help="keep appointments in this SQLite file (created if missing), "
+                             "so they survive restarts; without it they live in memory")
     limits = parser.add_argument_group("limits")
     for name, (metavar, description) in _LIMIT_OPTIONS.items():
         default = getattr(Limits(), name)
@@ -898,10 +1405,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
     try:
-        server = make_server(args.host, args.port, limits=limits)
+        store = SQLiteStore(args.db) if args.db else InMemoryStore()
+    except sqlite3.Error as error:
+        print(f"scheduler: cannot open the database {args.db}: {error}", file=sys.stderr)
+        return 1
+    try:
+        server = make_server(args.host, args.port, store, limits=limits)
     except OSError as error:
         print(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}",
               file=sys.stderr)
+        store.close()
         return 1
     signals = []
 
@@ -919,6 +1432,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     server.server_close()  # stop accepting
     server.log(f"{signals[0]} received: shutting down.")
     still_open = server.drain(limits.shutdown_timeout)
+    store.close()
     server.log(f"Stopped; {still_open} connection(s) cut off." if still_open else "Stopped.")
     return 0
 
