@@ -4,7 +4,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 
 .DEFAULT_GOAL := help
-.PHONY: help run test
+.PHONY: help run test bench
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-6s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -14,3 +14,6 @@ run: ## Serve the API (change the port with: make run PORT=9000)
 
 test: ## Run the test suite (override the interpreter: make test PYTHON=python3.9)
 	$(PYTHON) -m unittest -v
+
+bench: ## Measure throughput, latency and memory (about 2 minutes; uses wrk if installed)
+	SCHEDULER_BENCH=1 $(PYTHON) -m unittest -v test_scheduler.Benchmark

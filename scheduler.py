@@ -16,6 +16,7 @@ factory and ``main()``. Each layer only uses the ones above it.
 
 import abc
 import argparse
+import collections
 import datetime as dt
 import email.utils
 import functools
@@ -34,8 +35,8 @@ import traceback
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import (Callable, Dict, Iterable, List, Mapping, NamedTuple, Optional, TextIO,
-                    Tuple)
+from typing import (Callable, Deque, Dict, Iterable, List, Mapping, NamedTuple, Optional,
+                    TextIO, Tuple)
 
 __version__ = "1.0"
 
@@ -203,14 +204,16 @@ class Appointment(NamedTuple):
     def as_json(self) -> dict:
         """The appointment as the API shows it: the fields it was booked with,
         plus its start and end as RFC 3339 UTC instants."""
-        start = self.start.isoformat()  # 2026-11-25T09:30:00+00:00; slicing beats strftime
-        return {
-            "user_id": self.user_id,
-            "date": start[:10],
-            "time": start[11:16],
-            "start": start[:19] + "Z",
-            "end": self.end.isoformat()[:19] + "Z",
-        }
+        date, time, start, end = _start_strings(self.start)
+        return {"user_id": self.user_id, "date": date, "time": time, "start": start, "end": end}
+
+
+@functools.lru_cache(maxsize=4096)
+def _start_strings(start: dt.datetime) -> Tuple[str, str, str, str]:
+    """Date, time, start and end, as text, of an appointment starting at start.
+    Cached: appointments share a few dozen starts a day, and each is listed often."""
+    iso = start.isoformat()  # 2026-11-25T09:30:00+00:00
+    return iso[:10], iso[11:16], iso[:19] + "Z", (start + APPOINTMENT_LENGTH).isoformat()[:19] + "Z"
 
 
 # Each parser raises ValueError with a message that follows the field's name:
@@ -544,7 +547,7 @@ class Request(NamedTuple):
 
 
 class Reply(NamedTuple):
-    status: HTTPStatus
+    status: HTTPStatus  # an HTTPStatus member, not a bare int
     body: object  # anything json.dumps takes; a str is sent as it is; None for 204
     headers: Tuple[Tuple[str, str], ...] = ()
     media_type: str = JSON_TYPE
@@ -674,8 +677,7 @@ def _pattern(path: str) -> Tuple[str, ...]:
 
 
 def _match_segments(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, str]]:
-    if len(pattern) != len(segments):
-        return None
+    """The captured parameters if segments fit the pattern (of the same length)."""
     params = {}
     for want, have in zip(pattern, segments):
         if want.startswith("{") and want.endswith("}"):
@@ -697,7 +699,10 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
         raise BadRequest("The path is not valid percent-encoded UTF-8.") from None
     allowed = []
     for route in routes:
-        params = _match_segments(_pattern(route.path), segments)
+        pattern = _pattern(route.path)
+        if len(pattern) != len(segments):
+            continue
+        params = _match_segments(pattern, segments)
         if params is None:
             continue
         if route.method == method or (method == "HEAD" and route.method == "GET"):
@@ -975,6 +980,11 @@ def _reject_constant(name):
     raise BadRequest(f"The JSON body contains {name}, which is not valid JSON.")
 
 
+# Built once: json.loads() with these arguments builds a decoder per call.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys,
+                                 parse_constant=_reject_constant)
+
+
 def decode_json(raw: bytes) -> object:
     """Parse a request body as strict JSON; BadRequest says what is wrong with it.
 
@@ -986,8 +996,7 @@ def decode_json(raw: bytes) -> object:
     except UnicodeDecodeError:
         raise BadRequest("The request body is not valid UTF-8.") from None
     try:
-        return json.loads(text, object_pairs_hook=_object_without_duplicate_keys,
-                          parse_constant=_reject_constant)
+        return _JSON_DECODER.decode(text)
     except json.JSONDecodeError as error:
         raise BadRequest(f"The request body is not valid JSON: {error}.") from None
     except RecursionError:
@@ -1034,8 +1043,11 @@ def _clock() -> _Clock:
     return _clock_now
 
 
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps() makes one per call
+
+
 def json_bytes(value) -> bytes:
-    return (json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8")
+    return (_JSON_ENCODER.encode(value) + "\n").encode("utf-8")
 
 
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
@@ -1284,7 +1296,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
 
     def send_reply(self, reply: Reply) -> None:
-        status = HTTPStatus(reply.status)
+        status = reply.status
         if reply.body is None:
             body = None
         elif isinstance(reply.body, str):
@@ -1295,7 +1307,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         response = render_response(status, reply.media_type, body, reply.headers,
                                    close=self.close_connection, head_only=self.command == "HEAD")
-        self.log_request(status.value, len(body or b""))  # before the write: never lost
+        self.log_request(status, len(body or b""))  # before the write: never lost
         self._reader.start_write()
         self.connection.sendall(response)
 
@@ -1308,6 +1320,11 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 
     def version_string(self) -> str:
         return SERVER_NAME  # no Python version: it only helps attackers
+
+    def log_request(self, code: int, size: int) -> None:
+        """The access-log line, in http.server's format, for a response."""
+        self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] "
+                        f'"{self.requestline.translate(_LOG_ESCAPES)}" {int(code)} {size}')
 
     def log_message(self, format: str, *args) -> None:
         message = (format % args).translate(_LOG_ESCAPES)
@@ -1333,7 +1350,8 @@ class SchedulerServer(ThreadingHTTPServer):
         self._all_closed = threading.Condition(self._lock)
         self._active = 0  # connections being served, at most limits.max_connections
         self._readers = set()  # the read side of each connection being served
-        self._log_lock = threading.Lock()  # guards log_stream: lines stay whole
+        self._log_lines: Deque[str] = collections.deque()  # for flush_log() to write
+        self._flush_lock = threading.Lock()  # guards log_stream: one batch at a time, in order
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, SchedulerHandler)
@@ -1347,15 +1365,23 @@ class SchedulerServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def log(self, line: str) -> None:
-        """Add a line to the log. It is written out within a watchdog tick: a
-        write per request would cost a system call, and so a GIL hand-off."""
+        """Add a line to the log. The watchdog writes the lines out each tick:
+        a write per request would cost a system call, and so a GIL hand-off.
+        (A deque, whose append and popleft need no lock.)"""
         if self.log_stream is not None:
-            with self._log_lock:
-                self.log_stream.write(line + "\n")
+            self._log_lines.append(line + "\n")
 
     def flush_log(self) -> None:
-        if self.log_stream is not None:
-            with self._log_lock:
+        """Write out the lines logged so far; the watchdog calls this each tick."""
+        with self._flush_lock:
+            lines = []
+            try:
+                while True:
+                    lines.append(self._log_lines.popleft())
+            except IndexError:
+                pass
+            if lines:
+                self.log_stream.write("".join(lines))
                 self.log_stream.flush()
 
     def _watch(self) -> None:

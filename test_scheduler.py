@@ -5,6 +5,7 @@ Run: make test  (that is: python3 -m unittest -v)
 """
 
 import datetime as dt
+import gc
 import http.client
 import io
 import json
@@ -13,6 +14,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -20,9 +22,11 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+import tracemalloc
 import unittest
 import urllib.parse
-from typing import NamedTuple
+from typing import List, NamedTuple, Tuple
 
 import scheduler
 
@@ -454,6 +458,11 @@ class ServerTestCase(unittest.TestCase):
         self.server = start_server(self, self.store, self.limits)
         self.host, self.port = self.server.server_address[:2]
 
+    def server_log(self) -> str:
+        """What the server has logged so far."""
+        self.server.flush_log()
+        return self.server.log_stream.getvalue()
+
     def open_socket(self) -> socket.socket:
         sock = socket.create_connection((self.host, self.port), timeout=10)
         self.addCleanup(sock.close)
@@ -719,7 +728,7 @@ class ProtocolTest(ServerTestCase):
     def test_access_log_has_one_line_per_request(self):
         self.book()
         self.request("GET", "/appointments?user_id=alice")
-        lines = self.server.log_stream.getvalue().splitlines()
+        lines = self.server_log().splitlines()
         self.assertEqual(len(lines), 2)
         self.assertIn('"POST /appointments HTTP/1.1" 201', lines[0])
         self.assertIn('"GET /appointments?user_id=alice HTTP/1.1" 200', lines[1])
@@ -738,7 +747,7 @@ class UnexpectedErrorTest(ServerTestCase):
         conn = self.connect()
         problem = self.assertProblem(self.book(conn=conn), 500)
         self.assertNotIn("disk on fire", json.dumps(problem))
-        self.assertIn("RuntimeError: disk on fire", self.server.log_stream.getvalue())
+        self.assertIn("RuntimeError: disk on fire", self.server_log())
         self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
 
 
@@ -1239,7 +1248,7 @@ class HeaderLimitTest(ServerTestCase):
 
     def test_log_lines_escape_control_characters(self):
         self.raw(b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: t\r\n\r\n")
-        log = self.server.log_stream.getvalue()
+        log = self.server_log()
         self.assertIn("/\\x1b[31mred\\x07", log)
         self.assertNotIn("\x1b", log)
         self.assertNotIn("\x07", log)
@@ -1380,6 +1389,278 @@ class LoadTest(ServerTestCase):
         self.assertEqual(self.store.count(), len(created))
         stored = [a.as_json() for n in range(self.THREADS) for a in self.stored(f"load-{n}")]
         self.assertEqual(sorted(map(json.dumps, stored)), sorted(map(json.dumps, created)))
+
+
+# --- Benchmark (make bench; skipped by make test) ------------------------------------
+# Timing figures live here, never in a pass/fail test. The benchmark fails only
+# on wrong answers: errors under load, or a store that does not hold what it should.
+
+BENCH_SECONDS = 10
+WRK_POST_SCRIPT = """
+local threads = 0
+function setup(thread)
+  threads = threads + 1
+  thread:set("tid", threads)
+end
+local n = 0
+function request()
+  n = n + 1
+  local body = string.format(
+    '{"user_id": "%s-%%d-%%d", "date": "2026-11-25", "time": "09:30"}', tid, n)
+  return wrk.format("POST", "/appointments", {["Content-Type"] = "application/json"}, body)
+end
+"""
+READER = "bench-reader"  # the user whose appointments the GET load lists
+
+
+class LoadResult(NamedTuple):
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int  # wrong statuses, dropped connections, timeouts
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+
+def _bench_request(kind: str, prefix: str, number: int) -> bytes:
+    if kind == "GET":
+        return f"GET /appointments?user_id={READER} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    body = (f'{{"user_id": "{prefix}-{number}", "date": "2026-11-25", '
+            f'"time": "09:30"}}').encode()
+    return (b"POST /appointments HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+def generate_load(address, kind: str, connections: int, seconds: float,
+                  prefix: str) -> Tuple[List[float], int]:
+    """Keep connections keep-alive connections busy for seconds, each sending its
+    next request as soon as the last answer is in. Returns the latencies (in
+    seconds) of the right answers, and how many were wrong or never came."""
+    expected = b" 200 " if kind == "GET" else b" 201 "
+    selector = selectors.DefaultSelector()
+    latencies, errors, number = [], 0, 0
+    deadline = time.monotonic() + seconds
+    for index in range(connections):
+        sock = socket.create_connection(address, timeout=10)
+        number += 1
+        sock.sendall(_bench_request(kind, f"{prefix}-{index}", number))
+        selector.register(sock, selectors.EVENT_READ, [bytearray(), time.perf_counter(), index])
+    while selector.get_map():
+        for key, _ in selector.select(timeout=10) or [(None, None)]:
+            if key is None:  # nothing answered for 10 s: count every connection as failed
+                errors += len(selector.get_map())
+                for open_key in list(selector.get_map().values()):
+                    selector.unregister(open_key.fileobj)
+                    open_key.fileobj.close()
+                break
+            sock, (buffer, sent, index) = key.fileobj, key.data
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            buffer += data
+            head_end = buffer.find(b"\r\n\r\n")
+            length = 0
+            if head_end >= 0:
+                head = bytes(buffer[:head_end]).lower()
+                length = int(head.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0])
+            if data and (head_end < 0 or len(buffer) < head_end + 4 + length):
+                continue  # the answer is not all in yet
+            if not data or not buffer.startswith(b"HTTP/1.1") or expected not in buffer[:13]:
+                errors += 1
+            else:
+                latencies.append(time.perf_counter() - sent)
+            del buffer[:head_end + 4 + length]
+            if data and time.monotonic() < deadline:
+                number += 1
+                key.data[1] = time.perf_counter()
+                sock.sendall(_bench_request(kind, f"{prefix}-{index}", number))
+            else:
+                selector.unregister(sock)
+                sock.close()
+    return latencies, errors
+
+
+def _percentile_ms(sorted_seconds: list, fraction: float) -> float:
+    if not sorted_seconds:
+        return float("nan")
+    return sorted_seconds[min(len(sorted_seconds) - 1, int(fraction * len(sorted_seconds)))] * 1000
+
+
+LOAD_PROCESS = """
+import json, sys, test_scheduler
+host, port, kind, connections, seconds, prefix = sys.argv[1:]
+latencies, errors = test_scheduler.generate_load(
+    (host, int(port)), kind, int(connections), float(seconds), prefix)
+json.dump({"latencies": latencies, "errors": errors}, sys.stdout)
+"""
+
+
+def stdlib_load(address, kind: str, connections: int, seconds: float) -> LoadResult:
+    """Load from two processes running generate_load(): the standard library's
+    stand-in for wrk -t2 (plain processes, not multiprocessing, which would
+    re-run the unittest command line in each child on platforms that spawn)."""
+    prefix = f"std{os.getpid()}-{time.monotonic_ns()}"
+    processes = [subprocess.Popen(
+        [sys.executable, "-c", LOAD_PROCESS, address[0], str(address[1]), kind,
+         str(connections // 2), str(seconds), f"{prefix}-{n}"],
+        cwd=HERE, stdout=subprocess.PIPE, text=True) for n in range(2)]
+    outcomes = [json.loads(process.communicate(timeout=seconds + 60)[0])
+                for process in processes]
+    latencies = sorted(latency for outcome in outcomes for latency in outcome["latencies"])
+    return LoadResult(len(latencies), seconds, _percentile_ms(latencies, 0.5),
+                      _percentile_ms(latencies, 0.99),
+                      sum(outcome["errors"] for outcome in outcomes))
+
+
+def _wrk_ms(text: str, percentile: str) -> float:
+    value, unit = re.search(rf"^\s+{percentile}\s+([\d.]+)(us|ms|s)$", text, re.M).groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk_load(address, kind: str, connections: int, seconds: float) -> LoadResult:
+    host, port = address
+    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
+        if kind == "POST":
+            script.write(WRK_POST_SCRIPT % f"wrk{os.getpid()}-{time.monotonic_ns()}")
+            script.flush()
+            command += ["-s", script.name]
+        url = f"http://{host}:{port}/appointments?user_id={READER}"
+        output = subprocess.run(command + [url], capture_output=True, text=True,
+                                timeout=seconds + 60, check=True).stdout
+    requests = int(re.search(r"(\d+) requests in", output).group(1))
+    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                              r"timeout (\d+)", output)
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    errors = (sum(map(int, socket_errors.groups())) if socket_errors else 0) + (
+        int(non_2xx.group(1)) if non_2xx else 0)
+    return LoadResult(requests, seconds, _wrk_ms(output, "50%"), _wrk_ms(output, "99%"), errors)
+
+
+def run_load(address, kind: str, connections: int, seconds: float) -> LoadResult:
+    """wrk where it is installed, else the standard library's load generator."""
+    load = wrk_load if shutil.which("wrk") else stdlib_load
+    return load(address, kind, connections, seconds)
+
+
+def fill_store(store: scheduler.Store, users: int, per_user: int) -> None:
+    """Book per_user appointments for each of users users, each a value of its own,
+    as bookings over HTTP would make them."""
+    for user in range(users):
+        fill_store_for(store, f"user-{user:06d}", per_user)
+
+
+def fill_store_for(store: scheduler.Store, user_id: str, count: int) -> None:
+    first = dt.date(2026, 11, 1)
+    for offset in range(count):
+        day = first + dt.timedelta(days=offset)
+        store.book(scheduler.Appointment(
+            user_id, dt.datetime(day.year, day.month, day.day, 9, 30, tzinfo=UTC)))
+
+
+def time_calls(call, count: int) -> tuple:
+    """p50 and p99, in microseconds, of count calls of call(i)."""
+    timings = []
+    for number in range(count):
+        started = time.perf_counter()
+        call(number)
+        timings.append(time.perf_counter() - started)
+    timings.sort()
+    return _percentile_ms(timings, 0.5) * 1000, _percentile_ms(timings, 0.99) * 1000
+
+
+@unittest.skipUnless(os.environ.get("SCHEDULER_BENCH"), "the benchmark runs with make bench")
+class Benchmark(unittest.TestCase):
+    """make bench: throughput and latency under load, then the cost of a booking
+    and a listing with a million appointments stored, and memory per appointment."""
+
+    STORED_USERS, PER_USER = 100_000, 10
+
+    @classmethod
+    def setUpClass(cls):
+        tool = "wrk -t2" if shutil.which("wrk") else "the standard library's load generator " \
+                                                      "(2 processes; install wrk for higher load)"
+        print(f"\n\nscheduler benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} cores, "
+              f"load from {tool}, keep-alive connections to 127.0.0.1", flush=True)
+
+    def serve_in_process(self, store) -> tuple:
+        server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO())
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        return server.server_address[:2]
+
+    def test_1_throughput(self):
+        process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.terminate)
+        self.addCleanup(process.stdout.close)
+        host, port = process.stdout.readline().split()[2][len("http://"):].rsplit(":", 1)
+        address = (host, int(port))
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        for day in range(1, 6):  # the listed user has five appointments
+            conn.request("POST", "/appointments", json.dumps(
+                {"user_id": READER, "date": f"2026-12-0{day}", "time": "10:00"}),
+                {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            self.assertEqual(response.status, 201)
+        conn.close()
+        print(f"\nThroughput: python3 scheduler.py (access log to /dev/null), "
+              f"{BENCH_SECONDS} s a row", flush=True)
+        print(f"  {'request':40} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'errors':>6}")
+        rows = [("GET", "GET /appointments?user_id= (5 listed)"),
+                ("POST", "POST /appointments (a new user each)")]
+        for kind, label in rows:
+            for connections in (16, 64):
+                result = run_load(address, kind, connections, BENCH_SECONDS)
+                print(f"  {label:40} {connections:5} {result.rate:8.0f} {result.p50_ms:7.2f} "
+                      f"{result.p99_ms:7.2f} {result.errors:6}", flush=True)
+                self.assertEqual(result.errors, 0)
+
+    def test_2_a_million_appointments(self):
+        stored = self.STORED_USERS * self.PER_USER
+        gc.collect()
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        full = scheduler.InMemoryStore()
+        fill_store(full, self.STORED_USERS, self.PER_USER)
+        per_appointment = (tracemalloc.get_traced_memory()[0] - before) / stored
+        tracemalloc.stop()
+        self.assertEqual(full.count(), stored)
+        print(f"\nMemory: {per_appointment:.0f} bytes per stored appointment "
+              f"({stored:,} appointments, {self.STORED_USERS:,} users; tracemalloc)")
+        started = time.perf_counter()
+        gc.collect()
+        print(f"A full garbage collection with {stored:,} stored: "
+              f"{(time.perf_counter() - started) * 1000:.1f} ms")
+
+        print(f"\nCost with no other appointments stored, and with {stored:,} "
+              f"(the listed user has 10 either way)")
+        print(f"  {'operation':44} {'stored':>9} {'p50':>9} {'p99':>9}")
+        for label, store in (("0", scheduler.InMemoryStore()), (f"{stored:,}", full)):
+            fill_store_for(store, READER, 10)
+            book = time_calls(lambda n: store.book(scheduler.Appointment(
+                f"new-{n}", dt.datetime(2026, 11, 25, 9, 30, tzinfo=UTC))), 20_000)
+            listing = time_calls(lambda n: store.list_for_user(READER), 20_000)
+            print(f"  {'store.book(), in process':44} {label:>9} {book[0]:7.2f}us "
+                  f"{book[1]:7.2f}us")
+            print(f"  {'store.list_for_user(), in process':44} {label:>9} "
+                  f"{listing[0]:7.2f}us {listing[1]:7.2f}us", flush=True)
+            address = self.serve_in_process(store)
+            for kind in ("POST", "GET"):
+                result = run_load(address, kind, 16, 5)
+                self.assertEqual(result.errors, 0)
+                print(f"  {kind + ' over HTTP, 16 connections, 5 s':44} {label:>9} "
+                      f"{result.p50_ms:7.2f}ms {result.p99_ms:7.2f}ms", flush=True)
 
 
 def readme_examples():
