@@ -3,15 +3,21 @@
 Run it with ``python3 scheduler.py`` (``--help`` lists the options) and talk to it
 with curl; the README documents every endpoint. Standard library only, Python 3.9+.
 
-    POST /appointments             {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
-    GET  /appointments?user_id=alice
+    POST   /appointments         {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
+    GET    /appointments?user_id=alice[&from=2026-11-01][&to=2026-11-30]
+    GET    /appointments/alice/2026-11-25
+    DELETE /appointments/alice/2026-11-25
+    GET    /appointments.ics?user_id=alice
+    GET    /healthz
+    GET    /openapi.json
 
 Appointments last 30 minutes and start on the hour or half hour, UTC. Any number
 of users may book the same slot; each user may hold one appointment per date.
 
 The file reads top to bottom: constants, errors, the domain (what an appointment
-is and how one is validated), the store, the routes, the HTTP handler, the server
-factory and ``main()``. Each layer only uses the ones above it.
+is and how one is validated), the stores (in memory, SQLite), the calendar feed,
+the API description, the routes, the HTTP handler, the server and ``main()``.
+Each part uses only the ones above it.
 """
 
 import abc
@@ -40,7 +46,7 @@ from typing import (Callable, Deque, Dict, Iterable, List, Mapping, NamedTuple, 
 
 __version__ = "1.0"
 
-# --- Constants ----------------------------------------------------------------
+# --- Constants ------------------------------------------------------------------------
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -53,6 +59,8 @@ MAX_HEADERS = 100  # ...and so do more header lines than this
 MAX_QUERY_PARAMETERS = 100
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
+TICK = 0.1  # seconds between the watchdog's checks of deadlines, and between log writes
+LOG_BACKLOG = 100_000  # log lines kept unwritten at most; beyond, the oldest are dropped
 
 SERVER_NAME = f"scheduler/{__version__}"
 
@@ -81,9 +89,9 @@ _TIME_FORMAT = re.compile(r"([0-9]{2}):([0-9]{2})")
 _FORBIDDEN_IN_USER_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
-# --- Errors -------------------------------------------------------------------
-# Raised anywhere, turned into an RFC 9457 problem response in exactly one place
-# (SchedulerHandler.dispatch). Anything else that escapes a route becomes a 500.
+# --- Errors ---------------------------------------------------------------------------
+# Raised anywhere, and turned into an RFC 9457 problem response by one method,
+# SchedulerHandler.problem_reply. Anything else that escapes a route is a 500.
 
 
 class ServiceError(Exception):
@@ -184,7 +192,7 @@ class HTTPError(ServiceError):
         self.title = self.status.phrase
 
 
-# --- Domain: what an appointment is -------------------------------------------
+# --- Domain: what an appointment is ---------------------------------------------------
 
 
 class Appointment(NamedTuple):
@@ -292,7 +300,7 @@ def parse_appointment(fields: Mapping) -> Appointment:
     return Appointment(values["user_id"], start)
 
 
-# --- Store ----------------------------------------------------------------------
+# --- Store ----------------------------------------------------------------------------
 
 
 class Store(abc.ABC):
@@ -481,7 +489,7 @@ class SQLiteStore(Store):
             self._db.close()
 
 
-# --- Calendar feed (RFC 5545) ------------------------------------------------------
+# --- Calendar feed (RFC 5545) ---------------------------------------------------------
 
 
 def _ical_text(value: str) -> str:
@@ -532,185 +540,6 @@ def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetim
                   "END:VEVENT"]
     lines.append("END:VCALENDAR")
     return "".join(_fold(line) + "\r\n" for line in lines)
-
-
-# --- Routes ---------------------------------------------------------------------
-# Each route is a function from parsed input to a Reply. It never sees a socket.
-
-
-class Request(NamedTuple):
-    """What a route gets: decoded path parameters, the query and the JSON body."""
-
-    params: Dict[str, str]
-    query: Dict[str, List[str]]
-    body: object = None  # parsed JSON; only for routes that declare reads_body
-
-
-class Reply(NamedTuple):
-    status: HTTPStatus  # an HTTPStatus member, not a bare int
-    body: object  # anything json.dumps takes; a str is sent as it is; None for 204
-    headers: Tuple[Tuple[str, str], ...] = ()
-    media_type: str = JSON_TYPE
-
-
-def appointment_url(appointment: Appointment) -> str:
-    """The appointment's own URL, with the user ID percent-encoded so that any ID
-    (with /, ?, spaces or CR/LF) stays one path segment and one header line."""
-    user = urllib.parse.quote(appointment.user_id, safe="")
-    return f"/appointments/{user}/{appointment.date.isoformat()}"
-
-
-def _query_value(query: Dict[str, List[str]], name: str) -> Optional[str]:
-    """The one value of a query parameter, or None; BadRequest when repeated."""
-    values = query.get(name)
-    if values is None:
-        return None
-    if len(values) > 1:
-        raise BadRequest(f"Give the {name} query parameter once.")
-    return values[0]
-
-
-def query_user_id(query: Dict[str, List[str]]) -> str:
-    """The user_id query parameter; BadRequest when missing, repeated or invalid."""
-    value = _query_value(query, "user_id")
-    if not value:
-        raise BadRequest("The user_id query parameter is required, "
-                         "e.g. /appointments?user_id=alice.")
-    try:
-        return parse_user_id(value)
-    except ValueError as error:
-        raise BadRequest(f"Invalid query parameter: user_id {error}.") from None
-
-
-def query_date_range(query: Dict[str, List[str]]) -> Tuple[Optional[dt.date], Optional[dt.date]]:
-    """The optional inclusive bounds from= and to=; BadRequest when malformed or
-    when from is after to."""
-    bounds = []
-    for name in ("from", "to"):
-        value = _query_value(query, name)
-        try:
-            bounds.append(None if value is None else parse_date(value))
-        except ValueError as error:
-            raise BadRequest(f"Invalid query parameter: {name} {error}.") from None
-    first, last = bounds
-    if first and last and first > last:
-        raise BadRequest(f"from ({first.isoformat()}) is after to ({last.isoformat()}); "
-                         "the range is inclusive, so from must be on or before to.")
-    return first, last
-
-
-def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
-    """The user ID and date from /appointments/{user_id}/{date}; BadRequest if
-    either is malformed (a well-formed one that is not booked is a NotFound later)."""
-    try:
-        user_id = parse_user_id(params["user_id"])
-    except ValueError as error:
-        raise BadRequest(f"Invalid path: user_id {error}.") from None
-    try:
-        return user_id, parse_date(params["date"])
-    except ValueError as error:
-        raise BadRequest(f"Invalid path: date {error}.") from None
-
-
-def list_appointments(store: Store, request: Request) -> Reply:
-    user_id = query_user_id(request.query)
-    appointments = store.list_for_user(user_id, *query_date_range(request.query))
-    return Reply(HTTPStatus.OK, {"user_id": user_id,
-                                 "appointments": [a.as_json() for a in appointments]})
-
-
-def book_appointment(store: Store, request: Request) -> Reply:
-    if not isinstance(request.body, dict):
-        raise BadRequest("The request body must be a JSON object, e.g. "
-                         '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
-    appointment = store.book(parse_appointment(request.body))
-    return Reply(HTTPStatus.CREATED, appointment.as_json(),
-                 (("Location", appointment_url(appointment)),))
-
-
-def show_appointment(store: Store, request: Request) -> Reply:
-    return Reply(HTTPStatus.OK, store.get(*path_key(request.params)).as_json())
-
-
-def cancel_appointment(store: Store, request: Request) -> Reply:
-    store.cancel(*path_key(request.params))
-    return Reply(HTTPStatus.NO_CONTENT, None)
-
-
-def calendar(store: Store, request: Request) -> Reply:
-    user_id = query_user_id(request.query)
-    feed = calendar_feed(user_id, store.list_for_user(user_id),
-                         dt.datetime.now(dt.timezone.utc))
-    return Reply(HTTPStatus.OK, feed, media_type=CALENDAR_TYPE)
-
-
-def health(store: Store, request: Request) -> Reply:
-    store.check()
-    return Reply(HTTPStatus.OK, {"status": "ok"})
-
-
-def describe(store: Store, request: Request) -> Reply:
-    return Reply(HTTPStatus.OK, OPENAPI)
-
-
-class Route(NamedTuple):
-    method: str
-    path: str  # literal segments, or {name} to capture one decoded segment
-    handler: Callable[[Store, Request], Reply]
-    reads_body: bool = False
-
-
-ROUTES = (
-    Route("GET", "/appointments", list_appointments),
-    Route("POST", "/appointments", book_appointment, reads_body=True),
-    Route("GET", "/appointments/{user_id}/{date}", show_appointment),
-    Route("DELETE", "/appointments/{user_id}/{date}", cancel_appointment),
-    Route("GET", "/appointments.ics", calendar),
-    Route("GET", "/healthz", health),
-    Route("GET", "/openapi.json", describe),
-)
-
-
-@functools.lru_cache(maxsize=None)
-def _pattern(path: str) -> Tuple[str, ...]:
-    return tuple(path.split("/"))
-
-
-def _match_segments(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, str]]:
-    """The captured parameters if segments fit the pattern (of the same length)."""
-    params = {}
-    for want, have in zip(pattern, segments):
-        if want.startswith("{") and want.endswith("}"):
-            params[want[1:-1]] = have
-        elif want != have:
-            return None
-    return params
-
-
-def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
-    """Find the route for a request; return it with its decoded path parameters.
-
-    Raises NotFound for an unknown path and MethodNotAllowed (with the allowed
-    methods) for a known path and another method. HEAD is served as GET.
-    """
-    try:  # split the raw path first, so an encoded "/" stays inside its segment
-        segments = [urllib.parse.unquote(s, errors="strict") for s in path.split("/")]
-    except UnicodeDecodeError:
-        raise BadRequest("The path is not valid percent-encoded UTF-8.") from None
-    allowed = []
-    for route in routes:
-        pattern = _pattern(route.path)
-        if len(pattern) != len(segments):
-            continue
-        params = _match_segments(pattern, segments)
-        if params is None:
-            continue
-        if route.method == method or (method == "HEAD" and route.method == "GET"):
-            return route, params
-        allowed += [route.method, "HEAD"] if route.method == "GET" else [route.method]
-    if allowed:
-        raise MethodNotAllowed(method, allowed)
-    raise NotFound(f"There is no resource at {path}; see the README for the API.")
 
 
 # --- API description (OpenAPI 3.1) ----------------------------------------------------
@@ -941,7 +770,190 @@ def openapi_document() -> dict:
 OPENAPI = openapi_document()
 
 
-# --- HTTP handler -----------------------------------------------------------------
+# --- Routes ---------------------------------------------------------------------------
+# Each route is a function from parsed input to a Reply. It never sees a socket.
+
+
+class Request(NamedTuple):
+    """What a route gets: decoded path parameters, the query and the JSON body."""
+
+    params: Dict[str, str]
+    query: Dict[str, List[str]]
+    body: object = None  # parsed JSON; only for routes that declare reads_body
+
+
+class Reply(NamedTuple):
+    """What a route returns, for the handler to send."""
+
+    status: HTTPStatus  # an HTTPStatus member, not a bare int
+    body: object  # anything json.dumps takes; a str is sent as it is; None for 204
+    headers: Tuple[Tuple[str, str], ...] = ()
+    media_type: str = JSON_TYPE
+
+
+def appointment_url(appointment: Appointment) -> str:
+    """The appointment's own URL, with the user ID percent-encoded so that any ID
+    (with /, ?, spaces or CR/LF) stays one path segment and one header line."""
+    user = urllib.parse.quote(appointment.user_id, safe="")
+    return f"/appointments/{user}/{appointment.date.isoformat()}"
+
+
+def _query_value(query: Dict[str, List[str]], name: str) -> Optional[str]:
+    """The one value of a query parameter, or None; BadRequest when repeated."""
+    values = query.get(name)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"Give the {name} query parameter once.")
+    return values[0]
+
+
+def query_user_id(query: Dict[str, List[str]]) -> str:
+    """The user_id query parameter; BadRequest when missing, repeated or invalid."""
+    value = _query_value(query, "user_id")
+    if not value:
+        raise BadRequest("The user_id query parameter is required, "
+                         "e.g. /appointments?user_id=alice.")
+    try:
+        return parse_user_id(value)
+    except ValueError as error:
+        raise BadRequest(f"Invalid query parameter: user_id {error}.") from None
+
+
+def query_date_range(query: Dict[str, List[str]]) -> Tuple[Optional[dt.date], Optional[dt.date]]:
+    """The optional inclusive bounds from= and to=; BadRequest when malformed or
+    when from is after to."""
+    bounds = []
+    for name in ("from", "to"):
+        value = _query_value(query, name)
+        try:
+            bounds.append(None if value is None else parse_date(value))
+        except ValueError as error:
+            raise BadRequest(f"Invalid query parameter: {name} {error}.") from None
+    first, last = bounds
+    if first and last and first > last:
+        raise BadRequest(f"from ({first.isoformat()}) is after to ({last.isoformat()}); "
+                         "the range is inclusive, so from must be on or before to.")
+    return first, last
+
+
+def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
+    """The user ID and date from /appointments/{user_id}/{date}; BadRequest if
+    either is malformed (a well-formed one that is not booked is a NotFound later)."""
+    try:
+        user_id = parse_user_id(params["user_id"])
+    except ValueError as error:
+        raise BadRequest(f"Invalid path: user_id {error}.") from None
+    try:
+        return user_id, parse_date(params["date"])
+    except ValueError as error:
+        raise BadRequest(f"Invalid path: date {error}.") from None
+
+
+def list_appointments(store: Store, request: Request) -> Reply:
+    user_id = query_user_id(request.query)
+    appointments = store.list_for_user(user_id, *query_date_range(request.query))
+    return Reply(HTTPStatus.OK, {"user_id": user_id,
+                                 "appointments": [a.as_json() for a in appointments]})
+
+
+def book_appointment(store: Store, request: Request) -> Reply:
+    if not isinstance(request.body, dict):
+        raise BadRequest("The request body must be a JSON object, e.g. "
+                         '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
+    appointment = store.book(parse_appointment(request.body))
+    return Reply(HTTPStatus.CREATED, appointment.as_json(),
+                 (("Location", appointment_url(appointment)),))
+
+
+def show_appointment(store: Store, request: Request) -> Reply:
+    return Reply(HTTPStatus.OK, store.get(*path_key(request.params)).as_json())
+
+
+def cancel_appointment(store: Store, request: Request) -> Reply:
+    store.cancel(*path_key(request.params))
+    return Reply(HTTPStatus.NO_CONTENT, None)
+
+
+def calendar(store: Store, request: Request) -> Reply:
+    user_id = query_user_id(request.query)
+    feed = calendar_feed(user_id, store.list_for_user(user_id),
+                         dt.datetime.now(dt.timezone.utc))
+    return Reply(HTTPStatus.OK, feed, media_type=CALENDAR_TYPE)
+
+
+def health(store: Store, request: Request) -> Reply:
+    store.check()
+    return Reply(HTTPStatus.OK, {"status": "ok"})
+
+
+def describe(store: Store, request: Request) -> Reply:
+    return Reply(HTTPStatus.OK, OPENAPI)
+
+
+class Route(NamedTuple):
+    """One entry of the route table: plain data, matched by match()."""
+
+    method: str
+    path: str  # literal segments, or {name} to capture one decoded segment
+    handler: Callable[[Store, Request], Reply]
+    reads_body: bool = False
+
+
+ROUTES = (
+    Route("GET", "/appointments", list_appointments),
+    Route("POST", "/appointments", book_appointment, reads_body=True),
+    Route("GET", "/appointments/{user_id}/{date}", show_appointment),
+    Route("DELETE", "/appointments/{user_id}/{date}", cancel_appointment),
+    Route("GET", "/appointments.ics", calendar),
+    Route("GET", "/healthz", health),
+    Route("GET", "/openapi.json", describe),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(path: str) -> Tuple[str, ...]:
+    return tuple(path.split("/"))
+
+
+def _match_segments(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, str]]:
+    """The captured parameters if segments fit the pattern (of the same length)."""
+    params = {}
+    for want, have in zip(pattern, segments):
+        if want.startswith("{") and want.endswith("}"):
+            params[want[1:-1]] = have
+        elif want != have:
+            return None
+    return params
+
+
+def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
+    """Find the route for a request; return it with its decoded path parameters.
+
+    Raises NotFound for an unknown path and MethodNotAllowed (with the allowed
+    methods) for a known path and another method. HEAD is served as GET.
+    """
+    try:  # split the raw path first, so an encoded "/" stays inside its segment
+        segments = [urllib.parse.unquote(s, errors="strict") for s in path.split("/")]
+    except UnicodeDecodeError:
+        raise BadRequest("The path is not valid percent-encoded UTF-8.") from None
+    allowed = []
+    for route in routes:
+        pattern = _pattern(route.path)
+        if len(pattern) != len(segments):
+            continue
+        params = _match_segments(pattern, segments)
+        if params is None:
+            continue
+        if route.method == method or (method == "HEAD" and route.method == "GET"):
+            return route, params
+        allowed += [route.method, "HEAD"] if route.method == "GET" else [route.method]
+    if allowed:
+        raise MethodNotAllowed(method, allowed)
+    raise NotFound(f"There is no resource at {path}; see the README for the API.")
+
+
+# --- HTTP handler ---------------------------------------------------------------------
 
 
 def parse_query(query: str) -> Dict[str, List[str]]:
@@ -1235,6 +1247,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         return None
 
     def dispatch(self) -> None:
+        """Route the request and send the reply; every error becomes a problem."""
         self._body_consumed = False
         try:
             reply = self.route_request()
@@ -1318,20 +1331,18 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         error = HTTPError(code, message or HTTPStatus(code).description)
         self.send_reply(self.problem_reply(error))
 
-    def version_string(self) -> str:
-        return SERVER_NAME  # no Python version: it only helps attackers
-
     def log_request(self, code: int, size: int) -> None:
         """The access-log line, in http.server's format, for a response."""
         self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] "
                         f'"{self.requestline.translate(_LOG_ESCAPES)}" {int(code)} {size}')
 
     def log_message(self, format: str, *args) -> None:
+        """Where http.server's own log_error() calls end up: the same log, escaped."""
         message = (format % args).translate(_LOG_ESCAPES)
         self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] {message}")
 
 
-# --- Server ---------------------------------------------------------------------
+# --- Server ---------------------------------------------------------------------------
 
 
 class SchedulerServer(ThreadingHTTPServer):
@@ -1350,14 +1361,20 @@ class SchedulerServer(ThreadingHTTPServer):
         self._all_closed = threading.Condition(self._lock)
         self._active = 0  # connections being served, at most limits.max_connections
         self._readers = set()  # the read side of each connection being served
-        self._log_lines: Deque[str] = collections.deque()  # for flush_log() to write
+        # Lines for flush_log() to write; past LOG_BACKLOG unwritten lines (a log
+        # reader that stopped reading), the oldest are dropped rather than memory grow.
+        self._log_lines: Deque[str] = collections.deque(maxlen=LOG_BACKLOG)
         self._flush_lock = threading.Lock()  # guards log_stream: one batch at a time, in order
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, SchedulerHandler)
         self._closed = threading.Event()
-        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-        self._watchdog.start()
+        # Two threads, so that a log that blocks cannot stop deadlines being enforced.
+        self._helpers = [threading.Thread(target=target, name=name, daemon=True)
+                         for target, name in ((self._watch, "watchdog"),
+                                              (self._write_log, "log writer"))]
+        for helper in self._helpers:
+            helper.start()
 
     @property
     def url(self) -> str:
@@ -1365,14 +1382,14 @@ class SchedulerServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def log(self, line: str) -> None:
-        """Add a line to the log. The watchdog writes the lines out each tick:
-        a write per request would cost a system call, and so a GIL hand-off.
-        (A deque, whose append and popleft need no lock.)"""
+        """Add a line to the log. The log writer thread writes lines out every
+        TICK: a write per request would cost a system call, and so a GIL
+        hand-off. (A deque, whose append and popleft need no lock.)"""
         if self.log_stream is not None:
             self._log_lines.append(line + "\n")
 
     def flush_log(self) -> None:
-        """Write out the lines logged so far; the watchdog calls this each tick."""
+        """Write out the lines logged so far."""
         with self._flush_lock:
             lines = []
             try:
@@ -1384,24 +1401,27 @@ class SchedulerServer(ThreadingHTTPServer):
                 self.log_stream.write("".join(lines))
                 self.log_stream.flush()
 
+    def _write_log(self) -> None:
+        while not self._closed.wait(TICK):
+            self.flush_log()
+
     def _watch(self) -> None:
-        """The watchdog: each tick, cut off connections past their deadline and
-        flush the log. A tick is a tenth of the shortest timeout, at most 0.1 s."""
-        tick = min(0.1, self.limits.request_timeout / 10, self.limits.idle_timeout / 10)
+        """The watchdog: every tick, cut off connections past their deadline. A tick
+        is a tenth of the shortest timeout, and TICK at most."""
+        tick = min(TICK, self.limits.request_timeout / 10, self.limits.idle_timeout / 10)
         while not self._closed.wait(tick):
             now = time.monotonic()
             with self._lock:
                 readers = list(self._readers)
             for reader in readers:
                 reader.expire_if_late(now)
-            self.flush_log()
 
     def server_close(self) -> None:
-        """Stop accepting; then stop the watchdog and flush the log."""
+        """Stop accepting; then stop the watchdog and the log writer, and flush."""
         super().server_close()
         self._closed.set()
-        if self._watchdog is not threading.current_thread():
-            self._watchdog.join()
+        for helper in self._helpers:
+            helper.join()
         self.flush_log()
 
     def process_request(self, request, client_address) -> None:
@@ -1521,7 +1541,7 @@ def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, 
                            log_stream, limits if limits is not None else Limits())
 
 
-# --- Command line ----------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------
 
 
 def _port(text: str) -> int:
@@ -1588,7 +1608,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     # The log goes to stderr through a block buffer, flushed by the server's
-    # watchdog each tick, rather than stderr's own flush at every line.
+    # log writer thread every TICK, rather than stderr's own flush at every line.
     log_stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
                       errors="backslashreplace", closefd=False)
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})

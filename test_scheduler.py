@@ -40,7 +40,7 @@ def appointment(user_id="alice", date="2026-11-25", time="09:30") -> scheduler.A
     return scheduler.parse_appointment({"user_id": user_id, "date": date, "time": time})
 
 
-# --- Domain -------------------------------------------------------------------------
+# --- Domain ---------------------------------------------------------------------------
 
 
 class ParseUserIdTest(unittest.TestCase):
@@ -800,7 +800,7 @@ class SQLiteRaceTest(SQLiteServerTestCase, RaceTest):
     pass
 
 
-# --- Beyond the brief: manage bookings, health, OpenAPI, calendar feed -----------------
+# --- Beyond the brief: manage bookings, health, OpenAPI, calendar feed ----------------
 
 
 class ManageBookingTest(ServerTestCase):
@@ -1092,7 +1092,7 @@ class OpenAPITest(ServerTestCase):
                         self.assertEqual(response.json(), example)
 
 
-# --- Hardening: limits, slow clients, bad input --------------------------------------
+# --- Hardening: limits, slow clients, bad input ---------------------------------------
 
 
 def post_head(length, extra: str = "") -> bytes:
@@ -1391,7 +1391,7 @@ class LoadTest(ServerTestCase):
         self.assertEqual(sorted(map(json.dumps, stored)), sorted(map(json.dumps, created)))
 
 
-# --- Benchmark (make bench; skipped by make test) ------------------------------------
+# --- Benchmark (make bench; skipped by make test) -------------------------------------
 # Timing figures live here, never in a pass/fail test. The benchmark fails only
 # on wrong answers: errors under load, or a store that does not hold what it should.
 
