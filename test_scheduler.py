@@ -1202,6 +1202,25 @@ class SlowClientTest(ServerTestCase):
     def test_connection_that_sends_nothing_is_closed_without_a_response(self):
         self.assertClosed(self.open_socket())
 
+    def test_client_that_does_not_read_its_response_is_cut_off(self):
+        first = dt.date(2026, 1, 1)
+        for day in range(70_000):  # a listing of 8.7 MB, more than socket buffers hold
+            self.store.book(scheduler.Appointment("many", dt.datetime.combine(
+                first + dt.timedelta(days=day), dt.time(9), tzinfo=UTC)))
+        sock = socket.socket()
+        self.addCleanup(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect((self.host, self.port))
+        sock.sendall(b"GET /appointments?user_id=many HTTP/1.1\r\nHost: t\r\n\r\n")
+        # Never read: the server's write blocks until the watchdog cuts it off,
+        # and the connection's slot is given back.
+        for _ in range(200):  # 10 s at most
+            if "connection dropped" in self.server_log():
+                break
+            select.select([], [], [], 0.05)
+        self.assertIn("connection dropped", self.server_log())
+        self.assertEqual(self.request("GET", "/appointments?user_id=a").status, 200)
+
 
 class ConnectionCapTest(ServerTestCase):
     limits = scheduler.Limits(max_connections=3)
