@@ -1149,6 +1149,11 @@ class BodyLimitTest(ServerTestCase):
                 response = self.raw(post_head(length))
                 self.assertIn("Content-Length", self.assertProblem(response, 400)["detail"])
 
+    def test_two_content_lengths_are_400(self):
+        head = post_head(len(VALID_BODY), f"Content-Length: {len(VALID_BODY)}\r\n")
+        self.assertProblem(self.raw(head + VALID_BODY), 400)
+        self.assertEqual(self.store.count(), 0)
+
     def test_body_cut_short_by_the_client_is_400(self):
         sock = self.open_socket()
         sock.sendall(post_head(100) + b'{"user_id":')
@@ -1256,6 +1261,10 @@ class HeaderLimitTest(ServerTestCase):
         ("over 100 headers", b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
         ("header line over 64 KiB", b"GET / HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
         ("not HTTP at all", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n", 400),
+        ("HTTP/0.9", b"GET /appointments?user_id=a\r\n\r\n", 400),
+        ("folded header line", b"GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", 400),
+        ("space before the colon", b"GET / HTTP/1.1\r\nHost : t\r\n\r\n", 400),
+        ("header line without a colon", b"GET / HTTP/1.1\r\nHost t\r\n\r\n", 400),
     ]
 
     def test_http_server_limits_answer_with_problem_json(self):
