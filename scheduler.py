@@ -1365,14 +1365,14 @@ class SchedulerServer(ThreadingHTTPServer):
         # reader that stopped reading), the oldest are dropped rather than memory grow.
         self._log_lines: Deque[str] = collections.deque(maxlen=LOG_BACKLOG)
         self._flush_lock = threading.Lock()  # guards log_stream: one batch at a time, in order
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(address, SchedulerHandler)
         self._closed = threading.Event()
         # Two threads, so that a log that blocks cannot stop deadlines being enforced.
         self._helpers = [threading.Thread(target=target, name=name, daemon=True)
                          for target, name in ((self._watch, "watchdog"),
                                               (self._write_log, "log writer"))]
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
+        super().__init__(address, SchedulerHandler)  # on failure, calls server_close()
         for helper in self._helpers:
             helper.start()
 
@@ -1421,7 +1421,8 @@ class SchedulerServer(ThreadingHTTPServer):
         super().server_close()
         self._closed.set()
         for helper in self._helpers:
-            helper.join()
+            if helper.is_alive():
+                helper.join()
         self.flush_log()
 
     def process_request(self, request, client_address) -> None:

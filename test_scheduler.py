@@ -1937,6 +1937,20 @@ class CommandLineTest(unittest.TestCase):
         self.stop(server, signal.SIGINT)  # within 10 s, though the request is unfinished
         self.assertEqual(server.process.returncode, 1)
 
+    def test_cannot_listen_or_open_the_database_is_exit_1(self):
+        server = self.start("--port", "0")
+        cases = [(["--port", str(server.port)], "cannot listen"),
+                 (["--port", "0", "--db", os.path.join(HERE, "no", "such", "dir.db")],
+                  "cannot open the database")]
+        for args, message in cases:
+            with self.subTest(args=args):
+                result = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True,
+                                        text=True, timeout=30)
+                self.assertEqual(result.returncode, 1)
+                self.assertIn(message, result.stderr)
+                self.assertNotIn("Traceback", result.stderr)
+        self.stop(server, signal.SIGTERM)
+
     USAGE_ERRORS = [
         (["--port", "70000"], {}, "not a port number"),
         ([], {"PORT": "http"}, "not a port number"),
