@@ -1940,6 +1940,7 @@ class CommandLineTest(unittest.TestCase):
     def test_cannot_listen_or_open_the_database_is_exit_1(self):
         server = self.start("--port", "0")
         cases = [(["--port", str(server.port)], "cannot listen"),
+                 (["--port", "0", "--cpu", "100000"], "cannot run on CPU 100000"),
                  (["--port", "0", "--db", os.path.join(HERE, "no", "such", "dir.db")],
                   "cannot open the database")]
         for args, message in cases:
@@ -1951,12 +1952,31 @@ class CommandLineTest(unittest.TestCase):
                 self.assertNotIn("Traceback", result.stderr)
         self.stop(server, signal.SIGTERM)
 
+    @unittest.skipUnless(hasattr(os, "sched_getaffinity"), "CPU affinity is Linux-only")
+    def test_cpu_pins_every_thread_to_one_cpu(self):
+        allowed = os.sched_getaffinity(0)
+        first = min(allowed)
+        for option, expected in ((str(first), {first}), ("any", allowed), ("auto", None)):
+            with self.subTest(cpu=option):
+                server = self.start("--port", "0", "--cpu", option)
+                self.assertEqual(self.get(server, "/appointments?user_id=a"), 200)
+                tasks = f"/proc/{server.process.pid}/task"
+                affinities = [os.sched_getaffinity(int(tid)) for tid in os.listdir(tasks)]
+                self.assertGreater(len(affinities), 2)  # main, watchdog, log writer...
+                if expected is None:  # auto: one of the allowed CPUs, the same for all
+                    expected = affinities[0]
+                    self.assertEqual(len(expected), 1)
+                    self.assertLessEqual(expected, allowed)
+                self.assertTrue(all(affinity == expected for affinity in affinities))
+                self.stop(server, signal.SIGTERM)
+
     USAGE_ERRORS = [
         (["--port", "70000"], {}, "not a port number"),
         ([], {"PORT": "http"}, "not a port number"),
         (["--max-body-bytes", "0"], {}, "not a positive number"),
         (["--request-timeout", "-1"], {}, "not a positive number"),
         (["--max-connections", "many"], {}, "not a positive number"),
+        (["--cpu", "first"], {}, "not a CPU number"),
     ]
 
     def test_bad_option_is_a_usage_error(self):
