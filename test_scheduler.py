@@ -1518,6 +1518,18 @@ def _percentile_ms(sorted_seconds: list, fraction: float) -> float:
     return sorted_seconds[min(len(sorted_seconds) - 1, int(fraction * len(sorted_seconds)))] * 1000
 
 
+SERVE_FILLED = """
+import os, sys, scheduler, test_scheduler
+users, per_user = map(int, sys.argv[1:])
+store = scheduler.InMemoryStore()
+test_scheduler.fill_store(store, users, per_user)
+test_scheduler.fill_store_for(store, test_scheduler.READER, 10)
+scheduler.pin_to_one_cpu("auto")  # as python3 scheduler.py does
+server = scheduler.make_server("127.0.0.1", 0, store, log_stream=open(os.devnull, "w"))
+print("Listening on", server.url, flush=True)
+server.serve_forever()
+"""
+
 LOAD_PROCESS = """
 import json, sys, test_scheduler
 host, port, kind, connections, seconds, prefix = sys.argv[1:]
@@ -1615,23 +1627,18 @@ class Benchmark(unittest.TestCase):
         print(f"\n\nscheduler benchmark: Python {sys.version.split()[0]}, {os.cpu_count()} cores, "
               f"load from {tool}, keep-alive connections to 127.0.0.1", flush=True)
 
-    def serve_in_process(self, store) -> tuple:
-        server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO())
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-        self.addCleanup(thread.join)
-        self.addCleanup(server.server_close)
-        self.addCleanup(server.shutdown)
-        return server.server_address[:2]
-
-    def test_1_throughput(self):
-        process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    def start_server_process(self, program: List[str]) -> tuple:
+        """Start a server process that prints its URL first; stop it at the end."""
+        process = subprocess.Popen(program, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                   text=True, cwd=HERE)
         self.addCleanup(process.wait)
         self.addCleanup(process.terminate)
         self.addCleanup(process.stdout.close)
         host, port = process.stdout.readline().split()[2][len("http://"):].rsplit(":", 1)
-        address = (host, int(port))
+        return host, int(port)
+
+    def test_1_throughput(self):
+        address = self.start_server_process([sys.executable, SCRIPT, "--port", "0"])
         conn = http.client.HTTPConnection(*address, timeout=10)
         for day in range(1, 6):  # the listed user has five appointments
             conn.request("POST", "/appointments", json.dumps(
@@ -1641,8 +1648,8 @@ class Benchmark(unittest.TestCase):
             response.read()
             self.assertEqual(response.status, 201)
         conn.close()
-        print(f"\nThroughput: python3 scheduler.py (access log to /dev/null), "
-              f"{BENCH_SECONDS} s a row", flush=True)
+        print(f"\nThroughput: python3 scheduler.py (on one CPU, as by default; access log to "
+              f"/dev/null), {BENCH_SECONDS} s a row", flush=True)
         print(f"  {'request':40} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'errors':>6}")
         rows = [("GET", "GET /appointments?user_id= (5 listed)"),
@@ -1683,7 +1690,10 @@ class Benchmark(unittest.TestCase):
                   f"{book[1]:7.2f}us")
             print(f"  {'store.list_for_user(), in process':44} {label:>9} "
                   f"{listing[0]:7.2f}us {listing[1]:7.2f}us", flush=True)
-            address = self.serve_in_process(store)
+        del full
+        for label, users in (("0", 0), (f"{stored:,}", self.STORED_USERS)):
+            address = self.start_server_process(
+                [sys.executable, "-c", SERVE_FILLED, str(users), str(self.PER_USER)])
             for kind in ("POST", "GET"):
                 result = run_load(address, kind, 16, 5)
                 self.assertEqual(result.errors, 0)
