@@ -94,11 +94,20 @@ _FORBIDDEN_IN_USER_ID = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 # SchedulerHandler.problem_reply. Anything else that escapes a route is a 500.
 
 
+# RFC 9110's names where Python's (before 3.13) are the older ones.
+_TITLES = {HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "Content Too Large",
+           HTTPStatus.UNPROCESSABLE_ENTITY: "Unprocessable Content"}
+
+
 class ServiceError(Exception):
     """A failure the client can act on: an HTTP status, a title and a detail."""
 
     status = HTTPStatus.INTERNAL_SERVER_ERROR
-    title = "Internal Server Error"
+
+    @property
+    def title(self) -> str:
+        """The status's name: with type about:blank, RFC 9457 asks for just that."""
+        return _TITLES.get(self.status, self.status.phrase)
 
     def __init__(self, detail: str, *, headers: Optional[Dict[str, str]] = None, **extensions):
         super().__init__(detail)
@@ -109,8 +118,7 @@ class ServiceError(Exception):
     def problem(self) -> dict:
         """The RFC 9457 problem details object for this error."""
         return {
-            # about:blank: the status says what went wrong, so title is its phrase.
-            "type": "about:blank",
+            "type": "about:blank",  # the status says what kind of problem it is
             "title": self.title,
             "status": int(self.status),
             "detail": self.detail,
@@ -122,17 +130,14 @@ class BadRequest(ServiceError):
     """The request itself cannot be parsed: bad JSON, bad query, bad headers."""
 
     status = HTTPStatus.BAD_REQUEST
-    title = "Bad Request"
 
 
 class NotFound(ServiceError):
     status = HTTPStatus.NOT_FOUND
-    title = "Not Found"
 
 
 class MethodNotAllowed(ServiceError):
     status = HTTPStatus.METHOD_NOT_ALLOWED
-    title = "Method Not Allowed"
 
     def __init__(self, method: str, allowed: List[str]):
         allow = ", ".join(allowed)
@@ -141,34 +146,28 @@ class MethodNotAllowed(ServiceError):
 
 class RequestTimeout(ServiceError):
     status = HTTPStatus.REQUEST_TIMEOUT
-    title = "Request Timeout"
 
 
 class Conflict(ServiceError):
     status = HTTPStatus.CONFLICT
-    title = "Conflict"
 
 
 class LengthRequired(ServiceError):
     status = HTTPStatus.LENGTH_REQUIRED
-    title = "Length Required"
 
 
 class ContentTooLarge(ServiceError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    title = "Content Too Large"  # RFC 9110's name; older Pythons say "Request Entity Too Large"
 
 
 class UnsupportedMediaType(ServiceError):
     status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-    title = "Unsupported Media Type"
 
 
 class ValidationError(ServiceError):
     """A well-formed request whose fields are missing or invalid; lists every one."""
 
     status = HTTPStatus.UNPROCESSABLE_ENTITY
-    title = "Unprocessable Content"  # RFC 9110's name; older Pythons say "Unprocessable Entity"
 
     def __init__(self, errors: List[Dict[str, str]]):
         fields = ", ".join(error["field"] for error in errors)
@@ -179,17 +178,15 @@ class ValidationError(ServiceError):
 
 class ServiceUnavailable(ServiceError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
-    title = "Service Unavailable"
 
 
 class HTTPError(ServiceError):
-    """An error that http.server itself detects: a malformed request line,
-    oversized headers, an unknown method. The title is the status phrase."""
+    """An error in the HTTP request itself: a malformed request line, oversized
+    headers, an unknown method; any status."""
 
     def __init__(self, status: int, detail: str):
         super().__init__(detail)
         self.status = HTTPStatus(status)
-        self.title = self.status.phrase
 
 
 # --- Domain: what an appointment is ---------------------------------------------------

@@ -43,7 +43,28 @@ def appointment(user_id="alice", date="2026-11-25", time="09:30") -> scheduler.A
 # --- Domain ---------------------------------------------------------------------------
 
 
-class ParseUserIdTest(unittest.TestCase):
+class ParserCases:
+    """A field parser's table of cases: VALID (value, result) pairs parse to the
+    result; INVALID (value, message) pairs raise ValueError matching message."""
+
+    parse = None
+    VALID: list = []
+    INVALID: list = []
+
+    def test_valid(self):
+        for value, expected in self.VALID:
+            with self.subTest(value=value):
+                self.assertEqual(self.parse(value), expected)
+
+    def test_invalid(self):
+        for value, message in self.INVALID:
+            with self.subTest(value=value):
+                with self.assertRaisesRegex(ValueError, message):
+                    self.parse(value)
+
+
+class ParseUserIdTest(ParserCases, unittest.TestCase):
+    parse = staticmethod(scheduler.parse_user_id)
     VALID = [
         ("alice", "alice"),
         ("alice+bob@example.com", "alice+bob@example.com"),
@@ -73,19 +94,9 @@ class ParseUserIdTest(unittest.TestCase):
         ("alice\u3000", "whitespace"),
     ]
 
-    def test_valid(self):
-        for value, expected in self.VALID:
-            with self.subTest(value=value):
-                self.assertEqual(scheduler.parse_user_id(value), expected)
 
-    def test_invalid(self):
-        for value, message in self.INVALID:
-            with self.subTest(value=value):
-                with self.assertRaisesRegex(ValueError, message):
-                    scheduler.parse_user_id(value)
-
-
-class ParseDateTest(unittest.TestCase):
+class ParseDateTest(ParserCases, unittest.TestCase):
+    parse = staticmethod(scheduler.parse_date)
     VALID = [
         ("2026-11-25", dt.date(2026, 11, 25)),
         ("2024-02-29", dt.date(2024, 2, 29)),  # leap year
@@ -109,19 +120,9 @@ class ParseDateTest(unittest.TestCase):
         (None, "YYYY-MM-DD"),
     ]
 
-    def test_valid(self):
-        for value, expected in self.VALID:
-            with self.subTest(value=value):
-                self.assertEqual(scheduler.parse_date(value), expected)
 
-    def test_invalid(self):
-        for value, message in self.INVALID:
-            with self.subTest(value=value):
-                with self.assertRaisesRegex(ValueError, message):
-                    scheduler.parse_date(value)
-
-
-class ParseTimeTest(unittest.TestCase):
+class ParseTimeTest(ParserCases, unittest.TestCase):
+    parse = staticmethod(scheduler.parse_time)
     VALID = [
         ("00:00", dt.time(0, 0)),
         ("09:00", dt.time(9, 0)),
@@ -142,17 +143,6 @@ class ParseTimeTest(unittest.TestCase):
         (930, "HH:MM"),
         (None, "HH:MM"),
     ]
-
-    def test_valid(self):
-        for value, expected in self.VALID:
-            with self.subTest(value=value):
-                self.assertEqual(scheduler.parse_time(value), expected)
-
-    def test_invalid(self):
-        for value, message in self.INVALID:
-            with self.subTest(value=value):
-                with self.assertRaisesRegex(ValueError, message):
-                    scheduler.parse_time(value)
 
 
 class ParseAppointmentTest(unittest.TestCase):
