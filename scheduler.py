@@ -1333,11 +1333,6 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] "
                         f'"{self.requestline.translate(_LOG_ESCAPES)}" {int(code)} {size}')
 
-    def log_message(self, format: str, *args) -> None:
-        """Where http.server's own log_error() calls end up: the same log, escaped."""
-        message = (format % args).translate(_LOG_ESCAPES)
-        self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] {message}")
-
 
 # --- Server ---------------------------------------------------------------------------
 
