@@ -1262,6 +1262,8 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 
     def route_request(self) -> Reply:
         path, _, query = self.path.partition("?")
+        if "://" in path:  # absolute form, http://host/path, as proxies send (RFC 9112 3.2.2)
+            path = "/" + path.split("://", 1)[1].partition("/")[2]
         route, params = match(ROUTES, self.command, path)
         body = self.read_json_body() if route.reads_body else None
         self._reader.request_read()

@@ -704,6 +704,12 @@ class ProtocolTest(ServerTestCase):
                 self.assertProblem(response, status)
                 self.assertEqual(response.headers["Connection"], "close")
 
+    def test_absolute_form_request_target_is_served(self):
+        self.book()
+        response = self.raw(b"GET http://scheduler.test/appointments?user_id=alice HTTP/1.1\r\n"
+                            b"Host: scheduler.test\r\n\r\n")
+        self.assertEqual((response.status, len(response.json()["appointments"])), (200, 1))
+
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         conn = self.connect()
         self.assertEqual(self.book("alice", conn=conn).status, 201)
