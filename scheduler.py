@@ -1032,6 +1032,11 @@ def render_response(status: HTTPStatus, media_type: str, body: Optional[bytes],
     return head if head_only or body is None else head + body
 
 
+def _one_host(value: Optional[str]) -> bool:
+    """Whether a Host header is there, once (repeated ones are joined with commas)."""
+    return value is not None and "," not in value
+
+
 class _Clock(NamedTuple):
     second: int
     http_date: str  # for the Date header
@@ -1217,6 +1222,10 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         if headers is None:
             return False
         self.headers = headers
+        if version.group(2) != "0" and not _one_host(headers.get("host")):
+            self.send_error(HTTPStatus.BAD_REQUEST,
+                            "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
+            return False
         connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
         # HTTP/1.1 keeps a connection open unless asked not to; HTTP/1.0 the opposite.
         self.close_connection = ("close" in connection if version.group(2) != "0"

@@ -1261,6 +1261,9 @@ class HeaderLimitTest(ServerTestCase):
         ("folded header line", b"GET / HTTP/1.1\r\nX-A: b\r\n c\r\n\r\n", 400),
         ("space before the colon", b"GET / HTTP/1.1\r\nHost : t\r\n\r\n", 400),
         ("header line without a colon", b"GET / HTTP/1.1\r\nHost t\r\n\r\n", 400),
+        ("HTTP/1.1 without Host", b"GET /appointments?user_id=a HTTP/1.1\r\n\r\n", 400),
+        ("two Hosts", b"GET /appointments?user_id=a HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+         400),
     ]
 
     def test_http_server_limits_answer_with_problem_json(self):
@@ -1344,7 +1347,7 @@ class FuzzTest(ServerTestCase):
             line = self.junk("ABCabc /\t\x00\x1b\xff%", 60).replace(" ", "").encode("latin-1")
             return line + b" / NOT-HTTP\r\n\r\n"
         header = self.junk("abc:\t\x00 \x7f\xe9", 30).encode("latin-1")  # a header line of junk
-        return b"GET /appointments?user_id=a HTTP/1.1\r\n" + header + b"\r\n" * 2
+        return b"GET /appointments?user_id=a HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n" * 2
 
     def test_malformed_requests_get_problems_and_change_nothing(self):
         for case in range(self.CASES):
