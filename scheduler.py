@@ -1149,9 +1149,9 @@ class _DeadlineReader(io.RawIOBase):
 class SchedulerHandler(BaseHTTPRequestHandler):
     """Turns each HTTP request into a route call and its Reply into a response.
 
-    Speaks HTTP/1.1 with keep-alive. Adds to http.server: deadlines on reading a
-    request, a body size cap, problem+json for every error (its own included),
-    one write per response, and escaped log lines.
+    Speaks HTTP/1.1 with keep-alive. Adds to http.server: a faster and stricter
+    request parser, deadlines on a whole request, a body size cap, problem+json
+    for every error, one write per response, and escaped log lines.
     """
 
     protocol_version = "HTTP/1.1"
