@@ -186,6 +186,33 @@ def temporary_database(testcase: unittest.TestCase) -> str:
     return os.path.join(directory.name, "appointments.db")
 
 
+def run_all(threads: List[threading.Thread]) -> None:
+    """Start the threads, then wait for every one to end."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
+def race_bookings(stores: List[scheduler.Store]) -> List[str]:
+    """One thread per store in stores, all released at once, each booking alice on
+    one date at a different hour; returns each thread's "booked" or "conflict"."""
+    barrier, outcomes = threading.Barrier(len(stores)), []  # list.append is atomic
+
+    def book(store, hour):
+        barrier.wait()
+        try:
+            store.book(appointment(time=f"{hour:02d}:00"))
+            outcomes.append("booked")
+        except scheduler.Conflict:
+            outcomes.append("conflict")
+
+    workers = [threading.Thread(target=book, args=(store, hour))
+               for hour, store in enumerate(stores)]
+    run_all(workers)
+    return outcomes
+
+
 class StoreContract:
     """What every Store must do; run once per store class below."""
 
@@ -242,26 +269,9 @@ class StoreContract:
         self.assertEqual(self.store.list_for_user("alice"), [appointment()])
 
     def test_racing_bookings_for_one_date_store_exactly_one(self):
-        threads, barrier = 16, threading.Barrier(16)
-        outcomes = []  # list.append is atomic
-
-        def book(time):
-            barrier.wait()
-            try:
-                self.store.book(appointment(time=time))
-                outcomes.append("booked")
-            except scheduler.Conflict:
-                outcomes.append("conflict")
-
-        times = [f"{hour:02d}:00" for hour in range(threads)]
-        workers = [threading.Thread(target=book, args=(t,)) for t in times]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * (threads - 1))
+        outcomes = race_bookings([self.store] * 16)
+        self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * 15)
         self.assertEqual(len(self.store.list_for_user("alice")), 1)
-
 
     def test_get_returns_the_booked_appointment(self):
         self.store.book(appointment(date="2026-11-25", time="23:30"))
@@ -337,22 +347,7 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
         # Two stores on one file are two connections, as two server processes would have.
         other = scheduler.SQLiteStore(self.path)
         self.addCleanup(other.close)
-        barrier, outcomes = threading.Barrier(8), []
-
-        def book(store, time):
-            barrier.wait()
-            try:
-                store.book(appointment(time=time))
-                outcomes.append("booked")
-            except scheduler.Conflict:
-                outcomes.append("conflict")
-
-        workers = [threading.Thread(target=book, args=((self.store, other)[n % 2], f"{n:02d}:00"))
-                   for n in range(8)]
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
+        outcomes = race_bookings([self.store, other] * 4)
         self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * 7)
         self.assertEqual(len(other.list_for_user("alice")), 1)
 
@@ -694,16 +689,6 @@ class ProtocolTest(ServerTestCase):
                 self.assertProblem(response, 405)
                 self.assertEqual(response.headers["Allow"], "GET, HEAD, POST")
 
-    def test_http_servers_own_errors_are_problem_json(self):
-        cases = [(b"NOT A REQUEST\r\n\r\n", 400),
-                 (b"GET /appointments HTTP/9.9\r\n\r\n", 505),
-                 (b"BREW /appointments HTTP/1.1\r\nHost: x\r\n\r\n", 501)]
-        for raw, status in cases:
-            with self.subTest(raw=raw):
-                response = self.raw(raw)
-                self.assertProblem(response, status)
-                self.assertEqual(response.headers["Connection"], "close")
-
     def test_absolute_form_request_target_is_served(self):
         self.book()
         response = self.raw(b"GET http://scheduler.test/appointments?user_id=alice HTTP/1.1\r\n"
@@ -767,10 +752,7 @@ class RaceTest(ServerTestCase):
                 conn.close()
 
         threads = [threading.Thread(target=book, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_all(threads)
         statuses = sorted(status for status, _ in results)
         self.assertEqual(statuses, [201] + [409] * (clients - 1))
         winner = next(body for status, body in results if status == 201)
@@ -1251,8 +1233,14 @@ class ConnectionCapTest(ServerTestCase):
         return 503
 
 
-class HeaderLimitTest(ServerTestCase):
+class MalformedRequestTest(ServerTestCase):
+    """Requests wrong at the HTTP level get the status http.server would pick, as
+    problem+json like every other error, and the connection closes."""
+
     CASES = [
+        ("not a request line", b"NOT A REQUEST\r\n\r\n", 400),
+        ("HTTP/9.9", b"GET /appointments HTTP/9.9\r\n\r\n", 505),
+        ("unknown method", b"BREW /appointments HTTP/1.1\r\nHost: x\r\n\r\n", 501),
         ("request line over 64 KiB", b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
         ("over 100 headers", b"GET / HTTP/1.1\r\n" + b"X-A: b\r\n" * 101 + b"\r\n", 431),
         ("header line over 64 KiB", b"GET / HTTP/1.1\r\nX-A: " + b"b" * 70000 + b"\r\n\r\n", 431),
@@ -1266,7 +1254,7 @@ class HeaderLimitTest(ServerTestCase):
          400),
     ]
 
-    def test_http_server_limits_answer_with_problem_json(self):
+    def test_answered_with_problem_json_then_closed(self):
         for name, raw, status in self.CASES:
             with self.subTest(name):
                 response = self.raw(raw)
@@ -1408,10 +1396,7 @@ class LoadTest(ServerTestCase):
                 conn.close()
 
         threads = [threading.Thread(target=client, args=(n,)) for n in range(self.THREADS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_all(threads)
         self.assertEqual(failures, [])
         self.assertEqual(self.store.count(), len(created))
         stored = [a.as_json() for n in range(self.THREADS) for a in self.stored(f"load-{n}")]
