@@ -16,24 +16,23 @@ of users may book the same slot; each user may hold one appointment per date.
 
 The file reads top to bottom, each section using only those above it:
 
-    Domain          what an appointment is, how its fields are validated, and the
-                    outcomes a booking can have (AlreadyBooked, NotBooked...)
-    Stores          where appointments live: InMemoryStore, SQLiteStore
-    Calendar feed   appointments as RFC 5545 iCalendar text
-    Routes          HTTPError, route functions from parsed input to a Reply, the
-                    route table and match()
-    Wire format     bytes to an HTTPRequest and a Reply to bytes; http_error() and
-                    dispatch(), the one path from a request to its reply
-    Connection      one client connection's life: phases, deadlines, keep-alive
-    Handler         http.server's hooks, driving a Connection
-    Server          connection slots, the deadline watchdog, the log, shutdown
-    Command line    options and main()
-    Appendix        the OpenAPI description, built from the domain's constants
+    Domain         an appointment, its fields' rules, a booking's outcomes
+    Stores         where appointments live: InMemoryStore, SQLiteStore
+    Calendar feed  appointments as RFC 5545 iCalendar text
+    Routes         HTTPError; route functions from parsed input to a Reply; match()
+    Wire format    HTTPRequest, body and JSON checks, http_error() (every error's
+                   problem), dispatch() (a request's one path to its Reply), render
+    Connection     one client's life: phases, deadlines, keep_open()
+    Handler        http.server's hooks, driving a Connection
+    Server         connection slots, the deadline watchdog, the log, shutdown
+    Command line   options and main()
+    Appendix       the OpenAPI description, built from the domain's constants
 """
 
 import abc
 import argparse
 import collections
+import contextlib
 import datetime as dt
 import email.utils
 import functools
@@ -188,8 +187,7 @@ def parse_time(value) -> dt.time:
     return dt.time(hour, minute)
 
 
-# The fields a booking is made of, in the order errors are reported.
-FIELDS = (("user_id", parse_user_id), ("date", parse_date), ("time", parse_time))
+FIELDS = (("user_id", parse_user_id), ("date", parse_date), ("time", parse_time))  # in order
 
 
 def parse_appointment(fields: Mapping) -> Appointment:
@@ -218,10 +216,8 @@ def parse_appointment(fields: Mapping) -> Appointment:
 class Store(abc.ABC):
     """Where appointments live. Every method is safe to call from many threads at
     once, and returns immutable Appointments or new lists, never internal state.
-
-    To add a store, implement the abstract methods; StoreContract in the tests
-    holds it to this interface.
-    """
+    A new store implements the abstract methods; the tests' StoreContract holds it
+    to them."""
 
     @abc.abstractmethod
     def book(self, appointment: Appointment) -> Appointment:
@@ -481,13 +477,9 @@ class HTTPError(Exception):
 
     def problem(self) -> dict:
         """The RFC 9457 problem details object for this error."""
-        return {
-            "type": "about:blank",  # the status says what kind of problem it is...
-            "title": _TITLES.get(self.status, self.status.phrase),  # ...so its name (3.2)
-            "status": int(self.status),
-            "detail": self.detail,
-            **self.extensions,
-        }
+        return {"type": "about:blank",  # the status says what kind of problem it is...
+                "title": _TITLES.get(self.status, self.status.phrase),  # ...so its name (4.2.1)
+                "status": int(self.status), "detail": self.detail, **self.extensions}
 
 
 class Request(NamedTuple):
@@ -633,7 +625,9 @@ def _pattern(path: str) -> Tuple[str, ...]:
 
 
 def _match_segments(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, str]]:
-    """The captured parameters if segments fit the pattern (of the same length)."""
+    """The captured parameters if segments fit the pattern, else None."""
+    if len(pattern) != len(segments):
+        return None
     params = {}
     for want, have in zip(pattern, segments):
         if want.startswith("{") and want.endswith("}"):
@@ -656,10 +650,7 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
         raise HTTPError(400, "The path is not valid percent-encoded UTF-8.") from None
     allowed = []
     for route in routes:
-        pattern = _pattern(route.path)
-        if len(pattern) != len(segments):
-            continue
-        params = _match_segments(pattern, segments)
+        params = _match_segments(_pattern(route.path), segments)
         if params is None:
             continue
         if route.method == method or (method == "HEAD" and route.method == "GET"):
@@ -842,9 +833,8 @@ def dispatch(store: Store, limits: Limits, request: HTTPRequest, read_body: Body
     reply, for the handler and for the tests' in-process client alike. Raises
     what the route, the parsers or the store raise; error_reply() answers it."""
     route, params = match(ROUTES, request.method, request.path)
-    body = None
-    if route.reads_body:
-        body = decode_json(read_body(request, body_length(request, limits.max_body_bytes)))
+    body = (decode_json(read_body(request, body_length(request, limits.max_body_bytes)))
+            if route.reads_body else None)
     return route.handler(store, Request(params, parse_query(request.query), body))
 
 
@@ -868,25 +858,15 @@ def _clock() -> _Clock:
     return _clock_now
 
 
-def json_bytes(value) -> bytes:
-    return (_JSON_ENCODER.encode(value) + "\n").encode("utf-8")
-
-
 def render_response(reply: Reply, *, close: bool = False,
                     head_only: bool = False) -> Tuple[bytes, int]:
-    """A whole HTTP/1.1 response as bytes, to be sent in one write, and the size
-    of its content. Separate small writes for headers and body meet Nagle's
-    algorithm and delayed ACKs, which stall a keep-alive client for tens of
-    milliseconds per request.
-
-    A body of None means no content at all (204): no Content-Type, no Content-Length.
-    """
-    if reply.body is None:
-        body = None
-    elif isinstance(reply.body, str):
-        body = reply.body.encode("utf-8")
-    else:
-        body = json_bytes(reply.body)
+    """A whole HTTP/1.1 response as bytes, for one write (separate writes for head
+    and body meet Nagle's algorithm and delayed ACKs, and stall a keep-alive client
+    for tens of milliseconds), and the size of its content. A body of None means no
+    content at all (204): no Content-Type, no Content-Length."""
+    body = reply.body
+    if body is not None:
+        body = (body if isinstance(body, str) else _JSON_ENCODER.encode(body) + "\n").encode()
     lines = [f"HTTP/1.1 {reply.status.value} {reply.status.phrase}", f"Server: {SERVER_NAME}",
              f"Date: {_clock().http_date}"]
     if body is not None:
@@ -906,41 +886,32 @@ LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
 
 
 class _Reader(io.RawIOBase):
-    """The raw read side under a Connection's buffered reader: every read goes
-    through Connection.read_into, which keeps the phase and the deadline."""
+    """The raw side under Connection.rfile: each read goes through Connection.read_into."""
 
-    def __init__(self, connection: "Connection"):
+    def __init__(self, read_into: Callable[[memoryview], int]):
         super().__init__()
-        self.readinto = connection.read_into
+        self.readinto = read_into
 
     def readable(self) -> bool:
         return True
 
 
 class Connection:
-    """One client connection, owned by the thread that serves it; the one place
-    that knows its phase, its deadline and whether it stays open.
+    """One client connection, owned by the thread that serves it: the one place that
+    knows its phase and deadline, and (keep_open) whether it serves another request.
 
-    The handler moves it from phase to phase with events:
-
-        event                            phase      deadline
-        wait_for_request()               WAITING    now + idle_timeout
-        a request's first byte arrives   READING    that byte + request_timeout
-        head_read()                      BUSY       none: the request is handled
-        read_body()                      READING    the same: first byte + request_timeout
-        send()                           WRITING    now + request_timeout, then BUSY
+        event                            phase     deadline
+        wait_for_request()               WAITING   now + idle_timeout
+        a request's first byte arrives   READING   that byte + request_timeout
+        head_read()                      BUSY      none while the request is handled
+        read_body()                      READING   the request's, from its first byte
+        send()                           WRITING   now + request_timeout; then BUSY
         close()                          CLOSED
 
-    The socket stays blocking: a socket timeout would add a poll() to every read
-    and write, and each system call hands the GIL to another thread. Instead the
-    server's watchdog calls expire_if_late() every tick, which shuts down the socket
-    of a connection past its deadline: a late reader sees end-of-file (WAITING,
-    closed without a word) or a 408 (READING); a late writer, a broken pipe.
-    keep_open() alone decides whether the connection serves another request.
-
-    Where the next limits go: a budget of header bytes per request in read_line();
-    a shorter deadline for a new connection's first request in wait_for_request();
-    closing idle connections when the server is full through close_if_idle().
+    The socket stays blocking (a socket timeout adds a poll() to every read and
+    write, and each system call hands over the GIL); instead the server's watchdog
+    calls expire_if_late(), which shuts down the socket of a late connection: a
+    late reader gets end-of-file if WAITING, else a 408; a late writer, an error.
     """
 
     WAITING, READING, BUSY, WRITING, CLOSED = "waiting", "reading", "busy", "writing", "closed"
@@ -949,8 +920,8 @@ class Connection:
         self._sock = sock
         self._server = server
         self._limits: Limits = server.limits
-        self.rfile = io.BufferedReader(_Reader(self))
-        self._lock = threading.Lock()  # guards _phase, _deadline and _expired (the watchdog's view)
+        self.rfile = io.BufferedReader(_Reader(self.read_into))
+        self._lock = threading.Lock()  # guards _phase, _deadline, _expired: the watchdog reads them
         self._phase = self.BUSY
         self._deadline: Optional[float] = None  # time.monotonic(); None while BUSY
         self._expired = False  # set once by the watchdog; the connection then ends
@@ -972,8 +943,8 @@ class Connection:
         return not self._server.draining
 
     def read_into(self, buffer) -> int:
-        """Read from the socket into buffer; the first byte of a request starts its
-        deadline. Past a deadline: end-of-file while waiting, else a 408."""
+        """Read from the socket; a request's first byte starts its deadline. Past a
+        deadline: end-of-file while waiting, else a 408."""
         received = self._sock.recv_into(buffer)
         if self._expired:
             if self._phase == self.WAITING:  # no request had begun: nothing to answer
@@ -1011,11 +982,9 @@ class Connection:
     def keep_open(self, request: Optional[HTTPRequest]) -> bool:
         """Whether the connection serves another request after answering this one
         (None: a request that could not be read): the one place that decides."""
-        return (request is not None  # else the bytes that follow cannot be trusted
-                and not request.close  # the client asked to close (RFC 9112 section 9.3)
-                and (self._body_read or not request.declares_body)  # an unread body would
-                # be taken for the next request
-                and not self._server.draining)
+        if request is None or request.close or self._server.draining:
+            return False  # unreadable (what follows is suspect), or asked to (RFC 9112 9.6)
+        return self._body_read or not request.declares_body  # else it would be read next
 
     def send(self, response: bytes) -> None:
         """Write a whole response, within request_timeout."""
@@ -1045,6 +1014,18 @@ class Connection:
             pass
         self._sock.close()
 
+    def refuse(self, response: bytes) -> None:
+        """Answer from the accepting thread, which must never block, and close."""
+        try:
+            self._sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):  # take what the client sent, so
+                self._sock.recv(65536)  # that closing does not reset the connection
+            self._sock.send(response)  # small enough for an empty socket buffer
+            self._sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._sock.close()
+
     # For the server's other threads.
 
     def expire_if_late(self, now: float) -> None:
@@ -1063,10 +1044,8 @@ class Connection:
                 self._shutdown(socket.SHUT_RD)
 
     def _shutdown(self, how: int) -> None:
-        try:
+        with contextlib.suppress(OSError):  # already closed
             self._sock.shutdown(how)
-        except OSError:  # already closed
-            pass
 
 
 # --- Handler: http.server's hooks, driving a Connection -------------------------------
@@ -1099,13 +1078,13 @@ class SchedulerHandler(BaseHTTPRequestHandler):
     requests, parses each, passes it to dispatch() and sends the reply in one write.
 
     Hooks it overrides:
-        setup()          makes the Connection, instead of rfile and wfile
+        setup()          takes the Connection, instead of making rfile and wfile
         handle()         serves requests until one ends the connection
         parse_request()  reads and parses one request: returns an HTTPRequest, or
                          None when the client closed first; raises HTTPError when
                          it is malformed (stricter than http.server: RFC 9112)
         log_message()    writes to the server's log, control characters escaped
-        finish()         closes the Connection
+        finish()         leaves the Connection to the server to close
 
     Inherited and still working: client_address, server, requestline and command
     (of the request being served), log_request(), log_error(), address_string().
@@ -1121,7 +1100,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
     # The connection: a Connection owns its socket, its reads and writes, and keep-alive.
     rfile = _Replaced("read with Connection.read_line() and Connection.read_body()")
     wfile = _Replaced("reply through dispatch(): a Reply is sent in one write")
-    connection = _Replaced("the socket belongs to the Connection")
+    connection = _Replaced("the socket belongs to the Connection, self.conn")
     close_connection = _Replaced("Connection.keep_open() decides")
     timeout = _Replaced("deadlines are Limits, enforced by the server's watchdog")
     handle_one_request = _Replaced("handle() serves each request")
@@ -1135,12 +1114,10 @@ class SchedulerHandler(BaseHTTPRequestHandler):
     flush_headers = _Replaced("return a Reply")
 
     def setup(self) -> None:
-        self.conn = Connection(self.request, self.server)
-        self.server.track(self.conn)
+        self.conn: Connection = self.request  # made by SchedulerServer.get_request()
 
     def finish(self) -> None:
-        self.server.untrack(self.conn)
-        self.conn.close()
+        """Nothing to do: the server closes the Connection (shutdown_request)."""
 
     def handle(self) -> None:
         conn = self.conn
@@ -1168,10 +1145,9 @@ class SchedulerHandler(BaseHTTPRequestHandler):
                 return
 
     def parse_request(self) -> Optional[HTTPRequest]:
-        """Read and parse a request line and headers. Replaces http.server's
-        version, whose email-package header parser cost a third of the time of a
-        whole request. Stricter too: HTTP/0.9, folded header lines and whitespace
-        before a colon are refused, and HTTP/1.1 needs one Host (RFC 9112)."""
+        """Read and parse a request line and headers. http.server's own parser (the
+        email package) took a third of each request's time; this one is stricter
+        too (RFC 9112): no HTTP/0.9, folded lines or space before a colon, one Host."""
         line = self.conn.read_line(MAX_REQUEST_LINE)
         if not line:
             return None
@@ -1232,9 +1208,10 @@ class SchedulerServer(ThreadingHTTPServer):
     store, the limits, the log), caps the connections it serves at once, enforces
     their deadlines, and drains them on shutdown.
 
-    Overrides socketserver's process_request() and process_request_thread() (to
-    count connection slots), shutdown_request() (the Connection closes itself),
-    handle_error() (to the log) and server_close() (to stop its threads).
+    Overrides socketserver's get_request() (a Connection is the "request" from
+    accept to close), process_request() (to take a slot, or refuse), shutdown_request()
+    (to close and give back the slot), handle_error() (to the log) and
+    server_close() (to stop its threads).
     """
 
     daemon_threads = True  # a connection still open after drain() must not block exit
@@ -1245,10 +1222,9 @@ class SchedulerServer(ThreadingHTTPServer):
         self.limits = limits
         self.log_stream = log_stream
         self.draining = False  # set once by drain(): finish current requests, take no more
-        self._lock = threading.Lock()  # guards _active and _connections
+        self._lock = threading.Lock()  # guards _connections
         self._all_closed = threading.Condition(self._lock)
-        self._active = 0  # connections being served, at most limits.max_connections
-        self._connections = set()  # each Connection being served
+        self._connections = set()  # those being served: at most limits.max_connections
         # Lines for flush_log() to write; past LOG_BACKLOG unwritten lines (a log
         # reader that stopped reading), the oldest are dropped rather than memory grow.
         self._log_lines: Deque[str] = collections.deque(maxlen=LOG_BACKLOG)
@@ -1313,55 +1289,34 @@ class SchedulerServer(ThreadingHTTPServer):
                 helper.join()
         self.flush_log()
 
-    def process_request(self, request, client_address) -> None:
-        """Serve the connection in a new thread, or refuse it when at the cap."""
+    def get_request(self) -> Tuple[Connection, tuple]:
+        sock, client_address = self.socket.accept()
+        return Connection(sock, self), client_address
+
+    def process_request(self, connection: Connection, client_address) -> None:
+        """Serve the connection in a thread of its own, or, at the cap, refuse it
+        with a 503 from this thread, so that a flood cannot grow the threads."""
         with self._lock:
-            admitted = self._active < self.limits.max_connections
+            admitted = len(self._connections) < self.limits.max_connections
             if admitted:
-                self._active += 1
-        if not admitted:
-            self._refuse(request, client_address)
+                self._connections.add(connection)
+        if admitted:
+            super().process_request(connection, client_address)
             return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self._release()
-            raise
+        cap = self.limits.max_connections
+        connection.refuse(render_response(error_reply(HTTPError(
+            503, f"The server is serving its maximum of {cap} connections; retry shortly.",
+            headers={"Retry-After": "1"})), close=True)[0])
+        self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
 
-    def process_request_thread(self, request, client_address) -> None:
+    def shutdown_request(self, connection: Connection) -> None:
+        """Close the connection and give back its slot."""
         try:
-            super().process_request_thread(request, client_address)
+            connection.close()
         finally:
-            self._release()
-
-    def _release(self) -> None:
-        with self._lock:
-            self._active -= 1
-            self._all_closed.notify_all()
-
-    def _refuse(self, request: socket.socket, client_address) -> None:
-        """Answer 503 from the accepting thread and close, without spending a thread."""
-        response, _ = render_response(error_reply(HTTPError(
-            503, f"The server is serving its maximum of {self.limits.max_connections} "
-                 "connections; retry shortly.", headers={"Retry-After": "1"})), close=True)
-        try:
-            request.setblocking(False)  # never let this client stall the accept loop
-            try:  # take what the client already sent, so closing does not reset the connection
-                request.recv(65536)
-            except BlockingIOError:
-                pass
-            request.send(response)  # small enough for an empty socket buffer
-            request.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        request.close()
-        self.log(f"{client_address[0]} - - refused: {self.limits.max_connections} "
-                 "connections open; 503")
-
-    def shutdown_request(self, request: socket.socket) -> None:
-        """Connection.close() has closed it with a lingering close, unless the
-        handler never started; closing again is harmless."""
-        request.close()
+            with self._lock:
+                self._connections.discard(connection)
+                self._all_closed.notify_all()
 
     def handle_error(self, request, client_address) -> None:
         """Log what ended a connection, instead of socketserver's traceback on stderr."""
@@ -1371,32 +1326,21 @@ class SchedulerServer(ThreadingHTTPServer):
         else:
             self.log(f"Unexpected error serving {client_address[0]}:\n{traceback.format_exc()}")
 
-    def track(self, connection: Connection) -> None:
-        with self._lock:
-            self._connections.add(connection)
-
-    def untrack(self, connection: Connection) -> None:
-        with self._lock:
-            self._connections.discard(connection)
-
     def drain(self, timeout: float) -> int:
         """Stop accepting, close idle keep-alive connections, let requests in flight
-        finish, and wait up to timeout seconds for every connection to close. Call
-        after serve_forever() has returned, and server_close() after this. Returns
-        how many connections are still open.
-
-        A connection enters WAITING, then checks draining; this sets draining,
-        then closes the WAITING ones: so every connection sees one or the other.
-        """
+        finish, and wait up to timeout seconds for every connection to close; return
+        how many are still open. Call after serve_forever() has returned, and
+        server_close() after this. (A connection enters WAITING, then checks
+        draining; this sets draining, then closes those WAITING: each sees one.)"""
         self.socket.close()  # stop accepting; the watchdog keeps running
         with self._lock:
             self.draining = True
             for connection in self._connections:
                 connection.close_if_idle()
-            self.log(f"No longer accepting connections; letting {self._active} open "
+            self.log(f"No longer accepting connections; letting {len(self._connections)} open "
                      f"connection(s) finish their requests (up to {timeout:g} seconds).")
-            self._all_closed.wait_for(lambda: self._active == 0, timeout)
-            return self._active
+            self._all_closed.wait_for(lambda: not self._connections, timeout)
+            return len(self._connections)
 
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, *,
@@ -1492,13 +1436,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def pin_to_one_cpu(choice) -> Optional[int]:
     """Keep this process, and the threads it starts from now on, on one CPU; return
     it, or None where threads may run anywhere. Raises OSError for a CPU that
-    cannot be used.
-
-    Only one thread runs Python at a time (the GIL), and every request hands the
-    GIL between threads twice; between threads on different CPUs the hand-off
-    costs far more. Pinned, the server measured half again the throughput and a
-    quarter of the p99 latency (README, Performance).
-    """
+    cannot be used. Only one thread runs Python at a time (the GIL), and a request
+    hands it between threads twice, which costs far more across CPUs: pinned, the
+    server measured half again the throughput, a quarter of the p99 (README)."""
     if choice == "any" or not hasattr(os, "sched_setaffinity"):  # macOS has no affinity
         if isinstance(choice, int):
             raise OSError(f"this system cannot pin a process to CPU {choice}")
@@ -1568,191 +1508,152 @@ _APPOINTMENT_EXAMPLE = {"user_id": "alice", "date": "2026-11-25", "time": "09:30
                         "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"}
 
 
-def _json_content(schema: dict, examples: Optional[dict] = None,
-                  media_type: str = JSON_TYPE) -> dict:
+def _ref(kind: str, name: str) -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _content(schema: dict, examples: Optional[dict] = None, media_type: str = JSON_TYPE) -> dict:
     content = {"schema": schema}
     if examples:
         content["examples"] = {name: {"value": value} for name, value in examples.items()}
     return {media_type: content}
 
 
-def _ref(kind: str, name: str) -> dict:
-    return {"$ref": f"#/components/{kind}/{name}"}
+def _reply(description: str, schema: Optional[dict] = None, examples: Optional[dict] = None,
+           media_type: str = JSON_TYPE, **fields) -> dict:
+    content = {"content": _content(schema, examples, media_type)} if schema else {}
+    return {"description": description, **content, **fields}
 
 
-def _problem(description: str, schema: str = "Problem", examples: Optional[dict] = None) -> dict:
-    return {"description": description,
-            "content": _json_content(_ref("schemas", schema), examples, PROBLEM_TYPE)}
+def _problem(description: str, schema: str = "Problem", **examples: HTTPError) -> dict:
+    """A problem response; its examples are what HTTPError makes of them."""
+    return _reply(description, _ref("schemas", schema),
+                  {name.replace("_", "-"): error.problem() for name, error in examples.items()},
+                  PROBLEM_TYPE)
 
 
 @functools.lru_cache(maxsize=None)
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of every route in ROUTES, built once."""
     minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
-    text = {"type": "string"}
+    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
     date = {"type": "string", "format": "date", "pattern": f"^{DATE_FORMAT.pattern}$"}
     time = {"type": "string", "pattern": f"^([01][0-9]|2[0-3]):({minutes})$"}
     user_id = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
                "pattern": f"^[^{USER_ID_FORBIDDEN}]*$"}
     appointment = _ref("schemas", "Appointment")
-    default = {"default": _ref("responses", "Error")}
-    path_key = [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]
+    errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
+    by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
+    found = {**errors, "404": _ref("responses", "NotFound")}
+    book = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
     return {
         "openapi": "3.1.0",
-        "info": {
-            "title": "Appointment scheduler",
-            "version": __version__,
-            "description": "Book 30-minute appointments that start on the hour or half hour "
-                           "(UTC), one per user per date; any number of users may share a "
-                           "slot. HEAD works wherever GET does. Every error is an RFC 9457 "
-                           "problem (application/problem+json).",
-        },
+        "info": {"title": "Appointment scheduler", "version": __version__,
+                 "description": "Book 30-minute appointments that start on the hour or half "
+                                "hour (UTC), one per user per date; any number of users may "
+                                "share a slot. HEAD works wherever GET does. Every error is an "
+                                "RFC 9457 problem (application/problem+json)."},
         "paths": {
             "/appointments": {
                 "get": {
                     "summary": "List a user's appointments, sorted by start",
-                    "parameters": [_ref("parameters", "UserIdQuery"),
-                                   _ref("parameters", "From"), _ref("parameters", "To")],
-                    "responses": {
-                        "200": {"description": "The appointments (an empty list for a user "
-                                               "with none)",
-                                "content": _json_content(_ref("schemas", "AppointmentList"), {
-                                    "list": {"user_id": "alice",
-                                             "appointments": [_APPOINTMENT_EXAMPLE]}})},
-                        "400": _ref("responses", "BadRequest"), **default},
+                    "parameters": [_ref("parameters", name) for name in ("UserIdQuery", "From",
+                                                                          "To")],
+                    "responses": {"200": _reply(
+                        "The appointments (an empty list for a user with none)",
+                        _ref("schemas", "AppointmentList"),
+                        {"list": {"user_id": "alice", "appointments": [_APPOINTMENT_EXAMPLE]}}),
+                        **errors},
                 },
                 "post": {
                     "summary": "Book an appointment",
-                    "requestBody": {"required": True, "content": _json_content(
+                    "requestBody": {"required": True, "content": _content(
                         _ref("schemas", "NewAppointment"), {
-                            "book": {"user_id": "alice", "date": "2026-11-25",
-                                     "time": "09:30"},
+                            "book": book,
                             "invalid-fields": {"user_id": "", "date": "2025-02-29",
                                                "time": "09:15"},
-                            "not-an-object": ["alice", "2026-11-25", "09:30"]})},
+                            "not-an-object": list(book.values())})},
                     "responses": {
-                        "201": {"description": "Booked",
-                                "headers": {"Location": {
-                                    "description": "The appointment's own URL",
-                                    "schema": text}},
-                                "content": _json_content(appointment,
-                                                         {"book": _APPOINTMENT_EXAMPLE})},
-                        "400": _problem("The body is not a JSON object", examples={
-                            "not-an-object": {
-                                "type": "about:blank", "title": "Bad Request", "status": 400,
-                                "detail": "The request body must be a JSON object, e.g. "
-                                          '{"user_id": "alice", "date": "2026-11-25", '
-                                          '"time": "09:30"}.'}}),
-                        "409": _problem(
-                            "The user already has an appointment that date; `appointment` is "
-                            "that one", "ConflictProblem", {"conflict": {
-                                "type": "about:blank", "title": "Conflict", "status": 409,
-                                "detail": "User alice already has an appointment on "
-                                          "2026-11-25, at 09:30; a user may book one "
-                                          "appointment per date.",
-                                "appointment": _APPOINTMENT_EXAMPLE}}),
+                        "201": _reply("Booked", appointment, {"book": _APPOINTMENT_EXAMPLE},
+                                      headers={"Location": {
+                                          "description": "The appointment's own URL",
+                                          "schema": text}}),
+                        "400": _problem("The body is not valid JSON, or not a JSON object",
+                                        not_an_object=HTTPError(
+                                            400, "The request body must be a JSON object, e.g. "
+                                                 '{"user_id": "alice", "date": "2026-11-25", '
+                                                 '"time": "09:30"}.')),
+                        "409": _problem("The user already has an appointment that date; "
+                                        "`appointment` is that one", "ConflictProblem",
+                                        conflict=HTTPError(
+                                            409, "User alice already has an appointment on "
+                                                 "2026-11-25, at 09:30; a user may book one "
+                                                 "appointment per date.",
+                                            appointment=_APPOINTMENT_EXAMPLE)),
                         "411": _problem("No Content-Length (chunked bodies are refused)"),
                         "413": _problem("The body is larger than the server's limit"),
                         "415": _problem("The body is not labelled application/json"),
                         "422": _problem("Fields are missing or invalid; `errors` lists each",
-                                        "ValidationProblem", {"invalid-fields": {
-                                            "type": "about:blank",
-                                            "title": "Unprocessable Content", "status": 422,
-                                            "detail": "The appointment was not booked: 3 "
-                                                      "fields are invalid (user_id, date, "
-                                                      "time).",
-                                            "errors": [
+                                        "ValidationProblem", invalid_fields=HTTPError(
+                                            422, "The appointment was not booked: 3 fields "
+                                                 "are invalid (user_id, date, time).", errors=[
                                                 {"field": "user_id",
                                                  "message": "user_id must not be empty"},
-                                                {"field": "date",
-                                                 "message": "date 2025-02-29 is not a real "
-                                                            "calendar date"},
-                                                {"field": "time",
-                                                 "message": "time 09:15 is not bookable: "
-                                                            "appointments start on the hour "
-                                                            "or half hour (minutes 00 or 30)"},
-                                            ]}}),
-                        **default},
+                                                {"field": "date", "message": "date 2025-02-29 "
+                                                 "is not a real calendar date"},
+                                                {"field": "time", "message": "time 09:15 is "
+                                                 "not bookable: appointments start on the "
+                                                 "hour or half hour (minutes 00 or 30)"}])),
+                        "default": errors["default"]},
                 },
             },
             "/appointments/{user_id}/{date}": {
-                "get": {
-                    "summary": "One appointment: the URL in a booking's Location header",
-                    "parameters": path_key,
-                    "responses": {
-                        "200": {"description": "The appointment",
-                                "content": _json_content(appointment,
-                                                         {"show": _APPOINTMENT_EXAMPLE})},
-                        "400": _ref("responses", "BadRequest"),
-                        "404": _ref("responses", "NotFound"), **default},
-                },
-                "delete": {
-                    "summary": "Cancel an appointment; the user may then book that date again",
-                    "parameters": path_key,
-                    "responses": {"204": {"description": "Cancelled"},
-                                  "400": _ref("responses", "BadRequest"),
-                                  "404": _ref("responses", "NotFound"), **default},
-                },
+                "get": {"summary": "One appointment: the URL in a booking's Location header",
+                        **by_key, "responses": {"200": _reply(
+                            "The appointment", appointment, {"show": _APPOINTMENT_EXAMPLE}),
+                            **found}},
+                "delete": {"summary": "Cancel an appointment; the user may then book that "
+                                      "date again",
+                           **by_key, "responses": {"204": _reply("Cancelled"), **found}},
             },
-            "/appointments.ics": {
-                "get": {
-                    "summary": "A user's appointments as an iCalendar feed (RFC 5545) to "
-                               "subscribe to",
-                    "parameters": [_ref("parameters", "UserIdQuery")],
-                    "responses": {
-                        "200": {"description": "One VEVENT per appointment; DTSTAMP is when "
-                                               "the feed was made",
-                                "content": {CALENDAR_TYPE: {"schema": text}}},
-                        "400": _ref("responses", "BadRequest"), **default},
-                },
-            },
-            "/healthz": {
-                "get": {
-                    "summary": "Whether the service (and its database) can serve requests",
-                    "responses": {
-                        "200": {"description": "Healthy", "content": _json_content(
-                            {"type": "object", "required": ["status"],
-                             "properties": {"status": {"const": "ok"}}},
-                            {"health": {"status": "ok"}})},
-                        "503": _problem("The database does not answer"), **default},
-                },
-            },
-            "/openapi.json": {
-                "get": {
-                    "summary": "This document",
-                    "responses": {"200": {"description": "OpenAPI 3.1",
-                                          "content": _json_content({"type": "object"})},
-                                  **default},
-                },
-            },
+            "/appointments.ics": {"get": {
+                "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
+                "parameters": [_ref("parameters", "UserIdQuery")],
+                "responses": {"200": _reply("One VEVENT per appointment; DTSTAMP is when the "
+                                            "feed was made", text, media_type=CALENDAR_TYPE),
+                              **errors}}},
+            "/healthz": {"get": {
+                "summary": "Whether the service (and its database) can serve requests",
+                "responses": {"200": _reply("Healthy", {
+                    "type": "object", "required": ["status"],
+                    "properties": {"status": {"const": "ok"}}}, {"health": {"status": "ok"}}),
+                    "503": _problem("The database does not answer"),
+                    "default": errors["default"]}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {
+                "200": _reply("OpenAPI 3.1", {"type": "object"}),
+                "default": errors["default"]}}},
         },
         "components": {
             "schemas": {
                 "NewAppointment": {
                     "type": "object", "required": ["user_id", "date", "time"],
-                    "properties": {
-                        "user_id": {"oneOf": [user_id, {"type": "integer"}],
-                                    "description": "No control characters, no leading or "
-                                                   "trailing whitespace; an integer means "
-                                                   "its decimal string"},
-                        "date": date, "time": time},
-                },
+                    "properties": {"user_id": {
+                        "oneOf": [user_id, {"type": "integer"}],
+                        "description": "No control characters, no leading or trailing "
+                                       "whitespace; an integer means its decimal string"},
+                        "date": date, "time": time}},
                 "Appointment": {
                     "type": "object", "required": ["user_id", "date", "time", "start", "end"],
                     "properties": {"user_id": user_id, "date": date, "time": time,
-                                   "start": {"type": "string", "format": "date-time"},
-                                   "end": {"type": "string", "format": "date-time"}},
-                },
+                                   "start": stamp, "end": stamp}},
                 "AppointmentList": {
                     "type": "object", "required": ["user_id", "appointments"],
                     "properties": {"user_id": user_id,
-                                   "appointments": {"type": "array", "items": appointment}},
-                },
+                                   "appointments": {"type": "array", "items": appointment}}},
                 "Problem": {
                     "type": "object", "required": ["type", "title", "status", "detail"],
                     "properties": {"type": text, "title": text, "status": {"type": "integer"},
-                                   "detail": text},
-                },
+                                   "detail": text}},
                 "ValidationProblem": {"allOf": [_ref("schemas", "Problem"), {
                     "type": "object", "required": ["errors"],
                     "properties": {"errors": {"type": "array", "items": {
