@@ -897,8 +897,9 @@ class _Reader(io.RawIOBase):
 
 
 class Connection:
-    """One client connection, owned by the thread that serves it: the one place that
-    knows its phase and deadline, and (keep_open) whether it serves another request.
+    """One client connection, from accept to close, served by one thread: the one
+    place that knows its phase and deadline, and (keep_open) whether it serves
+    another request.
 
         event                            phase     deadline
         wait_for_request()               WAITING   now + idle_timeout
