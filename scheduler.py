@@ -637,40 +637,66 @@ def _match_segments(pattern: Tuple[str, ...], segments: List[str]) -> Optional[D
     return params
 
 
+def _allow(methods: List[str]) -> str:
+    """The Allow header for a resource with these routes' methods: HEAD goes with
+    GET, and OPTIONS with every resource."""
+    allowed = [name for method in methods for name in ([method, "HEAD"] if method == "GET"
+                                                       else [method])]
+    return ", ".join(dict.fromkeys(allowed + ["OPTIONS"]))
+
+
+def _options(allow: str) -> Route:
+    """The answer to OPTIONS: which methods the target takes (RFC 9110 section 9.3.7)."""
+    return Route("OPTIONS", "*", lambda store, request: Reply(HTTPStatus.NO_CONTENT, None,
+                                                              (("Allow", allow),)))
+
+
 def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
     """Find the route for a request's path (its query already split off); return
     it with its decoded path parameters.
 
     Raises a 404 HTTPError for an unknown path and a 405, with the allowed methods,
-    for a known path and another method. HEAD is served as GET.
+    for a known path and another method. HEAD is served as GET, and OPTIONS for
+    every path (and for "*", the server as a whole).
     """
+    if path == "*" or (method == "CONNECT" and not path.startswith("/")):
+        allow = _allow([route.method for route in routes])  # what the server takes
+        if method == "OPTIONS":
+            return _options(allow), {}
+        raise HTTPError(405, f"{method} {path} is not supported: this server is not a "
+                             f"proxy; use {allow} on its paths.", headers={"Allow": allow})
     try:  # split the raw path first, so an encoded "/" stays inside its segment
         segments = [urllib.parse.unquote(s, errors="strict") for s in path.split("/")]
     except UnicodeDecodeError:
         raise HTTPError(400, "The path is not valid percent-encoded UTF-8.") from None
-    allowed = []
+    methods = []
     for route in routes:
         params = _match_segments(_pattern(route.path), segments)
         if params is None:
             continue
         if route.method == method or (method == "HEAD" and route.method == "GET"):
             return route, params
-        allowed += [route.method, "HEAD"] if route.method == "GET" else [route.method]
-    if allowed:
-        allow = ", ".join(allowed)
-        raise HTTPError(405, f"{method} is not supported here; use {allow}.",
-                        headers={"Allow": allow})
-    raise HTTPError(404, f"There is no resource at {path}; see the README for the API.")
+        methods.append(route.method)
+    if not methods:
+        raise HTTPError(404, f"There is no resource at {path}; see the README for the API.")
+    allow = _allow(methods)
+    if method == "OPTIONS":
+        return _options(allow), {}
+    raise HTTPError(405, f"{method} is not supported here; use {allow}.", headers={"Allow": allow})
 
 
 # --- Wire format: HTTP/1.1 requests in, replies out ------------------------------------
 
-MAX_REQUEST_LINE = 65536  # bytes, as http.server allows; longer gets 414
-MAX_HEADER_LINE = 65536  # bytes, as http.server allows; longer gets 431...
+MAX_HEAD_BYTES = 65536  # the request line and headers together; more gets 414 or 431...
 MAX_HEADERS = 100  # ...and so do more header lines than this
 MAX_QUERY_PARAMETERS = 100
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"})  # others: 501
+# RFC 9110's methods (section 9) and PATCH; others get 501.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                           "CONNECT"})
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+_TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # a method or a field name (RFC 9110 5.6.2)
+# What a field value must not hold (RFC 9110 5.5): control characters but HTAB.
+_NOT_IN_FIELD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class Limits(NamedTuple):
@@ -789,6 +815,9 @@ def decode_json(raw: bytes) -> object:
         raise HTTPError(400, f"The request body is not valid JSON: {error}.") from None
     except RecursionError:
         raise HTTPError(400, "The request body is nested too deeply.") from None
+    except ValueError:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
+        raise HTTPError(400, "The request body has a number with too many digits to "
+                             "read; user IDs have at most 256.") from None
 
 
 def http_error(error: BaseException) -> HTTPError:
@@ -858,12 +887,22 @@ def _clock() -> _Clock:
     return _clock_now
 
 
-def render_response(reply: Reply, *, close: bool = False,
+def connection_header(request: Optional[HTTPRequest], keep_open: bool) -> Optional[str]:
+    """The response's Connection header: close when the server closes after it; and
+    keep-alive when it stays open for an HTTP/1.0 client, which otherwise waits
+    for the close (RFC 9112 section 9.3 and appendix C.2.2)."""
+    if not keep_open:
+        return "close"
+    return "keep-alive" if request.version == "HTTP/1.0" else None
+
+
+def render_response(reply: Reply, *, connection: Optional[str] = None,
                     head_only: bool = False) -> Tuple[bytes, int]:
     """A whole HTTP/1.1 response as bytes, for one write (separate writes for head
     and body meet Nagle's algorithm and delayed ACKs, and stall a keep-alive client
     for tens of milliseconds), and the size of its content. A body of None means no
-    content at all (204): no Content-Type, no Content-Length."""
+    content at all (204): no Content-Type, no Content-Length. connection is the
+    Connection header's value, if any."""
     body = reply.body
     if body is not None:
         body = (body if isinstance(body, str) else _JSON_ENCODER.encode(body) + "\n").encode()
@@ -872,8 +911,8 @@ def render_response(reply: Reply, *, close: bool = False,
     if body is not None:
         lines += [f"Content-Type: {reply.media_type}", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in reply.headers]
-    if close:
-        lines.append("Connection: close")
+    if connection:
+        lines.append(f"Connection: {connection}")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     size = len(body or b"")
     return (head, size) if head_only or body is None else (head + body, size)
@@ -927,6 +966,7 @@ class Connection:
         self._deadline: Optional[float] = None  # time.monotonic(); None while BUSY
         self._expired = False  # set once by the watchdog; the connection then ends
         self._request_deadline = 0.0  # the current request's, from its first byte
+        self._head_left = MAX_HEAD_BYTES  # of the current request's line and headers
         self._body_read = False  # the current request's body has been read whole
 
     def _enter(self, phase: str, deadline: Optional[float]) -> None:
@@ -939,7 +979,7 @@ class Connection:
         """Ready for the next request; False when the server is draining, and the
         connection should close. (Entering WAITING before checking draining pairs
         with SchedulerServer.drain, which sets draining before close_if_idle().)"""
-        self._body_read = False
+        self._head_left, self._body_read = MAX_HEAD_BYTES, False
         self._enter(self.WAITING, time.monotonic() + self._limits.idle_timeout)
         return not self._server.draining
 
@@ -957,9 +997,16 @@ class Connection:
             self._enter(self.READING, self._request_deadline)
         return received
 
-    def read_line(self, limit: int) -> bytes:
-        """One line of a request's head, at most limit bytes (longer: limit + 1 of it)."""
-        return self.rfile.readline(limit + 1)
+    def read_line(self) -> bytes:
+        """One line of the request's head, within what is left of MAX_HEAD_BYTES for
+        its line and headers together; past it, cut, and head_over_budget is true."""
+        line = self.rfile.readline(self._head_left + 1)
+        self._head_left -= len(line)
+        return line
+
+    @property
+    def head_over_budget(self) -> bool:
+        return self._head_left < 0
 
     def head_read(self) -> None:
         """The request line and headers are in: no deadline while it is handled."""
@@ -1138,8 +1185,8 @@ class SchedulerHandler(BaseHTTPRequestHandler):
                     self.server.log(f"Unexpected error in {self.requestline!r}:\n"
                                     f"{traceback.format_exc()}")
             keep_open = conn.keep_open(request)
-            response, size = render_response(reply, close=not keep_open,
-                                             head_only=self.command == "HEAD")
+            response, size = render_response(reply, connection=connection_header(
+                request, keep_open), head_only=self.command == "HEAD")
             self.log_request(reply.status, size)  # before the write: never lost
             conn.send(response)
             if not keep_open:
@@ -1147,19 +1194,28 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> Optional[HTTPRequest]:
         """Read and parse a request line and headers. http.server's own parser (the
-        email package) took a third of each request's time; this one is stricter
-        too (RFC 9112): no HTTP/0.9, folded lines or space before a colon, one Host."""
-        line = self.conn.read_line(MAX_REQUEST_LINE)
+        email package) took a third of each request's time; this one is stricter,
+        as RFC 9112 asks: one SP between the parts of the request line, an ASCII
+        target, no HTTP/0.9, no folded lines, no space before a colon, one Host."""
+        line = self.conn.read_line()
+        while line in (b"\r\n", b"\n"):  # a server SHOULD ignore these (RFC 9112 2.2)
+            line = self.conn.read_line()
         if not line:
             return None
-        if len(line) > MAX_REQUEST_LINE:
-            raise HTTPError(414, HTTPStatus.REQUEST_URI_TOO_LONG.description)
-        self.requestline = str(line, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if len(words) != 3:
+        if self.conn.head_over_budget:
+            raise HTTPError(414, f"The request line is longer than {MAX_HEAD_BYTES} bytes.")
+        self.requestline = str(line[:-2] if line.endswith(b"\r\n") else line[:-1], "iso-8859-1")
+        words = self.requestline.split(" ")  # only SP separates them (RFC 9112 3)
+        if len(words) != 3 or not _TOKEN.fullmatch(words[0]):
             raise HTTPError(400, f"Bad request line {self.requestline!r}: "
                                  "expected METHOD /path HTTP/1.1.")
         self.command, target, version = words
+        if not target.isascii():
+            raise HTTPError(400, "The request target has bytes that are not ASCII; "
+                                 "percent-encode them as UTF-8 (é is %C3%A9).")
+        if not target.isprintable() or not target:
+            raise HTTPError(400, "The request target has spaces or control characters; "
+                                 "percent-encode them.")
         number = _HTTP_VERSION.fullmatch(version)
         if number is None:
             raise HTTPError(400, f"Bad HTTP version {version!r}.")
@@ -1179,17 +1235,25 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 
     def _read_headers(self) -> Dict[str, str]:
         headers: Dict[str, str] = {}
+        repeated: Dict[str, List[str]] = {}  # joined once at the end, not once a line
         for _ in range(MAX_HEADERS + 1):
-            line = self.conn.read_line(MAX_HEADER_LINE)
-            if len(line) > MAX_HEADER_LINE:
-                raise HTTPError(431, f"A header line is longer than {MAX_HEADER_LINE} bytes.")
+            line = self.conn.read_line()
+            if self.conn.head_over_budget:
+                raise HTTPError(431, f"The request line and headers are larger than "
+                                     f"{MAX_HEAD_BYTES} bytes.")
             if line in (b"\r\n", b"\n", b""):
+                for name, values in repeated.items():
+                    headers[name] = ", ".join(values)
                 return headers
             name, colon, value = str(line, "iso-8859-1").partition(":")
-            if not colon or not name or name != name.strip():
+            value = value[:-2] if value.endswith("\r\n") else value.rstrip("\n")
+            if not colon or not _TOKEN.fullmatch(name) or _NOT_IN_FIELD_VALUE.search(value):
                 raise HTTPError(400, f"Malformed header line {line[:100]!r}.")
-            name, value = name.lower(), value.strip()
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+            name, value = name.lower(), value.strip(" \t")
+            if name in headers:
+                repeated.setdefault(name, [headers[name]]).append(value)
+            else:
+                headers[name] = value
         raise HTTPError(431, f"More than {MAX_HEADERS} header lines.")
 
     def log_message(self, format: str, *args) -> None:
@@ -1307,7 +1371,7 @@ class SchedulerServer(ThreadingHTTPServer):
         cap = self.limits.max_connections
         connection.refuse(render_response(error_reply(HTTPError(
             503, f"The server is serving its maximum of {cap} connections; retry shortly.",
-            headers={"Retry-After": "1"})), close=True)[0])
+            headers={"Retry-After": "1"})), connection="close")[0])
         self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
 
     def shutdown_request(self, connection: Connection) -> None:

@@ -529,7 +529,7 @@ class MatchTest(unittest.TestCase):
 
     def test_wrong_method_lists_allowed_ones(self):
         error = self.assertRaisesStatus(405, "DELETE", "/things")
-        self.assertEqual(error.headers, {"Allow": "GET, HEAD, POST"})
+        self.assertEqual(error.headers, {"Allow": "GET, HEAD, POST, OPTIONS"})
 
     def test_path_that_is_not_utf8_is_a_bad_request(self):
         self.assertRaisesStatus(400, "GET", "/things/%ff/x")
@@ -800,7 +800,7 @@ class ManageBookingTest(RouteTestCase):
     def test_wrong_method_on_an_appointment_is_405(self):
         response = self.request("PUT", "/appointments/alice/2026-11-25")
         self.assertProblem(response, 405)
-        self.assertEqual(response.headers["Allow"], "GET, HEAD, DELETE")
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, DELETE, OPTIONS")
 
 
 class DateFilterTest(RouteTestCase):
@@ -1057,7 +1057,7 @@ class RoutingErrorTest(RouteTestCase):
             with self.subTest(method=method):
                 response = self.request(method, "/appointments")
                 self.assertProblem(response, 405)
-                self.assertEqual(response.headers["Allow"], "GET, HEAD, POST")
+                self.assertEqual(response.headers["Allow"], "GET, HEAD, POST, OPTIONS")
 
     def test_absolute_form_is_recognised_only_without_a_leading_slash(self):
         self.book()
@@ -1718,6 +1718,91 @@ class ReadmeExamplesTest(ServerTestCase):
                 if documented is not None:
                     self.assertEqual(without_varying_lines(result.stdout),
                                      without_varying_lines(documented))
+
+
+# --- Hostile clients and failing environments ------------------------------------------
+# Each finding of a review that attacked the server as a hostile client would, or ran
+# it where things fail; each test failed on the code before its fix.
+
+
+class StrictParsingTest(ServerTestCase):
+    """What RFC 9112 and RFC 9110 say a server must refuse, refused; what they say
+    it should tolerate, tolerated."""
+
+    REFUSED = [  # (name, raw request, words in the detail)
+        ("NBSP between the parts", b"GET\xa0/healthz HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+        ("\\x1c between the parts", b"GET\x1c/healthz HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+        ("NEL between the parts", b"GET /healthz\x85HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+        ("a tab between the parts", b"GET\t/healthz HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+        ("two spaces", b"GET  /healthz HTTP/1.1\r\nHost: t\r\n\r\n", "request line"),
+        ("a bare CR in the request line", b"GET /healthz HTTP/1.1\r\r\nHost: t\r\n\r\n",
+         "HTTP version"),
+        ("NUL in a header value", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a\x00b\r\n\r\n",
+         "Malformed header"),
+        ("a bare CR in a header value", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: a\rb\r\n\r\n",
+         "Malformed header"),
+        ("a space inside a header name", b"GET /healthz HTTP/1.1\r\nHost: t\r\nX A: b\r\n\r\n",
+         "Malformed header"),
+        ("raw UTF-8 in the target", "GET /appointments?user_id=é HTTP/1.1\r\nHost: t\r\n\r\n"
+         .encode(), "percent-encode"),
+        ("a control character in the target", b"GET /app\x01 HTTP/1.1\r\nHost: t\r\n\r\n",
+         "percent-encode"),
+    ]
+
+    def test_refused_with_400(self):
+        for name, raw, words in self.REFUSED:
+            with self.subTest(name):
+                response = self.raw(raw)
+                self.assertIn(words, self.assertProblem(response, 400)["detail"])
+                self.assertEqual(response.headers["Connection"], "close")
+
+    def test_a_blank_line_before_the_request_line_is_ignored(self):
+        conn = self.connect()
+        self.assertEqual(self.book(conn=conn).status, 201)
+        conn.sock.sendall(b"\r\n")  # after a body, as some clients send
+        listed = self.request("GET", "/appointments?user_id=alice", conn=conn).json()
+        self.assertEqual(len(listed["appointments"]), 1)
+
+    def test_headers_past_64_kib_in_all_are_431(self):
+        lines = b"".join(b"X-%d: %s\r\n" % (n, b"v" * 4000) for n in range(17))  # 68 KB
+        response = self.raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + lines + b"\r\n")
+        self.assertIn("65536 bytes", self.assertProblem(response, 431)["detail"])
+
+    def test_a_repeated_header_is_joined(self):
+        # Joined once, not once a line: 100 lines of one name are not quadratic.
+        head = b"GET /healthz HTTP/1.1\r\nHost: t\r\n" + b"X-A: b\r\n" * 98 + b"\r\n"
+        self.assertEqual(self.raw(head).status, 200)
+
+    def test_http_1_0_keep_alive_is_said_in_the_response(self):
+        sock = self.open_socket()
+        for _ in range(2):  # the second request proves the connection stayed open
+            sock.sendall(b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            response = read_response(sock)
+            self.assertEqual(response.status, 200)
+            self.assertEqual(response.headers["Connection"], "keep-alive")
+
+    def test_options_trace_and_connect(self):
+        cases = [(b"OPTIONS /appointments HTTP/1.1", 204, "GET, HEAD, POST, OPTIONS"),
+                 (b"OPTIONS * HTTP/1.1", 204, "GET, HEAD, POST, DELETE, OPTIONS"),
+                 (b"TRACE /healthz HTTP/1.1", 405, "GET, HEAD, OPTIONS"),
+                 (b"CONNECT example.com:443 HTTP/1.1", 405, "GET, HEAD, POST, DELETE, OPTIONS")]
+        for line, status, allow in cases:
+            with self.subTest(line):
+                response = self.raw(line + b"\r\nHost: t\r\n\r\n")
+                self.assertEqual((response.status, response.headers["Allow"]), (status, allow))
+
+
+class HugeNumberTest(RouteTestCase):
+    def test_an_integer_past_pythons_digit_limit_is_400_not_500(self):
+        for body in ('{"user_id": %s, "date": "2026-11-25", "time": "09:30"}' % ("9" * 5000),
+                     '{"user_id": "a", "date": "2026-11-25", "time": "09:30", "n": %s}'
+                     % ("1" * 5000)):
+            with self.subTest(body=body[:30]):
+                problem = self.assertProblem(self.request("POST", "/appointments", body, {
+                    "Content-Type": "application/json"}), 400)
+                self.assertIn("too many digits", problem["detail"])
+        self.assertEqual(self.store.count(), 0)
+
 
 
 # --- Command line ---------------------------------------------------------------------
