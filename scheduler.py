@@ -1265,7 +1265,64 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 # --- Server ---------------------------------------------------------------------------
 
 TICK = 0.1  # seconds between the watchdog's checks of deadlines, and between log writes
-LOG_BACKLOG = 100_000  # log lines kept unwritten at most; beyond, the oldest are dropped
+LOG_BACKLOG_BYTES = 1 << 20  # characters of log lines kept unwritten; past it, the oldest go
+LOG_CLOSE_SECONDS = 1.0  # how long closing waits for the log's reader to take the last lines
+
+
+class Log:
+    """Lines for a stream (the access log and errors), written out every TICK by a
+    thread of its own: a write per request would cost a system call, and so a GIL
+    hand-off, and a reader that stops reading must not stop the server. While
+    the stream does not take them, lines wait, up to LOG_BACKLOG_BYTES; past that
+    the oldest are dropped, and counted."""
+
+    def __init__(self, stream: Optional[TextIO]):
+        self.stream = stream
+        self.dropped = 0  # lines dropped so far
+        self._lock = threading.Lock()  # guards _lines, _size and dropped
+        self._lines: Deque[str] = collections.deque()
+        self._size = 0  # characters in _lines
+        self._flush_lock = threading.Lock()  # one batch at a time, in order
+        self._closing = threading.Event()
+        self._writer = threading.Thread(target=self._write, name="log writer", daemon=True)
+
+    def start(self) -> None:
+        self._writer.start()
+
+    def write(self, line: str) -> None:
+        if self.stream is None:
+            return
+        with self._lock:
+            self._lines.append(line + "\n")
+            self._size += len(line) + 1
+            while self._size > LOG_BACKLOG_BYTES and len(self._lines) > 1:
+                self._size -= len(self._lines.popleft())
+                self.dropped += 1
+
+    def flush(self) -> None:
+        """Write out the lines logged so far (blocking while the stream does)."""
+        with self._flush_lock:
+            with self._lock:
+                lines, self._lines, self._size = self._lines, collections.deque(), 0
+            if lines:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+
+    def _write(self) -> None:
+        while not self._closing.wait(TICK):
+            self.flush()
+        if self.dropped:
+            self.write(f"{self.dropped} log line(s) were dropped: the log's reader did not "
+                       "keep up.")
+        self.flush()
+
+    def close(self, timeout: float = LOG_CLOSE_SECONDS) -> bool:
+        """Write what is left, with how many lines were dropped; False if the stream
+        has not taken it all within timeout seconds (its reader is stuck)."""
+        self._closing.set()
+        if self._writer.is_alive():
+            self._writer.join(timeout)
+        return not self._writer.is_alive()
 
 
 class SchedulerServer(ThreadingHTTPServer):
@@ -1290,20 +1347,15 @@ class SchedulerServer(ThreadingHTTPServer):
         self._lock = threading.Lock()  # guards _connections
         self._all_closed = threading.Condition(self._lock)
         self._connections = set()  # those being served: at most limits.max_connections
-        # Lines for flush_log() to write; past LOG_BACKLOG unwritten lines (a log
-        # reader that stopped reading), the oldest are dropped rather than memory grow.
-        self._log_lines: Deque[str] = collections.deque(maxlen=LOG_BACKLOG)
-        self._flush_lock = threading.Lock()  # guards log_stream: one batch at a time, in order
+        self.log_complete = True  # false once closing found the log's reader stuck
+        self._log = Log(log_stream)  # a thread of its own: a stuck log stops no deadline
         self._closed = threading.Event()
-        # Two threads, so that a log that blocks cannot stop deadlines being enforced.
-        self._helpers = [threading.Thread(target=target, name=name, daemon=True)
-                         for target, name in ((self._watch, "watchdog"),
-                                              (self._write_log, "log writer"))]
+        self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, SchedulerHandler)  # on failure, calls server_close()
-        for helper in self._helpers:
-            helper.start()
+        self._watchdog.start()
+        self._log.start()
 
     @property
     def url(self) -> str:
@@ -1311,28 +1363,10 @@ class SchedulerServer(ThreadingHTTPServer):
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     def log(self, line: str) -> None:
-        """Add a line to the log. The log writer thread writes lines out every
-        TICK: a write per request would cost a system call, and so a GIL
-        hand-off. (A deque, whose append and popleft need no lock.)"""
-        if self.log_stream is not None:
-            self._log_lines.append(line + "\n")
+        self._log.write(line)
 
     def flush_log(self) -> None:
-        """Write out the lines logged so far."""
-        with self._flush_lock:
-            lines = []
-            try:
-                while True:
-                    lines.append(self._log_lines.popleft())
-            except IndexError:
-                pass
-            if lines:
-                self.log_stream.write("".join(lines))
-                self.log_stream.flush()
-
-    def _write_log(self) -> None:
-        while not self._closed.wait(TICK):
-            self.flush_log()
+        self._log.flush()
 
     def _watch(self) -> None:
         """The watchdog: every tick, cut off connections past their deadline. A tick
@@ -1346,13 +1380,13 @@ class SchedulerServer(ThreadingHTTPServer):
                 connection.expire_if_late(now)
 
     def server_close(self) -> None:
-        """Stop accepting; then stop the watchdog and the log writer, and flush."""
+        """Stop accepting; then stop the watchdog, and write out the log unless its
+        reader is stuck (then log_complete is false)."""
         super().server_close()
         self._closed.set()
-        for helper in self._helpers:
-            if helper.is_alive():
-                helper.join()
-        self.flush_log()
+        if self._watchdog.is_alive():
+            self._watchdog.join()
+        self.log_complete = self._log.close()
 
     def get_request(self) -> Tuple[Connection, tuple]:
         sock, client_address = self.socket.accept()
@@ -1543,8 +1577,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     signals = []
 
     def stop(signum, frame):
-        if signals:  # the second signal: stop now
-            raise SystemExit(1)
+        if signals:  # the second signal: stop now, whatever is unwritten or unfinished
+            os._exit(1)
         signals.append(signal.Signals(signum).name)
         # serve_forever() runs in this thread and shutdown() waits for it to return.
         threading.Thread(target=server.shutdown, daemon=True).start()
@@ -1560,6 +1594,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     server.log(f"Stopped; {still_open} connection(s) cut off." if still_open else "Stopped.")
     server.server_close()
     store.close()
+    if not server.log_complete:  # exiting would flush stderr, and wait for its reader
+        os._exit(0)
     return 0
 
 

@@ -1805,6 +1805,73 @@ class HugeNumberTest(RouteTestCase):
 
 
 
+def rss_bytes(pid: int) -> int:
+    """A process's resident memory, from /proc (Linux)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+class _StuckStream(io.StringIO):
+    """A log stream whose reader has stopped reading, until released."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocked, self.released = threading.Event(), threading.Event()
+
+    def write(self, text: str) -> int:
+        self.blocked.set()
+        self.released.wait(30)
+        return super().write(text)
+
+
+class StuckLogTest(unittest.TestCase):
+    def test_the_backlog_is_capped_in_bytes_and_the_drops_are_counted(self):
+        stream = _StuckStream()
+        log = scheduler.Log(stream)
+        log.start()
+        self.addCleanup(log.close, 0)
+        self.addCleanup(stream.released.set)
+        log.write("first")
+        wait_until(stream.blocked.is_set, what="the log writer to block")
+        line = "x" * 999
+        for _ in range(3 * scheduler.LOG_BACKLOG_BYTES // 1000):  # 3 MB for a 1 MiB backlog
+            log.write(line)
+        kept = 3 * scheduler.LOG_BACKLOG_BYTES // 1000 - log.dropped
+        self.assertLessEqual(kept * 1000, scheduler.LOG_BACKLOG_BYTES)
+        self.assertGreater(kept, 0)
+        stream.released.set()
+        self.assertTrue(log.close(timeout=10))
+        written = stream.getvalue().splitlines()
+        self.assertEqual(written[0], "first")
+        self.assertEqual(len(written), 1 + kept + 1)  # the newest lines, then the count
+        self.assertEqual(written[-1], f"{log.dropped} log line(s) were dropped: the log's "
+                                      "reader did not keep up.")
+
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "reads memory from /proc")
+    def test_a_log_nobody_reads_holds_little_memory_and_does_not_stop_shutdown(self):
+        process = subprocess.Popen([sys.executable, SCRIPT, "--port", "0", "--shutdown-timeout",
+                                    "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True)  # stderr is never read: its pipe fills
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        host, port = process.stdout.readline().split()[2][len("http://"):].rsplit(":", 1)
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        self.addCleanup(conn.close)
+        before = rss_bytes(process.pid)
+        for _ in range(1000):  # 60 MB of access-log lines
+            conn.request("GET", "/healthz?pad=" + "x" * 60_000)
+            response = conn.getresponse()
+            response.read()
+            self.assertEqual(response.status, 200)
+        self.assertLess(rss_bytes(process.pid) - before, 16 << 20)
+        conn.close()
+        process.send_signal(signal.SIGTERM)
+        # Draining (1 s at most) and closing the log (LOG_CLOSE_SECONDS), with room to spare.
+        self.assertEqual(process.wait(timeout=1 + scheduler.LOG_CLOSE_SECONDS + 5), 0)
+
+
+
 # --- Command line ---------------------------------------------------------------------
 
 
