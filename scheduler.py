@@ -130,8 +130,16 @@ class NotBooked(LookupError):
         self.user_id, self.date = user_id, date
 
 
+class StoreFull(Exception):
+    """The store holds as many appointments as it may (capacity)."""
+
+    def __init__(self, capacity: int):
+        super().__init__(capacity)
+        self.capacity = capacity
+
+
 class StoreUnavailable(Exception):
-    """The store cannot serve requests; the message says why."""
+    """The store cannot serve requests now; the message says why."""
 
 
 # Each parser raises ValueError with a message that follows the field's name:
@@ -222,7 +230,8 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def book(self, appointment: Appointment) -> Appointment:
         """Store the appointment and return it. Raises AlreadyBooked, carrying the
-        existing appointment, when the user already has one that date."""
+        existing appointment, when the user already has one that date, and
+        StoreFull when the store holds its capacity."""
 
     @abc.abstractmethod
     def get(self, user_id: str, date: dt.date) -> Appointment:
@@ -243,7 +252,7 @@ class Store(abc.ABC):
         """How many appointments are stored, over all users."""
 
     def check(self) -> None:
-        """Raise StoreUnavailable if the store cannot serve requests."""
+        """Raise StoreUnavailable if the store cannot take bookings now."""
 
     def close(self) -> None:
         """Release what the store holds; it is not used afterwards."""
@@ -256,21 +265,26 @@ class InMemoryStore(Store):
     untracked by the garbage collector, so a large store stays cheap to keep.
     """
 
-    def __init__(self):
+    def __init__(self, capacity: Optional[int] = None):
+        self.capacity = capacity  # appointments held at most; None: no limit
         self._lock = threading.Lock()  # guards _by_user and _count
         self._by_user: Dict[str, Dict[dt.date, dt.datetime]] = {}
         self._count = 0
 
     def book(self, appointment: Appointment) -> Appointment:
-        date = appointment.date
+        date, full = appointment.date, False
         with self._lock:  # check and insert under one hold of the lock
-            days = self._by_user.setdefault(appointment.user_id, {})
-            existing = days.get(date)
+            days = self._by_user.get(appointment.user_id)
+            existing = days and days.get(date)
             if existing is None:
-                days[date] = appointment.start
-                self._count += 1
+                full = self.capacity is not None and self._count >= self.capacity
+                if not full:
+                    self._by_user.setdefault(appointment.user_id, {})[date] = appointment.start
+                    self._count += 1
         if existing is not None:
             raise AlreadyBooked(Appointment(appointment.user_id, existing))
+        if full:
+            raise StoreFull(self.capacity)
         return appointment
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
@@ -307,7 +321,10 @@ class InMemoryStore(Store):
 class SQLiteStore(Store):
     """Appointments in an SQLite file: they survive restarts, and several server
     processes may share one file. The UNIQUE constraint, not this process,
-    enforces one appointment per user and date, so it holds across processes.
+    enforces one appointment per user and date, so it holds across processes;
+    triggers keep the count that capacity is checked against, for the same reason.
+    SQLite's own failures (a lock held too long, a read-only file, a full disk)
+    are StoreUnavailable; each statement is a transaction, so none half-writes.
     """
 
     SCHEMA = """
@@ -316,20 +333,46 @@ class SQLiteStore(Store):
             date    TEXT NOT NULL,  -- YYYY-MM-DD, UTC
             time    TEXT NOT NULL,  -- HH:MM, UTC
             UNIQUE (user_id, date)
-        )"""
+        );
+        CREATE TABLE IF NOT EXISTS appointment_count (n INTEGER NOT NULL);
+        INSERT INTO appointment_count SELECT COUNT(*) FROM appointments
+            WHERE NOT EXISTS (SELECT 1 FROM appointment_count);
+        CREATE TRIGGER IF NOT EXISTS counted AFTER INSERT ON appointments
+            BEGIN UPDATE appointment_count SET n = n + 1; END;
+        CREATE TRIGGER IF NOT EXISTS uncounted AFTER DELETE ON appointments
+            BEGIN UPDATE appointment_count SET n = n - 1; END;
+        UPDATE appointment_count SET n = n  -- fails if the file cannot be written
+        """
 
-    def __init__(self, path: str):
-        """Open (creating if needed) the database; raises sqlite3.Error if it cannot."""
-        self.path = path
+    def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0):
+        """Open (creating if needed) the database; raises sqlite3.Error if it cannot,
+        or cannot be written. busy_timeout: how long to wait for another process's
+        write lock before StoreUnavailable."""
+        self.path, self.capacity = path, capacity
         self._lock = threading.Lock()  # guards _db: a connection serves one thread at a time
         # Autocommit (isolation_level=None): each statement is its own transaction.
-        # timeout: how long to wait for another process's write lock.
-        self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None,
+        self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                    check_same_thread=False)
-        with self._lock:
+        try:
             self._db.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
             self._db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
-            self._db.execute(self.SCHEMA)
+            self._db.executescript(f"BEGIN IMMEDIATE;\n{self.SCHEMA};\nCOMMIT;")
+        except sqlite3.Error:
+            self._db.close()
+            raise
+
+    @contextlib.contextmanager
+    def _database(self):
+        """The connection, for this thread alone; SQLite's failures as StoreUnavailable."""
+        try:
+            with self._lock:
+                yield self._db
+        except sqlite3.IntegrityError:
+            raise
+        except sqlite3.Error as error:
+            detail = ("is busy: another process has held its write lock too long"
+                      if "locked" in str(error) else f"failed: {error}")
+            raise StoreUnavailable(f"The database {detail}; retry shortly.") from None
 
     @staticmethod
     def _appointment(user_id: str, date: str, time: str) -> Appointment:
@@ -338,53 +381,60 @@ class SQLiteStore(Store):
 
     def book(self, appointment: Appointment) -> Appointment:
         date, time = appointment.date.isoformat(), f"{appointment.start:%H:%M}"
+        limit = -1 if self.capacity is None else self.capacity
         while True:  # the existing one may be cancelled by another process in between
             try:
-                with self._lock:
-                    self._db.execute("INSERT INTO appointments (user_id, date, time) "
-                                     "VALUES (?, ?, ?)", (appointment.user_id, date, time))
-                return appointment
+                with self._database() as db:
+                    inserted = db.execute(
+                        "INSERT INTO appointments (user_id, date, time) SELECT ?, ?, ? "
+                        "WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
+                        (appointment.user_id, date, time, limit, limit)).rowcount
             except sqlite3.IntegrityError:
-                try:
-                    existing = self.get(appointment.user_id, appointment.date)
-                except NotBooked:
-                    continue
-                raise AlreadyBooked(existing) from None
+                inserted = 0
+            if inserted:
+                return appointment
+            try:
+                raise AlreadyBooked(self.get(appointment.user_id, appointment.date))
+            except NotBooked:
+                if self.count() >= limit >= 0:
+                    raise StoreFull(limit) from None
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
-        with self._lock:
-            row = self._db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
-                                   (user_id, date.isoformat())).fetchone()
+        with self._database() as db:
+            row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
+                             (user_id, date.isoformat())).fetchone()
         if row is None:
             raise NotBooked(user_id, date)
         return self._appointment(user_id, date.isoformat(), row[0])
 
     def cancel(self, user_id: str, date: dt.date) -> None:
-        with self._lock:
-            deleted = self._db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
-                                       (user_id, date.isoformat())).rowcount
+        with self._database() as db:
+            deleted = db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
+                                 (user_id, date.isoformat())).rowcount
         if not deleted:
             raise NotBooked(user_id, date)
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
         bounds = (first or dt.date.min).isoformat(), (last or dt.date.max).isoformat()
-        with self._lock:
-            rows = self._db.execute(
+        with self._database() as db:
+            rows = db.execute(
                 "SELECT date, time FROM appointments WHERE user_id = ? AND date BETWEEN ? AND ? "
                 "ORDER BY date", (user_id, *bounds)).fetchall()
         return [self._appointment(user_id, date, time) for date, time in rows]
 
     def count(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM appointments").fetchone()[0]
+        with self._database() as db:
+            return db.execute("SELECT n FROM appointment_count").fetchone()[0]
 
     def check(self) -> None:
-        try:
-            with self._lock:
-                self._db.execute("SELECT 1 FROM appointments LIMIT 1").fetchall()
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"The database does not answer: {error}.") from None
+        """A write that is rolled back: the file can be written, and its lock taken."""
+        with self._database() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute("UPDATE appointment_count SET n = n")
+            finally:
+                db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:
@@ -707,6 +757,7 @@ class Limits(NamedTuple):
     idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for a request
     max_connections: int = 256  # connections served at once; more get 503
     shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
+    max_appointments: int = 500_000  # stored at most, over all users; more get 507
 
 
 class HTTPRequest(NamedTuple):
@@ -842,8 +893,12 @@ def http_error(error: BaseException) -> HTTPError:
     if isinstance(error, NotBooked):
         return HTTPError(404, f"User {error.user_id} has no appointment on "
                               f"{error.date.isoformat()}.")
+    if isinstance(error, StoreFull):
+        return HTTPError(507, f"The service holds its maximum of {error.capacity} appointments "
+                              "and can book no more until some are cancelled; tell its "
+                              "operator (the limit is --max-appointments).")
     if isinstance(error, StoreUnavailable):
-        return HTTPError(503, str(error))
+        return HTTPError(503, str(error), headers={"Retry-After": "1"})
     return HTTPError(500, "The server hit an unexpected error and logged it; please try again.")
 
 
@@ -1496,6 +1551,8 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
     "max_connections": ("N", "connections served at once; more get 503 with Retry-After"),
     "shutdown_timeout": ("SECONDS", "on SIGTERM or Ctrl-C, time in-flight requests get to "
                                     "finish"),
+    "max_appointments": ("N", "appointments stored at most, over all users; more get 507 "
+                              "(about 650 bytes each in memory at worst)"),
 }
 
 
@@ -1563,7 +1620,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                       errors="backslashreplace", closefd=False)
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
     try:
-        store = SQLiteStore(args.db) if args.db else InMemoryStore()
+        store = (SQLiteStore(args.db, limits.max_appointments) if args.db
+                 else InMemoryStore(limits.max_appointments))
     except sqlite3.Error as error:
         print(f"scheduler: cannot open the database {args.db}: {error}", file=sys.stderr)
         return 1

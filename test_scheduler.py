@@ -24,6 +24,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -349,12 +350,43 @@ def race_bookings(stores: List[scheduler.Store]) -> List[str]:
 class StoreContract:
     """What every Store must do; run once per store class below."""
 
-    def make_store(self) -> scheduler.Store:
+    def make_store(self, **options) -> scheduler.Store:
         raise NotImplementedError
 
     def setUp(self):
         self.store = self.make_store()
         self.addCleanup(self.store.close)
+
+    def test_a_full_store_books_no_more_but_still_reports_conflicts(self):
+        store = self.make_store(capacity=2)
+        self.addCleanup(store.close)
+        store.book(appointment("alice"))
+        store.book(appointment("bob"))
+        with self.assertRaises(scheduler.StoreFull) as caught:
+            store.book(appointment("carol"))
+        self.assertEqual(caught.exception.capacity, 2)
+        with self.assertRaises(scheduler.AlreadyBooked):
+            store.book(appointment("alice", time="15:00"))
+        store.cancel("alice", dt.date(2026, 11, 25))
+        store.book(appointment("carol"))  # a cancellation makes room
+        self.assertEqual(store.count(), 2)
+
+    def test_racing_bookings_never_pass_the_capacity(self):
+        store = self.make_store(capacity=5)
+        self.addCleanup(store.close)
+        barrier, outcomes = threading.Barrier(16), []
+
+        def book(user):
+            barrier.wait()
+            try:
+                store.book(appointment(user))
+                outcomes.append("booked")
+            except scheduler.StoreFull:
+                outcomes.append("full")
+
+        run_all([threading.Thread(target=book, args=(f"user-{n}",)) for n in range(16)])
+        self.assertEqual(sorted(outcomes), ["booked"] * 5 + ["full"] * 11)
+        self.assertEqual(store.count(), 5)
 
     def test_book_returns_the_appointment_and_lists_it(self):
         booked = self.store.book(appointment())
@@ -456,14 +488,14 @@ class StoreContract:
 
 
 class InMemoryStoreTest(StoreContract, unittest.TestCase):
-    def make_store(self):
-        return scheduler.InMemoryStore()
+    def make_store(self, **options):
+        return scheduler.InMemoryStore(**options)
 
 
 class SQLiteStoreTest(StoreContract, unittest.TestCase):
-    def make_store(self):
+    def make_store(self, **options):
         self.path = temporary_database(self)
-        return scheduler.SQLiteStore(self.path)
+        return scheduler.SQLiteStore(self.path, **options)
 
     def test_appointments_survive_reopening_the_file(self):
         self.store.book(appointment("alice", "2026-11-25", "23:30"))
@@ -1872,6 +1904,77 @@ class StuckLogTest(unittest.TestCase):
 
 
 
+class FullStoreTest(RouteTestCase):
+    def make_store(self):
+        return scheduler.InMemoryStore(capacity=1)
+
+    def test_past_the_capacity_507_says_what_to_do(self):
+        self.assertEqual(self.book("alice").status, 201)
+        problem = self.assertProblem(self.book("bob"), 507)
+        self.assertIn("maximum of 1 appointments", problem["detail"])
+        self.assertIn("--max-appointments", problem["detail"])
+        self.assertProblem(self.book("alice", time="15:00"), 409)  # a conflict is still one
+        self.assertEqual(self.store.count(), 1)
+
+
+def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None]:
+    """Take the database's write lock from another connection, as another process
+    would; return what releases it (at the latest when the test ends)."""
+    other = sqlite3.connect(path, isolation_level=None)
+    testcase.addCleanup(other.close)
+    other.execute("BEGIN IMMEDIATE")
+
+    def release():
+        if other.in_transaction:
+            other.execute("ROLLBACK")
+
+    testcase.addCleanup(release)
+    return release
+
+
+class LockedDatabaseTest(RouteTestCase):
+    def make_store(self):
+        return scheduler.SQLiteStore(temporary_database(self), busy_timeout=0.1)
+
+    def test_a_lock_held_too_long_is_503_with_retry_after_and_nothing_written(self):
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        release = hold_write_lock(self, self.store.path)
+        for method, path in (("POST", "/appointments"), ("GET", "/healthz"),
+                             ("DELETE", "/appointments/alice/2026-11-25")):
+            with self.subTest(method=method, path=path):
+                response = (self.book() if method == "POST" else self.request(method, path))
+                self.assertIn("busy", self.assertProblem(response, 503)["detail"])
+                self.assertEqual(response.headers["Retry-After"], "1")
+        release()
+        self.assertEqual(self.store.count(), 0)
+        self.assertEqual(self.book().status, 201)  # served again once the lock is gone
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+
+
+def make_read_only(testcase: unittest.TestCase, path: str) -> None:
+    """Make a file read-only even for root (chattr +i), or skip the test."""
+    if os.geteuid() != 0:
+        os.chmod(path, 0o444)
+        return
+    if subprocess.run(["chattr", "+i", path], capture_output=True).returncode != 0:
+        testcase.skipTest("cannot make a file read-only for root here (chattr +i)")
+    testcase.addCleanup(subprocess.run, ["chattr", "-i", path], capture_output=True)
+
+
+class ReadOnlyDatabaseTest(unittest.TestCase):
+    def test_the_server_refuses_to_start_on_a_database_it_cannot_write(self):
+        path = temporary_database(self)
+        scheduler.SQLiteStore(path).close()
+        make_read_only(self, path)
+        result = subprocess.run([sys.executable, SCRIPT, "--port", "0", "--db", path],
+                                capture_output=True, text=True, timeout=30)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"cannot open the database {path}: attempt to write a readonly "
+                      "database", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+
+
+
 # --- Command line ---------------------------------------------------------------------
 
 
@@ -1964,15 +2067,20 @@ class CommandLineTest(unittest.TestCase):
     def test_limits_come_from_the_command_line(self):
         args = scheduler.parse_args(["--max-body-bytes", "100", "--request-timeout", "1.5",
                                      "--idle-timeout", "2", "--max-connections", "3",
-                                     "--shutdown-timeout", "4"])
+                                     "--shutdown-timeout", "4", "--max-appointments", "5"])
         self.assertEqual([getattr(args, name) for name in scheduler.Limits._fields],
-                         [100, 1.5, 2.0, 3, 4.0])
-        server = self.start("--port", "0", "--max-body-bytes", "100")
+                         [100, 1.5, 2.0, 3, 4.0, 5])
+        server = self.start("--port", "0", "--max-body-bytes", "100", "--max-appointments", "1")
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             sock.sendall(post_head(101))
             response = read_response(sock, "POST")
         self.assertEqual(response.status, 413)
         self.assertIn("limit is 100", response.json()["detail"])
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        self.addCleanup(conn.close)
+        statuses = [self.post(conn, {"user_id": user, "date": "2026-11-25", "time": "09:00"})
+                    .status for user in ("alice", "bob")]
+        self.assertEqual(statuses, [201, 507])
         self.stop(server, signal.SIGTERM)
 
     def test_serves_logs_and_stops_cleanly_on_ctrl_c_and_sigterm(self):
