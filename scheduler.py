@@ -755,6 +755,7 @@ class Limits(NamedTuple):
     max_body_bytes: int = 64 * 1024  # larger bodies get 413, unread
     request_timeout: float = 10.0  # seconds for a whole request to arrive; then 408
     idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for a request
+    first_byte_timeout: float = 5.0  # seconds a new connection may wait for its first byte
     max_connections: int = 256  # connections served at once; more get 503
     shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
     max_appointments: int = 500_000  # stored at most, over all users; more get 507
@@ -996,7 +997,8 @@ class Connection:
     another request.
 
         event                            phase     deadline
-        wait_for_request()               WAITING   now + idle_timeout
+        wait_for_request()               WAITING   now + first_byte_timeout, for a new
+                                                   connection; else now + idle_timeout
         a request's first byte arrives   READING   that byte + request_timeout
         head_read()                      BUSY      none while the request is handled
         read_body()                      READING   the request's, from its first byte
@@ -1011,8 +1013,8 @@ class Connection:
 
     WAITING, READING, BUSY, WRITING, CLOSED = "waiting", "reading", "busy", "writing", "closed"
 
-    def __init__(self, sock: socket.socket, server: "SchedulerServer"):
-        self._sock = sock
+    def __init__(self, sock: socket.socket, client_address: tuple, server: "SchedulerServer"):
+        self._sock, self.client_address = sock, client_address
         self._server = server
         self._limits: Limits = server.limits
         self.rfile = io.BufferedReader(_Reader(self.read_into))
@@ -1022,6 +1024,8 @@ class Connection:
         self._expired = False  # set once by the watchdog; the connection then ends
         self._request_deadline = 0.0  # the current request's, from its first byte
         self._head_left = MAX_HEAD_BYTES  # of the current request's line and headers
+        self._served = 0  # responses sent
+        self.waiting_since = 0.0  # time.monotonic() when it last began to wait, if WAITING
         self._body_read = False  # the current request's body has been read whole
 
     def _enter(self, phase: str, deadline: Optional[float]) -> None:
@@ -1035,7 +1039,9 @@ class Connection:
         connection should close. (Entering WAITING before checking draining pairs
         with SchedulerServer.drain, which sets draining before close_if_idle().)"""
         self._head_left, self._body_read = MAX_HEAD_BYTES, False
-        self._enter(self.WAITING, time.monotonic() + self._limits.idle_timeout)
+        self.waiting_since = time.monotonic()
+        timeout = self._limits.idle_timeout if self._served else self._limits.first_byte_timeout
+        self._enter(self.WAITING, self.waiting_since + timeout)
         return not self._server.draining
 
     def read_into(self, buffer) -> int:
@@ -1093,6 +1099,7 @@ class Connection:
         """Write a whole response, within request_timeout."""
         self._enter(self.WRITING, time.monotonic() + self._limits.request_timeout)
         self._sock.sendall(response)
+        self._served += 1
         self._enter(self.BUSY, None)
 
     def close(self) -> None:
@@ -1140,11 +1147,18 @@ class Connection:
             # A late reader still gets its 408, so only a late writer loses both sides.
             self._shutdown(socket.SHUT_RDWR if self._phase == self.WRITING else socket.SHUT_RD)
 
-    def close_if_idle(self) -> None:
-        """For shutdown: end the wait for another request with end-of-file."""
+    @property
+    def phase(self) -> str:
+        return self._phase
+
+    def close_if_idle(self) -> bool:
+        """For shutdown, or to make room: end the wait for another request with
+        end-of-file. Whether it was waiting (and so is closing)."""
         with self._lock:
             if self._phase == self.WAITING:
                 self._shutdown(socket.SHUT_RD)
+                return True
+            return False
 
     def _shutdown(self, how: int) -> None:
         with contextlib.suppress(OSError):  # already closed
@@ -1445,13 +1459,14 @@ class SchedulerServer(ThreadingHTTPServer):
 
     def get_request(self) -> Tuple[Connection, tuple]:
         sock, client_address = self.socket.accept()
-        return Connection(sock, self), client_address
+        return Connection(sock, client_address, self), client_address
 
     def process_request(self, connection: Connection, client_address) -> None:
-        """Serve the connection in a thread of its own, or, at the cap, refuse it
-        with a 503 from this thread, so that a flood cannot grow the threads."""
+        """Serve the connection in a thread of its own. At the cap, make room by
+        closing the longest idle connection; if none is idle, refuse it with a 503
+        from this thread, so that a flood cannot grow the threads."""
         with self._lock:
-            admitted = len(self._connections) < self.limits.max_connections
+            admitted = len(self._connections) < self.limits.max_connections or self._make_room()
             if admitted:
                 self._connections.add(connection)
         if admitted:
@@ -1462,6 +1477,24 @@ class SchedulerServer(ThreadingHTTPServer):
             503, f"The server is serving its maximum of {cap} connections; retry shortly.",
             headers={"Retry-After": "1"})), connection="close")[0])
         self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
+
+    def _make_room(self) -> bool:
+        """At the cap, close the connection that has waited longest for a request, and
+        give its slot to a new one (its thread ends as soon as it sees the close).
+        False when every connection is busy with a request."""
+        idle = [c for c in self._connections if c.phase == Connection.WAITING]
+        for connection in sorted(idle, key=lambda c: c.waiting_since):
+            if connection.close_if_idle():
+                self._connections.discard(connection)
+                self.log(f"{connection.client_address[0]} - - closed after waiting longest, "
+                         f"to make room: {self.limits.max_connections} connections open")
+                return True
+        return False
+
+    def connections_by_phase(self) -> Dict[str, int]:
+        """How many connections are in each phase (Connection.WAITING...)."""
+        with self._lock:
+            return dict(collections.Counter(c.phase for c in self._connections))
 
     def shutdown_request(self, connection: Connection) -> None:
         """Close the connection and give back its slot."""
@@ -1548,6 +1581,7 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
     "request_timeout": ("SECONDS", "time for a whole request (line, headers, body) to arrive; "
                                    "slower gets 408 and is closed"),
     "idle_timeout": ("SECONDS", "time a keep-alive connection may wait for its next request"),
+    "first_byte_timeout": ("SECONDS", "time a new connection may take to send its first byte"),
     "max_connections": ("N", "connections served at once; more get 503 with Retry-After"),
     "shutdown_timeout": ("SECONDS", "on SIGTERM or Ctrl-C, time in-flight requests get to "
                                     "finish"),

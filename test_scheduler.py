@@ -20,6 +20,7 @@ import os
 import queue
 import random
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -107,6 +108,50 @@ def post_head(length, extra: str = "") -> bytes:
     """The request line and headers of a JSON POST that announces a body of length."""
     return (f"POST /appointments HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+class ServerProcess(NamedTuple):
+    process: subprocess.Popen
+    host: str
+    port: int
+    log: "queue.Queue[str]"  # stderr, a line at a time (empty when not kept)
+    reader: Optional[threading.Thread]  # puts the lines there; ends when the process does
+
+
+def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dict]],
+                    keep_log: bool = True) -> List[ServerProcess]:
+    """Run Python programs that print "Listening on URL" first (scheduler.py, or a
+    command of this file's), each with its arguments and environment, all at once;
+    wait for each one's URL, and kill them when the test ends."""
+    processes = []
+    for args, env in runs:
+        process = subprocess.Popen(
+            [sys.executable, *args], stdout=subprocess.PIPE, text=True, cwd=HERE,
+            stderr=subprocess.PIPE if keep_log else subprocess.DEVNULL,
+            env={**os.environ, **env})
+        testcase.addCleanup(process.stdout.close)
+        testcase.addCleanup(process.wait)
+        testcase.addCleanup(lambda process=process: process.poll() is None and process.kill())
+        processes.append(process)
+    servers = []
+    for process in processes:
+        log, reader = queue.Queue(), None
+        if keep_log:
+            reader = threading.Thread(target=lambda p=process, q=log: [q.put(line)
+                                                                       for line in p.stderr])
+            reader.start()
+            testcase.addCleanup(process.stderr.close)
+            testcase.addCleanup(reader.join)
+        line = process.stdout.readline()
+        testcase.assertIn("Listening on http://", line)
+        host, port = line.split()[2][len("http://"):].rsplit(":", 1)
+        servers.append(ServerProcess(process, host, int(port), log, reader))
+    return servers
+
+
+def start_process(testcase: unittest.TestCase, args: List[str], env=None,
+                  keep_log: bool = True) -> ServerProcess:
+    return start_processes(testcase, [(args, env or {})], keep_log)[0]
 
 
 class HTTPTestCase(unittest.TestCase):
@@ -1190,7 +1235,7 @@ class KeepOpenTest(unittest.TestCase):
                 self.addCleanup(ours.close)
                 self.addCleanup(theirs.close)
                 server = _StubServer()
-                connection = scheduler.Connection(ours, server)
+                connection = scheduler.Connection(ours, ("127.0.0.1", 0), server)
                 connection.wait_for_request()
                 if read_body:
                     theirs.sendall(b"{}")
@@ -1455,7 +1500,7 @@ class BodyLimitTest(ServerTestCase):
 
 
 class SlowClientTest(ServerTestCase):
-    limits = scheduler.Limits(request_timeout=0.25, idle_timeout=0.25)
+    limits = scheduler.Limits(request_timeout=0.25, idle_timeout=0.25, first_byte_timeout=0.25)
 
     def assertClosed(self, sock: socket.socket):
         """The server closed the connection (end of file), within the socket timeout."""
@@ -1523,23 +1568,39 @@ class SlowClientTest(ServerTestCase):
 class ConnectionCapTest(ServerTestCase):
     limits = scheduler.Limits(max_connections=3)
 
-    def test_beyond_the_cap_503_with_retry_after_then_recovery(self):
-        held = [self.connect() for _ in range(3)]
-        for conn in held:  # each is being served: its thread holds a slot
-            self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+    def busy_connections(self, count: int) -> List[socket.socket]:
+        """Connections each in the middle of a request, once the server has seen so."""
+        busy = [self.open_socket() for _ in range(count)]
+        for sock in busy:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
+        wait_until(lambda: self.server.connections_by_phase().get("reading") == count,
+                   what=f"{count} connections reading requests")
+        return busy
+
+    def test_with_every_slot_busy_503_with_retry_after_then_recovery(self):
+        busy = self.busy_connections(3)
         refused = self.raw(b"GET /appointments?user_id=a HTTP/1.1\r\nHost: t\r\n\r\n")
         problem = self.assertProblem(refused, 503)
         self.assertEqual(refused.headers["Retry-After"], "1")
         self.assertEqual(refused.headers["Connection"], "close")
         self.assertIn("maximum of 3", problem["detail"])
-        held.pop().close()
+        busy[0].sendall(b"Host: t\r\nConnection: close\r\n\r\n")  # one finishes
+        self.assertEqual(read_response(busy[0]).status, 200)
         # The slot frees as soon as the server has seen the close, which takes a moment.
         statuses = []
         wait_until(lambda: statuses.append(self.request("GET", "/appointments?user_id=a").status)
                    or statuses[-1] != 503, what="the freed slot to serve a new client")
         self.assertEqual(statuses[-1], 200)
-        for conn in held:  # the connections at the cap were never disturbed
-            self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+
+    def test_at_the_cap_the_longest_idle_connection_makes_room(self):
+        idle = [self.connect() for _ in range(3)]
+        for conn in idle:  # oldest first: each is served, then waits for another request
+            self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
+        self.assertEqual(self.raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").status, 200)
+        self.assertEqual(idle[0].sock.recv(1), b"")  # closed to make room
+        for conn in idle[1:]:  # the others were not disturbed
+            self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
+        self.assertIn("- - closed after waiting longest, to make room", self.server_log())
 
 
 class MalformedRequestTest(ServerTestCase):
@@ -1917,6 +1978,59 @@ class FullStoreTest(RouteTestCase):
         self.assertEqual(self.store.count(), 1)
 
 
+class ConnectionSlotTest(ServerTestCase):
+    limits = scheduler.Limits(first_byte_timeout=0.2)
+
+    def test_a_new_connection_that_sends_nothing_is_closed_at_the_first_byte_deadline(self):
+        self.assertEqual(self.open_socket().recv(1), b"")  # not after the 30 s idle timeout
+
+    def test_after_a_request_the_idle_timeout_applies(self):
+        conn = self.connect()
+        self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
+        # Three first-byte deadlines later the connection is still open...
+        self.assertEqual(select.select([conn.sock], [], [], 0.6)[0], [])
+        self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)  # ...and serves
+
+
+@unittest.skipUnless(os.path.exists("/proc/self/status"), "reads memory from /proc")
+class HeaderMemoryTest(unittest.TestCase):
+    """The memory a client can make the server hold with request heads: bounded by
+    MAX_HEAD_BYTES a connection, whatever the client sends."""
+
+    SLOTS = 64
+
+    def attack(self, server: ServerProcess, connections: int, lines: int, length: int) -> None:
+        """Connections that each send a request line and header lines of length
+        bytes, and never finish; returns when each has sent all or been cut off."""
+        def send():
+            sock = socket.create_connection((server.host, server.port), timeout=10)
+            self.addCleanup(sock.close)
+            try:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+                for number in range(lines):
+                    sock.sendall(b"X-%03d: %s\r\n" % (number, b"v" * (length - 9)))
+            except OSError:  # answered 431 and closed
+                pass
+
+        run_all([threading.Thread(target=send) for _ in range(connections)])
+
+    def test_every_slot_full_of_the_largest_unfinished_head(self):
+        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+                                      str(self.SLOTS)], keep_log=False)
+        before = rss_bytes(server.process.pid)
+        self.attack(server, self.SLOTS, lines=63, length=1000)  # just under 64 KiB each
+        wait_until(lambda: self.held(server) >= self.SLOTS, what="every slot to be taken")
+        self.assertLess(rss_bytes(server.process.pid) - before, self.SLOTS * 192 << 10)
+        # 100 header lines of 64 KiB each (6.4 MB a connection) were held whole before.
+        self.attack(server, 16, lines=98, length=65_000)
+        self.assertLess(rss_bytes(server.process.pid) - before, (self.SLOTS * 192 + 8192) << 10)
+
+    def held(self, server: ServerProcess) -> int:
+        """How many connections the server holds open (from /proc: its sockets)."""
+        return sum(1 for fd in os.listdir(f"/proc/{server.process.pid}/fd")
+                   if os.readlink(f"/proc/{server.process.pid}/fd/{fd}").startswith("socket:")) - 1
+
+
 def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None]:
     """Take the database's write lock from another connection, as another process
     would; return what releases it (at the latest when the test ends)."""
@@ -1978,50 +2092,6 @@ class ReadOnlyDatabaseTest(unittest.TestCase):
 # --- Command line ---------------------------------------------------------------------
 
 
-class ServerProcess(NamedTuple):
-    process: subprocess.Popen
-    host: str
-    port: int
-    log: "queue.Queue[str]"  # stderr, a line at a time (empty when not kept)
-    reader: Optional[threading.Thread]  # puts the lines there; ends when the process does
-
-
-def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dict]],
-                    keep_log: bool = True) -> List[ServerProcess]:
-    """Run Python programs that print "Listening on URL" first (scheduler.py, or a
-    command of this file's), each with its arguments and environment, all at once;
-    wait for each one's URL, and kill them when the test ends."""
-    processes = []
-    for args, env in runs:
-        process = subprocess.Popen(
-            [sys.executable, *args], stdout=subprocess.PIPE, text=True, cwd=HERE,
-            stderr=subprocess.PIPE if keep_log else subprocess.DEVNULL,
-            env={**os.environ, **env})
-        testcase.addCleanup(process.stdout.close)
-        testcase.addCleanup(process.wait)
-        testcase.addCleanup(lambda process=process: process.poll() is None and process.kill())
-        processes.append(process)
-    servers = []
-    for process in processes:
-        log, reader = queue.Queue(), None
-        if keep_log:
-            reader = threading.Thread(target=lambda p=process, q=log: [q.put(line)
-                                                                       for line in p.stderr])
-            reader.start()
-            testcase.addCleanup(process.stderr.close)
-            testcase.addCleanup(reader.join)
-        line = process.stdout.readline()
-        testcase.assertIn("Listening on http://", line)
-        host, port = line.split()[2][len("http://"):].rsplit(":", 1)
-        servers.append(ServerProcess(process, host, int(port), log, reader))
-    return servers
-
-
-def start_process(testcase: unittest.TestCase, args: List[str], env=None,
-                  keep_log: bool = True) -> ServerProcess:
-    return start_processes(testcase, [(args, env or {})], keep_log)[0]
-
-
 class CommandLineTest(unittest.TestCase):
     def start(self, *args, env=None) -> ServerProcess:
         """Run scheduler.py with these options."""
@@ -2066,10 +2136,11 @@ class CommandLineTest(unittest.TestCase):
 
     def test_limits_come_from_the_command_line(self):
         args = scheduler.parse_args(["--max-body-bytes", "100", "--request-timeout", "1.5",
-                                     "--idle-timeout", "2", "--max-connections", "3",
-                                     "--shutdown-timeout", "4", "--max-appointments", "5"])
+                                     "--idle-timeout", "2", "--first-byte-timeout", "0.5",
+                                     "--max-connections", "3", "--shutdown-timeout", "4",
+                                     "--max-appointments", "5"])
         self.assertEqual([getattr(args, name) for name in scheduler.Limits._fields],
-                         [100, 1.5, 2.0, 3, 4.0, 5])
+                         [100, 1.5, 2.0, 0.5, 3, 4.0, 5])
         server = self.start("--port", "0", "--max-body-bytes", "100", "--max-appointments", "1")
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             sock.sendall(post_head(101))
