@@ -35,12 +35,14 @@ import collections
 import contextlib
 import datetime as dt
 import email.utils
+import errno
 import functools
 import hashlib
 import io
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import sqlite3
@@ -1021,7 +1023,7 @@ class Connection:
         self._lock = threading.Lock()  # guards _phase, _deadline, _expired: the watchdog reads them
         self._phase = self.BUSY
         self._deadline: Optional[float] = None  # time.monotonic(); None while BUSY
-        self._expired = False  # set once by the watchdog; the connection then ends
+        self._expired = False  # set once, by the watchdog or close_if_idle: the connection ends
         self._request_deadline = 0.0  # the current request's, from its first byte
         self._head_left = MAX_HEAD_BYTES  # of the current request's line and headers
         self._served = 0  # responses sent
@@ -1153,12 +1155,15 @@ class Connection:
 
     def close_if_idle(self) -> bool:
         """For shutdown, or to make room: end the wait for another request with
-        end-of-file. Whether it was waiting (and so is closing)."""
+        end-of-file, even if its first bytes are on their way (a client must be
+        ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Whether
+        it was waiting, and so is closing."""
         with self._lock:
-            if self._phase == self.WAITING:
-                self._shutdown(socket.SHUT_RD)
-                return True
-            return False
+            if self._phase != self.WAITING:
+                return False
+            self._expired = True
+            self._shutdown(socket.SHUT_RD)
+            return True
 
     def _shutdown(self, how: int) -> None:
         with contextlib.suppress(OSError):  # already closed
@@ -1336,6 +1341,9 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 TICK = 0.1  # seconds between the watchdog's checks of deadlines, and between log writes
 LOG_BACKLOG_BYTES = 1 << 20  # characters of log lines kept unwritten; past it, the oldest go
 LOG_CLOSE_SECONDS = 1.0  # how long closing waits for the log's reader to take the last lines
+ACCEPT_BACKOFF = 0.1  # seconds between tries when accept() finds no descriptor or memory
+# accept() errors that say the process or system is out of something, not the client.
+_OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
 class Log:
@@ -1417,6 +1425,7 @@ class SchedulerServer(ThreadingHTTPServer):
         self._all_closed = threading.Condition(self._lock)
         self._connections = set()  # those being served: at most limits.max_connections
         self.log_complete = True  # false once closing found the log's reader stuck
+        self._accept_failing = False  # accept() is out of resources; logged once
         self._log = Log(log_stream)  # a thread of its own: a stuck log stops no deadline
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
@@ -1458,7 +1467,22 @@ class SchedulerServer(ThreadingHTTPServer):
         self.log_complete = self._log.close()
 
     def get_request(self) -> Tuple[Connection, tuple]:
-        sock, client_address = self.socket.accept()
+        """Accept a connection. When the process is out of descriptors (or memory),
+        wait a moment before the next try, instead of retrying at once forever, and
+        say so once; new clients wait in the listen backlog meanwhile."""
+        try:
+            sock, client_address = self.socket.accept()
+        except OSError as error:
+            if error.errno in _OUT_OF_RESOURCES:
+                if not self._accept_failing:
+                    self._accept_failing = True
+                    self.log(f"Cannot accept connections: {error.strerror}; retrying every "
+                             f"{ACCEPT_BACKOFF:g} s (raise ulimit -n, or lower --max-connections).")
+                time.sleep(ACCEPT_BACKOFF)
+            raise  # socketserver then returns to wait for the next connection
+        if self._accept_failing:
+            self._accept_failing = False
+            self.log("Accepting connections again.")
         return Connection(sock, client_address, self), client_address
 
     def process_request(self, connection: Connection, client_address) -> None:
@@ -1640,6 +1664,25 @@ def pin_to_one_cpu(choice) -> Optional[int]:
     return choice
 
 
+DESCRIPTOR_RESERVE = 32  # for stdio, the listening socket, SQLite's files, a refused client...
+
+
+def fit_to_descriptors(max_connections: int) -> int:
+    """The connection cap that the process's open-file limit (ulimit -n) allows: each
+    connection holds a descriptor. Raises the soft limit toward what the cap needs,
+    as far as the hard limit lets it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections + DESCRIPTOR_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):  # macOS may refuse past OPEN_MAX
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return max_connections
+    return max(1, min(max_connections, soft - DESCRIPTOR_RESERVE))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     try:
@@ -1653,6 +1696,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     log_stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
                       errors="backslashreplace", closefd=False)
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
+    limits = limits._replace(max_connections=fit_to_descriptors(args.max_connections))
     try:
         store = (SQLiteStore(args.db, limits.max_appointments) if args.db
                  else InMemoryStore(limits.max_appointments))
@@ -1680,6 +1724,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
     server.log("Running on any CPU." if cpu is None else f"Running on CPU {cpu} "
                "(--cpu any lets the threads run on every CPU).")
+    if limits.max_connections < args.max_connections:
+        server.log(f"Serving at most {limits.max_connections} connections, not "
+                   f"{args.max_connections}: the process may open "
+                   f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).")
     server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
     server.log(f"{signals[0]} received: shutting down.")
     still_open = server.drain(limits.shutdown_timeout)

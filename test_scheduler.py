@@ -12,6 +12,7 @@ Run: make test  (that is: python3 -m unittest -v)
 
 import contextlib
 import datetime as dt
+import errno
 import gc
 import http.client
 import io
@@ -19,6 +20,7 @@ import json
 import os
 import queue
 import random
+import resource
 import re
 import select
 import selectors
@@ -119,22 +121,17 @@ class ServerProcess(NamedTuple):
 
 
 def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dict]],
-                    keep_log: bool = True) -> List[ServerProcess]:
+                    keep_log: bool = True, preexec_fn=None) -> List[ServerProcess]:
     """Run Python programs that print "Listening on URL" first (scheduler.py, or a
     command of this file's), each with its arguments and environment, all at once;
     wait for each one's URL, and kill them when the test ends."""
-    processes = []
+    started = []
     for args, env in runs:
         process = subprocess.Popen(
             [sys.executable, *args], stdout=subprocess.PIPE, text=True, cwd=HERE,
             stderr=subprocess.PIPE if keep_log else subprocess.DEVNULL,
-            env={**os.environ, **env})
+            env={**os.environ, **env}, preexec_fn=preexec_fn)
         testcase.addCleanup(process.stdout.close)
-        testcase.addCleanup(process.wait)
-        testcase.addCleanup(lambda process=process: process.poll() is None and process.kill())
-        processes.append(process)
-    servers = []
-    for process in processes:
         log, reader = queue.Queue(), None
         if keep_log:
             reader = threading.Thread(target=lambda p=process, q=log: [q.put(line)
@@ -142,6 +139,11 @@ def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dic
             reader.start()
             testcase.addCleanup(process.stderr.close)
             testcase.addCleanup(reader.join)
+        testcase.addCleanup(process.wait)
+        testcase.addCleanup(lambda p=process: p.poll() is None and p.kill())  # first of all
+        started.append((process, log, reader))
+    servers = []
+    for process, log, reader in started:
         line = process.stdout.readline()
         testcase.assertIn("Listening on http://", line)
         host, port = line.split()[2][len("http://"):].rsplit(":", 1)
@@ -149,9 +151,29 @@ def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dic
     return servers
 
 
+def wait_for_log(server: ServerProcess, text: str) -> None:
+    """Read the server's stderr until a line contains text (10 s at most)."""
+    deadline = time.monotonic() + 10
+    try:
+        while text not in server.log.get(timeout=max(0.0, deadline - time.monotonic())):
+            pass
+    except queue.Empty:
+        raise AssertionError(f"the server never logged {text!r}") from None
+
+
+def http_status(server: ServerProcess, path: str) -> int:
+    """The status of a GET of path, on a connection of its own."""
+    conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
 def start_process(testcase: unittest.TestCase, args: List[str], env=None,
-                  keep_log: bool = True) -> ServerProcess:
-    return start_processes(testcase, [(args, env or {})], keep_log)[0]
+                  keep_log: bool = True, preexec_fn=None) -> ServerProcess:
+    return start_processes(testcase, [(args, env or {})], keep_log, preexec_fn)[0]
 
 
 class HTTPTestCase(unittest.TestCase):
@@ -2031,6 +2053,54 @@ class HeaderMemoryTest(unittest.TestCase):
                    if os.readlink(f"/proc/{server.process.pid}/fd/{fd}").startswith("socket:")) - 1
 
 
+class DescriptorTest(unittest.TestCase):
+    def test_the_cap_fits_ulimit_n_and_a_burst_past_it_is_answered(self):
+        server = start_process(self, [SCRIPT, "--port", "0"], preexec_fn=lambda: (
+            resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))))
+        cap = 64 - scheduler.DESCRIPTOR_RESERVE
+        wait_for_log(server, f"Serving at most {cap} connections")
+        burst = []
+        for _ in range(cap + 40):  # more connections than the process has descriptors for
+            sock = socket.create_connection((server.host, server.port), timeout=10)
+            self.addCleanup(sock.close)
+            burst.append(sock)
+        closed = set()  # each new one past the cap closes the one idle longest
+        wait_until(lambda: closed.update(select.select(burst, [], [], 0.1)[0]) or
+                   len(closed) == 40, what="40 idle connections closed to make room")
+        self.assertEqual([sock.recv(1) for sock in closed], [b""] * 40)
+        self.assertEqual(http_status(server, "/healthz"), 200)
+
+    def test_accept_out_of_descriptors_backs_off_logs_once_and_recovers(self):
+        server = scheduler.make_server("127.0.0.1", 0, log_stream=io.StringIO())
+        self.addCleanup(server.server_close)
+        listening, tries = server.socket, []
+
+        class OutOfDescriptors:  # the listening socket, failing its first three accepts
+            def __getattr__(self, name):
+                return getattr(listening, name)
+
+            def accept(self):
+                tries.append(time.monotonic())
+                if len(tries) <= 3:
+                    raise OSError(errno.EMFILE, "Too many open files")
+                return listening.accept()
+
+        server.socket = OutOfDescriptors()
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+        thread.start()
+        self.addCleanup(thread.join)
+        self.addCleanup(server.shutdown)
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/healthz")
+        self.assertEqual(conn.getresponse().status, 200)
+        self.assertEqual(len(tries), 4)  # three failures, then success: no busy loop
+        server.flush_log()
+        log = server.log_stream.getvalue()
+        self.assertEqual(log.count("Cannot accept connections: Too many open files"), 1)
+        self.assertIn("Accepting connections again.", log)
+
+
 def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None]:
     """Take the database's write lock from another connection, as another process
     would; return what releases it (at the latest when the test ends)."""
@@ -2097,15 +2167,6 @@ class CommandLineTest(unittest.TestCase):
         """Run scheduler.py with these options."""
         return start_process(self, [SCRIPT, *args], env)
 
-    def wait_for_log(self, server: ServerProcess, text: str) -> None:
-        """Read the server's stderr until a line contains text (10 s at most)."""
-        deadline = time.monotonic() + 10
-        try:
-            while text not in server.log.get(timeout=max(0.0, deadline - time.monotonic())):
-                pass
-        except queue.Empty:
-            self.fail(f"the server never logged {text!r}")
-
     def stop(self, server: ServerProcess, signum=None) -> str:
         """Signal the server (if signum), wait for it to exit, return the rest of its log."""
         if signum is not None:
@@ -2117,14 +2178,6 @@ class CommandLineTest(unittest.TestCase):
             self.fail("the server did not stop")
         server.reader.join()
         return "".join(server.log.get_nowait() for _ in range(server.log.qsize()))
-
-    def get(self, server: ServerProcess, path: str) -> int:
-        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-        try:
-            conn.request("GET", path)
-            return conn.getresponse().status
-        finally:
-            conn.close()
 
     def test_help_explains_every_option(self):
         result = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True,
@@ -2159,7 +2212,7 @@ class CommandLineTest(unittest.TestCase):
         servers = start_processes(self, [([SCRIPT, "--port", "0"], {})] * len(signals))
         for signum, server in zip(signals, servers):
             with self.subTest(signal=signum.name):
-                self.assertEqual(self.get(server, "/appointments?user_id=alice"), 200)
+                self.assertEqual(http_status(server, "/appointments?user_id=alice"), 200)
                 log = self.stop(server, signum)
                 self.assertEqual(server.process.returncode, 0)
                 self.assertIn('"GET /appointments?user_id=alice HTTP/1.1" 200', log)
@@ -2172,7 +2225,7 @@ class CommandLineTest(unittest.TestCase):
             ([SCRIPT], {"PORT": "0"}),  # 0: a free port, not the default 8000
             ([SCRIPT, "--port", "0"], {"PORT": "not-a-port"})])
         self.assertNotEqual(from_env.port, scheduler.DEFAULT_PORT)
-        self.assertEqual(self.get(from_flag, "/appointments?user_id=a"), 200)
+        self.assertEqual(http_status(from_flag, "/appointments?user_id=a"), 200)
         self.stop(from_env, signal.SIGINT)
         self.stop(from_flag, signal.SIGINT)
 
@@ -2189,7 +2242,7 @@ class CommandLineTest(unittest.TestCase):
         server = self.start("--port", "0", "--shutdown-timeout", "10")
         sock = self.start_request_in_flight(server)
         server.process.send_signal(signal.SIGTERM)
-        self.wait_for_log(server, "No longer accepting connections")
+        wait_for_log(server, "No longer accepting connections")
         with self.assertRaises(ConnectionRefusedError):
             socket.create_connection((server.host, server.port), timeout=10).close()
         sock.sendall(VALID_BODY)
@@ -2279,7 +2332,7 @@ class CommandLineTest(unittest.TestCase):
         server = self.start("--port", "0", "--shutdown-timeout", "60")
         self.start_request_in_flight(server)
         server.process.send_signal(signal.SIGTERM)
-        self.wait_for_log(server, "No longer accepting connections")
+        wait_for_log(server, "No longer accepting connections")
         self.stop(server, signal.SIGINT)  # within 10 s, though the request is unfinished
         self.assertEqual(server.process.returncode, 1)
 
@@ -2308,7 +2361,7 @@ class CommandLineTest(unittest.TestCase):
                                          for option, _ in cases])
         for (option, expected), server in zip(cases, servers):
             with self.subTest(cpu=option):
-                self.assertEqual(self.get(server, "/appointments?user_id=a"), 200)
+                self.assertEqual(http_status(server, "/appointments?user_id=a"), 200)
                 tasks = f"/proc/{server.process.pid}/task"
                 affinities = [os.sched_getaffinity(int(tid)) for tid in os.listdir(tasks)]
                 self.assertGreater(len(affinities), 2)  # main, watchdog, log writer...
