@@ -50,6 +50,7 @@ import sys
 import threading
 import time
 import traceback
+import unicodedata
 import urllib.parse
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,6 +69,9 @@ DEFAULT_PORT = 8000
 
 APPOINTMENT_LENGTH = dt.timedelta(minutes=30)
 START_MINUTES = (0, 30)  # appointments start on the hour or half hour
+# The dates that can be booked: recent enough for any calendar, far from datetime's
+# limits, with four-digit years everywhere (JSON, iCalendar, SQLite, OpenAPI).
+FIRST_DATE, LAST_DATE = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
 MAX_USER_ID_LENGTH = 256
 # Control characters (Unicode category Cc) and lone surrogates (Cs), which JSON can
 # carry as \u escapes but which cannot be encoded as UTF-8 later. Written as escapes
@@ -167,7 +171,30 @@ def parse_user_id(value) -> str:
         raise ValueError("must not contain control characters or lone surrogates")
     if value != value.strip():
         raise ValueError("must not start or end with whitespace")
+    invisible = None if value.isascii() else _invisible_format_character(value)
+    if invisible:
+        raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
+                         f"({unicodedata.name(invisible, 'a format character')})")
     return value
+
+
+JOINERS = "\u200c\u200d"  # zero width non-joiner and joiner: in emoji and in joining scripts
+
+
+def _invisible_format_character(value: str) -> Optional[str]:
+    """The first format character (Unicode category Cf) in value that would make two
+    different IDs look alike, or reverse the text around it: any but a joiner
+    between two visible characters that are not ASCII (as in an emoji sequence like
+    👩‍💻, or a Persian or Indic word)."""
+    for index, char in enumerate(value):
+        if unicodedata.category(char) != "Cf":
+            continue
+        if char in JOINERS and 0 < index < len(value) - 1 and all(
+                not near.isascii() and unicodedata.category(near)[0] in "LMS"
+                for near in (value[index - 1], value[index + 1])):
+            continue
+        return char
+    return None
 
 
 def parse_date(value) -> dt.date:
@@ -176,9 +203,13 @@ def parse_date(value) -> dt.date:
     if match is None:
         raise ValueError("must be a string in YYYY-MM-DD format, e.g. 2026-11-25")
     try:
-        return dt.date(*map(int, match.groups()))
+        date = dt.date(*map(int, match.groups()))
     except ValueError:
         raise ValueError(f"{value} is not a real calendar date") from None
+    if not FIRST_DATE <= date <= LAST_DATE:
+        raise ValueError(f"{value} is outside the dates that can be booked, {FIRST_DATE} "
+                         f"to {LAST_DATE}")
+    return date
 
 
 def parse_time(value) -> dt.time:
@@ -418,7 +449,7 @@ class SQLiteStore(Store):
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
-        bounds = (first or dt.date.min).isoformat(), (last or dt.date.max).isoformat()
+        bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
         with self._database() as db:
             rows = db.execute(
                 "SELECT date, time FROM appointments WHERE user_id = ? AND date BETWEEN ? AND ? "
@@ -428,6 +459,13 @@ class SQLiteStore(Store):
     def count(self) -> int:
         with self._database() as db:
             return db.execute("SELECT n FROM appointment_count").fetchone()[0]
+
+    def count_outside_dates(self) -> int:
+        """Rows from before the dates were limited (FIRST_DATE to LAST_DATE), which
+        nothing shows; main() logs how to delete them."""
+        with self._database() as db:
+            return db.execute("SELECT COUNT(*) FROM appointments WHERE date NOT BETWEEN ? AND ?",
+                              (FIRST_DATE.isoformat(), LAST_DATE.isoformat())).fetchone()[0]
 
     def check(self) -> None:
         """A write that is rolled back: the file can be written, and its lock taken."""
@@ -1724,6 +1762,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
     server.log("Running on any CPU." if cpu is None else f"Running on CPU {cpu} "
                "(--cpu any lets the threads run on every CPU).")
+    outside = store.count_outside_dates() if isinstance(store, SQLiteStore) else 0
+    if outside:
+        server.log(f"{outside} stored appointment(s) are outside the dates that can be booked "
+                   f"({FIRST_DATE} to {LAST_DATE}), and are not shown. To delete them: sqlite3 "
+                   f"{args.db} \"DELETE FROM appointments WHERE date NOT BETWEEN '{FIRST_DATE}' "
+                   f"AND '{LAST_DATE}'\"")
     if limits.max_connections < args.max_connections:
         server.log(f"Serving at most {limits.max_connections} connections, not "
                    f"{args.max_connections}: the process may open "

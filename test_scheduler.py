@@ -249,6 +249,10 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("a/b c", "a/b c"),
         ("Zoë 東京", "Zoë 東京"),
         ("x" * 256, "x" * 256),
+        # Joiners between visible non-ASCII characters: emoji sequences, joining scripts.
+        ("dev-\U0001F469\u200d\U0001F4BB", "dev-\U0001F469\u200d\U0001F4BB"),  # woman coder
+        ("\U0001F3F3\ufe0f\u200d\U0001F308", "\U0001F3F3\ufe0f\u200d\U0001F308"),  # rainbow flag
+        ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"),  # Persian
         (42, "42"),
         ("42", "42"),
         (-7, "-7"),
@@ -270,6 +274,17 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("al\ud800ice", "lone surrogates"),
         (" alice", "whitespace"),
         ("alice\u3000", "whitespace"),
+        # Invisible format characters: alike-looking IDs, or text reversed (Trojan Source).
+        ("alice\u200b", "U\\+200B \\(ZERO WIDTH SPACE\\)"),
+        ("ali\u200dce", "U\\+200D"),  # a joiner between ASCII letters joins nothing
+        ("alice\u200d", "U\\+200D"),
+        ("\u200c\u0645", "U\\+200C"),
+        ("alice\u2060", "U\\+2060"),
+        ("\ufeffalice", "U\\+FEFF"),
+        ("user\u202eecila", "U\\+202E \\(RIGHT-TO-LEFT OVERRIDE\\)"),
+        ("user\u2066x\u2069", "U\\+2066"),
+        ("al\u00adice", "U\\+00AD \\(SOFT HYPHEN\\)"),
+        ("\U0001F3F4\U000E0067\U000E007F", "U\\+E0067"),  # tag characters
     ]
 
 
@@ -280,12 +295,16 @@ class ParseDateTest(ParserCases, unittest.TestCase):
         ("2024-02-29", dt.date(2024, 2, 29)),  # leap year
         ("2000-01-01", dt.date(2000, 1, 1)),
         ("2019-01-01", dt.date(2019, 1, 1)),  # past dates are bookable
+        ("2099-12-31", dt.date(2099, 12, 31)),  # the last
     ]
     INVALID = [
         ("2025-02-29", "not a real calendar date"),
         ("2026-13-01", "not a real calendar date"),
         ("2026-11-31", "not a real calendar date"),
         ("0000-01-01", "not a real calendar date"),
+        ("1999-12-31", "outside the dates that can be booked, 2000-01-01 to 2099-12-31"),
+        ("2100-01-01", "outside the dates that can be booked"),
+        ("9999-12-31", "outside the dates that can be booked"),
         ("2026-1-5", "YYYY-MM-DD"),
         ("20261105", "YYYY-MM-DD"),
         ("2026-W45-3", "YYYY-MM-DD"),
@@ -1608,6 +1627,7 @@ class ConnectionCapTest(ServerTestCase):
         self.assertIn("maximum of 3", problem["detail"])
         busy[0].sendall(b"Host: t\r\nConnection: close\r\n\r\n")  # one finishes
         self.assertEqual(read_response(busy[0]).status, 200)
+        busy[0].close()
         # The slot frees as soon as the server has seen the close, which takes a moment.
         statuses = []
         wait_until(lambda: statuses.append(self.request("GET", "/appointments?user_id=a").status)
@@ -1974,7 +1994,7 @@ class StuckLogTest(unittest.TestCase):
         conn = http.client.HTTPConnection(host, int(port), timeout=10)
         self.addCleanup(conn.close)
         before = rss_bytes(process.pid)
-        for _ in range(1000):  # 60 MB of access-log lines
+        for _ in range(500):  # 30 MB of access-log lines
             conn.request("GET", "/healthz?pad=" + "x" * 60_000)
             response = conn.getresponse()
             response.read()
@@ -2001,7 +2021,7 @@ class FullStoreTest(RouteTestCase):
 
 
 class ConnectionSlotTest(ServerTestCase):
-    limits = scheduler.Limits(first_byte_timeout=0.2)
+    limits = scheduler.Limits(first_byte_timeout=0.1)
 
     def test_a_new_connection_that_sends_nothing_is_closed_at_the_first_byte_deadline(self):
         self.assertEqual(self.open_socket().recv(1), b"")  # not after the 30 s idle timeout
@@ -2010,7 +2030,7 @@ class ConnectionSlotTest(ServerTestCase):
         conn = self.connect()
         self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
         # Three first-byte deadlines later the connection is still open...
-        self.assertEqual(select.select([conn.sock], [], [], 0.6)[0], [])
+        self.assertEqual(select.select([conn.sock], [], [], 0.3)[0], [])
         self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)  # ...and serves
 
 
@@ -2099,6 +2119,65 @@ class DescriptorTest(unittest.TestCase):
         log = server.log_stream.getvalue()
         self.assertEqual(log.count("Cannot accept connections: Too many open files"), 1)
         self.assertIn("Accepting connections again.", log)
+
+
+class BookableDatesTest(RouteTestCase):
+    def test_a_date_that_cannot_be_shown_is_422_and_stores_nothing(self):
+        # It was: 500, yet stored, and every later request for the user a 500.
+        problem = self.assertProblem(self.book("u3", "9999-12-31", "23:30"), 422)
+        self.assertEqual([error["field"] for error in problem["errors"]], ["date"])
+        self.assertIn("2000-01-01 to 2099-12-31", problem["errors"][0]["message"])
+        self.assertEqual(self.store.count(), 0)
+        self.assertEqual(self.request("GET", "/appointments?user_id=u3").json()["appointments"],
+                         [])
+
+    def test_the_first_and_the_last_slot_show_in_every_form(self):
+        for date, time, dtend in (("2000-01-01", "00:00", "20000101T003000Z"),
+                                  ("2099-12-31", "23:30", "21000101T000000Z")):
+            with self.subTest(date=date):
+                booked = self.book("edge", date, time)
+                self.assertEqual(booked.status, 201)
+                self.assertEqual(self.request("GET", booked.headers["Location"]).json(),
+                                 booked.json())
+                listed = self.request("GET", "/appointments?user_id=edge").json()
+                self.assertIn(booked.json(), listed["appointments"])
+                feed = self.request("GET", "/appointments.ics?user_id=edge").body.decode()
+                self.assertIn(f"DTEND:{dtend}\r\n", feed)
+
+
+class SQLiteBookableDatesTest(OnSQLite, BookableDatesTest):
+    pass
+
+
+class InvisibleUserIdTest(RouteTestCase):
+    def test_refused_in_the_body_the_query_and_the_path(self):
+        user, quoted = "alice\u200b", urllib.parse.quote("alice\u200b", safe="")
+        problem = self.assertProblem(self.book(user), 422)
+        self.assertIn("U+200B", problem["errors"][0]["message"])
+        for path in (f"/appointments?user_id={quoted}", f"/appointments.ics?user_id={quoted}",
+                     f"/appointments/{quoted}/2026-11-25"):
+            with self.subTest(path=path):
+                self.assertIn("U+200B", self.assertProblem(self.request("GET", path), 400)["detail"])
+        self.assertEqual(self.store.count(), 0)
+
+
+class RowsFromBeforeTheDateLimitTest(unittest.TestCase):
+    def test_are_hidden_and_the_operator_is_told_how_to_delete_them(self):
+        path = temporary_database(self)
+        scheduler.SQLiteStore(path).close()
+        with sqlite3.connect(path) as db:  # as an earlier version could have stored them
+            db.executemany("INSERT INTO appointments VALUES (?, ?, ?)",
+                           [("u3", "9999-12-31", "23:30"), ("u3", "2026-11-25", "09:30")])
+        db.close()
+        server = start_process(self, [SCRIPT, "--port", "0", "--db", path])
+        wait_for_log(server, "1 stored appointment(s) are outside the dates that can be booked")
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/appointments?user_id=u3")
+        response = conn.getresponse()
+        self.assertEqual(response.status, 200)
+        self.assertEqual([a["date"] for a in json.loads(response.read())["appointments"]],
+                         ["2026-11-25"])
 
 
 def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None]:
