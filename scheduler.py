@@ -1828,7 +1828,8 @@ def openapi_document() -> dict:
     """The OpenAPI 3.1 description of every route in ROUTES, built once."""
     minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
     text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
-    date = {"type": "string", "format": "date", "pattern": f"^{DATE_FORMAT.pattern}$"}
+    date = {"type": "string", "format": "date", "pattern": f"^{DATE_FORMAT.pattern}$",
+            "description": f"From {FIRST_DATE} to {LAST_DATE}"}
     time = {"type": "string", "pattern": f"^([01][0-9]|2[0-3]):({minutes})$"}
     user_id = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
                "pattern": f"^[^{USER_ID_FORBIDDEN}]*$"}
@@ -1884,6 +1885,9 @@ def openapi_document() -> dict:
                         "411": _problem("No Content-Length (chunked bodies are refused)"),
                         "413": _problem("The body is larger than the server's limit"),
                         "415": _problem("The body is not labelled application/json"),
+                        "503": _problem("The database is busy or failing; retry after "
+                                        "Retry-After seconds"),
+                        "507": _problem("The service holds its maximum of appointments"),
                         "422": _problem("Fields are missing or invalid; `errors` lists each",
                                         "ValidationProblem", invalid_fields=HTTPError(
                                             422, "The appointment was not booked: 3 fields "
@@ -1931,7 +1935,9 @@ def openapi_document() -> dict:
                     "properties": {"user_id": {
                         "oneOf": [user_id, {"type": "integer"}],
                         "description": "No control characters, no leading or trailing "
-                                       "whitespace; an integer means its decimal string"},
+                                       "whitespace, no invisible format characters but "
+                                       "joiners between visible non-ASCII ones; an integer "
+                                       "means its decimal string"},
                         "date": date, "time": time}},
                 "Appointment": {
                     "type": "object", "required": ["user_id", "date", "time", "start", "end"],
