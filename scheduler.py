@@ -373,13 +373,34 @@ class InMemoryStore(Store):
             return self._count
 
 
+class _Write:
+    """A booking or cancellation waiting for the transaction that will hold it."""
+
+    __slots__ = ("apply", "args", "result", "error", "done", "wake")
+
+    def __init__(self, apply: Callable, args: tuple):
+        self.apply, self.args = apply, args
+        self.result, self.error, self.done = None, None, False
+        self.wake = threading.Lock()  # held until its writer may go on: done, or first in line
+        self.wake.acquire()
+
+
 class SQLiteStore(Store):
     """Appointments in an SQLite file: they survive restarts, and several server
     processes may share one file. The UNIQUE constraint, not this process,
     enforces one appointment per user and date, so it holds across processes;
     triggers keep the count that capacity is checked against, for the same reason.
+
+    Writes are committed in groups, as databases do (PostgreSQL's commit_delay,
+    MySQL's binlog group commit): bookings and cancellations that arrive while a
+    transaction is being committed wait, then go into the next one together, each
+    checked on its own, with one fsync for all of them (write()). A lone write
+    waits for nothing. Reads use a connection of their own, which WAL lets read
+    while a transaction is written.
+
     SQLite's own failures (a lock held too long, a read-only file, a full disk)
-    are StoreUnavailable; each statement is a transaction, so none half-writes.
+    are StoreUnavailable, for every write of the transaction they ended; it is
+    rolled back whole, so nothing is half-written.
     """
 
     SCHEMA = """
@@ -404,94 +425,161 @@ class SQLiteStore(Store):
         or cannot be written. busy_timeout: how long to wait for another process's
         write lock before StoreUnavailable."""
         self.path, self.capacity = path, capacity
-        self._lock = threading.Lock()  # guards _db: a connection serves one thread at a time
-        # Autocommit (isolation_level=None): each statement is its own transaction.
-        self._db = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                                   check_same_thread=False)
+        self.batches = 0  # transactions committed by write(), each of one write or more
+        self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
+        self._queue_lock = threading.Lock()  # guards _queue
+        self._read_lock = threading.Lock()  # guards _reader: one thread at a time
+        # isolation_level=None: transactions only where BEGIN says so.
+        self._writer, self._reader = (
+            sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                            check_same_thread=False) for _ in range(2))
         try:
-            self._db.execute("PRAGMA journal_mode = WAL")  # readers do not block the writer
-            self._db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
-            self._db.executescript(f"BEGIN IMMEDIATE;\n{self.SCHEMA};\nCOMMIT;")
+            self._writer.execute("PRAGMA journal_mode = WAL")  # reads go on while one writes
+            for db in (self._writer, self._reader):
+                db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
+            self._writer.executescript(f"BEGIN IMMEDIATE;\n{self.SCHEMA};\nCOMMIT;")
         except sqlite3.Error:
-            self._db.close()
+            self.close()
             raise
 
+    @staticmethod
+    def _failure(error: sqlite3.Error) -> str:
+        detail = ("is busy: another process has held its write lock too long"
+                  if "locked" in str(error) else f"failed: {error}")
+        return f"The database {detail}; retry shortly."
+
     @contextlib.contextmanager
-    def _database(self):
-        """The connection, for this thread alone; SQLite's failures as StoreUnavailable."""
+    def _reading(self):
+        """The read connection, for this thread alone; its failures as StoreUnavailable."""
         try:
-            with self._lock:
-                yield self._db
-        except sqlite3.IntegrityError:
-            raise
+            with self._read_lock:
+                yield self._reader
         except sqlite3.Error as error:
-            detail = ("is busy: another process has held its write lock too long"
-                      if "locked" in str(error) else f"failed: {error}")
-            raise StoreUnavailable(f"The database {detail}; retry shortly.") from None
+            raise StoreUnavailable(self._failure(error)) from None
+
+    def write(self, apply: Callable, *args):
+        """Run apply(connection, *args) in a transaction, with every other write that
+        is waiting when it starts, and return its result once that transaction is on
+        disk (or raise its outcome: AlreadyBooked, StoreUnavailable...). The first
+        writer in line leads: it writes the batch of all that wait, while writes
+        that arrive meanwhile line up for the next one."""
+        write = _Write(apply, args)
+        with self._queue_lock:
+            self._queue.append(write)
+            leading = len(self._queue) == 1
+        if not leading:
+            write.wake.acquire()  # until done, or first in line
+        if not write.done:
+            with self._queue_lock:
+                batch = list(self._queue)
+            self._write_batch(batch)
+            with self._queue_lock:
+                for done in batch:
+                    self._queue.popleft()
+                    done.done = True
+                following = self._queue[0] if self._queue else None
+            for done in batch[1:]:
+                done.wake.release()
+            if following is not None:  # it leads the next batch
+                following.wake.release()
+        if write.error is not None:
+            raise write.error
+        return write.result
+
+    def _write_batch(self, batch: List[_Write]) -> None:
+        """One transaction for the batch: each write's own outcome, or, if the
+        transaction fails, StoreUnavailable for all of them and nothing written."""
+        db = self._writer
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for write in batch:
+                try:
+                    write.result = write.apply(db, *write.args)
+                except (AlreadyBooked, NotBooked, StoreFull) as outcome:
+                    write.error = outcome
+            self._commit(db)
+            self.batches += 1
+        except Exception as error:
+            with contextlib.suppress(sqlite3.Error):
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+            for write in batch:
+                write.result, write.error = None, (
+                    StoreUnavailable(self._failure(error)) if isinstance(error, sqlite3.Error)
+                    else error)
+
+    def _commit(self, db: sqlite3.Connection) -> None:
+        db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
+
+    def waiting_writes(self) -> int:
+        """Writes waiting for, or in, the transaction being written."""
+        with self._queue_lock:
+            return len(self._queue)
 
     @staticmethod
     def _appointment(user_id: str, date: str, time: str) -> Appointment:
         start = dt.datetime.fromisoformat(f"{date}T{time}").replace(tzinfo=dt.timezone.utc)
         return Appointment(user_id, start)
 
-    def book(self, appointment: Appointment) -> Appointment:
-        date, time = appointment.date.isoformat(), f"{appointment.start:%H:%M}"
+    def _book(self, db: sqlite3.Connection, appointment: Appointment) -> Appointment:
+        """In a transaction, which holds the write lock: nothing changes meanwhile."""
+        user_id, date = appointment.user_id, appointment.date.isoformat()
         limit = -1 if self.capacity is None else self.capacity
-        while True:  # the existing one may be cancelled by another process in between
-            try:
-                with self._database() as db:
-                    inserted = db.execute(
-                        "INSERT INTO appointments (user_id, date, time) SELECT ?, ?, ? "
-                        "WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
-                        (appointment.user_id, date, time, limit, limit)).rowcount
-            except sqlite3.IntegrityError:
-                inserted = 0
-            if inserted:
+        try:
+            if db.execute("INSERT INTO appointments (user_id, date, time) SELECT ?, ?, ? "
+                          "WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
+                          (user_id, date, f"{appointment.start:%H:%M}", limit, limit)).rowcount:
                 return appointment
-            try:
-                raise AlreadyBooked(self.get(appointment.user_id, appointment.date))
-            except NotBooked:
-                if self.count() >= limit >= 0:
-                    raise StoreFull(limit) from None
+        except sqlite3.IntegrityError:  # fails this statement, not the transaction
+            pass
+        row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
+                         (user_id, date)).fetchone()
+        if row is not None:
+            raise AlreadyBooked(self._appointment(user_id, date, row[0]))
+        raise StoreFull(limit)
+
+    def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date) -> None:
+        if not db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
+                          (user_id, date.isoformat())).rowcount:
+            raise NotBooked(user_id, date)
+
+    def book(self, appointment: Appointment) -> Appointment:
+        return self.write(self._book, appointment)
+
+    def cancel(self, user_id: str, date: dt.date) -> None:
+        self.write(self._cancel, user_id, date)
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
-        with self._database() as db:
+        with self._reading() as db:
             row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
                              (user_id, date.isoformat())).fetchone()
         if row is None:
             raise NotBooked(user_id, date)
         return self._appointment(user_id, date.isoformat(), row[0])
 
-    def cancel(self, user_id: str, date: dt.date) -> None:
-        with self._database() as db:
-            deleted = db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
-                                 (user_id, date.isoformat())).rowcount
-        if not deleted:
-            raise NotBooked(user_id, date)
-
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
         bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
-        with self._database() as db:
+        with self._reading() as db:
             rows = db.execute(
                 "SELECT date, time FROM appointments WHERE user_id = ? AND date BETWEEN ? AND ? "
                 "ORDER BY date", (user_id, *bounds)).fetchall()
         return [self._appointment(user_id, date, time) for date, time in rows]
 
     def count(self) -> int:
-        with self._database() as db:
+        with self._reading() as db:
             return db.execute("SELECT n FROM appointment_count").fetchone()[0]
 
     def count_outside_dates(self) -> int:
         """Rows from before the dates were limited (FIRST_DATE to LAST_DATE), which
         nothing shows; main() logs how to delete them."""
-        with self._database() as db:
+        with self._reading() as db:
             return db.execute("SELECT COUNT(*) FROM appointments WHERE date NOT BETWEEN ? AND ?",
                               (FIRST_DATE.isoformat(), LAST_DATE.isoformat())).fetchone()[0]
 
     def check(self) -> None:
         """A write that is rolled back: the file can be written, and its lock taken."""
-        with self._database() as db:
+        with self._reading() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.execute("UPDATE appointment_count SET n = n")
@@ -499,8 +587,9 @@ class SQLiteStore(Store):
                 db.execute("ROLLBACK")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        with self._queue_lock, self._read_lock:
+            self._writer.close()
+            self._reader.close()
 
 
 # --- Calendar feed (RFC 5545) ---------------------------------------------------------
