@@ -15,5 +15,5 @@ run: ## Serve the API (change the port with: make run PORT=9000)
 test: ## Run the test suite (override the interpreter: make test PYTHON=python3.9)
 	$(PYTHON) -m unittest -v
 
-bench: ## Measure throughput, latency and memory (about 80 s; uses wrk if installed)
+bench: ## Measure throughput, latency and memory (about 2 minutes; uses wrk if installed)
 	SCHEDULER_BENCH=1 $(PYTHON) -m unittest -v test_scheduler.Benchmark
