@@ -1573,11 +1573,13 @@ class SchedulerServer(ThreadingHTTPServer):
     daemon_threads = True  # a connection still open after drain() must not block exit
     request_queue_size = 128  # listen backlog; the default 5 drops bursts of connects
 
-    def __init__(self, address, store: Store, log_stream: Optional[TextIO], limits: Limits):
+    def __init__(self, address, store: Store, log_stream: Optional[TextIO], limits: Limits,
+                 listener: Optional[socket.socket] = None):
         self.store = store
         self.limits = limits
         self.log_stream = log_stream
         self.draining = False  # set once by drain(): finish current requests, take no more
+        self.parent = None  # a worker's supervisor (process ID): without it, shut down
         self._lock = threading.Lock()  # guards _connections
         self._all_closed = threading.Condition(self._lock)
         self._connections = set()  # those being served: at most limits.max_connections
@@ -1589,7 +1591,10 @@ class SchedulerServer(ThreadingHTTPServer):
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, SchedulerHandler)  # on failure, calls server_close()
+        super().__init__(address, SchedulerHandler, bind_and_activate=listener is None)
+        if listener is not None:  # on a failure to bind, server_close() has been called
+            self.socket.close()
+            self.socket, self.server_address = listener, listener.getsockname()
         self._watchdog.start()
         self._log.start()
 
@@ -1602,10 +1607,15 @@ class SchedulerServer(ThreadingHTTPServer):
         self._log.flush()
 
     def _watch(self) -> None:
-        """The watchdog: every tick, cut off connections past their deadline. A tick
-        is a tenth of the shortest timeout, and TICK at most."""
+        """The watchdog: every tick, cut off connections past their deadline (and, in
+        a worker, notice when its supervisor is gone, as gunicorn's workers do). A
+        tick is a tenth of the shortest timeout, and TICK at most."""
         tick = min(TICK, self.limits.request_timeout / 10, self.limits.idle_timeout / 10)
         while not self._closed.wait(tick):
+            if self.parent is not None and os.getppid() != self.parent:  # orphaned
+                self.parent = None
+                self.log("The supervisor is gone: shutting down.")
+                threading.Thread(target=self.shutdown, daemon=True).start()
             now = time.monotonic()
             with self._lock:
                 connections = list(self._connections)
@@ -1710,16 +1720,18 @@ class SchedulerServer(ThreadingHTTPServer):
 
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, *,
-                log_stream: Optional[TextIO] = sys.stderr,
-                limits: Optional[Limits] = None) -> SchedulerServer:
+                log_stream: Optional[TextIO] = sys.stderr, limits: Optional[Limits] = None,
+                listener: Optional[socket.socket] = None) -> SchedulerServer:
     """Build a bound server (port 0 picks a free port); the caller runs serve_forever().
 
     store defaults to a new InMemoryStore, limits to Limits(). log_stream gets one
     access-log line a request and the tracebacks of unexpected errors; None
-    silences it. Raises OSError when the address cannot be bound.
+    silences it. listener: a listening socket to serve instead of binding one
+    (several processes share it with --workers). Raises OSError when the address
+    cannot be bound.
     """
     return SchedulerServer((host, port), store if store is not None else InMemoryStore(),
-                           log_stream, limits if limits is not None else Limits())
+                           log_stream, limits if limits is not None else Limits(), listener)
 
 
 # --- Command line ---------------------------------------------------------------------
@@ -1784,6 +1796,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "by process ID, 'any' lets the threads run on every CPU "
                              "(default: %(default)s: with the GIL, threads hand over to one "
                              "another faster on one CPU; see the README)")
+    parser.add_argument("--workers", type=_positive(int), default=1, metavar="N",
+                        help="server processes sharing the listening socket, each on a CPU of "
+                             "its own with --cpu auto; more than 1 needs --db (default: 1)")
     parser.add_argument("--db", metavar="PATH",
                         help="keep appointments in this SQLite file (created if missing), "
                              "so they survive restarts; without it they live in memory")
@@ -1794,6 +1809,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                             default=default, metavar=metavar,
                             help=f"{description} (default: {default:g})")
     args = parser.parse_args(argv)
+    if args.workers > 1 and not args.db:
+        parser.error("--workers above 1 needs --db: each process would keep appointments of "
+                     "its own in memory, and each allow one per user and date")
+    if args.workers > 1 and isinstance(args.cpu, int):
+        parser.error("--cpu N is for one process; with --workers use --cpu auto (a CPU each) "
+                     "or any")
     if args.port is None:
         try:
             args.port = _port(os.environ.get("PORT", str(DEFAULT_PORT)))
@@ -1840,18 +1861,35 @@ def fit_to_descriptors(max_connections: int) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
+    limits = limits._replace(max_connections=fit_to_descriptors(args.max_connections))
+    if args.workers > 1:
+        return supervise(args, limits)
     try:
         cpu = pin_to_one_cpu(args.cpu)  # before any thread starts: threads inherit it
     except OSError as error:
         print(f"scheduler: cannot run on CPU {args.cpu}: {error.strerror or error}",
               file=sys.stderr)
         return 1
+    return serve(args, limits, cpu)
+
+
+def outside_dates_advice(outside: int, path: str) -> str:
+    return (f"{outside} stored appointment(s) are outside the dates that can be booked "
+            f"({FIRST_DATE} to {LAST_DATE}), and are not shown. To delete them: sqlite3 {path} "
+            f"\"DELETE FROM appointments WHERE date NOT BETWEEN '{FIRST_DATE}' AND '{LAST_DATE}'\"")
+
+
+def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
+          listener: Optional[socket.socket] = None, name: str = "",
+          parent: Optional[int] = None) -> int:
+    """One server process's life: open the store, serve until SIGTERM or Ctrl-C,
+    drain, close. listener, name and parent: a worker's shared socket, its name,
+    and its supervisor's process ID."""
     # The log goes to stderr through a block buffer, flushed by the server's
     # log writer thread every TICK, rather than stderr's own flush at every line.
     log_stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
                       errors="backslashreplace", closefd=False)
-    limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
-    limits = limits._replace(max_connections=fit_to_descriptors(args.max_connections))
     try:
         store = (SQLiteStore(args.db, limits.max_appointments) if args.db
                  else InMemoryStore(limits.max_appointments))
@@ -1859,7 +1897,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"scheduler: cannot open the database {args.db}: {error}", file=sys.stderr)
         return 1
     try:
-        server = make_server(args.host, args.port, store, limits=limits, log_stream=log_stream)
+        server = make_server(args.host, args.port, store, limits=limits, log_stream=log_stream,
+                             listener=listener)
     except OSError as error:
         print(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}",
               file=sys.stderr)
@@ -1876,27 +1915,132 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
-    server.log("Running on any CPU." if cpu is None else f"Running on CPU {cpu} "
-               "(--cpu any lets the threads run on every CPU).")
-    outside = store.count_outside_dates() if isinstance(store, SQLiteStore) else 0
-    if outside:
-        server.log(f"{outside} stored appointment(s) are outside the dates that can be booked "
-                   f"({FIRST_DATE} to {LAST_DATE}), and are not shown. To delete them: sqlite3 "
-                   f"{args.db} \"DELETE FROM appointments WHERE date NOT BETWEEN '{FIRST_DATE}' "
-                   f"AND '{LAST_DATE}'\"")
+    server.parent = parent
+    if listener is None:
+        print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
+    where = "any CPU" if cpu is None else f"CPU {cpu} (--cpu any lets the threads run on every CPU)"
+    who = f"{name.capitalize()} running" if name else "Running"
+    server.log(f"{who} on {where}.")
+    outside = store.count_outside_dates() if isinstance(store, SQLiteStore) and not name else 0
+    if outside:  # a worker's supervisor has said so
+        server.log(outside_dates_advice(outside, args.db))
     if limits.max_connections < args.max_connections:
         server.log(f"Serving at most {limits.max_connections} connections, not "
                    f"{args.max_connections}: the process may open "
                    f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).")
     server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
-    server.log(f"{signals[0]} received: shutting down.")
+    if signals:
+        server.log(f"{signals[0]} received: shutting down.")
     still_open = server.drain(limits.shutdown_timeout)
     server.log(f"Stopped; {still_open} connection(s) cut off." if still_open else "Stopped.")
     server.server_close()
     store.close()
     if not server.log_complete:  # exiting would flush stderr, and wait for its reader
         os._exit(0)
+    return 0
+
+
+# Restarting a worker that dies: at once the first time, then, while it keeps dying
+# within WORKER_YOUNG seconds of starting, after twice the last wait, up to the most.
+WORKER_BACKOFF, WORKER_BACKOFF_MOST, WORKER_YOUNG = 0.1, 10.0, 10.0
+
+
+def supervise(args: argparse.Namespace, limits: Limits) -> int:
+    """--workers N: open the listening socket once, fork N server processes that
+    share it (the kernel gives each new connection to one of them; forking, not
+    SO_REUSEPORT, so it works on macOS too), each pinned to a CPU of its own with
+    --cpu auto. Restart one that dies, with a backoff; on SIGTERM or Ctrl-C, pass it
+    on, let each drain as a lone server does, and exit 0 when all have. A second
+    signal kills them all at once. Forks before any thread starts, as it must."""
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:  # once, here: workers opening a new file at once would race to create it
+        store = SQLiteStore(args.db, limits.max_appointments)
+    except sqlite3.Error as error:
+        say(f"scheduler: cannot open the database {args.db}: {error}")
+        return 1
+    outside = store.count_outside_dates()
+    store.close()  # before forking: an SQLite connection must not cross a fork
+    if outside:
+        say(outside_dates_advice(outside, args.db))
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        listener = socket.create_server((args.host, args.port), family=family,
+                                        backlog=SchedulerServer.request_queue_size)
+    except OSError as error:
+        say(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}")
+        return 1
+    listener.setblocking(False)  # workers race to accept: the ones that lose must not wait
+    host, port = listener.getsockname()[:2]
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpus = allowed if args.cpu == "auto" else []
+    workers: Dict[int, int] = {}  # process ID -> worker number
+    started: Dict[int, float] = {}  # worker number -> time.monotonic() of its last start
+    stopping: List[str] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+
+    supervisor = os.getpid()
+
+    def start(number: int) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # none until the child is ready
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for signum in signals:
+                    signal.signal(signum, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+                cpu = pin_to_one_cpu(cpus[number % len(cpus)]) if cpus else None
+                code = serve(args, limits, cpu, listener, f"worker {number}", supervisor)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+        workers[pid], started[number] = number, time.monotonic()
+        say(f"Worker {number} started (process {pid}).")
+
+    def stop(signum, frame):
+        if stopping:  # the second signal: stop everything now
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            os._exit(1)
+        stopping.append(signal.Signals(signum).name)
+        listener.close()  # new connections are refused once every worker has closed it too
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for signum in signals:
+        signal.signal(signum, stop)
+    url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
+    print(f"Listening on {url} with {args.workers} workers (Ctrl-C to stop)", flush=True)
+    for number in range(args.workers):
+        start(number)
+    delays = [WORKER_BACKOFF] * args.workers
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        number = workers.pop(pid)
+        if stopping:
+            continue
+        code = os.waitstatus_to_exitcode(status)
+        ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+            f"exited with status {code}"
+        if time.monotonic() - started[number] >= WORKER_YOUNG:
+            delays[number] = WORKER_BACKOFF
+        say(f"Worker {number} (process {pid}) {ended}; starting another in "
+            f"{delays[number]:g} s.")
+        time.sleep(delays[number])
+        delays[number] = min(2 * delays[number], WORKER_BACKOFF_MOST)
+        if not stopping:
+            start(number)
+    say(f"{stopping[0]} received: every worker has drained and stopped." if stopping
+        else "Every worker has stopped.")
     return 0
 
 

@@ -37,7 +37,7 @@ import tracemalloc
 import unittest
 import urllib.parse
 from unittest import mock
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import scheduler
 
@@ -151,12 +151,14 @@ def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dic
     return servers
 
 
-def wait_for_log(server: ServerProcess, text: str) -> None:
-    """Read the server's stderr until a line contains text (10 s at most)."""
+def wait_for_log(server: ServerProcess, text: str) -> str:
+    """Read the server's stderr until a line contains text (10 s at most); that line."""
     deadline = time.monotonic() + 10
     try:
-        while text not in server.log.get(timeout=max(0.0, deadline - time.monotonic())):
-            pass
+        while True:
+            line = server.log.get(timeout=max(0.0, deadline - time.monotonic()))
+            if text in line:
+                return line
     except queue.Empty:
         raise AssertionError(f"the server never logged {text!r}") from None
 
@@ -2574,6 +2576,9 @@ class CommandLineTest(unittest.TestCase):
         (["--request-timeout", "-1"], {}, "not a positive number"),
         (["--max-connections", "many"], {}, "not a positive number"),
         (["--cpu", "first"], {}, "not a CPU number"),
+        (["--workers", "2"], {}, "--workers above 1 needs --db"),
+        (["--workers", "2", "--db", "x.db", "--cpu", "0"], {}, "--cpu N is for one process"),
+        (["--workers", "0"], {}, "not a positive number"),
     ]
 
     def test_bad_option_is_a_usage_error(self):
@@ -2589,6 +2594,139 @@ class CommandLineTest(unittest.TestCase):
                                 text=True, timeout=30, env={**os.environ, **env})
         self.assertEqual(result.returncode, 2)
         self.assertIn(message, result.stderr)
+
+
+@unittest.skipUnless(hasattr(os, "fork") and os.path.exists("/proc/self/fd"),
+                     "counts each worker's connections in /proc")
+class WorkersTest(unittest.TestCase):
+    """--workers 2 --db: two server processes on one listening socket and one file."""
+
+    def start(self) -> Tuple[ServerProcess, str, Dict[int, int]]:
+        path = temporary_database(self)
+        server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path])
+        self.addCleanup(lambda: server.process.poll() is None and (
+            server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
+        workers = {}
+        for number in (0, 1):
+            line = wait_for_log(server, f"Worker {number} started")
+            workers[number] = int(line.split("(process ")[1].rstrip(").\n"))
+        return server, path, workers
+
+    @staticmethod
+    def running(pid: int) -> bool:
+        """Whether the process exists and is not a zombie waiting to be reaped."""
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def held(pid: int) -> int:
+        """Connections a worker holds: its sockets but the listening one."""
+        return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+                   for fd in os.listdir(f"/proc/{pid}/fd")) - 1
+
+    def test_a_race_spread_over_the_workers_books_exactly_one(self):
+        server, _, workers = self.start()
+        conns = []
+        while not all(self.held(pid) for pid in workers.values()) and len(conns) < 100:
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+            self.addCleanup(conn.close)
+            conn.request("GET", "/healthz")  # accepted, and so held, by one worker
+            self.assertEqual(conn.getresponse().read(), b'{"status": "ok"}\n')
+            conns.append(conn)
+        self.assertTrue(all(self.held(pid) for pid in workers.values()), "one worker took all")
+        barrier, statuses, bodies = threading.Barrier(len(conns)), [], []
+
+        def book(conn, hour):
+            barrier.wait()
+            conn.request("POST", "/appointments", json.dumps(
+                {"user_id": "racer", "date": "2026-11-25", "time": f"{hour % 24:02d}:00"}),
+                {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            statuses.append(response.status)
+            bodies.append(json.loads(response.read()))
+
+        run_all([threading.Thread(target=book, args=(conn, hour))
+                 for hour, conn in enumerate(conns)])
+        self.assertEqual(sorted(statuses), [201] + [409] * (len(conns) - 1))
+        winner = next(body for body in bodies if "appointment" not in body)
+        self.assertTrue(all(body["appointment"] == winner for body in bodies
+                            if "appointment" in body))
+
+    def test_a_killed_worker_is_replaced_and_nothing_acknowledged_is_lost(self):
+        server, path, workers = self.start()
+        acknowledged, stop = [], threading.Event()
+
+        def stream(client):  # books until told to stop, reconnecting when cut off
+            conn, index = None, 0
+            while not stop.is_set() and index < 5000:
+                index += 1
+                body = {"user_id": f"user-{client}-{index}", "date": "2026-11-25",
+                        "time": "09:00"}
+                try:
+                    conn = conn or http.client.HTTPConnection(server.host, server.port,
+                                                              timeout=10)
+                    conn.request("POST", "/appointments", json.dumps(body),
+                                 {"Content-Type": "application/json"})
+                    response = conn.getresponse()
+                    response.read()
+                    if response.status == 201:
+                        acknowledged.append(body)
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = None  # that worker died: the next connection goes to another
+            if conn is not None:
+                conn.close()
+
+        streams = [threading.Thread(target=stream, args=(n,)) for n in range(4)]
+        for thread in streams:
+            thread.start()
+        self.addCleanup(lambda: [stop.set(), *map(threading.Thread.join, streams)])
+        wait_until(lambda: len(acknowledged) >= 100, what="100 bookings")
+        os.kill(workers[1], signal.SIGKILL)
+        wait_for_log(server, f"Worker 1 (process {workers[1]}) was killed by SIGKILL")
+        replaced = wait_for_log(server, "Worker 1 started")
+        self.assertNotIn(f"(process {workers[1]})", replaced)
+        before = len(acknowledged)
+        wait_until(lambda: len(acknowledged) >= before + 100, what="bookings to go on")
+        stop.set()
+        for thread in streams:
+            thread.join()
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(timeout=20), 0)
+        store = scheduler.SQLiteStore(path)
+        self.addCleanup(store.close)
+        for body in acknowledged:
+            self.assertEqual(store.get(body["user_id"], dt.date(2026, 11, 25)),
+                             scheduler.parse_appointment(body))
+
+    def test_sigterm_drains_every_worker_and_a_second_signal_stops_them_at_once(self):
+        server, _, workers = self.start()
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(timeout=20), 0)
+        wait_for_log(server, "SIGTERM received: every worker has drained and stopped.")
+        for pid in workers.values():
+            self.assertFalse(self.running(pid))
+        server, _, workers = self.start()
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))  # in flight
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        server.process.send_signal(signal.SIGTERM)
+        wait_for_log(server, "SIGTERM received: shutting down.")
+        server.process.send_signal(signal.SIGINT)
+        self.assertEqual(server.process.wait(timeout=20), 1)
+        wait_until(lambda: not any(map(self.running, workers.values())),
+                   what="every worker gone")
+
+    def test_workers_stop_by_themselves_when_the_supervisor_is_killed(self):
+        server, _, workers = self.start()
+        server.process.kill()
+        server.process.wait(timeout=10)
+        wait_until(lambda: not any(map(self.running, workers.values())),
+                   what="the orphaned workers to stop")
 
 
 # --- Benchmark (make bench; skipped by make test) -------------------------------------
