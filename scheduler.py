@@ -26,7 +26,7 @@ The file reads top to bottom, each section using only those above it:
     Connection     one client's life: phases, deadlines, keep_open()
     Handler        http.server's hooks, driving a Connection
     Server         connection slots, the deadline watchdog, the log, shutdown
-    Command line   options and main()
+    Command line   options; main(), serve() (one process) and supervise() (--workers)
     Appendix       the OpenAPI description, built from the domain's constants
 """
 
@@ -1787,7 +1787,8 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
                                    "slower gets 408 and is closed"),
     "idle_timeout": ("SECONDS", "time a keep-alive connection may wait for its next request"),
     "first_byte_timeout": ("SECONDS", "time a new connection may take to send its first byte"),
-    "max_connections": ("N", "connections served at once; more get 503 with Retry-After"),
+    "max_connections": ("N", "connections served at once (per worker); past it the one "
+                             "idle longest is closed, or if none is idle, 503 with Retry-After"),
     "shutdown_timeout": ("SECONDS", "on SIGTERM or Ctrl-C, time in-flight requests get to "
                                     "finish"),
     "max_appointments": ("N", "appointments stored at most, over all users; more get 507 "
