@@ -1411,10 +1411,15 @@ class HandlerTest(unittest.TestCase):
 
     # Each would silently bypass the Connection (its deadlines, keep-alive and one
     # write per response) or misread the request if it still looked usable.
-    MUST_FAIL = ["headers", "path", "request_version", "rfile", "wfile", "connection",
-                 "close_connection", "timeout", "handle_one_request", "handle_expect_100",
-                 "send_error", "send_response", "send_response_only", "send_header",
-                 "end_headers", "flush_headers"]
+    MUST_FAIL = ["headers", "path", "request_version", "raw_requestline", "rfile", "wfile",
+                 "connection", "close_connection", "timeout", "handle_one_request",
+                 "handle_expect_100", "send_error", "send_response", "send_response_only",
+                 "send_header", "end_headers", "flush_headers"]
+
+    def test_every_replaced_attribute_is_listed_here(self):
+        replaced = {name for name, value in vars(scheduler.SchedulerHandler).items()
+                    if isinstance(value, scheduler._Replaced)}
+        self.assertEqual(replaced, set(self.MUST_FAIL))
 
     def handler(self) -> scheduler.SchedulerHandler:
         """A handler as socketserver makes one, short of a connection to serve."""
