@@ -187,9 +187,10 @@ def _invisible_format_character(value: str) -> Optional[str]:
     """The first format character (Unicode category Cf) in value that would make two
     different IDs look alike, or reverse the text around it: any but a joiner
     between two visible characters that are not ASCII (as in an emoji sequence like
-    👩‍💻, or a Persian or Indic word)."""
+    👩‍💻, or a Persian or Indic word). Line and paragraph separators (Zl, Zp) too:
+    they break the line wherever the ID is shown."""
     for index, char in enumerate(value):
-        if unicodedata.category(char) != "Cf":
+        if unicodedata.category(char) not in ("Cf", "Zl", "Zp"):
             continue
         if char in JOINERS and 0 < index < len(value) - 1 and all(
                 not near.isascii() and unicodedata.category(near)[0] in "LMS"
@@ -362,9 +363,8 @@ class InMemoryStore(Store):
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
         with self._lock:
-            held = self._by_user.get(user_id)
-            starts = [held] if isinstance(held, dt.datetime) else list(held.values()) if held \
-                else []
+            held = self._by_user.get(user_id, {})
+            starts = [held] if isinstance(held, dt.datetime) else list(held.values())
         return [Appointment(user_id, start) for start in sorted(starts)
                 if (first is None or start.date() >= first)
                 and (last is None or start.date() <= last)]
@@ -392,7 +392,7 @@ class SQLiteStore(Store):
     enforces one appointment per user and date, so it holds across processes;
     triggers keep the count that capacity is checked against, for the same reason.
 
-    Writes are committed in groups, as databases do (PostgreSQL's commit_delay,
+    Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): bookings and cancellations that arrive while a
     transaction is being committed wait, then go into the next one together, each
     checked on its own, with one fsync for all of them (write()). A lone write
@@ -923,7 +923,7 @@ class Limits(NamedTuple):
     request_timeout: float = 10.0  # seconds for a whole request to arrive; then 408
     idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for a request
     first_byte_timeout: float = 5.0  # seconds a new connection may wait for its first byte
-    max_connections: int = 256  # connections served at once; more get 503
+    max_connections: int = 256  # served at once; then the idle make room, or 503
     shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
     max_appointments: int = 500_000  # stored at most, over all users; more get 507
 
@@ -994,9 +994,10 @@ def body_length(request: HTTPRequest, limit: int) -> int:
         raise HTTPError(411, "A request body needs a Content-Length header.")
     if not (declared.isdigit() and declared.isascii()):
         raise HTTPError(400, f"Content-Length must be a non-negative integer, not {declared!r}.")
-    if int(declared) > limit:
-        raise HTTPError(413, f"The body is {declared} bytes; the limit is {limit}.")
-    return int(declared)
+    length = int(declared)
+    if length > limit:
+        raise HTTPError(413, f"The body is {length} bytes; the limit is {limit}.")
+    return length
 
 
 def _object_without_duplicate_keys(pairs):
@@ -1442,7 +1443,8 @@ class SchedulerHandler(BaseHTTPRequestHandler):
             line = self.conn.read_line(414)
         if not line:
             return None
-        self.requestline = str(line[:-2] if line.endswith(b"\r\n") else line[:-1], "iso-8859-1")
+        self.requestline = str(line[:-2] if line.endswith(b"\r\n") else
+                               line[:-1] if line.endswith(b"\n") else line, "iso-8859-1")
         parts = _REQUEST_LINE.fullmatch(self.requestline)
         if parts is None:
             raise self._bad_request_line()
@@ -1624,7 +1626,9 @@ class SchedulerServer(ThreadingHTTPServer):
         """The watchdog: every tick, cut off connections past their deadline (and, in
         a worker, notice when its supervisor is gone, as gunicorn's workers do). A
         tick is a tenth of the shortest timeout, and TICK at most."""
-        tick = min(TICK, self.limits.request_timeout / 10, self.limits.idle_timeout / 10)
+        limits = self.limits
+        tick = min(TICK, limits.request_timeout / 10, limits.idle_timeout / 10,
+                   limits.first_byte_timeout / 10)
         while not self._closed.wait(tick):
             if self.parent is not None and os.getppid() != self.parent:  # orphaned
                 self.parent = None

@@ -212,6 +212,12 @@ class HTTPTestCase(unittest.TestCase):
         return self.request("POST", "/appointments",
                             {"user_id": user_id, "date": date, "time": time}, **kwargs)
 
+    def assertFramed(self, method: str, response: Response) -> Response:
+        """A response with content says how long it is, exactly; returns it."""
+        if method != "HEAD" and response.status not in (204, 304):
+            self.assertEqual(response.headers["Content-Length"], str(len(response.body)))
+        return response
+
     def assertProblem(self, response: Response, status: int) -> dict:
         """The response is an RFC 9457 problem with this status; returns its body."""
         self.assertEqual(response.status, status, response.body)
@@ -302,6 +308,8 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("user\u2066x\u2069", "U\\+2066"),
         ("al\u00adice", "U\\+00AD \\(SOFT HYPHEN\\)"),
         ("\U0001F3F4\U000E0067\U000E007F", "U\\+E0067"),  # tag characters
+        ("ali\u2028ce", "U\\+2028 \\(LINE SEPARATOR\\)"),  # breaks lines where shown
+        ("ali\u2029ce", "U\\+2029"),
     ]
 
 
@@ -811,10 +819,7 @@ class RouteTestCase(HTTPTestCase):
         self.client = Client(self.store)
 
     def request(self, method, path, body=None, headers=None) -> Response:
-        response = self.client.request(method, path, body, headers)
-        if method != "HEAD" and response.status not in (204, 304):
-            self.assertEqual(response.headers["Content-Length"], str(len(response.body)))
-        return response
+        return self.assertFramed(method, self.client.request(method, path, body, headers))
 
 
 class BookTest(RouteTestCase):
@@ -1508,10 +1513,8 @@ class ServerTestCase(HTTPTestCase):
         conn = conn or self.connect()
         conn.request(method, path, body=body, headers=headers)
         response = conn.getresponse()
-        data = response.read()
-        if method != "HEAD" and response.status not in (204, 304):
-            self.assertEqual(response.getheader("Content-Length"), str(len(data)))
-        return Response(response.status, response.headers, data)
+        return self.assertFramed(method, Response(response.status, response.headers,
+                                                  response.read()))
 
 
 class ProtocolTest(ServerTestCase):
