@@ -45,6 +45,7 @@ import json
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import sqlite3
@@ -1932,8 +1933,9 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         # serve_forever() runs in this thread and shutdown() waits for it to return.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
-    signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
+    if parent is None:  # a worker ignores SIGINT: supervise() passes it on as SIGTERM
+        signal.signal(signal.SIGINT, stop)
     server.parent = parent
     if listener is None:
         print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
@@ -1996,9 +1998,21 @@ def supervise(args: argparse.Namespace, limits: Limits) -> int:
     cpus = allowed if args.cpu == "auto" else []
     workers: Dict[int, int] = {}  # process ID -> worker number
     started: Dict[int, float] = {}  # worker number -> time.monotonic() of its last start
+    restarts: Dict[int, float] = {}  # worker number -> when it is due to start again
+    delays = [WORKER_BACKOFF] * args.workers
     stopping: List[str] = []
     signals = (signal.SIGINT, signal.SIGTERM)
-
+    # Signals are handled by the loop below, not by handlers: Python runs a handler
+    # only between bytecodes, so a signal that came just before a blocking wait went
+    # unheard until a worker died (a SIGTERM was lost about once in 20 starts).
+    # Instead each signal writes its number to this pipe (set_wakeup_fd), and
+    # select() sees it, whenever it came: the self-pipe trick, as gunicorn's arbiter.
+    wake, woken = os.pipe()
+    for fd in (wake, woken):
+        os.set_blocking(fd, False)
+    signal.set_wakeup_fd(woken)
+    for signum in signals + (signal.SIGCHLD,):
+        signal.signal(signum, lambda signum, frame: None)  # the number is in the pipe
     supervisor = os.getpid()
 
     def start(number: int) -> None:
@@ -2007,8 +2021,15 @@ def supervise(args: argparse.Namespace, limits: Limits) -> int:
         if pid == 0:
             code = 1
             try:
-                for signum in signals:
+                signal.set_wakeup_fd(-1)
+                os.close(wake)
+                os.close(woken)
+                for signum in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
+                # Ctrl-C is the supervisor's to pass on: the terminal sends SIGINT to
+                # every process in its group, and a worker would count it as a first
+                # signal and the supervisor's SIGTERM as a second (stop at once).
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
                 cpu = pin_to_one_cpu(cpus[number % len(cpus)]) if cpus else None
                 code = serve(args, limits, cpu, listener, f"worker {number}", supervisor)
@@ -2020,44 +2041,54 @@ def supervise(args: argparse.Namespace, limits: Limits) -> int:
         workers[pid], started[number] = number, time.monotonic()
         say(f"Worker {number} started (process {pid}).")
 
-    def stop(signum, frame):
+    def stop(signum: int) -> None:
         if stopping:  # the second signal: stop everything now
             for pid in workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             os._exit(1)
         stopping.append(signal.Signals(signum).name)
+        restarts.clear()
         listener.close()  # new connections are refused once every worker has closed it too
         for pid in workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    for signum in signals:
-        signal.signal(signum, stop)
+    def reap() -> None:
+        """Collect the workers that ended, and plan each one's restart."""
+        while workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            number = workers.pop(pid)
+            if stopping:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+                f"exited with status {code}"
+            if time.monotonic() - started[number] >= WORKER_YOUNG:
+                delays[number] = WORKER_BACKOFF
+            say(f"Worker {number} (process {pid}) {ended}; starting another in "
+                f"{delays[number]:g} s.")
+            restarts[number] = time.monotonic() + delays[number]
+            delays[number] = min(2 * delays[number], WORKER_BACKOFF_MOST)
+
     url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
     print(f"Listening on {url} with {args.workers} workers (Ctrl-C to stop)", flush=True)
     for number in range(args.workers):
         start(number)
-    delays = [WORKER_BACKOFF] * args.workers
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        number = workers.pop(pid)
-        if stopping:
-            continue
-        code = os.waitstatus_to_exitcode(status)
-        ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
-            f"exited with status {code}"
-        if time.monotonic() - started[number] >= WORKER_YOUNG:
-            delays[number] = WORKER_BACKOFF
-        say(f"Worker {number} (process {pid}) {ended}; starting another in "
-            f"{delays[number]:g} s.")
-        time.sleep(delays[number])
-        delays[number] = min(2 * delays[number], WORKER_BACKOFF_MOST)
-        if not stopping:
-            start(number)
+    while workers or restarts:
+        due = min(restarts.values(), default=None)
+        select.select([wake], [], [], None if due is None else max(0.0, due - time.monotonic()))
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(wake, 256):
+                if signum in signals:
+                    stop(signum)
+        reap()
+        for number, due in list(restarts.items()):
+            if due <= time.monotonic():
+                del restarts[number]
+                start(number)
     say(f"{stopping[0]} received: every worker has drained and stopped." if stopping
         else "Every worker has stopped.")
     return 0

@@ -151,16 +151,21 @@ def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dic
     return servers
 
 
-def wait_for_log(server: ServerProcess, text: str) -> str:
-    """Read the server's stderr until a line contains text (10 s at most); that line."""
-    deadline = time.monotonic() + 10
+def read_log_until(server: ServerProcess, text: str) -> List[str]:
+    """Read the server's stderr until a line contains text (10 s at most); the lines
+    read, that one last."""
+    deadline, lines = time.monotonic() + 10, []
     try:
-        while True:
-            line = server.log.get(timeout=max(0.0, deadline - time.monotonic()))
-            if text in line:
-                return line
+        while not lines or text not in lines[-1]:
+            lines.append(server.log.get(timeout=max(0.0, deadline - time.monotonic())))
+        return lines
     except queue.Empty:
         raise AssertionError(f"the server never logged {text!r}") from None
+
+
+def wait_for_log(server: ServerProcess, text: str) -> str:
+    """Read the server's stderr until a line contains text (10 s at most); that line."""
+    return read_log_until(server, text)[-1]
 
 
 def http_status(server: ServerProcess, path: str) -> int:
@@ -2621,9 +2626,10 @@ class CommandLineTest(unittest.TestCase):
 class WorkersTest(unittest.TestCase):
     """--workers 2 --db: two server processes on one listening socket and one file."""
 
-    def start(self) -> Tuple[ServerProcess, str, Dict[int, int]]:
+    def start(self, preexec_fn=None) -> Tuple[ServerProcess, str, Dict[int, int]]:
         path = temporary_database(self)
-        server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path])
+        server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path],
+                               preexec_fn=preexec_fn)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers = {}
@@ -2740,6 +2746,20 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual(server.process.wait(timeout=20), 1)
         wait_until(lambda: not any(map(self.running, workers.values())),
                    what="every worker gone")
+
+    def test_ctrl_c_in_a_terminal_drains_every_worker(self):
+        # A terminal sends SIGINT to its whole foreground process group: workers must
+        # leave it to the supervisor, or its SIGTERM would be their second signal.
+        server, _, workers = self.start(preexec_fn=os.setpgrp)
+        running = set()  # each has its handlers
+        while len(running) < len(workers):
+            running.add(wait_for_log(server, " running on CPU").split()[1])
+        os.killpg(server.process.pid, signal.SIGINT)
+        self.assertEqual(server.process.wait(timeout=20), 0)
+        log = "".join(read_log_until(
+            server, "SIGINT received: every worker has drained and stopped."))
+        self.assertEqual(log.count("SIGTERM received: shutting down."), 2, log)
+        self.assertEqual(log.count("Stopped."), 2, log)
 
     def test_workers_stop_by_themselves_when_the_supervisor_is_killed(self):
         server, _, workers = self.start()
