@@ -32,9 +32,11 @@ The file reads top to bottom, each section using only those above it:
 
 import abc
 import argparse
+import bisect
 import collections
 import contextlib
 import datetime as dt
+import decimal
 import email.utils
 import errno
 import fcntl
@@ -116,11 +118,12 @@ def _start_strings(start: dt.datetime) -> Tuple[str, str, str, str]:
 
 
 class InvalidAppointment(ValueError):
-    """Fields missing or invalid: errors lists (field, message) for every one."""
+    """Fields missing or invalid: errors lists (field, message) for every one;
+    moving tells a reschedule's (parse_changes) from a booking's."""
 
-    def __init__(self, errors: List[Tuple[str, str]]):
+    def __init__(self, errors: List[Tuple[str, str]], moving: bool = False):
         super().__init__(errors)
-        self.errors = errors
+        self.errors, self.moving = errors, moving
 
 
 class AlreadyBooked(Exception):
@@ -159,7 +162,14 @@ def parse_user_id(value) -> str:
     """Return the user ID as a string; raise ValueError saying what is wrong.
 
     A JSON integer is accepted as its decimal string, so 42 and "42" are one user.
+    Integers are JSON Schema's: any number without a fraction, so 42.0 and 4.2e1
+    are 42 too (decode_json reads numbers with a point as Decimal, exactly).
     """
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        if value.copy_abs() >= 10 ** MAX_USER_ID_LENGTH:  # exact: abs() rounds to 28 digits
+            raise ValueError(f"must be at most {MAX_USER_ID_LENGTH} characters long")
+        if value == value.to_integral_value():
+            value = int(value)
     if isinstance(value, int) and not isinstance(value, bool):  # bool is an int
         if abs(value) >= 10 ** MAX_USER_ID_LENGTH:  # checked before str(): that is slow on huge ints
             raise ValueError(f"must be at most {MAX_USER_ID_LENGTH} characters long")
@@ -182,6 +192,8 @@ def parse_user_id(value) -> str:
 
 
 JOINERS = "\u200c\u200d"  # zero width non-joiner and joiner: in emoji and in joining scripts
+INVISIBLE_CATEGORIES = ("Cf", "Zl", "Zp")  # format characters, line and paragraph separators
+VISIBLE_CLASSES = "LMS"  # letters, marks, symbols: what a joiner may stand between
 
 
 def _invisible_format_character(value: str) -> Optional[str]:
@@ -191,10 +203,10 @@ def _invisible_format_character(value: str) -> Optional[str]:
     👩‍💻, or a Persian or Indic word). Line and paragraph separators (Zl, Zp) too:
     they break the line wherever the ID is shown."""
     for index, char in enumerate(value):
-        if unicodedata.category(char) not in ("Cf", "Zl", "Zp"):
+        if unicodedata.category(char) not in INVISIBLE_CATEGORIES:
             continue
         if char in JOINERS and 0 < index < len(value) - 1 and all(
-                not near.isascii() and unicodedata.category(near)[0] in "LMS"
+                not near.isascii() and unicodedata.category(near)[0] in VISIBLE_CLASSES
                 for near in (value[index - 1], value[index + 1])):
             continue
         return char
@@ -255,7 +267,39 @@ def parse_appointment(fields: Mapping) -> Appointment:
     return Appointment(values["user_id"], start)
 
 
+def parse_changes(patch: Mapping, user_id: str) -> Tuple[Optional[dt.date], Optional[dt.time]]:
+    """The new date and time (None: unchanged) that a JSON merge patch (RFC 7396) of
+    user_id's appointment asks for. Other fields are ignored, as in a booking, but
+    user_id, if given, must be the appointment's own. Raises InvalidAppointment
+    naming every invalid field at once."""
+    changes, errors = {}, []
+    for name, parse in FIELDS:
+        if name not in patch:
+            continue
+        if patch[name] is None:  # merge patch: null removes the member
+            errors.append((name, f"{name} cannot be removed; leave it out to keep it"))
+            continue
+        try:
+            changes[name] = parse(patch[name])
+        except ValueError as error:
+            errors.append((name, f"{name} {error}"))
+    if changes.get("user_id", user_id) != user_id:
+        errors.append(("user_id", f"user_id cannot be changed: the appointment is {user_id}'s; "
+                                  "the other user books one of their own"))
+    if errors:
+        raise InvalidAppointment(errors, moving=True)
+    return changes.get("date"), changes.get("time")
+
+
 # --- Stores ---------------------------------------------------------------------------
+
+
+def moved_start(start: dt.datetime, new_date: Optional[dt.date],
+                new_time: Optional[dt.time]) -> dt.datetime:
+    """Where an appointment starting at start moves to; None keeps date or time."""
+    return dt.datetime.combine(new_date or start.date(), new_time or start.time(),
+                               tzinfo=dt.timezone.utc)
+
 
 
 class Store(abc.ABC):
@@ -277,6 +321,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def cancel(self, user_id: str, date: dt.date) -> None:
         """Delete the user's appointment on that date; NotBooked when there is none."""
+
+    @abc.abstractmethod
+    def reschedule(self, user_id: str, date: dt.date, new_date: Optional[dt.date],
+                   new_time: Optional[dt.time]) -> Appointment:
+        """Move the user's appointment on date to new_date at new_time (None keeps
+        either as it is) in one step, and return it moved. Raises NotBooked when
+        there is none on date, and AlreadyBooked, carrying it, when the user holds
+        another on new_date; nothing changes then."""
 
     @abc.abstractmethod
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
@@ -360,6 +412,25 @@ class InMemoryStore(Store):
                         self._by_user[user_id] = next(iter(held.values()))
         if not found:
             raise NotBooked(user_id, date)
+
+    def reschedule(self, user_id: str, date: dt.date, new_date: Optional[dt.date],
+                   new_time: Optional[dt.time]) -> Appointment:
+        with self._lock:  # check and move under one hold of the lock
+            held = self._by_user.get(user_id)
+            start = self._start_on(held, date)
+            if start is None:
+                raise NotBooked(user_id, date)
+            moved = moved_start(start, new_date, new_time)
+            existing = None if moved.date() == date else self._start_on(held, moved.date())
+            if existing is None:
+                if isinstance(held, dt.datetime):
+                    self._by_user[user_id] = moved
+                else:
+                    del held[date]
+                    held[moved.date()] = moved
+        if existing is not None:
+            raise AlreadyBooked(Appointment(user_id, existing))
+        return Appointment(user_id, moved)
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
@@ -556,8 +627,31 @@ class SQLiteStore(Store):
                           (user_id, date.isoformat())).rowcount:
             raise NotBooked(user_id, date)
 
+    def _reschedule(self, db: sqlite3.Connection, user_id: str, date: dt.date,
+                    new_date: Optional[dt.date], new_time: Optional[dt.time]) -> Appointment:
+        row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
+                         (user_id, date.isoformat())).fetchone()
+        if row is None:
+            raise NotBooked(user_id, date)
+        moved = Appointment(user_id, moved_start(self._appointment(user_id, date.isoformat(),
+                                                                   row[0]).start,
+                                                 new_date, new_time))
+        try:  # one UPDATE: the row moves whole, or not at all
+            db.execute("UPDATE appointments SET date = ?, time = ? WHERE user_id = ? AND date = ?",
+                       (moved.date.isoformat(), f"{moved.start:%H:%M}", user_id,
+                        date.isoformat()))
+        except sqlite3.IntegrityError:  # the user holds new_date: fails this statement only
+            row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
+                             (user_id, moved.date.isoformat())).fetchone()
+            raise AlreadyBooked(self._appointment(user_id, moved.date.isoformat(), row[0]))
+        return moved
+
     def book(self, appointment: Appointment) -> Appointment:
         return self.write(self._book, appointment)
+
+    def reschedule(self, user_id: str, date: dt.date, new_date: Optional[dt.date],
+                   new_time: Optional[dt.time]) -> Appointment:
+        return self.write(self._reschedule, user_id, date, new_date, new_time)
 
     def cancel(self, user_id: str, date: dt.date) -> None:
         self.write(self._cancel, user_id, date)
@@ -645,12 +739,23 @@ def appointment_uid(appointment: Appointment) -> str:
     return f"{_ical_instant(appointment.start)}-{user}@scheduler"
 
 
+# RFC 5545 section 3.6: a calendar holds at least one component. A feed with no
+# appointments holds this one, which describes UTC and changes nothing: every time
+# in the feed is in UTC already (the trailing Z), and none refers to it by TZID.
+_UTC_TIMEZONE = ["BEGIN:VTIMEZONE", "TZID:UTC", "BEGIN:STANDARD", "DTSTART:19700101T000000",
+                 "TZOFFSETFROM:+0000", "TZOFFSETTO:+0000", "TZNAME:UTC", "END:STANDARD",
+                 "END:VTIMEZONE"]
+
+
 def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetime) -> str:
-    """The appointments as an iCalendar object, one VEVENT each. With METHOD, the
-    DTSTAMP of each event is when this object was made: now."""
+    """The appointments as an iCalendar object, one VEVENT each (or, for none, a
+    VTIMEZONE: the object needs a component). With METHOD, the DTSTAMP of each
+    event is when this object was made: now."""
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:-//scheduler//{SERVER_NAME}//EN",
              "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
              f"X-WR-CALNAME:{_ical_text(f'Appointments of {user_id}')}"]
+    if not appointments:
+        lines += _UTC_TIMEZONE
     for appointment in appointments:
         lines += ["BEGIN:VEVENT",
                   f"UID:{appointment_uid(appointment)}",
@@ -663,13 +768,89 @@ def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetim
     return "".join(_fold(line) + "\r\n" for line in lines)
 
 
+# --- Metrics (Prometheus text format 0.0.4) --------------------------------------------
+
+METRICS_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+UNMATCHED = "unmatched"  # the route label of a request no route answered (404, 400...)
+# Upper bounds, in seconds, of the request-duration histogram's buckets.
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    5.0, 10.0)
+Sample = Tuple[str, str, str, Union[int, float]]  # name, type, help text, value
+
+
+def _label(value: str) -> str:
+    """A label value, escaped as the text format asks (backslash, quote, newline)."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    """What /metrics shows: each request counted by route template (never its raw
+    path: user IDs would make a series each), method and status, with a histogram
+    of durations; and whatever the collectors sample when it is asked for (stored
+    appointments, connections, the log).
+
+    observe() is on every request's path, so it is one lock, one dict lookup and
+    two additions; the text is built only when scraped.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()  # guards _requests
+        # (route, method, status) -> [count per bucket..., count above them, total seconds]
+        self._requests: Dict[Tuple[str, str, int], List[float]] = {}
+        self.collectors: List[Callable[[], List[Sample]]] = []  # each scrape calls them
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        key = (route, method, status)
+        with self._lock:
+            counts = self._requests.get(key)
+            if counts is None:
+                counts = self._requests[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
+            counts[bucket] += 1
+            counts[-1] += seconds
+
+    def exposition(self) -> str:
+        """Everything, in the Prometheus text exposition format, version 0.0.4."""
+        with self._lock:
+            requests = {key: list(counts) for key, counts in sorted(self._requests.items())}
+        by_route: Dict[Tuple[str, str], List[float]] = {}  # the histogram leaves out status
+        lines = ["# HELP scheduler_requests_total Requests answered, by route template, "
+                 "method and status.", "# TYPE scheduler_requests_total counter"]
+        for (route, method, status), counts in requests.items():
+            lines.append(f'scheduler_requests_total{{route="{_label(route)}",method="{method}",'
+                         f'status="{status}"}} {sum(counts[:-1])}')
+            total = by_route.setdefault((route, method), [0] * len(counts))
+            for index, count in enumerate(counts):
+                total[index] += count
+        lines += ["# HELP scheduler_request_duration_seconds Time from a request's head read "
+                  "to its response ready to send.",
+                  "# TYPE scheduler_request_duration_seconds histogram"]
+        for (route, method), counts in by_route.items():
+            labels = f'route="{_label(route)}",method="{method}"'
+            cumulative = 0
+            for bound, count in zip(DURATION_BUCKETS + (float("inf"),), counts):
+                cumulative += count
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                lines.append(f'scheduler_request_duration_seconds_bucket{{{labels},le="{le}"}} '
+                             f"{cumulative}")
+            lines += [f"scheduler_request_duration_seconds_sum{{{labels}}} {counts[-1]!r}",
+                      f"scheduler_request_duration_seconds_count{{{labels}}} {cumulative}"]
+        for collect in self.collectors:
+            for name, kind, help_text, value in collect():
+                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(lines) + "\n"
+
+
 # --- Routes ---------------------------------------------------------------------------
 # Each route is a function from parsed input to a Reply. It never sees a socket, and
 # raises HTTPError (or lets a domain error through) when it cannot answer.
 
 JSON_TYPE = "application/json"
+MERGE_PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
+PATCH_TYPES = (MERGE_PATCH_TYPE, JSON_TYPE)  # what PATCH takes: a merge patch, as either
 PROBLEM_TYPE = "application/problem+json"
 CALENDAR_TYPE = "text/calendar; charset=utf-8"
+_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps() makes one per call
 # RFC 9110's names where Python's (before 3.13) are the older ones.
 _TITLES = {HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "Content Too Large",
            HTTPStatus.UNPROCESSABLE_ENTITY: "Unprocessable Content"}
@@ -703,7 +884,7 @@ class Request(NamedTuple):
 
     params: Dict[str, str]
     query: Dict[str, List[str]]
-    body: object = None  # parsed JSON; only for routes that declare reads_body
+    body: object = None  # parsed JSON; only for routes that declare body_types
 
 
 class Reply(NamedTuple):
@@ -774,44 +955,79 @@ def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
         raise HTTPError(400, f"Invalid path: date {error}.") from None
 
 
-def list_appointments(store: Store, request: Request) -> Reply:
+def entity_tag(content: str, weak: bool = False) -> str:
+    """An entity tag (RFC 9110 section 8.8.3) for content: a hash of it, so it changes
+    exactly when the content does. Weak (W/) for content that means the same with
+    bytes that differ (section 8.8.1): the calendar feed and its DTSTAMP."""
+    digest = hashlib.blake2b(content.encode(), digest_size=16).hexdigest()
+    return f'W/"{digest}"' if weak else f'"{digest}"'
+
+
+def tagged_json(body: dict) -> Reply:
+    """A 200 of body as JSON, with its ETag: encoded here, once, to be hashed."""
+    text = _JSON_ENCODER.encode(body) + "\n"
+    return Reply(HTTPStatus.OK, text, (("ETag", entity_tag(text)),))
+
+
+def list_appointments(service: "Service", request: Request) -> Reply:
     user_id = query_user_id(request.query)
-    appointments = store.list_for_user(user_id, *query_date_range(request.query))
-    return Reply(HTTPStatus.OK, {"user_id": user_id,
-                                 "appointments": [a.as_json() for a in appointments]})
+    appointments = service.store.list_for_user(user_id, *query_date_range(request.query))
+    return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
 
 
-def book_appointment(store: Store, request: Request) -> Reply:
+def book_appointment(service: "Service", request: Request) -> Reply:
     if not isinstance(request.body, dict):
         raise HTTPError(400, "The request body must be a JSON object, e.g. "
                              '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
-    appointment = store.book(parse_appointment(request.body))
+    appointment = service.store.book(parse_appointment(request.body))
     return Reply(HTTPStatus.CREATED, appointment.as_json(),
                  (("Location", appointment_url(appointment)),))
 
 
-def show_appointment(store: Store, request: Request) -> Reply:
-    return Reply(HTTPStatus.OK, store.get(*path_key(request.params)).as_json())
+def show_appointment(service: "Service", request: Request) -> Reply:
+    return tagged_json(service.store.get(*path_key(request.params)).as_json())
 
 
-def cancel_appointment(store: Store, request: Request) -> Reply:
-    store.cancel(*path_key(request.params))
+def reschedule_appointment(service: "Service", request: Request) -> Reply:
+    """PATCH with a JSON merge patch (RFC 7396) of date and time: the appointment
+    moves in one step, or stays. When its date changes, so does its URL."""
+    user_id, date = path_key(request.params)
+    if not isinstance(request.body, dict):
+        raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
+                             'fields to change, e.g. {"date": "2026-11-26", "time": "10:00"}.')
+    moved = service.store.reschedule(user_id, date, *parse_changes(request.body, user_id))
+    if moved.date == date:
+        return Reply(HTTPStatus.OK, moved.as_json())
+    url = appointment_url(moved)  # Content-Location: the body is what is now there
+    return Reply(HTTPStatus.OK, moved.as_json(), (("Location", url), ("Content-Location", url)))
+
+
+def cancel_appointment(service: "Service", request: Request) -> Reply:
+    service.store.cancel(*path_key(request.params))
     return Reply(HTTPStatus.NO_CONTENT, None)
 
 
-def calendar(store: Store, request: Request) -> Reply:
+def calendar(service: "Service", request: Request) -> Reply:
+    """The feed, with a weak ETag of everything in it but the DTSTAMPs, which say
+    when it was made: a calendar app polling it gets 304 until an appointment
+    changes (README, Decisions)."""
     user_id = query_user_id(request.query)
-    feed = calendar_feed(user_id, store.list_for_user(user_id),
-                         dt.datetime.now(dt.timezone.utc))
-    return Reply(HTTPStatus.OK, feed, media_type=CALENDAR_TYPE)
+    now = dt.datetime.now(dt.timezone.utc)
+    feed = calendar_feed(user_id, service.store.list_for_user(user_id), now)
+    tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", ""), weak=True)
+    return Reply(HTTPStatus.OK, feed, (("ETag", tag),), CALENDAR_TYPE)
 
 
-def health(store: Store, request: Request) -> Reply:
-    store.check()
+def health(service: "Service", request: Request) -> Reply:
+    service.store.check()
     return Reply(HTTPStatus.OK, {"status": "ok"})
 
 
-def describe(store: Store, request: Request) -> Reply:
+def metrics(service: "Service", request: Request) -> Reply:
+    return Reply(HTTPStatus.OK, service.metrics.exposition(), media_type=METRICS_TYPE)
+
+
+def describe(service: "Service", request: Request) -> Reply:
     return Reply(HTTPStatus.OK, openapi_document())  # the appendix, at the end of the file
 
 
@@ -820,17 +1036,19 @@ class Route(NamedTuple):
 
     method: str
     path: str  # literal segments, or {name} to capture one decoded segment
-    handler: Callable[[Store, Request], Reply]
-    reads_body: bool = False
+    handler: Callable[["Service", Request], Reply]
+    body_types: Tuple[str, ...] = ()  # the media types of the JSON body it reads, if any
 
 
 ROUTES = (
     Route("GET", "/appointments", list_appointments),
-    Route("POST", "/appointments", book_appointment, reads_body=True),
+    Route("POST", "/appointments", book_appointment, (JSON_TYPE,)),
     Route("GET", "/appointments/{user_id}/{date}", show_appointment),
+    Route("PATCH", "/appointments/{user_id}/{date}", reschedule_appointment, PATCH_TYPES),
     Route("DELETE", "/appointments/{user_id}/{date}", cancel_appointment),
     Route("GET", "/appointments.ics", calendar),
     Route("GET", "/healthz", health),
+    Route("GET", "/metrics", metrics),
     Route("GET", "/openapi.json", describe),
 )
 
@@ -861,10 +1079,14 @@ def _allow(methods: List[str]) -> str:
     return ", ".join(dict.fromkeys(allowed + ["OPTIONS"]))
 
 
-def _options(allow: str) -> Route:
-    """The answer to OPTIONS: which methods the target takes (RFC 9110 section 9.3.7)."""
-    return Route("OPTIONS", "*", lambda store, request: Reply(HTTPStatus.NO_CONTENT, None,
-                                                              (("Allow", allow),)))
+def _options(allow: str, path: str) -> Route:
+    """The answer to OPTIONS: which methods the target takes (RFC 9110 section 9.3.7),
+    and, where one is PATCH, which patch formats (Accept-Patch: RFC 5789 section 3.1)."""
+    headers = (("Allow", allow),)
+    if "PATCH" in allow.split(", "):
+        headers += (("Accept-Patch", ", ".join(PATCH_TYPES)),)
+    return Route("OPTIONS", path, lambda service, request: Reply(HTTPStatus.NO_CONTENT, None,
+                                                                 headers))
 
 
 def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
@@ -878,14 +1100,14 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
     if path == "*" or (method == "CONNECT" and not path.startswith("/")):
         allow = _allow([route.method for route in routes])  # what the server takes
         if method == "OPTIONS":
-            return _options(allow), {}
+            return _options(allow, "*"), {}
         raise HTTPError(405, f"{method} {path} is not supported: this server is not a "
                              f"proxy; use {allow} on its paths.", headers={"Allow": allow})
     try:  # split the raw path first, so an encoded "/" stays inside its segment
         segments = [urllib.parse.unquote(s, errors="strict") for s in path.split("/")]
     except UnicodeDecodeError:
         raise HTTPError(400, "The path is not valid percent-encoded UTF-8.") from None
-    methods = []
+    methods, template = [], ""
     for route in routes:
         params = _match_segments(_pattern(route.path), segments)
         if params is None:
@@ -893,11 +1115,12 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
         if route.method == method or (method == "HEAD" and route.method == "GET"):
             return route, params
         methods.append(route.method)
+        template = route.path
     if not methods:
         raise HTTPError(404, f"There is no resource at {path}; see the README for the API.")
     allow = _allow(methods)
     if method == "OPTIONS":
-        return _options(allow), {}
+        return _options(allow, template), {}
     raise HTTPError(405, f"{method} is not supported here; use {allow}.", headers={"Allow": allow})
 
 
@@ -978,15 +1201,21 @@ def _unquote(text: str) -> str:
     return text
 
 
-def body_length(request: HTTPRequest, limit: int) -> int:
+def body_length(request: HTTPRequest, limit: int, media_types: Tuple[str, ...]) -> int:
     """The length of the JSON body a request declares, checked before a byte of
-    it is read: its Content-Type (415), its framing (411, 400) and its size (413)."""
+    it is read: its Content-Type, one of media_types (415), its framing (411, 400)
+    and its size (413)."""
     headers = request.headers
     media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type != JSON_TYPE:
-        raise HTTPError(415, f"Send the body as JSON with the header 'Content-Type: {JSON_TYPE}' "
-                             f"(curl: -H 'Content-Type: {JSON_TYPE}'); got "
-                             f"{media_type or 'no Content-Type'}.")
+    if media_type not in media_types:
+        label = media_types[0]
+        others = "".join(f" (or {other})" for other in media_types[1:])
+        raise HTTPError(415, f"Send the body as JSON with the header 'Content-Type: {label}'"
+                             f"{others} (curl: -H 'Content-Type: {label}'); got "
+                             f"{media_type or 'no Content-Type'}.",
+                        # a PATCH says which patch formats it takes (RFC 5789 section 2.2)
+                        headers={"Accept-Patch": ", ".join(media_types)}
+                        if request.method == "PATCH" else None)
     if "transfer-encoding" in headers:
         raise HTTPError(411, "Chunked request bodies are not supported; "
                              "send the body with a Content-Length header.")
@@ -1016,8 +1245,8 @@ def _reject_constant(name):
 
 # Built once: json.loads() with these arguments builds a decoder per call.
 _JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys,
-                                 parse_constant=_reject_constant)
-_JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps() makes one per call
+                                 parse_constant=_reject_constant,
+                                 parse_float=decimal.Decimal)  # exact: 1e2 is the integer 100
 
 
 def decode_json(raw: bytes) -> object:
@@ -1050,7 +1279,8 @@ def http_error(error: BaseException) -> HTTPError:
     if isinstance(error, InvalidAppointment):
         fields = ", ".join(field for field, _ in error.errors)
         noun = "field is" if len(error.errors) == 1 else "fields are"
-        return HTTPError(422, f"The appointment was not booked: {len(error.errors)} {noun} "
+        verb = "moved" if error.moving else "booked"
+        return HTTPError(422, f"The appointment was not {verb}: {len(error.errors)} {noun} "
                               f"invalid ({fields}).",
                          errors=[{"field": field, "message": message}
                                  for field, message in error.errors])
@@ -1081,15 +1311,113 @@ def error_reply(error: BaseException) -> Reply:
 BodyReader = Callable[[HTTPRequest, int], bytes]  # reads the request's body of that length
 
 
-def dispatch(store: Store, limits: Limits, request: HTTPRequest, read_body: BodyReader) -> Reply:
-    """The reply to a parsed request: match its route, read and decode the body
-    if the route takes one, and run the route. The one path from a request to its
-    reply, for the handler and for the tests' in-process client alike. Raises
-    what the route, the parsers or the store raise; error_reply() answers it."""
-    route, params = match(ROUTES, request.method, request.path)
-    body = (decode_json(read_body(request, body_length(request, limits.max_body_bytes)))
-            if route.reads_body else None)
-    return route.handler(store, Request(params, parse_query(request.query), body))
+# RFC 9110 section 8.8.3: an entity tag; If-None-Match is a list of them (13.1.2).
+_ENTITY_TAG = r'(?:W/)?"[!#-~\x80-\xff]*"'
+_ENTITY_TAG_LIST = re.compile(rf"[ \t]*{_ENTITY_TAG}(?:[ \t]*,[ \t]*{_ENTITY_TAG})*[ \t]*")
+_ENTITY_TAGS = re.compile(_ENTITY_TAG)
+
+
+def _opaque(tag: str) -> str:
+    """The tag without its weakness: what weak comparison compares (section 8.8.3.2)."""
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
+    """The reply, or 304 Not Modified when it is a 200 to a GET or HEAD whose ETag
+    the request's If-None-Match already has (RFC 9110 section 13.1.2: weak
+    comparison; "*" matches any). Other statuses ignore the condition (13.2.1)."""
+    condition = request.headers.get("if-none-match")
+    if condition is None or reply.status != HTTPStatus.OK or request.method not in ("GET", "HEAD"):
+        return reply
+    tag = dict(reply.headers).get("ETag")
+    if tag is None:
+        return reply
+    if condition.strip() != "*" and not (_ENTITY_TAG_LIST.fullmatch(condition) and _opaque(
+            tag) in map(_opaque, _ENTITY_TAGS.findall(condition))):
+        return reply  # no match, or not a list of entity tags: answered as if absent
+    # Only the fields a 200 would have had that describe it (section 15.4.5): no content.
+    return Reply(HTTPStatus.NOT_MODIFIED, None,
+                 tuple((name, value) for name, value in reply.headers
+                       if name in ("ETag", "Content-Location", "Vary")))
+
+
+
+# CORS (the Fetch standard): the request headers a browser may send and the response
+# headers its scripts may read, beyond the safelisted ones; how long a browser may
+# keep a preflight's answer (Chromium keeps it 2 hours at most).
+CORS_ALLOW_HEADERS = "Content-Type, If-None-Match"
+CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After"
+CORS_MAX_AGE = 7200
+CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
+                          "Access-Control-Allow-Headers", "Access-Control-Max-Age")
+
+
+def cors_headers(origins: frozenset, request: HTTPRequest, reply: Reply) -> Tuple[Tuple[str, str], ...]:
+    """The CORS headers for a reply, when origins allows the request's Origin
+    ("*" allows every one): to a preflight (an OPTIONS with
+    Access-Control-Request-Method), what it may send; to any other request, errors
+    included, that its script may read the reply. An origin not allowed gets none,
+    and the browser withholds the reply; the status is the same either way. Vary:
+    Origin on every reply, since whether these are there depends on it."""
+    origin = request.headers.get("origin")
+    if origin is None or not (origin in origins or "*" in origins):
+        return (("Vary", "Origin"),)
+    allowed = (("Access-Control-Allow-Origin", origin if origin in origins else "*"),
+               ("Vary", "Origin"))
+    if request.method == "OPTIONS" and "access-control-request-method" in request.headers \
+            and reply.status == HTTPStatus.NO_CONTENT:
+        return allowed + (("Access-Control-Allow-Methods", dict(reply.headers).get("Allow", "")),
+                          ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+                          ("Access-Control-Max-Age", str(CORS_MAX_AGE)))
+    return allowed + (("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS),)
+
+
+class Service:
+    """What every request shares, whichever server or client carries it: the store,
+    the limits, the origins allowed cross-origin requests (CORS), the metrics, and
+    where unexpected errors are logged. respond() is a request's one path to its
+    reply, for the handler and for the tests' in-process client alike."""
+
+    def __init__(self, store: Store, limits: Optional[Limits] = None,
+                 cors_origins: Tuple[str, ...] = (), log: Callable[[str], None] = print):
+        self.store = store
+        self.limits = limits if limits is not None else Limits()
+        self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
+        self.log = log
+        self.metrics = Metrics()
+        self.metrics.collectors.append(lambda: [(
+            "scheduler_appointments", "gauge", "Appointments stored, over all users.",
+            store.count())])
+
+    def respond(self, request: HTTPRequest, read_body: BodyReader) -> Tuple[str, Reply]:
+        """The reply to a parsed request, and the template of the route that gave it
+        (UNMATCHED for none): match the route, read and decode the body if the route
+        takes one, run it; an error becomes its problem; then If-None-Match may make
+        it a 304, and CORS adds its headers. Raises only ConnectionError."""
+        template = UNMATCHED
+        try:
+            route, params = match(ROUTES, request.method, request.path)
+            template = route.path
+            body = (decode_json(read_body(request, body_length(
+                request, self.limits.max_body_bytes, route.body_types)))
+                if route.body_types else None)
+            reply = not_modified(request, route.handler(
+                self, Request(params, parse_query(request.query), body)))
+        except ConnectionError:
+            raise  # the client went away: nobody to answer
+        except Exception as error:
+            reply = self.problem(error, f"{request.method} {request.path}")
+        if self.cors_origins:
+            reply = reply._replace(headers=reply.headers + cors_headers(self.cors_origins,
+                                                                        request, reply))
+        return template, reply
+
+    def problem(self, error: BaseException, request_line: str) -> Reply:
+        """error_reply(error), logging the traceback of an unexpected one (a 500)."""
+        reply = error_reply(error)
+        if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
+            self.log(f"Unexpected error in {request_line!r}:\n{traceback.format_exc()}")
+        return reply
 
 
 class _Clock(NamedTuple):
@@ -1307,14 +1635,16 @@ class Connection:
 
     # For the server's other threads.
 
-    def expire_if_late(self, now: float) -> None:
-        """For the watchdog: past the deadline, end the blocked read (or write)."""
+    def expire_if_late(self, now: float) -> bool:
+        """For the watchdog: past the deadline, end the blocked read (or write); whether
+        this did."""
         with self._lock:
             if self._deadline is None or now < self._deadline or self._expired:
-                return
+                return False
             self._expired = True
             # A late reader still gets its 408, so only a late writer loses both sides.
             self._shutdown(socket.SHUT_RDWR if self._phase == self.WRITING else socket.SHUT_RD)
+            return True
 
     @property
     def phase(self) -> str:
@@ -1364,7 +1694,8 @@ class _Replaced:
 
 class SchedulerHandler(BaseHTTPRequestHandler):
     """Serves one connection for socketserver: drives a Connection through its
-    requests, parses each, passes it to dispatch() and sends the reply in one write.
+    requests, parses each, passes it to Service.respond() and sends the reply in one
+    write.
 
     Hooks it overrides:
         setup()          takes the Connection, instead of making rfile and wfile
@@ -1389,7 +1720,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
     raw_requestline = _Replaced("parse_request() reads the request line")
     # The connection: a Connection owns its socket, its reads and writes, and keep-alive.
     rfile = _Replaced("read with Connection.read_line() and Connection.read_body()")
-    wfile = _Replaced("reply through dispatch(): a Reply is sent in one write")
+    wfile = _Replaced("return a Reply from a route: it is sent in one write")
     connection = _Replaced("the socket belongs to the Connection, self.conn")
     close_connection = _Replaced("Connection.keep_open() decides")
     timeout = _Replaced("deadlines are Limits, enforced by the server's watchdog")
@@ -1410,26 +1741,28 @@ class SchedulerHandler(BaseHTTPRequestHandler):
         """Nothing to do: the server closes the Connection (shutdown_request)."""
 
     def handle(self) -> None:
-        conn = self.conn
+        conn, service = self.conn, self.server.service
         while conn.wait_for_request():
             self.requestline = self.command = ""
-            request = None
+            request, route = None, UNMATCHED
             try:
                 request = self.parse_request()
                 if request is None:  # the client closed, or sent nothing in time
                     return
-                reply = dispatch(self.server.store, self.server.limits, request, conn.read_body)
             except ConnectionError:
                 raise  # the client went away: nobody to answer
             except Exception as error:
-                reply = error_reply(error)
-                if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
-                    self.server.log(f"Unexpected error in {self.requestline!r}:\n"
-                                    f"{traceback.format_exc()}")
+                started = time.perf_counter()
+                reply = service.problem(error, self.requestline)
+            else:
+                started = time.perf_counter()
+                route, reply = service.respond(request, conn.read_body)
             keep_open = conn.keep_open(request)
             response, size = render_response(reply, connection=connection_header(
                 request, keep_open), head_only=self.command == "HEAD")
             self.log_request(reply.status, size)  # before the write: never lost
+            service.metrics.observe(route, self.command if self.command in KNOWN_METHODS
+                                    else "other", reply.status, time.perf_counter() - started)
             conn.send(response)
             if not keep_open:
                 return
@@ -1590,10 +1923,10 @@ class SchedulerServer(ThreadingHTTPServer):
     daemon_threads = True  # a connection still open after drain() must not block exit
     request_queue_size = 128  # listen backlog; the default 5 drops bursts of connects
 
-    def __init__(self, address, store: Store, log_stream: Optional[TextIO], limits: Limits,
+    def __init__(self, address, service: Service, log_stream: Optional[TextIO],
                  listener: Optional[socket.socket] = None):
-        self.store = store
-        self.limits = limits
+        self.service = service
+        self.store, self.limits = service.store, service.limits  # for short
         self.log_stream = log_stream
         self.draining = False  # set once by drain(): finish current requests, take no more
         self.parent = None  # a worker's supervisor (process ID): without it, shut down
@@ -1604,6 +1937,11 @@ class SchedulerServer(ThreadingHTTPServer):
         self._accept_failing = False  # accept() is out of resources; logged once
         self._log = Log(log_stream)  # a thread of its own: a stuck log stops no deadline
         self.log = self._log.write  # log(line): bound once, for a call less a request
+        service.log = self.log
+        # Counted under _lock, for /metrics: connections refused at the cap, closed to
+        # make room, and cut off by the watchdog past a deadline.
+        self.refused = self.evicted = self.timed_out = 0
+        service.metrics.collectors.append(self._connection_metrics)
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         if ":" in address[0]:
@@ -1638,8 +1976,10 @@ class SchedulerServer(ThreadingHTTPServer):
             now = time.monotonic()
             with self._lock:
                 connections = list(self._connections)
-            for connection in connections:
-                connection.expire_if_late(now)
+            expired = sum(connection.expire_if_late(now) for connection in connections)
+            if expired:
+                with self._lock:
+                    self.timed_out += expired
 
     def server_close(self) -> None:
         """Stop accepting; then stop the watchdog, and write out the log unless its
@@ -1677,6 +2017,8 @@ class SchedulerServer(ThreadingHTTPServer):
             admitted = len(self._connections) < self.limits.max_connections or self._make_room()
             if admitted:
                 self._connections.add(connection)
+            else:
+                self.refused += 1
         if admitted:
             super().process_request(connection, client_address)
             return
@@ -1694,10 +2036,26 @@ class SchedulerServer(ThreadingHTTPServer):
         for connection in sorted(idle, key=lambda c: c.waiting_since):
             if connection.close_if_idle():
                 self._connections.discard(connection)
+                self.evicted += 1
                 self.log(f"{connection.client_address[0]} - - closed after waiting longest, "
                          f"to make room: {self.limits.max_connections} connections open")
                 return True
         return False
+
+    def _connection_metrics(self) -> List[Sample]:
+        with self._lock:
+            return [("scheduler_connections_open", "gauge", "Connections being served.",
+                     len(self._connections)),
+                    ("scheduler_connections_refused_total", "counter",
+                     "Connections refused with a 503: all were busy at the cap.", self.refused),
+                    ("scheduler_connections_evicted_total", "counter",
+                     "Idle connections closed to make room at the cap.", self.evicted),
+                    ("scheduler_connections_timed_out_total", "counter",
+                     "Connections cut off past a deadline (first byte, idle, request).",
+                     self.timed_out),
+                    ("scheduler_log_lines_dropped_total", "counter",
+                     "Log lines dropped because the log's reader did not keep up.",
+                     self._log.dropped)]
 
     def connections_by_phase(self) -> Dict[str, int]:
         """How many connections are in each phase (Connection.WAITING...)."""
@@ -1740,17 +2098,19 @@ class SchedulerServer(ThreadingHTTPServer):
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, *,
                 log_stream: Optional[TextIO] = sys.stderr, limits: Optional[Limits] = None,
+                cors_origins: Tuple[str, ...] = (),
                 listener: Optional[socket.socket] = None) -> SchedulerServer:
     """Build a bound server (port 0 picks a free port); the caller runs serve_forever().
 
     store defaults to a new InMemoryStore, limits to Limits(). log_stream gets one
     access-log line a request and the tracebacks of unexpected errors; None
-    silences it. listener: a listening socket to serve instead of binding one
-    (several processes share it with --workers). Raises OSError when the address
-    cannot be bound.
+    silences it. cors_origins: the origins whose scripts may call the API ("*":
+    any). listener: a listening socket to serve instead of binding one (several
+    processes share it with --workers). Raises OSError when the address cannot
+    be bound.
     """
-    return SchedulerServer((host, port), store if store is not None else InMemoryStore(),
-                           log_stream, limits if limits is not None else Limits(), listener)
+    service = Service(store if store is not None else InMemoryStore(), limits, cors_origins)
+    return SchedulerServer((host, port), service, log_stream, listener)
 
 
 # --- Command line ---------------------------------------------------------------------
@@ -1772,6 +2132,18 @@ def _cpu(text: str):
     if text.isdigit():
         return int(text)
     raise argparse.ArgumentTypeError(f"{text!r} is not a CPU number, 'auto' or 'any'")
+
+
+def _origin(text: str) -> str:
+    """An origin as browsers send it (scheme://host[:port], no path) or "*"."""
+    parts = urllib.parse.urlsplit(text)
+    if text == "*" or (parts.scheme in ("http", "https") and parts.hostname and not parts.path
+                       and not parts.query and not parts.fragment and "@" not in text
+                       and text == text.lower()):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not an origin: give scheme://host[:port] in lower case, with no path or "
+        "trailing slash (e.g. https://app.example.com), or *")
 
 
 def _positive(kind):
@@ -1822,6 +2194,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--db", metavar="PATH",
                         help="keep appointments in this SQLite file (created if missing), "
                              "so they survive restarts; without it they live in memory")
+    parser.add_argument("--cors-origin", type=_origin, action="append", default=[],
+                        metavar="ORIGIN", dest="cors_origins",
+                        help="let web pages from this origin (e.g. https://app.example.com) "
+                             "call the API from a browser; repeat for more; * for any "
+                             "(default: none)")
     limits = parser.add_argument_group("limits")
     for name, (metavar, description) in _LIMIT_OPTIONS.items():
         default = getattr(Limits(), name)
@@ -1918,7 +2295,7 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         return 1
     try:
         server = make_server(args.host, args.port, store, limits=limits, log_stream=log_stream,
-                             listener=listener)
+                             cors_origins=tuple(args.cors_origins), listener=listener)
     except OSError as error:
         print(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}",
               file=sys.stderr)
@@ -2121,11 +2498,63 @@ def _reply(description: str, schema: Optional[dict] = None, examples: Optional[d
     return {"description": description, **content, **fields}
 
 
-def _problem(description: str, schema: str = "Problem", **examples: HTTPError) -> dict:
+def _problem(description: str, schema: str = "Problem", headers: Optional[dict] = None,
+             **examples: HTTPError) -> dict:
     """A problem response; its examples are what HTTPError makes of them."""
     return _reply(description, _ref("schemas", schema),
                   {name.replace("_", "-"): error.problem() for name, error in examples.items()},
-                  PROBLEM_TYPE)
+                  PROBLEM_TYPE, **({"headers": headers} if headers else {}))
+
+
+def _class_char(code: int) -> str:
+    """A character inside a regular expression's [...], as Python's re and JSON
+    Schema's (ECMA-262) both read it: an escape in the BMP, itself beyond."""
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+def _char_class(predicate: Callable[[str], bool]) -> str:
+    """The characters for which predicate holds, as ranges inside [...], from this
+    Python's Unicode database: the one the parsers consult."""
+    ranges, start = [], None
+    for code in range(sys.maxunicode + 2):
+        inside = code <= sys.maxunicode and predicate(chr(code))
+        if inside and start is None:
+            start = code
+        elif not inside and start is not None:
+            ranges.append(_class_char(start) if start == code - 1
+                          else f"{_class_char(start)}-{_class_char(code - 1)}")
+            start = None
+    return "".join(ranges)
+
+
+_END = r"(?![\s\S])"  # the end of the text: "$" also matches before a final newline in re
+
+
+def user_id_pattern() -> str:
+    """parse_user_id()'s rules for a string as one regular expression: no control
+    characters or surrogates, no invisible characters but joiners between visible
+    non-ASCII ones, and no whitespace first or last."""
+    space = _char_class(str.isspace)
+    invisible = _char_class(lambda char: unicodedata.category(char) in INVISIBLE_CATEGORIES)
+    visible = _char_class(lambda char: not char.isascii()
+                          and unicodedata.category(char)[0] in VISIBLE_CLASSES)
+    joiner = "".join(_class_char(ord(char)) for char in JOINERS)
+    return (f"^(?![{space}])(?:[^{USER_ID_FORBIDDEN}{invisible}]"
+            f"|(?<=[{visible}])[{joiner}](?=[{visible}]))*(?<![{space}]){_END}")
+
+
+def date_pattern() -> str:
+    """parse_date()'s dates, FIRST_DATE to LAST_DATE, as a regular expression: JSON
+    Schema's "format": "date" is only an annotation, which validators may skip.
+    Written for one whole century whose first year is a leap year, as 2000 is."""
+    century = FIRST_DATE.year // 100
+    if (FIRST_DATE, LAST_DATE) != (dt.date(century * 100, 1, 1),
+                                   dt.date(century * 100 + 99, 12, 31)) or century % 4:
+        raise ValueError("date_pattern() is written for a century from a leap year")
+    month_day = ("(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+                 "|(?:0[13578]|1[02])-31)")
+    leap = "(?:[02468][048]|[13579][26])"  # years of the century divisible by 4
+    return f"^{century}(?:[0-9]{{2}}-{month_day}|{leap}-02-29){_END}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -2133,117 +2562,201 @@ def openapi_document() -> dict:
     """The OpenAPI 3.1 description of every route in ROUTES, built once."""
     minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
     text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
-    date = {"type": "string", "format": "date", "pattern": f"^{DATE_FORMAT.pattern}$",
-            "description": f"From {FIRST_DATE} to {LAST_DATE}"}
-    time = {"type": "string", "pattern": f"^([01][0-9]|2[0-3]):({minutes})$"}
-    user_id = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
-               "pattern": f"^[^{USER_ID_FORBIDDEN}]*$"}
+    date = {"type": "string", "format": "date", "pattern": date_pattern(),
+            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
+    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
+            "description": "HH:MM, UTC, on the hour or half hour"}
+    user_id = _ref("schemas", "UserId")
     appointment = _ref("schemas", "Appointment")
     errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
     by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
     found = {**errors, "404": _ref("responses", "NotFound")}
+    conditional = {"parameters": [_ref("parameters", "IfNoneMatch")]}
+    tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
+    unchanged = {"304": _ref("responses", "NotModified")}
     book = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
+    moved = {**_APPOINTMENT_EXAMPLE, "date": "2026-11-26", "time": "10:00",
+             "start": "2026-11-26T10:00:00Z", "end": "2026-11-26T10:30:00Z"}
+    not_json = _problem("The body is not valid JSON (a syntax error, a key twice, NaN, a "
+                        "number with too many digits, bytes that are not UTF-8), or not a "
+                        "JSON object", not_an_object=HTTPError(
+                            400, "The request body must be a JSON object, e.g. "
+                                 '{"user_id": "alice", "date": "2026-11-25", '
+                                 '"time": "09:30"}.'))
+    store_errors = {"503": _problem("The database is busy or failing; retry after "
+                                    "Retry-After seconds",
+                                    headers={"Retry-After": _ref("headers", "RetryAfter")}),
+                    "default": errors["default"]}
+    paths = {
+        "/appointments": {
+            "get": {
+                "summary": "List a user's appointments, sorted by start",
+                "parameters": [_ref("parameters", name) for name in ("UserIdQuery", "From",
+                                                                      "To", "IfNoneMatch")],
+                "responses": {"200": _reply(
+                    "The appointments (an empty list for a user with none)",
+                    _ref("schemas", "AppointmentList"),
+                    {"list": {"user_id": "alice", "appointments": [_APPOINTMENT_EXAMPLE]}},
+                    **tagged), **unchanged, **errors},
+            },
+            "post": {
+                "summary": "Book an appointment",
+                "requestBody": {"required": True, "content": _content(
+                    _ref("schemas", "NewAppointment"), {
+                        "book": book,
+                        "invalid-fields": {"user_id": "", "date": "2025-02-29",
+                                           "time": "09:15"},
+                        "not-an-object": list(book.values())})},
+                "responses": {
+                    "201": _reply("Booked", appointment, {"book": _APPOINTMENT_EXAMPLE},
+                                  headers={"Location": {
+                                      "description": "The appointment's own URL",
+                                      "schema": text}}),
+                    "400": not_json,
+                    "409": _problem("The user already has an appointment that date; "
+                                    "`appointment` is that one", "ConflictProblem",
+                                    conflict=HTTPError(
+                                        409, "User alice already has an appointment on "
+                                             "2026-11-25, at 09:30; a user may book one "
+                                             "appointment per date.",
+                                        appointment=_APPOINTMENT_EXAMPLE)),
+                    "411": _problem("No Content-Length (chunked bodies are refused)"),
+                    "413": _problem("The body is larger than the server's limit"),
+                    "415": _problem("The body is not labelled application/json"),
+                    "422": _problem("Fields are missing or invalid; `errors` lists each",
+                                    "ValidationProblem", invalid_fields=HTTPError(
+                                        422, "The appointment was not booked: 3 fields "
+                                             "are invalid (user_id, date, time).", errors=[
+                                            {"field": "user_id",
+                                             "message": "user_id must not be empty"},
+                                            {"field": "date", "message": "date 2025-02-29 "
+                                             "is not a real calendar date"},
+                                            {"field": "time", "message": "time 09:15 is "
+                                             "not bookable: appointments start on the "
+                                             "hour or half hour (minutes 00 or 30)"}])),
+                    "507": _problem("The service holds its maximum of appointments"),
+                    **store_errors},
+            },
+        },
+        "/appointments/{user_id}/{date}": {
+            "get": {"summary": "One appointment: the URL in a booking's Location header",
+                    "parameters": by_key["parameters"] + conditional["parameters"],
+                    "responses": {"200": _reply(
+                        "The appointment", appointment, {"show": _APPOINTMENT_EXAMPLE},
+                        **tagged), **unchanged, **found}},
+            "patch": {
+                "summary": "Reschedule: move the appointment to another time or date in one "
+                           "step (a JSON merge patch, RFC 7396, of date and time)",
+                **by_key,
+                "requestBody": {"required": True, "content": {
+                    media_type: {"schema": _ref("schemas", "AppointmentPatch"),
+                                 "examples": {"reschedule": {"value": {
+                                     "date": "2026-11-26", "time": "10:00"}}}}
+                    for media_type in PATCH_TYPES}},
+                "responses": {
+                    "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
+                                  appointment, {"reschedule": moved}, headers={
+                                      name: {"description": "The appointment's new URL, "
+                                                            "when its date changed",
+                                             "schema": text}
+                                      for name in ("Location", "Content-Location")}),
+                    "400": not_json,
+                    "404": _ref("responses", "NotFound"),
+                    "409": _problem("The user already has an appointment on the new date; "
+                                    "`appointment` is that one, and nothing moved",
+                                    "ConflictProblem"),
+                    "413": _problem("The body is larger than the server's limit"),
+                    "415": _problem("The body is labelled neither "
+                                    f"{' nor '.join(PATCH_TYPES)}", headers={
+                                        "Accept-Patch": _ref("headers", "AcceptPatch")}),
+                    "422": _problem("Fields are invalid, or null (a merge patch's removal), "
+                                    "or user_id is another user's; `errors` lists each",
+                                    "ValidationProblem"),
+                    **store_errors}},
+            "delete": {"summary": "Cancel an appointment; the user may then book that "
+                                  "date again",
+                       **by_key, "responses": {"204": _reply("Cancelled"), **found,
+                                               **store_errors}},
+        },
+        "/appointments.ics": {"get": {
+            "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
+            "parameters": [_ref("parameters", "UserIdQuery"), _ref("parameters", "IfNoneMatch")],
+            "responses": {"200": _reply(
+                "One VEVENT per appointment (a user with none gets a VTIMEZONE of UTC: a "
+                "calendar has a component). DTSTAMP is when the feed was made; the weak "
+                "ETag covers everything else, so it changes when an appointment does",
+                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors}}},
+        "/healthz": {"get": {
+            "summary": "Whether the service (and its database) can serve requests",
+            "responses": {"200": _reply("Healthy", {
+                "type": "object", "required": ["status"],
+                "properties": {"status": {"const": "ok"}}}, {"health": {"status": "ok"}}),
+                "503": _problem("The database does not answer"),
+                "default": errors["default"]}}},
+        "/metrics": {"get": {
+            "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "
+                       "route template, method and status, their durations, stored "
+                       "appointments, connections, dropped log lines; per process with "
+                       "--workers",
+            "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
+                          "default": errors["default"]}}},
+        "/openapi.json": {"get": {"summary": "This document", "responses": {
+            "200": _reply("OpenAPI 3.1", {"type": "object"}),
+            "default": errors["default"]}}},
+    }
+    for item in paths.values():
+        if "get" in item:  # HEAD: as GET, without the content
+            item["head"] = {
+                "summary": f"{item['get']['summary']}: the headers of GET alone",
+                **{key: value for key, value in item["get"].items()
+                   if key not in ("summary", "responses")},
+                "responses": {status: response if "$ref" in response else {
+                    key: value for key, value in response.items() if key != "content"}
+                    for status, response in item["get"]["responses"].items()}}
+        methods = _allow([method.upper() for method in item if method != "head"])
+        item["options"] = {
+            "summary": f"Which methods this path takes ({methods}); with --cors-origin, "
+                       "a browser's preflight",
+            "parameters": [_ref("parameters", "Origin"),
+                           _ref("parameters", "AccessControlRequestMethod")],
+            "responses": {"204": {"description": "Allow lists the methods; to an allowed "
+                                                 "origin's preflight, the CORS headers too",
+                                  "headers": {name: _ref("headers", name.replace("-", ""))
+                                              for name in CORS_PREFLIGHT_HEADERS}}}}
+    user_id_text = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
+                    "pattern": user_id_pattern()}
     return {
         "openapi": "3.1.0",
         "info": {"title": "Appointment scheduler", "version": __version__,
                  "description": "Book 30-minute appointments that start on the hour or half "
                                 "hour (UTC), one per user per date; any number of users may "
-                                "share a slot. HEAD works wherever GET does. Every error is an "
-                                "RFC 9457 problem (application/problem+json)."},
-        "paths": {
-            "/appointments": {
-                "get": {
-                    "summary": "List a user's appointments, sorted by start",
-                    "parameters": [_ref("parameters", name) for name in ("UserIdQuery", "From",
-                                                                          "To")],
-                    "responses": {"200": _reply(
-                        "The appointments (an empty list for a user with none)",
-                        _ref("schemas", "AppointmentList"),
-                        {"list": {"user_id": "alice", "appointments": [_APPOINTMENT_EXAMPLE]}}),
-                        **errors},
-                },
-                "post": {
-                    "summary": "Book an appointment",
-                    "requestBody": {"required": True, "content": _content(
-                        _ref("schemas", "NewAppointment"), {
-                            "book": book,
-                            "invalid-fields": {"user_id": "", "date": "2025-02-29",
-                                               "time": "09:15"},
-                            "not-an-object": list(book.values())})},
-                    "responses": {
-                        "201": _reply("Booked", appointment, {"book": _APPOINTMENT_EXAMPLE},
-                                      headers={"Location": {
-                                          "description": "The appointment's own URL",
-                                          "schema": text}}),
-                        "400": _problem("The body is not valid JSON, or not a JSON object",
-                                        not_an_object=HTTPError(
-                                            400, "The request body must be a JSON object, e.g. "
-                                                 '{"user_id": "alice", "date": "2026-11-25", '
-                                                 '"time": "09:30"}.')),
-                        "409": _problem("The user already has an appointment that date; "
-                                        "`appointment` is that one", "ConflictProblem",
-                                        conflict=HTTPError(
-                                            409, "User alice already has an appointment on "
-                                                 "2026-11-25, at 09:30; a user may book one "
-                                                 "appointment per date.",
-                                            appointment=_APPOINTMENT_EXAMPLE)),
-                        "411": _problem("No Content-Length (chunked bodies are refused)"),
-                        "413": _problem("The body is larger than the server's limit"),
-                        "415": _problem("The body is not labelled application/json"),
-                        "503": _problem("The database is busy or failing; retry after "
-                                        "Retry-After seconds"),
-                        "507": _problem("The service holds its maximum of appointments"),
-                        "422": _problem("Fields are missing or invalid; `errors` lists each",
-                                        "ValidationProblem", invalid_fields=HTTPError(
-                                            422, "The appointment was not booked: 3 fields "
-                                                 "are invalid (user_id, date, time).", errors=[
-                                                {"field": "user_id",
-                                                 "message": "user_id must not be empty"},
-                                                {"field": "date", "message": "date 2025-02-29 "
-                                                 "is not a real calendar date"},
-                                                {"field": "time", "message": "time 09:15 is "
-                                                 "not bookable: appointments start on the "
-                                                 "hour or half hour (minutes 00 or 30)"}])),
-                        "default": errors["default"]},
-                },
-            },
-            "/appointments/{user_id}/{date}": {
-                "get": {"summary": "One appointment: the URL in a booking's Location header",
-                        **by_key, "responses": {"200": _reply(
-                            "The appointment", appointment, {"show": _APPOINTMENT_EXAMPLE}),
-                            **found}},
-                "delete": {"summary": "Cancel an appointment; the user may then book that "
-                                      "date again",
-                           **by_key, "responses": {"204": _reply("Cancelled"), **found}},
-            },
-            "/appointments.ics": {"get": {
-                "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
-                "parameters": [_ref("parameters", "UserIdQuery")],
-                "responses": {"200": _reply("One VEVENT per appointment; DTSTAMP is when the "
-                                            "feed was made", text, media_type=CALENDAR_TYPE),
-                              **errors}}},
-            "/healthz": {"get": {
-                "summary": "Whether the service (and its database) can serve requests",
-                "responses": {"200": _reply("Healthy", {
-                    "type": "object", "required": ["status"],
-                    "properties": {"status": {"const": "ok"}}}, {"health": {"status": "ok"}}),
-                    "503": _problem("The database does not answer"),
-                    "default": errors["default"]}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {
-                "200": _reply("OpenAPI 3.1", {"type": "object"}),
-                "default": errors["default"]}}},
-        },
+                                "share a slot. HEAD works wherever GET does, and OPTIONS "
+                                "everywhere. Every error is an RFC 9457 problem "
+                                "(application/problem+json). With --cors-origin, responses "
+                                "to an allowed Origin carry Access-Control-Allow-Origin, "
+                                "Vary: Origin and Access-Control-Expose-Headers "
+                                f"({CORS_EXPOSE_HEADERS})."},
+        "paths": paths,
         "components": {
             "schemas": {
+                "UserId": {**user_id_text, "description": "At most 256 characters; no "
+                           "control characters, no whitespace first or last, no invisible "
+                           "format characters but joiners between visible non-ASCII ones"},
                 "NewAppointment": {
                     "type": "object", "required": ["user_id", "date", "time"],
                     "properties": {"user_id": {
-                        "oneOf": [user_id, {"type": "integer"}],
-                        "description": "No control characters, no leading or trailing "
-                                       "whitespace, no invisible format characters but "
-                                       "joiners between visible non-ASCII ones; an integer "
-                                       "means its decimal string"},
+                        "oneOf": [user_id, {"type": "integer",
+                                            "minimum": -(10 ** (MAX_USER_ID_LENGTH - 1) - 1),
+                                            "maximum": 10 ** MAX_USER_ID_LENGTH - 1}],
+                        "description": "An integer means its decimal string (42.0 and 42 "
+                                       "too), which must fit in 256 characters"},
                         "date": date, "time": time}},
+                "AppointmentPatch": {
+                    "type": "object", "description": "Fields left out stay as they are; "
+                                                     "others are ignored",
+                    "properties": {"date": date, "time": time, "user_id": {
+                        "description": "If given, the appointment's own user",
+                        "oneOf": [user_id, {"type": "integer"}]}}},
                 "Appointment": {
                     "type": "object", "required": ["user_id", "date", "time", "start", "end"],
                     "properties": {"user_id": user_id, "date": date, "time": time,
@@ -2272,19 +2785,47 @@ def openapi_document() -> dict:
                 "From": {"name": "from", "in": "query", "schema": date,
                          "example": "2026-11-01", "description": "First date, inclusive"},
                 "To": {"name": "to", "in": "query", "schema": date, "example": "2026-11-30",
-                       "description": "Last date, inclusive; not before from"},
+                       "description": "Last date, inclusive; not before from (else 400)"},
                 "UserIdPath": {"name": "user_id", "in": "path", "required": True,
                                "schema": user_id, "example": "alice",
                                "description": "Percent-encoded, / included (%2F)"},
                 "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
                              "example": "2026-11-25"},
+                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": text,
+                                "description": "ETags the client holds (or *): if one is "
+                                               "current, 304 with no body"},
+                "Origin": {"name": "Origin", "in": "header", "schema": text,
+                           "description": "A browser's page origin (CORS)"},
+                "AccessControlRequestMethod": {
+                    "name": "Access-Control-Request-Method", "in": "header", "schema": text,
+                    "description": "A browser's preflight: the method it is about to send"},
+            },
+            "headers": {
+                "ETag": {"description": "Changes exactly when the representation does; "
+                                        "send it back in If-None-Match", "schema": text},
+                "RetryAfter": {"description": "Seconds to wait", "schema": text},
+                "AcceptPatch": {"description": "The patch formats PATCH takes",
+                                "schema": text},
+                "Allow": {"description": "The methods the path takes", "schema": text},
+                "AccessControlAllowOrigin": {"description": "The allowed origin, or *",
+                                             "schema": text},
+                "AccessControlAllowMethods": {"description": "What the origin may send",
+                                              "schema": text},
+                "AccessControlAllowHeaders": {"description": CORS_ALLOW_HEADERS,
+                                              "schema": text},
+                "AccessControlMaxAge": {"description": "Seconds a browser may keep the "
+                                                       "answer", "schema": text},
             },
             "responses": {
                 "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
-                                       "parameter, or a body that is not valid JSON"),
+                                       "parameter (from after to included), or a body that "
+                                       "is not valid JSON"),
                 "NotFound": _problem("No such appointment or path"),
+                "NotModified": {"description": "The representation is the one the client "
+                                               "has (If-None-Match): no body",
+                                "headers": {"ETag": _ref("headers", "ETag")}},
                 "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, "
-                                  "503 (with Retry-After)..."),
+                                  "501, 503 (with Retry-After)..."),
             },
         },
     }

@@ -12,6 +12,7 @@ Run: make test  (that is: python3 -m unittest -v)
 
 import contextlib
 import datetime as dt
+import decimal
 import errno
 import gc
 import http.client
@@ -71,10 +72,14 @@ def run_all(threads: List[threading.Thread]) -> None:
         thread.join()
 
 
-def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = "") -> None:
-    """Return as soon as predicate() is true; fail if it is not within timeout seconds."""
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, what: str = ""):
+    """Return predicate()'s first true value, as soon as there is one; fail if there
+    is none within timeout seconds."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while True:
+        value = predicate()
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout:g} s: {what or predicate}")
         time.sleep(0.01)
@@ -297,12 +302,23 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         (42, "42"),
         ("42", "42"),
         (-7, "-7"),
+        # JSON Schema's integers: numbers without a fraction, as decode_json reads them.
+        (decimal.Decimal("42.0"), "42"),
+        (decimal.Decimal("4.2e1"), "42"),
+        (decimal.Decimal("-0.0"), "0"),
+        (decimal.Decimal("12345678901234567890.0"), "12345678901234567890"),  # exactly
+        (decimal.Decimal("9" * 256 + ".0"), "9" * 256),
     ]
     INVALID = [
         (True, "string or an integer"),
         (False, "string or an integer"),
         (None, "string or an integer"),
         (1.5, "string or an integer"),
+        (decimal.Decimal("1.5"), "string or an integer"),
+        (decimal.Decimal("1e256"), "at most 256"),
+        (decimal.Decimal("1e999999999"), "at most 256"),
+        (decimal.Decimal("NaN"), "string or an integer"),
+        (-10 ** 255, "at most 256"),  # the minus sign makes 257 characters
         (["alice"], "string or an integer"),
         ({"id": "alice"}, "string or an integer"),
         ("", "empty"),
@@ -635,6 +651,82 @@ class StoreContract:
         self.assertEqual(self.store.count(), 3)
 
 
+    # Rescheduling: one step, whatever the user holds.
+    D25, D26, D27 = dt.date(2026, 11, 25), dt.date(2026, 11, 26), dt.date(2026, 11, 27)
+
+    def test_reschedule_moves_to_another_date_and_time(self):
+        for held in (["2026-11-25"], ["2026-11-25", "2026-11-28"]):  # one, or more
+            with self.subTest(held=held):
+                store = self.make_store()
+                self.addCleanup(store.close)
+                for date in held:
+                    store.book(appointment(date=date))
+                moved = store.reschedule("alice", self.D25, self.D26, dt.time(10, 0))
+                self.assertEqual(moved, appointment(date="2026-11-26", time="10:00"))
+                self.assertEqual(store.list_for_user("alice"),
+                                 sorted([moved] + [appointment(date=d) for d in held[1:]]))
+                with self.assertRaises(scheduler.NotBooked):
+                    store.get("alice", self.D25)
+                self.assertEqual(store.count(), len(held))
+
+    def test_reschedule_keeps_what_it_is_not_given(self):
+        self.store.book(appointment(time="09:30"))
+        self.assertEqual(self.store.reschedule("alice", self.D25, None, dt.time(15, 0)),
+                         appointment(time="15:00"))
+        self.assertEqual(self.store.reschedule("alice", self.D25, self.D27, None),
+                         appointment(date="2026-11-27", time="15:00"))
+        self.assertEqual(self.store.reschedule("alice", self.D27, None, None),
+                         appointment(date="2026-11-27", time="15:00"))
+        self.assertEqual(self.store.list_for_user("alice"),
+                         [appointment(date="2026-11-27", time="15:00")])
+
+    def test_reschedule_onto_a_held_date_conflicts_and_changes_nothing(self):
+        self.store.book(appointment(date="2026-11-25", time="09:30"))
+        self.store.book(appointment(date="2026-11-26", time="14:00"))
+        with self.assertRaises(scheduler.AlreadyBooked) as caught:
+            self.store.reschedule("alice", self.D25, self.D26, dt.time(10, 0))
+        self.assertEqual(caught.exception.existing, appointment(date="2026-11-26", time="14:00"))
+        self.assertEqual(self.store.list_for_user("alice"),
+                         [appointment(date="2026-11-25", time="09:30"),
+                          appointment(date="2026-11-26", time="14:00")])
+
+    def test_reschedule_of_nothing_is_not_booked(self):
+        self.store.book(appointment("bob"))
+        with self.assertRaises(scheduler.NotBooked):
+            self.store.reschedule("alice", self.D25, self.D26, None)
+        self.assertEqual(self.store.count(), 1)
+
+    def test_a_reschedule_racing_a_booking_for_its_date_leaves_one(self):
+        for round in range(20):
+            with self.subTest(round=round):
+                store = self.make_store()
+                self.addCleanup(store.close)
+                store.book(appointment(date="2026-11-25"))
+                barrier, outcomes = threading.Barrier(2), {}
+
+                def move():
+                    barrier.wait()
+                    try:
+                        store.reschedule("alice", self.D25, self.D26, None)
+                        outcomes["move"] = "moved"
+                    except scheduler.AlreadyBooked:
+                        outcomes["move"] = "conflict"
+
+                def book():
+                    barrier.wait()
+                    try:
+                        store.book(appointment(date="2026-11-26", time="18:00"))
+                        outcomes["book"] = "booked"
+                    except scheduler.AlreadyBooked:
+                        outcomes["book"] = "conflict"
+
+                run_all([threading.Thread(target=move), threading.Thread(target=book)])
+                dates = [a.date.isoformat() for a in store.list_for_user("alice")]
+                self.assertIn((outcomes, dates), [
+                    ({"move": "moved", "book": "conflict"}, ["2026-11-26"]),
+                    ({"move": "conflict", "book": "booked"}, ["2026-11-25", "2026-11-26"])])
+
+
 class InMemoryStoreTest(StoreContract, unittest.TestCase):
     def make_store(self, **options):
         return scheduler.InMemoryStore(**options)
@@ -802,11 +894,13 @@ class MatchTest(unittest.TestCase):
 
 class Client:
     """The service without a socket, as Flask's test client is: each request is
-    built as the parser would build it, goes through dispatch() and error_reply()
-    as on the wire, and its reply is rendered and read back by http.client."""
+    built as the parser would build it, goes through Service.respond() as on the
+    wire, and its reply is rendered and read back by http.client."""
 
-    def __init__(self, store: scheduler.Store, limits: Optional[scheduler.Limits] = None):
-        self.store, self.limits = store, limits or scheduler.Limits()
+    def __init__(self, store: scheduler.Store, limits: Optional[scheduler.Limits] = None,
+                 cors_origins: Tuple[str, ...] = ()):
+        self.logged: List[str] = []
+        self.service = scheduler.Service(store, limits, cors_origins, self.logged.append)
 
     def request(self, method: str, target: str, body=None, headers=None) -> Response:
         """Send a request (a dict or list body goes as JSON) and return the response."""
@@ -820,11 +914,7 @@ class Client:
             headers.setdefault("content-length", str(len(body)))
         request = scheduler.HTTPRequest(method, *scheduler.split_target(target), "HTTP/1.1",
                                         headers)
-        try:
-            reply = scheduler.dispatch(self.store, self.limits, request,
-                                       lambda request, length: body[:length])
-        except Exception as error:
-            reply = scheduler.error_reply(error)
+        _, reply = self.service.respond(request, lambda request, length: body[:length])
         response, _ = scheduler.render_response(reply, head_only=method == "HEAD")
         return read_response(_BytesSocket(response), method)
 
@@ -863,7 +953,11 @@ class BookTest(RouteTestCase):
     def test_integer_user_id_is_its_decimal_string(self):
         self.assertEqual(self.book(42).json()["user_id"], "42")
         self.assertEqual(self.book("42", date="2026-11-26").status, 201)
-        self.assertEqual(len(self.stored("42")), 2)
+        self.assertEqual(self.book(42.0, date="2026-11-27").json()["user_id"], "42")
+        body = b'{"user_id": 4.2e1, "date": "2026-11-28", "time": "09:00"}'  # as JSON Schema
+        response = self.request("POST", "/appointments", body, {"Content-Type": "application/json"})
+        self.assertEqual(response.json()["user_id"], "42")
+        self.assertEqual(len(self.stored("42")), 4)
 
     def test_charset_parameter_is_accepted(self):
         response = self.request("POST", "/appointments",
@@ -982,7 +1076,8 @@ class BadBookingTest(RouteTestCase):
         ({"user_id": "alice"}, ["date", "time"]),
         ({"user_id": True, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
         ({"user_id": None, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
-        ({"user_id": 1.0, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
+        ({"user_id": 1.5, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
+        ({"user_id": 1e300, "date": "2026-11-25", "time": "09:00"}, ["user_id"]),
         ({"user_id": "", "date": "2025-02-29", "time": "09:15"}, ["user_id", "date", "time"]),
         ({"user_id": "alice", "date": "2026-11-25", "time": "24:00"}, ["time"]),
         ({"user_id": "alice", "date": "2026-W45-3", "time": "09:00"}, ["date"]),
@@ -1062,7 +1157,7 @@ class ManageBookingTest(RouteTestCase):
     def test_wrong_method_on_an_appointment_is_405(self):
         response = self.request("PUT", "/appointments/alice/2026-11-25")
         self.assertProblem(response, 405)
-        self.assertEqual(response.headers["Allow"], "GET, HEAD, DELETE, OPTIONS")
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PATCH, DELETE, OPTIONS")
 
 
 class DateFilterTest(RouteTestCase):
@@ -1125,6 +1220,178 @@ class HealthTest(RouteTestCase):
     def test_healthy(self):
         response = self.request("GET", "/healthz")
         self.assertEqual((response.status, response.json()), (200, {"status": "ok"}))
+
+
+class RescheduleTest(RouteTestCase):
+    """PATCH /appointments/{user_id}/{date}: a JSON merge patch (RFC 7396) of date
+    and time, applied in one step."""
+
+    URL = "/appointments/alice/2026-11-25"
+
+    def patch(self, body, url=URL, media_type="application/merge-patch+json") -> Response:
+        return self.request("PATCH", url, body if isinstance(body, (str, bytes))
+                            else json.dumps(body), {"Content-Type": media_type})
+
+    def test_moving_to_another_date_gives_the_new_url(self):
+        self.book(time="09:30")
+        response = self.patch({"date": "2026-11-26", "time": "10:00"})
+        self.assertEqual(response.status, 200)
+        self.assertEqual(response.json(), appointment(date="2026-11-26", time="10:00").as_json())
+        self.assertEqual(response.headers["Location"], "/appointments/alice/2026-11-26")
+        self.assertEqual(response.headers["Content-Location"], "/appointments/alice/2026-11-26")
+        self.assertEqual(self.stored(), [appointment(date="2026-11-26", time="10:00")])
+        self.assertEqual(self.request("GET", self.URL).status, 404)
+
+    def test_moving_within_the_date_keeps_the_url(self):
+        self.book(time="09:30")
+        response = self.patch({"time": "16:30"})
+        self.assertEqual((response.status, response.json()["time"]), (200, "16:30"))
+        self.assertNotIn("Location", response.headers)
+        self.assertEqual(self.stored(), [appointment(time="16:30")])
+
+    def test_a_patch_that_changes_nothing_is_200(self):
+        self.book(time="09:30")
+        for body in ({}, {"date": "2026-11-25", "time": "09:30"}, {"note": "ignored"},
+                     {"user_id": "alice"}):
+            with self.subTest(body=body):
+                response = self.patch(body)
+                self.assertEqual((response.status, response.json()),
+                                 (200, appointment(time="09:30").as_json()))
+        self.assertEqual(self.stored(), [appointment(time="09:30")])
+
+    def test_plain_json_is_accepted_too(self):
+        self.book()
+        self.assertEqual(self.patch({"time": "11:00"}, media_type="application/json").status, 200)
+
+    def test_a_percent_encoded_user_id_moves(self):
+        self.book("a/b c", time="09:30")
+        response = self.patch({"date": "2026-11-30"}, url="/appointments/a%2Fb%20c/2026-11-25")
+        self.assertEqual(response.headers["Location"], "/appointments/a%2Fb%20c/2026-11-30")
+        self.assertEqual(self.stored("a/b c"), [appointment("a/b c", "2026-11-30", "09:30")])
+
+    def test_onto_a_held_date_is_409_with_that_appointment_and_nothing_moves(self):
+        self.book(date="2026-11-25", time="09:30")
+        held = self.book(date="2026-11-26", time="14:00").json()
+        problem = self.assertProblem(self.patch({"date": "2026-11-26"}), 409)
+        self.assertEqual(problem["appointment"], held)
+        self.assertEqual(self.stored(), [appointment(date="2026-11-25", time="09:30"),
+                                         appointment(date="2026-11-26", time="14:00")])
+
+    INVALID = [  # 422, with the fields named, as for a booking
+        ({"date": "2025-02-29"}, ["date"]),
+        ({"time": "09:15"}, ["time"]),
+        ({"date": "1999-12-31", "time": "24:00"}, ["date", "time"]),
+        ({"date": None}, ["date"]),  # a merge patch's null removes: a date cannot go
+        ({"time": None}, ["time"]),
+        ({"user_id": "bob"}, ["user_id"]),  # an appointment stays with its user
+        ({"user_id": ""}, ["user_id"]),
+    ]
+
+    def test_invalid_fields_are_422_and_nothing_moves(self):
+        self.book(time="09:30")
+        for body, fields in self.INVALID:
+            with self.subTest(body=body):
+                problem = self.assertProblem(self.patch(body), 422)
+                self.assertEqual([error["field"] for error in problem["errors"]], fields)
+                self.assertIn("was not moved", problem["detail"])
+                self.assertEqual(self.stored(), [appointment(time="09:30")])
+
+    def test_what_is_not_a_merge_patch_object_is_refused(self):
+        self.book(time="09:30")
+        cases = [("[1]", "application/merge-patch+json", 400),
+                 ('"x"', "application/json", 400),
+                 ("{", "application/merge-patch+json", 400),
+                 ('{"time": "10:00"}', "text/plain", 415),
+                 ('{"time": "10:00"}', "application/json-patch+json", 415)]
+        for body, media_type, status in cases:
+            with self.subTest(body=body, media_type=media_type):
+                response = self.patch(body, media_type=media_type)
+                self.assertProblem(response, status)
+                if status == 415:  # RFC 5789 section 2.2
+                    self.assertEqual(response.headers["Accept-Patch"],
+                                     "application/merge-patch+json, application/json")
+        self.assertEqual(self.stored(), [appointment(time="09:30")])
+
+    def test_nothing_to_move_is_404(self):
+        self.assertProblem(self.patch({"time": "10:00"}), 404)
+        self.assertProblem(self.patch({"time": "10:00"}, url="/appointments/alice/2026-02-30"),
+                           400)
+
+    def test_options_names_the_patch_formats(self):
+        response = self.request("OPTIONS", self.URL)
+        self.assertEqual(response.status, 204)
+        self.assertEqual(response.headers["Allow"], "GET, HEAD, PATCH, DELETE, OPTIONS")
+        self.assertEqual(response.headers["Accept-Patch"],
+                         "application/merge-patch+json, application/json")
+
+
+class ConditionalGetTest(RouteTestCase):
+    """ETag and If-None-Match (RFC 9110 sections 8.8.3 and 13.1.2) on what clients poll."""
+
+    URLS = ["/appointments?user_id=alice", "/appointments/alice/2026-11-25",
+            "/appointments.ics?user_id=alice"]
+
+    def test_a_current_tag_gets_304_without_a_body(self):
+        self.book()
+        for url in self.URLS:
+            for method in ("GET", "HEAD"):
+                with self.subTest(url=url, method=method):
+                    tag = self.request(method, url).headers["ETag"]
+                    response = self.request(method, url, headers={"If-None-Match": tag})
+                    self.assertEqual((response.status, response.body), (304, b""))
+                    self.assertEqual(response.headers["ETag"], tag)
+                    self.assertNotIn("Content-Type", response.headers)
+
+    def test_the_tag_changes_exactly_when_the_content_does(self):
+        self.book("alice", "2026-11-25", "09:30")
+        tags = lambda: [self.request("GET", url).headers["ETag"] for url in self.URLS]
+        first = tags()
+        self.assertEqual(tags(), first)
+        self.book("bob", "2026-11-25", "10:00")  # someone else's: nothing here changes
+        self.assertEqual(tags(), first)
+        self.request("PATCH", "/appointments/alice/2026-11-25", '{"time": "11:00"}',
+                     {"Content-Type": "application/json"})
+        moved = tags()
+        self.assertTrue(all(new != old for new, old in zip(moved, first)), (first, moved))
+        self.request("PATCH", "/appointments/alice/2026-11-25", '{"time": "09:30"}',
+                     {"Content-Type": "application/json"})
+        self.assertEqual(tags(), first)  # the same content, the same tag
+
+    def test_the_feed_tag_leaves_out_when_it_was_made(self):
+        self.book()
+        first = self.request("GET", self.URLS[2])
+        self.assertTrue(first.headers["ETag"].startswith('W/"'))  # the bytes differ: weak
+        stamp = lambda response: next(line for line in unfold(response.body.decode())
+                                      if line.startswith("DTSTAMP:"))
+
+        def made_later():
+            response = self.request("GET", self.URLS[2])
+            return response if stamp(response) != stamp(first) else None
+
+        later = wait_until(made_later, what="a feed made another second")
+        self.assertEqual(later.headers["ETag"], first.headers["ETag"])
+        response = self.request("GET", self.URLS[2],
+                                headers={"If-None-Match": first.headers["ETag"]})
+        self.assertEqual(response.status, 304)
+
+    CONDITIONS = [  # If-None-Match: whether it matches a current tag T
+        ("{T}", True), ("W/{T}", True), ('"other", {T}', True), ("*", True),
+        ('"other"', False), ("", False), ("{T}x", False), ("junk", False),
+    ]
+
+    def test_if_none_match_compares_weakly_and_takes_lists(self):
+        self.book()
+        tag = self.request("GET", self.URLS[0]).headers["ETag"]
+        for condition, matches in self.CONDITIONS:
+            with self.subTest(condition=condition):
+                response = self.request("GET", self.URLS[0],
+                                        headers={"If-None-Match": condition.format(T=tag)})
+                self.assertEqual(response.status, 304 if matches else 200)
+
+    def test_only_a_success_is_conditional(self):
+        response = self.request("GET", self.URLS[1], headers={"If-None-Match": "*"})
+        self.assertProblem(response, 404)  # nothing is there for * to match
+        self.assertNotIn("ETag", response.headers)
 
 
 class SQLiteHealthTest(OnSQLite, RouteTestCase):
@@ -1205,10 +1472,34 @@ class CalendarFeedTest(RouteTestCase):
         self.assertEqual(name, "X-WR-CALNAME:Appointments of Zoë\\, née\\; Ünïcödé \\\\ "
                          + "東京" * 40)
 
-    def test_user_without_appointments_gets_an_empty_calendar(self):
+    def components(self, lines: list) -> list:
+        """The names of the calendar's components (RFC 5545 section 3.6), in order."""
+        depth, names = 0, []
+        for line in lines:
+            if line.startswith("BEGIN:"):
+                depth += 1
+                if depth == 2:
+                    names.append(line[6:])
+            elif line.startswith("END:"):
+                depth -= 1
+        self.assertEqual(depth, 0)
+        return names
+
+    def test_user_without_appointments_gets_a_calendar_with_no_events(self):
         lines = unfold(self.feed("nobody").body.decode())
         self.assertEqual(self.events(lines), [])
         self.assertEqual((lines[0], lines[-1]), ("BEGIN:VCALENDAR", "END:VCALENDAR"))
+        # Still a valid calendar: "1*component" (RFC 5545 section 3.6). Its one
+        # component describes UTC, which no time in the feed refers to by TZID.
+        self.assertEqual(self.components(lines), ["VTIMEZONE"])
+        self.assertIn("TZID:UTC", lines)
+        self.assertIn("TZOFFSETTO:+0000", lines)
+        self.assertFalse(any(";TZID=" in line for line in lines))
+
+    def test_a_calendar_with_events_holds_only_them(self):
+        self.book("alice")
+        lines = unfold(self.feed("alice").body.decode())
+        self.assertEqual(self.components(lines), ["VEVENT"])
 
     def test_user_id_is_required(self):
         self.assertProblem(self.request("GET", "/appointments.ics"), 400)
@@ -1223,9 +1514,14 @@ class OpenAPITest(RouteTestCase):
     def test_paths_and_methods_are_exactly_the_routes(self):
         document = self.document()
         self.assertEqual(document["openapi"], "3.1.0")
-        described = {(path, method.upper()) for path, item in document["paths"].items()
-                     for method in item}
+        paths = document["paths"]
+        described = {(path, method.upper()) for path, item in paths.items()
+                     for method in item if method not in ("head", "options")}
         self.assertEqual(described, {(route.path, route.method) for route in scheduler.ROUTES})
+        for path, item in paths.items():
+            with self.subTest(path=path):
+                self.assertIn("options", item)
+                self.assertEqual("head" in item, "get" in item)
 
     def test_every_reference_resolves(self):
         document = self.document()
@@ -1267,6 +1563,21 @@ class OpenAPITest(RouteTestCase):
                 self.assertEqual((response.status, response.json()),
                                  self.documented_response(operation, name))
 
+    def test_reschedule_example_gets_the_response_example(self):
+        document = self.document()
+        book = self.examples(document["paths"]["/appointments"]["post"]["requestBody"][
+            "content"]["application/json"])["book"]
+        operation = document["paths"]["/appointments/{user_id}/{date}"]["patch"]
+        for media_type, content in operation["requestBody"]["content"].items():
+            with self.subTest(media_type=media_type):
+                fresh = Client(scheduler.InMemoryStore())
+                self.assertEqual(fresh.request("POST", "/appointments", book).status, 201)
+                response = fresh.request("PATCH", "/appointments/alice/2026-11-25",
+                                         json.dumps(self.examples(content)["reschedule"]),
+                                         {"Content-Type": media_type})
+                self.assertEqual((response.status, response.json()),
+                                 self.documented_response(operation, "reschedule"))
+
     def test_conflict_example_is_what_a_second_booking_gets(self):
         operation = self.document()["paths"]["/appointments"]["post"]
         book = self.examples(operation["requestBody"]["content"]["application/json"])["book"]
@@ -1283,13 +1594,15 @@ class OpenAPITest(RouteTestCase):
         self.assertEqual(self.request("POST", "/appointments", book).status, 201)
         parameters = document["components"]["parameters"]
         operations = [(path, method, operation) for path, item in document["paths"].items()
-                      for method, operation in item.items() if method != "post"]
+                      for method, operation in item.items() if "requestBody" not in operation]
         operations.sort(key=lambda op: op[1] == "delete")  # read before deleting
         for path, method, operation in operations:
             with self.subTest(method=method, path=path):
                 query = {}
                 for reference in operation.get("parameters", []):
                     parameter = parameters[reference["$ref"].rsplit("/", 1)[1]]
+                    if parameter["in"] == "header":  # optional, and without examples
+                        continue
                     value = parameter["example"]
                     if parameter["in"] == "path":
                         path = path.replace("{%s}" % parameter["name"],
@@ -1306,6 +1619,70 @@ class OpenAPITest(RouteTestCase):
                     for example in self.examples(documented).values():
                         self.assertEqual(response.json(), example)
 
+
+
+class SchemaStrictnessTest(unittest.TestCase):
+    """The document's schemas accept exactly what the parsers accept: a client that
+    follows them (a schema-based fuzzer, a generated client) never gets a 422 or
+    400 for a value they call valid, nor the other way round."""
+
+    @classmethod
+    def setUpClass(cls):
+        schemas = scheduler.openapi_document()["components"]["schemas"]
+        cls.user_id = schemas["UserId"]
+        properties = schemas["NewAppointment"]["properties"]
+        cls.date, cls.time = properties["date"], properties["time"]
+
+    def assertSameVerdict(self, schema: dict, parse, value: str):
+        by_schema = (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10 ** 9)
+                     and re.search(schema["pattern"], value) is not None)
+        try:
+            parse(value)
+            by_parser = True
+        except ValueError:
+            by_parser = False
+        self.assertEqual(by_schema, by_parser, f"{value!r}: schema {by_schema}, parser {by_parser}")
+
+    # Every character class the rules tell apart, at the start, inside and at the end.
+    USER_ID_PIECES = ["a", "Z", "0", " ", "\t", "\n", "\x00", "\x7f", "\x85", "\xa0", "é", "東",
+                      "\u0645", "\u06cc", "\U0001F469", "\U0001F4BB", "\ufe0f", "\u0301",
+                      "\u200b", "\u200c", "\u200d", "\u2028", "\u2029", "\u2060", "\u202e",
+                      "\ufeff", "\u00ad", "\u3000", "\U000E0067", "\ud800", "\u0663", "«",
+                      "\ue000", "-", "+", "/", "%"]
+
+    def test_user_id(self):
+        pieces = self.USER_ID_PIECES
+        values = ["", "x" * 256, "x" * 257, "alice\n", " alice", "alice "]
+        values += [a + b + c for a in pieces for b in pieces for c in pieces[:12]]
+        values += ["".join(random.Random(seed).choices(pieces, k=5)) for seed in range(3000)]
+        for value in values:
+            self.assertSameVerdict(self.user_id, scheduler.parse_user_id, value)
+
+    def test_date(self):
+        day = dt.date(1999, 12, 1)
+        values = ["0000-01-01", "2026-02-30", "2026-11-25\n", "2026-1-05", "２０２６-11-25"]
+        while day <= dt.date(2100, 1, 31):
+            values.append(day.isoformat())
+            day += dt.timedelta(days=1)
+        values += [f"{year}-02-{day}" for year in range(1999, 2101) for day in ("29", "30")]
+        values += [f"2026-{month:02d}-{day:02d}" for month in range(14) for day in range(33)]
+        for value in values:
+            self.assertSameVerdict(self.date, scheduler.parse_date, value)
+
+    def test_time(self):
+        values = [f"{hour:02d}:{minute:02d}" for hour in range(26) for minute in range(61)]
+        values += ["9:00", "09:00\n", "09:00:00", "０９:００"]
+        for value in values:
+            self.assertSameVerdict(self.time, scheduler.parse_time, value)
+
+    def test_integer_user_ids_have_the_parsers_bounds(self):
+        integer = scheduler.openapi_document()["components"]["schemas"]["NewAppointment"][
+            "properties"]["user_id"]["oneOf"][1]
+        for value in (integer["minimum"], integer["maximum"]):
+            self.assertEqual(scheduler.parse_user_id(value), str(value))
+        for value in (integer["minimum"] - 1, integer["maximum"] + 1):
+            with self.assertRaises(ValueError):
+                scheduler.parse_user_id(value)
 
 
 class RoutingErrorTest(RouteTestCase):
@@ -1350,6 +1727,14 @@ class SQLiteDateFilterTest(OnSQLite, DateFilterTest):
 
 
 class SQLiteUserIdEncodingTest(OnSQLite, UserIdEncodingTest):
+    pass
+
+
+class SQLiteRescheduleTest(OnSQLite, RescheduleTest):
+    pass
+
+
+class SQLiteConditionalGetTest(OnSQLite, ConditionalGetTest):
     pass
 
 
@@ -2065,9 +2450,10 @@ class StrictParsingTest(ServerTestCase):
 
     def test_options_trace_and_connect(self):
         cases = [(b"OPTIONS /appointments HTTP/1.1", 204, "GET, HEAD, POST, OPTIONS"),
-                 (b"OPTIONS * HTTP/1.1", 204, "GET, HEAD, POST, DELETE, OPTIONS"),
+                 (b"OPTIONS * HTTP/1.1", 204, "GET, HEAD, POST, PATCH, DELETE, OPTIONS"),
                  (b"TRACE /healthz HTTP/1.1", 405, "GET, HEAD, OPTIONS"),
-                 (b"CONNECT example.com:443 HTTP/1.1", 405, "GET, HEAD, POST, DELETE, OPTIONS")]
+                 (b"CONNECT example.com:443 HTTP/1.1", 405,
+                  "GET, HEAD, POST, PATCH, DELETE, OPTIONS")]
         for line, status, allow in cases:
             with self.subTest(line):
                 response = self.raw(line + b"\r\nHost: t\r\n\r\n")
