@@ -196,6 +196,38 @@ def thread_affinities(pid: int) -> List[Set[int]]:
     return affinities
 
 
+_METRIC_NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"
+_METRIC_LABELS = r'\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\\n]|\\[\\"n])*",?)*\}'
+_METRIC_SAMPLE = re.compile(rf"({_METRIC_NAME})({_METRIC_LABELS})? (\S+)")
+
+
+def parse_metrics(text: str) -> Dict[Tuple[str, frozenset], float]:
+    """The samples of a Prometheus text exposition (format 0.0.4), by name and
+    labels, failing on any line that breaks the format: each family declared
+    (# TYPE) once, before its samples; each sample well-formed."""
+    samples, types = {}, {}
+    assert text.endswith("\n"), "the last line must end with a line feed"
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            assert re.fullmatch(_METRIC_NAME, name) and name not in types, line
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped"), line
+            types[name] = kind
+        elif line.startswith("# HELP "):
+            assert re.fullmatch(_METRIC_NAME, line[7:].split(" ")[0]), line
+        else:
+            match = _METRIC_SAMPLE.fullmatch(line)
+            assert match, f"not a sample: {line!r}"
+            name, labels, value = match.groups()
+            family = re.sub(r"_(bucket|sum|count)$", "", name)
+            assert name in types or types.get(family) == "histogram", f"undeclared: {line!r}"
+            key = (name, frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"',
+                                              labels or "")))
+            assert key not in samples, f"twice: {line!r}"
+            samples[key] = float(value)
+    return samples
+
+
 def start_process(testcase: unittest.TestCase, args: List[str], env=None,
                   keep_log: bool = True, preexec_fn=None) -> ServerProcess:
     return start_processes(testcase, [(args, env or {})], keep_log, preexec_fn)[0]
@@ -255,6 +287,12 @@ class HTTPTestCase(unittest.TestCase):
 
     def stored(self, user_id="alice") -> list:
         return self.store.list_for_user(user_id)
+
+    def metric(self, name: str, **labels) -> float:
+        """One sample from GET /metrics, which must parse as the format says."""
+        response = self.request("GET", "/metrics")
+        self.assertEqual(response.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        return parse_metrics(response.body.decode())[(name, frozenset(labels.items()))]
 
 
 class OnSQLite:
@@ -848,7 +886,7 @@ class GroupCommitTest(unittest.TestCase):
         self.assertEqual(store.batches - batches, 2)
 
 
-# --- Routes: through dispatch(), without a socket -------------------------------------
+# --- Routes: through Service.respond(), without a socket -----------------------------
 
 
 class MatchTest(unittest.TestCase):
@@ -1862,11 +1900,11 @@ class HandlerTest(unittest.TestCase):
 # --- Over sockets: the real server on a free port ----------------------------------------
 
 
-def start_server(testcase: unittest.TestCase, store=None,
-                 limits=None) -> scheduler.SchedulerServer:
+def start_server(testcase: unittest.TestCase, store=None, limits=None,
+                 cors_origins=()) -> scheduler.SchedulerServer:
     """Start the real server on a free port in a thread; stop it when the test ends."""
     server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO(),
-                                   limits=limits)
+                                   limits=limits, cors_origins=cors_origins)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
     thread.start()
     testcase.addCleanup(thread.join)
@@ -1879,10 +1917,11 @@ class ServerTestCase(HTTPTestCase):
     """Tests that need the wire: a real server, with real connections to it."""
 
     limits = None  # the defaults; subclasses set short timeouts or small caps
+    cors_origins = ()  # none, as without --cors-origin
 
     def setUp(self):
         super().setUp()
-        self.server = start_server(self, self.store, self.limits)
+        self.server = start_server(self, self.store, self.limits, self.cors_origins)
         self.host, self.port = self.server.server_address[:2]
 
     def server_log(self) -> str:
@@ -2175,6 +2214,16 @@ class ConnectionCapTest(ServerTestCase):
         for conn in idle[1:]:  # the others were not disturbed
             self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
         self.assertIn("- - closed after waiting longest, to make room", self.server_log())
+        self.assertEqual(self.metric("scheduler_connections_evicted_total"), 1)
+
+    def test_metrics_count_the_refused(self):
+        busy = self.busy_connections(3)
+        self.assertProblem(self.raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"), 503)
+        busy[0].close()
+        wait_until(lambda: sum(self.server.connections_by_phase().values()) < 3,
+                   what="a slot to free")
+        self.assertEqual(self.metric("scheduler_connections_refused_total"), 1)
+        self.assertEqual(self.metric("scheduler_connections_open"), 3)  # 2 busy, and this
 
 
 class MalformedRequestTest(ServerTestCase):
@@ -2385,6 +2434,202 @@ class ReadmeExamplesTest(ServerTestCase):
                 if documented is not None:
                     self.assertEqual(without_varying_lines(result.stdout),
                                      without_varying_lines(documented))
+
+
+# --- What browsers, calendar apps and Prometheus do, over the wire -------------------
+
+
+ORIGIN = "https://app.example.com"
+
+
+class CORSTest(ServerTestCase):
+    """--cors-origin, tested as a browser calls: a preflight OPTIONS with the headers
+    browsers send, then the request itself (the Fetch standard)."""
+
+    cors_origins = (ORIGIN, "http://localhost:3000")
+
+    def preflight(self, origin: str, method: str, path: str = "/appointments") -> Response:
+        return self.request("OPTIONS", path, headers={
+            "Origin": origin, "Access-Control-Request-Method": method,
+            "Access-Control-Request-Headers": "content-type"})
+
+    def test_preflight_then_booking_from_an_allowed_origin(self):
+        preflight = self.preflight(ORIGIN, "POST")
+        self.assertEqual(preflight.status, 204)
+        headers = preflight.headers
+        self.assertEqual(headers["Access-Control-Allow-Origin"], ORIGIN)
+        self.assertIn("POST", headers["Access-Control-Allow-Methods"].split(", "))
+        self.assertIn("content-type", headers["Access-Control-Allow-Headers"].lower())
+        self.assertIn("if-none-match", headers["Access-Control-Allow-Headers"].lower())
+        self.assertGreater(int(headers["Access-Control-Max-Age"]), 0)
+        self.assertEqual(headers["Vary"], "Origin")
+        booked = self.book(headers={"Origin": ORIGIN})
+        self.assertEqual(booked.status, 201)
+        self.assertEqual(booked.headers["Access-Control-Allow-Origin"], ORIGIN)
+        self.assertEqual(booked.headers["Vary"], "Origin")
+        exposed = booked.headers["Access-Control-Expose-Headers"].split(", ")
+        self.assertTrue({"Location", "ETag"} <= set(exposed), exposed)
+
+    def test_errors_carry_the_headers_too(self):
+        self.book()
+        for response in (self.book(time="15:00", headers={"Origin": ORIGIN}),  # 409
+                         self.book(time="9:15", headers={"Origin": ORIGIN}),  # 422
+                         self.request("GET", "/nowhere", headers={"Origin": ORIGIN})):  # 404
+            with self.subTest(status=response.status):
+                self.assertGreaterEqual(response.status, 400)
+                self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
+                self.assertEqual(response.headers["Vary"], "Origin")
+
+    def test_reschedule_and_conditional_get_from_a_browser(self):
+        self.book()
+        url = "/appointments/alice/2026-11-25"
+        preflight = self.preflight("http://localhost:3000", "PATCH", url)
+        self.assertIn("PATCH", preflight.headers["Access-Control-Allow-Methods"].split(", "))
+        moved = self.request("PATCH", url, '{"date": "2026-11-26"}',
+                             {"Origin": "http://localhost:3000",
+                              "Content-Type": "application/merge-patch+json"})
+        self.assertEqual(moved.status, 200)
+        self.assertEqual(moved.headers["Access-Control-Allow-Origin"], "http://localhost:3000")
+        tag = self.request("GET", "/appointments?user_id=alice").headers["ETag"]
+        unchanged = self.request("GET", "/appointments?user_id=alice",
+                                 headers={"Origin": ORIGIN, "If-None-Match": tag})
+        self.assertEqual(unchanged.status, 304)
+        self.assertEqual(unchanged.headers["Access-Control-Allow-Origin"], ORIGIN)
+
+    def test_another_origin_gets_the_same_status_and_no_cors_headers(self):
+        for response in (self.preflight("https://evil.example", "POST"),
+                         self.book(headers={"Origin": "https://evil.example"}),
+                         self.book(headers={"Origin": "https://app.example.com.evil.example"}),
+                         self.book(headers={"Origin": "null"})):
+            with self.subTest(status=response.status):
+                self.assertIn(response.status, (204, 201, 409))
+                self.assertFalse([name for name in response.headers
+                                  if name.lower().startswith("access-control-")])
+                self.assertEqual(response.headers["Vary"], "Origin")  # a cache must know
+        self.assertEqual(len(self.stored()), 1)  # CORS protects reading, not sending
+
+
+class CORSAnyOriginTest(ServerTestCase):
+    cors_origins = ("*",)
+
+    def test_any_origin_is_allowed_with_a_wildcard(self):
+        preflight = self.request("OPTIONS", "/appointments", headers={
+            "Origin": "https://anywhere.example", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(preflight.headers["Access-Control-Allow-Origin"], "*")
+        response = self.request("GET", "/appointments?user_id=a",
+                                headers={"Origin": "https://anywhere.example"})
+        self.assertEqual(response.headers["Access-Control-Allow-Origin"], "*")
+
+
+class WithoutCORSTest(ServerTestCase):
+    def test_without_the_option_nothing_changes(self):
+        preflight = self.request("OPTIONS", "/appointments", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+        booked = self.book(headers={"Origin": ORIGIN})
+        for response in (preflight, booked):
+            with self.subTest(status=response.status):
+                self.assertFalse([name for name in response.headers
+                                  if name.lower().startswith("access-control-")
+                                  or name.lower() == "vary"])
+
+
+class RescheduleRaceTest(ServerTestCase):
+    def test_a_reschedule_and_a_booking_racing_for_a_date_leave_one_holding_it(self):
+        moves = {"moved": 0, "booked": 0}
+        for round in range(10):
+            user = f"racer{round}"
+            self.assertEqual(self.book(user, "2026-11-25").status, 201)
+            conns = [self.connect(), self.connect()]
+            for conn in conns:
+                conn.connect()
+            barrier, statuses = threading.Barrier(2), {}
+
+            def move(conn):
+                barrier.wait()
+                statuses["patch"] = self.request(
+                    "PATCH", f"/appointments/{user}/2026-11-25", '{"date": "2026-11-26"}',
+                    {"Content-Type": "application/merge-patch+json"}, conn=conn).status
+
+            def book(conn):
+                barrier.wait()
+                statuses["post"] = self.book(user, "2026-11-26", "18:00", conn=conn).status
+
+            run_all([threading.Thread(target=move, args=(conns[0],)),
+                     threading.Thread(target=book, args=(conns[1],))])
+            dates = [a.date.isoformat() for a in self.stored(user)]
+            self.assertIn((statuses, dates), [
+                ({"patch": 200, "post": 409}, ["2026-11-26"]),
+                ({"patch": 409, "post": 201}, ["2026-11-25", "2026-11-26"])])
+            moves["moved" if statuses["patch"] == 200 else "booked"] += 1
+        self.assertEqual(sum(moves.values()), 10)
+
+
+class SQLiteRescheduleRaceTest(OnSQLite, RescheduleRaceTest):
+    pass
+
+
+class MetricsTest(ServerTestCase):
+    def test_requests_are_counted_by_route_template_never_by_path(self):
+        for user in ("alice", "secret-user-4711"):
+            self.book(user)
+        self.book("alice", time="15:00")  # 409
+        self.request("GET", "/appointments/secret-user-4711/2026-11-25")
+        self.request("GET", "/no/such/path")
+        text = self.request("GET", "/metrics").body.decode()
+        self.assertNotIn("secret-user-4711", text)
+        self.assertNotIn("/no/such/path", text)
+        samples = parse_metrics(text)
+        count = lambda route, method, status: samples.get(("scheduler_requests_total", frozenset(
+            {"route": route, "method": method, "status": status}.items())))
+        self.assertEqual(count("/appointments", "POST", "201"), 2)
+        self.assertEqual(count("/appointments", "POST", "409"), 1)
+        self.assertEqual(count("/appointments/{user_id}/{date}", "GET", "200"), 1)
+        self.assertEqual(count("unmatched", "GET", "404"), 1)
+
+    def test_the_duration_histogram_adds_up(self):
+        for _ in range(5):
+            self.request("GET", "/healthz")
+        samples = parse_metrics(self.request("GET", "/metrics").body.decode())
+        labels = {"route": "/healthz", "method": "GET"}
+        buckets = sorted((float(dict(key)["le"]), value) for (name, key), value in samples.items()
+                         if name == "scheduler_request_duration_seconds_bucket"
+                         and labels.items() <= dict(key).items())
+        self.assertEqual(buckets[-1], (float("inf"), 5))
+        self.assertEqual([value for _, value in buckets],
+                         sorted(value for _, value in buckets))  # cumulative
+        key = frozenset(labels.items())
+        self.assertEqual(samples[("scheduler_request_duration_seconds_count", key)], 5)
+        self.assertGreater(samples[("scheduler_request_duration_seconds_sum", key)], 0)
+
+    def test_gauges_and_counters_of_the_server(self):
+        self.book("alice")
+        self.book("bob")
+        self.assertEqual(self.metric("scheduler_appointments"), 2)
+        # Every request here opened a connection, kept alive: 3 so far, and this one.
+        self.assertEqual(self.metric("scheduler_connections_open"), 4)
+        for name in ("refused", "evicted", "timed_out"):
+            self.assertEqual(self.metric(f"scheduler_connections_{name}_total"), 0)
+        self.assertEqual(self.metric("scheduler_log_lines_dropped_total"), 0)
+
+    def test_unknown_methods_share_one_label(self):
+        for method in (b"BREW", b"FOO", b"X" * 50):
+            self.assertEqual(self.raw(method + b" / HTTP/1.1\r\nHost: t\r\n\r\n").status, 501)
+        self.assertEqual(self.metric("scheduler_requests_total", route="unmatched",
+                                     method="other", status="501"), 3)
+
+
+class SQLiteMetricsTest(OnSQLite, MetricsTest):
+    pass
+
+
+class TimedOutMetricTest(ServerTestCase):
+    limits = scheduler.Limits(first_byte_timeout=0.2)
+
+    def test_a_connection_cut_off_is_counted(self):
+        sock = self.open_socket()  # and nothing is sent
+        self.assertEqual(sock.recv(1), b"")  # cut off
+        wait_until(lambda: self.metric("scheduler_connections_timed_out_total") == 1,
+                   what="the cut-off connection counted")
 
 
 # --- Hostile clients and failing environments ------------------------------------------
@@ -2990,6 +3235,8 @@ class CommandLineTest(unittest.TestCase):
         (["--workers", "2"], {}, "--workers above 1 needs --db"),
         (["--workers", "2", "--db", "x.db", "--cpu", "0"], {}, "--cpu N is for one process"),
         (["--workers", "0"], {}, "not a positive number"),
+        (["--cors-origin", "https://app.example.com/"], {}, "not an origin"),
+        (["--cors-origin", "app.example.com"], {}, "not an origin"),
     ]
 
     def test_bad_option_is_a_usage_error(self):
