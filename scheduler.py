@@ -1499,7 +1499,8 @@ class Connection:
         a request's first byte arrives   READING   that byte + request_timeout
         head_read()                      BUSY      none while the request is handled
         read_body()                      READING   the request's, from its first byte
-        send()                           WRITING   now + request_timeout
+        send()                           WRITING   now + request_timeout; once sent,
+                                                   if kept open, WAITING: idle_timeout
         close()                          CLOSED
 
     The socket stays blocking (a socket timeout adds a poll() to every read and
@@ -1536,10 +1537,14 @@ class Connection:
         connection should close. (Entering WAITING before checking draining pairs
         with SchedulerServer.drain, which sets draining before close_if_idle().)"""
         self._head_left, self._body_read = MAX_HEAD_BYTES, False
+        if self._phase != self.WAITING:  # new; after a response, send() began the wait
+            self._wait()
+        return not self._server.draining
+
+    def _wait(self) -> None:
         self.waiting_since = time.monotonic()
         timeout = self._limits.idle_timeout if self._served else self._limits.first_byte_timeout
         self._enter(self.WAITING, self.waiting_since + timeout)
-        return not self._server.draining
 
     def read_into(self, buffer) -> int:
         """Read from the socket; a request's first byte starts its deadline. Past a
@@ -1591,13 +1596,15 @@ class Connection:
             return False  # unreadable (what follows is suspect), or asked to (RFC 9112 9.6)
         return self._body_read or not request.declares_body  # else it would be read next
 
-    def send(self, response: bytes) -> None:
-        """Write a whole response, within request_timeout. (The phase stays WRITING
-        until the next event: the deadline is long past by then only if the thread
-        stalled for as long, and shutting down a socket that is done is harmless.)"""
+    def send(self, response: bytes, keep_open: bool) -> None:
+        """Write a whole response, within request_timeout. A connection kept open is
+        idle from its last byte sent, not from when its thread next gets to run:
+        the longest idle is the first to make room (SchedulerServer._make_room)."""
         self._enter(self.WRITING, time.monotonic() + self._limits.request_timeout)
         self._sock.sendall(response)
         self._served += 1
+        if keep_open:
+            self._wait()
 
     def close(self) -> None:
         """Close without resetting: after our FIN, read for a moment what the client
@@ -1763,7 +1770,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
             self.log_request(reply.status, size)  # before the write: never lost
             service.metrics.observe(route, self.command if self.command in KNOWN_METHODS
                                     else "other", reply.status, time.perf_counter() - started)
-            conn.send(response)
+            conn.send(response, keep_open)
             if not keep_open:
                 return
 
@@ -2479,6 +2486,7 @@ def supervise(args: argparse.Namespace, limits: Limits) -> int:
 
 _APPOINTMENT_EXAMPLE = {"user_id": "alice", "date": "2026-11-25", "time": "09:30",
                         "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"}
+_PATH_EXAMPLES = {"user_id": "alice", "date": "2026-11-25"}
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -2535,12 +2543,15 @@ def user_id_pattern() -> str:
     characters or surrogates, no invisible characters but joiners between visible
     non-ASCII ones, and no whitespace first or last."""
     space = _char_class(str.isspace)
-    invisible = _char_class(lambda char: unicodedata.category(char) in INVISIBLE_CATEGORIES)
+    # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
+    # surrogates that the service refuses, and a list leaves them out by itself.
+    allowed = _char_class(lambda char: not _FORBIDDEN_IN_USER_ID.match(char)
+                          and unicodedata.category(char) not in INVISIBLE_CATEGORIES)
     visible = _char_class(lambda char: not char.isascii()
                           and unicodedata.category(char)[0] in VISIBLE_CLASSES)
     joiner = "".join(_class_char(ord(char)) for char in JOINERS)
-    return (f"^(?![{space}])(?:[^{USER_ID_FORBIDDEN}{invisible}]"
-            f"|(?<=[{visible}])[{joiner}](?=[{visible}]))*(?<![{space}]){_END}")
+    return (f"^(?![{space}])(?:[{allowed}]|(?<=[{visible}])[{joiner}](?=[{visible}]))*"
+            f"(?<![{space}]){_END}")
 
 
 def date_pattern() -> str:
@@ -2704,7 +2715,7 @@ def openapi_document() -> dict:
             "200": _reply("OpenAPI 3.1", {"type": "object"}),
             "default": errors["default"]}}},
     }
-    for item in paths.values():
+    for path, item in paths.items():
         if "get" in item:  # HEAD: as GET, without the content
             item["head"] = {
                 "summary": f"{item['get']['summary']}: the headers of GET alone",
@@ -2717,8 +2728,10 @@ def openapi_document() -> dict:
         item["options"] = {
             "summary": f"Which methods this path takes ({methods}); with --cors-origin, "
                        "a browser's preflight",
-            "parameters": [_ref("parameters", "Origin"),
-                           _ref("parameters", "AccessControlRequestMethod")],
+            "parameters": [  # OPTIONS answers for the path's shape, whatever fills it
+                {"name": name, "in": "path", "required": True, "schema": text,
+                 "example": _PATH_EXAMPLES[name]} for name in re.findall(r"{(\w+)}", path)] + [
+                _ref("parameters", "Origin"), _ref("parameters", "AccessControlRequestMethod")],
             "responses": {"204": {"description": "Allow lists the methods; to an allowed "
                                                  "origin's preflight, the CORS headers too",
                                   "headers": {name: _ref("headers", name.replace("-", ""))
@@ -2787,10 +2800,10 @@ def openapi_document() -> dict:
                 "To": {"name": "to", "in": "query", "schema": date, "example": "2026-11-30",
                        "description": "Last date, inclusive; not before from (else 400)"},
                 "UserIdPath": {"name": "user_id", "in": "path", "required": True,
-                               "schema": user_id, "example": "alice",
+                               "schema": user_id, "example": _PATH_EXAMPLES["user_id"],
                                "description": "Percent-encoded, / included (%2F)"},
                 "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
-                             "example": "2026-11-25"},
+                             "example": _PATH_EXAMPLES["date"]},
                 "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": text,
                                 "description": "ETags the client holds (or *): if one is "
                                                "current, 304 with no body"},

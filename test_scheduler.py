@@ -25,6 +25,7 @@ import resource
 import re
 import select
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -1637,8 +1638,9 @@ class OpenAPITest(RouteTestCase):
         for path, method, operation in operations:
             with self.subTest(method=method, path=path):
                 query = {}
-                for reference in operation.get("parameters", []):
-                    parameter = parameters[reference["$ref"].rsplit("/", 1)[1]]
+                for parameter in operation.get("parameters", []):
+                    if "$ref" in parameter:
+                        parameter = parameters[parameter["$ref"].rsplit("/", 1)[1]]
                     if parameter["in"] == "header":  # optional, and without examples
                         continue
                     value = parameter["example"]
@@ -2209,6 +2211,9 @@ class ConnectionCapTest(ServerTestCase):
         idle = [self.connect() for _ in range(3)]
         for conn in idle:  # oldest first: each is served, then waits for another request
             self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
+        # A client has its response before the server's thread is back to waiting.
+        wait_until(lambda: self.server.connections_by_phase().get("waiting") == 3,
+                   what="the three connections waiting")
         self.assertEqual(self.raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").status, 200)
         self.assertEqual(idle[0].sock.recv(1), b"")  # closed to make room
         for conn in idle[1:]:  # the others were not disturbed
@@ -2400,7 +2405,9 @@ def readme_examples():
     """The README's curl examples in order: (command, documented output or None).
 
     An example is a ```sh block that starts with curl; the ```json, ```http or
-    ```text block right after it, if any, is what the command prints.
+    ```text block right after it, if any, is what the command prints. A ```sh
+    block of "python3 scheduler.py --cors-origin ..." alone restarts the server
+    with those options, for the examples after it (its output is None).
     """
     with open(README, encoding="utf-8") as file:
         blocks = re.findall(r"```(\w+)\n(.*?)```", file.read(), re.DOTALL)
@@ -2408,6 +2415,8 @@ def readme_examples():
     for (kind, text), (next_kind, next_text) in zip(blocks, blocks[1:] + [("", "")]):
         if kind == "sh" and text.startswith("curl "):
             examples.append((text, next_text if next_kind in ("json", "http", "text") else None))
+        elif kind == "sh" and text.startswith("python3 scheduler.py --cors-origin"):
+            examples.append((text, None))
     return examples
 
 
@@ -2425,9 +2434,15 @@ class ReadmeExamplesTest(ServerTestCase):
     def test_examples_print_what_the_readme_shows(self):
         examples = readme_examples()
         self.assertGreaterEqual(len(examples), 8)
+        host, port = self.host, self.port
         for command, documented in examples:
+            if command.startswith("python3 scheduler.py"):  # the same store, new options
+                options = scheduler.parse_args(shlex.split(command, comments=True)[2:])
+                server = start_server(self, self.store, cors_origins=tuple(options.cors_origins))
+                host, port = server.server_address[:2]
+                continue
             with self.subTest(command=command):
-                command = command.replace("http://127.0.0.1:8000", f"http://{self.host}:{self.port}")
+                command = command.replace("http://127.0.0.1:8000", f"http://{host}:{port}")
                 result = subprocess.run(["bash", "-c", "curl -s " + command[len("curl "):]],
                                         capture_output=True, text=True, timeout=30)
                 self.assertEqual(result.returncode, 0, result.stderr)
