@@ -1541,8 +1541,8 @@ class Connection:
             self._wait()
         return not self._server.draining
 
-    def _wait(self) -> None:
-        self.waiting_since = time.monotonic()
+    def _wait(self, since: Optional[float] = None) -> None:
+        self.waiting_since = time.monotonic() if since is None else since
         timeout = self._limits.idle_timeout if self._served else self._limits.first_byte_timeout
         self._enter(self.WAITING, self.waiting_since + timeout)
 
@@ -1597,14 +1597,16 @@ class Connection:
         return self._body_read or not request.declares_body  # else it would be read next
 
     def send(self, response: bytes, keep_open: bool) -> None:
-        """Write a whole response, within request_timeout. A connection kept open is
-        idle from its last byte sent, not from when its thread next gets to run:
-        the longest idle is the first to make room (SchedulerServer._make_room)."""
-        self._enter(self.WRITING, time.monotonic() + self._limits.request_timeout)
+        """Write a whole response, within request_timeout. A connection kept open
+        waits from when its response was handed to the kernel, not from when its
+        thread next gets to run: then of two connections, the one answered first
+        is the longer idle, and the first to make room (SchedulerServer._make_room)."""
+        handed = time.monotonic()
+        self._enter(self.WRITING, handed + self._limits.request_timeout)
         self._sock.sendall(response)
         self._served += 1
         if keep_open:
-            self._wait()
+            self._wait(since=handed)
 
     def close(self) -> None:
         """Close without resetting: after our FIN, read for a moment what the client
