@@ -6,11 +6,15 @@ with curl; the README documents every endpoint. Standard library only, Python 3.
     POST   /appointments         {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
     GET    /appointments?user_id=alice[&from=2026-11-01][&to=2026-11-30]
     GET    /appointments/alice/2026-11-25
+    PATCH  /appointments/alice/2026-11-25   {"date": "2026-11-26"}  (a JSON merge patch)
     DELETE /appointments/alice/2026-11-25
     GET    /appointments.ics?user_id=alice
     GET    /healthz
+    GET    /metrics              (Prometheus text format)
     GET    /openapi.json
-    OPTIONS any path, or *      (which methods it takes)
+    OPTIONS any path, or *      (which methods it takes; a browser's CORS preflight)
+
+Lists, appointments and feeds carry an ETag, and answer If-None-Match with 304.
 
 Appointments last 30 minutes and start on the hour or half hour, UTC. Any number
 of users may book the same slot; each user may hold one appointment per date.
@@ -20,9 +24,11 @@ The file reads top to bottom, each section using only those above it:
     Domain         an appointment, its fields' rules, a booking's outcomes
     Stores         where appointments live: InMemoryStore, SQLiteStore
     Calendar feed  appointments as RFC 5545 iCalendar text
+    Metrics        requests counted by route template, in Prometheus's text format
     Routes         HTTPError; route functions from parsed input to a Reply; match()
     Wire format    HTTPRequest, body and JSON checks, http_error() (every error's
-                   problem), dispatch() (a request's one path to its Reply), render
+                   problem), If-None-Match, CORS, Service (what requests share;
+                   respond(): a request's one path to its Reply), render
     Connection     one client's life: phases, deadlines, keep_open()
     Handler        http.server's hooks, driving a Connection
     Server         connection slots, the deadline watchdog, the log, shutdown

@@ -1,9 +1,11 @@
 """Tests for scheduler.py, in the order of its layers:
 
     Domain, Stores       plain calls, no HTTP
-    Routes               requests through dispatch() with the in-process Client
+    Routes               requests through Service.respond() with the in-process Client
     Wire and connection  the request parser's helpers, keep-alive, the handler
-    Over sockets         the real server on a free port: protocol, limits, races
+    Over sockets         the real server on a free port: protocol, limits, races;
+                         what browsers (CORS), calendar apps and Prometheus do;
+                         hostile clients and failing environments
     Command line         scheduler.py as a process: options, signals, --db
     Benchmark            make bench only: timings, never asserted
 
@@ -38,6 +40,7 @@ import time
 import tracemalloc
 import unittest
 import urllib.parse
+from http import HTTPStatus
 from unittest import mock
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
@@ -2635,6 +2638,23 @@ class MetricsTest(ServerTestCase):
             self.assertEqual(self.raw(method + b" / HTTP/1.1\r\nHost: t\r\n\r\n").status, 501)
         self.assertEqual(self.metric("scheduler_requests_total", route="unmatched",
                                      method="other", status="501"), 3)
+
+    def test_no_client_can_add_label_values(self):
+        rng, conn = random.Random(7), self.connect()
+        for _ in range(60):  # random paths, user IDs and methods
+            word = "".join(rng.choices("abcxyz%20/", k=8))
+            method = rng.choice(["GET", "POST", "PATCH", "DELETE", "HEAD", "OPTIONS"])
+            self.request(method, rng.choice([f"/{word}", f"/appointments/{word}/2026-11-25",
+                                             f"/appointments?user_id={word}"]), conn=conn)
+        for _ in range(5):
+            self.raw(f"M{rng.randrange(10 ** 6)} / HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+        samples = parse_metrics(self.request("GET", "/metrics", conn=conn).body.decode())
+        labels = [dict(key) for name, key in samples if name == "scheduler_requests_total"]
+        routes = {route.path for route in scheduler.ROUTES} | {"unmatched"}
+        self.assertLessEqual({label["route"] for label in labels}, routes)
+        self.assertLessEqual({label["method"] for label in labels},
+                             scheduler.KNOWN_METHODS | {"other"})
+        self.assertLessEqual({int(label["status"]) for label in labels}, set(HTTPStatus))
 
 
 class SQLiteMetricsTest(OnSQLite, MetricsTest):
