@@ -307,7 +307,6 @@ def moved_start(start: dt.datetime, new_date: Optional[dt.date],
                                tzinfo=dt.timezone.utc)
 
 
-
 class Store(abc.ABC):
     """Where appointments live. Every method is safe to call from many threads at
     once, and returns immutable Appointments or new lists, never internal state.
@@ -710,7 +709,6 @@ class SQLiteStore(Store):
 # --- Calendar feed (RFC 5545) ---------------------------------------------------------
 
 CALENDAR_SUMMARY = "Appointment with a practitioner"
-
 
 
 def _ical_text(value: str) -> str:
@@ -1347,7 +1345,6 @@ def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
                        if name in ("ETag", "Content-Location", "Vary")))
 
 
-
 # CORS (the Fetch standard): the request headers a browser may send and the response
 # headers its scripts may read, beyond the safelisted ones; how long a browser may
 # keep a preflight's answer (Chromium keeps it 2 hours at most).
@@ -1358,7 +1355,8 @@ CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Contro
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
 
 
-def cors_headers(origins: frozenset, request: HTTPRequest, reply: Reply) -> Tuple[Tuple[str, str], ...]:
+def cors_headers(origins: frozenset, request: HTTPRequest,
+                 reply: Reply) -> Tuple[Tuple[str, str], ...]:
     """The CORS headers for a reply, when origins allows the request's Origin
     ("*" allows every one): to a preflight (an OPTIONS with
     Access-Control-Request-Method), what it may send; to any other request, errors

@@ -297,7 +297,7 @@ class HTTPTestCase(unittest.TestCase):
         format says."""
         response = self.request("GET", "/metrics", **({"conn": conn} if conn else {}))
         self.assertEqual(response.status, 200, response.body)
-        self.assertEqual(response.headers["Content-Type"], "text/plain; version=0.0.4; charset=utf-8")
+        self.assertEqual(response.headers["Content-Type"], scheduler.METRICS_TYPE)
         return parse_metrics(response.body.decode())[(name, frozenset(labels.items()))]
 
 
@@ -1161,8 +1161,6 @@ class BadBookingTest(RouteTestCase):
         self.assertUnchanged()
 
 
-
-
 class ManageBookingTest(RouteTestCase):
     def test_location_leads_to_the_appointment(self):
         booked = self.book("alice", "2026-11-25", "09:30")
@@ -1388,7 +1386,10 @@ class ConditionalGetTest(RouteTestCase):
 
     def test_the_tag_changes_exactly_when_the_content_does(self):
         self.book("alice", "2026-11-25", "09:30")
-        tags = lambda: [self.request("GET", url).headers["ETag"] for url in self.URLS]
+
+        def tags():
+            return [self.request("GET", url).headers["ETag"] for url in self.URLS]
+
         first = tags()
         self.assertEqual(tags(), first)
         self.book("bob", "2026-11-25", "10:00")  # someone else's: nothing here changes
@@ -1405,8 +1406,10 @@ class ConditionalGetTest(RouteTestCase):
         self.book()
         first = self.request("GET", self.URLS[2])
         self.assertTrue(first.headers["ETag"].startswith('W/"'))  # the bytes differ: weak
-        stamp = lambda response: next(line for line in unfold(response.body.decode())
-                                      if line.startswith("DTSTAMP:"))
+
+        def stamp(response):
+            return next(line for line in unfold(response.body.decode())
+                        if line.startswith("DTSTAMP:"))
 
         def made_later():
             response = self.request("GET", self.URLS[2])
@@ -1663,7 +1666,6 @@ class OpenAPITest(RouteTestCase):
                     self.assertEqual(response.headers["Content-Type"], media_type)
                     for example in self.examples(documented).values():
                         self.assertEqual(response.json(), example)
-
 
 
 class SchemaStrictnessTest(unittest.TestCase):
@@ -2058,7 +2060,6 @@ class RaceTest(ServerTestCase):
                 self.assertEqual(body["appointment"], winner)
         listed = self.request("GET", "/appointments?user_id=racer").json()["appointments"]
         self.assertEqual(listed, [winner])
-
 
 
 class BodyLimitTest(ServerTestCase):
@@ -2601,8 +2602,11 @@ class MetricsTest(ServerTestCase):
         self.assertNotIn("secret-user-4711", text)
         self.assertNotIn("/no/such/path", text)
         samples = parse_metrics(text)
-        count = lambda route, method, status: samples.get(("scheduler_requests_total", frozenset(
-            {"route": route, "method": method, "status": status}.items())))
+
+        def count(route, method, status):
+            labels = {"route": route, "method": method, "status": status}
+            return samples.get(("scheduler_requests_total", frozenset(labels.items())))
+
         self.assertEqual(count("/appointments", "POST", "201"), 2)
         self.assertEqual(count("/appointments", "POST", "409"), 1)
         self.assertEqual(count("/appointments/{user_id}/{date}", "GET", "200"), 1)
@@ -2756,7 +2760,6 @@ class HugeNumberTest(RouteTestCase):
         self.assertEqual(self.store.count(), 0)
 
 
-
 def rss_bytes(pid: int) -> int:
     """A process's resident memory, from /proc (Linux)."""
     with open(f"/proc/{pid}/status") as status:
@@ -2821,7 +2824,6 @@ class StuckLogTest(unittest.TestCase):
         process.send_signal(signal.SIGTERM)
         # Draining (1 s at most) and closing the log (LOG_CLOSE_SECONDS), with room to spare.
         self.assertEqual(process.wait(timeout=1 + scheduler.LOG_CLOSE_SECONDS + 5), 0)
-
 
 
 class FullStoreTest(RouteTestCase):
@@ -3037,7 +3039,6 @@ class ReadOnlyDatabaseTest(unittest.TestCase):
         self.assertIn(f"cannot open the database {path}: attempt to write a readonly "
                       "database", result.stderr)
         self.assertNotIn("Traceback", result.stderr)
-
 
 
 # --- Command line ---------------------------------------------------------------------
@@ -3727,7 +3728,6 @@ class Benchmark(unittest.TestCase):
                 self.assertEqual(result.errors, 0)
                 print(f"  {kind + ' over HTTP, 16 connections, 5 s':44} {label:>9} "
                       f"{result.p50_ms:7.2f}ms {result.p99_ms:7.2f}ms", flush=True)
-
 
 
 # Commands the benchmark runs in processes of their own: python3 test_scheduler.py NAME ...
