@@ -2556,6 +2556,30 @@ class WithoutCORSTest(ServerTestCase):
                                   or name.lower() == "vary"])
 
 
+class ConditionalOverHTTPTest(ServerTestCase):
+    def test_a_304_has_no_body_and_the_connection_serves_on(self):
+        self.book()
+        conn = self.connect()
+        for url in ConditionalGetTest.URLS:
+            with self.subTest(url=url):
+                tag = self.request("GET", url, conn=conn).headers["ETag"]
+                for method in ("GET", "HEAD"):
+                    response = self.request(method, url, headers={"If-None-Match": tag},
+                                            conn=conn)
+                    self.assertEqual((response.status, response.body), (304, b""))
+                    self.assertNotIn("Content-Length", response.headers)
+                self.book(date="2026-11-26", conn=conn)  # the list and feed change
+                changed = self.request("GET", url, headers={"If-None-Match": tag}, conn=conn)
+                self.assertEqual(changed.status, 304 if "2026-11-25" in url else 200)
+                self.request("DELETE", "/appointments/alice/2026-11-26", conn=conn)
+                self.assertEqual(self.request("GET", url, headers={"If-None-Match": tag},
+                                              conn=conn).status, 304)  # and back
+
+
+class SQLiteConditionalOverHTTPTest(OnSQLite, ConditionalOverHTTPTest):
+    pass
+
+
 class RescheduleRaceTest(ServerTestCase):
     def test_a_reschedule_and_a_booking_racing_for_a_date_leave_one_holding_it(self):
         moves = {"moved": 0, "booked": 0}
