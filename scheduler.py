@@ -793,28 +793,42 @@ class Metrics:
     of durations; and whatever the collectors sample when it is asked for (stored
     appointments, connections, the log).
 
-    observe() is on every request's path, so it is one lock, one dict lookup and
-    two additions; the text is built only when scraped.
+    observe() is on every request's path, so it only appends to a deque (atomic,
+    no lock); the observations are folded into the counts when scraped, or by the
+    request that finds FOLD_AT waiting. (A lock and a dict update in each request
+    cost 1.4 us of a GET's 50 over a socket; this, 0.9.)
     """
 
+    FOLD_AT = 1024  # observations waiting at most before a request folds them in
+
     def __init__(self):
-        self._lock = threading.Lock()  # guards _requests
+        self._pending: Deque[Tuple[str, str, int, float]] = collections.deque()
+        self._lock = threading.Lock()  # guards _requests, and folding _pending into it
         # (route, method, status) -> [count per bucket..., count above them, total seconds]
         self._requests: Dict[Tuple[str, str, int], List[float]] = {}
         self.collectors: List[Callable[[], List[Sample]]] = []  # each scrape calls them
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
-        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
-        key = (route, method, status)
+        self._pending.append((route, method, status, seconds))
+        if len(self._pending) >= self.FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        """Move the waiting observations into the counts."""
+        pending, requests = self._pending, self._requests
         with self._lock:
-            counts = self._requests.get(key)
-            if counts is None:
-                counts = self._requests[key] = [0] * (len(DURATION_BUCKETS) + 1) + [0.0]
-            counts[bucket] += 1
-            counts[-1] += seconds
+            for _ in range(len(pending)):  # only those here now: others may be appended
+                route, method, status, seconds = pending.popleft()
+                counts = requests.get((route, method, status))
+                if counts is None:
+                    counts = requests[route, method, status] = [0] * (
+                        len(DURATION_BUCKETS) + 1) + [0.0]
+                counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+                counts[-1] += seconds
 
     def exposition(self) -> str:
         """Everything, in the Prometheus text exposition format, version 0.0.4."""
+        self._fold()
         with self._lock:
             requests = {key: list(counts) for key, counts in sorted(self._requests.items())}
         by_route: Dict[Tuple[str, str], List[float]] = {}  # the histogram leaves out status
@@ -959,12 +973,25 @@ def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
         raise HTTPError(400, f"Invalid path: date {error}.") from None
 
 
+_DIGESTS: Dict[Tuple[int, int], str] = {}  # (hash(), length) of content -> its SHA-1
+_DIGESTS_KEPT = 4096  # entries at most (about 400 KB); then it starts again
+
+
 def entity_tag(content: bytes, weak: bool = False) -> str:
-    """An entity tag (RFC 9110 section 8.8.3) for content: a hash of it, so it changes
-    exactly when the content does. Weak (W/) for content that means the same with
-    bytes that differ (section 8.8.1): the calendar feed and its DTSTAMP. SHA-1, not
-    for security, but because it took 0.7 us here where BLAKE2b took 1.2 (make bench)."""
-    digest = hashlib.sha1(content, usedforsecurity=False).hexdigest()
+    """An entity tag (RFC 9110 section 8.8.3) for content: its SHA-1 (for the spread
+    of its bits, not for security), so it changes exactly when the content does,
+    in every process and after restarts. Weak (W/) for content that means the same
+    with bytes that differ (section 8.8.1): the calendar feed and its DTSTAMP.
+
+    The digests of recent contents are kept by Python's own hash of the bytes,
+    which is per process and so cannot be the tag, but costs a third as much: a
+    listing polled again is not hashed again (2 us of a GET's 50 over a socket)."""
+    key = (hash(content), len(content))
+    digest = _DIGESTS.get(key)
+    if digest is None:
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.clear()
+        digest = _DIGESTS[key] = hashlib.sha1(content, usedforsecurity=False).hexdigest()
     return f'W/"{digest}"' if weak else f'"{digest}"'
 
 
@@ -1406,8 +1433,9 @@ class Service:
             body = (decode_json(read_body(request, body_length(
                 request, self.limits.max_body_bytes, route.body_types)))
                 if route.body_types else None)
-            reply = not_modified(request, route.handler(
-                self, Request(params, parse_query(request.query), body)))
+            reply = route.handler(self, Request(params, parse_query(request.query), body))
+            if "if-none-match" in request.headers:
+                reply = not_modified(request, reply)
         except ConnectionError:
             raise  # the client went away: nobody to answer
         except Exception as error:
@@ -1756,6 +1784,7 @@ class SchedulerHandler(BaseHTTPRequestHandler):
 
     def handle(self) -> None:
         conn, service = self.conn, self.server.service
+        respond, observe = service.respond, service.metrics.observe  # bound once, not per request
         while conn.wait_for_request():
             self.requestline = self.command = ""
             request, route = None, UNMATCHED
@@ -1770,13 +1799,13 @@ class SchedulerHandler(BaseHTTPRequestHandler):
                 reply = service.problem(error, self.requestline)
             else:
                 started = time.perf_counter()
-                route, reply = service.respond(request, conn.read_body)
+                route, reply = respond(request, conn.read_body)
             keep_open = conn.keep_open(request)
             response, size = render_response(reply, connection=connection_header(
                 request, keep_open), head_only=self.command == "HEAD")
             self.log_request(reply.status, size)  # before the write: never lost
-            service.metrics.observe(route, self.command if self.command in KNOWN_METHODS
-                                    else "other", reply.status, time.perf_counter() - started)
+            observe(route, self.command if self.command in KNOWN_METHODS else "other",
+                    reply.status, time.perf_counter() - started)
             conn.send(response, keep_open)
             if not keep_open:
                 return
