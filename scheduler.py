@@ -1364,8 +1364,8 @@ def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
     tag = dict(reply.headers).get("ETag")
     if tag is None:
         return reply
-    if condition.strip() != "*" and not (_ENTITY_TAG_LIST.fullmatch(condition) and _opaque(
-            tag) in map(_opaque, _ENTITY_TAGS.findall(condition))):
+    held = _ENTITY_TAGS.findall(condition) if _ENTITY_TAG_LIST.fullmatch(condition) else []
+    if condition.strip() != "*" and _opaque(tag) not in map(_opaque, held):
         return reply  # no match, or not a list of entity tags: answered as if absent
     # Only the fields a 200 would have had that describe it (section 15.4.5): no content.
     return Reply(HTTPStatus.NOT_MODIFIED, None,
@@ -1411,7 +1411,8 @@ class Service:
     reply, for the handler and for the tests' in-process client alike."""
 
     def __init__(self, store: Store, limits: Optional[Limits] = None,
-                 cors_origins: Tuple[str, ...] = (), log: Callable[[str], None] = print):
+                 cors_origins: Tuple[str, ...] = (),
+                 log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)):
         self.store = store
         self.limits = limits if limits is not None else Limits()
         self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
