@@ -232,6 +232,18 @@ def parse_metrics(text: str) -> Dict[Tuple[str, frozenset], float]:
     return samples
 
 
+def open_sockets(pid: int) -> int:
+    """How many sockets process pid holds open (from /proc). A descriptor closed
+    between listing and reading (a connection ending) is not counted: it is not held."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
 def start_process(testcase: unittest.TestCase, args: List[str], env=None,
                   keep_log: bool = True, preexec_fn=None) -> ServerProcess:
     return start_processes(testcase, [(args, env or {})], keep_log, preexec_fn)[0]
@@ -2911,9 +2923,8 @@ class HeaderMemoryTest(unittest.TestCase):
         self.assertLess(rss_bytes(server.process.pid) - before, (self.SLOTS * 192 + 8192) << 10)
 
     def held(self, server: ServerProcess) -> int:
-        """How many connections the server holds open (from /proc: its sockets)."""
-        return sum(1 for fd in os.listdir(f"/proc/{server.process.pid}/fd")
-                   if os.readlink(f"/proc/{server.process.pid}/fd/{fd}").startswith("socket:")) - 1
+        """How many connections the server holds open: its sockets but the listening one."""
+        return open_sockets(server.process.pid) - 1
 
 
 class DescriptorTest(unittest.TestCase):
@@ -3347,8 +3358,7 @@ class WorkersTest(unittest.TestCase):
     @staticmethod
     def held(pid: int) -> int:
         """Connections a worker holds: its sockets but the listening one."""
-        return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
-                   for fd in os.listdir(f"/proc/{pid}/fd")) - 1
+        return open_sockets(pid) - 1
 
     def test_a_race_spread_over_the_workers_books_exactly_one(self):
         server, _, workers = self.start()
