@@ -973,8 +973,8 @@ def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
         raise HTTPError(400, f"Invalid path: date {error}.") from None
 
 
-_DIGESTS: Dict[Tuple[int, int], str] = {}  # (hash(), length) of content -> its SHA-1
-_DIGESTS_KEPT = 4096  # entries at most (about 400 KB); then it starts again
+_TAGS: Dict[int, str] = {}  # hash() of content -> its strong entity tag
+_TAGS_KEPT = 4096  # entries at most (about 400 KB); then it starts again
 
 
 def entity_tag(content: bytes, weak: bool = False) -> str:
@@ -983,16 +983,17 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     in every process and after restarts. Weak (W/) for content that means the same
     with bytes that differ (section 8.8.1): the calendar feed and its DTSTAMP.
 
-    The digests of recent contents are kept by Python's own hash of the bytes,
-    which is per process and so cannot be the tag, but costs a third as much: a
-    listing polled again is not hashed again (2 us of a GET's 50 over a socket)."""
-    key = (hash(content), len(content))
-    digest = _DIGESTS.get(key)
-    if digest is None:
-        if len(_DIGESTS) >= _DIGESTS_KEPT:
-            _DIGESTS.clear()
-        digest = _DIGESTS[key] = hashlib.sha1(content, usedforsecurity=False).hexdigest()
-    return f'W/"{digest}"' if weak else f'"{digest}"'
+    The tags of recent contents are kept by Python's own 64-bit hash of the bytes,
+    which differs between processes and so cannot be the tag, but costs a third as
+    much: a listing polled again is not hashed again (2 us of a GET's 50 over a
+    socket)."""
+    key = hash(content)
+    tag = _TAGS.get(key)
+    if tag is None:
+        if len(_TAGS) >= _TAGS_KEPT:
+            _TAGS.clear()
+        tag = _TAGS[key] = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+    return "W/" + tag if weak else tag
 
 
 def tagged_json(body: dict) -> Reply:
