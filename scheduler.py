@@ -1301,6 +1301,9 @@ def decode_json(raw: bytes) -> object:
     except ValueError:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
         raise HTTPError(400, "The request body has a number with too many digits to "
                              "read; user IDs have at most 256.") from None
+    except decimal.InvalidOperation:  # an exponent past what Decimal can hold, as 1e-10**21
+        raise HTTPError(400, "The request body has a number whose exponent is too large "
+                             "to read.") from None
 
 
 def http_error(error: BaseException) -> HTTPError:

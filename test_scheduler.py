@@ -1110,6 +1110,7 @@ class BadBookingTest(RouteTestCase):
         (b'{"time": Infinity}', "Infinity"),
         (b'{"user_id": "a", "user_id": "b"}', "more than once"),
         (b'{"user_id": "\xff"}', "UTF-8"),
+        (b'{"note": 9e-1000000000000000000000}', "exponent"),  # past Decimal: was a 500
     ]
 
     def test_unparseable_body_is_400(self):
