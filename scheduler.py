@@ -253,20 +253,32 @@ def parse_time(value) -> dt.time:
 FIELDS = (("user_id", parse_user_id), ("date", parse_date), ("time", parse_time))  # in order
 
 
+def _parse_fields(fields: Mapping, missing: Optional[str] = None,
+                  null: Optional[str] = None) -> Tuple[dict, List[Tuple[str, str]]]:
+    """The FIELDS that fields holds, parsed by name; and (field, message) for each
+    that is invalid, missing (if missing says why that is wrong), or null (if null
+    says why)."""
+    values, errors = {}, []
+    for name, parse in FIELDS:
+        if name not in fields:
+            if missing:
+                errors.append((name, f"{name} {missing}"))
+        elif fields[name] is None and null:
+            errors.append((name, f"{name} {null}"))
+        else:
+            try:
+                values[name] = parse(fields[name])
+            except ValueError as error:
+                errors.append((name, f"{name} {error}"))
+    return values, errors
+
+
 def parse_appointment(fields: Mapping) -> Appointment:
     """Build an Appointment from a request's fields (unknown ones are ignored).
 
     Raises InvalidAppointment naming every missing or invalid field at once.
     """
-    values, errors = {}, []
-    for name, parse in FIELDS:
-        if name not in fields:
-            errors.append((name, f"{name} is required"))
-            continue
-        try:
-            values[name] = parse(fields[name])
-        except ValueError as error:
-            errors.append((name, f"{name} {error}"))
+    values, errors = _parse_fields(fields, missing="is required")
     if errors:
         raise InvalidAppointment(errors)
     start = dt.datetime.combine(values["date"], values["time"], tzinfo=dt.timezone.utc)
@@ -278,17 +290,8 @@ def parse_changes(patch: Mapping, user_id: str) -> Tuple[Optional[dt.date], Opti
     user_id's appointment asks for. Other fields are ignored, as in a booking, but
     user_id, if given, must be the appointment's own. Raises InvalidAppointment
     naming every invalid field at once."""
-    changes, errors = {}, []
-    for name, parse in FIELDS:
-        if name not in patch:
-            continue
-        if patch[name] is None:  # merge patch: null removes the member
-            errors.append((name, f"{name} cannot be removed; leave it out to keep it"))
-            continue
-        try:
-            changes[name] = parse(patch[name])
-        except ValueError as error:
-            errors.append((name, f"{name} {error}"))
+    # In a merge patch, null removes the member.
+    changes, errors = _parse_fields(patch, null="cannot be removed; leave it out to keep it")
     if changes.get("user_id", user_id) != user_id:
         errors.append(("user_id", f"user_id cannot be changed: the appointment is {user_id}'s; "
                                   "the other user books one of their own"))
