@@ -85,13 +85,13 @@ START_MINUTES = (0, 30)  # appointments start on the hour or half hour
 FIRST_DATE, LAST_DATE = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
 MAX_USER_ID_LENGTH = 256
 # Control characters (Unicode category Cc) and lone surrogates (Cs), which JSON can
-# carry as \u escapes but which cannot be encoded as UTF-8 later. Written as escapes
-# that Python's re and JSON Schema's (ECMA-262) regular expressions both read.
-USER_ID_FORBIDDEN = r"\u0000-\u001f\u007f-\u009f\ud800-\udfff"
+# carry as \u escapes but which cannot be encoded as UTF-8 later.
+FORBIDDEN_CATEGORIES = ("Cc", "Cs")
+# The characters of those categories, to look for in one search of a string.
+_FORBIDDEN_IN_USER_ID = re.compile(r"[\u0000-\u001f\u007f-\u009f\ud800-\udfff]")
 # Anchored with fullmatch(); [0-9] rather than \d, which also matches non-ASCII digits.
 DATE_FORMAT = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 TIME_FORMAT = re.compile(r"([0-9]{2}):([0-9]{2})")
-_FORBIDDEN_IN_USER_ID = re.compile(f"[{USER_ID_FORBIDDEN}]")
 
 
 class Appointment(NamedTuple):
@@ -2589,8 +2589,8 @@ def user_id_pattern() -> str:
     space = _char_class(str.isspace)
     # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
     # surrogates that the service refuses, and a list leaves them out by itself.
-    allowed = _char_class(lambda char: not _FORBIDDEN_IN_USER_ID.match(char)
-                          and unicodedata.category(char) not in INVISIBLE_CATEGORIES)
+    refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
+    allowed = _char_class(lambda char: unicodedata.category(char) not in refused)
     visible = _char_class(lambda char: not char.isascii()
                           and unicodedata.category(char)[0] in VISIBLE_CLASSES)
     joiner = "".join(_class_char(ord(char)) for char in JOINERS)
