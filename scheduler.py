@@ -54,6 +54,7 @@ import os
 import re
 import resource
 import select
+import shlex
 import signal
 import socket
 import sqlite3
@@ -157,7 +158,13 @@ class StoreFull(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot serve requests now; the message says why."""
+    """The store cannot serve requests now; the message says why. retry_after: the
+    seconds after which a retry may succeed, or None when retrying will not help
+    until the operator acts (a damaged file, a full disk)."""
+
+    def __init__(self, message: str, retry_after: Optional[int] = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 # Each parser raises ValueError with a message that follows the field's name:
@@ -348,6 +355,8 @@ class Store(abc.ABC):
     def count(self) -> int:
         """How many appointments are stored, over all users."""
 
+    notices: Tuple[str, ...] = ()  # what opening the store did, a sentence each, for the log
+
     def check(self) -> None:
         """Raise StoreUnavailable if the store cannot take bookings now."""
 
@@ -455,15 +464,193 @@ class InMemoryStore(Store):
 
 
 class _Write:
-    """A booking or cancellation waiting for the transaction that will hold it."""
+    """A booking, cancellation or health probe waiting for the transaction that will
+    hold it; deadline: when it stops waiting for the writers' lock (monotonic)."""
 
-    __slots__ = ("apply", "args", "result", "error", "done", "wake")
+    __slots__ = ("apply", "args", "deadline", "result", "error", "done", "wake")
 
-    def __init__(self, apply: Callable, args: tuple):
-        self.apply, self.args = apply, args
+    def __init__(self, apply: Callable, args: tuple, deadline: float):
+        self.apply, self.args, self.deadline = apply, args, deadline
         self.result, self.error, self.done = None, None, False
         self.wake = threading.Lock()  # held until its writer may go on: done, or first in line
         self.wake.acquire()
+
+
+class _Turns:
+    """The writers' file lock ({database}-lock) that the processes sharing a database
+    take turns at, with a deadline. flock() waits as long as it takes, so a thread
+    of its own waits there when the lock is busy, on a descriptor of its own (two
+    descriptors of one file exclude each other as two processes do), and hands the
+    lock over if the writer still wants it; a writer past its deadline stops
+    wanting it, and the thread lets it go. One writer at a time takes it (write()
+    leads one batch at a time)."""
+
+    def __init__(self, path: str):
+        self._mine = open(path, "a")  # taken at once when the lock is free
+        self._theirs = open(path, "a")  # the waiting thread's; it closes it
+        self._held: Optional[TextIO] = None  # whichever holds the lock while taken
+        self._state = threading.Condition()  # guards the three flags and _waiter
+        self._wanted = self._handed = self._closing = False
+        self._waiter: Optional[threading.Thread] = None
+
+    def take(self, timeout: float) -> bool:
+        """Take the lock within timeout seconds; False if it stayed busy."""
+        try:
+            fcntl.flock(self._mine, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._held = self._mine
+            return True
+        except BlockingIOError:
+            pass
+        with self._state:
+            if self._waiter is None:
+                self._waiter = threading.Thread(target=self._wait, name="writers-lock",
+                                                daemon=True)
+                self._waiter.start()
+            self._wanted = True
+            self._state.notify_all()
+            handed = self._state.wait_for(lambda: self._handed, timeout)
+            self._wanted = self._handed = False
+            self._state.notify_all()
+        if handed:
+            self._held = self._theirs
+        return handed
+
+    def give_back(self) -> None:
+        fcntl.flock(self._held, fcntl.LOCK_UN)
+        self._held = None
+
+    def _wait(self) -> None:
+        while True:
+            with self._state:
+                self._state.wait_for(lambda: (self._wanted and not self._handed)
+                                     or self._closing)
+                if self._closing:
+                    break
+            fcntl.flock(self._theirs, fcntl.LOCK_EX)  # as long as it takes
+            with self._state:
+                if self._wanted and not self._closing:
+                    self._handed = True
+                    self._state.notify_all()
+                    self._state.wait_for(lambda: not self._wanted)  # taken
+                    continue
+            fcntl.flock(self._theirs, fcntl.LOCK_UN)  # nobody wants it any more
+        self._theirs.close()
+
+    def close(self) -> None:
+        with self._state:
+            self._closing = True
+            self._state.notify_all()
+            if self._waiter is None:
+                self._theirs.close()
+        self._mine.close()  # the waiter, if stuck in flock(), ends when the lock is free
+
+
+# The SQLite file's schema, versioned: PRAGMA user_version holds its version and
+# PRAGMA application_id says the file is this service's (the header fields SQLite
+# has for just that). Step n brings a file from version n - 1 to n; a start runs
+# every step a file lacks, in one transaction, and refuses a file it does not own.
+# Version 0 is a file from before versions: empty, or as the releases of 2026-11-25
+# (the appointments table alone) and 2026-11-30 (with a count and its triggers) made it.
+APPLICATION_ID = 0x53434844  # "SCHD"
+_UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointments_1"),
+                ("table", "appointment_count"), ("trigger", "counted"),
+                ("trigger", "uncounted")}
+# Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
+# that SQLite refuses what this service could not show, whoever writes the file. What
+# it cannot say (the user ID's invisible characters) SQLiteStore.sweep() checks.
+_APPOINTMENTS_TABLE = f"""
+    CREATE TABLE appointments (
+        user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
+            AND length(user_id) BETWEEN 1 AND {MAX_USER_ID_LENGTH} AND user_id = trim(user_id)
+            AND user_id NOT GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')),
+        date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
+            AND date BETWEEN '{FIRST_DATE}' AND '{LAST_DATE}' AND date(date, '+0 days') IS date),
+        time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
+            AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'
+            AND substr(time, 4) IN ({", ".join(f"'{minute:02}'" for minute in START_MINUTES)})),
+        UNIQUE (user_id, date)
+    )"""
+
+
+class DatabaseRefused(sqlite3.DatabaseError):
+    """A file the service will not open: another application's, or one written by a
+    newer release. Raised before anything in it is changed."""
+
+
+def stored_row_problem(user_id, date, time) -> Optional[str]:
+    """Why a stored appointment breaks today's rules (the parsers' own words), or None."""
+    for (name, parse), value in zip(FIELDS, (user_id, date, time)):
+        if not isinstance(value, str):
+            return f"{name} is stored as {type(value).__name__}, not text"
+        try:
+            parse(value)
+        except ValueError as error:
+            return f"{name} {error}"
+    return None
+
+
+def _lenient_text(data: bytes) -> str:
+    """Text as SQLite holds it, even when it is not UTF-8: undecodable bytes become
+    lone surrogates, which the user ID's rules refuse."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_start(date: str, time: str) -> dt.datetime:
+    """The start of a stored appointment, read by today's rules (ValueError if it
+    breaks them). Cached: it is read at every listing, and a cached read cost less
+    than datetime.fromisoformat() alone."""
+    return dt.datetime.combine(parse_date(date), parse_time(time), tzinfo=dt.timezone.utc)
+
+
+def _set_aside(db: sqlite3.Connection, rowid: int, reason: str,
+               table: str = "appointments") -> None:
+    """Move a row that breaks the rules to set_aside, as it was stored."""
+    db.execute(f"INSERT INTO set_aside (user_id, date, time, reason) "
+               f"SELECT user_id, date, time, ? FROM {table} WHERE rowid = ?", (reason, rowid))
+    db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+
+
+def _schema_1(db: sqlite3.Connection) -> None:
+    """Rows checked by SQLite, one count row, and rows that break the rules set aside."""
+    for statement in (
+            # An empty file starts as the first release made it, and takes the same path.
+            "CREATE TABLE IF NOT EXISTS appointments (user_id TEXT NOT NULL, "
+            "date TEXT NOT NULL, time TEXT NOT NULL, UNIQUE (user_id, date))",
+            "DROP TRIGGER IF EXISTS counted",
+            "DROP TRIGGER IF EXISTS uncounted",
+            # A row each start: INSERT ... SELECT COUNT(*) ... WHERE NOT EXISTS returned
+            # one row even when WHERE was false (an aggregate without GROUP BY does).
+            "DROP TABLE IF EXISTS appointment_count",
+            "ALTER TABLE appointments RENAME TO unversioned",
+            _APPOINTMENTS_TABLE,
+            # Untyped columns: a row keeps what it held, a BLOB stays a BLOB.
+            "CREATE TABLE set_aside (user_id, date, time, reason TEXT NOT NULL, "
+            "since TEXT NOT NULL DEFAULT CURRENT_TIMESTAMP)",
+            "INSERT OR IGNORE INTO appointments SELECT user_id, date, time FROM unversioned"):
+        db.execute(statement)
+    # What the CHECK constraints kept out; each row's reason in the parsers' words.
+    refused = db.execute("SELECT rowid, user_id, date, time FROM unversioned AS old "
+                         "WHERE NOT EXISTS (SELECT 1 FROM appointments AS new WHERE "
+                         "new.user_id IS old.user_id AND new.date IS old.date "
+                         "AND new.time IS old.time)").fetchall()
+    for rowid, *row in refused:
+        _set_aside(db, rowid, stored_row_problem(*row) or "refused by SQLite", "unversioned")
+    for statement in (
+            "DROP TABLE unversioned",
+            "CREATE TABLE appointment_count (one INTEGER PRIMARY KEY CHECK (one = 1), "
+            "n INTEGER NOT NULL)",
+            "INSERT INTO appointment_count SELECT 1, COUNT(*) FROM appointments",
+            "CREATE TRIGGER counted AFTER INSERT ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n + 1; END",
+            "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n - 1; END",
+            f"PRAGMA application_id = {APPLICATION_ID}"):
+        db.execute(statement)
+
+
+SCHEMA_STEPS = (_schema_1,)  # step n is SCHEMA_STEPS[n - 1]; a new one goes last
+SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
 class SQLiteStore(Store):
@@ -472,41 +659,32 @@ class SQLiteStore(Store):
     enforces one appointment per user and date, so it holds across processes;
     triggers keep the count that capacity is checked against, for the same reason.
 
+    Opening a file checks that it is this service's (or empty) before changing
+    anything, and brings its schema up to date (SCHEMA_STEPS); notices says what
+    that did, for the log. CHECK constraints hold every row to the rules, and rows
+    from older releases that break them are moved to the set_aside table.
+
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): bookings and cancellations that arrive while a
     transaction is being committed wait, then go into the next one together, each
-    checked on its own, with one fsync for all of them (write()). A lone write
-    waits for nothing. Reads use a connection of their own, which WAL lets read
-    while a transaction is written.
+    in a savepoint of its own, with one fsync for all of them (write()). A lone
+    write waits for nothing. Reads use a connection of their own, which WAL lets
+    read while a transaction is written.
 
     SQLite's own failures (a lock held too long, a read-only file, a full disk)
     are StoreUnavailable, for every write of the transaction they ended; it is
-    rolled back whole, so nothing is half-written.
+    rolled back whole, so nothing is half-written. A damaged file is noted in
+    damaged, and check() reports it from then on.
     """
 
-    SCHEMA = """
-        CREATE TABLE IF NOT EXISTS appointments (
-            user_id TEXT NOT NULL,
-            date    TEXT NOT NULL,  -- YYYY-MM-DD, UTC
-            time    TEXT NOT NULL,  -- HH:MM, UTC
-            UNIQUE (user_id, date)
-        );
-        CREATE TABLE IF NOT EXISTS appointment_count (n INTEGER NOT NULL);
-        INSERT INTO appointment_count SELECT COUNT(*) FROM appointments
-            WHERE NOT EXISTS (SELECT 1 FROM appointment_count);
-        CREATE TRIGGER IF NOT EXISTS counted AFTER INSERT ON appointments
-            BEGIN UPDATE appointment_count SET n = n + 1; END;
-        CREATE TRIGGER IF NOT EXISTS uncounted AFTER DELETE ON appointments
-            BEGIN UPDATE appointment_count SET n = n - 1; END;
-        UPDATE appointment_count SET n = n  -- fails if the file cannot be written
-        """
-
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0):
-        """Open (creating if needed) the database; raises sqlite3.Error if it cannot,
-        or cannot be written. busy_timeout: how long to wait for another process's
-        write lock before StoreUnavailable."""
-        self.path, self.capacity = path, capacity
+        """Open (creating if needed) the database; raises DatabaseRefused for a file
+        that is not this service's, and sqlite3.Error if it cannot be opened or
+        written. busy_timeout: how long a write may wait for the database (the
+        writers' lock, then SQLite's) before StoreUnavailable."""
+        self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
         self.batches = 0  # transactions committed by write(), each of one write or more
+        self.damaged: Optional[str] = None  # why the file is damaged, once an error said so
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
         self._queue_lock = threading.Lock()  # guards _queue
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
@@ -514,17 +692,19 @@ class SQLiteStore(Store):
         # waiting for it wakes as soon as it is free, where SQLite's own busy handler
         # sleeps for up to 100 ms at a time (with two workers, p99 went from 443 to
         # a few ms).
-        self._turns: Optional[TextIO] = None  # opened with the database, below
-        # isolation_level=None: transactions only where BEGIN says so.
-        self._writer, self._reader = (
-            sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
-                            check_same_thread=False) for _ in range(2))
+        self._turns: Optional[_Turns] = None  # opened with the database, below
+        self._writer = self._reader = None
+        version = self.inspect(path)
         try:
+            # isolation_level=None: transactions only where BEGIN says so.
+            self._writer, self._reader = (
+                sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
+                                check_same_thread=False) for _ in range(2))
             self._writer.execute("PRAGMA journal_mode = WAL")  # reads go on while one writes
             for db in (self._writer, self._reader):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
-            self._writer.executescript(f"BEGIN IMMEDIATE;\n{self.SCHEMA};\nCOMMIT;")
-            self._turns = open(f"{path}-lock", "a")
+            self.notices = self._upgrade(version)
+            self._turns = _Turns(f"{path}-lock")
         except (sqlite3.Error, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -532,10 +712,119 @@ class SQLiteStore(Store):
             raise
 
     @staticmethod
-    def _failure(error: sqlite3.Error) -> str:
-        detail = ("is busy: another process has held its write lock too long"
-                  if "locked" in str(error) else f"failed: {error}")
-        return f"The database {detail}; retry shortly."
+    def inspect(path: str) -> int:
+        """The schema version of the file at path (0: empty, missing, or from before
+        versions), read without changing it; DatabaseRefused if it is not this
+        service's, or newer than this code."""
+        if not os.path.exists(path + "-wal") and (not os.path.exists(path)
+                                                  or os.path.getsize(path) == 0):
+            return 0
+        # Read-only; immutable (no locks, no -shm made) when no journal is there to read.
+        journal = any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal"))
+        uri = f"file:{urllib.parse.quote(path)}?{'mode=ro' if journal else 'immutable=1'}"
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            owner = db.execute("PRAGMA application_id").fetchone()[0]
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            objects = {(kind, name) for kind, name in db.execute(
+                "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'")}
+            columns = [row[1] for row in db.execute("PRAGMA table_info(appointments)")]
+        if owner == APPLICATION_ID:
+            if version > SCHEMA_VERSION:
+                raise DatabaseRefused(
+                    f"its schema is version {version}, newer than this release's "
+                    f"{SCHEMA_VERSION}; run the release that wrote it (nothing was changed)")
+            return version
+        if owner == 0 and version == 0 and (not objects or (
+                objects <= _UNVERSIONED and columns == ["user_id", "date", "time"])):
+            return 0
+        tables = ", ".join(sorted(name for kind, name in objects if kind == "table")) or "none"
+        raise DatabaseRefused(f"it is not this service's: it holds other tables ({tables}); "
+                              "give --db a new file or one this service made (nothing was "
+                              "changed)")
+
+    def _upgrade(self, version: int) -> List[str]:
+        """Bring the file to SCHEMA_VERSION and set aside rows that break the rules,
+        in one transaction; what was done, a sentence each, for the log."""
+        db, notices = self._writer, []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            version = db.execute("PRAGMA user_version").fetchone()[0]  # now, under the lock
+            new = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
+            for step in range(version, SCHEMA_VERSION):
+                SCHEMA_STEPS[step](db)
+                if not new:
+                    notices.append(f"Upgraded {self.path} to schema version {step + 1}: "
+                                   f"{SCHEMA_STEPS[step].__doc__}")
+            if version < SCHEMA_VERSION:
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if new:
+                notices.append(f"Created {self.path} (schema version {SCHEMA_VERSION}).")
+            self.sweep(db)
+            db.execute("UPDATE appointment_count SET n = n")  # fails if it cannot be written
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return tuple(notices + self.set_aside_notice(db))
+
+    @staticmethod
+    def sweep(db: sqlite3.Connection) -> None:
+        """Set aside the rows whose user ID breaks a rule that SQL cannot check (its
+        invisible characters): those with characters beyond ASCII, checked by
+        parse_user_id(). 0.3 s a million rows."""
+        db.text_factory = _lenient_text  # a hand-made row may hold text that is not UTF-8
+        try:
+            found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
+                               "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
+        finally:
+            db.text_factory = str
+        for rowid, *row in found:
+            problem = stored_row_problem(*row)
+            if problem:
+                _set_aside(db, rowid, problem)
+
+    SET_ASIDE_NAMED = 10  # rows the log names, at most
+
+    def set_aside_notice(self, db: sqlite3.Connection) -> List[str]:
+        """What the log says while rows are set aside: the first few, and the commands
+        that see, restore and delete them."""
+        db.text_factory = _lenient_text
+        try:
+            rows = db.execute("SELECT rowid, user_id, date, time, reason FROM set_aside "
+                              "ORDER BY rowid LIMIT ?", (self.SET_ASIDE_NAMED,)).fetchall()
+            total = db.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0]
+        finally:
+            db.text_factory = str
+        if not total:
+            return []
+        named = "; ".join(f"row {rowid}: {ascii(user_id)} {ascii(date)} {ascii(time)} ({reason})"
+                          for rowid, user_id, date, time, reason in rows)
+        more = f"; and {total - len(rows)} more" if total > len(rows) else ""
+        sql = f"sqlite3 {shlex.quote(self.path)}"
+        return [f"{total} stored appointment(s) break the rules of this release and are set "
+                f"aside in {self.path}: not shown, counted, or in the way of a booking. "
+                f"{named}{more}. To see them all: {sql} \"SELECT rowid, * FROM set_aside\". "
+                f"To restore one, corrected (row 1 at 09:30, say): {sql} \"INSERT INTO "
+                f"appointments SELECT user_id, date, '09:30' FROM set_aside WHERE rowid = 1; "
+                f"DELETE FROM set_aside WHERE rowid = 1\". To delete them: {sql} \"DELETE FROM "
+                f"set_aside\"."]
+
+    def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
+        """SQLite's failure as the client is told it, noting a damaged file. Only a
+        busy lock is worth retrying soon."""
+        text = str(error)
+        if "locked" in text or "busy" in text:
+            return StoreUnavailable("The database is busy: another process has held its "
+                                    "write lock too long; retry shortly.")
+        if "malformed" in text or "not a database" in text:
+            self.damaged = f"The database file is damaged ({text}); its operator must " \
+                           "restore it from a backup."
+            return StoreUnavailable(self.damaged, retry_after=None)
+        if "full" in text:
+            return StoreUnavailable(f"The database cannot grow ({text}); its operator must "
+                                    "free disk space.", retry_after=None)
+        return StoreUnavailable(f"The database failed: {text}; retry shortly.")
 
     @contextlib.contextmanager
     def _reading(self):
@@ -544,49 +833,82 @@ class SQLiteStore(Store):
             with self._read_lock:
                 yield self._reader
         except sqlite3.Error as error:
-            raise StoreUnavailable(self._failure(error)) from None
+            raise self._unavailable(error) from None
 
     def write(self, apply: Callable, *args):
         """Run apply(connection, *args) in a transaction, with every other write that
         is waiting when it starts, and return its result once that transaction is on
         disk (or raise its outcome: AlreadyBooked, StoreUnavailable...). The first
-        writer in line leads: it writes the batch of all that wait, while writes
-        that arrive meanwhile line up for the next one."""
-        write = _Write(apply, args)
+        writer in line leads: it takes the writers' lock and writes the batch of all
+        that wait by then, while writes that arrive meanwhile line up for the next."""
+        write = _Write(apply, args, time.monotonic() + self.busy_timeout)
         with self._queue_lock:
             self._queue.append(write)
             leading = len(self._queue) == 1
         if not leading:
             write.wake.acquire()  # until done, or first in line
         if not write.done:
-            with self._queue_lock:
-                batch = list(self._queue)
-            self._write_batch(batch)
-            with self._queue_lock:
-                for done in batch:
-                    self._queue.popleft()
-                    done.done = True
-                following = self._queue[0] if self._queue else None
-            for done in batch[1:]:
-                done.wake.release()
-            if following is not None:  # it leads the next batch
-                following.wake.release()
+            self._lead(write)
         if write.error is not None:
             raise write.error
         return write.result
 
-    def _write_batch(self, batch: List[_Write]) -> None:
-        """One transaction for the batch: each write's own outcome, or, if the
-        transaction fails, StoreUnavailable for all of them and nothing written."""
-        db = self._writer
-        fcntl.flock(self._turns, fcntl.LOCK_EX)
+    def _lead(self, leader: _Write) -> None:
+        """Write the batch that leader heads, answer its writes, and wake the next
+        leader. The batch's writes arrived after leader, so none waits past its own
+        deadline for the writers' lock."""
         try:
+            turn = self._turns.take(max(0.0, leader.deadline - time.monotonic()))
+            refusal = None if turn else StoreUnavailable(
+                "The database is busy: another process has held its write lock for over "
+                f"{self.busy_timeout:g} s; retry shortly.")
+        except (OSError, ValueError) as error:  # the store was closed
+            turn, refusal = False, StoreUnavailable(f"The database cannot be written: {error}.")
+        with self._queue_lock:
+            batch = list(self._queue)
+        try:
+            if turn:
+                self._write_batch(batch, leader.deadline)
+            else:
+                for write in batch:
+                    write.error = refusal
+        finally:
+            if turn:
+                self._turns.give_back()
+        with self._queue_lock:
+            for done in batch:
+                self._queue.popleft()
+                done.done = True
+            following = self._queue[0] if self._queue else None
+        for done in batch[1:]:
+            done.wake.release()
+        if following is not None:  # it leads the next batch
+            following.wake.release()
+
+    def _write_batch(self, batch: List[_Write], deadline: float) -> None:
+        """One transaction for the batch, each write in a savepoint of its own: each
+        write's own outcome, its changes undone if it fails; or, if the transaction
+        itself fails, StoreUnavailable for all of them and nothing written."""
+        db = self._writer
+        left = deadline - time.monotonic()
+        waited = left < self.busy_timeout - 0.001  # SQLite's own wait gets only what is left
+        try:
+            if waited:
+                db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
             db.execute("BEGIN IMMEDIATE")
             for write in batch:
+                db.execute("SAVEPOINT one_write")
                 try:
                     write.result = write.apply(db, *write.args)
                 except (AlreadyBooked, NotBooked, StoreFull) as outcome:
-                    write.error = outcome
+                    write.error = outcome  # kept: a row it found in its way and set aside
+                except Exception as error:  # a bug, or SQLite's failure for this write alone
+                    if isinstance(error, sqlite3.Error) and not db.in_transaction:
+                        raise  # the transaction is gone: every write fails
+                    db.execute("ROLLBACK TO one_write")
+                    write.error = (self._unavailable(error)
+                                   if isinstance(error, sqlite3.Error) else error)
+                db.execute("RELEASE one_write")
             self._commit(db)
             self.batches += 1
         except Exception as error:
@@ -595,10 +917,11 @@ class SQLiteStore(Store):
                     db.execute("ROLLBACK")
             for write in batch:
                 write.result, write.error = None, (
-                    StoreUnavailable(self._failure(error)) if isinstance(error, sqlite3.Error)
-                    else error)
+                    self._unavailable(error) if isinstance(error, sqlite3.Error) else error)
         finally:
-            fcntl.flock(self._turns, fcntl.LOCK_UN)
+            if waited:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def _commit(self, db: sqlite3.Connection) -> None:
         db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
@@ -609,25 +932,43 @@ class SQLiteStore(Store):
             return len(self._queue)
 
     @staticmethod
-    def _appointment(user_id: str, date: str, time: str) -> Appointment:
-        start = dt.datetime.fromisoformat(f"{date}T{time}").replace(tzinfo=dt.timezone.utc)
-        return Appointment(user_id, start)
+    def _appointment(user_id: str, date: str, time: str) -> Optional[Appointment]:
+        """A stored row as an Appointment, or None if it breaks the rules: the CHECK
+        constraints keep such rows out, but one written with them switched off is
+        left out of what is shown, and set aside by the first write it is in the
+        way of (_held())."""
+        try:
+            return Appointment(user_id, _stored_start(date, time))
+        except ValueError:
+            return None
+
+    def _held(self, db: sqlite3.Connection, user_id: str, date: str) -> Optional[Appointment]:
+        """In a write's transaction: the user's appointment on date, if any. A row
+        there that breaks the rules is set aside, and is not in the way."""
+        row = db.execute("SELECT rowid, time FROM appointments WHERE user_id = ? AND date = ?",
+                         (user_id, date)).fetchone()
+        held = None if row is None else self._appointment(user_id, date, row[1])
+        if row is not None and held is None:
+            _set_aside(db, row[0], stored_row_problem(user_id, date, row[1]))
+        return held
 
     def _book(self, db: sqlite3.Connection, appointment: Appointment) -> Appointment:
         """In a transaction, which holds the write lock: nothing changes meanwhile."""
         user_id, date = appointment.user_id, appointment.date.isoformat()
         limit = -1 if self.capacity is None else self.capacity
+        insert = ("INSERT INTO appointments (user_id, date, time) SELECT ?, ?, ? "
+                  "WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
+                  (user_id, date, f"{appointment.start:%H:%M}", limit, limit))
         try:
-            if db.execute("INSERT INTO appointments (user_id, date, time) SELECT ?, ?, ? "
-                          "WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
-                          (user_id, date, f"{appointment.start:%H:%M}", limit, limit)).rowcount:
+            if db.execute(*insert).rowcount:
                 return appointment
         except sqlite3.IntegrityError:  # fails this statement, not the transaction
             pass
-        row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
-                         (user_id, date)).fetchone()
-        if row is not None:
-            raise AlreadyBooked(self._appointment(user_id, date, row[0]))
+        existing = self._held(db, user_id, date)  # a conflict is a 409 even when full
+        if existing is not None:
+            raise AlreadyBooked(existing)
+        if db.execute(*insert).rowcount:  # the row in the way was set aside
+            return appointment
         raise StoreFull(limit)
 
     def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date) -> None:
@@ -637,22 +978,29 @@ class SQLiteStore(Store):
 
     def _reschedule(self, db: sqlite3.Connection, user_id: str, date: dt.date,
                     new_date: Optional[dt.date], new_time: Optional[dt.time]) -> Appointment:
-        row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
-                         (user_id, date.isoformat())).fetchone()
-        if row is None:
+        held = self._held(db, user_id, date.isoformat())
+        if held is None:
             raise NotBooked(user_id, date)
-        moved = Appointment(user_id, moved_start(self._appointment(user_id, date.isoformat(),
-                                                                   row[0]).start,
-                                                 new_date, new_time))
+        moved = Appointment(user_id, moved_start(held.start, new_date, new_time))
+        update = ("UPDATE appointments SET date = ?, time = ? WHERE user_id = ? AND date = ?",
+                  (moved.date.isoformat(), f"{moved.start:%H:%M}", user_id, date.isoformat()))
         try:  # one UPDATE: the row moves whole, or not at all
-            db.execute("UPDATE appointments SET date = ?, time = ? WHERE user_id = ? AND date = ?",
-                       (moved.date.isoformat(), f"{moved.start:%H:%M}", user_id,
-                        date.isoformat()))
+            db.execute(*update)
         except sqlite3.IntegrityError:  # the user holds new_date: fails this statement only
-            row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
-                             (user_id, moved.date.isoformat())).fetchone()
-            raise AlreadyBooked(self._appointment(user_id, moved.date.isoformat(), row[0]))
+            existing = self._held(db, user_id, moved.date.isoformat())
+            if existing is not None:
+                raise AlreadyBooked(existing) from None
+            db.execute(*update)  # the row in the way was set aside
         return moved
+
+    # The health check's booking, by a user no member can be (the parser refuses an
+    # invisible character; the CHECK constraints do not look for one).
+    PROBE = ("\u200bhealth-check", "2000-01-01", "00:00")
+
+    def _probe(self, db: sqlite3.Connection) -> None:
+        """Book and cancel in one transaction: the pages a booking writes, written."""
+        db.execute("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)", self.PROBE)
+        db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?", self.PROBE[:2])
 
     def book(self, appointment: Appointment) -> Appointment:
         return self.write(self._book, appointment)
@@ -668,9 +1016,10 @@ class SQLiteStore(Store):
         with self._reading() as db:
             row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
                              (user_id, date.isoformat())).fetchone()
-        if row is None:
+        found = None if row is None else self._appointment(user_id, date.isoformat(), row[0])
+        if found is None:
             raise NotBooked(user_id, date)
-        return self._appointment(user_id, date.isoformat(), row[0])
+        return found
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
@@ -679,32 +1028,27 @@ class SQLiteStore(Store):
             rows = db.execute(
                 "SELECT date, time FROM appointments WHERE user_id = ? AND date BETWEEN ? AND ? "
                 "ORDER BY date", (user_id, *bounds)).fetchall()
-        return [self._appointment(user_id, date, time) for date, time in rows]
+        return [found for found in (self._appointment(user_id, date, time) for date, time in rows)
+                if found is not None]
 
     def count(self) -> int:
         with self._reading() as db:
             return db.execute("SELECT n FROM appointment_count").fetchone()[0]
 
-    def count_outside_dates(self) -> int:
-        """Rows from before the dates were limited (FIRST_DATE to LAST_DATE), which
-        nothing shows; main() logs how to delete them."""
-        with self._reading() as db:
-            return db.execute("SELECT COUNT(*) FROM appointments WHERE date NOT BETWEEN ? AND ?",
-                              (FIRST_DATE.isoformat(), LAST_DATE.isoformat())).fetchone()[0]
-
     def check(self) -> None:
-        """A write that is rolled back: the file can be written, and its lock taken."""
-        with self._reading() as db:
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.execute("UPDATE appointment_count SET n = n")
-            finally:
-                db.execute("ROLLBACK")
+        """A write committed as bookings are, through the same line and lock and
+        with the same deadline: whatever would fail a booking now fails it (a full
+        disk, a lock held past the deadline), and reads never wait for it. A file
+        found damaged stays reported."""
+        if self.damaged:
+            raise StoreUnavailable(self.damaged, retry_after=None)
+        self.write(self._probe)
 
     def close(self) -> None:
         with self._queue_lock, self._read_lock:
-            self._writer.close()
-            self._reader.close()
+            for db in (self._writer, self._reader):
+                if db is not None:
+                    db.close()
             if self._turns is not None:
                 self._turns.close()
 
@@ -1337,7 +1681,8 @@ def http_error(error: BaseException) -> HTTPError:
                               "and can book no more until some are cancelled; tell its "
                               "operator (the limit is --max-appointments).")
     if isinstance(error, StoreUnavailable):
-        return HTTPError(503, str(error), headers={"Retry-After": "1"})
+        return HTTPError(503, str(error), headers={} if error.retry_after is None
+                         else {"Retry-After": str(error.retry_after)})
     return HTTPError(500, "The server hit an unexpected error and logged it; please try again.")
 
 
@@ -2257,6 +2602,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                             default=default, metavar=metavar,
                             help=f"{description} (default: {default:g})")
     args = parser.parse_args(argv)
+    if args.db == "":  # an unset variable in a unit file: memory would lose every booking
+        parser.error("--db needs a file name (it was given an empty one); leave --db out "
+                     "to keep appointments in memory")
     if args.workers > 1 and not args.db:
         parser.error("--workers above 1 needs --db: each process would keep appointments of "
                      "its own in memory, and each allow one per user and date")
@@ -2322,12 +2670,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     return serve(args, limits, cpu)
 
 
-def outside_dates_advice(outside: int, path: str) -> str:
-    return (f"{outside} stored appointment(s) are outside the dates that can be booked "
-            f"({FIRST_DATE} to {LAST_DATE}), and are not shown. To delete them: sqlite3 {path} "
-            f"\"DELETE FROM appointments WHERE date NOT BETWEEN '{FIRST_DATE}' AND '{LAST_DATE}'\"")
-
-
 def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
           listener: Optional[socket.socket] = None, name: str = "",
           parent: Optional[int] = None) -> int:
@@ -2370,9 +2712,9 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
     where = "any CPU" if cpu is None else f"CPU {cpu} (--cpu any lets the threads run on every CPU)"
     who = f"{name.capitalize()} running" if name else "Running"
     server.log(f"{who} on {where}.")
-    outside = store.count_outside_dates() if isinstance(store, SQLiteStore) and not name else 0
-    if outside:  # a worker's supervisor has said so
-        server.log(outside_dates_advice(outside, args.db))
+    if not name:  # a worker's supervisor has logged them
+        for notice in store.notices:
+            server.log(notice)
     if limits.max_connections < args.max_connections:
         server.log(f"Serving at most {limits.max_connections} connections, not "
                    f"{args.max_connections}: the process may open "
@@ -2409,10 +2751,9 @@ def supervise(args: argparse.Namespace, limits: Limits) -> int:
     except sqlite3.Error as error:
         say(f"scheduler: cannot open the database {args.db}: {error}")
         return 1
-    outside = store.count_outside_dates()
     store.close()  # before forking: an SQLite connection must not cross a fork
-    if outside:
-        say(outside_dates_advice(outside, args.db))
+    for notice in store.notices:
+        say(notice)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     try:
         listener = socket.create_server((args.host, args.port), family=family,
