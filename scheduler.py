@@ -635,7 +635,8 @@ def _schema_1(db: sqlite3.Connection) -> None:
                          "new.user_id IS old.user_id AND new.date IS old.date "
                          "AND new.time IS old.time)").fetchall()
     for rowid, *row in refused:
-        _set_aside(db, rowid, stored_row_problem(*row) or "refused by SQLite", "unversioned")
+        _set_aside(db, rowid, stored_row_problem(*row) or "a second appointment of the user "
+                   "that date, or another rule of the table", "unversioned")
     for statement in (
             "DROP TABLE unversioned",
             "CREATE TABLE appointment_count (one INTEGER PRIMARY KEY CHECK (one = 1), "
@@ -694,7 +695,7 @@ class SQLiteStore(Store):
         # a few ms).
         self._turns: Optional[_Turns] = None  # opened with the database, below
         self._writer = self._reader = None
-        version = self.inspect(path)
+        self.inspect(path)  # before anything is written
         try:
             # isolation_level=None: transactions only where BEGIN says so.
             self._writer, self._reader = (
@@ -703,7 +704,7 @@ class SQLiteStore(Store):
             self._writer.execute("PRAGMA journal_mode = WAL")  # reads go on while one writes
             for db in (self._writer, self._reader):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
-            self.notices = self._upgrade(version)
+            self.notices = self._upgrade()
             self._turns = _Turns(f"{path}-lock")
         except (sqlite3.Error, OSError) as error:
             self.close()
@@ -742,12 +743,13 @@ class SQLiteStore(Store):
                               "give --db a new file or one this service made (nothing was "
                               "changed)")
 
-    def _upgrade(self, version: int) -> List[str]:
+    def _upgrade(self) -> Tuple[str, ...]:
         """Bring the file to SCHEMA_VERSION and set aside rows that break the rules,
         in one transaction; what was done, a sentence each, for the log."""
         db, notices = self._writer, []
-        db.execute("BEGIN IMMEDIATE")
+        db.text_factory = _lenient_text  # a hand-made row may hold text that is not UTF-8
         try:
+            db.execute("BEGIN IMMEDIATE")
             version = db.execute("PRAGMA user_version").fetchone()[0]  # now, under the lock
             new = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
             for step in range(version, SCHEMA_VERSION):
@@ -762,23 +764,22 @@ class SQLiteStore(Store):
             self.sweep(db)
             db.execute("UPDATE appointment_count SET n = n")  # fails if it cannot be written
             db.execute("COMMIT")
+            return tuple(notices + self.set_aside_notice(db))
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
             raise
-        return tuple(notices + self.set_aside_notice(db))
+        finally:
+            db.text_factory = str
 
     @staticmethod
     def sweep(db: sqlite3.Connection) -> None:
         """Set aside the rows whose user ID breaks a rule that SQL cannot check (its
         invisible characters): those with characters beyond ASCII, checked by
         parse_user_id(). 0.3 s a million rows."""
-        db.text_factory = _lenient_text  # a hand-made row may hold text that is not UTF-8
-        try:
-            found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
-                               "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
-        finally:
-            db.text_factory = str
+        found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
+                           "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
         for rowid, *row in found:
             problem = stored_row_problem(*row)
             if problem:
@@ -789,13 +790,9 @@ class SQLiteStore(Store):
     def set_aside_notice(self, db: sqlite3.Connection) -> List[str]:
         """What the log says while rows are set aside: the first few, and the commands
         that see, restore and delete them."""
-        db.text_factory = _lenient_text
-        try:
-            rows = db.execute("SELECT rowid, user_id, date, time, reason FROM set_aside "
-                              "ORDER BY rowid LIMIT ?", (self.SET_ASIDE_NAMED,)).fetchall()
-            total = db.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0]
-        finally:
-            db.text_factory = str
+        rows = db.execute("SELECT rowid, user_id, date, time, reason FROM set_aside "
+                          "ORDER BY rowid LIMIT ?", (self.SET_ASIDE_NAMED,)).fetchall()
+        total = db.execute("SELECT COUNT(*) FROM set_aside").fetchone()[0]
         if not total:
             return []
         named = "; ".join(f"row {rowid}: {ascii(user_id)} {ascii(date)} {ascii(time)} ({reason})"

@@ -3388,7 +3388,8 @@ class TruthfulHealthTest(RouteTestCase):
 
     def test_503_while_another_process_holds_the_writers_lock_past_the_deadline(self):
         release = hold_writers_lock(self, self.store.path)
-        for response in (self.request("GET", "/healthz"), self.book()):
+        for request in (lambda: self.request("GET", "/healthz"), self.book):
+            response = request()
             self.assertIn("busy", self.assertProblem(response, 503)["detail"])
             self.assertEqual(response.headers["Retry-After"], "1")
         release()
