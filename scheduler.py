@@ -528,12 +528,12 @@ class _Turns:
                     break
             fcntl.flock(self._theirs, fcntl.LOCK_EX)  # as long as it takes
             with self._state:
-                if self._wanted and not self._closing:
-                    self._handed = True
-                    self._state.notify_all()
-                    self._state.wait_for(lambda: not self._wanted)  # taken
-                    continue
-            fcntl.flock(self._theirs, fcntl.LOCK_UN)  # nobody wants it any more
+                # Handed: the loop's wait holds until the writer has taken it (_handed
+                # goes back to False) and a writer wants it again.
+                handing = self._handed = self._wanted and not self._closing
+                self._state.notify_all()
+            if not handing:
+                fcntl.flock(self._theirs, fcntl.LOCK_UN)  # nobody wants it any more
         self._theirs.close()
 
     def close(self) -> None:
@@ -591,8 +591,25 @@ def stored_row_problem(user_id, date, time) -> Optional[str]:
 
 def _lenient_text(data: bytes) -> str:
     """Text as SQLite holds it, even when it is not UTF-8: undecodable bytes become
-    lone surrogates, which the user ID's rules refuse."""
+    lone surrogates, which the parsers refuse."""
     return data.decode("utf-8", "surrogateescape")
+
+
+def _fetch(db: sqlite3.Connection, sql: str, parameters: tuple) -> list:
+    """The rows of a query. A row with text that is not UTF-8 (written past the
+    checks) is read again leniently, so that the rules refuse the row, rather than
+    the read failing; only then, since a text_factory of Python's costs 2 us a
+    listing."""
+    try:
+        return db.execute(sql, parameters).fetchall()
+    except sqlite3.OperationalError as error:
+        if not str(error).startswith("Could not decode to UTF-8"):
+            raise
+    db.text_factory = _lenient_text
+    try:
+        return db.execute(sql, parameters).fetchall()
+    finally:
+        db.text_factory = str
 
 
 @functools.lru_cache(maxsize=4096)
@@ -721,27 +738,46 @@ class SQLiteStore(Store):
                                                   or os.path.getsize(path) == 0):
             return 0
         # Read-only; immutable (no locks, no -shm made) when no journal is there to read.
+        # A log is read with mode=ro, which makes a -shm if there is none: removed
+        # again if the file is refused.
         journal = any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal"))
+        made_shm = journal and not os.path.exists(path + "-shm")
         uri = f"file:{urllib.parse.quote(path)}?{'mode=ro' if journal else 'immutable=1'}"
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-            owner = db.execute("PRAGMA application_id").fetchone()[0]
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            objects = {(kind, name) for kind, name in db.execute(
-                "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'")}
-            columns = [row[1] for row in db.execute("PRAGMA table_info(appointments)")]
-        if owner == APPLICATION_ID:
-            if version > SCHEMA_VERSION:
-                raise DatabaseRefused(
-                    f"its schema is version {version}, newer than this release's "
-                    f"{SCHEMA_VERSION}; run the release that wrote it (nothing was changed)")
-            return version
-        if owner == 0 and version == 0 and (not objects or (
-                objects <= _UNVERSIONED and columns == ["user_id", "date", "time"])):
-            return 0
-        tables = ", ".join(sorted(name for kind, name in objects if kind == "table")) or "none"
-        raise DatabaseRefused(f"it is not this service's: it holds other tables ({tables}); "
-                              "give --db a new file or one this service made (nothing was "
-                              "changed)")
+        try:
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+                owner = db.execute("PRAGMA application_id").fetchone()[0]
+                version = db.execute("PRAGMA user_version").fetchone()[0]
+                objects = {(kind, name) for kind, name in db.execute(
+                    "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'")}
+                columns = [row[1] for row in db.execute("PRAGMA table_info(appointments)")]
+            if owner == APPLICATION_ID:
+                if version > SCHEMA_VERSION:
+                    raise DatabaseRefused(
+                        f"its schema is version {version}, newer than this release's "
+                        f"{SCHEMA_VERSION}; run the release that wrote it (nothing was changed)")
+                if version < 1:
+                    raise DatabaseRefused(f"its schema version, {version}, is none that a "
+                                          "release of this service wrote (nothing was changed)")
+                return version
+            if owner == 0 and version == 0 and (not objects or (
+                    objects <= _UNVERSIONED and columns == ["user_id", "date", "time"])):
+                return 0
+            tables = ", ".join(sorted(name for kind, name in objects if kind == "table"))
+            raise DatabaseRefused(
+                "it is not this service's: " + (f"it holds tables this service did not make "
+                                                f"({tables})" if tables else
+                                                f"its header says it is another application's "
+                                                f"(application_id {owner}, user_version "
+                                                f"{version})")
+                + "; give --db a new file or one this service made (nothing was changed)")
+        except sqlite3.DatabaseError as error:
+            if made_shm:
+                with contextlib.suppress(OSError):
+                    os.remove(path + "-shm")
+            if isinstance(error, DatabaseRefused):
+                raise
+            raise DatabaseRefused(f"it cannot be read without changing it ({error}); nothing "
+                                  "was changed") from None
 
     def _upgrade(self) -> Tuple[str, ...]:
         """Bring the file to SCHEMA_VERSION and set aside rows that break the rules,
@@ -807,21 +843,28 @@ class SQLiteStore(Store):
                 f"DELETE FROM set_aside WHERE rowid = 1\". To delete them: {sql} \"DELETE FROM "
                 f"set_aside\"."]
 
+    # SQLite's messages for its result codes (sqlite3_errstr()), the same in every
+    # version: Python 3.9 and 3.10 give no sqlite_errorname to tell them by.
+    BUSY = ("database is locked", "database table is locked")  # SQLITE_BUSY, SQLITE_LOCKED
+    DAMAGED = ("database disk image is malformed", "file is not a database")  # CORRUPT, NOTADB
+    FULL = "database or disk is full"  # SQLITE_FULL
+
     def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
         """SQLite's failure as the client is told it, noting a damaged file. Only a
-        busy lock is worth retrying soon."""
+        busy lock is worth retrying soon: the rest need the operator."""
         text = str(error)
-        if "locked" in text or "busy" in text:
+        if text in self.BUSY:
             return StoreUnavailable("The database is busy: another process has held its "
                                     "write lock too long; retry shortly.")
-        if "malformed" in text or "not a database" in text:
+        if text in self.DAMAGED:
             self.damaged = f"The database file is damaged ({text}); its operator must " \
                            "restore it from a backup."
             return StoreUnavailable(self.damaged, retry_after=None)
-        if "full" in text:
+        if text == self.FULL:
             return StoreUnavailable(f"The database cannot grow ({text}); its operator must "
                                     "free disk space.", retry_after=None)
-        return StoreUnavailable(f"The database failed: {text}; retry shortly.")
+        return StoreUnavailable(f"The database failed ({text}); its operator must look into "
+                                "it.", retry_after=None)
 
     @contextlib.contextmanager
     def _reading(self):
@@ -942,8 +985,9 @@ class SQLiteStore(Store):
     def _held(self, db: sqlite3.Connection, user_id: str, date: str) -> Optional[Appointment]:
         """In a write's transaction: the user's appointment on date, if any. A row
         there that breaks the rules is set aside, and is not in the way."""
-        row = db.execute("SELECT rowid, time FROM appointments WHERE user_id = ? AND date = ?",
-                         (user_id, date)).fetchone()
+        rows = _fetch(db, "SELECT rowid, time FROM appointments WHERE user_id = ? AND date = ?",
+                      (user_id, date))
+        row = rows[0] if rows else None
         held = None if row is None else self._appointment(user_id, date, row[1])
         if row is not None and held is None:
             _set_aside(db, row[0], stored_row_problem(user_id, date, row[1]))
@@ -969,9 +1013,10 @@ class SQLiteStore(Store):
         raise StoreFull(limit)
 
     def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date) -> None:
-        if not db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
-                          (user_id, date.isoformat())).rowcount:
+        if self._held(db, user_id, date.isoformat()) is None:  # as a lookup would say
             raise NotBooked(user_id, date)
+        db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
+                   (user_id, date.isoformat()))
 
     def _reschedule(self, db: sqlite3.Connection, user_id: str, date: dt.date,
                     new_date: Optional[dt.date], new_time: Optional[dt.time]) -> Appointment:
@@ -1011,9 +1056,9 @@ class SQLiteStore(Store):
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self._reading() as db:
-            row = db.execute("SELECT time FROM appointments WHERE user_id = ? AND date = ?",
-                             (user_id, date.isoformat())).fetchone()
-        found = None if row is None else self._appointment(user_id, date.isoformat(), row[0])
+            rows = _fetch(db, "SELECT time FROM appointments WHERE user_id = ? AND date = ?",
+                          (user_id, date.isoformat()))
+        found = self._appointment(user_id, date.isoformat(), rows[0][0]) if rows else None
         if found is None:
             raise NotBooked(user_id, date)
         return found
@@ -1022,9 +1067,8 @@ class SQLiteStore(Store):
                       last: Optional[dt.date] = None) -> List[Appointment]:
         bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
         with self._reading() as db:
-            rows = db.execute(
-                "SELECT date, time FROM appointments WHERE user_id = ? AND date BETWEEN ? AND ? "
-                "ORDER BY date", (user_id, *bounds)).fetchall()
+            rows = _fetch(db, "SELECT date, time FROM appointments WHERE user_id = ? "
+                              "AND date BETWEEN ? AND ? ORDER BY date", (user_id, *bounds))
         return [found for found in (self._appointment(user_id, date, time) for date, time in rows)
                 if found is not None]
 
@@ -2977,7 +3021,8 @@ def openapi_document() -> dict:
                                  '{"user_id": "alice", "date": "2026-11-25", '
                                  '"time": "09:30"}.'))
     store_errors = {"503": _problem("The database is busy or failing; retry after "
-                                    "Retry-After seconds",
+                                    "Retry-After seconds where it is given (a full disk or "
+                                    "a damaged file has none: retrying will not fix them)",
                                     headers={"Retry-After": _ref("headers", "RetryAfter")}),
                     "default": errors["default"]}
     paths = {

@@ -1001,11 +1001,23 @@ def foreign_files(testcase: unittest.TestCase) -> Dict[str, str]:
                 UNVERSIONED_DDL["2026-11-25"], f"PRAGMA application_id = {scheduler.APPLICATION_ID}",
                 f"PRAGMA user_version = {scheduler.SCHEMA_VERSION + 1}"]),
             ("another application's, in WAL mode", [
-                "PRAGMA journal_mode = WAL", "CREATE TABLE events (id INTEGER PRIMARY KEY)"])):
+                "PRAGMA journal_mode = WAL", "CREATE TABLE events (id INTEGER PRIMARY KEY)"]),
+            ("ours, with a version no release wrote", [
+                UNVERSIONED_DDL["2026-11-25"], f"PRAGMA application_id = {scheduler.APPLICATION_ID}",
+                "PRAGMA user_version = -1"]),
+            ("only a header of another application's", ["PRAGMA user_version = 7"])):
         paths[case] = temporary_database(testcase)
         with contextlib.closing(sqlite3.connect(paths[case], isolation_level=None)) as db:
             for statement in statements:
                 db.execute(statement)
+    # Another application's log (-wal) copied without its index (-shm), as after a crash.
+    paths["another application's log, without its index"] = copy = temporary_database(testcase)
+    with contextlib.closing(sqlite3.connect(paths["another application's, in WAL mode"],
+                                            isolation_level=None)) as db:
+        db.execute("PRAGMA wal_autocheckpoint = 0")
+        db.execute("INSERT INTO events DEFAULT VALUES")  # in the log, not yet in the file
+        for suffix in ("", "-wal"):
+            shutil.copyfile(paths["another application's, in WAL mode"] + suffix, copy + suffix)
     paths["not SQLite at all"] = temporary_database(testcase)
     with open(paths["not SQLite at all"], "w") as file:
         file.write("user_id,date,time\nalice,2026-11-25,09:30\n")
@@ -1192,6 +1204,22 @@ def store_outcome(store: scheduler.SQLiteStore) -> str:
 
 
 class WritersLockTest(unittest.TestCase):
+    def test_the_waiting_thread_hands_the_lock_over_every_time(self):
+        path = temporary_database(self)
+        turns = scheduler._Turns(f"{path}-lock")
+        self.addCleanup(turns.close)
+        for attempt in range(100):  # each time: busy, then free while a writer waits
+            with self.subTest(attempt=attempt):
+                release = hold_writers_lock(self, path)
+                taken = queue.Queue()
+                taking = threading.Thread(target=lambda: taken.put(turns.take(10)))
+                taking.start()
+                wait_until(lambda: turns._wanted, what="the writer to wait")
+                release()
+                self.assertTrue(taken.get(timeout=10))
+                taking.join()
+                turns.give_back()
+
     def test_waiting_for_another_process_has_a_deadline(self):
         store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=0.2)
         self.addCleanup(store.close)
@@ -3363,6 +3391,10 @@ class RowsThatBreakTheRulesTest(RouteTestCase):
     def test_rows_written_past_the_constraints_are_never_a_500(self):
         plant_rows(self.path, [("mallory", "2026-11-25", "25:00"), ("mallory", "2026-11-27", "09:15"),
                                ("trent", "2026-11-25", "xx:yy")])
+        with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
+            db.execute("PRAGMA ignore_check_constraints = ON")  # text that is not UTF-8
+            db.execute("INSERT INTO appointments VALUES ('dave', '2026-11-25', "
+                       "CAST(X'30393AFF' AS TEXT))")
         cases = [("GET", "/appointments?user_id=mallory", None, 200),
                  ("GET", "/appointments/mallory/2026-11-25", None, 404),
                  ("GET", "/appointments.ics?user_id=mallory", None, 200),
@@ -3370,13 +3402,21 @@ class RowsThatBreakTheRulesTest(RouteTestCase):
                  ("POST", "/appointments", {"user_id": "mallory", "date": "2026-11-25",
                                             "time": "09:00"}, 201),  # sets the 25:00 aside
                  ("PATCH", "/appointments/mallory/2026-11-25", {"date": "2026-11-27"}, 200),
-                 ("DELETE", "/appointments/trent/2026-11-25", None, 204)]
+                 ("DELETE", "/appointments/trent/2026-11-25", None, 404),  # as GET says
+                 ("GET", "/appointments?user_id=dave", None, 200),
+                 ("GET", "/appointments/dave/2026-11-25", None, 404),
+                 ("POST", "/appointments", {"user_id": "dave", "date": "2026-11-25",
+                                            "time": "09:00"}, 201)]
         for method, path, body, status in cases:
             with self.subTest(method=method, path=path):
                 response = self.request(method, path, body)
                 self.assertEqual(response.status, status, response.body)
         self.assertEqual([a["date"] for a in self.request(
             "GET", "/appointments?user_id=mallory").json()["appointments"]], ["2026-11-27"])
+        self.assertEqual(sorted(user_id for user_id, in query(
+            self.path, "SELECT user_id FROM set_aside WHERE user_id IN ('dave', 'mallory', "
+                       "'trent')")),
+            ["dave", "mallory", "mallory", "trent"])
 
 
 class TruthfulHealthTest(RouteTestCase):
@@ -3706,6 +3746,7 @@ class CommandLineTest(unittest.TestCase):
             if response.status != 201:
                 break
         self.assertEqual(response.status, 503, response.body)
+        self.assertNotIn("Retry-After", response.headers)  # retrying soon will not help
         conn.request("GET", "/healthz")
         health = conn.getresponse()
         self.assertEqual((health.status, health.read()), (503, response.body))
