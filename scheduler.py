@@ -88,18 +88,23 @@ MAX_USER_ID_LENGTH = 256
 # Control characters (Unicode category Cc) and lone surrogates (Cs), which JSON can
 # carry as \u escapes but which cannot be encoded as UTF-8 later.
 FORBIDDEN_CATEGORIES = ("Cc", "Cs")
-# The characters of those categories, to look for in one search of a string.
+# The characters of those categories, to look for in one search of a string; a note
+# may break its lines (a line feed, U+000A).
 _FORBIDDEN_IN_USER_ID = re.compile(r"[\u0000-\u001f\u007f-\u009f\ud800-\udfff]")
+_FORBIDDEN_IN_NOTE = re.compile(r"[\u0000-\u0009\u000b-\u001f\u007f-\u009f\ud800-\udfff]")
+MAX_NOTE_LENGTH = 500
 # Anchored with fullmatch(); [0-9] rather than \d, which also matches non-ASCII digits.
 DATE_FORMAT = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 TIME_FORMAT = re.compile(r"([0-9]{2}):([0-9]{2})")
 
 
 class Appointment(NamedTuple):
-    """A booked 30-minute slot. Immutable, so it can be handed out freely."""
+    """A booked 30-minute slot. Immutable, so it can be handed out freely. The
+    fields after start are its details, as DETAILS describes them (None: none)."""
 
     user_id: str
     start: dt.datetime  # timezone-aware UTC, on the hour or half hour
+    note: Optional[str] = None  # for the practitioner
 
     @property
     def date(self) -> dt.date:
@@ -109,11 +114,20 @@ class Appointment(NamedTuple):
     def end(self) -> dt.datetime:
         return self.start + APPOINTMENT_LENGTH
 
+    @property
+    def details(self) -> Tuple[Optional[str], ...]:
+        """Its details, in the order of DETAILS."""
+        return self[2:]
+
     def as_json(self) -> dict:
         """The appointment as the API shows it: the fields it was booked with,
-        plus its start and end as RFC 3339 UTC instants."""
+        plus its start and end as RFC 3339 UTC instants; details only where given."""
         date, time, start, end = _start_strings(self.start)
-        return {"user_id": self.user_id, "date": date, "time": time, "start": start, "end": end}
+        shown = {"user_id": self.user_id, "date": date, "time": time, "start": start, "end": end}
+        if any(value is not None for value in self[2:]):
+            shown.update((detail.name, value) for detail, value in zip(DETAILS, self[2:])
+                         if value is not None)
+        return shown
 
 
 @functools.lru_cache(maxsize=4096)
@@ -260,18 +274,61 @@ def parse_time(value) -> dt.time:
 FIELDS = (("user_id", parse_user_id), ("date", parse_date), ("time", parse_time))  # in order
 
 
+def parse_note(value) -> Optional[str]:
+    """Return the note (None for an empty one: no note); raise ValueError saying what
+    is wrong. Lines may break (a line feed; CR LF is kept as one); other control
+    characters and invisible format characters may not be there."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string (or null for none)")
+    if len(value) > MAX_NOTE_LENGTH:  # as sent
+        raise ValueError(f"must be at most {MAX_NOTE_LENGTH} characters long")
+    value = value.replace("\r\n", "\n")
+    control = _FORBIDDEN_IN_NOTE.search(value)
+    if control:
+        raise ValueError(f"must not contain control characters (U+{ord(control.group()):04X}) "
+                         "but line breaks, nor lone surrogates")
+    invisible = None if value.isascii() else _invisible_format_character(value)
+    if invisible:
+        raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
+                         f"({unicodedata.name(invisible, 'a format character')})")
+    return value or None
+
+
+class Detail(NamedTuple):
+    """An optional field of an appointment beyond its user and start, described
+    once: the parsers, both stores, the feed and the API description take it from
+    DETAILS. Appointment has a field of the same name; SQLite a column, added by a
+    schema step."""
+
+    name: str
+    parse: Callable[[object], Optional[str]]  # a request's value; None for none
+    max_length: int  # characters
+    description: str  # for the API description
+    ical_property: str  # what the feed shows it as (RFC 5545 section 3.8)
+
+
+DETAILS = (Detail("note", parse_note, MAX_NOTE_LENGTH,
+                  "Free text for the practitioner; lines may break (\\n), but no other "
+                  "control characters or invisible format characters. An empty one is none",
+                  "DESCRIPTION"),)
+_DETAIL_NAMES = tuple(detail.name for detail in DETAILS)
+
+
 def _parse_fields(fields: Mapping, missing: Optional[str] = None,
                   null: Optional[str] = None) -> Tuple[dict, List[Tuple[str, str]]]:
-    """The FIELDS that fields holds, parsed by name; and (field, message) for each
-    that is invalid, missing (if missing says why that is wrong), or null (if null
-    says why)."""
+    """The FIELDS and DETAILS that fields holds, parsed by name; and (field,
+    message) for each that is invalid, or a FIELD missing (if missing says why that
+    is wrong) or null (if null says why). A detail's null is None: none."""
     values, errors = {}, []
-    for name, parse in FIELDS:
+    for name, parse in FIELDS + tuple((detail.name, detail.parse) for detail in DETAILS):
         if name not in fields:
-            if missing:
+            if missing and name not in _DETAIL_NAMES:
                 errors.append((name, f"{name} {missing}"))
-        elif fields[name] is None and null:
-            errors.append((name, f"{name} {null}"))
+        elif fields[name] is None and (null or name in _DETAIL_NAMES):
+            if name in _DETAIL_NAMES:
+                values[name] = None
+            else:
+                errors.append((name, f"{name} {null}"))
         else:
             try:
                 values[name] = parse(fields[name])
@@ -289,14 +346,30 @@ def parse_appointment(fields: Mapping) -> Appointment:
     if errors:
         raise InvalidAppointment(errors)
     start = dt.datetime.combine(values["date"], values["time"], tzinfo=dt.timezone.utc)
-    return Appointment(values["user_id"], start)
+    return Appointment(values["user_id"], start, *(values.get(name) for name in _DETAIL_NAMES))
 
 
-def parse_changes(patch: Mapping, user_id: str) -> Tuple[Optional[dt.date], Optional[dt.time]]:
-    """The new date and time (None: unchanged) that a JSON merge patch (RFC 7396) of
-    user_id's appointment asks for. Other fields are ignored, as in a booking, but
-    user_id, if given, must be the appointment's own. Raises InvalidAppointment
-    naming every invalid field at once."""
+class Changes(NamedTuple):
+    """What a merge patch changes: date and time (None: unchanged), and the details
+    it names, by name (None: removed)."""
+
+    date: Optional[dt.date] = None
+    time: Optional[dt.time] = None
+    details: Mapping[str, Optional[str]] = {}
+
+    def applied(self, appointment: Appointment) -> Appointment:
+        """The appointment changed so."""
+        start = dt.datetime.combine(self.date or appointment.start.date(),
+                                    self.time or appointment.start.time(),
+                                    tzinfo=dt.timezone.utc)
+        return appointment._replace(start=start, **self.details)
+
+
+def parse_changes(patch: Mapping, user_id: str) -> Changes:
+    """What a JSON merge patch (RFC 7396) of user_id's appointment asks for. Other
+    fields are ignored, as in a booking, but user_id, if given, must be the
+    appointment's own; null removes a detail, and cannot remove date or time.
+    Raises InvalidAppointment naming every invalid field at once."""
     # In a merge patch, null removes the member.
     changes, errors = _parse_fields(patch, null="cannot be removed; leave it out to keep it")
     if changes.get("user_id", user_id) != user_id:
@@ -304,17 +377,11 @@ def parse_changes(patch: Mapping, user_id: str) -> Tuple[Optional[dt.date], Opti
                                   "the other user books one of their own"))
     if errors:
         raise InvalidAppointment(errors, moving=True)
-    return changes.get("date"), changes.get("time")
+    return Changes(changes.get("date"), changes.get("time"),
+                   {name: changes[name] for name in _DETAIL_NAMES if name in changes})
 
 
 # --- Stores ---------------------------------------------------------------------------
-
-
-def moved_start(start: dt.datetime, new_date: Optional[dt.date],
-                new_time: Optional[dt.time]) -> dt.datetime:
-    """Where an appointment starting at start moves to; None keeps date or time."""
-    return dt.datetime.combine(new_date or start.date(), new_time or start.time(),
-                               tzinfo=dt.timezone.utc)
 
 
 class Store(abc.ABC):
@@ -338,12 +405,11 @@ class Store(abc.ABC):
         """Delete the user's appointment on that date; NotBooked when there is none."""
 
     @abc.abstractmethod
-    def reschedule(self, user_id: str, date: dt.date, new_date: Optional[dt.date],
-                   new_time: Optional[dt.time]) -> Appointment:
-        """Move the user's appointment on date to new_date at new_time (None keeps
-        either as it is) in one step, and return it moved. Raises NotBooked when
-        there is none on date, and AlreadyBooked, carrying it, when the user holds
-        another on new_date; nothing changes then."""
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes) -> Appointment:
+        """Change the user's appointment on date as changes says (move it, change its
+        details) in one step, and return it changed. Raises NotBooked when there is
+        none on date, and AlreadyBooked, carrying it, when the user holds another on
+        the new date; nothing changes then."""
 
     @abc.abstractmethod
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
@@ -367,61 +433,74 @@ class Store(abc.ABC):
 class InMemoryStore(Store):
     """Appointments in a dict, shared safely by the request threads; the default.
 
-    Holds user ID -> the start of the user's one appointment, or, from the second,
-    {date -> start}: most members hold one appointment, and a dict of one entry
-    costs more than the rest of it (a million one-appointment users took 402 bytes
-    each that way, 139 this way; README, Performance). Dates and datetimes are
-    immutable and untracked by the garbage collector, so a large store stays cheap.
+    Holds user ID -> the user's one appointment, or, from the second, {date -> it};
+    an appointment is kept as its start alone unless it has details. Most members
+    hold one appointment without details, and a dict of one entry costs more than
+    the rest of it (a million one-appointment users took 402 bytes each that way,
+    139 this way; README, Performance). Dates and datetimes are immutable and
+    untracked by the garbage collector, so a large store stays cheap.
     """
 
     def __init__(self, capacity: Optional[int] = None):
         self.capacity = capacity  # appointments held at most; None: no limit
         self._lock = threading.Lock()  # guards _by_user and _count
-        self._by_user: Dict[str, Union[dt.datetime, Dict[dt.date, dt.datetime]]] = {}
+        self._by_user: Dict[str, Union[dt.datetime, Appointment,
+                                       Dict[dt.date, Union[dt.datetime, Appointment]]]] = {}
         self._count = 0
 
     @staticmethod
-    def _start_on(held, date: dt.date) -> Optional[dt.datetime]:
-        """The start of the appointment on date among what a user holds, if any."""
-        if isinstance(held, dt.datetime):
-            return held if held.date() == date else None
-        return held.get(date) if held else None
+    def _kept(appointment: Appointment) -> Union[dt.datetime, Appointment]:
+        """What is kept of an appointment: its start, unless it has details."""
+        return appointment if any(value is not None for value in appointment[2:]) \
+            else appointment.start
+
+    @staticmethod
+    def _appointment(user_id: str, kept) -> Appointment:
+        """An appointment from what is kept of it."""
+        return Appointment(user_id, kept) if isinstance(kept, dt.datetime) else kept
+
+    def _on(self, user_id: str, held, date: dt.date) -> Optional[Appointment]:
+        """The appointment on date among what a user holds, if any."""
+        kept = held.get(date) if isinstance(held, dict) else held
+        found = None if kept is None else self._appointment(user_id, kept)
+        return found if found is not None and found.date == date else None
 
     def book(self, appointment: Appointment) -> Appointment:
-        user_id, date, start, full = appointment.user_id, appointment.date, appointment.start, False
+        user_id, date, full = appointment.user_id, appointment.date, False
         with self._lock:  # check and insert under one hold of the lock
             held = self._by_user.get(user_id)
-            existing = self._start_on(held, date)
+            existing = self._on(user_id, held, date)
             if existing is None:
                 full = self.capacity is not None and self._count >= self.capacity
                 if not full:
                     if held is None:
-                        self._by_user[user_id] = start
-                    elif isinstance(held, dt.datetime):  # a second appointment
-                        self._by_user[user_id] = {held.date(): held, date: start}
-                    else:
-                        held[date] = start
+                        self._by_user[user_id] = self._kept(appointment)
+                    elif isinstance(held, dict):
+                        held[date] = self._kept(appointment)
+                    else:  # a second appointment
+                        self._by_user[user_id] = {self._appointment(user_id, held).date: held,
+                                                  date: self._kept(appointment)}
                     self._count += 1
         if existing is not None:
-            raise AlreadyBooked(Appointment(user_id, existing))
+            raise AlreadyBooked(existing)
         if full:
             raise StoreFull(self.capacity)
         return appointment
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self._lock:
-            start = self._start_on(self._by_user.get(user_id), date)
-        if start is None:
+            found = self._on(user_id, self._by_user.get(user_id), date)
+        if found is None:
             raise NotBooked(user_id, date)
-        return Appointment(user_id, start)
+        return found
 
     def cancel(self, user_id: str, date: dt.date) -> None:
         with self._lock:
             held = self._by_user.get(user_id)
-            found = self._start_on(held, date) is not None
+            found = self._on(user_id, held, date) is not None
             if found:
                 self._count -= 1
-                if isinstance(held, dt.datetime):
+                if not isinstance(held, dict):
                     del self._by_user[user_id]
                 else:
                     del held[date]
@@ -430,33 +509,34 @@ class InMemoryStore(Store):
         if not found:
             raise NotBooked(user_id, date)
 
-    def reschedule(self, user_id: str, date: dt.date, new_date: Optional[dt.date],
-                   new_time: Optional[dt.time]) -> Appointment:
-        with self._lock:  # check and move under one hold of the lock
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes) -> Appointment:
+        with self._lock:  # check and change under one hold of the lock
             held = self._by_user.get(user_id)
-            start = self._start_on(held, date)
-            if start is None:
+            found = self._on(user_id, held, date)
+            if found is None:
                 raise NotBooked(user_id, date)
-            moved = moved_start(start, new_date, new_time)
-            existing = None if moved.date() == date else self._start_on(held, moved.date())
+            changed = changes.applied(found)
+            existing = None if changed.date == date else self._on(user_id, held, changed.date)
             if existing is None:
-                if isinstance(held, dt.datetime):
-                    self._by_user[user_id] = moved
+                if not isinstance(held, dict):
+                    self._by_user[user_id] = self._kept(changed)
                 else:
                     del held[date]
-                    held[moved.date()] = moved
+                    held[changed.date] = self._kept(changed)
         if existing is not None:
-            raise AlreadyBooked(Appointment(user_id, existing))
-        return Appointment(user_id, moved)
+            raise AlreadyBooked(existing)
+        return changed
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
         with self._lock:
-            held = self._by_user.get(user_id, {})
-            starts = [held] if isinstance(held, dt.datetime) else list(held.values())
-        return [Appointment(user_id, start) for start in sorted(starts)
-                if (first is None or start.date() >= first)
-                and (last is None or start.date() <= last)]
+            held = self._by_user.get(user_id)
+            kept = list(held.values()) if isinstance(held, dict) else () if held is None \
+                else (held,)
+        return sorted(appointment for appointment in map(functools.partial(
+                          self._appointment, user_id), kept)
+                      if (first is None or appointment.date >= first)
+                      and (last is None or appointment.date <= last))  # by start: one a date
 
     def count(self) -> int:
         with self._lock:
@@ -577,13 +657,20 @@ class DatabaseRefused(sqlite3.DatabaseError):
     newer release. Raised before anything in it is changed."""
 
 
-def stored_row_problem(user_id, date, time) -> Optional[str]:
-    """Why a stored appointment breaks today's rules (the parsers' own words), or None."""
-    for (name, parse), value in zip(FIELDS, (user_id, date, time)):
+def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
+    """Why a stored appointment breaks today's rules (the parsers' own words), or
+    None. Details (in the order of DETAILS) may be None: none."""
+    for (name, parse), value in zip(FIELDS + tuple((detail.name, detail.parse)
+                                                   for detail in DETAILS),
+                                    (user_id, date, time, *details)):
+        if value is None and name in _DETAIL_NAMES:
+            continue
         if not isinstance(value, str):
             return f"{name} is stored as {type(value).__name__}, not text"
         try:
-            parse(value)
+            parsed = parse(value)
+            if name in _DETAIL_NAMES and parsed != value:  # as "a\r\nb", or ""
+                raise ValueError("is not as this release stores it")
         except ValueError as error:
             return f"{name} {error}"
     return None
@@ -620,11 +707,16 @@ def _stored_start(date: str, time: str) -> dt.datetime:
     return dt.datetime.combine(parse_date(date), parse_time(time), tzinfo=dt.timezone.utc)
 
 
-def _set_aside(db: sqlite3.Connection, rowid: int, reason: str,
-               table: str = "appointments") -> None:
+# The columns of an appointment's row: its fields, then its details.
+COLUMNS = ("user_id", "date", "time") + _DETAIL_NAMES
+
+
+def _set_aside(db: sqlite3.Connection, rowid: int, reason: str, table: str = "appointments",
+               columns: Tuple[str, ...] = COLUMNS) -> None:
     """Move a row that breaks the rules to set_aside, as it was stored."""
-    db.execute(f"INSERT INTO set_aside (user_id, date, time, reason) "
-               f"SELECT user_id, date, time, ? FROM {table} WHERE rowid = ?", (reason, rowid))
+    names = ", ".join(columns)
+    db.execute(f"INSERT INTO set_aside ({names}, reason) SELECT {names}, ? FROM {table} "
+               "WHERE rowid = ?", (reason, rowid))
     db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
 
 
@@ -653,7 +745,8 @@ def _schema_1(db: sqlite3.Connection) -> None:
                          "AND new.time IS old.time)").fetchall()
     for rowid, *row in refused:
         _set_aside(db, rowid, stored_row_problem(*row) or "a second appointment of the user "
-                   "that date, or another rule of the table", "unversioned")
+                   "that date, or another rule of the table", "unversioned",
+                   ("user_id", "date", "time"))
     for statement in (
             "DROP TABLE unversioned",
             "CREATE TABLE appointment_count (one INTEGER PRIMARY KEY CHECK (one = 1), "
@@ -667,7 +760,14 @@ def _schema_1(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-SCHEMA_STEPS = (_schema_1,)  # step n is SCHEMA_STEPS[n - 1]; a new one goes last
+def _schema_2(db: sqlite3.Connection) -> None:
+    """A note for the practitioner."""
+    db.execute(f"ALTER TABLE appointments ADD COLUMN note TEXT CHECK (note IS NULL OR ("
+               f"typeof(note) = 'text' AND length(note) BETWEEN 1 AND {MAX_NOTE_LENGTH}))")
+    db.execute("ALTER TABLE set_aside ADD COLUMN note")
+
+
+SCHEMA_STEPS = (_schema_1, _schema_2)  # step n is SCHEMA_STEPS[n - 1]; a new one goes last
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -835,11 +935,12 @@ class SQLiteStore(Store):
                           for rowid, user_id, date, time, reason in rows)
         more = f"; and {total - len(rows)} more" if total > len(rows) else ""
         sql = f"sqlite3 {shlex.quote(self.path)}"
+        restored = ", ".join("'09:30'" if column == "time" else column for column in COLUMNS)
         return [f"{total} stored appointment(s) break the rules of this release and are set "
                 f"aside in {self.path}: not shown, counted, or in the way of a booking. "
                 f"{named}{more}. To see them all: {sql} \"SELECT rowid, * FROM set_aside\". "
                 f"To restore one, corrected (row 1 at 09:30, say): {sql} \"INSERT INTO "
-                f"appointments SELECT user_id, date, '09:30' FROM set_aside WHERE rowid = 1; "
+                f"appointments SELECT {restored} FROM set_aside WHERE rowid = 1; "
                 f"DELETE FROM set_aside WHERE rowid = 1\". To delete them: {sql} \"DELETE FROM "
                 f"set_aside\"."]
 
@@ -971,35 +1072,43 @@ class SQLiteStore(Store):
         with self._queue_lock:
             return len(self._queue)
 
+    # The details' columns, in queries: ", note".
+    _DETAILS = "".join(f", {name}" for name in _DETAIL_NAMES)
+
     @staticmethod
-    def _appointment(user_id: str, date: str, time: str) -> Optional[Appointment]:
+    def _appointment(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
         """A stored row as an Appointment, or None if it breaks the rules: the CHECK
         constraints keep such rows out, but one written with them switched off is
         left out of what is shown, and set aside by the first write it is in the
         way of (_held())."""
         try:
-            return Appointment(user_id, _stored_start(date, time))
+            start = _stored_start(date, time)
         except ValueError:
             return None
+        if any(value is not None for value in details) and stored_row_problem(
+                user_id, date, time, *details):  # details are rare: checked as they come
+            return None
+        return Appointment(user_id, start, *details)
 
     def _held(self, db: sqlite3.Connection, user_id: str, date: str) -> Optional[Appointment]:
         """In a write's transaction: the user's appointment on date, if any. A row
         there that breaks the rules is set aside, and is not in the way."""
-        rows = _fetch(db, "SELECT rowid, time FROM appointments WHERE user_id = ? AND date = ?",
-                      (user_id, date))
+        rows = _fetch(db, f"SELECT rowid, time{self._DETAILS} FROM appointments "
+                          "WHERE user_id = ? AND date = ?", (user_id, date))
         row = rows[0] if rows else None
-        held = None if row is None else self._appointment(user_id, date, row[1])
+        held = None if row is None else self._appointment(user_id, date, *row[1:])
         if row is not None and held is None:
-            _set_aside(db, row[0], stored_row_problem(user_id, date, row[1]))
+            _set_aside(db, row[0], stored_row_problem(user_id, date, *row[1:]))
         return held
 
     def _book(self, db: sqlite3.Connection, appointment: Appointment) -> Appointment:
         """In a transaction, which holds the write lock: nothing changes meanwhile."""
         user_id, date = appointment.user_id, appointment.date.isoformat()
         limit = -1 if self.capacity is None else self.capacity
-        insert = ("INSERT INTO appointments (user_id, date, time) SELECT ?, ?, ? "
-                  "WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
-                  (user_id, date, f"{appointment.start:%H:%M}", limit, limit))
+        insert = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
+                  f"{', ?' * len(DETAILS)} WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
+                  (user_id, date, f"{appointment.start:%H:%M}", *appointment.details,
+                   limit, limit))
         try:
             if db.execute(*insert).rowcount:
                 return appointment
@@ -1018,14 +1127,18 @@ class SQLiteStore(Store):
         db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
                    (user_id, date.isoformat()))
 
+    _UPDATE = (f"UPDATE appointments SET date = ?, time = ?"
+               f"{''.join(f', {name} = ?' for name in _DETAIL_NAMES)} "
+               "WHERE user_id = ? AND date = ?")
+
     def _reschedule(self, db: sqlite3.Connection, user_id: str, date: dt.date,
-                    new_date: Optional[dt.date], new_time: Optional[dt.time]) -> Appointment:
+                    changes: Changes) -> Appointment:
         held = self._held(db, user_id, date.isoformat())
         if held is None:
             raise NotBooked(user_id, date)
-        moved = Appointment(user_id, moved_start(held.start, new_date, new_time))
-        update = ("UPDATE appointments SET date = ?, time = ? WHERE user_id = ? AND date = ?",
-                  (moved.date.isoformat(), f"{moved.start:%H:%M}", user_id, date.isoformat()))
+        moved = changes.applied(held)
+        update = (self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}", *moved.details,
+                                 user_id, date.isoformat()))
         try:  # one UPDATE: the row moves whole, or not at all
             db.execute(*update)
         except sqlite3.IntegrityError:  # the user holds new_date: fails this statement only
@@ -1047,18 +1160,17 @@ class SQLiteStore(Store):
     def book(self, appointment: Appointment) -> Appointment:
         return self.write(self._book, appointment)
 
-    def reschedule(self, user_id: str, date: dt.date, new_date: Optional[dt.date],
-                   new_time: Optional[dt.time]) -> Appointment:
-        return self.write(self._reschedule, user_id, date, new_date, new_time)
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes) -> Appointment:
+        return self.write(self._reschedule, user_id, date, changes)
 
     def cancel(self, user_id: str, date: dt.date) -> None:
         self.write(self._cancel, user_id, date)
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self._reading() as db:
-            rows = _fetch(db, "SELECT time FROM appointments WHERE user_id = ? AND date = ?",
-                          (user_id, date.isoformat()))
-        found = self._appointment(user_id, date.isoformat(), rows[0][0]) if rows else None
+            rows = _fetch(db, f"SELECT time{self._DETAILS} FROM appointments WHERE user_id = ? "
+                              "AND date = ?", (user_id, date.isoformat()))
+        found = self._appointment(user_id, date.isoformat(), *rows[0]) if rows else None
         if found is None:
             raise NotBooked(user_id, date)
         return found
@@ -1067,9 +1179,10 @@ class SQLiteStore(Store):
                       last: Optional[dt.date] = None) -> List[Appointment]:
         bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
         with self._reading() as db:
-            rows = _fetch(db, "SELECT date, time FROM appointments WHERE user_id = ? "
-                              "AND date BETWEEN ? AND ? ORDER BY date", (user_id, *bounds))
-        return [found for found in (self._appointment(user_id, date, time) for date, time in rows)
+            rows = _fetch(db, f"SELECT date, time{self._DETAILS} FROM appointments WHERE "
+                              "user_id = ? AND date BETWEEN ? AND ? ORDER BY date",
+                          (user_id, *bounds))
+        return [found for found in (self._appointment(user_id, *row) for row in rows)
                 if found is not None]
 
     def count(self) -> int:
@@ -1155,6 +1268,8 @@ def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetim
                   f"DTSTART:{_ical_instant(appointment.start)}",
                   f"DTEND:{_ical_instant(appointment.end)}",
                   f"SUMMARY:{CALENDAR_SUMMARY}",
+                  *(f"{detail.ical_property}:{_ical_text(value)}"
+                    for detail, value in zip(DETAILS, appointment.details) if value is not None),
                   "END:VEVENT"]
     lines.append("END:VCALENDAR")
     return "".join(_fold(line) + "\r\n" for line in lines)
@@ -1416,7 +1531,7 @@ def reschedule_appointment(service: "Service", request: Request) -> Reply:
     if not isinstance(request.body, dict):
         raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
                              'fields to change, e.g. {"date": "2026-11-26", "time": "10:00"}.')
-    moved = service.store.reschedule(user_id, date, *parse_changes(request.body, user_id))
+    moved = service.store.reschedule(user_id, date, parse_changes(request.body, user_id))
     if moved.date == date:
         return Reply(HTTPStatus.OK, moved.as_json())
     url = appointment_url(moved)  # Content-Location: the body is what is now there
@@ -2964,20 +3079,35 @@ def _char_class(predicate: Callable[[str], bool]) -> str:
 _END = r"(?![\s\S])"  # the end of the text: "$" also matches before a final newline in re
 
 
+@functools.lru_cache(maxsize=None)
+def _character_classes() -> Tuple[str, str, str, str]:
+    """The classes the user ID's and the note's rules are made of: whitespace; the
+    characters allowed anywhere (no control characters, surrogates or invisible
+    ones); the visible non-ASCII characters a joiner may stand between; joiners."""
+    # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
+    # surrogates that the service refuses, and a list leaves them out by itself.
+    refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
+    return (_char_class(str.isspace),
+            _char_class(lambda char: unicodedata.category(char) not in refused),
+            _char_class(lambda char: not char.isascii()
+                        and unicodedata.category(char)[0] in VISIBLE_CLASSES),
+            "".join(_class_char(ord(char)) for char in JOINERS))
+
+
 def user_id_pattern() -> str:
     """parse_user_id()'s rules for a string as one regular expression: no control
     characters or surrogates, no invisible characters but joiners between visible
     non-ASCII ones, and no whitespace first or last."""
-    space = _char_class(str.isspace)
-    # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
-    # surrogates that the service refuses, and a list leaves them out by itself.
-    refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
-    allowed = _char_class(lambda char: unicodedata.category(char) not in refused)
-    visible = _char_class(lambda char: not char.isascii()
-                          and unicodedata.category(char)[0] in VISIBLE_CLASSES)
-    joiner = "".join(_class_char(ord(char)) for char in JOINERS)
+    space, allowed, visible, joiner = _character_classes()
     return (f"^(?![{space}])(?:[{allowed}]|(?<=[{visible}])[{joiner}](?=[{visible}]))*"
             f"(?<![{space}]){_END}")
+
+
+def note_pattern() -> str:
+    """parse_note()'s rules as one regular expression: the user ID's characters,
+    and line breaks (LF, or CR LF), anywhere."""
+    _, allowed, visible, joiner = _character_classes()
+    return f"^(?:[{allowed}\\n]|\\r\\n|(?<=[{visible}])[{joiner}](?=[{visible}]))*{_END}"
 
 
 def date_pattern() -> str:
@@ -3005,6 +3135,8 @@ def openapi_document() -> dict:
             "description": "HH:MM, UTC, on the hour or half hour"}
     user_id = _ref("schemas", "UserId")
     appointment = _ref("schemas", "Appointment")
+    details = {detail.name: {"type": "string", "maxLength": detail.max_length,
+                             "pattern": note_pattern()} for detail in DETAILS}
     errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
     by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
     found = {**errors, "404": _ref("responses", "NotFound")}
@@ -3190,17 +3322,27 @@ def openapi_document() -> dict:
                                             "maximum": 10 ** MAX_USER_ID_LENGTH - 1}],
                         "description": "An integer means its decimal string (42.0 and 42 "
                                        "too), which must fit in 256 characters"},
-                        "date": date, "time": time}},
+                        "date": date, "time": time,
+                        **{detail.name: {**details[detail.name], "type": ["string", "null"],
+                                         "description": detail.description + "; null: none"}
+                           for detail in DETAILS}}},
                 "AppointmentPatch": {
                     "type": "object", "description": "Fields left out stay as they are; "
                                                      "others are ignored",
                     "properties": {"date": date, "time": time, "user_id": {
                         "description": "If given, the appointment's own user",
-                        "oneOf": [user_id, {"type": "integer"}]}}},
+                        "oneOf": [user_id, {"type": "integer"}]},
+                        **{detail.name: {**details[detail.name], "type": ["string", "null"],
+                                         "description": detail.description + "; null removes "
+                                                        "it"}
+                           for detail in DETAILS}}},
                 "Appointment": {
                     "type": "object", "required": ["user_id", "date", "time", "start", "end"],
                     "properties": {"user_id": user_id, "date": date, "time": time,
-                                   "start": stamp, "end": stamp}},
+                                   "start": stamp, "end": stamp,
+                                   **{name: {**schema, "minLength": 1, "description":
+                                             "There only when there is one"}
+                                      for name, schema in details.items()}}},
                 "AppointmentList": {
                     "type": "object", "required": ["user_id", "appointments"],
                     "properties": {"user_id": user_id,

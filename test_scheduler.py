@@ -281,9 +281,11 @@ class HTTPTestCase(unittest.TestCase):
     def request(self, method, path, body=None, headers=None) -> Response:
         raise NotImplementedError
 
-    def book(self, user_id="alice", date="2026-11-25", time="09:30", **kwargs) -> Response:
-        return self.request("POST", "/appointments",
-                            {"user_id": user_id, "date": date, "time": time}, **kwargs)
+    def book(self, user_id="alice", date="2026-11-25", time="09:30", note=None,
+             **kwargs) -> Response:
+        fields = {"user_id": user_id, "date": date, "time": time}
+        return self.request("POST", "/appointments", fields if note is None else
+                            {**fields, "note": note}, **kwargs)
 
     def assertFramed(self, method: str, response: Response) -> Response:
         """A response with content says how long it is, exactly; returns it."""
@@ -459,6 +461,34 @@ class ParseTimeTest(ParserCases, unittest.TestCase):
     ]
 
 
+class ParseNoteTest(ParserCases, unittest.TestCase):
+    parse = staticmethod(scheduler.parse_note)
+    VALID = [
+        ("Bring the X-ray, please; thanks.", "Bring the X-ray, please; thanks."),
+        ("line 1\nline 2\n", "line 1\nline 2\n"),
+        ("line 1\r\nline 2", "line 1\nline 2"),  # one line break, as a browser sends it
+        ("", None),  # an empty note is none
+        ("x" * 500, "x" * 500),
+        ("\r\n" * 250, "\n" * 250),  # 500 as sent
+        ("Zoë 東京 \U0001F469\u200d\U0001F4BB", "Zoë 東京 \U0001F469\u200d\U0001F4BB"),
+    ]
+    INVALID = [
+        (42, "must be a string"),
+        (["a note"], "must be a string"),
+        ({"text": "a note"}, "must be a string"),
+        ("x" * 501, "at most 500"),
+        ("a\tb", "control characters \\(U\\+0009\\)"),
+        ("a\rb", "U\\+000D"),  # a carriage return on its own is not a line break here
+        ("a\x00b", "U\\+0000"),
+        ("a\x85b", "U\\+0085"),
+        ("a\ud800b", "lone surrogates"),
+        ("a\u200bb", "U\\+200B \\(ZERO WIDTH SPACE\\)"),
+        ("a\u202eb", "U\\+202E"),
+        ("a\u2028b", "U\\+2028"),
+        ("tag\U000E0041", "U\\+E0041"),
+    ]
+
+
 class ParseAppointmentTest(unittest.TestCase):
     def test_builds_a_utc_appointment(self):
         booked = appointment("alice", "2026-11-25", "09:30")
@@ -477,7 +507,7 @@ class ParseAppointmentTest(unittest.TestCase):
         self.assertEqual(booked.date, dt.date(2026, 12, 31))
 
     def test_unknown_fields_are_ignored(self):
-        fields = {"user_id": "alice", "date": "2026-11-25", "time": "09:30", "note": "hi"}
+        fields = {"user_id": "alice", "date": "2026-11-25", "time": "09:30", "colour": "red"}
         self.assertEqual(scheduler.parse_appointment(fields), appointment())
 
     def test_every_bad_field_is_reported_at_once(self):
@@ -559,6 +589,27 @@ class StoreContract:
     def setUp(self):
         self.store = self.make_store()
         self.addCleanup(self.store.close)
+
+    def test_a_note_is_kept_changed_moved_and_removed(self):
+        noted = appointment()._replace(note="Bring the X-ray.\nThanks")
+        self.assertEqual(self.store.book(noted), noted)
+        self.store.book(appointment(date="2026-11-20"))  # a second one: kept apart
+        self.assertEqual(self.store.get("alice", self.D25), noted)
+        self.assertEqual(self.store.list_for_user("alice"),
+                         [appointment(date="2026-11-20"), noted])
+        changed = self.store.reschedule("alice", self.D25, scheduler.Changes(
+            details={"note": "Bring the MRI"}))
+        self.assertEqual(changed, noted._replace(note="Bring the MRI"))
+        moved = self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
+        self.assertEqual(moved, appointment(date="2026-11-26")._replace(note="Bring the MRI"))
+        removed = self.store.reschedule("alice", self.D26, scheduler.Changes(
+            details={"note": None}))
+        self.assertEqual(removed, appointment(date="2026-11-26"))
+        self.assertEqual(self.store.list_for_user("alice"),
+                         [appointment(date="2026-11-20"), appointment(date="2026-11-26")])
+        with self.assertRaises(scheduler.AlreadyBooked) as conflict:
+            self.store.book(noted._replace(start=noted.start.replace(day=20)))
+        self.assertIsNone(conflict.exception.existing.note)
 
     def test_a_full_store_books_no_more_but_still_reports_conflicts(self):
         store = self.make_store(capacity=2)
@@ -719,7 +770,8 @@ class StoreContract:
                 self.addCleanup(store.close)
                 for date in held:
                     store.book(appointment(date=date))
-                moved = store.reschedule("alice", self.D25, self.D26, dt.time(10, 0))
+                moved = store.reschedule("alice", self.D25,
+                                         scheduler.Changes(self.D26, dt.time(10, 0)))
                 self.assertEqual(moved, appointment(date="2026-11-26", time="10:00"))
                 self.assertEqual(store.list_for_user("alice"),
                                  sorted([moved] + [appointment(date=d) for d in held[1:]]))
@@ -729,11 +781,13 @@ class StoreContract:
 
     def test_reschedule_keeps_what_it_is_not_given(self):
         self.store.book(appointment(time="09:30"))
-        self.assertEqual(self.store.reschedule("alice", self.D25, None, dt.time(15, 0)),
+        self.assertEqual(self.store.reschedule("alice", self.D25,
+                                               scheduler.Changes(None, dt.time(15, 0))),
                          appointment(time="15:00"))
-        self.assertEqual(self.store.reschedule("alice", self.D25, self.D27, None),
+        self.assertEqual(self.store.reschedule("alice", self.D25,
+                                               scheduler.Changes(self.D27, None)),
                          appointment(date="2026-11-27", time="15:00"))
-        self.assertEqual(self.store.reschedule("alice", self.D27, None, None),
+        self.assertEqual(self.store.reschedule("alice", self.D27, scheduler.Changes(None, None)),
                          appointment(date="2026-11-27", time="15:00"))
         self.assertEqual(self.store.list_for_user("alice"),
                          [appointment(date="2026-11-27", time="15:00")])
@@ -742,7 +796,7 @@ class StoreContract:
         self.store.book(appointment(date="2026-11-25", time="09:30"))
         self.store.book(appointment(date="2026-11-26", time="14:00"))
         with self.assertRaises(scheduler.AlreadyBooked) as caught:
-            self.store.reschedule("alice", self.D25, self.D26, dt.time(10, 0))
+            self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, dt.time(10, 0)))
         self.assertEqual(caught.exception.existing, appointment(date="2026-11-26", time="14:00"))
         self.assertEqual(self.store.list_for_user("alice"),
                          [appointment(date="2026-11-25", time="09:30"),
@@ -751,7 +805,7 @@ class StoreContract:
     def test_reschedule_of_nothing_is_not_booked(self):
         self.store.book(appointment("bob"))
         with self.assertRaises(scheduler.NotBooked):
-            self.store.reschedule("alice", self.D25, self.D26, None)
+            self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
         self.assertEqual(self.store.count(), 1)
 
     def test_a_reschedule_racing_a_booking_for_its_date_leaves_one(self):
@@ -765,7 +819,7 @@ class StoreContract:
                 def move():
                     barrier.wait()
                     try:
-                        store.reschedule("alice", self.D25, self.D26, None)
+                        store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
                         outcomes["move"] = "moved"
                     except scheduler.AlreadyBooked:
                         outcomes["move"] = "conflict"
@@ -805,6 +859,14 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(reopened.get("bob", dt.date(2026, 11, 26)),
                          appointment("bob", "2026-11-26", "00:00"))
         self.assertEqual(reopened.count(), 2)
+
+    def test_a_note_survives_reopening_the_file(self):
+        noted = appointment()._replace(note="line 1\nline 2")
+        self.store.book(noted)
+        self.store.close()
+        reopened = scheduler.SQLiteStore(self.path)
+        self.addCleanup(reopened.close)
+        self.assertEqual(reopened.list_for_user("alice"), [noted])
 
     def test_the_unique_constraint_holds_across_connections(self):
         # Two stores on one file are two connections, as two server processes would have.
@@ -967,7 +1029,7 @@ def plant_rows(path: str, rows) -> None:
     """Write rows past the CHECK constraints, as a tool that switches them off would."""
     with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
         db.execute("PRAGMA ignore_check_constraints = ON")
-        db.executemany("INSERT INTO appointments VALUES (?, ?, ?)", rows)
+        db.executemany("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)", rows)
 
 
 def query(path: str, sql: str, parameters=()) -> list:
@@ -988,6 +1050,9 @@ def files_of(path: str) -> Dict[str, Optional[str]]:
     return digests
 
 
+OUR_APPLICATION_ID = f"PRAGMA application_id = {scheduler.APPLICATION_ID}"
+
+
 def foreign_files(testcase: unittest.TestCase) -> Dict[str, str]:
     """Files that are not this service's, by what they are: each a path."""
     paths = {}
@@ -998,13 +1063,12 @@ def foreign_files(testcase: unittest.TestCase) -> Dict[str, str]:
             ("ours, beside another table", [
                 UNVERSIONED_DDL["2026-11-25"], "CREATE TABLE invoices (id INTEGER PRIMARY KEY)"]),
             ("a newer release's", [
-                UNVERSIONED_DDL["2026-11-25"], f"PRAGMA application_id = {scheduler.APPLICATION_ID}",
+                UNVERSIONED_DDL["2026-11-25"], OUR_APPLICATION_ID,
                 f"PRAGMA user_version = {scheduler.SCHEMA_VERSION + 1}"]),
             ("another application's, in WAL mode", [
                 "PRAGMA journal_mode = WAL", "CREATE TABLE events (id INTEGER PRIMARY KEY)"]),
             ("ours, with a version no release wrote", [
-                UNVERSIONED_DDL["2026-11-25"], f"PRAGMA application_id = {scheduler.APPLICATION_ID}",
-                "PRAGMA user_version = -1"]),
+                UNVERSIONED_DDL["2026-11-25"], OUR_APPLICATION_ID, "PRAGMA user_version = -1"]),
             ("only a header of another application's", ["PRAGMA user_version = 7"])):
         paths[case] = temporary_database(testcase)
         with contextlib.closing(sqlite3.connect(paths[case], isolation_level=None)) as db:
@@ -1061,6 +1125,28 @@ class SchemaTest(unittest.TestCase):
                 self.assertEqual(again.notices, ())  # a second start changes nothing
                 self.assertEqual(self.schema(path), schema)
                 self.assertEqual(query(path, "SELECT * FROM appointments"), stored)
+
+    def test_every_versioned_schema_upgrades_keeping_every_appointment(self):
+        for version in range(1, scheduler.SCHEMA_VERSION):
+            with self.subTest(version=version):
+                path = temporary_database(self)
+                with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+                    for step in scheduler.SCHEMA_STEPS[:version]:  # as that release left it
+                        step(db)
+                    db.execute(f"PRAGMA user_version = {version}")
+                    db.execute("INSERT INTO appointments (user_id, date, time) VALUES "
+                               "('alice', '2026-11-25', '09:30')")
+                store = self.open(path)
+                self.assertEqual(
+                    [notice.split(":")[0] for notice in store.notices],
+                    [f"Upgraded {path} to schema version {step}"
+                     for step in range(version + 1, scheduler.SCHEMA_VERSION + 1)])
+                self.assertEqual(store.list_for_user("alice"), [appointment()])
+                self.assertEqual(store.count(), 1)
+                noted = appointment(date="2026-11-26")._replace(note="a note")
+                self.assertEqual(store.book(noted), noted)  # the new column, in use
+                with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK"):
+                    query(path, "UPDATE appointments SET note = ?", ("x" * 501,))
 
     def test_one_count_row_whatever_the_number_of_starts(self):
         for path in (temporary_database(self),
@@ -1119,15 +1205,14 @@ class SchemaTest(unittest.TestCase):
     def test_sqlite_itself_refuses_rows_that_break_the_rules(self):
         path = temporary_database(self)
         self.open(path)
-        for user_id, date, time_, field in BROKEN_ROWS + [("", "2026-11-25", "09:00", "user_id"),
-                                                          (" x", "2026-11-25", "09:00", "user_id"),
-                                                          ("a\tb", "2026-11-25", "09:00", "user_id"),
-                                                          ("x" * 257, "2026-11-25", "09:00", "user_id")]:
+        more = [(user_id, "2026-11-25", "09:00", "user_id") for user_id in ("", " x", "a\tb",
+                                                                           "x" * 257)]
+        for user_id, date, time_, field in BROKEN_ROWS + more:
             if isinstance(user_id, str) and not user_id.isascii():
                 continue  # invisible characters: the next start sets them aside
             with self.subTest(user_id=user_id, date=date, time=time_):
                 with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK constraint failed"):
-                    query(path, "INSERT INTO appointments VALUES (?, ?, ?)",
+                    query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
                           (user_id, date, time_))
 
     def test_the_next_start_sets_aside_user_ids_that_sql_cannot_check(self):
@@ -1135,7 +1220,8 @@ class SchemaTest(unittest.TestCase):
         self.open(path).close()
         unicode_rows = [row[:3] for row in BROKEN_ROWS if row[3] == "user_id"
                         and isinstance(row[0], str)]
-        query(path, "INSERT INTO appointments VALUES (?, ?, ?)", unicode_rows[0])  # no CHECK
+        query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
+              unicode_rows[0])  # no CHECK sees the invisible character
         plant_rows(path, unicode_rows[1:] + [("\u00e9t\u00e9", "2026-11-25", "09:00")])
         store = self.open(path)
         self.assertEqual(store.count(), 1)  # été alone: a visible character beyond ASCII
@@ -1156,10 +1242,12 @@ class RowIsolationTest(BatchTestCase):
         with self.assertRaises(scheduler.NotBooked):
             store.get("bob", dt.date(2026, 11, 25))
         outcomes = self.gathered(store, [
-            lambda: store.reschedule("alice", dt.date(2026, 11, 25), None, dt.time(10)),
+            lambda: store.reschedule("alice", dt.date(2026, 11, 25),
+                                     scheduler.Changes(None, dt.time(10))),
             lambda: store.book(appointment("dave")),
             lambda: store.book(appointment("bob", time="10:00")),  # bob's 09:15 is in the way
-            lambda: store.reschedule("carol", dt.date(2026, 11, 26), dt.date(2026, 11, 25), None),
+            lambda: store.reschedule("carol", dt.date(2026, 11, 26),
+                                     scheduler.Changes(dt.date(2026, 11, 25), None)),
             lambda: store.book(appointment("erin"))])
         self.assertIsInstance(outcomes[0], scheduler.NotBooked)
         self.assertEqual(outcomes[1:], [appointment("dave"), appointment("bob", time="10:00"),
@@ -1649,7 +1737,7 @@ class RescheduleTest(RouteTestCase):
 
     def test_a_patch_that_changes_nothing_is_200(self):
         self.book(time="09:30")
-        for body in ({}, {"date": "2026-11-25", "time": "09:30"}, {"note": "ignored"},
+        for body in ({}, {"date": "2026-11-25", "time": "09:30"}, {"colour": "ignored"},
                      {"user_id": "alice"}):
             with self.subTest(body=body):
                 response = self.patch(body)
@@ -1795,6 +1883,67 @@ class ConditionalGetTest(RouteTestCase):
         response = self.request("GET", self.URLS[1], headers={"If-None-Match": "*"})
         self.assertProblem(response, 404)  # nothing is there for * to match
         self.assertNotIn("ETag", response.headers)
+
+
+class NoteTest(RouteTestCase):
+    """An appointment's note for the practitioner: booked with it, shown wherever the
+    appointment is, changed and removed by PATCH."""
+
+    NOTE = "Knee, left; see the X-ray\\2026.\nA second line, with a comma, and more: " + "é" * 40
+
+    def test_shown_wherever_the_appointment_is(self):
+        response = self.book(note=self.NOTE)
+        self.assertEqual((response.status, response.json()["note"]), (201, self.NOTE))
+        for path in ("/appointments/alice/2026-11-25", "/appointments?user_id=alice"):
+            with self.subTest(path=path):
+                shown = self.request("GET", path).json()
+                self.assertEqual(shown.get("note", shown.get("appointments", [{}])[0].get("note")),
+                                 self.NOTE)
+        self.book(date="2026-11-26")
+        listed = self.request("GET", "/appointments?user_id=alice").json()["appointments"]
+        self.assertNotIn("note", listed[1])  # none: absent
+
+    def test_in_the_feed_as_a_description_escaped_and_folded(self):
+        self.book(note=self.NOTE)
+        feed = self.request("GET", "/appointments.ics?user_id=alice").body.decode()
+        for line in feed.split("\r\n"):
+            self.assertLessEqual(len(line.encode()), 75)
+        self.assertIn("DESCRIPTION:Knee\\, left\\; see the X-ray\\\\2026.\\nA second line\\, "
+                      "with a comma\\, and more: " + "é" * 40, unfold(feed))
+
+    def test_invalid_notes_are_422_naming_note_and_nothing_is_booked(self):
+        for note in (42, ["a"], "x" * 501, "a\tb", "a\u200bb", "a\u2028b"):
+            with self.subTest(note=note):
+                problem = self.assertProblem(self.book(note=note), 422)
+                self.assertEqual([error["field"] for error in problem["errors"]], ["note"])
+        self.assertEqual(self.stored(), [])
+
+    def test_patch_sets_changes_keeps_and_removes_it(self):
+        self.book()
+        url = "/appointments/alice/2026-11-25"
+        cases = [({"note": "first"}, 200, "first"), ({"note": "second"}, 200, "second"),
+                 ({"time": "10:00"}, 200, "second"),  # left out: kept
+                 ({"note": "x" * 501}, 422, "second"),  # refused: unchanged
+                 ({"note": None}, 200, None),  # RFC 7396: null removes it
+                 ({"note": "again"}, 200, "again"), ({"note": ""}, 200, None)]
+        for body, status, note in cases:
+            with self.subTest(body=body):
+                response = self.request("PATCH", url, body,
+                                        {"Content-Type": "application/merge-patch+json"})
+                self.assertEqual(response.status, status, response.body)
+                self.assertEqual(self.request("GET", url).json().get("note"), note)
+
+    def test_documented_with_its_limit(self):
+        schemas = self.request("GET", "/openapi.json").json()["components"]["schemas"]
+        for schema in ("NewAppointment", "AppointmentPatch", "Appointment"):
+            with self.subTest(schema=schema):
+                note = schemas[schema]["properties"]["note"]
+                self.assertEqual(note["maxLength"], scheduler.MAX_NOTE_LENGTH)
+                self.assertNotIn("note", schemas[schema].get("required", []))
+
+
+class SQLiteNoteTest(OnSQLite, NoteTest):
+    pass
 
 
 class SQLiteHealthTest(OnSQLite, RouteTestCase):
@@ -2035,6 +2184,7 @@ class SchemaStrictnessTest(unittest.TestCase):
         cls.user_id = schemas["UserId"]
         properties = schemas["NewAppointment"]["properties"]
         cls.date, cls.time = properties["date"], properties["time"]
+        cls.note = properties["note"]
 
     def assertSameVerdict(self, schema: dict, parse, value: str):
         by_schema = (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10 ** 9)
@@ -2060,6 +2210,14 @@ class SchemaStrictnessTest(unittest.TestCase):
         values += ["".join(random.Random(seed).choices(pieces, k=5)) for seed in range(3000)]
         for value in values:
             self.assertSameVerdict(self.user_id, scheduler.parse_user_id, value)
+
+    def test_note(self):
+        pieces = self.USER_ID_PIECES + ["\r", "\r\n", ","]
+        values = ["x" * 500, "x" * 501, "a\rb", "a\r\nb"]
+        values += [a + b + c for a in pieces for b in pieces for c in pieces[:12]]
+        values += ["".join(random.Random(seed).choices(pieces, k=5)) for seed in range(3000)]
+        for value in values:
+            self.assertSameVerdict(self.note, scheduler.parse_note, value)
 
     def test_date(self):
         day = dt.date(1999, 12, 1)
@@ -3389,12 +3547,12 @@ class RowsThatBreakTheRulesTest(RouteTestCase):
         self.assertEqual(self.metric("scheduler_appointments"), self.store.count())
 
     def test_rows_written_past_the_constraints_are_never_a_500(self):
-        plant_rows(self.path, [("mallory", "2026-11-25", "25:00"), ("mallory", "2026-11-27", "09:15"),
-                               ("trent", "2026-11-25", "xx:yy")])
+        plant_rows(self.path, [("mallory", "2026-11-25", "25:00"),
+                               ("mallory", "2026-11-27", "09:15"), ("trent", "2026-11-25", "xx:yy")])
         with contextlib.closing(sqlite3.connect(self.path, isolation_level=None)) as db:
             db.execute("PRAGMA ignore_check_constraints = ON")  # text that is not UTF-8
-            db.execute("INSERT INTO appointments VALUES ('dave', '2026-11-25', "
-                       "CAST(X'30393AFF' AS TEXT))")
+            db.execute("INSERT INTO appointments (user_id, date, time) "
+                       "VALUES ('dave', '2026-11-25', CAST(X'30393AFF' AS TEXT))")
         cases = [("GET", "/appointments?user_id=mallory", None, 200),
                  ("GET", "/appointments/mallory/2026-11-25", None, 404),
                  ("GET", "/appointments.ics?user_id=mallory", None, 200),
@@ -3455,7 +3613,7 @@ class TruthfulHealthTest(RouteTestCase):
         path = self.store.path
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
             db.execute("BEGIN")
-            db.executemany("INSERT INTO appointments VALUES (?, ?, ?)",
+            db.executemany("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
                            [(f"user-{n}", "2026-11-25", "09:00") for n in range(3000)])
             db.execute("COMMIT")
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file itself
@@ -3635,7 +3793,7 @@ class CommandLineTest(unittest.TestCase):
         server = self.start("--port", "0", "--db", path)
         conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         for date in ("2026-11-26", "2026-11-25"):
-            body = {"user_id": "alice", "date": date, "time": "23:30"}
+            body = {"user_id": "alice", "date": date, "time": "23:30", "note": f"on {date}"}
             self.assertEqual(self.post(conn, body).status, 201)
         conn.close()
         self.stop(server, signal.SIGTERM)
@@ -3644,8 +3802,9 @@ class CommandLineTest(unittest.TestCase):
         conn.request("GET", "/appointments?user_id=alice")
         listed = json.loads(conn.getresponse().read())["appointments"]
         conn.close()
-        self.assertEqual([(a["date"], a["time"]) for a in listed],
-                         [("2026-11-25", "23:30"), ("2026-11-26", "23:30")])
+        self.assertEqual([(a["date"], a["time"], a["note"]) for a in listed],
+                         [("2026-11-25", "23:30", "on 2026-11-25"),
+                          ("2026-11-26", "23:30", "on 2026-11-26")])
         self.stop(server, signal.SIGTERM)
 
     def sigkill_while_booking(self, clients: int) -> None:
