@@ -124,7 +124,7 @@ class Appointment(NamedTuple):
         plus its start and end as RFC 3339 UTC instants; details only where given."""
         date, time, start, end = _start_strings(self.start)
         shown = {"user_id": self.user_id, "date": date, "time": time, "start": start, "end": end}
-        if any(value is not None for value in self[2:]):
+        if self[2:] != _NO_DETAILS:  # a tuple's comparison: 0.4 us less than any() a call
             shown.update((detail.name, value) for detail, value in zip(DETAILS, self[2:])
                          if value is not None)
         return shown
@@ -312,6 +312,7 @@ DETAILS = (Detail("note", parse_note, MAX_NOTE_LENGTH,
                   "control characters or invisible format characters. An empty one is none",
                   "DESCRIPTION"),)
 _DETAIL_NAMES = tuple(detail.name for detail in DETAILS)
+_NO_DETAILS = (None,) * len(DETAILS)  # an appointment's details when it has none
 
 
 def _parse_fields(fields: Mapping, missing: Optional[str] = None,
@@ -451,8 +452,7 @@ class InMemoryStore(Store):
     @staticmethod
     def _kept(appointment: Appointment) -> Union[dt.datetime, Appointment]:
         """What is kept of an appointment: its start, unless it has details."""
-        return appointment if any(value is not None for value in appointment[2:]) \
-            else appointment.start
+        return appointment if appointment[2:] != _NO_DETAILS else appointment.start
 
     @staticmethod
     def _appointment(user_id: str, kept) -> Appointment:
@@ -463,7 +463,7 @@ class InMemoryStore(Store):
         """The appointment on date among what a user holds, if any."""
         kept = held.get(date) if isinstance(held, dict) else held
         found = None if kept is None else self._appointment(user_id, kept)
-        return found if found is not None and found.date == date else None
+        return found if found is not None and found.start.date() == date else None
 
     def book(self, appointment: Appointment) -> Appointment:
         user_id, date, full = appointment.user_id, appointment.date, False
@@ -533,10 +533,12 @@ class InMemoryStore(Store):
             held = self._by_user.get(user_id)
             kept = list(held.values()) if isinstance(held, dict) else () if held is None \
                 else (held,)
-        return sorted(appointment for appointment in map(functools.partial(
-                          self._appointment, user_id), kept)
-                      if (first is None or appointment.date >= first)
-                      and (last is None or appointment.date <= last))  # by start: one a date
+        found = [Appointment(user_id, one) if type(one) is dt.datetime else one for one in kept]
+        if first is not None or last is not None:
+            found = [appointment for appointment in found
+                     if (first is None or appointment.start.date() >= first)
+                     and (last is None or appointment.start.date() <= last)]
+        return sorted(found) if len(found) > 1 else found  # by start: one a date
 
     def count(self) -> int:
         with self._lock:
@@ -1085,7 +1087,7 @@ class SQLiteStore(Store):
             start = _stored_start(date, time)
         except ValueError:
             return None
-        if any(value is not None for value in details) and stored_row_problem(
+        if details != _NO_DETAILS and stored_row_problem(
                 user_id, date, time, *details):  # details are rare: checked as they come
             return None
         return Appointment(user_id, start, *details)
