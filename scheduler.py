@@ -49,6 +49,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import itertools
 import json
 import os
 import re
@@ -3063,19 +3064,31 @@ def _class_char(code: int) -> str:
     return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
 
 
-def _char_class(predicate: Callable[[str], bool]) -> str:
-    """The characters for which predicate holds, as ranges inside [...], from this
-    Python's Unicode database: the one the parsers consult."""
-    ranges, start = [], None
-    for code in range(sys.maxunicode + 2):
-        inside = code <= sys.maxunicode and predicate(chr(code))
-        if inside and start is None:
-            start = code
-        elif not inside and start is not None:
-            ranges.append(_class_char(start) if start == code - 1
-                          else f"{_class_char(start)}-{_class_char(code - 1)}")
-            start = None
-    return "".join(ranges)
+@functools.lru_cache(maxsize=None)
+def _category_runs() -> Tuple[Tuple[int, int, str], ...]:
+    """Every code point's category in this Python's Unicode database (the one the
+    parsers consult), as runs (first, last, category): 3,968 in Unicode 15. One
+    pass over the 1.1 million code points, 0.3 s; the character classes below took
+    0.7 s when each made a pass of its own."""
+    runs, first = [], 0
+    for category, group in itertools.groupby(map(unicodedata.category,
+                                                 map(chr, range(sys.maxunicode + 1)))):
+        last = first + sum(1 for _ in group) - 1
+        runs.append((first, last, category))
+        first = last + 1
+    return tuple(runs)
+
+
+def _char_class(ranges) -> str:
+    """Code point ranges (first, last), in order, as the inside of a [...]."""
+    merged: List[List[int]] = []
+    for first, last in ranges:
+        if merged and merged[-1][1] + 1 == first:
+            merged[-1][1] = last
+        else:
+            merged.append([first, last])
+    return "".join(_class_char(first) if first == last
+                   else f"{_class_char(first)}-{_class_char(last)}" for first, last in merged)
 
 
 _END = r"(?![\s\S])"  # the end of the text: "$" also matches before a final newline in re
@@ -3089,10 +3102,15 @@ def _character_classes() -> Tuple[str, str, str, str]:
     # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
     # surrogates that the service refuses, and a list leaves them out by itself.
     refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
-    return (_char_class(str.isspace),
-            _char_class(lambda char: unicodedata.category(char) not in refused),
-            _char_class(lambda char: not char.isascii()
-                        and unicodedata.category(char)[0] in VISIBLE_CLASSES),
+    runs = _category_runs()
+    spaces = [(code, code) for first, last, category in runs  # str.isspace's: among these
+              if category in ("Zs", "Zl", "Zp", "Cc")
+              for code in range(first, last + 1) if chr(code).isspace()]
+    return (_char_class(spaces),
+            _char_class((first, last) for first, last, category in runs
+                        if category not in refused),
+            _char_class((max(first, 0x80), last) for first, last, category in runs
+                        if category[0] in VISIBLE_CLASSES and last >= 0x80),  # beyond ASCII
             "".join(_class_char(ord(char)) for char in JOINERS))
 
 
