@@ -4,6 +4,7 @@ Run it with ``python3 scheduler.py`` (``--help`` lists the options) and talk to 
 with curl; the README documents every endpoint. Standard library only, Python 3.9+.
 
     POST   /appointments         {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
+                                 (and an optional "note" for the practitioner)
     GET    /appointments?user_id=alice[&from=2026-11-01][&to=2026-11-30]
     GET    /appointments/alice/2026-11-25
     PATCH  /appointments/alice/2026-11-25   {"date": "2026-11-26"}  (a JSON merge patch)
@@ -21,8 +22,10 @@ of users may book the same slot; each user may hold one appointment per date.
 
 The file reads top to bottom, each section using only those above it:
 
-    Domain         an appointment, its fields' rules, a booking's outcomes
-    Stores         where appointments live: InMemoryStore, SQLiteStore
+    Domain         an appointment, its fields' rules and its details (DETAILS), a
+                   booking's outcomes
+    Stores         where appointments live: InMemoryStore, SQLiteStore (its versioned
+                   schema, SCHEMA_STEPS; group commit; the writers' lock, _Turns)
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
     Routes         HTTPError; route functions from parsed input to a Reply; match()
