@@ -35,7 +35,7 @@ The file reads top to bottom, each section using only those above it:
     Connection     one client's life: phases, deadlines, keep_open()
     Handler        http.server's hooks, driving a Connection
     Server         connection slots, the deadline watchdog, the log, shutdown
-    Command line   options; main(), serve() (one process) and supervise() (--workers)
+    Command line   options; main(), serve() (one process) and a Supervisor (--workers)
     Appendix       the OpenAPI description, built from the domain's constants
 """
 
@@ -2467,6 +2467,17 @@ class Log:
         return not self._writer.is_alive()
 
 
+def address_family(host: str) -> int:
+    """The socket family for a host to listen on: IPv6 for an address with colons."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def url_of(address: tuple) -> str:
+    """The URL of a listening socket's address, an IPv6 one in brackets."""
+    host, port = address[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 class SchedulerServer(ThreadingHTTPServer):
     """A threading HTTP server that carries what every connection shares (the
     store, the limits, the log), caps the connections it serves at once, enforces
@@ -2502,8 +2513,7 @@ class SchedulerServer(ThreadingHTTPServer):
         service.metrics.collectors.append(self._connection_metrics)
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
-        if ":" in address[0]:
-            self.address_family = socket.AF_INET6
+        self.address_family = address_family(address[0])
         super().__init__(address, SchedulerHandler, bind_and_activate=listener is None)
         if listener is not None:  # on a failure to bind, server_close() has been called
             self.socket.close()
@@ -2513,8 +2523,7 @@ class SchedulerServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        return url_of(self.server_address)
 
     def flush_log(self) -> None:
         self._log.flush()
@@ -2822,7 +2831,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
     limits = limits._replace(max_connections=fit_to_descriptors(args.max_connections))
     if args.workers > 1:
-        return supervise(args, limits)
+        return Supervisor(args, limits).run()
     try:
         cpu = pin_to_one_cpu(args.cpu)  # before any thread starts: threads inherit it
     except OSError as error:
@@ -2830,6 +2839,25 @@ def main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr)
         return 1
     return serve(args, limits, cpu)
+
+
+def say(line: str) -> None:
+    """A line for the operator, on stderr at once (outside a server's own log)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def open_store(args: argparse.Namespace, limits: Limits) -> Optional[Store]:
+    """The store the options ask for, or None, having said why it cannot be opened."""
+    try:
+        return (SQLiteStore(args.db, limits.max_appointments) if args.db
+                else InMemoryStore(limits.max_appointments))
+    except sqlite3.Error as error:
+        say(f"scheduler: cannot open the database {args.db}: {error}")
+        return None
+
+
+def cannot_listen(args: argparse.Namespace, error: OSError) -> str:
+    return f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}"
 
 
 def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
@@ -2842,18 +2870,14 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
     # log writer thread every TICK, rather than stderr's own flush at every line.
     log_stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
                       errors="backslashreplace", closefd=False)
-    try:
-        store = (SQLiteStore(args.db, limits.max_appointments) if args.db
-                 else InMemoryStore(limits.max_appointments))
-    except sqlite3.Error as error:
-        print(f"scheduler: cannot open the database {args.db}: {error}", file=sys.stderr)
+    store = open_store(args, limits)
+    if store is None:
         return 1
     try:
         server = make_server(args.host, args.port, store, limits=limits, log_stream=log_stream,
                              cors_origins=tuple(args.cors_origins), listener=listener)
     except OSError as error:
-        print(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}",
-              file=sys.stderr)
+        say(cannot_listen(args, error))
         store.close()
         return 1
     signals = []
@@ -2866,7 +2890,7 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         threading.Thread(target=server.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
-    if parent is None:  # a worker ignores SIGINT: supervise() passes it on as SIGTERM
+    if parent is None:  # a worker ignores SIGINT: the Supervisor passes it on as SIGTERM
         signal.signal(signal.SIGINT, stop)
     server.parent = parent
     if listener is None:
@@ -2898,131 +2922,143 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
 WORKER_BACKOFF, WORKER_BACKOFF_MOST, WORKER_YOUNG = 0.1, 10.0, 10.0
 
 
-def supervise(args: argparse.Namespace, limits: Limits) -> int:
+class Supervisor:
     """--workers N: open the listening socket once, fork N server processes that
     share it (the kernel gives each new connection to one of them; forking, not
     SO_REUSEPORT, so it works on macOS too), each pinned to a CPU of its own with
     --cpu auto. Restart one that dies, with a backoff; on SIGTERM or Ctrl-C, pass it
     on, let each drain as a lone server does, and exit 0 when all have. A second
-    signal kills them all at once. Forks before any thread starts, as it must."""
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
+    signal kills them all at once. Forks before any thread starts, as it must.
 
-    try:  # once, here: workers opening a new file at once would race to create it
-        store = SQLiteStore(args.db, limits.max_appointments)
-    except sqlite3.Error as error:
-        say(f"scheduler: cannot open the database {args.db}: {error}")
-        return 1
-    store.close()  # before forking: an SQLite connection must not cross a fork
-    for notice in store.notices:
-        say(notice)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    try:
-        listener = socket.create_server((args.host, args.port), family=family,
-                                        backlog=SchedulerServer.request_queue_size)
-    except OSError as error:
-        say(f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}")
-        return 1
-    listener.setblocking(False)  # workers race to accept: the ones that lose must not wait
-    host, port = listener.getsockname()[:2]
-    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    cpus = allowed if args.cpu == "auto" else []
-    workers: Dict[int, int] = {}  # process ID -> worker number
-    started: Dict[int, float] = {}  # worker number -> time.monotonic() of its last start
-    restarts: Dict[int, float] = {}  # worker number -> when it is due to start again
-    delays = [WORKER_BACKOFF] * args.workers
-    stopping: List[str] = []
-    signals = (signal.SIGINT, signal.SIGTERM)
-    # Signals are handled by the loop below, not by handlers: Python runs a handler
-    # only between bytecodes, so a signal that came just before a blocking wait went
-    # unheard until a worker died (a SIGTERM was lost about once in 20 starts).
-    # Instead each signal writes its number to this pipe (set_wakeup_fd), and
-    # select() sees it, whenever it came: the self-pipe trick, as gunicorn's arbiter.
-    wake, woken = os.pipe()
-    for fd in (wake, woken):
-        os.set_blocking(fd, False)
-    signal.set_wakeup_fd(woken)
-    for signum in signals + (signal.SIGCHLD,):
-        signal.signal(signum, lambda signum, frame: None)  # the number is in the pipe
-    supervisor = os.getpid()
+    Its state is touched by run()'s thread alone: signals reach it through a pipe
+    (see run()), not through handlers that change it."""
 
-    def start(number: int) -> None:
-        signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # none until the child is ready
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, args: argparse.Namespace, limits: Limits):
+        self.args, self.limits = args, limits
+        self.workers: Dict[int, int] = {}  # process ID -> worker number
+        self.started: Dict[int, float] = {}  # worker number -> time.monotonic() of its start
+        self.restarts: Dict[int, float] = {}  # worker number -> when it is due to start again
+        self.delays = [WORKER_BACKOFF] * args.workers
+        self.stopping: List[str] = []  # the name of the signal that stops it, once one came
+        allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        self.cpus = allowed if args.cpu == "auto" else []
+        self.pid = os.getpid()
+        self.listener: Optional[socket.socket] = None
+        self._wake = self._woken = -1  # the self-pipe's ends
+
+    def run(self) -> int:
+        """Open the store (once, here: workers opening a new file at once would race
+        to create it) and the socket, start the workers, and look after them until
+        they have all stopped. The exit status."""
+        store = open_store(self.args, self.limits)
+        if store is None:
+            return 1
+        store.close()  # before forking: an SQLite connection must not cross a fork
+        for notice in store.notices:
+            say(notice)
+        try:
+            self.listener = socket.create_server(
+                (self.args.host, self.args.port), family=address_family(self.args.host),
+                backlog=SchedulerServer.request_queue_size)
+        except OSError as error:
+            say(cannot_listen(self.args, error))
+            return 1
+        self.listener.setblocking(False)  # workers race to accept: those that lose must not wait
+        # Signals are handled by the loop below, not by handlers: Python runs a handler
+        # only between bytecodes, so a signal that came just before a blocking wait went
+        # unheard until a worker died (a SIGTERM was lost about once in 20 starts).
+        # Instead each signal writes its number to this pipe (set_wakeup_fd), and
+        # select() sees it, whenever it came: the self-pipe trick, as gunicorn's arbiter.
+        self._wake, self._woken = os.pipe()
+        for fd in (self._wake, self._woken):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self._woken)
+        for signum in self.SIGNALS + (signal.SIGCHLD,):
+            signal.signal(signum, lambda signum, frame: None)  # the number is in the pipe
+        print(f"Listening on {url_of(self.listener.getsockname())} with {self.args.workers} "
+              "workers (Ctrl-C to stop)", flush=True)
+        for number in range(self.args.workers):
+            self.start(number)
+        while self.workers or self.restarts:
+            due = min(self.restarts.values(), default=None)
+            select.select([self._wake], [], [],
+                          None if due is None else max(0.0, due - time.monotonic()))
+            with contextlib.suppress(BlockingIOError):
+                for signum in os.read(self._wake, 256):
+                    if signum in self.SIGNALS:
+                        self.stop(signum)
+            self.reap()
+            for number, due in list(self.restarts.items()):
+                if due <= time.monotonic():
+                    del self.restarts[number]
+                    self.start(number)
+        say(f"{self.stopping[0]} received: every worker has drained and stopped."
+            if self.stopping else "Every worker has stopped.")
+        return 0
+
+    def start(self, number: int) -> None:
+        """Fork worker number: a lone server's serve() on the shared socket."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # none until the child is ready
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 signal.set_wakeup_fd(-1)
-                os.close(wake)
-                os.close(woken)
+                os.close(self._wake)
+                os.close(self._woken)
                 for signum in (signal.SIGTERM, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
                 # Ctrl-C is the supervisor's to pass on: the terminal sends SIGINT to
                 # every process in its group, and a worker would count it as a first
                 # signal and the supervisor's SIGTERM as a second (stop at once).
                 signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-                cpu = pin_to_one_cpu(cpus[number % len(cpus)]) if cpus else None
-                code = serve(args, limits, cpu, listener, f"worker {number}", supervisor)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+                cpu = pin_to_one_cpu(self.cpus[number % len(self.cpus)]) if self.cpus else None
+                code = serve(self.args, self.limits, cpu, self.listener, f"worker {number}",
+                             self.pid)
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
-        workers[pid], started[number] = number, time.monotonic()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
+        self.workers[pid], self.started[number] = number, time.monotonic()
         say(f"Worker {number} started (process {pid}).")
 
-    def stop(signum: int) -> None:
-        if stopping:  # the second signal: stop everything now
-            for pid in workers:
+    def stop(self, signum: int) -> None:
+        """The first signal: pass SIGTERM on, and let the workers drain. The second:
+        kill them all, and exit now."""
+        if self.stopping:
+            for pid in self.workers:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             os._exit(1)
-        stopping.append(signal.Signals(signum).name)
-        restarts.clear()
-        listener.close()  # new connections are refused once every worker has closed it too
-        for pid in workers:
+        self.stopping.append(signal.Signals(signum).name)
+        self.restarts.clear()
+        self.listener.close()  # new connections are refused once every worker closed it too
+        for pid in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    def reap() -> None:
+    def reap(self) -> None:
         """Collect the workers that ended, and plan each one's restart."""
-        while workers:
+        while self.workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
-            number = workers.pop(pid)
-            if stopping:
+            number = self.workers.pop(pid)
+            if self.stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)
             ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
                 f"exited with status {code}"
-            if time.monotonic() - started[number] >= WORKER_YOUNG:
-                delays[number] = WORKER_BACKOFF
+            if time.monotonic() - self.started[number] >= WORKER_YOUNG:
+                self.delays[number] = WORKER_BACKOFF
             say(f"Worker {number} (process {pid}) {ended}; starting another in "
-                f"{delays[number]:g} s.")
-            restarts[number] = time.monotonic() + delays[number]
-            delays[number] = min(2 * delays[number], WORKER_BACKOFF_MOST)
-
-    url = f"http://[{host}]:{port}" if family == socket.AF_INET6 else f"http://{host}:{port}"
-    print(f"Listening on {url} with {args.workers} workers (Ctrl-C to stop)", flush=True)
-    for number in range(args.workers):
-        start(number)
-    while workers or restarts:
-        due = min(restarts.values(), default=None)
-        select.select([wake], [], [], None if due is None else max(0.0, due - time.monotonic()))
-        with contextlib.suppress(BlockingIOError):
-            for signum in os.read(wake, 256):
-                if signum in signals:
-                    stop(signum)
-        reap()
-        for number, due in list(restarts.items()):
-            if due <= time.monotonic():
-                del restarts[number]
-                start(number)
-    say(f"{stopping[0]} received: every worker has drained and stopped." if stopping
-        else "Every worker has stopped.")
-    return 0
+                f"{self.delays[number]:g} s.")
+            self.restarts[number] = time.monotonic() + self.delays[number]
+            self.delays[number] = min(2 * self.delays[number], WORKER_BACKOFF_MOST)
 
 
 # --- Appendix: the API description (OpenAPI 3.1) -------------------------------------
