@@ -1549,12 +1549,16 @@ def cancel_appointment(service: "Service", request: Request) -> Reply:
     return Reply(HTTPStatus.NO_CONTENT, None)
 
 
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
 def calendar(service: "Service", request: Request) -> Reply:
     """The feed, with a weak ETag of everything in it but the DTSTAMPs, which say
     when it was made: a calendar app polling it gets 304 until an appointment
     changes (README, Decisions)."""
     user_id = query_user_id(request.query)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = service.now()
     feed = calendar_feed(user_id, service.store.list_for_user(user_id), now)
     tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", "").encode(), weak=True)
     return Reply(HTTPStatus.OK, feed, (("ETag", tag),), CALENDAR_TYPE)
@@ -1931,6 +1935,7 @@ class Service:
         self.limits = limits if limits is not None else Limits()
         self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
         self.log = log
+        self.now = utc_now  # the clock, for what says when it was made (a feed's DTSTAMP)
         self.metrics = Metrics()
         self.metrics.collectors.append(lambda: [(
             "scheduler_appointments", "gauge", "Appointments stored, over all users.",

@@ -117,6 +117,19 @@ def read_response(sock, method: str = "GET") -> Response:
     return Response(response.status, response.headers, response.read())
 
 
+def post_json(conn: http.client.HTTPConnection, body, path: str = "/appointments",
+              method: str = "POST") -> Response:
+    """Send body as JSON on conn (a booking, by default) and read the response whole."""
+    conn.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
+    return response_of(conn)
+
+
+def response_of(conn: http.client.HTTPConnection) -> Response:
+    """The response to the request just sent on conn, read whole."""
+    response = conn.getresponse()
+    return Response(response.status, response.headers, response.read())
+
+
 def post_head(length, extra: str = "") -> bytes:
     """The request line and headers of a JSON POST that announces a body of length."""
     return (f"POST /appointments HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
@@ -1855,11 +1868,14 @@ class ConditionalGetTest(RouteTestCase):
             return next(line for line in unfold(response.body.decode())
                         if line.startswith("DTSTAMP:"))
 
-        def made_later():
-            response = self.request("GET", self.URLS[2])
-            return response if stamp(response) != stamp(first) else None
+        made = scheduler.utc_now()
 
-        later = wait_until(made_later, what="a feed made another second")
+        def an_hour_later() -> dt.datetime:
+            return made + dt.timedelta(hours=1)
+
+        self.client.service.now = an_hour_later  # the Service's clock
+        later = self.request("GET", self.URLS[2])
+        self.assertNotEqual(stamp(later), stamp(first))
         self.assertEqual(later.headers["ETag"], first.headers["ETag"])
         response = self.request("GET", self.URLS[2],
                                 headers={"If-None-Match": first.headers["ETag"]})
@@ -2477,9 +2493,7 @@ class ServerTestCase(HTTPTestCase):
             headers.setdefault("Content-Type", "application/json")
         conn = conn or self.connect()
         conn.request(method, path, body=body, headers=headers)
-        response = conn.getresponse()
-        return self.assertFramed(method, Response(response.status, response.headers,
-                                                  response.read()))
+        return self.assertFramed(method, response_of(conn))
 
 
 class ProtocolTest(ServerTestCase):
@@ -2556,11 +2570,9 @@ class RaceTest(ServerTestCase):
             try:
                 conn.connect()
                 barrier.wait()
-                body = json.dumps({"user_id": "racer", "date": "2026-11-25",
-                                   "time": f"{index % 24:02d}:00"})
-                conn.request("POST", "/appointments", body, {"Content-Type": "application/json"})
-                response = conn.getresponse()
-                results[index] = (response.status, json.loads(response.read()))
+                response = post_json(conn, {"user_id": "racer", "date": "2026-11-25",
+                                            "time": f"{index % 24:02d}:00"})
+                results[index] = (response.status, response.json())
             finally:
                 conn.close()
 
@@ -2893,13 +2905,12 @@ class LoadTest(ServerTestCase):
                     kind = index % 3
                     if kind == 2:
                         conn.request("GET", f"/appointments?user_id={user}")
+                        response = response_of(conn)
                     else:  # a new booking, then a second one that date
                         time = "09:00" if kind == 0 else "10:30"
-                        conn.request("POST", "/appointments", json.dumps(
-                            {"user_id": user, "date": day.isoformat(), "time": time}),
-                            {"Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    body = json.loads(response.read())
+                        response = post_json(conn, {"user_id": user, "date": day.isoformat(),
+                                                    "time": time})
+                    body = response.json()
                     expected = (201, 409, 200)[kind]
                     if response.status != expected:
                         failures.append((user, index, response.status, body))
@@ -3715,7 +3726,7 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("limit is 100", response.json()["detail"])
         conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         self.addCleanup(conn.close)
-        statuses = [self.post(conn, {"user_id": user, "date": "2026-11-25", "time": "09:00"})
+        statuses = [post_json(conn, {"user_id": user, "date": "2026-11-25", "time": "09:00"})
                     .status for user in ("alice", "bob")]
         self.assertEqual(statuses, [201, 507])
         self.stop(server, signal.SIGTERM)
@@ -3782,19 +3793,13 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("Stopped.", log)
         self.assertNotIn("cut off", log)
 
-    def post(self, conn: http.client.HTTPConnection, body: dict) -> Response:
-        conn.request("POST", "/appointments", json.dumps(body),
-                     {"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return Response(response.status, response.headers, response.read())
-
     def test_bookings_in_a_database_survive_a_restart(self):
         path = temporary_database(self)
         server = self.start("--port", "0", "--db", path)
         conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         for date in ("2026-11-26", "2026-11-25"):
             body = {"user_id": "alice", "date": date, "time": "23:30", "note": f"on {date}"}
-            self.assertEqual(self.post(conn, body).status, 201)
+            self.assertEqual(post_json(conn, body).status, 201)
         conn.close()
         self.stop(server, signal.SIGTERM)
         server = self.start("--port", "0", "--db", path)
@@ -3820,7 +3825,7 @@ class CommandLineTest(unittest.TestCase):
                 for index in range(2000):
                     body = {"user_id": f"user-{client}-{index}", "date": "2026-11-25",
                             "time": "09:00"}
-                    if self.post(conn, body).status == 201:
+                    if post_json(conn, body).status == 201:
                         acknowledged.append(body)
                     if len(acknowledged) >= 50:
                         enough.set()
@@ -3900,7 +3905,7 @@ class CommandLineTest(unittest.TestCase):
         conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         self.addCleanup(conn.close)
         for number in range(1000):  # about 12 KB of WAL each: it fills within 30
-            response = self.post(conn, {"user_id": f"u{number}", "date": "2026-11-25",
+            response = post_json(conn, {"user_id": f"u{number}", "date": "2026-11-25",
                                         "time": "09:00"})
             if response.status != 201:
                 break
@@ -3927,7 +3932,7 @@ class CommandLineTest(unittest.TestCase):
                     break
                 user_id = f"user-{client}-{index}"
                 body = {"user_id": user_id, "date": "2026-11-25", "time": "09:00"}
-                self.assertEqual(self.post(conn, body).status, 201)
+                self.assertEqual(post_json(conn, body).status, 201)
                 acknowledged.append((time.monotonic(), user_id))
             conn.close()
 
@@ -4061,10 +4066,8 @@ class WorkersTest(unittest.TestCase):
         for start in range(2):
             server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path])
             conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
-            conn.request("POST", "/appointments", json.dumps(
-                {"user_id": f"user-{start}", "date": "2026-11-25", "time": "09:00"}),
-                {"Content-Type": "application/json"})
-            self.assertEqual(conn.getresponse().status, 201)
+            self.assertEqual(post_json(conn, {"user_id": f"user-{start}", "date": "2026-11-25",
+                                              "time": "09:00"}).status, 201)
             conn.close()
             server.process.send_signal(signal.SIGTERM)
             self.assertEqual(server.process.wait(timeout=20), 0)
@@ -4084,12 +4087,10 @@ class WorkersTest(unittest.TestCase):
 
         def book(conn, hour):
             barrier.wait()
-            conn.request("POST", "/appointments", json.dumps(
-                {"user_id": "racer", "date": "2026-11-25", "time": f"{hour % 24:02d}:00"}),
-                {"Content-Type": "application/json"})
-            response = conn.getresponse()
+            response = post_json(conn, {"user_id": "racer", "date": "2026-11-25",
+                                        "time": f"{hour % 24:02d}:00"})
             statuses.append(response.status)
-            bodies.append(json.loads(response.read()))
+            bodies.append(response.json())
 
         run_all([threading.Thread(target=book, args=(conn, hour))
                  for hour, conn in enumerate(conns)])
@@ -4111,10 +4112,7 @@ class WorkersTest(unittest.TestCase):
                 try:
                     conn = conn or http.client.HTTPConnection(server.host, server.port,
                                                               timeout=10)
-                    conn.request("POST", "/appointments", json.dumps(body),
-                                 {"Content-Type": "application/json"})
-                    response = conn.getresponse()
-                    response.read()
+                    response = post_json(conn, body)
                     if response.status == 201:
                         acknowledged.append(body)
                 except (OSError, http.client.HTTPException):
@@ -4403,12 +4401,8 @@ class Benchmark(unittest.TestCase):
         address = self.start_server_process([SCRIPT, "--port", "0", *options])
         conn = http.client.HTTPConnection(*address, timeout=10)
         for day in range(1, 6):
-            conn.request("POST", "/appointments", json.dumps(
-                {"user_id": READER, "date": f"2026-12-0{day}", "time": "10:00"}),
-                {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            response.read()
-            self.assertEqual(response.status, 201)
+            self.assertEqual(post_json(conn, {"user_id": READER, "date": f"2026-12-0{day}",
+                                              "time": "10:00"}).status, 201)
         conn.close()
         return address
 
