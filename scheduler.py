@@ -824,7 +824,7 @@ class SQLiteStore(Store):
             self._writer, self._reader = (
                 sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                 check_same_thread=False) for _ in range(2))
-            self._writer.execute("PRAGMA journal_mode = WAL")  # reads go on while one writes
+            self._use_wal()
             for db in (self._writer, self._reader):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
             self.notices = self._upgrade()
@@ -834,6 +834,21 @@ class SQLiteStore(Store):
             if isinstance(error, OSError):
                 raise sqlite3.OperationalError(f"cannot open {path}-lock: {error.strerror}")
             raise
+
+    def _use_wal(self) -> None:
+        """Switch the file to WAL, which lets reads go on while one writes. SQLite
+        refuses the switch at once, without waiting as its busy handler would, while
+        another process starting on the same new file holds a lock (13 of 80 starts
+        of four at once failed so): it is tried again until the deadline."""
+        deadline = time.monotonic() + self.busy_timeout
+        while True:
+            try:
+                self._writer.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if str(error) not in self.BUSY or time.monotonic() > deadline:
+                    raise
+            time.sleep(0.005)  # a start-up's wait, as SQLite's busy handler sleeps
 
     @staticmethod
     def inspect(path: str) -> int:

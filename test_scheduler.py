@@ -1173,6 +1173,27 @@ class SchemaTest(unittest.TestCase):
                 self.assertEqual(query(path, "SELECT * FROM appointment_count"),
                                  [(1, store.count())])
 
+    OPEN_WHEN_TOLD = ("import sys, scheduler; print('ready', flush=True); sys.stdin.read(1); "
+                      "scheduler.SQLiteStore(sys.argv[1]).close(); print('opened')")
+
+    def test_processes_starting_at_once_on_a_new_file_all_open_it(self):
+        for round_ in range(4):  # SQLite refused the switch to WAL in 13 of 80 such starts
+            with self.subTest(round=round_):
+                path = temporary_database(self)
+                open(path, "w").close()  # empty, as a unit file's touch leaves it
+                starts = [subprocess.Popen([sys.executable, "-c", self.OPEN_WHEN_TOLD, path],
+                                           cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           text=True) for _ in range(4)]
+                for start in starts:
+                    self.assertEqual(start.stdout.readline(), "ready\n")
+                for start in starts:  # all at once, as near as can be
+                    start.stdin.close()
+                for start in starts:
+                    self.assertEqual(start.stdout.read(), "opened\n")
+                    start.stdout.close()
+                    self.assertEqual(start.wait(timeout=30), 0)
+                self.assertEqual(query(path, "SELECT one FROM appointment_count"), [(1,)])
+
     def test_a_new_file_is_created_at_the_current_version(self):
         path = temporary_database(self)
         store = self.open(path)
