@@ -337,6 +337,16 @@ class OnSQLite:
         return scheduler.SQLiteStore(temporary_database(self))
 
 
+def on_both_stores(cls):
+    """For a test class whose tests touch a store: they run as the class is, in memory,
+    and again on SQLite, as the class SQLite<its name> that this makes beside it."""
+    name = f"SQLite{cls.__name__}"
+    globals()[name] = type(name, (OnSQLite, cls), {
+        "__doc__": f"{cls.__name__}, with appointments in an SQLite file.",
+        "__module__": cls.__module__, "__qualname__": name})
+    return cls
+
+
 # --- Domain ---------------------------------------------------------------------------
 
 
@@ -1451,6 +1461,7 @@ class RouteTestCase(HTTPTestCase):
         return self.assertFramed(method, self.client.request(method, path, body, headers))
 
 
+@on_both_stores
 class BookTest(RouteTestCase):
     def test_created_with_location_and_the_appointment(self):
         response = self.book("alice", "2026-11-25", "09:30")
@@ -1502,6 +1513,7 @@ class BookTest(RouteTestCase):
         self.assertEqual(self.book(date="2026-11-26").status, 201)
 
 
+@on_both_stores
 class ListTest(RouteTestCase):
     def test_lists_the_users_appointments_sorted_by_start(self):
         for date in ("2026-11-27", "2026-11-25", "2026-11-26"):
@@ -1553,6 +1565,7 @@ class ListTest(RouteTestCase):
                 self.assertIn(message, problem["detail"])
 
 
+@on_both_stores
 class BadBookingTest(RouteTestCase):
     """Bad requests get the right status, say why, and never change the store."""
 
@@ -1639,6 +1652,7 @@ class BadBookingTest(RouteTestCase):
         self.assertUnchanged()
 
 
+@on_both_stores
 class ManageBookingTest(RouteTestCase):
     def test_location_leads_to_the_appointment(self):
         booked = self.book("alice", "2026-11-25", "09:30")
@@ -1680,6 +1694,7 @@ class ManageBookingTest(RouteTestCase):
         self.assertEqual(response.headers["Allow"], "GET, HEAD, PATCH, DELETE, OPTIONS")
 
 
+@on_both_stores
 class DateFilterTest(RouteTestCase):
     def setUp(self):
         super().setUp()
@@ -1711,6 +1726,7 @@ class DateFilterTest(RouteTestCase):
                 self.assertIn(message, self.assertProblem(response, 400)["detail"])
 
 
+@on_both_stores
 class UserIdEncodingTest(RouteTestCase):
     """User IDs with reserved or non-ASCII characters work in every path and query
     when percent-encoded."""
@@ -1742,6 +1758,7 @@ class HealthTest(RouteTestCase):
         self.assertEqual((response.status, response.json()), (200, {"status": "ok"}))
 
 
+@on_both_stores
 class RescheduleTest(RouteTestCase):
     """PATCH /appointments/{user_id}/{date}: a JSON merge patch (RFC 7396) of date
     and time, applied in one step."""
@@ -1845,6 +1862,7 @@ class RescheduleTest(RouteTestCase):
                          "application/merge-patch+json, application/json")
 
 
+@on_both_stores
 class ConditionalGetTest(RouteTestCase):
     """ETag and If-None-Match (RFC 9110 sections 8.8.3 and 13.1.2) on what clients poll."""
 
@@ -1922,6 +1940,7 @@ class ConditionalGetTest(RouteTestCase):
         self.assertNotIn("ETag", response.headers)
 
 
+@on_both_stores
 class NoteTest(RouteTestCase):
     """An appointment's note for the practitioner: booked with it, shown wherever the
     appointment is, changed and removed by PATCH."""
@@ -1979,10 +1998,6 @@ class NoteTest(RouteTestCase):
                 self.assertNotIn("note", schemas[schema].get("required", []))
 
 
-class SQLiteNoteTest(OnSQLite, NoteTest):
-    pass
-
-
 class SQLiteHealthTest(OnSQLite, RouteTestCase):
     def test_healthy_while_the_database_answers(self):
         self.assertEqual(self.request("GET", "/healthz").status, 200)
@@ -1996,6 +2011,7 @@ def unfold(feed: str) -> list:
     return feed.replace("\r\n ", "").replace("\r\n\t", "").split("\r\n")[:-1]
 
 
+@on_both_stores
 class CalendarFeedTest(RouteTestCase):
     def feed(self, user_id: str) -> Response:
         query = urllib.parse.urlencode({"user_id": user_id})
@@ -2301,43 +2317,6 @@ class RoutingErrorTest(RouteTestCase):
         response = self.request("GET", "http://scheduler.test/appointments?user_id=alice")
         self.assertEqual((response.status, len(response.json()["appointments"])), (200, 1))
         self.assertProblem(self.request("GET", "/healthz/x://y/appointments?user_id=alice"), 404)
-
-
-# Every booking, listing and cancelling test again, with appointments in SQLite.
-class SQLiteBookTest(OnSQLite, BookTest):
-    pass
-
-
-class SQLiteListTest(OnSQLite, ListTest):
-    pass
-
-
-class SQLiteBadBookingTest(OnSQLite, BadBookingTest):
-    pass
-
-
-class SQLiteManageBookingTest(OnSQLite, ManageBookingTest):
-    pass
-
-
-class SQLiteDateFilterTest(OnSQLite, DateFilterTest):
-    pass
-
-
-class SQLiteUserIdEncodingTest(OnSQLite, UserIdEncodingTest):
-    pass
-
-
-class SQLiteRescheduleTest(OnSQLite, RescheduleTest):
-    pass
-
-
-class SQLiteConditionalGetTest(OnSQLite, ConditionalGetTest):
-    pass
-
-
-class SQLiteCalendarFeedTest(OnSQLite, CalendarFeedTest):
-    pass
 
 
 # --- Wire format, connection and handler, without a server -------------------------------
@@ -3102,6 +3081,7 @@ class WithoutCORSTest(ServerTestCase):
                                   or name.lower() == "vary"])
 
 
+@on_both_stores
 class ConditionalOverHTTPTest(ServerTestCase):
     def test_a_304_has_no_body_and_the_connection_serves_on(self):
         self.book()
@@ -3122,10 +3102,7 @@ class ConditionalOverHTTPTest(ServerTestCase):
                                               conn=conn).status, 304)  # and back
 
 
-class SQLiteConditionalOverHTTPTest(OnSQLite, ConditionalOverHTTPTest):
-    pass
-
-
+@on_both_stores
 class RescheduleRaceTest(ServerTestCase):
     def test_a_reschedule_and_a_booking_racing_for_a_date_leave_one_holding_it(self):
         moves = {"moved": 0, "booked": 0}
@@ -3157,10 +3134,7 @@ class RescheduleRaceTest(ServerTestCase):
         self.assertEqual(sum(moves.values()), 10)
 
 
-class SQLiteRescheduleRaceTest(OnSQLite, RescheduleRaceTest):
-    pass
-
-
+@on_both_stores
 class MetricsTest(ServerTestCase):
     def test_requests_are_counted_by_route_template_never_by_path(self):
         for user in ("alice", "secret-user-4711"):
@@ -3229,10 +3203,6 @@ class MetricsTest(ServerTestCase):
         self.assertLessEqual({label["method"] for label in labels},
                              scheduler.KNOWN_METHODS | {"other"})
         self.assertLessEqual({int(label["status"]) for label in labels}, set(HTTPStatus))
-
-
-class SQLiteMetricsTest(OnSQLite, MetricsTest):
-    pass
 
 
 class TimedOutMetricTest(ServerTestCase):
@@ -3509,6 +3479,7 @@ class DescriptorTest(unittest.TestCase):
         self.assertIn("Accepting connections again.", log)
 
 
+@on_both_stores
 class BookableDatesTest(RouteTestCase):
     def test_a_date_that_cannot_be_shown_is_422_and_stores_nothing(self):
         # It was: 500, yet stored, and every later request for the user a 500.
@@ -3531,10 +3502,6 @@ class BookableDatesTest(RouteTestCase):
                 self.assertIn(booked.json(), listed["appointments"])
                 feed = self.request("GET", "/appointments.ics?user_id=edge").body.decode()
                 self.assertIn(f"DTEND:{dtend}\r\n", feed)
-
-
-class SQLiteBookableDatesTest(OnSQLite, BookableDatesTest):
-    pass
 
 
 class InvisibleUserIdTest(RouteTestCase):
