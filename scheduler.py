@@ -589,10 +589,10 @@ class _Turns:
         except BlockingIOError:
             pass
         with self._state:
-            if self._waiter is None:
-                self._waiter = threading.Thread(target=self._wait, name="writers-lock",
-                                                daemon=True)
-                self._waiter.start()
+            if self._waiter is None or not self._waiter.is_alive():  # first, or it failed
+                waiter = threading.Thread(target=self._wait, name="writers-lock", daemon=True)
+                waiter.start()
+                self._waiter = waiter
             self._wanted = True
             self._state.notify_all()
             handed = self._state.wait_for(lambda: self._handed, timeout)
@@ -859,19 +859,21 @@ class SQLiteStore(Store):
         if not os.path.exists(path + "-wal") and (not os.path.exists(path)
                                                   or os.path.getsize(path) == 0):
             return 0
-        # Read-only; immutable (no locks, no -shm made) when no journal is there to read.
-        # A log is read with mode=ro, which makes a -shm if there is none: removed
-        # again if the file is refused.
-        journal = any(os.path.exists(path + suffix) for suffix in ("-wal", "-journal"))
-        made_shm = journal and not os.path.exists(path + "-shm")
-        uri = f"file:{urllib.parse.quote(path)}?{'mode=ro' if journal else 'immutable=1'}"
+        # Read-only, in one read transaction: another process may be creating or
+        # upgrading the file, and four reads of their own could see two states (an
+        # upgraded schema, and the header from before). Reading a file in WAL mode makes
+        # its -wal and -shm if they are not there: removed again if it is refused.
+        made = [path + suffix for suffix in ("-wal", "-shm") if not os.path.exists(path + suffix)]
+        uri = f"file:{urllib.parse.quote(path)}?mode=ro"
         try:
-            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            with contextlib.closing(sqlite3.connect(uri, uri=True, isolation_level=None)) as db:
+                db.execute("BEGIN")
                 owner = db.execute("PRAGMA application_id").fetchone()[0]
                 version = db.execute("PRAGMA user_version").fetchone()[0]
                 objects = {(kind, name) for kind, name in db.execute(
                     "SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_stat%'")}
                 columns = [row[1] for row in db.execute("PRAGMA table_info(appointments)")]
+                db.execute("COMMIT")
             if owner == APPLICATION_ID:
                 if version > SCHEMA_VERSION:
                     raise DatabaseRefused(
@@ -893,9 +895,9 @@ class SQLiteStore(Store):
                                                 f"{version})")
                 + "; give --db a new file or one this service made (nothing was changed)")
         except sqlite3.DatabaseError as error:
-            if made_shm:
+            for file in made:
                 with contextlib.suppress(OSError):
-                    os.remove(path + "-shm")
+                    os.remove(file)
             if isinstance(error, DatabaseRefused):
                 raise
             raise DatabaseRefused(f"it cannot be read without changing it ({error}); nothing "
@@ -909,6 +911,9 @@ class SQLiteStore(Store):
         try:
             db.execute("BEGIN IMMEDIATE")
             version = db.execute("PRAGMA user_version").fetchone()[0]  # now, under the lock
+            owner = db.execute("PRAGMA application_id").fetchone()[0]
+            if owner not in (0, APPLICATION_ID) or (version and owner != APPLICATION_ID):
+                raise DatabaseRefused("it became another application's while it was opened")
             new = db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0
             for step in range(version, SCHEMA_VERSION):
                 SCHEMA_STEPS[step](db)
@@ -1019,34 +1024,43 @@ class SQLiteStore(Store):
     def _lead(self, leader: _Write) -> None:
         """Write the batch that leader heads, answer its writes, and wake the next
         leader. The batch's writes arrived after leader, so none waits past its own
-        deadline for the writers' lock."""
+        deadline for the writers' lock. Whatever fails on the way, every write of the
+        batch is answered and the next leader woken: else every later write would
+        wait for ever."""
+        batch = [leader]
         try:
-            turn = self._turns.take(max(0.0, leader.deadline - time.monotonic()))
-            refusal = None if turn else StoreUnavailable(
-                "The database is busy: another process has held its write lock for over "
-                f"{self.busy_timeout:g} s; retry shortly.")
-        except (OSError, ValueError) as error:  # the store was closed
-            turn, refusal = False, StoreUnavailable(f"The database cannot be written: {error}.")
-        with self._queue_lock:
-            batch = list(self._queue)
-        try:
-            if turn:
-                self._write_batch(batch, leader.deadline)
-            else:
-                for write in batch:
-                    write.error = refusal
+            try:
+                turn = self._turns.take(max(0.0, leader.deadline - time.monotonic()))
+                refusal = None if turn else StoreUnavailable(
+                    "The database is busy: another process has held its write lock for over "
+                    f"{self.busy_timeout:g} s; retry shortly.")
+            except Exception as error:  # the store closed; no thread to wait with...
+                turn, refusal = False, StoreUnavailable(
+                    f"The database cannot be written: {error}.", retry_after=None)
+            with self._queue_lock:
+                batch = list(self._queue)
+            try:
+                if turn:
+                    self._write_batch(batch, leader.deadline)
+                else:
+                    for write in batch:
+                        write.error = refusal
+            finally:
+                if turn:
+                    self._turns.give_back()
+        except Exception as error:  # giving the lock back failed: the store is closing
+            for write in batch:
+                write.result, write.error = None, error
         finally:
-            if turn:
-                self._turns.give_back()
-        with self._queue_lock:
-            for done in batch:
-                self._queue.popleft()
-                done.done = True
-            following = self._queue[0] if self._queue else None
-        for done in batch[1:]:
-            done.wake.release()
-        if following is not None:  # it leads the next batch
-            following.wake.release()
+            with self._queue_lock:
+                for done in batch:
+                    self._queue.popleft()
+                    done.done = True
+                following = self._queue[0] if self._queue else None
+            for done in batch[1:]:
+                done.wake.release()
+            if following is not None:  # it leads the next batch
+                following.wake.release()
 
     def _write_batch(self, batch: List[_Write], deadline: float) -> None:
         """One transaction for the batch, each write in a savepoint of its own: each

@@ -1366,6 +1366,20 @@ class WritersLockTest(unittest.TestCase):
         self.assertEqual(store.book(appointment()), appointment())  # the lock is taken again
         self.assertEqual(store.count(), 1)
 
+    def test_a_failure_on_the_way_to_the_lock_is_answered_and_writes_go_on(self):
+        store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=10)
+        self.addCleanup(store.close)
+        release = hold_writers_lock(self, store.path)
+        with mock.patch.object(scheduler.threading, "Thread",
+                               side_effect=RuntimeError("can't start new thread")):
+            self.assertIn("can't start new thread", store_outcome(store))  # not raised past
+        release()
+        later = threading.Thread(target=store.book, args=(appointment(),))
+        later.start()
+        later.join(timeout=10)
+        self.assertFalse(later.is_alive(), "the line of writes is stuck behind the failure")
+        self.assertEqual((store.count(), store.waiting_writes()), (1, 0))
+
     def test_the_lock_is_handed_over_as_soon_as_it_is_free(self):
         store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=30)
         self.addCleanup(store.close)
