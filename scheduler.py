@@ -318,6 +318,8 @@ DETAILS = (Detail("note", parse_note, MAX_NOTE_LENGTH,
                   "DESCRIPTION"),)
 _DETAIL_NAMES = tuple(detail.name for detail in DETAILS)
 _NO_DETAILS = (None,) * len(DETAILS)  # an appointment's details when it has none
+# Every field a request may give, with its parser: the FIELDS, then the details.
+_PARSERS = FIELDS + tuple((detail.name, detail.parse) for detail in DETAILS)
 
 
 def _parse_fields(fields: Mapping, missing: Optional[str] = None,
@@ -326,7 +328,7 @@ def _parse_fields(fields: Mapping, missing: Optional[str] = None,
     message) for each that is invalid, or a FIELD missing (if missing says why that
     is wrong) or null (if null says why). A detail's null is None: none."""
     values, errors = {}, []
-    for name, parse in FIELDS + tuple((detail.name, detail.parse) for detail in DETAILS):
+    for name, parse in _PARSERS:
         if name not in fields:
             if missing and name not in _DETAIL_NAMES:
                 errors.append((name, f"{name} {missing}"))
@@ -667,9 +669,7 @@ class DatabaseRefused(sqlite3.DatabaseError):
 def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
     """Why a stored appointment breaks today's rules (the parsers' own words), or
     None. Details (in the order of DETAILS) may be None: none."""
-    for (name, parse), value in zip(FIELDS + tuple((detail.name, detail.parse)
-                                                   for detail in DETAILS),
-                                    (user_id, date, time, *details)):
+    for (name, parse), value in zip(_PARSERS, (user_id, date, time, *details)):
         if value is None and name in _DETAIL_NAMES:
             continue
         if not isinstance(value, str):
