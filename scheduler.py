@@ -29,11 +29,13 @@ The file reads top to bottom, each section using only those above it:
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
     Routes         HTTPError; route functions from parsed input to a Reply; match()
-    Wire format    HTTPRequest, body and JSON checks, http_error() (every error's
-                   problem), If-None-Match, CORS, Service (what requests share;
-                   respond(): a request's one path to its Reply), render
-    Connection     one client's life: phases, deadlines, keep_open()
-    Handler        http.server's hooks, driving a Connection
+    Wire format    HTTP/1.1 as functions over bytes and values, none touching a
+                   socket: find_head(), parse_head(), keep_alive(), render_response();
+                   body and JSON checks; http_error() (every error's problem);
+                   If-None-Match, CORS; Service (what requests share; begin() and
+                   respond(): a request's one path to its Reply)
+    Connection     the one class that owns a socket: a client's phases and
+                   deadlines, reading, writing, calling the wire format's functions
     Server         connection slots, the deadline watchdog, the log, shutdown
     Command line   options; main(), serve() (one process) and a Supervisor (--workers)
     Appendix       the OpenAPI description, built from the domain's constants
@@ -51,7 +53,6 @@ import errno
 import fcntl
 import functools
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -70,7 +71,7 @@ import types
 import unicodedata
 import urllib.parse
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import (Callable, Deque, Dict, List, Mapping, NamedTuple, Optional, TextIO,
                     Tuple, Union)
 
@@ -1713,7 +1714,7 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 # value without control characters but HTAB (section 5; RFC 9110 sections 5.5, 5.6.2).
 _TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([!-~]+) HTTP/([0-9])\.([0-9])")
-_HEADER_LINE = re.compile(rf"({_TOKEN}):([^\x00-\x08\x0a-\x1f\x7f]*)\r?\n")
+_HEADER_LINE = re.compile(rf"({_TOKEN}):([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
 
 
 class Limits(NamedTuple):
@@ -1729,14 +1730,13 @@ class Limits(NamedTuple):
 
 
 class HTTPRequest(NamedTuple):
-    """A request as parsed from the wire (SchedulerHandler.parse_request), before routing."""
+    """A request's head as parse_head() reads it, before routing."""
 
     method: str
     path: str  # percent-encoded, as sent; match() decodes it
     query: str  # what follows the "?", as sent; parse_query() decodes it
     version: str  # "HTTP/1.1" or "HTTP/1.0"
     headers: Dict[str, str]  # lower-case names; a repeated header's values joined by ", "
-    close: bool = False  # the client asked to close after this response
 
     @property
     def declares_body(self) -> bool:
@@ -1752,6 +1752,114 @@ def split_target(target: str) -> Tuple[str, str]:
     if not path.startswith("/") and "://" in path:
         path = "/" + path.split("://", 1)[1].partition("/")[2]
     return path, query
+
+
+# A server SHOULD ignore blank lines before a request line (RFC 9112 section 2.2); an
+# empty line ends the head (section 2.1). Bare LFs are taken for CRLF (section 2.2).
+_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def find_head(data: Union[bytes, bytearray], searched: int = 0) -> Optional[Tuple[int, int]]:
+    """Where the head of the request that data begins with lies, as (start, end):
+    start after the blank lines a client may send first, end after the empty line;
+    None while the head is not whole. data[:searched] is known to hold no end, so
+    a head that arrives in many pieces is searched once, not once a piece. Raises
+    HTTPError 414 (the request line) or 431 (the headers) when the head, with the
+    blank lines before it, cannot be whole within MAX_HEAD_BYTES."""
+    start = _BLANK_LINES.match(data).end()
+    end = _HEAD_END.search(data, max(start, searched - 2), MAX_HEAD_BYTES)
+    if end is not None:
+        return start, end.end()
+    if len(data) < MAX_HEAD_BYTES:
+        return None
+    line_ended = data.find(b"\n", start, MAX_HEAD_BYTES) != -1
+    raise HTTPError(431 if line_ended else 414,
+                    f"The request line and headers are longer than {MAX_HEAD_BYTES} bytes.")
+
+
+def request_line(head: bytes) -> str:
+    """The head's first line, as text: what the access log shows."""
+    line = head.split(b"\n", 1)[0]
+    return str(line[:-1] if line.endswith(b"\r") else line, "iso-8859-1")
+
+
+def parse_head(head: bytes) -> HTTPRequest:
+    """The request whose head (from find_head) this is, or HTTPError saying what is
+    wrong with it. http.server's own parser (the email package) took a third of
+    each request's time; this one is stricter, as RFC 9112 asks: one SP between the
+    parts of the request line, an ASCII target, no HTTP/0.9, no folded lines, no
+    space before a colon, one Host."""
+    lines = str(head, "iso-8859-1").split("\n")
+    line = lines[0][:-1] if lines[0].endswith("\r") else lines[0]
+    parts = _REQUEST_LINE.fullmatch(line)
+    if parts is None:
+        raise _bad_request_line(line)
+    method, target, major, minor = parts.groups()
+    if major != "1":
+        raise HTTPError(505, f"HTTP version {major}.{minor} is not supported; use 1.1.")
+    del lines[0], lines[-2:]  # the request line; the empty line and what follows it
+    if len(lines) > MAX_HEADERS:
+        raise HTTPError(431, f"More than {MAX_HEADERS} header lines.")
+    headers: Dict[str, str] = {}
+    repeated: Dict[str, List[str]] = {}  # joined once at the end, not once a line
+    for text in lines:
+        field = _HEADER_LINE.fullmatch(text)
+        if field is None:
+            raise HTTPError(400, f"Malformed header line {text[:100]!r}.")
+        name, value = field.group(1).lower(), field.group(2).strip(" \t")
+        if name in headers:
+            repeated.setdefault(name, [headers[name]]).append(value)
+        else:
+            headers[name] = value
+    for name, values in repeated.items():
+        headers[name] = ", ".join(values)
+    if minor != "0" and "," in headers.get("host", ","):  # none, or several joined
+        raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
+    if method not in KNOWN_METHODS:
+        raise HTTPError(501, f"Unknown method {method!r}.")
+    return HTTPRequest(method, *split_target(target), f"HTTP/1.{minor}", headers)
+
+
+def _bad_request_line(line: str) -> HTTPError:
+    """What is wrong with a request line that _REQUEST_LINE refused."""
+    words = line.split(" ")
+    if len(words) == 3 and re.fullmatch(_TOKEN, words[0]):
+        if not words[1].isascii():
+            return HTTPError(400, "The request target has bytes that are not ASCII; "
+                                  "percent-encode them as UTF-8 (é is %C3%A9).")
+        if not words[1].isprintable() or not words[1]:
+            return HTTPError(400, "The request target has spaces or control characters; "
+                                  "percent-encode them.")
+        if not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[2]):
+            return HTTPError(400, f"Bad HTTP version {words[2]!r}.")
+    return HTTPError(400, f"Bad request line {line!r}: expected METHOD /path HTTP/1.1.")
+
+
+def keep_alive(request: Optional[HTTPRequest], body_read: bool, draining: bool) -> bool:
+    """Whether a connection serves another request after answering this one: the
+    one place that decides. Not after a request that could not be read (None: what
+    follows it is suspect), nor one whose body is left unread (it would be read as
+    the next request), nor while the server drains. Otherwise as the client asks
+    (RFC 9112 section 9.3): HTTP/1.1 stays open unless it says Connection: close;
+    HTTP/1.0 closes unless it says Connection: keep-alive (appendix C.2.2)."""
+    if request is None or draining or not (body_read or not request.declares_body):
+        return False
+    options = request.headers.get("connection", "").lower()
+    if not options:
+        return request.version != "HTTP/1.0"
+    tokens = {token.strip() for token in options.split(",")}
+    return "keep-alive" in tokens if request.version == "HTTP/1.0" else "close" not in tokens
+
+
+def expects_continue(request: HTTPRequest) -> bool:
+    """Whether the client waits for 100 Continue before it sends the body (RFC 9110
+    section 10.1.1); an HTTP/1.0 client never does."""
+    return request.headers.get("expect", "").lower() == "100-continue" \
+        and request.version != "HTTP/1.0"
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 def parse_query(query: str) -> Dict[str, List[str]]:
@@ -1888,9 +1996,6 @@ def error_reply(error: BaseException) -> Reply:
     return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
 
 
-BodyReader = Callable[[HTTPRequest, int], bytes]  # reads the request's body of that length
-
-
 # RFC 9110 section 8.8.3: an entity tag; If-None-Match is a list of them (13.1.2).
 _ENTITY_TAG = r'(?:W/)?"[!#-~\x80-\xff]*"'
 _ENTITY_TAG_LIST = re.compile(rf"[ \t]*{_ENTITY_TAG}(?:[ \t]*,[ \t]*{_ENTITY_TAG})*[ \t]*")
@@ -1952,11 +2057,25 @@ def cors_headers(origins: frozenset, request: HTTPRequest,
     return allowed + (("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS),)
 
 
+class Exchange(NamedTuple):
+    """A request on its way to its reply: Service.begin() has routed it and checked
+    the body it declares, and says how many bytes of body to read for respond()."""
+
+    request: HTTPRequest
+    template: str  # the route's path template, UNMATCHED for none
+    route: Optional[Route]
+    params: Dict[str, str]  # the path's parameters, decoded
+    body_length: int = 0  # bytes of body the route takes; 0: none to read
+    error: Optional[BaseException] = None  # why it fails, found before its body
+
+
 class Service:
     """What every request shares, whichever server or client carries it: the store,
     the limits, the origins allowed cross-origin requests (CORS), the metrics, and
-    where unexpected errors are logged. respond() is a request's one path to its
-    reply, for the handler and for the tests' in-process client alike."""
+    where unexpected errors are logged. A request's one path to its reply is
+    begin() (route it, and say how much body it needs), then respond() (with that
+    body), for a Connection and for the tests' in-process client alike; neither
+    touches a socket. problem() answers a request that never got that far."""
 
     def __init__(self, store: Store, limits: Optional[Limits] = None,
                  cors_origins: Tuple[str, ...] = (),
@@ -1971,36 +2090,52 @@ class Service:
             "scheduler_appointments", "gauge", "Appointments stored, over all users.",
             store.count())])
 
-    def respond(self, request: HTTPRequest, read_body: BodyReader) -> Tuple[str, Reply]:
-        """The reply to a parsed request, and the template of the route that gave it
-        (UNMATCHED for none): match the route, read and decode the body if the route
-        takes one, run it; an error becomes its problem; then If-None-Match may make
-        it a 304, and CORS adds its headers. Raises only ConnectionError."""
-        template = UNMATCHED
+    def begin(self, request: HTTPRequest) -> Exchange:
+        """Match the request's route and, if the route takes a body, check the one
+        the request declares (body_length): all that can refuse it before a byte
+        of its body is read."""
+        route = None
         try:
             route, params = match(ROUTES, request.method, request.path)
-            template = route.path
-            body = (decode_json(read_body(request, body_length(
-                request, self.limits.max_body_bytes, route.body_types)))
-                if route.body_types else None)
-            reply = route.handler(self, Request(params, parse_query(request.query), body))
+            length = (body_length(request, self.limits.max_body_bytes, route.body_types)
+                      if route.body_types else 0)
+        except Exception as error:
+            return Exchange(request, route.path if route else UNMATCHED, route, {}, 0, error)
+        return Exchange(request, route.path, route, params, length)
+
+    def respond(self, exchange: Exchange, body: bytes = b"") -> Reply:
+        """The reply to a begun request, given its body: decode the body if the route
+        takes one, and run the route; an error becomes its problem; then
+        If-None-Match may make it a 304, and CORS adds its headers."""
+        request = exchange.request
+        try:
+            if exchange.error is not None:
+                raise exchange.error
+            route = exchange.route
+            reply = route.handler(self, Request(exchange.params, parse_query(request.query),
+                                                decode_json(body) if route.body_types else None))
             if "if-none-match" in request.headers:
                 reply = not_modified(request, reply)
-        except ConnectionError:
-            raise  # the client went away: nobody to answer
         except Exception as error:
-            reply = self.problem(error, f"{request.method} {request.path}")
-        if self.cors_origins:
-            reply = reply._replace(headers=reply.headers + cors_headers(self.cors_origins,
-                                                                        request, reply))
-        return template, reply
+            return self.problem(error, request)
+        return self._with_cors(request, reply)
 
-    def problem(self, error: BaseException, request_line: str) -> Reply:
-        """error_reply(error), logging the traceback of an unexpected one (a 500)."""
+    def problem(self, error: BaseException, request: Optional[HTTPRequest] = None,
+                line: str = "") -> Reply:
+        """error_reply(error) for the request (None: one that could not be parsed;
+        line is then what arrived of its request line), logging the traceback of an
+        unexpected error (a 500). Call it where the error is being handled."""
         reply = error_reply(error)
         if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
-            self.log(f"Unexpected error in {request_line!r}:\n{traceback.format_exc()}")
-        return reply
+            where = f"{request.method} {request.path}" if request is not None else line
+            self.log(f"Unexpected error in {where!r}:\n{traceback.format_exc()}")
+        return self._with_cors(request, reply) if request is not None else reply
+
+    def _with_cors(self, request: HTTPRequest, reply: Reply) -> Reply:
+        if not self.cors_origins:
+            return reply
+        return reply._replace(headers=reply.headers + cors_headers(self.cors_origins, request,
+                                                                   reply))
 
 
 class _Clock(NamedTuple):
@@ -2023,22 +2158,15 @@ def _clock() -> _Clock:
     return _clock_now
 
 
-def connection_header(request: Optional[HTTPRequest], keep_open: bool) -> Optional[str]:
-    """The response's Connection header: close when the server closes after it; and
-    keep-alive when it stays open for an HTTP/1.0 client, which otherwise waits
-    for the close (RFC 9112 section 9.3 and appendix C.2.2)."""
-    if not keep_open:
-        return "close"
-    return "keep-alive" if request.version == "HTTP/1.0" else None
-
-
-def render_response(reply: Reply, *, connection: Optional[str] = None,
+def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = False,
                     head_only: bool = False) -> Tuple[bytes, int]:
     """A whole HTTP/1.1 response as bytes, for one write (separate writes for head
     and body meet Nagle's algorithm and delayed ACKs, and stall a keep-alive client
     for tens of milliseconds), and the size of its content. A body of None means no
-    content at all (204): no Content-Type, no Content-Length. connection is the
-    Connection header's value, if any."""
+    content at all (204): no Content-Type, no Content-Length. keep_open is
+    keep_alive()'s answer, said as Connection: close when false; as Connection:
+    keep-alive when true to an HTTP/1.0 client, which otherwise waits for the close
+    (RFC 9112 section 9.3, appendix C.2.2). head_only: the head alone, for HEAD."""
     body = reply.body
     if body is not None and not isinstance(body, bytes):
         body = (body if isinstance(body, str) else _JSON_ENCODER.encode(body) + "\n").encode()
@@ -2047,8 +2175,10 @@ def render_response(reply: Reply, *, connection: Optional[str] = None,
     if body is not None:
         lines += [f"Content-Type: {reply.media_type}", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in reply.headers]
-    if connection:
-        lines.append(f"Connection: {connection}")
+    if not keep_open:
+        lines.append("Connection: close")
+    elif http_1_0:
+        lines.append("Connection: keep-alive")
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
     size = len(body or b"")
     return (head, size) if head_only or body is None else (head + body, size)
@@ -2058,31 +2188,32 @@ def render_response(reply: Reply, *, connection: Optional[str] = None,
 
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
+RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the default cap
+
+# Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
+_LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
 
-class _Reader(io.RawIOBase):
-    """The raw side under Connection.rfile: each read goes through Connection.read_into."""
-
-    def __init__(self, read_into: Callable[[memoryview], int]):
-        super().__init__()
-        self.readinto = read_into
-
-    def readable(self) -> bool:
-        return True
+def access_log_line(client_address: tuple, line: str, status: int, size: int) -> str:
+    """A response's line in the access log, in http.server's format."""
+    return (f"{client_address[0]} - - [{_clock().log_time}] "
+            f'"{line.translate(_LOG_ESCAPES)}" {status} {size}')
 
 
 class Connection:
     """One client connection, from accept to close, served by one thread: the one
-    place that knows its phase and deadline, and (keep_open) whether it serves
-    another request.
+    object that owns its socket, its phase and its deadline. serve() reads each
+    request's bytes and hands them to the wire format's functions (find_head(),
+    parse_head(), keep_alive(), render_response()) and the Service; those never
+    touch the socket, and this does nothing else.
 
         event                            phase     deadline
-        wait_for_request()               WAITING   now + first_byte_timeout, for a new
+        serve() waits for a request      WAITING   now + first_byte_timeout, for a new
                                                    connection; else now + idle_timeout
         a request's first byte arrives   READING   that byte + request_timeout
-        head_read()                      BUSY      none while the request is handled
-        read_body()                      READING   the request's, from its first byte
-        send()                           WRITING   now + request_timeout; once sent,
+        the head is parsed               BUSY      none while the request is handled
+        its body is read                 READING   the request's, from its first byte
+        the response is sent             WRITING   now + request_timeout; once sent,
                                                    if kept open, WAITING: idle_timeout
         close()                          CLOSED
 
@@ -2090,6 +2221,10 @@ class Connection:
     write, and each system call hands over the GIL); instead the server's watchdog
     calls expire_if_late(), which shuts down the socket of a late connection: a
     late reader gets end-of-file if WAITING, else a 408; a late writer, an error.
+
+    The server makes a Connection when it accepts one (it counts from then) and
+    serves it in a thread of its own: SchedulerServer.finish_request() calls
+    serve(), where socketserver would make a request handler.
     """
 
     WAITING, READING, BUSY, WRITING, CLOSED = "waiting", "reading", "busy", "writing", "closed"
@@ -2098,88 +2233,122 @@ class Connection:
         self._sock, self.client_address = sock, client_address
         self._server = server
         self._limits: Limits = server.limits
-        self.rfile = io.BufferedReader(_Reader(self.read_into))
         self._lock = threading.Lock()  # guards _phase, _deadline, _expired: the watchdog reads them
         self._phase = self.BUSY
         self._deadline: Optional[float] = None  # time.monotonic(); None while BUSY
         self._expired = False  # set once, by the watchdog or close_if_idle: the connection ends
+        self._data = bytearray()  # received and not yet taken: a request's start, or more
         self._request_deadline = 0.0  # the current request's, from its first byte
-        self._head_left = MAX_HEAD_BYTES  # of the current request's line and headers
         self._served = 0  # responses sent
         self.waiting_since = 0.0  # time.monotonic() when it last began to wait, if WAITING
-        self._body_read = False  # the current request's body has been read whole
 
     def _enter(self, phase: str, deadline: Optional[float]) -> None:
         with self._lock:
             self._phase, self._deadline = phase, deadline
 
-    # Events, in the order of a request's life.
+    def serve(self, service: "Service") -> None:
+        """Serve requests until one ends the connection (or the client does)."""
+        observe, log = service.metrics.observe, self._server.log  # bound once, not per request
+        self._wait()
+        while not self._server.draining:  # (entering WAITING, then checking draining,
+            request, line, template = None, "", UNMATCHED  # pairs with drain())
+            try:
+                head = self._read_head()
+                if head is None:  # the client closed, or sent nothing in time
+                    return
+                self._enter(self.BUSY, None)
+                started = time.perf_counter()
+                line = request_line(head)
+                request = parse_head(head)
+                exchange = service.begin(request)
+                template = exchange.template
+                body = self._read_body(request, exchange.body_length) \
+                    if exchange.body_length else b""
+                reply = service.respond(exchange, body)
+                body_read = exchange.body_length > 0
+            except ConnectionError:
+                raise  # the client went away: nobody to answer
+            except Exception as error:
+                started = time.perf_counter()
+                reply = service.problem(error, request, line)
+                body_read = False
+            method = request.method if request is not None else line.partition(" ")[0]
+            keep_open = keep_alive(request, body_read, self._server.draining)
+            response, size = render_response(
+                reply, keep_open=keep_open, head_only=method == "HEAD",
+                http_1_0=request is not None and request.version == "HTTP/1.0")
+            log(access_log_line(self.client_address, line, reply.status, size))  # never lost
+            observe(template, method if method in KNOWN_METHODS else "other", reply.status,
+                    time.perf_counter() - started)
+            self._send(response, keep_open)
+            if not keep_open:
+                return
 
-    def wait_for_request(self) -> bool:
-        """Ready for the next request; False when the server is draining, and the
-        connection should close. (Entering WAITING before checking draining pairs
-        with SchedulerServer.drain, which sets draining before close_if_idle().)"""
-        self._head_left, self._body_read = MAX_HEAD_BYTES, False
-        if self._phase != self.WAITING:  # new; after a response, send() began the wait
-            self._wait()
-        return not self._server.draining
+    # Reading and writing, for serve().
+
+    def _read_head(self) -> Optional[bytes]:
+        """The next request's head, as find_head() finds it; None when the client
+        closed (or the wait ran out) before sending one."""
+        searched = 0
+        while True:
+            found = find_head(self._data, searched)
+            if found is not None:
+                start, end = found
+                head = bytes(self._data[start:end])
+                del self._data[:end]
+                return head
+            searched = len(self._data)
+            if not self._receive():
+                if self._data.strip(b"\r\n"):
+                    raise HTTPError(400, "The connection closed before the request's head "
+                                         "ended; an empty line ends the headers.")
+                return None
+
+    def _read_body(self, request: HTTPRequest, length: int) -> bytes:
+        """The request's body of length bytes, within the request's deadline. Sends
+        100 Continue first if the client waits for it: only now, so that a request
+        refused on its headers is refused unread."""
+        self._enter(self.READING, self._request_deadline)
+        if expects_continue(request):
+            self._sock.sendall(CONTINUE)
+        while len(self._data) < length:
+            if not self._receive():
+                raise HTTPError(400, f"The body ended after {len(self._data)} of {length} bytes.")
+        body = bytes(self._data[:length])
+        del self._data[:length]  # what is left is the next request's
+        self._enter(self.BUSY, None)
+        return body
+
+    def _receive(self) -> bool:
+        """Read what the client sent next into _data; False at end of file. A
+        request's first byte starts its deadline. Past a deadline: end of file while
+        waiting, else a 408."""
+        chunk = self._sock.recv(RECEIVE_BYTES)
+        if self._expired:
+            if self._phase == self.WAITING:  # no request had begun: nothing to answer
+                return False
+            raise HTTPError(408, "The request did not arrive whole within "
+                                 f"{self._limits.request_timeout:g} seconds.")
+        if not chunk:
+            return False
+        if self._phase == self.WAITING:
+            self._request_deadline = time.monotonic() + self._limits.request_timeout
+            self._enter(self.READING, self._request_deadline)
+        self._data += chunk
+        return True
 
     def _wait(self, since: Optional[float] = None) -> None:
+        """Wait for a request: from now, or from when the last response was sent. If
+        some of it has arrived already (sent behind the last one), it is being read."""
+        if self._data.strip(b"\r\n"):
+            self._request_deadline = time.monotonic() + self._limits.request_timeout
+            self._enter(self.READING, self._request_deadline)
+            return
         self.waiting_since = time.monotonic() if since is None else since
         timeout = self._limits.idle_timeout if self._served else self._limits.first_byte_timeout
         self._enter(self.WAITING, self.waiting_since + timeout)
 
-    def read_into(self, buffer) -> int:
-        """Read from the socket; a request's first byte starts its deadline. Past a
-        deadline: end-of-file while waiting, else a 408."""
-        received = self._sock.recv_into(buffer)
-        if self._expired:
-            if self._phase == self.WAITING:  # no request had begun: nothing to answer
-                return 0
-            raise HTTPError(408, "The request did not arrive whole within "
-                                 f"{self._limits.request_timeout:g} seconds.")
-        if received and self._phase == self.WAITING:
-            self._request_deadline = time.monotonic() + self._limits.request_timeout
-            self._enter(self.READING, self._request_deadline)
-        return received
-
-    def read_line(self, status: int) -> bytes:
-        """One line of the request's head, within what is left of MAX_HEAD_BYTES for
-        its line and headers together; past it, an HTTPError of that status."""
-        line = self.rfile.readline(self._head_left + 1)
-        self._head_left -= len(line)
-        if self._head_left < 0:
-            raise HTTPError(status, f"The request line and headers are longer than "
-                                    f"{MAX_HEAD_BYTES} bytes.")
-        return line
-
-    def head_read(self) -> None:
-        """The request line and headers are in: no deadline while it is handled."""
-        self._enter(self.BUSY, None)
-
-    def read_body(self, request: HTTPRequest, length: int) -> bytes:
-        """The request's body of length bytes, within the request's deadline. Sends
-        100 Continue first if the client waits for it (RFC 9110 section 10.1.1):
-        only now, so a request refused on its headers is refused unread."""
-        self._enter(self.READING, self._request_deadline)
-        if request.headers.get("expect", "").lower() == "100-continue" \
-                and request.version != "HTTP/1.0":
-            self._sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        raw = self.rfile.read(length)
-        self._enter(self.BUSY, None)
-        if len(raw) < length:
-            raise HTTPError(400, f"The body ended after {len(raw)} of {length} bytes.")
-        self._body_read = True
-        return raw
-
-    def keep_open(self, request: Optional[HTTPRequest]) -> bool:
-        """Whether the connection serves another request after answering this one
-        (None: a request that could not be read): the one place that decides."""
-        if request is None or request.close or self._server.draining:
-            return False  # unreadable (what follows is suspect), or asked to (RFC 9112 9.6)
-        return self._body_read or not request.declares_body  # else it would be read next
-
-    def send(self, response: bytes, keep_open: bool) -> None:
+    def _send(self, response: bytes, keep_open: bool) -> None:
         """Write a whole response, within request_timeout. A connection kept open
         waits from when its response was handed to the kernel, not from when its
         thread next gets to run: then of two connections, the one answered first
@@ -2257,183 +2426,6 @@ class Connection:
     def _shutdown(self, how: int) -> None:
         with contextlib.suppress(OSError):  # already closed
             self._sock.shutdown(how)
-
-
-# --- Handler: http.server's hooks, driving a Connection -------------------------------
-
-# Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
-_LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
-
-
-class _Replaced:
-    """An inherited attribute or method that no longer applies: using it raises
-    AttributeError saying what replaced it, instead of silently misbehaving."""
-
-    def __init__(self, instead: str):
-        self.instead = instead
-
-    def __set_name__(self, owner, name: str) -> None:
-        self.name = name
-
-    def __get__(self, instance, owner=None):
-        if instance is None:
-            return self
-        raise AttributeError(f"{type(instance).__name__}.{self.name} is not used: {self.instead}")
-
-    def __set__(self, instance, value) -> None:
-        self.__get__(instance)
-
-
-class SchedulerHandler(BaseHTTPRequestHandler):
-    """Serves one connection for socketserver: drives a Connection through its
-    requests, parses each, passes it to Service.respond() and sends the reply in one
-    write.
-
-    Hooks it overrides:
-        setup()          takes the Connection, instead of making rfile and wfile
-        handle()         serves requests until one ends the connection
-        parse_request()  reads and parses one request: returns an HTTPRequest, or
-                         None when the client closed first; raises HTTPError when
-                         it is malformed (stricter than http.server: RFC 9112)
-        log_request()    writes a response's access-log line to the server's log...
-        log_message()    ...and so does every other line, control characters escaped
-        finish()         leaves the Connection to the server to close
-
-    Inherited and still working: client_address, server, requestline and command
-    (of the request being served), log_error(), address_string().
-    Inherited and no longer applying, each raising AttributeError that says what
-    replaced it: the _Replaced attributes below.
-    """
-
-    # The request: SchedulerHandler.parse_request() returns an HTTPRequest instead.
-    headers = _Replaced("use HTTPRequest.headers (lower-case names)")
-    path = _Replaced("use HTTPRequest.path and HTTPRequest.query")
-    request_version = _Replaced("use HTTPRequest.version")
-    raw_requestline = _Replaced("parse_request() reads the request line")
-    # The connection: a Connection owns its socket, its reads and writes, and keep-alive.
-    rfile = _Replaced("read with Connection.read_line() and Connection.read_body()")
-    wfile = _Replaced("return a Reply from a route: it is sent in one write")
-    connection = _Replaced("the socket belongs to the Connection, self.conn")
-    close_connection = _Replaced("Connection.keep_open() decides")
-    timeout = _Replaced("deadlines are Limits, enforced by the server's watchdog")
-    handle_one_request = _Replaced("handle() serves each request")
-    handle_expect_100 = _Replaced("Connection.read_body() sends 100 Continue")
-    # Responses: a route returns a Reply, an error is an HTTPError; both are sent whole.
-    send_error = _Replaced("raise HTTPError(status, detail)")
-    send_response = _Replaced("return a Reply")
-    send_response_only = _Replaced("return a Reply")
-    send_header = _Replaced("put headers in the Reply")
-    end_headers = _Replaced("return a Reply")
-    flush_headers = _Replaced("return a Reply")
-
-    def setup(self) -> None:
-        self.conn: Connection = self.request  # made by SchedulerServer.get_request()
-
-    def finish(self) -> None:
-        """Nothing to do: the server closes the Connection (shutdown_request)."""
-
-    def handle(self) -> None:
-        conn, service = self.conn, self.server.service
-        respond, observe = service.respond, service.metrics.observe  # bound once, not per request
-        while conn.wait_for_request():
-            self.requestline = self.command = ""
-            request, route = None, UNMATCHED
-            try:
-                request = self.parse_request()
-                if request is None:  # the client closed, or sent nothing in time
-                    return
-            except ConnectionError:
-                raise  # the client went away: nobody to answer
-            except Exception as error:
-                started = time.perf_counter()
-                reply = service.problem(error, self.requestline)
-            else:
-                started = time.perf_counter()
-                route, reply = respond(request, conn.read_body)
-            keep_open = conn.keep_open(request)
-            response, size = render_response(reply, connection=connection_header(
-                request, keep_open), head_only=self.command == "HEAD")
-            self.log_request(reply.status, size)  # before the write: never lost
-            observe(route, self.command if self.command in KNOWN_METHODS else "other",
-                    reply.status, time.perf_counter() - started)
-            conn.send(response, keep_open)
-            if not keep_open:
-                return
-
-    def parse_request(self) -> Optional[HTTPRequest]:
-        """Read and parse a request line and headers. http.server's own parser (the
-        email package) took a third of each request's time; this one is stricter,
-        as RFC 9112 asks: one SP between the parts of the request line, an ASCII
-        target, no HTTP/0.9, no folded lines, no space before a colon, one Host."""
-        line = self.conn.read_line(414)
-        while line in (b"\r\n", b"\n"):  # a server SHOULD ignore these (RFC 9112 2.2)
-            line = self.conn.read_line(414)
-        if not line:
-            return None
-        self.requestline = str(line[:-2] if line.endswith(b"\r\n") else
-                               line[:-1] if line.endswith(b"\n") else line, "iso-8859-1")
-        parts = _REQUEST_LINE.fullmatch(self.requestline)
-        if parts is None:
-            raise self._bad_request_line()
-        self.command, target, major, minor = parts.groups()
-        if major != "1":
-            raise HTTPError(505, f"HTTP version {major}.{minor} is not supported; use 1.1.")
-        headers = self._read_headers()
-        http_1_0 = minor == "0"
-        if not http_1_0 and "," in headers.get("host", ","):  # none, or several joined
-            raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
-        if self.command not in KNOWN_METHODS:
-            raise HTTPError(501, f"Unknown method {self.command!r}.")
-        connection = {token.strip() for token in headers.get("connection", "").lower().split(",")}
-        # HTTP/1.1 keeps a connection open unless asked not to; HTTP/1.0 the opposite.
-        close = "keep-alive" not in connection if http_1_0 else "close" in connection
-        self.conn.head_read()
-        return HTTPRequest(self.command, *split_target(target), f"HTTP/1.{minor}", headers, close)
-
-    def _bad_request_line(self) -> HTTPError:
-        """What is wrong with a request line that _REQUEST_LINE refused."""
-        words = self.requestline.split(" ")
-        if len(words) == 3 and re.fullmatch(_TOKEN, words[0]):
-            if not words[1].isascii():
-                return HTTPError(400, "The request target has bytes that are not ASCII; "
-                                      "percent-encode them as UTF-8 (é is %C3%A9).")
-            if not words[1].isprintable() or not words[1]:
-                return HTTPError(400, "The request target has spaces or control characters; "
-                                      "percent-encode them.")
-            if not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[2]):
-                return HTTPError(400, f"Bad HTTP version {words[2]!r}.")
-        return HTTPError(400, f"Bad request line {self.requestline!r}: "
-                              "expected METHOD /path HTTP/1.1.")
-
-    def _read_headers(self) -> Dict[str, str]:
-        headers: Dict[str, str] = {}
-        repeated: Dict[str, List[str]] = {}  # joined once at the end, not once a line
-        for _ in range(MAX_HEADERS + 1):
-            line = self.conn.read_line(431)
-            if line in (b"\r\n", b"\n", b""):
-                for name, values in repeated.items():
-                    headers[name] = ", ".join(values)
-                return headers
-            field = _HEADER_LINE.fullmatch(str(line, "iso-8859-1"))
-            if field is None:
-                raise HTTPError(400, f"Malformed header line {line[:100]!r}.")
-            name, value = field.group(1).lower(), field.group(2).strip(" \t")
-            if name in headers:
-                repeated.setdefault(name, [headers[name]]).append(value)
-            else:
-                headers[name] = value
-        raise HTTPError(431, f"More than {MAX_HEADERS} header lines.")
-
-    def log_request(self, code="-", size="-") -> None:
-        """The access-log line of a response: what log_message() would write, made
-        in one step (the inherited one costs four calls more a request)."""
-        self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] "
-                        f'"{self.requestline.translate(_LOG_ESCAPES)}" {int(code)} {size}')
-
-    def log_message(self, format: str, *args) -> None:
-        """A line for the server's log, in http.server's format."""
-        message = (format % args).translate(_LOG_ESCAPES)
-        self.server.log(f"{self.client_address[0]} - - [{_clock().log_time}] {message}")
 
 
 # --- Server ---------------------------------------------------------------------------
@@ -2518,10 +2510,14 @@ class SchedulerServer(ThreadingHTTPServer):
     store, the limits, the log), caps the connections it serves at once, enforces
     their deadlines, and drains them on shutdown.
 
-    Overrides socketserver's get_request() (a Connection is the "request" from
-    accept to close), process_request() (to take a slot, or refuse), shutdown_request()
-    (to close and give back the slot), handle_error() (to the log) and
-    server_close() (to stop its threads).
+    Hooks of socketserver it overrides:
+        get_request()       accepts a Connection: the "request", from accept to close
+        process_request()   takes a slot for it and starts its thread, or refuses it
+        finish_request()    serves it (Connection.serve()): RequestHandlerClass is
+                            Connection, made already, and never called
+        shutdown_request()  closes it and gives back its slot
+        handle_error()      logs what ended it
+        server_close()      also stops the watchdog and the log's thread
     """
 
     daemon_threads = True  # a connection still open after drain() must not block exit
@@ -2549,7 +2545,7 @@ class SchedulerServer(ThreadingHTTPServer):
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self.address_family = address_family(address[0])
-        super().__init__(address, SchedulerHandler, bind_and_activate=listener is None)
+        super().__init__(address, Connection, bind_and_activate=listener is None)
         if listener is not None:  # on a failure to bind, server_close() has been called
             self.socket.close()
             self.socket, self.server_address = listener, listener.getsockname()
@@ -2627,8 +2623,11 @@ class SchedulerServer(ThreadingHTTPServer):
         cap = self.limits.max_connections
         connection.refuse(render_response(error_reply(HTTPError(
             503, f"The server is serving its maximum of {cap} connections; retry shortly.",
-            headers={"Retry-After": "1"})), connection="close")[0])
+            headers={"Retry-After": "1"})), keep_open=False)[0])
         self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
+
+    def finish_request(self, connection: Connection, client_address) -> None:
+        connection.serve(self.service)
 
     def _make_room(self) -> bool:
         """At the cap, close the connection that has waited longest for a request, and
