@@ -169,6 +169,20 @@ class NotBooked(LookupError):
         self.user_id, self.date = user_id, date
 
 
+class ConditionFailed(Exception):
+    """A change was asked for on a condition (If-Match) that the appointment as it
+    is now does not meet: current is that appointment, unchanged."""
+
+    def __init__(self, current: Appointment):
+        super().__init__(current)
+        self.current = current
+
+
+# What a change may be made on: a test of the appointment as it is when the store
+# changes it, under the same lock or in the same transaction (None: no condition).
+Condition = Optional[Callable[[Appointment], bool]]
+
+
 class StoreFull(Exception):
     """The store holds as many appointments as it may (capacity)."""
 
@@ -410,15 +424,18 @@ class Store(abc.ABC):
         """The user's appointment on that date; NotBooked when there is none."""
 
     @abc.abstractmethod
-    def cancel(self, user_id: str, date: dt.date) -> None:
-        """Delete the user's appointment on that date; NotBooked when there is none."""
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None) -> None:
+        """Delete the user's appointment on that date; NotBooked when there is none,
+        and ConditionFailed when condition does not hold for it."""
 
     @abc.abstractmethod
-    def reschedule(self, user_id: str, date: dt.date, changes: Changes) -> Appointment:
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes,
+                   condition: Condition = None) -> Appointment:
         """Change the user's appointment on date as changes says (move it, change its
         details) in one step, and return it changed. Raises NotBooked when there is
-        none on date, and AlreadyBooked, carrying it, when the user holds another on
-        the new date; nothing changes then."""
+        none on date, AlreadyBooked, carrying it, when the user holds another on
+        the new date, and only then ConditionFailed when condition does not hold
+        for the appointment as it is; nothing changes then."""
 
     @abc.abstractmethod
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
@@ -502,10 +519,13 @@ class InMemoryStore(Store):
             raise NotBooked(user_id, date)
         return found
 
-    def cancel(self, user_id: str, date: dt.date) -> None:
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None) -> None:
         with self._lock:
             held = self._by_user.get(user_id)
-            found = self._on(user_id, held, date) is not None
+            current = self._on(user_id, held, date)
+            found = current is not None
+            if found and condition is not None and not condition(current):
+                raise ConditionFailed(current)
             if found:
                 self._count -= 1
                 if not isinstance(held, dict):
@@ -517,7 +537,8 @@ class InMemoryStore(Store):
         if not found:
             raise NotBooked(user_id, date)
 
-    def reschedule(self, user_id: str, date: dt.date, changes: Changes) -> Appointment:
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes,
+                   condition: Condition = None) -> Appointment:
         with self._lock:  # check and change under one hold of the lock
             held = self._by_user.get(user_id)
             found = self._on(user_id, held, date)
@@ -525,6 +546,8 @@ class InMemoryStore(Store):
                 raise NotBooked(user_id, date)
             changed = changes.applied(found)
             existing = None if changed.date == date else self._on(user_id, held, changed.date)
+            if existing is None and condition is not None and not condition(found):
+                raise ConditionFailed(found)
             if existing is None:
                 if not isinstance(held, dict):
                     self._by_user[user_id] = self._kept(changed)
@@ -1078,7 +1101,7 @@ class SQLiteStore(Store):
                 db.execute("SAVEPOINT one_write")
                 try:
                     write.result = write.apply(db, *write.args)
-                except (AlreadyBooked, NotBooked, StoreFull) as outcome:
+                except (AlreadyBooked, NotBooked, StoreFull, ConditionFailed) as outcome:
                     write.error = outcome  # kept: a row it found in its way and set aside
                 except Exception as error:  # a bug, or SQLite's failure for this write alone
                     if isinstance(error, sqlite3.Error) and not db.in_transaction:
@@ -1158,9 +1181,13 @@ class SQLiteStore(Store):
             return appointment
         raise StoreFull(limit)
 
-    def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date) -> None:
-        if self._held(db, user_id, date.isoformat()) is None:  # as a lookup would say
+    def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date,
+                condition: Condition) -> None:
+        held = self._held(db, user_id, date.isoformat())
+        if held is None:  # as a lookup would say
             raise NotBooked(user_id, date)
+        if condition is not None and not condition(held):
+            raise ConditionFailed(held)
         db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
                    (user_id, date.isoformat()))
 
@@ -1169,11 +1196,18 @@ class SQLiteStore(Store):
                "WHERE user_id = ? AND date = ?")
 
     def _reschedule(self, db: sqlite3.Connection, user_id: str, date: dt.date,
-                    changes: Changes) -> Appointment:
+                    changes: Changes, condition: Condition) -> Appointment:
         held = self._held(db, user_id, date.isoformat())
         if held is None:
             raise NotBooked(user_id, date)
         moved = changes.applied(held)
+        if condition is not None:  # after a conflict, as in memory; before the UPDATE
+            existing = None if moved.date == date else \
+                self._held(db, user_id, moved.date.isoformat())
+            if existing is not None:
+                raise AlreadyBooked(existing)
+            if not condition(held):
+                raise ConditionFailed(held)
         update = (self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}", *moved.details,
                                  user_id, date.isoformat()))
         try:  # one UPDATE: the row moves whole, or not at all
@@ -1197,11 +1231,12 @@ class SQLiteStore(Store):
     def book(self, appointment: Appointment) -> Appointment:
         return self.write(self._book, appointment)
 
-    def reschedule(self, user_id: str, date: dt.date, changes: Changes) -> Appointment:
-        return self.write(self._reschedule, user_id, date, changes)
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes,
+                   condition: Condition = None) -> Appointment:
+        return self.write(self._reschedule, user_id, date, changes, condition)
 
-    def cancel(self, user_id: str, date: dt.date) -> None:
-        self.write(self._cancel, user_id, date)
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None) -> None:
+        self.write(self._cancel, user_id, date, condition)
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self._reading() as db:
@@ -1438,11 +1473,13 @@ class HTTPError(Exception):
 
 
 class Request(NamedTuple):
-    """What a route gets: decoded path parameters, the query and the JSON body."""
+    """What a route gets: decoded path parameters, the query, the JSON body and the
+    headers."""
 
     params: Dict[str, str]
     query: Dict[str, List[str]]
     body: object = None  # parsed JSON; only for routes that declare body_types
+    headers: Mapping[str, str] = types.MappingProxyType({})  # lower-case names
 
 
 class Reply(NamedTuple):
@@ -1536,10 +1573,68 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     return "W/" + tag if weak else tag
 
 
+def json_content(body) -> bytes:
+    """body as a JSON response's content: what render_response() sends for it."""
+    return (_JSON_ENCODER.encode(body) + "\n").encode()
+
+
 def tagged_json(body: dict) -> Reply:
     """A 200 of body as JSON, with its ETag: encoded here, once, to be hashed and sent."""
-    content = (_JSON_ENCODER.encode(body) + "\n").encode()
+    content = json_content(body)
     return Reply(HTTPStatus.OK, content, (("ETag", entity_tag(content)),))
+
+
+def appointment_tag(appointment: Appointment) -> str:
+    """The ETag of the appointment as a GET of its URL sends it."""
+    return entity_tag(json_content(appointment.as_json()))
+
+
+# RFC 9110 section 8.8.3: an entity tag; If-Match and If-None-Match are
+# lists of them, or * (sections 13.1.1, 13.1.2).
+_ENTITY_TAG = r'(?:W/)?"[!#-~\x80-\xff]*"'
+_ENTITY_TAG_LIST = re.compile(rf"[ \t]*{_ENTITY_TAG}(?:[ \t]*,[ \t]*{_ENTITY_TAG})*[ \t]*")
+_ENTITY_TAGS = re.compile(_ENTITY_TAG)
+
+
+def _opaque(tag: str) -> str:
+    """The tag without its weakness: what weak comparison compares (section 8.8.3.2)."""
+    return tag[2:] if tag.startswith("W/") else tag
+
+
+def _tag_test(value: str, name: str, strong: bool) -> Callable[[str], bool]:
+    """Whether a tag is among those of a condition header's value: "*" holds every
+    tag; strong comparison (section 8.8.3.2) never matches a weak tag. 400 when
+    the value is neither "*" nor a list of entity tags."""
+    if value.strip() == "*":
+        return lambda tag: True
+    if not _ENTITY_TAG_LIST.fullmatch(value):
+        raise HTTPError(400, f'{name} must be * or a list of entity tags, as an ETag header '
+                             f'gives them ("...", in double quotes); got {value!r}.')
+    held = _ENTITY_TAGS.findall(value)
+    if strong:
+        return frozenset(tag for tag in held if not tag.startswith("W/")).__contains__
+    return lambda tag: _opaque(tag) in map(_opaque, held)
+
+
+def write_condition(headers: Mapping[str, str]) -> Condition:
+    """What a PATCH or DELETE asks of the appointment it changes, in the order of
+    RFC 9110 section 13.2.2: that If-Match has its ETag, strongly compared, or is
+    "*" (13.1.1); that If-None-Match does not, weakly compared (13.1.2). None when
+    it sends neither. If-Unmodified-Since is ignored: an appointment has no
+    modification date to compare (13.1.4). The store tests it under the lock or in
+    the transaction of the change; a condition that cannot be read is a 400, as
+    ignoring it would allow the change it was sent to prevent."""
+    if_match, if_none_match = headers.get("if-match"), headers.get("if-none-match")
+    if if_match is None and if_none_match is None:
+        return None
+    matches = None if if_match is None else _tag_test(if_match, "If-Match", strong=True)
+    excluded = None if if_none_match is None else _tag_test(if_none_match, "If-None-Match",
+                                                             strong=False)
+
+    def condition(current: Appointment) -> bool:
+        tag = appointment_tag(current)
+        return (matches is None or matches(tag)) and (excluded is None or not excluded(tag))
+    return condition
 
 
 def list_appointments(service: "Service", request: Request) -> Reply:
@@ -1568,15 +1663,19 @@ def reschedule_appointment(service: "Service", request: Request) -> Reply:
     if not isinstance(request.body, dict):
         raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
                              'fields to change, e.g. {"date": "2026-11-26", "time": "10:00"}.')
-    moved = service.store.reschedule(user_id, date, parse_changes(request.body, user_id))
+    condition = write_condition(request.headers)
+    moved = service.store.reschedule(user_id, date, parse_changes(request.body, user_id),
+                                     condition)
+    reply = tagged_json(moved.as_json())  # its ETag, as a GET of its URL now gives it
     if moved.date == date:
-        return Reply(HTTPStatus.OK, moved.as_json())
+        return reply
     url = appointment_url(moved)  # Content-Location: the body is what is now there
-    return Reply(HTTPStatus.OK, moved.as_json(), (("Location", url), ("Content-Location", url)))
+    return reply._replace(headers=reply.headers + (("Location", url), ("Content-Location", url)))
 
 
 def cancel_appointment(service: "Service", request: Request) -> Reply:
-    service.store.cancel(*path_key(request.params))
+    user_id, date = path_key(request.params)
+    service.store.cancel(user_id, date, write_condition(request.headers))
     return Reply(HTTPStatus.NO_CONTENT, None)
 
 
@@ -1980,6 +2079,12 @@ def http_error(error: BaseException) -> HTTPError:
     if isinstance(error, NotBooked):
         return HTTPError(404, f"User {error.user_id} has no appointment on "
                               f"{error.date.isoformat()}.")
+    if isinstance(error, ConditionFailed):
+        tag = appointment_tag(error.current)
+        return HTTPError(412, f"The appointment does not meet the request's condition "
+                              f"(If-Match or If-None-Match): its ETag is now {tag}, and nothing "
+                              "was changed. GET it, and send If-Match with the ETag you get.",
+                         headers={"ETag": tag}, appointment=error.current.as_json())
     if isinstance(error, StoreFull):
         return HTTPError(507, f"The service holds its maximum of {error.capacity} appointments "
                               "and can book no more until some are cancelled; tell its "
@@ -1994,17 +2099,6 @@ def error_reply(error: BaseException) -> Reply:
     """How every error becomes a response: an RFC 9457 problem."""
     error = http_error(error)
     return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
-
-
-# RFC 9110 section 8.8.3: an entity tag; If-None-Match is a list of them (13.1.2).
-_ENTITY_TAG = r'(?:W/)?"[!#-~\x80-\xff]*"'
-_ENTITY_TAG_LIST = re.compile(rf"[ \t]*{_ENTITY_TAG}(?:[ \t]*,[ \t]*{_ENTITY_TAG})*[ \t]*")
-_ENTITY_TAGS = re.compile(_ENTITY_TAG)
-
-
-def _opaque(tag: str) -> str:
-    """The tag without its weakness: what weak comparison compares (section 8.8.3.2)."""
-    return tag[2:] if tag.startswith("W/") else tag
 
 
 def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
@@ -2113,7 +2207,8 @@ class Service:
                 raise exchange.error
             route = exchange.route
             reply = route.handler(self, Request(exchange.params, parse_query(request.query),
-                                                decode_json(body) if route.body_types else None))
+                                                decode_json(body) if route.body_types else None,
+                                                request.headers))
             if "if-none-match" in request.headers:
                 reply = not_modified(request, reply)
         except Exception as error:
@@ -3234,6 +3329,13 @@ def openapi_document() -> dict:
     by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
     found = {**errors, "404": _ref("responses", "NotFound")}
     conditional = {"parameters": [_ref("parameters", "IfNoneMatch")]}
+    # A write's conditions (RFC 9110 section 13.1): only on what it would otherwise change.
+    on_condition = {"parameters": by_key["parameters"] + [
+        _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch")]}
+    stale = {"412": _problem("The appointment does not meet If-Match or If-None-Match; "
+                             "`appointment` is as it now is, nothing changed, and ETag is "
+                             "its tag", "ConflictProblem",
+                             headers={"ETag": _ref("headers", "ETag")})}
     tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
     unchanged = {"304": _ref("responses", "NotModified")}
     book = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
@@ -3310,7 +3412,7 @@ def openapi_document() -> dict:
             "patch": {
                 "summary": "Reschedule: move the appointment to another time or date in one "
                            "step (a JSON merge patch, RFC 7396, of date and time)",
-                **by_key,
+                **on_condition,
                 "requestBody": {"required": True, "content": {
                     media_type: {"schema": _ref("schemas", "AppointmentPatch"),
                                  "examples": {"reschedule": {"value": {
@@ -3319,10 +3421,11 @@ def openapi_document() -> dict:
                 "responses": {
                     "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
                                   appointment, {"reschedule": moved}, headers={
-                                      name: {"description": "The appointment's new URL, "
-                                                            "when its date changed",
-                                             "schema": text}
-                                      for name in ("Location", "Content-Location")}),
+                                      "ETag": _ref("headers", "ETag"), **{
+                                          name: {"description": "The appointment's new URL, "
+                                                                "when its date changed",
+                                                 "schema": text}
+                                          for name in ("Location", "Content-Location")}}),
                     "400": not_json,
                     "404": _ref("responses", "NotFound"),
                     "409": _problem("The user already has an appointment on the new date; "
@@ -3335,11 +3438,13 @@ def openapi_document() -> dict:
                     "422": _problem("Fields are invalid, or null (a merge patch's removal), "
                                     "or user_id is another user's; `errors` lists each",
                                     "ValidationProblem"),
-                    **store_errors}},
+                    **stale, **store_errors}},
             "delete": {"summary": "Cancel an appointment; the user may then book that "
                                   "date again",
-                       **by_key, "responses": {"204": _reply("Cancelled"), **found,
-                                               **store_errors}},
+                       **on_condition, "responses": {
+                           "204": _reply("Cancelled"), **found,
+                           "400": _problem("If-Match or If-None-Match is not * nor a list of "
+                                           "entity tags"), **stale, **store_errors}},
         },
         "/appointments.ics": {"get": {
             "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
@@ -3468,7 +3573,12 @@ def openapi_document() -> dict:
                              "example": _PATH_EXAMPLES["date"]},
                 "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": text,
                                 "description": "ETags the client holds (or *): if one is "
-                                               "current, 304 with no body"},
+                                               "current, a GET or HEAD gets 304 with no "
+                                               "body, a PATCH or DELETE 412"},
+                "IfMatch": {"name": "If-Match", "in": "header", "schema": text,
+                            "description": "The ETag the client holds (or *): the change is "
+                                           "made only if it is still the appointment's, "
+                                           "strongly compared; else 412"},
                 "Origin": {"name": "Origin", "in": "header", "schema": text,
                            "description": "A browser's page origin (CORS)"},
                 "AccessControlRequestMethod": {
@@ -3477,7 +3587,8 @@ def openapi_document() -> dict:
             },
             "headers": {
                 "ETag": {"description": "Changes exactly when the representation does; "
-                                        "send it back in If-None-Match", "schema": text},
+                                        "send it back in If-None-Match, or in If-Match "
+                                        "to change what it tags", "schema": text},
                 "RetryAfter": {"description": "Seconds to wait", "schema": text},
                 "AcceptPatch": {"description": "The patch formats PATCH takes",
                                 "schema": text},

@@ -177,7 +177,12 @@ def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dic
     servers = []
     for process, log, reader in started:
         line = process.stdout.readline()
-        testcase.assertIn("Listening on http://", line)
+        if "Listening on http://" not in line:  # say why: what it logged, how it ended
+            if reader is not None:
+                reader.join(timeout=10)
+            logged = "".join(iter(lambda: log.get() if not log.empty() else "", ""))
+            testcase.fail(f"the process printed {line!r}, exit status {process.wait(10)}, "
+                          f"and logged: {logged!r}")
         host, port = line.split()[2][len("http://"):].rsplit(":", 1)
         servers.append(ServerProcess(process, host, int(port), log, reader))
     return servers
@@ -838,6 +843,64 @@ class StoreContract:
         with self.assertRaises(scheduler.NotBooked):
             self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
         self.assertEqual(self.store.count(), 1)
+
+    def test_a_change_on_a_condition_is_made_only_if_it_holds_and_then_whole(self):
+        self.store.book(appointment(time="09:30"))
+        seen = []
+        condition = lambda current: seen.append(current) or current.start.hour == 9  # noqa
+        moved = self.store.reschedule("alice", self.D25, scheduler.Changes(None, dt.time(10)),
+                                      condition)
+        self.assertEqual((seen, moved), ([appointment(time="09:30")], appointment(time="10:00")))
+        for change in (lambda: self.store.reschedule("alice", self.D25, scheduler.Changes(
+                           self.D26, dt.time(11)), condition),
+                       lambda: self.store.cancel("alice", self.D25, condition)):
+            with self.assertRaises(scheduler.ConditionFailed) as caught:
+                change()
+            self.assertEqual(caught.exception.current, appointment(time="10:00"))
+        self.assertEqual(self.store.list_for_user("alice"), [appointment(time="10:00")])
+        self.store.cancel("alice", self.D25, lambda current: current.start.hour == 10)
+        self.assertEqual(self.store.count(), 0)
+
+    def test_a_conflict_or_nothing_to_change_comes_before_the_condition(self):
+        self.store.book(appointment(date="2026-11-25"))
+        self.store.book(appointment(date="2026-11-26"))
+        never = lambda current: False  # noqa: E731
+        with self.assertRaises(scheduler.AlreadyBooked):
+            self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None), never)
+        with self.assertRaises(scheduler.NotBooked):
+            self.store.reschedule("alice", self.D27, scheduler.Changes(None, None), never)
+        with self.assertRaises(scheduler.NotBooked):
+            self.store.cancel("alice", self.D27, never)
+        self.assertEqual(self.store.count(), 2)
+
+    def test_writers_holding_the_same_tag_end_with_one_change(self):
+        # The condition is tested under the lock or in the transaction of the change:
+        # the first change makes the tag stale for the others.
+        for round in range(10):
+            with self.subTest(round=round):
+                store = self.make_store()
+                self.addCleanup(store.close)
+                tag = scheduler.appointment_tag(store.book(appointment()))
+                barrier, outcomes = threading.Barrier(4), []
+
+                def holds(current):  # slow, so that a test outside the lock lets all through
+                    time.sleep(0.002)
+                    return scheduler.appointment_tag(current) == tag
+
+                def move(hour):
+                    barrier.wait()
+                    try:
+                        store.reschedule("alice", self.D25, scheduler.Changes(
+                            None, dt.time(hour)), holds)
+                        outcomes.append(hour)
+                    except scheduler.ConditionFailed:
+                        outcomes.append("failed")
+
+                run_all([threading.Thread(target=move, args=(hour,)) for hour in (10, 11, 12, 13)])
+                self.assertEqual(outcomes.count("failed"), 3, outcomes)
+                winner, = (hour for hour in outcomes if hour != "failed")
+                self.assertEqual(store.list_for_user("alice"),
+                                 [appointment(time=f"{winner}:00")])
 
     def test_a_reschedule_racing_a_booking_for_its_date_leaves_one(self):
         for round in range(20):
@@ -1883,6 +1946,102 @@ class RescheduleTest(RouteTestCase):
         self.assertEqual(response.headers["Allow"], "GET, HEAD, PATCH, DELETE, OPTIONS")
         self.assertEqual(response.headers["Accept-Patch"],
                          "application/merge-patch+json, application/json")
+
+
+@on_both_stores
+class ConditionalWriteTest(RouteTestCase):
+    """If-Match and If-None-Match on PATCH and DELETE (RFC 9110 section 13): tested
+    with the appointment as the change finds it; 412 when false, nothing changed."""
+
+    URL = "/appointments/alice/2026-11-25"
+
+    def setUp(self):
+        super().setUp()
+        self.book(time="09:30")
+        self.tag = self.request("GET", self.URL).headers["ETag"]
+
+    def patch(self, body, url=URL, **conditions) -> Response:
+        return self.request("PATCH", url, json.dumps(body), {
+            "Content-Type": "application/merge-patch+json",
+            **{name.replace("_", "-"): value for name, value in conditions.items()}})
+
+    def assertUnchanged(self):
+        self.assertEqual(self.stored(), [appointment(time="09:30")])
+
+    def assertPreconditionFailed(self, response: Response) -> dict:
+        problem = self.assertProblem(response, 412)
+        self.assertEqual(response.headers["ETag"], self.tag)  # the tag it has now
+        self.assertEqual(problem["appointment"], appointment(time="09:30").as_json())
+        self.assertUnchanged()
+        return problem
+
+    def test_a_patch_with_the_current_tag_is_applied_and_gives_the_new_one(self):
+        response = self.patch({"time": "10:00"}, If_Match=self.tag)
+        self.assertEqual(response.status, 200)
+        got = self.request("GET", self.URL)
+        self.assertEqual(response.headers["ETag"], got.headers["ETag"])
+        self.assertNotEqual(response.headers["ETag"], self.tag)
+        # the new tag chains the next edit, and the old one no longer does
+        moved = self.patch({"date": "2026-11-26"}, If_Match=response.headers["ETag"])
+        self.assertEqual(moved.status, 200)
+        self.assertEqual(moved.headers["ETag"], self.request(
+            "GET", moved.headers["Location"]).headers["ETag"])
+
+    def test_a_stale_or_weak_tag_is_412_and_changes_nothing(self):
+        for condition in ('"not-the-tag"', "W/" + self.tag, '"a", "b"', self.tag[:-2] + '"'):
+            with self.subTest(condition=condition):
+                problem = self.assertPreconditionFailed(self.patch({"time": "10:00"},
+                                                                   If_Match=condition))
+                self.assertIn("If-Match", problem["detail"])
+                self.assertPreconditionFailed(self.request("DELETE", self.URL,
+                                                           headers={"If-Match": condition}))
+
+    def test_star_or_a_list_holding_the_tag_matches(self):
+        for condition in ("*", f'"other", {self.tag}', f' {self.tag} '):
+            with self.subTest(condition=condition):
+                response = self.patch({"time": "11:00"}, If_Match=condition)
+                self.assertEqual(response.status, 200)
+                self.patch({"time": "09:30"})  # back, and so the same tag again
+        self.assertEqual(self.request("DELETE", self.URL, headers={"If-Match": "*"}).status, 204)
+        self.assertEqual(self.store.count(), 0)
+
+    def test_if_none_match_on_a_write_is_412_when_it_matches(self):
+        for condition in ("*", self.tag, "W/" + self.tag):  # weak comparison here
+            with self.subTest(condition=condition):
+                self.assertPreconditionFailed(self.patch({"time": "10:00"},
+                                                         If_None_Match=condition))
+                self.assertPreconditionFailed(self.request("DELETE", self.URL, headers={
+                    "If-None-Match": condition}))
+        self.assertEqual(self.patch({"time": "10:00"}, If_None_Match='"other"').status, 200)
+
+    def test_only_a_request_that_would_otherwise_succeed_is_412(self):
+        # RFC 9110 section 13.2.1: without the condition it would be 404, 409 or 422.
+        self.book(date="2026-11-26", time="12:00")
+        stale = '"stale"'
+        self.assertProblem(self.patch({"time": "10:00"}, "/appointments/alice/2026-11-27",
+                                      If_Match=stale), 404)
+        self.assertProblem(self.patch({"time": "10:00"}, "/appointments/alice/2026-11-27",
+                                      If_Match="*"), 404)
+        self.assertProblem(self.request("DELETE", "/appointments/alice/2026-11-27",
+                                        headers={"If-Match": "*"}), 404)
+        self.assertProblem(self.patch({"date": "2026-11-26"}, If_Match=stale), 409)
+        self.assertProblem(self.patch({"time": "10:15"}, If_Match=stale), 422)
+        self.assertEqual(len(self.stored()), 2)
+
+    def test_a_condition_that_cannot_be_read_is_400(self):
+        for header, value in (("If-Match", "not-quoted"), ("If-Match", '"a" "b"'),
+                              ("If-None-Match", "W/x"), ("If-Match", '"a",, "b"')):
+            with self.subTest(header=header, value=value):
+                problem = self.assertProblem(self.request("DELETE", self.URL, headers={
+                    header: value}), 400)
+                self.assertIn(f"{header} must be * or a list of entity tags", problem["detail"])
+        self.assertUnchanged()
+
+    def test_if_unmodified_since_is_ignored(self):
+        # An appointment has no modification date to compare (RFC 9110 section 13.1.4).
+        response = self.patch({"time": "10:00"},
+                              If_Unmodified_Since="Sat, 01 Jan 2000 00:00:00 GMT")
+        self.assertEqual(response.status, 200)
 
 
 @on_both_stores
@@ -3713,6 +3872,29 @@ class RescheduleRaceTest(ServerTestCase):
                 ({"patch": 409, "post": 201}, ["2026-11-25", "2026-11-26"])])
             moves["moved" if statuses["patch"] == 200 else "booked"] += 1
         self.assertEqual(sum(moves.values()), 10)
+
+    def test_two_patches_with_the_same_if_match_end_with_one_200_and_one_412(self):
+        for round in range(10):
+            user = f"editor{round}"
+            self.assertEqual(self.book(user, "2026-11-25").status, 201)
+            url = f"/appointments/{user}/2026-11-25"
+            tag = self.request("GET", url).headers["ETag"]
+            conns = [self.connect(), self.connect()]
+            for conn in conns:
+                conn.connect()
+            barrier, statuses = threading.Barrier(2), {}
+
+            def edit(conn, time):
+                barrier.wait()
+                statuses[time] = self.request("PATCH", url, json.dumps({"time": time}), {
+                    "Content-Type": "application/merge-patch+json", "If-Match": tag},
+                    conn=conn).status
+
+            run_all([threading.Thread(target=edit, args=(conn, time))
+                     for conn, time in zip(conns, ("10:00", "11:00"))])
+            self.assertEqual(sorted(statuses.values()), [200, 412], statuses)
+            winner = next(time for time, status in statuses.items() if status == 200)
+            self.assertEqual([a.start.strftime("%H:%M") for a in self.stored(user)], [winner])
 
 
 @on_both_stores
