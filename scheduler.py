@@ -1444,8 +1444,12 @@ PATCH_TYPES = (MERGE_PATCH_TYPE, JSON_TYPE)  # what PATCH takes: a merge patch, 
 PROBLEM_TYPE = "application/problem+json"
 CALENDAR_TYPE = "text/calendar; charset=utf-8"
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps() makes one per call
-# RFC 9110's names where Python's (before 3.13) are the older ones.
-_TITLES = {HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "Content Too Large",
+# Each status's name in RFC 9110 (section 15), for the status line and a problem's
+# title: Python before 3.13 has older names for these.
+REASONS = {**{status: status.phrase for status in HTTPStatus},
+           HTTPStatus.REQUEST_ENTITY_TOO_LARGE: "Content Too Large",
+           HTTPStatus.REQUEST_URI_TOO_LONG: "URI Too Long",
+           HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE: "Range Not Satisfiable",
            HTTPStatus.UNPROCESSABLE_ENTITY: "Unprocessable Content"}
 
 
@@ -1468,7 +1472,7 @@ class HTTPError(Exception):
     def problem(self) -> dict:
         """The RFC 9457 problem details object for this error."""
         return {"type": "about:blank",  # the status says what kind of problem it is...
-                "title": _TITLES.get(self.status, self.status.phrase),  # ...so its name (4.2.1)
+                "title": REASONS[self.status],  # ...so its name (section 4.2.1)
                 "status": int(self.status), "detail": self.detail, **self.extensions}
 
 
@@ -2123,14 +2127,25 @@ def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
 # CORS (the Fetch standard): the request headers a browser may send and the response
 # headers its scripts may read, beyond the safelisted ones; how long a browser may
 # keep a preflight's answer (Chromium keeps it 2 hours at most).
-CORS_ALLOW_HEADERS = "Content-Type, If-None-Match"
+CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match"
 CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After"
 CORS_MAX_AGE = 7200
 CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
 
 
-def cors_headers(origins: frozenset, request: HTTPRequest,
+# An Origin header line, found in the bytes of a head that could not be parsed.
+_ORIGIN_LINE = re.compile(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([!-~]+)[ \t]*\r?\n")
+
+
+def lenient_origin(data: bytes) -> Optional[str]:
+    """The Origin a request sent, from the bytes of a head that could not be parsed,
+    if they hold one: so that a page's script can read why its request failed."""
+    found = _ORIGIN_LINE.search(data)
+    return None if found is None else str(found.group(1), "iso-8859-1")
+
+
+def cors_headers(origins: frozenset, origin: Optional[str], preflight: bool,
                  reply: Reply) -> Tuple[Tuple[str, str], ...]:
     """The CORS headers for a reply, when origins allows the request's Origin
     ("*" allows every one): to a preflight (an OPTIONS with
@@ -2138,13 +2153,11 @@ def cors_headers(origins: frozenset, request: HTTPRequest,
     included, that its script may read the reply. An origin not allowed gets none,
     and the browser withholds the reply; the status is the same either way. Vary:
     Origin on every reply, since whether these are there depends on it."""
-    origin = request.headers.get("origin")
     if origin is None or not (origin in origins or "*" in origins):
         return (("Vary", "Origin"),)
     allowed = (("Access-Control-Allow-Origin", origin if origin in origins else "*"),
                ("Vary", "Origin"))
-    if request.method == "OPTIONS" and "access-control-request-method" in request.headers \
-            and reply.status == HTTPStatus.NO_CONTENT:
+    if preflight and reply.status == HTTPStatus.NO_CONTENT:
         return allowed + (("Access-Control-Allow-Methods", dict(reply.headers).get("Allow", "")),
                           ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
                           ("Access-Control-Max-Age", str(CORS_MAX_AGE)))
@@ -2213,24 +2226,34 @@ class Service:
                 reply = not_modified(request, reply)
         except Exception as error:
             return self.problem(error, request)
-        return self._with_cors(request, reply)
+        return self.with_cors(reply, request)
 
     def problem(self, error: BaseException, request: Optional[HTTPRequest] = None,
-                line: str = "") -> Reply:
+                line: str = "", origin: Optional[str] = None) -> Reply:
         """error_reply(error) for the request (None: one that could not be parsed;
-        line is then what arrived of its request line), logging the traceback of an
-        unexpected error (a 500). Call it where the error is being handled."""
+        line is then what arrived of its request line, origin its Origin, if found),
+        logging the traceback of an unexpected error (a 500). Call it where the
+        error is being handled."""
         reply = error_reply(error)
         if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
             where = f"{request.method} {request.path}" if request is not None else line
             self.log(f"Unexpected error in {where!r}:\n{traceback.format_exc()}")
-        return self._with_cors(request, reply) if request is not None else reply
+        return self.with_cors(reply, request, origin)
 
-    def _with_cors(self, request: HTTPRequest, reply: Reply) -> Reply:
+    def with_cors(self, reply: Reply, request: Optional[HTTPRequest] = None,
+                  origin: Optional[str] = None) -> Reply:
+        """The reply with its CORS headers, if the service has --cors-origin: for the
+        request, or for a request known only by its origin (which cannot be a
+        preflight, since its head could not be read)."""
         if not self.cors_origins:
             return reply
-        return reply._replace(headers=reply.headers + cors_headers(self.cors_origins, request,
-                                                                   reply))
+        preflight = False
+        if request is not None:
+            origin = request.headers.get("origin")
+            preflight = request.method == "OPTIONS" \
+                and "access-control-request-method" in request.headers
+        return reply._replace(headers=reply.headers + cors_headers(self.cors_origins, origin,
+                                                                   preflight, reply))
 
 
 class _Clock(NamedTuple):
@@ -2253,6 +2276,9 @@ def _clock() -> _Clock:
     return _clock_now
 
 
+_STATUS_LINES = {status: f"HTTP/1.1 {status.value} {reason}" for status, reason in REASONS.items()}
+
+
 def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = False,
                     head_only: bool = False) -> Tuple[bytes, int]:
     """A whole HTTP/1.1 response as bytes, for one write (separate writes for head
@@ -2265,7 +2291,7 @@ def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = Fa
     body = reply.body
     if body is not None and not isinstance(body, bytes):
         body = (body if isinstance(body, str) else _JSON_ENCODER.encode(body) + "\n").encode()
-    lines = [f"HTTP/1.1 {reply.status.value} {reply.status.phrase}", f"Server: {SERVER_NAME}",
+    lines = [_STATUS_LINES[reply.status], f"Server: {SERVER_NAME}",
              f"Date: {_clock().http_date}"]
     if body is not None:
         lines += [f"Content-Type: {reply.media_type}", f"Content-Length: {len(body)}"]
@@ -2284,6 +2310,7 @@ def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = Fa
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
 RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the default cap
+ORIGIN_SEARCH_BYTES = 4 * MAX_HEAD_BYTES  # read of a head too long, to find its Origin (CORS)
 
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
@@ -2346,7 +2373,7 @@ class Connection:
         observe, log = service.metrics.observe, self._server.log  # bound once, not per request
         self._wait()
         while not self._server.draining:  # (entering WAITING, then checking draining,
-            request, line, template = None, "", UNMATCHED  # pairs with drain())
+            request, line, template, head = None, "", UNMATCHED, None  # pairs with drain())
             try:
                 head = self._read_head()
                 if head is None:  # the client closed, or sent nothing in time
@@ -2365,7 +2392,10 @@ class Connection:
                 raise  # the client went away: nobody to answer
             except Exception as error:
                 started = time.perf_counter()
-                reply = service.problem(error, request, line)
+                origin = None
+                if request is None and service.cors_origins:  # a script may read why
+                    origin = lenient_origin(head if head is not None else self._head_for_origin())
+                reply = service.problem(error, request, line, origin)
                 body_read = False
             method = request.method if request is not None else line.partition(" ")[0]
             keep_open = keep_alive(request, body_read, self._server.draining)
@@ -2398,6 +2428,16 @@ class Connection:
                     raise HTTPError(400, "The connection closed before the request's head "
                                          "ended; an empty line ends the headers.")
                 return None
+
+    def _head_for_origin(self) -> bytes:
+        """What arrived of a head too long to parse (414, 431) or cut short, and up to
+        ORIGIN_SEARCH_BYTES more of it, within the request's deadline: where its
+        Origin may be, after a long request line."""
+        with contextlib.suppress(HTTPError, OSError):
+            while len(self._data) < ORIGIN_SEARCH_BYTES and not _HEAD_END.search(self._data) \
+                    and self._receive():
+                pass
+        return bytes(self._data[:ORIGIN_SEARCH_BYTES])
 
     def _read_body(self, request: HTTPRequest, length: int) -> bytes:
         """The request's body of length bytes, within the request's deadline. Sends
@@ -2477,13 +2517,19 @@ class Connection:
             pass
         self._sock.close()
 
-    def refuse(self, response: bytes) -> None:
+    def refuse(self, service: "Service", reply: Reply) -> None:
         """Answer from the accepting thread, which must never block, and close."""
         try:
             self._sock.setblocking(False)
+            received = b""
             with contextlib.suppress(BlockingIOError):  # take what the client sent, so
-                self._sock.recv(65536)  # that closing does not reset the connection
-            self._sock.send(response)  # small enough for an empty socket buffer
+                received = self._sock.recv(65536)  # that closing does not reset the connection
+            if service.cors_origins:  # and, if it has come, whose page sent it; else
+                origin = lenient_origin(received)  # the one origin allowed, if one is
+                if origin is None and len(service.cors_origins) == 1:
+                    origin, = service.cors_origins
+                reply = service.with_cors(reply, origin=origin)
+            self._sock.send(render_response(reply, keep_open=False)[0])  # small: it fits
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
@@ -2716,9 +2762,9 @@ class SchedulerServer(ThreadingHTTPServer):
             super().process_request(connection, client_address)
             return
         cap = self.limits.max_connections
-        connection.refuse(render_response(error_reply(HTTPError(
+        connection.refuse(self.service, error_reply(HTTPError(
             503, f"The server is serving its maximum of {cap} connections; retry shortly.",
-            headers={"Retry-After": "1"})), keep_open=False)[0])
+            headers={"Retry-After": "1"})))
         self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
 
     def finish_request(self, connection: Connection, client_address) -> None:

@@ -2927,6 +2927,24 @@ class KeepAliveTest(unittest.TestCase):
         self.assertFalse(scheduler.expects_continue(http_request()))
 
 
+class ReasonPhraseTest(unittest.TestCase):
+    """Status lines and problem titles use RFC 9110's names (section 15), which the
+    README uses too, whatever names this Python's http module has."""
+
+    NAMES = [(400, "Bad Request"), (408, "Request Timeout"), (412, "Precondition Failed"),
+             (413, "Content Too Large"), (414, "URI Too Long"), (416, "Range Not Satisfiable"),
+             (422, "Unprocessable Content"), (431, "Request Header Fields Too Large"),
+             (503, "Service Unavailable"), (505, "HTTP Version Not Supported")]
+
+    def test_names(self):
+        for status, name in self.NAMES:
+            with self.subTest(status=status):
+                reply = scheduler.error_reply(scheduler.HTTPError(status, "Why."))
+                response, _ = scheduler.render_response(reply)
+                self.assertTrue(response.startswith(f"HTTP/1.1 {status} {name}\r\n".encode()))
+                self.assertEqual(json.loads(response.partition(b"\r\n\r\n")[2])["title"], name)
+
+
 class _Unclosed(io.BytesIO):
     """Bytes that http.client reads one response at a time, and cannot close."""
 
@@ -3795,6 +3813,71 @@ class CORSTest(ServerTestCase):
                                   if name.lower().startswith("access-control-")])
                 self.assertEqual(response.headers["Vary"], "Origin")  # a cache must know
         self.assertEqual(len(self.stored()), 1)  # CORS protects reading, not sending
+
+
+class CORSBeforeARouteTest(ServerTestCase):
+    """With --cors-origin, the responses made before a route is found carry the CORS
+    headers too, so that a page's script can read why its request failed."""
+
+    cors_origins = (ORIGIN,)
+    limits = scheduler.Limits(request_timeout=0.25, max_connections=2)
+    WITH_ORIGIN = f"Host: t\r\nOrigin: {ORIGIN}\r\n".encode()
+
+    CASES = [  # (name, raw request, status)
+        ("a malformed header", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN + b"X A: b\r\n\r\n", 400),
+        ("a URL past 64 KiB", b"GET /?q=" + b"x" * 70_000 + b" HTTP/1.1\r\n" + WITH_ORIGIN
+         + b"\r\n", 414),
+        ("a head past 64 KiB", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN + b"X-A: " + b"b" * 70_000
+         + b"\r\n\r\n", 431),
+        ("101 header lines", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN + b"X: y\r\n" * 100 + b"\r\n",
+         431),
+        ("an unknown method", b"BREW / HTTP/1.1\r\n" + WITH_ORIGIN + b"\r\n", 501),
+        ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + WITH_ORIGIN + b"\r\n", 505),
+        ("a head cut off by the deadline", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN, 408),
+    ]
+
+    def assertCORS(self, response: Response, status: int):
+        self.assertProblem(response, status)
+        self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
+        self.assertEqual(response.headers["Vary"], "Origin")
+        self.assertIn("Retry-After", response.headers["Access-Control-Expose-Headers"])
+
+    def test_errors_before_a_route_carry_the_headers(self):
+        for name, raw, status in self.CASES:
+            with self.subTest(name):
+                self.assertCORS(self.raw(raw), status)
+
+    def test_without_an_origin_they_still_vary_on_it(self):
+        response = self.raw(b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n")
+        self.assertEqual((response.status, response.headers["Vary"]), (501, "Origin"))
+        self.assertNotIn("Access-Control-Allow-Origin", response.headers)
+
+    def test_the_503_at_the_connection_cap_carries_them(self):
+        busy = [self.open_socket() for _ in range(2)]
+        for sock in busy:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes in time
+        wait_until(lambda: self.server.connections_by_phase().get("reading") == 2,
+                   what="2 connections reading requests")
+        self.assertCORS(self.raw(b"GET /healthz HTTP/1.1\r\n" + self.WITH_ORIGIN + b"\r\n"),
+                        503)
+
+
+class RefusedOriginTest(unittest.TestCase):
+    def test_a_refusal_names_the_origin_it_finds_among_several(self):
+        service = scheduler.Service(scheduler.InMemoryStore(),
+                                    cors_origins=(ORIGIN, "http://localhost:3000"))
+        for sent, expected in ((b"GET / HTTP/1.1\r\norigin:  http://localhost:3000 \r\n\r\n",
+                                "http://localhost:3000"), (b"GET / HTTP/1.1\r\n\r\n", None)):
+            with self.subTest(sent=sent):
+                ours, theirs = socket.socketpair()
+                self.addCleanup(theirs.close)
+                theirs.sendall(sent)
+                scheduler.Connection(ours, ("192.0.2.1", 1), _Host(service.limits)).refuse(
+                    service, scheduler.error_reply(scheduler.HTTPError(503, "Full.")))
+                response = read_response(theirs)
+                self.assertEqual(response.status, 503)
+                self.assertEqual(response.headers["Access-Control-Allow-Origin"], expected)
+                self.assertEqual(response.headers["Vary"], "Origin")
 
 
 class CORSAnyOriginTest(ServerTestCase):
