@@ -2920,6 +2920,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         description="Appointment scheduler: an HTTP JSON API for booking 30-minute "
                     "appointments (UTC). Logs one line per request to stderr. Ctrl-C or "
                     "SIGTERM stops it gracefully; a second one stops it at once.")
+    parser.add_argument("--version", action="version", version=f"scheduler {__version__}",
+                        help="print the version (the Server header's and /openapi.json's) "
+                             "and exit")
     parser.add_argument("--host", default=DEFAULT_HOST,
                         help="address to listen on (default: %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=_port, default=None,
@@ -3359,6 +3362,27 @@ def date_pattern() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def _response_components() -> dict:
+    """The responses the operations share, by name."""
+    return {
+        "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
+                               "parameter (from after to included), or a body that is not "
+                               "valid JSON"),
+        "NotFound": _problem("No such appointment or path"),
+        "NotModified": {"description": "The representation is the one the client has "
+                                       "(If-None-Match): no body",
+                        "headers": {"ETag": _ref("headers", "ETag")}},
+        "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, 501, 503 "
+                          "(with Retry-After)..."),
+    }
+
+
+def _camel(name: str) -> str:
+    """list_appointments: listAppointments, as client generators name methods."""
+    first, *rest = name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
+
+
 def openapi_document() -> dict:
     """The OpenAPI 3.1 description of every route in ROUTES, built once."""
     minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
@@ -3413,13 +3437,12 @@ def openapi_document() -> dict:
             "post": {
                 "summary": "Book an appointment",
                 "requestBody": {"required": True, "content": _content(
-                    _ref("schemas", "NewAppointment"), {
-                        "book": book,
-                        "invalid-fields": {"user_id": "", "date": "2025-02-29",
-                                           "time": "09:15"},
-                        "not-an-object": list(book.values())})},
+                    _ref("schemas", "NewAppointment"), {  # valid ones only: tools offer them
+                        "book": book, "with-a-note": {**book, "note": "Left knee"}})},
                 "responses": {
-                    "201": _reply("Booked", appointment, {"book": _APPOINTMENT_EXAMPLE},
+                    "201": _reply("Booked", appointment, {
+                        "book": _APPOINTMENT_EXAMPLE,
+                        "with-a-note": {**_APPOINTMENT_EXAMPLE, "note": "Left knee"}},
                                   headers={"Location": {
                                       "description": "The appointment's own URL",
                                       "schema": text}}),
@@ -3518,19 +3541,27 @@ def openapi_document() -> dict:
             "200": _reply("OpenAPI 3.1", {"type": "object"}),
             "default": errors["default"]}}},
     }
+    responses = _response_components()
+    for route in ROUTES:  # each operation's ID: its route function's name, in camelCase
+        paths[route.path][route.method.lower()]["operationId"] = _camel(route.handler.__name__)
     for path, item in paths.items():
-        if "get" in item:  # HEAD: as GET, without the content
+        if "get" in item:  # HEAD: as GET, with no content at all (RFC 9110 section 9.3.2)
             item["head"] = {
                 "summary": f"{item['get']['summary']}: the headers of GET alone",
                 **{key: value for key, value in item["get"].items()
-                   if key not in ("summary", "responses")},
-                "responses": {status: response if "$ref" in response else {
-                    key: value for key, value in response.items() if key != "content"}
+                   if key not in ("summary", "responses", "operationId")},
+                "operationId": "head" + item["get"]["operationId"][0].upper()
+                               + item["get"]["operationId"][1:],
+                "responses": {status: {key: value for key, value in (
+                    responses[response["$ref"].rsplit("/", 1)[1]] if "$ref" in response
+                    else response).items() if key != "content"}
                     for status, response in item["get"]["responses"].items()}}
         methods = _allow([method.upper() for method in item if method != "head"])
         item["options"] = {
             "summary": f"Which methods this path takes ({methods}); with --cors-origin, "
                        "a browser's preflight",
+            "operationId": "options" + "".join(
+                word.capitalize() for word in re.findall(r"[a-z]+", path.replace("{", "by_"))),
             "parameters": [  # OPTIONS answers for the path's shape, whatever fills it
                 {"name": name, "in": "path", "required": True, "schema": text,
                  "example": _PATH_EXAMPLES[name]} for name in re.findall(r"{(\w+)}", path)] + [
@@ -3552,6 +3583,9 @@ def openapi_document() -> dict:
                                 "to an allowed Origin carry Access-Control-Allow-Origin, "
                                 "Vary: Origin and Access-Control-Expose-Headers "
                                 f"({CORS_EXPOSE_HEADERS})."},
+        "servers": [{"url": "/", "description": "The server that serves this document"},
+                    {"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}",
+                     "description": "python3 scheduler.py, as it starts by default"}],
         "paths": paths,
         "components": {
             "schemas": {
@@ -3648,17 +3682,7 @@ def openapi_document() -> dict:
                 "AccessControlMaxAge": {"description": "Seconds a browser may keep the "
                                                        "answer", "schema": text},
             },
-            "responses": {
-                "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
-                                       "parameter (from after to included), or a body that "
-                                       "is not valid JSON"),
-                "NotFound": _problem("No such appointment or path"),
-                "NotModified": {"description": "The representation is the one the client "
-                                               "has (If-None-Match): no body",
-                                "headers": {"ETag": _ref("headers", "ETag")}},
-                "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, "
-                                  "501, 503 (with Retry-After)..."),
-            },
+            "responses": responses,
         },
     }
 

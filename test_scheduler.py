@@ -2342,13 +2342,49 @@ class OpenAPITest(RouteTestCase):
     def test_request_examples_get_the_response_example_of_the_same_name(self):
         operation = self.document()["paths"]["/appointments"]["post"]
         requests = self.examples(operation["requestBody"]["content"]["application/json"])
-        self.assertEqual(set(requests), {"book", "invalid-fields", "not-an-object"})
+        self.assertEqual(set(requests), {"book", "with-a-note"})
         for name, body in requests.items():
             with self.subTest(example=name):
                 fresh = Client(scheduler.InMemoryStore())  # an empty store
                 response = fresh.request("POST", "/appointments", body)
                 self.assertEqual((response.status, response.json()),
                                  self.documented_response(operation, name))
+                self.assertEqual(response.status, 201)  # tools offer them as valid requests
+
+    def test_the_invalid_fields_example_is_what_such_a_booking_gets(self):
+        operation = self.document()["paths"]["/appointments"]["post"]
+        response = Client(scheduler.InMemoryStore()).request("POST", "/appointments", {
+            "user_id": "", "date": "2025-02-29", "time": "09:15"})
+        self.assertEqual((response.status, response.json()),
+                         self.documented_response(operation, "invalid-fields"))
+
+    def test_every_operation_has_a_unique_id(self):
+        ids = [operation["operationId"] for item in self.document()["paths"].values()
+               for operation in item.values()]
+        self.assertEqual(len(ids), 21)
+        self.assertEqual(len(set(ids)), len(ids))
+        self.assertTrue(all(re.fullmatch(r"[a-z][A-Za-z]+", name) for name in ids), ids)
+        paths = self.document()["paths"]
+        self.assertEqual(paths["/appointments"]["post"]["operationId"], "bookAppointment")
+        self.assertEqual(paths["/appointments"]["head"]["operationId"], "headListAppointments")
+
+    def test_head_responses_have_no_content(self):
+        heads = {path: item["head"] for path, item in self.document()["paths"].items()
+                 if "head" in item}
+        self.assertEqual(len(heads), 6)
+        for path, operation in heads.items():
+            for status, response in operation["responses"].items():
+                with self.subTest(path=path, status=status):
+                    self.assertNotIn("content", response)
+                    self.assertNotIn("$ref", response)
+                    self.assertTrue(response["description"])
+
+    def test_servers_and_the_version(self):
+        document = self.document()
+        self.assertEqual(document["servers"][0]["url"], "/")
+        self.assertEqual(document["info"]["version"], scheduler.__version__)
+        self.assertEqual(self.request("GET", "/healthz").headers["Server"],
+                         f"scheduler/{scheduler.__version__}")
 
     def test_reschedule_example_gets_the_response_example(self):
         document = self.document()
@@ -3815,13 +3851,14 @@ class CORSTest(ServerTestCase):
         self.assertEqual(len(self.stored()), 1)  # CORS protects reading, not sending
 
 
-class CORSBeforeARouteTest(ServerTestCase):
+WITH_ORIGIN = f"Host: t\r\nOrigin: {ORIGIN}\r\n".encode()
+
+
+class CORSBeforeARoute:
     """With --cors-origin, the responses made before a route is found carry the CORS
     headers too, so that a page's script can read why its request failed."""
 
     cors_origins = (ORIGIN,)
-    limits = scheduler.Limits(request_timeout=0.25, max_connections=2)
-    WITH_ORIGIN = f"Host: t\r\nOrigin: {ORIGIN}\r\n".encode()
 
     CASES = [  # (name, raw request, status)
         ("a malformed header", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN + b"X A: b\r\n\r\n", 400),
@@ -3833,7 +3870,6 @@ class CORSBeforeARouteTest(ServerTestCase):
          431),
         ("an unknown method", b"BREW / HTTP/1.1\r\n" + WITH_ORIGIN + b"\r\n", 501),
         ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + WITH_ORIGIN + b"\r\n", 505),
-        ("a head cut off by the deadline", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN, 408),
     ]
 
     def assertCORS(self, response: Response, status: int):
@@ -3847,6 +3883,11 @@ class CORSBeforeARouteTest(ServerTestCase):
             with self.subTest(name):
                 self.assertCORS(self.raw(raw), status)
 
+
+
+class CORSBeforeARouteTest(CORSBeforeARoute, ServerTestCase):
+    limits = scheduler.Limits(max_connections=2)
+
     def test_without_an_origin_they_still_vary_on_it(self):
         response = self.raw(b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n")
         self.assertEqual((response.status, response.headers["Vary"]), (501, "Origin"))
@@ -3858,8 +3899,13 @@ class CORSBeforeARouteTest(ServerTestCase):
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes in time
         wait_until(lambda: self.server.connections_by_phase().get("reading") == 2,
                    what="2 connections reading requests")
-        self.assertCORS(self.raw(b"GET /healthz HTTP/1.1\r\n" + self.WITH_ORIGIN + b"\r\n"),
+        self.assertCORS(self.raw(b"GET /healthz HTTP/1.1\r\n" + WITH_ORIGIN + b"\r\n"),
                         503)
+
+
+class CORSAfterADeadlineTest(CORSBeforeARoute, ServerTestCase):
+    limits = scheduler.Limits(request_timeout=0.25)
+    CASES = [("a head cut off by the deadline", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN, 408)]
 
 
 class RefusedOriginTest(unittest.TestCase):
@@ -4103,6 +4149,13 @@ class CommandLineTest(unittest.TestCase):
             self.fail("the server did not stop")
         server.reader.join()
         return "".join(server.log.get_nowait() for _ in range(server.log.qsize()))
+
+    def test_version_is_the_one_the_server_and_the_document_carry(self):
+        result = subprocess.run([*PYTHON, SCRIPT, "--version"], capture_output=True, text=True,
+                                timeout=30)
+        self.assertEqual((result.returncode, result.stdout),
+                         (0, f"scheduler {scheduler.__version__}\n"))
+        self.assertEqual(scheduler.SERVER_NAME, f"scheduler/{scheduler.__version__}")
 
     def test_help_explains_every_option(self):
         result = subprocess.run([*PYTHON, SCRIPT, "--help"], capture_output=True,
