@@ -3860,6 +3860,14 @@ class CORSBeforeARoute:
 
     cors_origins = (ORIGIN,)
 
+    def assertCORS(self, response: Response, status: int):
+        self.assertProblem(response, status)
+        self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
+        self.assertEqual(response.headers["Vary"], "Origin")
+        self.assertIn("Retry-After", response.headers["Access-Control-Expose-Headers"])
+
+
+class CORSBeforeARouteTest(CORSBeforeARoute, ServerTestCase):
     CASES = [  # (name, raw request, status)
         ("a malformed header", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN + b"X A: b\r\n\r\n", 400),
         ("a URL past 64 KiB", b"GET /?q=" + b"x" * 70_000 + b" HTTP/1.1\r\n" + WITH_ORIGIN
@@ -3872,26 +3880,26 @@ class CORSBeforeARoute:
         ("HTTP/2.0", b"GET / HTTP/2.0\r\n" + WITH_ORIGIN + b"\r\n", 505),
     ]
 
-    def assertCORS(self, response: Response, status: int):
-        self.assertProblem(response, status)
-        self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
-        self.assertEqual(response.headers["Vary"], "Origin")
-        self.assertIn("Retry-After", response.headers["Access-Control-Expose-Headers"])
-
     def test_errors_before_a_route_carry_the_headers(self):
         for name, raw, status in self.CASES:
             with self.subTest(name):
                 self.assertCORS(self.raw(raw), status)
 
-
-
-class CORSBeforeARouteTest(CORSBeforeARoute, ServerTestCase):
-    limits = scheduler.Limits(max_connections=2)
-
     def test_without_an_origin_they_still_vary_on_it(self):
         response = self.raw(b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n")
         self.assertEqual((response.status, response.headers["Vary"]), (501, "Origin"))
         self.assertNotIn("Access-Control-Allow-Origin", response.headers)
+
+
+class CORSAfterADeadlineTest(CORSBeforeARoute, ServerTestCase):
+    limits = scheduler.Limits(request_timeout=0.25)
+
+    def test_a_head_cut_off_by_the_deadline_carries_them(self):
+        self.assertCORS(self.raw(b"GET / HTTP/1.1\r\n" + WITH_ORIGIN), 408)
+
+
+class CORSAtTheCapTest(CORSBeforeARoute, ServerTestCase):
+    limits = scheduler.Limits(max_connections=2)
 
     def test_the_503_at_the_connection_cap_carries_them(self):
         busy = [self.open_socket() for _ in range(2)]
@@ -3899,13 +3907,7 @@ class CORSBeforeARouteTest(CORSBeforeARoute, ServerTestCase):
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes in time
         wait_until(lambda: self.server.connections_by_phase().get("reading") == 2,
                    what="2 connections reading requests")
-        self.assertCORS(self.raw(b"GET /healthz HTTP/1.1\r\n" + WITH_ORIGIN + b"\r\n"),
-                        503)
-
-
-class CORSAfterADeadlineTest(CORSBeforeARoute, ServerTestCase):
-    limits = scheduler.Limits(request_timeout=0.25)
-    CASES = [("a head cut off by the deadline", b"GET / HTTP/1.1\r\n" + WITH_ORIGIN, 408)]
+        self.assertCORS(self.raw(b"GET /healthz HTTP/1.1\r\n" + WITH_ORIGIN + b"\r\n"), 503)
 
 
 class RefusedOriginTest(unittest.TestCase):
