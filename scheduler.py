@@ -55,6 +55,7 @@ import functools
 import hashlib
 import itertools
 import json
+import mmap
 import os
 import re
 import resource
@@ -63,6 +64,7 @@ import shlex
 import signal
 import socket
 import sqlite3
+import struct
 import sys
 import threading
 import time
@@ -1362,11 +1364,75 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class MetricsTable:
+    """The metrics of several worker processes (--workers), in memory they share: an
+    anonymous shared mapping the supervisor makes before it forks. Each worker
+    writes its totals to the slot of its number, and a scrape, whichever worker
+    it reaches, adds up every slot. A worker started again after one died carries
+    on from its slot, so counters never go down while the supervisor runs (as
+    prometheus_client's multiprocess mode keeps a dead process's file).
+
+    No lock, since a process killed holding one would never release it. A slot is
+    [generation][copy 0][copy 1], each copy [generation, length, JSON]: a writer
+    fills the copy of the next generation, then publishes that generation; a
+    reader takes the copy of the generation it read, and reads again if the
+    generation changed meanwhile. A writer killed halfway leaves the last whole
+    copy in place."""
+
+    # A worker's totals as JSON fit: at worst (every status of every route and method,
+    # counts of 10**12) 1.1 MB; in use, a few KiB. Pages untouched cost no memory.
+    COPY_BYTES = 2 << 20
+    _HEADER = struct.Struct("<QQ")  # generation, length
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self._slot_bytes = 8 + 2 * self.COPY_BYTES
+        self._map = mmap.mmap(-1, slots * self._slot_bytes)  # MAP_SHARED: kept across fork
+
+    def write(self, slot: int, totals: dict) -> bool:
+        """Publish a worker's totals; False if they do not fit (they always should)."""
+        payload = json.dumps(totals, separators=(",", ":")).encode()
+        if len(payload) > self.COPY_BYTES - self._HEADER.size:
+            return False
+        base = slot * self._slot_bytes
+        generation = struct.unpack_from("<Q", self._map, base)[0] + 1
+        copy = base + 8 + (generation % 2) * self.COPY_BYTES
+        self._HEADER.pack_into(self._map, copy, generation, len(payload))
+        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(payload)] = payload
+        struct.pack_into("<Q", self._map, base, generation)  # now readers take this copy
+        return True
+
+    def read(self, slot: int) -> Optional[dict]:
+        """A worker's last published totals; None if it has published none."""
+        base = slot * self._slot_bytes
+        for _ in range(1000):  # a writer publishes every TICK: a retry is rare
+            generation = struct.unpack_from("<Q", self._map, base)[0]
+            if generation == 0:
+                return None
+            copy = base + 8 + (generation % 2) * self.COPY_BYTES
+            written, length = self._HEADER.unpack_from(self._map, copy)
+            payload = self._map[copy + self._HEADER.size:copy + self._HEADER.size + length]
+            if written == generation == struct.unpack_from("<Q", self._map, base)[0]:
+                return json.loads(payload)
+        return None
+
+    def retire(self, slot: int) -> None:
+        """For the supervisor, when a worker has died: its gauges no longer count
+        (its connections are gone); its counters stay, for the next to carry on."""
+        totals = self.read(slot)
+        if totals is not None:
+            for sample in totals["samples"].values():
+                if sample[0] == "gauge":
+                    sample[2] = 0
+            self.write(slot, totals)
+
+
 class Metrics:
     """What /metrics shows: each request counted by route template (never its raw
     path: user IDs would make a series each), method and status, with a histogram
-    of durations; and whatever the collectors sample when it is asked for (stored
-    appointments, connections, the log).
+    of durations; what the process collectors sample of this process (connections,
+    the log), summed over the workers with --workers; and what the collectors
+    sample of the whole service (stored appointments), once.
 
     observe() is on every request's path, so it only appends to a deque (atomic,
     no lock); the observations are folded into the counts when scraped, or by the
@@ -1381,7 +1447,38 @@ class Metrics:
         self._lock = threading.Lock()  # guards _requests, and folding _pending into it
         # (route, method, status) -> [count per bucket..., count above them, total seconds]
         self._requests: Dict[Tuple[str, str, int], List[float]] = {}
-        self.collectors: List[Callable[[], List[Sample]]] = []  # each scrape calls them
+        self.collectors: List[Callable[[], List[Sample]]] = []  # the service's, as a whole
+        self.process_collectors: List[Callable[[], List[Sample]]] = []  # this process's
+        self.table: Optional[MetricsTable] = None  # shared with the other workers, if any
+        self._slot = 0
+        self._carried: dict = {"requests": {}, "samples": {}}  # a dead predecessor's counts
+
+    def share(self, table: MetricsTable, slot: int) -> None:
+        """Report through slot of table (a worker's number), carrying on from the
+        counts of the worker that had the slot before, if one died."""
+        self.table, self._slot = table, slot
+        carried = table.read(slot) or {"requests": {}, "samples": {}}
+        carried["samples"] = {name: sample for name, sample in carried["samples"].items()
+                              if sample[0] == "counter"}
+        self._carried = carried
+        self.publish()
+
+    def publish(self) -> None:
+        """Write this process's totals to its slot (the watchdog does, every TICK)."""
+        if self.table is not None:
+            self.table.write(self._slot, self.totals())
+
+    def totals(self) -> dict:
+        """This process's requests and samples, with what it carries on from, as
+        JSON: {"requests": {"route method status": counts}, "samples": {name:
+        [type, help text, value]}}."""
+        self._fold()
+        with self._lock:
+            requests = {" ".join(map(str, key)): list(counts)
+                        for key, counts in self._requests.items()}
+        samples = {name: [kind, help_text, value] for collect in self.process_collectors
+                   for name, kind, help_text, value in collect()}
+        return _add_totals(self._carried, {"requests": requests, "samples": samples})
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self._pending.append((route, method, status, seconds))
@@ -1402,10 +1499,19 @@ class Metrics:
                 counts[-1] += seconds
 
     def exposition(self) -> str:
-        """Everything, in the Prometheus text exposition format, version 0.0.4."""
-        self._fold()
-        with self._lock:
-            requests = {key: list(counts) for key, counts in sorted(self._requests.items())}
+        """Everything, in the Prometheus text exposition format, version 0.0.4: with
+        a table, every worker's totals added up (this one's first written out)."""
+        totals = self.totals()
+        if self.table is not None:
+            self.table.write(self._slot, totals)
+            totals = {"requests": {}, "samples": {}}
+            for slot in range(self.table.slots):
+                totals = _add_totals(totals, self.table.read(slot) or totals)
+        requests = {}
+        for key, counts in totals["requests"].items():
+            route, method, status = key.rsplit(" ", 2)
+            requests[route, method, int(status)] = counts
+        requests = dict(sorted(requests.items()))
         by_route: Dict[Tuple[str, str], List[float]] = {}  # the histogram leaves out status
         lines = ["# HELP scheduler_requests_total Requests answered, by route template, "
                  "method and status.", "# TYPE scheduler_requests_total counter"]
@@ -1428,10 +1534,24 @@ class Metrics:
                              f"{cumulative}")
             lines += [f"scheduler_request_duration_seconds_sum{{{labels}}} {counts[-1]!r}",
                       f"scheduler_request_duration_seconds_count{{{labels}}} {cumulative}"]
-        for collect in self.collectors:
-            for name, kind, help_text, value in collect():
-                lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        samples = [(name, *sample) for name, sample in totals["samples"].items()]
+        for name, kind, help_text, value in samples + [
+                sample for collect in self.collectors for sample in collect()]:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(lines) + "\n"
+
+
+def _add_totals(one: dict, other: dict) -> dict:
+    """Two sets of totals (Metrics.totals()) added up: counts, and sample values."""
+    requests = {key: list(counts) for key, counts in one["requests"].items()}
+    for key, counts in other["requests"].items():
+        held = requests.setdefault(key, [0] * len(counts))
+        for index, count in enumerate(counts):
+            held[index] += count
+    samples = {name: list(sample) for name, sample in one["samples"].items()}
+    for name, (kind, help_text, value) in other["samples"].items():
+        samples[name] = [kind, help_text, samples.get(name, [kind, help_text, 0])[2] + value]
+    return {"requests": requests, "samples": samples}
 
 
 # --- Routes ---------------------------------------------------------------------------
@@ -2682,7 +2802,7 @@ class SchedulerServer(ThreadingHTTPServer):
         # Counted under _lock, for /metrics: connections refused at the cap, closed to
         # make room, and cut off by the watchdog past a deadline.
         self.refused = self.evicted = self.timed_out = 0
-        service.metrics.collectors.append(self._connection_metrics)
+        service.metrics.process_collectors.append(self._connection_metrics)
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self.address_family = address_family(address[0])
@@ -2712,6 +2832,7 @@ class SchedulerServer(ThreadingHTTPServer):
                 self.parent = None
                 self.log("The supervisor is gone: shutting down.")
                 threading.Thread(target=self.shutdown, daemon=True).start()
+            self.service.metrics.publish()  # with --workers, for the others' scrapes
             now = time.monotonic()
             with self._lock:
                 connections = list(self._connections)
@@ -2786,7 +2907,8 @@ class SchedulerServer(ThreadingHTTPServer):
 
     def _connection_metrics(self) -> List[Sample]:
         with self._lock:
-            return [("scheduler_connections_open", "gauge", "Connections being served.",
+            return [("scheduler_connections_open", "gauge",
+                     "Connections being served (by every worker, with --workers).",
                      len(self._connections)),
                     ("scheduler_connections_refused_total", "counter",
                      "Connections refused with a 503: all were busy at the cap.", self.refused),
@@ -3040,10 +3162,11 @@ def cannot_listen(args: argparse.Namespace, error: OSError) -> str:
 
 def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
           listener: Optional[socket.socket] = None, name: str = "",
-          parent: Optional[int] = None) -> int:
+          parent: Optional[int] = None,
+          metrics: Optional[Tuple[MetricsTable, int]] = None) -> int:
     """One server process's life: open the store, serve until SIGTERM or Ctrl-C,
-    drain, close. listener, name and parent: a worker's shared socket, its name,
-    and its supervisor's process ID."""
+    drain, close. listener, name, parent and metrics: a worker's shared socket,
+    its name, its supervisor's process ID, and the table and slot of its metrics."""
     # The log goes to stderr through a block buffer, flushed by the server's
     # log writer thread every TICK, rather than stderr's own flush at every line.
     log_stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
@@ -3058,6 +3181,8 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         say(cannot_listen(args, error))
         store.close()
         return 1
+    if metrics is not None:
+        server.service.metrics.share(*metrics)
     signals = []
 
     def stop(signum, frame):
@@ -3124,6 +3249,7 @@ class Supervisor:
         self.cpus = allowed if args.cpu == "auto" else []
         self.pid = os.getpid()
         self.listener: Optional[socket.socket] = None
+        self.metrics = MetricsTable(args.workers)  # made before any fork, to be shared
         self._wake = self._woken = -1  # the self-pipe's ends
 
     def run(self) -> int:
@@ -3195,7 +3321,7 @@ class Supervisor:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
                 cpu = pin_to_one_cpu(self.cpus[number % len(self.cpus)]) if self.cpus else None
                 code = serve(self.args, self.limits, cpu, self.listener, f"worker {number}",
-                             self.pid)
+                             self.pid, (self.metrics, number))
             except BaseException:
                 traceback.print_exc()
             finally:
@@ -3226,6 +3352,7 @@ class Supervisor:
             if pid == 0:
                 return
             number = self.workers.pop(pid)
+            self.metrics.retire(number)
             if self.stopping:
                 continue
             code = os.waitstatus_to_exitcode(status)
@@ -3533,8 +3660,8 @@ def openapi_document() -> dict:
         "/metrics": {"get": {
             "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "
                        "route template, method and status, their durations, stored "
-                       "appointments, connections, dropped log lines; per process with "
-                       "--workers",
+                       "appointments, connections, dropped log lines; with --workers, "
+                       "every worker's added up, whichever answers",
             "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
                           "default": errors["default"]}}},
         "/openapi.json": {"get": {"summary": "This document", "responses": {

@@ -39,6 +39,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import tempfile
@@ -1462,6 +1463,129 @@ class WritersLockTest(unittest.TestCase):
         booking.join(timeout=10)  # long before the 30 s deadline
         self.assertFalse(booking.is_alive())
         self.assertEqual(store.count(), 1)
+
+
+class MetricsTableTest(unittest.TestCase):
+    """The table the workers' metrics meet in, without processes: what one slot
+    holds, what a writer killed halfway leaves, and what a reader sees meanwhile."""
+
+    def totals(self, requests: int, open_now: int = 0) -> dict:
+        return {"requests": {"/healthz GET 200": [requests] + [0] * len(
+                    scheduler.DURATION_BUCKETS) + [0.5]},
+                "samples": {"scheduler_connections_open": ["gauge", "Open.", open_now],
+                            "scheduler_log_lines_dropped_total": ["counter", "Dropped.", 3]}}
+
+    def test_a_slot_holds_the_last_totals_written(self):
+        table = scheduler.MetricsTable(2)
+        self.assertIsNone(table.read(0))
+        for requests in (1, 2, 3):
+            self.assertTrue(table.write(0, self.totals(requests)))
+        self.assertEqual(table.read(0), self.totals(3))
+        self.assertIsNone(table.read(1))
+
+    def test_a_writer_killed_halfway_leaves_the_last_whole_copy(self):
+        table = scheduler.MetricsTable(1)
+        table.write(0, self.totals(1))
+        generation = struct.unpack_from("<Q", table._map, 0)[0]
+        copy = 8 + ((generation + 1) % 2) * table.COPY_BYTES  # the copy the next write fills
+        table._map[copy:copy + 40] = b"\xff" * 40  # torn, and never published
+        self.assertEqual(table.read(0), self.totals(1))
+        table.write(0, self.totals(2))
+        self.assertEqual(table.read(0), self.totals(2))
+
+    def test_totals_too_large_are_refused_not_written_past_the_slot(self):
+        table = scheduler.MetricsTable(2)
+        table.write(1, self.totals(1))
+        self.assertFalse(table.write(0, {"requests": {"x": ["y" * table.COPY_BYTES]},
+                                         "samples": {}}))
+        self.assertEqual(table.read(1), self.totals(1))
+
+    def test_a_reader_while_another_thread_writes_sees_whole_totals_that_never_go_down(self):
+        table, seen, done = scheduler.MetricsTable(1), [], threading.Event()
+
+        def write():
+            for requests in range(1, 3001):
+                table.write(0, self.totals(requests))
+            done.set()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        while not done.is_set():
+            totals = table.read(0)
+            if totals is not None:
+                seen.append(totals["requests"]["/healthz GET 200"][0])
+                self.assertEqual(totals["samples"], self.totals(1)["samples"])
+        writer.join()
+        self.assertEqual(seen, sorted(seen))
+        self.assertEqual(table.read(0), self.totals(3000))
+
+    def test_retiring_a_dead_workers_slot_keeps_its_counters_and_zeroes_its_gauges(self):
+        table = scheduler.MetricsTable(1)
+        table.write(0, self.totals(7, open_now=5))
+        table.retire(0)
+        totals = table.read(0)
+        self.assertEqual(totals["requests"], self.totals(7)["requests"])
+        self.assertEqual(totals["samples"]["scheduler_connections_open"][2], 0)
+        self.assertEqual(totals["samples"]["scheduler_log_lines_dropped_total"][2], 3)
+
+
+class SharedMetricsTest(unittest.TestCase):
+    """Metrics that share a table, as the workers do: a scrape of any adds up all,
+    and the one started in a dead one's slot carries on from its counts."""
+
+    def worker(self, table: scheduler.MetricsTable, slot: int, dropped=0, open_now=0):
+        metrics = scheduler.Metrics()
+        metrics.process_collectors.append(lambda: [
+            ("scheduler_connections_open", "gauge", "Open.", open_now),
+            ("scheduler_log_lines_dropped_total", "counter", "Dropped.", dropped)])
+        metrics.collectors.append(lambda: [("scheduler_appointments", "gauge", "Stored.", 4)])
+        metrics.share(table, slot)
+        return metrics
+
+    def scrape(self, metrics: scheduler.Metrics) -> Dict[Tuple[str, frozenset], float]:
+        return parse_metrics(metrics.exposition())
+
+    def requests(self, sample, method="GET", status="200", route="/healthz") -> float:
+        return sample[("scheduler_requests_total", frozenset(
+            {"route": route, "method": method, "status": status}.items()))]
+
+    def test_a_scrape_of_either_worker_adds_up_both(self):
+        table = scheduler.MetricsTable(2)
+        first, second = self.worker(table, 0, dropped=1, open_now=2), \
+            self.worker(table, 1, dropped=10, open_now=3)
+        for _ in range(3):
+            first.observe("/healthz", "GET", 200, 0.001)
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.observe("/appointments", "POST", 201, 0.002)
+        second.publish()  # as its watchdog does every tick
+        for metrics in (first, second):
+            with self.subTest(scraped=metrics is first and "first" or "second"):
+                sample = self.scrape(metrics)
+                self.assertEqual(self.requests(sample), 4)
+                self.assertEqual(self.requests(sample, "POST", "201", "/appointments"), 1)
+                self.assertEqual(sample[("scheduler_log_lines_dropped_total", frozenset())], 11)
+                self.assertEqual(sample[("scheduler_connections_open", frozenset())], 5)
+                self.assertEqual(sample[("scheduler_appointments", frozenset())], 4)  # once
+                self.assertEqual(sample[("scheduler_request_duration_seconds_count", frozenset(
+                    {"route": "/healthz", "method": "GET"}.items()))], 4)
+
+    def test_a_worker_started_in_a_dead_ones_slot_carries_on_from_its_counts(self):
+        table = scheduler.MetricsTable(2)
+        dead, other = self.worker(table, 0, dropped=2, open_now=7), self.worker(table, 1)
+        for _ in range(5):
+            dead.observe("/healthz", "GET", 200, 0.001)
+        dead.publish()
+        before = self.scrape(other)  # what a scrape saw before it died
+        table.retire(0)  # the supervisor, once it has reaped the dead one
+        again = self.worker(table, 0, dropped=0, open_now=1)
+        self.assertEqual(self.requests(self.scrape(other)), 5)  # carried on, at once
+        again.observe("/healthz", "GET", 200, 0.001)
+        again.publish()
+        after = self.scrape(other)
+        self.assertEqual(self.requests(after), 6)
+        self.assertGreaterEqual(self.requests(after), self.requests(before))
+        self.assertEqual(after[("scheduler_log_lines_dropped_total", frozenset())], 2)
+        self.assertEqual(after[("scheduler_connections_open", frozenset())], 1)
 
 
 # --- Routes: through Service.begin() and respond(), without a socket ---------------
@@ -4516,6 +4640,35 @@ class WorkersTest(unittest.TestCase):
     def held(pid: int) -> int:
         """Connections a worker holds: its sockets but the listening one."""
         return open_sockets(pid) - 1
+
+    def test_every_scrape_counts_the_whole_service_and_never_goes_down(self):
+        server, _, workers = self.start()
+
+        def total() -> float:  # on a new connection each time: either worker may answer
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+            conn.request("GET", "/metrics")
+            response = response_of(conn)
+            conn.close()
+            self.assertEqual(response.status, 200)
+            return sum(value for (name, _), value in parse_metrics(response.body.decode()).items()
+                       if name == "scheduler_requests_total")
+
+        seen, made = [], 0
+        for round in range(40):
+            if round == 20:  # a worker dies; the one started in its place carries on
+                os.kill(workers[1], signal.SIGKILL)
+                wait_for_log(server, "Worker 1 started")
+            for _ in range(5):
+                conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+                self.assertEqual(post_json(conn, {"user_id": f"m{round}-{made}",
+                                                  "date": "2026-11-25", "time": "09:00"}).status,
+                                 201)
+                conn.close()
+                made += 1
+            seen.append(total())
+            made += 1  # the scrape, counted once answered
+        self.assertEqual(seen, sorted(seen), "a counter went down")
+        wait_until(lambda: total() >= made, what=f"a scrape to count all {made} requests")
 
     def test_one_count_row_whatever_the_number_of_starts(self):
         path = temporary_database(self)
