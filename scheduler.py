@@ -185,6 +185,41 @@ class ConditionFailed(Exception):
 Condition = Optional[Callable[[Appointment], bool]]
 
 
+class Replay(NamedTuple):
+    """A keyed write's response (Idempotency-Key), kept to be sent again to its
+    retries, byte for byte; fingerprint tells a retry from another request."""
+
+    fingerprint: bytes
+    status: int
+    media_type: Optional[str]
+    headers: Tuple[Tuple[str, str], ...]
+    body: Optional[bytes]
+
+
+class Keyed(NamedTuple):
+    """A write sent with an Idempotency-Key: the store keeps its response, render of
+    its outcome (what it returned, or the outcome it raised; None: nothing to keep),
+    in the same lock or transaction as the change."""
+
+    key: str
+    fingerprint: bytes
+    render: Callable[[object], Optional[Replay]]
+
+
+class AlreadyKeyed(Exception):
+    """The write's key is kept already: replay is the response kept for it."""
+
+    def __init__(self, replay: Replay):
+        super().__init__(replay)
+        self.replay = replay
+
+
+KEY_LIFETIME = 24 * 3600  # seconds a key's response is kept (the draft asks it published)
+# Keys kept at most; past it the oldest is forgotten (--max-idempotency-keys). A key
+# costs 5.0 KB at worst (a 409 of a 256-emoji user ID and a 500-emoji note): 48 MiB.
+MAX_KEYS = 10_000
+
+
 class StoreFull(Exception):
     """The store holds as many appointments as it may (capacity)."""
 
@@ -409,14 +444,46 @@ def parse_changes(patch: Mapping, user_id: str) -> Changes:
 # --- Stores ---------------------------------------------------------------------------
 
 
+_OUTCOMES = (AlreadyBooked, NotBooked, ConditionFailed, StoreFull)  # what a write may raise
+
+
+def _once(keyed: Optional[Keyed], find: Callable[[str], Optional[Replay]],
+          keep: Callable[[str, Replay], None], perform: Callable[[], object]):
+    """perform() a write once per key: the response kept for keyed's key, if any, is
+    raised (AlreadyKeyed); else the write is performed and its outcome's response
+    kept, whatever the outcome. Run under the lock or in the transaction of the
+    write, so that two writes of one key never both perform."""
+    if keyed is None:
+        return perform()
+    replay = find(keyed.key)
+    if replay is not None:
+        raise AlreadyKeyed(replay)
+    try:
+        result = perform()
+    except _OUTCOMES as outcome:
+        replay = keyed.render(outcome)
+        if replay is not None:
+            keep(keyed.key, replay)
+        raise
+    replay = keyed.render(result)
+    if replay is not None:
+        keep(keyed.key, replay)
+    return result
+
+
 class Store(abc.ABC):
     """Where appointments live. Every method is safe to call from many threads at
     once, and returns immutable Appointments or new lists, never internal state.
     A new store implements the abstract methods; the tests' StoreContract holds it
-    to them."""
+    to them.
+
+    The three writes take keyed (an Idempotency-Key's Keyed): the first write of a
+    key keeps the response keyed renders of its outcome, with the change, for
+    KEY_LIFETIME seconds and among the max_keys newest; a write of a key kept
+    already raises AlreadyKeyed with it instead, and changes nothing (_once())."""
 
     @abc.abstractmethod
-    def book(self, appointment: Appointment) -> Appointment:
+    def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
         """Store the appointment and return it. Raises AlreadyBooked, carrying the
         existing appointment, when the user already has one that date, and
         StoreFull when the store holds its capacity."""
@@ -426,13 +493,14 @@ class Store(abc.ABC):
         """The user's appointment on that date; NotBooked when there is none."""
 
     @abc.abstractmethod
-    def cancel(self, user_id: str, date: dt.date, condition: Condition = None) -> None:
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
+               keyed: Optional[Keyed] = None) -> None:
         """Delete the user's appointment on that date; NotBooked when there is none,
         and ConditionFailed when condition does not hold for it."""
 
     @abc.abstractmethod
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
-                   condition: Condition = None) -> Appointment:
+                   condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
         """Change the user's appointment on date as changes says (move it, change its
         details) in one step, and return it changed. Raises NotBooked when there is
         none on date, AlreadyBooked, carrying it, when the user holds another on
@@ -469,12 +537,28 @@ class InMemoryStore(Store):
     untracked by the garbage collector, so a large store stays cheap.
     """
 
-    def __init__(self, capacity: Optional[int] = None):
+    def __init__(self, capacity: Optional[int] = None, max_keys: int = MAX_KEYS):
         self.capacity = capacity  # appointments held at most; None: no limit
-        self._lock = threading.Lock()  # guards _by_user and _count
+        self.max_keys = max_keys
+        self._lock = threading.Lock()  # guards _by_user, _count and _keys
         self._by_user: Dict[str, Union[dt.datetime, Appointment,
                                        Dict[dt.date, Union[dt.datetime, Appointment]]]] = {}
         self._count = 0
+        self._keys: "collections.OrderedDict[str, Tuple[float, Replay]]" = \
+            collections.OrderedDict()  # idempotency key -> (when kept, its response), oldest first
+
+    def _find_key(self, key: str) -> Optional[Replay]:
+        """The response kept for key, if it has not expired (forgetting those that have)."""
+        expired = time.time() - KEY_LIFETIME
+        while self._keys and next(iter(self._keys.values()))[0] < expired:
+            self._keys.popitem(last=False)
+        found = self._keys.get(key)
+        return None if found is None else found[1]
+
+    def _keep_key(self, key: str, replay: Replay) -> None:
+        self._keys[key] = (time.time(), replay)
+        while len(self._keys) > self.max_keys:  # the oldest goes
+            self._keys.popitem(last=False)
 
     @staticmethod
     def _kept(appointment: Appointment) -> Union[dt.datetime, Appointment]:
@@ -492,26 +576,27 @@ class InMemoryStore(Store):
         found = None if kept is None else self._appointment(user_id, kept)
         return found if found is not None and found.start.date() == date else None
 
-    def book(self, appointment: Appointment) -> Appointment:
-        user_id, date, full = appointment.user_id, appointment.date, False
+    def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
         with self._lock:  # check and insert under one hold of the lock
-            held = self._by_user.get(user_id)
-            existing = self._on(user_id, held, date)
-            if existing is None:
-                full = self.capacity is not None and self._count >= self.capacity
-                if not full:
-                    if held is None:
-                        self._by_user[user_id] = self._kept(appointment)
-                    elif isinstance(held, dict):
-                        held[date] = self._kept(appointment)
-                    else:  # a second appointment
-                        self._by_user[user_id] = {self._appointment(user_id, held).date: held,
-                                                  date: self._kept(appointment)}
-                    self._count += 1
+            return _once(keyed, self._find_key, self._keep_key, lambda: self._book(appointment))
+
+    def _book(self, appointment: Appointment) -> Appointment:
+        """book(), under the lock."""
+        user_id, date = appointment.user_id, appointment.date
+        held = self._by_user.get(user_id)
+        existing = self._on(user_id, held, date)
         if existing is not None:
             raise AlreadyBooked(existing)
-        if full:
+        if self.capacity is not None and self._count >= self.capacity:
             raise StoreFull(self.capacity)
+        if held is None:
+            self._by_user[user_id] = self._kept(appointment)
+        elif isinstance(held, dict):
+            held[date] = self._kept(appointment)
+        else:  # a second appointment
+            self._by_user[user_id] = {self._appointment(user_id, held).date: held,
+                                      date: self._kept(appointment)}
+        self._count += 1
         return appointment
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
@@ -521,43 +606,52 @@ class InMemoryStore(Store):
             raise NotBooked(user_id, date)
         return found
 
-    def cancel(self, user_id: str, date: dt.date, condition: Condition = None) -> None:
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
+               keyed: Optional[Keyed] = None) -> None:
         with self._lock:
-            held = self._by_user.get(user_id)
-            current = self._on(user_id, held, date)
-            found = current is not None
-            if found and condition is not None and not condition(current):
-                raise ConditionFailed(current)
-            if found:
-                self._count -= 1
-                if not isinstance(held, dict):
-                    del self._by_user[user_id]
-                else:
-                    del held[date]
-                    if len(held) == 1:  # one left: compact again
-                        self._by_user[user_id] = next(iter(held.values()))
-        if not found:
+            _once(keyed, self._find_key, self._keep_key,
+                  lambda: self._cancel(user_id, date, condition))
+
+    def _cancel(self, user_id: str, date: dt.date, condition: Condition) -> None:
+        """cancel(), under the lock."""
+        held = self._by_user.get(user_id)
+        current = self._on(user_id, held, date)
+        if current is None:
             raise NotBooked(user_id, date)
+        if condition is not None and not condition(current):
+            raise ConditionFailed(current)
+        self._count -= 1
+        if not isinstance(held, dict):
+            del self._by_user[user_id]
+        else:
+            del held[date]
+            if len(held) == 1:  # one left: compact again
+                self._by_user[user_id] = next(iter(held.values()))
 
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
-                   condition: Condition = None) -> Appointment:
+                   condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
         with self._lock:  # check and change under one hold of the lock
-            held = self._by_user.get(user_id)
-            found = self._on(user_id, held, date)
-            if found is None:
-                raise NotBooked(user_id, date)
-            changed = changes.applied(found)
-            existing = None if changed.date == date else self._on(user_id, held, changed.date)
-            if existing is None and condition is not None and not condition(found):
-                raise ConditionFailed(found)
-            if existing is None:
-                if not isinstance(held, dict):
-                    self._by_user[user_id] = self._kept(changed)
-                else:
-                    del held[date]
-                    held[changed.date] = self._kept(changed)
+            return _once(keyed, self._find_key, self._keep_key,
+                         lambda: self._reschedule(user_id, date, changes, condition))
+
+    def _reschedule(self, user_id: str, date: dt.date, changes: Changes,
+                    condition: Condition) -> Appointment:
+        """reschedule(), under the lock."""
+        held = self._by_user.get(user_id)
+        found = self._on(user_id, held, date)
+        if found is None:
+            raise NotBooked(user_id, date)
+        changed = changes.applied(found)
+        existing = None if changed.date == date else self._on(user_id, held, changed.date)
         if existing is not None:
             raise AlreadyBooked(existing)
+        if condition is not None and not condition(found):
+            raise ConditionFailed(found)
+        if not isinstance(held, dict):
+            self._by_user[user_id] = self._kept(changed)
+        else:
+            del held[date]
+            held[changed.date] = self._kept(changed)
         return changed
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
@@ -800,7 +894,15 @@ def _schema_2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE set_aside ADD COLUMN note")
 
 
-SCHEMA_STEPS = (_schema_1, _schema_2)  # step n is SCHEMA_STEPS[n - 1]; a new one goes last
+def _schema_3(db: sqlite3.Connection) -> None:
+    """Idempotency keys: each keyed write's response, written with the write."""
+    db.execute("CREATE TABLE idempotency_keys (key TEXT PRIMARY KEY, fingerprint BLOB NOT NULL, "
+               "kept REAL NOT NULL, status INTEGER NOT NULL, media_type TEXT, "
+               "headers TEXT NOT NULL, body BLOB)")
+    db.execute("CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)")
+
+
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3)  # step n is SCHEMA_STEPS[n - 1]; new ones last
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -828,12 +930,14 @@ class SQLiteStore(Store):
     damaged, and check() reports it from then on.
     """
 
-    def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0):
+    def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
+                 max_keys: int = MAX_KEYS):
         """Open (creating if needed) the database; raises DatabaseRefused for a file
         that is not this service's, and sqlite3.Error if it cannot be opened or
         written. busy_timeout: how long a write may wait for the database (the
         writers' lock, then SQLite's) before StoreUnavailable."""
         self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
+        self.max_keys = max_keys
         self.batches = 0  # transactions committed by write(), each of one write or more
         self.damaged: Optional[str] = None  # why the file is damaged, once an error said so
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
@@ -1103,7 +1207,7 @@ class SQLiteStore(Store):
                 db.execute("SAVEPOINT one_write")
                 try:
                     write.result = write.apply(db, *write.args)
-                except (AlreadyBooked, NotBooked, StoreFull, ConditionFailed) as outcome:
+                except (*_OUTCOMES, AlreadyKeyed) as outcome:
                     write.error = outcome  # kept: a row it found in its way and set aside
                 except Exception as error:  # a bug, or SQLite's failure for this write alone
                     if isinstance(error, sqlite3.Error) and not db.in_transaction:
@@ -1230,15 +1334,49 @@ class SQLiteStore(Store):
         db.execute("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)", self.PROBE)
         db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?", self.PROBE[:2])
 
-    def book(self, appointment: Appointment) -> Appointment:
-        return self.write(self._book, appointment)
+    def _once(self, db: sqlite3.Connection, keyed: Optional[Keyed], apply: Callable, *args):
+        """apply(db, *args), once per key: the key's response is read and written in
+        the write's own transaction, so a retry after a crash, or in another worker,
+        finds it or finds nothing done."""
+        return _once(keyed, lambda key: self._find_key(db, key),
+                     lambda key, replay: self._keep_key(db, key, replay),
+                     lambda: apply(db, *args))
+
+    @staticmethod
+    def _find_key(db: sqlite3.Connection, key: str) -> Optional[Replay]:
+        row = db.execute("SELECT fingerprint, status, media_type, headers, body FROM "
+                         "idempotency_keys WHERE key = ? AND kept >= ?",
+                         (key, time.time() - KEY_LIFETIME)).fetchone()
+        if row is None:
+            return None
+        fingerprint, status, media_type, headers, body = row
+        return Replay(bytes(fingerprint), status, media_type,
+                      tuple(tuple(header) for header in json.loads(headers)),
+                      None if body is None else bytes(body))
+
+    def _keep_key(self, db: sqlite3.Connection, key: str, replay: Replay) -> None:
+        """Keep the response; forget those past KEY_LIFETIME and beyond max_keys (the
+        oldest: rowids grow as keys are kept)."""
+        now = time.time()
+        db.execute("DELETE FROM idempotency_keys WHERE kept < ?", (now - KEY_LIFETIME,))
+        db.execute("INSERT OR REPLACE INTO idempotency_keys (key, fingerprint, kept, status, "
+                   "media_type, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                   (key, replay.fingerprint, now, replay.status, replay.media_type,
+                    json.dumps(replay.headers), replay.body))
+        db.execute("DELETE FROM idempotency_keys WHERE rowid <= "
+                   "(SELECT max(rowid) FROM idempotency_keys) - ?", (self.max_keys,))
+
+    def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
+        return self.write(self._once, keyed, self._book, appointment)
 
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
-                   condition: Condition = None) -> Appointment:
-        return self.write(self._reschedule, user_id, date, changes, condition)
+                   condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
+        return self.write(self._once, keyed, self._reschedule, user_id, date, changes,
+                          condition)
 
-    def cancel(self, user_id: str, date: dt.date, condition: Condition = None) -> None:
-        self.write(self._cancel, user_id, date, condition)
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
+               keyed: Optional[Keyed] = None) -> None:
+        self.write(self._once, keyed, self._cancel, user_id, date, condition)
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self._reading() as db:
@@ -1604,6 +1742,9 @@ class Request(NamedTuple):
     query: Dict[str, List[str]]
     body: object = None  # parsed JSON; only for routes that declare body_types
     headers: Mapping[str, str] = types.MappingProxyType({})  # lower-case names
+    method: str = "GET"
+    target: str = ""  # the path and query, as sent
+    content: bytes = b""  # the body, as sent
 
 
 class Reply(NamedTuple):
@@ -1767,13 +1908,76 @@ def list_appointments(service: "Service", request: Request) -> Reply:
     return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
 
 
+# Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07, section 2.1): an
+# RFC 8941 string (section 3.3.3): printable ASCII in double quotes, \" and \\ escaped.
+_SF_STRING = re.compile(r'"((?:[ !#-\[\]-~]|\\[\\"])*)"')
+MAX_KEY_LENGTH = 255
+
+
+def idempotency_key(headers: Mapping[str, str]) -> Optional[str]:
+    """The request's Idempotency-Key, unquoted; None without one; 400 for anything
+    but one string of 1 to MAX_KEY_LENGTH characters."""
+    value = headers.get("idempotency-key")
+    if value is None:
+        return None
+    found = _SF_STRING.fullmatch(value)
+    key = None if found is None else re.sub(r"\\(.)", r"\1", found.group(1))
+    if key is None or not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise HTTPError(400, "Idempotency-Key must be one quoted string (RFC 8941) of 1 to "
+                             f"{MAX_KEY_LENGTH} printable ASCII characters, such as "
+                             f'"8e03978e-40d5-43e8-bc93-6894a57f9324"; got {value!r}.')
+    return key
+
+
+def content_of(body) -> Optional[bytes]:
+    """A Reply's body as the bytes render_response() sends."""
+    if body is None or isinstance(body, bytes):
+        return body
+    return body.encode() if isinstance(body, str) else json_content(body)
+
+
+def write_once(service: "Service", request: Request, perform: Callable[[Optional[Keyed]], object],
+               reply_for: Callable[[object], Reply]) -> Reply:
+    """A write's reply: perform(keyed) makes the change in the store, reply_for(its
+    result) is the reply. With an Idempotency-Key, the store keeps the reply (or
+    the error's, as error_reply() makes it; not a 5xx, which a retry may not get)
+    with the change, and a retry of the same request gets it again, byte for byte
+    in its body, with Idempotent-Replayed: true (as Stripe's API says it). The
+    same key with another method, target or body is a 422; a retry while the
+    first is in this process still is a 409 (draft section 2.6)."""
+    key = idempotency_key(request.headers)
+    if key is None:
+        return reply_for(perform(None))
+    fingerprint = hashlib.sha256(f"{request.method} {request.target}\n".encode()
+                                 + request.content).digest()
+
+    def render(outcome) -> Optional[Replay]:
+        reply = error_reply(outcome) if isinstance(outcome, Exception) else reply_for(outcome)
+        if reply.status >= 500:
+            return None
+        return Replay(fingerprint, reply.status, reply.media_type, reply.headers,
+                      content_of(reply.body))
+
+    with service.processing(key):
+        try:
+            return reply_for(perform(Keyed(key, fingerprint, render)))
+        except AlreadyKeyed as kept:
+            replay = kept.replay
+    if replay.fingerprint != fingerprint:
+        raise HTTPError(422, "This Idempotency-Key came with another request (method, URL or "
+                             "body) in the last 24 hours; send a new key with a new request.")
+    return Reply(HTTPStatus(replay.status), replay.body,
+                 replay.headers + (("Idempotent-Replayed", "true"),), replay.media_type)
+
+
 def book_appointment(service: "Service", request: Request) -> Reply:
     if not isinstance(request.body, dict):
         raise HTTPError(400, "The request body must be a JSON object, e.g. "
                              '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
-    appointment = service.store.book(parse_appointment(request.body))
-    return Reply(HTTPStatus.CREATED, appointment.as_json(),
-                 (("Location", appointment_url(appointment)),))
+    appointment = parse_appointment(request.body)
+    return write_once(service, request, lambda keyed: service.store.book(appointment, keyed),
+                      lambda booked: Reply(HTTPStatus.CREATED, booked.as_json(),
+                                           (("Location", appointment_url(booked)),)))
 
 
 def show_appointment(service: "Service", request: Request) -> Reply:
@@ -1788,19 +1992,26 @@ def reschedule_appointment(service: "Service", request: Request) -> Reply:
         raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
                              'fields to change, e.g. {"date": "2026-11-26", "time": "10:00"}.')
     condition = write_condition(request.headers)
-    moved = service.store.reschedule(user_id, date, parse_changes(request.body, user_id),
-                                     condition)
-    reply = tagged_json(moved.as_json())  # its ETag, as a GET of its URL now gives it
-    if moved.date == date:
-        return reply
-    url = appointment_url(moved)  # Content-Location: the body is what is now there
-    return reply._replace(headers=reply.headers + (("Location", url), ("Content-Location", url)))
+    changes = parse_changes(request.body, user_id)
+
+    def moved_reply(moved: Appointment) -> Reply:
+        reply = tagged_json(moved.as_json())  # its ETag, as a GET of its URL now gives it
+        if moved.date == date:
+            return reply
+        url = appointment_url(moved)  # Content-Location: the body is what is now there
+        return reply._replace(headers=reply.headers + (("Location", url),
+                                                       ("Content-Location", url)))
+
+    return write_once(service, request, lambda keyed: service.store.reschedule(
+        user_id, date, changes, condition, keyed), moved_reply)
 
 
 def cancel_appointment(service: "Service", request: Request) -> Reply:
     user_id, date = path_key(request.params)
-    service.store.cancel(user_id, date, write_condition(request.headers))
-    return Reply(HTTPStatus.NO_CONTENT, None)
+    condition = write_condition(request.headers)
+    return write_once(service, request,
+                      lambda keyed: service.store.cancel(user_id, date, condition, keyed),
+                      lambda _: Reply(HTTPStatus.NO_CONTENT, None))
 
 
 def utc_now() -> dt.datetime:
@@ -1950,6 +2161,7 @@ class Limits(NamedTuple):
     max_connections: int = 256  # served at once; then the idle make room, or 503
     shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
     max_appointments: int = 500_000  # stored at most, over all users; more get 507
+    max_idempotency_keys: int = MAX_KEYS  # kept at most; past it the oldest is forgotten
 
 
 class HTTPRequest(NamedTuple):
@@ -2205,9 +2417,9 @@ def http_error(error: BaseException) -> HTTPError:
                               f"{error.date.isoformat()}.")
     if isinstance(error, ConditionFailed):
         tag = appointment_tag(error.current)
-        return HTTPError(412, f"The appointment does not meet the request's condition "
-                              f"(If-Match or If-None-Match): its ETag is now {tag}, and nothing "
-                              "was changed. GET it, and send If-Match with the ETag you get.",
+        return HTTPError(412, f"The appointment does not meet If-Match (or If-None-Match): its "
+                              f"ETag is now {tag}. Nothing was changed; GET it, and retry with "
+                              "the ETag you get.",
                          headers={"ETag": tag}, appointment=error.current.as_json())
     if isinstance(error, StoreFull):
         return HTTPError(507, f"The service holds its maximum of {error.capacity} appointments "
@@ -2247,8 +2459,8 @@ def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
 # CORS (the Fetch standard): the request headers a browser may send and the response
 # headers its scripts may read, beyond the safelisted ones; how long a browser may
 # keep a preflight's answer (Chromium keeps it 2 hours at most).
-CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match"
-CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After"
+CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key"
+CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After, Idempotent-Replayed"
 CORS_MAX_AGE = 7200
 CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
@@ -2312,6 +2524,8 @@ class Service:
         self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
         self.log = log
         self.now = utc_now  # the clock, for what says when it was made (a feed's DTSTAMP)
+        self._processing: set = set()  # the Idempotency-Keys of writes under way here
+        self._processing_lock = threading.Lock()  # guards _processing
         self.metrics = Metrics()
         self.metrics.collectors.append(lambda: [(
             "scheduler_appointments", "gauge", "Appointments stored, over all users.",
@@ -2339,14 +2553,33 @@ class Service:
             if exchange.error is not None:
                 raise exchange.error
             route = exchange.route
-            reply = route.handler(self, Request(exchange.params, parse_query(request.query),
-                                                decode_json(body) if route.body_types else None,
-                                                request.headers))
+            reply = route.handler(self, Request(
+                exchange.params, parse_query(request.query),
+                decode_json(body) if route.body_types else None, request.headers,
+                request.method, request.path + "?" + request.query if request.query
+                else request.path, body))
             if "if-none-match" in request.headers:
                 reply = not_modified(request, reply)
         except Exception as error:
             return self.problem(error, request)
         return self.with_cors(reply, request)
+
+    @contextlib.contextmanager
+    def processing(self, key: str):
+        """While a write of this Idempotency-Key is under way here; 409 if one already
+        is (another process's, at the same moment, waits for its transaction and
+        then finds the key kept)."""
+        with self._processing_lock:
+            if key in self._processing:
+                raise HTTPError(409, "A request with this Idempotency-Key is still being "
+                                     "processed; retry once it has been answered.",
+                                headers={"Retry-After": "1"})
+            self._processing.add(key)
+        try:
+            yield
+        finally:
+            with self._processing_lock:
+                self._processing.discard(key)
 
     def problem(self, error: BaseException, request: Optional[HTTPRequest] = None,
                 line: str = "", origin: Optional[str] = None) -> Reply:
@@ -2408,9 +2641,7 @@ def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = Fa
     keep_alive()'s answer, said as Connection: close when false; as Connection:
     keep-alive when true to an HTTP/1.0 client, which otherwise waits for the close
     (RFC 9112 section 9.3, appendix C.2.2). head_only: the head alone, for HEAD."""
-    body = reply.body
-    if body is not None and not isinstance(body, bytes):
-        body = (body if isinstance(body, str) else _JSON_ENCODER.encode(body) + "\n").encode()
+    body = content_of(reply.body)
     lines = [_STATUS_LINES[reply.status], f"Server: {SERVER_NAME}",
              f"Date: {_clock().http_date}"]
     if body is not None:
@@ -3034,6 +3265,8 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
                                     "finish"),
     "max_appointments": ("N", "appointments stored at most, over all users; more get 507 "
                               "(about 400 bytes each in memory at worst)"),
+    "max_idempotency_keys": ("N", "Idempotency-Keys kept at most (each for 24 hours); past "
+                                  "it the oldest is forgotten"),
 }
 
 
@@ -3149,8 +3382,9 @@ def say(line: str) -> None:
 def open_store(args: argparse.Namespace, limits: Limits) -> Optional[Store]:
     """The store the options ask for, or None, having said why it cannot be opened."""
     try:
-        return (SQLiteStore(args.db, limits.max_appointments) if args.db
-                else InMemoryStore(limits.max_appointments))
+        keys = limits.max_idempotency_keys
+        return (SQLiteStore(args.db, limits.max_appointments, max_keys=keys) if args.db
+                else InMemoryStore(limits.max_appointments, keys))
     except sqlite3.Error as error:
         say(f"scheduler: cannot open the database {args.db}: {error}")
         return None
@@ -3528,7 +3762,8 @@ def openapi_document() -> dict:
     conditional = {"parameters": [_ref("parameters", "IfNoneMatch")]}
     # A write's conditions (RFC 9110 section 13.1): only on what it would otherwise change.
     on_condition = {"parameters": by_key["parameters"] + [
-        _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch")]}
+        _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch"),
+        _ref("parameters", "IdempotencyKey")]}
     stale = {"412": _problem("The appointment does not meet If-Match or If-None-Match; "
                              "`appointment` is as it now is, nothing changed, and ETag is "
                              "its tag", "ConflictProblem",
@@ -3563,6 +3798,7 @@ def openapi_document() -> dict:
             },
             "post": {
                 "summary": "Book an appointment",
+                "parameters": [_ref("parameters", "IdempotencyKey")],
                 "requestBody": {"required": True, "content": _content(
                     _ref("schemas", "NewAppointment"), {  # valid ones only: tools offer them
                         "book": book, "with-a-note": {**book, "note": "Left knee"}})},
@@ -3574,7 +3810,9 @@ def openapi_document() -> dict:
                                       "description": "The appointment's own URL",
                                       "schema": text}}),
                     "400": not_json,
-                    "409": _problem("The user already has an appointment that date; "
+                    "409": _problem("The user already has an appointment that date (or a "
+                                    "request with this Idempotency-Key is still being "
+                                    "processed: no `appointment`, and Retry-After); "
                                     "`appointment` is that one", "ConflictProblem",
                                     conflict=HTTPError(
                                         409, "User alice already has an appointment on "
@@ -3584,7 +3822,8 @@ def openapi_document() -> dict:
                     "411": _problem("No Content-Length (chunked bodies are refused)"),
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is not labelled application/json"),
-                    "422": _problem("Fields are missing or invalid; `errors` lists each",
+                    "422": _problem("Fields are missing or invalid; `errors` lists each (or "
+                                    "the Idempotency-Key came with another request)",
                                     "ValidationProblem", invalid_fields=HTTPError(
                                         422, "The appointment was not booked: 3 fields "
                                              "are invalid (user_id, date, time).", errors=[
@@ -3625,14 +3864,17 @@ def openapi_document() -> dict:
                     "400": not_json,
                     "404": _ref("responses", "NotFound"),
                     "409": _problem("The user already has an appointment on the new date; "
-                                    "`appointment` is that one, and nothing moved",
+                                    "`appointment` is that one, and nothing moved (or a "
+                                    "request with this Idempotency-Key is still being "
+                                    "processed)",
                                     "ConflictProblem"),
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is labelled neither "
                                     f"{' nor '.join(PATCH_TYPES)}", headers={
                                         "Accept-Patch": _ref("headers", "AcceptPatch")}),
                     "422": _problem("Fields are invalid, or null (a merge patch's removal), "
-                                    "or user_id is another user's; `errors` lists each",
+                                    "or user_id is another user's; `errors` lists each (or "
+                                    "the Idempotency-Key came with another request)",
                                     "ValidationProblem"),
                     **stale, **store_errors}},
             "delete": {"summary": "Cancel an appointment; the user may then book that "
@@ -3640,7 +3882,12 @@ def openapi_document() -> dict:
                        **on_condition, "responses": {
                            "204": _reply("Cancelled"), **found,
                            "400": _problem("If-Match or If-None-Match is not * nor a list of "
-                                           "entity tags"), **stale, **store_errors}},
+                                           "entity tags, or Idempotency-Key not a string"),
+                           "409": _problem("A request with this Idempotency-Key is still being "
+                                           "processed", headers={
+                                               "Retry-After": _ref("headers", "RetryAfter")}),
+                           "422": _problem("The Idempotency-Key came with another request"),
+                           **stale, **store_errors}},
         },
         "/appointments.ics": {"get": {
             "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
@@ -3762,8 +4009,10 @@ def openapi_document() -> dict:
                         "type": "object", "required": ["field", "message"],
                         "properties": {"field": text, "message": text}}}}}]},
                 "ConflictProblem": {"allOf": [_ref("schemas", "Problem"), {
-                    "type": "object", "required": ["appointment"],
-                    "properties": {"appointment": appointment}}]},
+                    "type": "object", "properties": {"appointment": {
+                        **appointment, "description": "The appointment in the way, or as it "
+                                                      "now is (none while a request with the "
+                                                      "same Idempotency-Key is processed)"}}}]},
             },
             "parameters": {
                 "UserIdQuery": {"name": "user_id", "in": "query", "required": True,
@@ -3782,6 +4031,16 @@ def openapi_document() -> dict:
                                 "description": "ETags the client holds (or *): if one is "
                                                "current, a GET or HEAD gets 304 with no "
                                                "body, a PATCH or DELETE 412"},
+                "IdempotencyKey": {
+                    "name": "Idempotency-Key", "in": "header", "example": '"8e03978e-40d5"',
+                    "schema": {"type": "string",
+                               "pattern": r'^"(?:[ !#-\[\]-~]|\\[\\"]){1,%d}"$' % MAX_KEY_LENGTH},
+                    "description": "A string (RFC 8941: in double quotes) of 1 to "
+                                   f"{MAX_KEY_LENGTH} characters, new for each request: a "
+                                   "retry with it gets the first response again (with "
+                                   "Idempotent-Replayed: true), and changes nothing; with "
+                                   "another request, 422. Kept 24 hours, and the newest "
+                                   f"{MAX_KEYS} by default (--max-idempotency-keys)"},
                 "IfMatch": {"name": "If-Match", "in": "header", "schema": text,
                             "description": "The ETag the client holds (or *): the change is "
                                            "made only if it is still the appointment's, "

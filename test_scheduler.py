@@ -877,6 +877,8 @@ class StoreContract:
     def test_writers_holding_the_same_tag_end_with_one_change(self):
         # The condition is tested under the lock or in the transaction of the change:
         # the first change makes the tag stale for the others.
+        self.addCleanup(sys.setswitchinterval, sys.getswitchinterval())
+        sys.setswitchinterval(1e-5)  # threads take turns often, so that a race is run
         for round in range(10):
             with self.subTest(round=round):
                 store = self.make_store()
@@ -884,9 +886,8 @@ class StoreContract:
                 tag = scheduler.appointment_tag(store.book(appointment()))
                 barrier, outcomes = threading.Barrier(4), []
 
-                def holds(current):  # slow, so that a test outside the lock lets all through
-                    time.sleep(0.002)
-                    return scheduler.appointment_tag(current) == tag
+                def holds(current):  # long, so that a test outside the lock lets all through
+                    return all(scheduler.appointment_tag(current) == tag for _ in range(200))
 
                 def move(hour):
                     barrier.wait()
@@ -2168,6 +2169,174 @@ class ConditionalWriteTest(RouteTestCase):
         self.assertEqual(response.status, 200)
 
 
+def kept_keys(store: scheduler.Store) -> int:
+    """How many idempotency keys the store keeps now."""
+    if isinstance(store, scheduler.SQLiteStore):
+        return query(store.path, "SELECT count(*) FROM idempotency_keys")[0][0]
+    return len(store._keys)
+
+
+class BlockingStore(scheduler.InMemoryStore):
+    """A store whose bookings wait, once inside, until the test lets them go on."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside, self.go_on = threading.Event(), threading.Event()
+
+    def _book(self, appointment):
+        self.inside.set()
+        self.go_on.wait(10)
+        return super()._book(appointment)
+
+
+@on_both_stores
+class IdempotencyKeyTest(RouteTestCase):
+    """Idempotency-Key on POST, PATCH and DELETE (draft-ietf-httpapi-idempotency-key-
+    header-07): a retry gets the first response again, and changes nothing."""
+
+    KEY = '"8e03978e-40d5-43e8-bc93-6894a57f9324"'
+    BOOKING = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
+
+    def keyed(self, method, path, body=None, key=KEY, **headers) -> Response:
+        if body is not None:
+            headers["Content-Type"] = ("application/merge-patch+json" if method == "PATCH"
+                                       else "application/json")
+        return self.request(method, path, None if body is None else json.dumps(body),
+                            {"Idempotency-Key": key, **headers})
+
+    def assertReplayOf(self, retry: Response, first: Response):
+        self.assertEqual((retry.status, retry.body), (first.status, first.body))
+        for name in ("Location", "Content-Location", "ETag", "Content-Type"):
+            self.assertEqual(retry.headers[name], first.headers[name], name)
+        self.assertIsNone(first.headers["Idempotent-Replayed"])
+        self.assertEqual(retry.headers["Idempotent-Replayed"], "true")
+
+    def test_a_retried_booking_gets_its_201_again_and_books_once(self):
+        first = self.keyed("POST", "/appointments", self.BOOKING)
+        self.assertEqual(first.status, 201)
+        for _ in range(3):
+            self.assertReplayOf(self.keyed("POST", "/appointments", self.BOOKING), first)
+        self.assertEqual(self.stored(), [appointment()])
+
+    def test_an_error_is_replayed_too_though_what_caused_it_has_gone(self):
+        self.book(time="15:00")  # in the way, without a key
+        first = self.keyed("POST", "/appointments", self.BOOKING)
+        self.assertProblem(first, 409)
+        self.assertEqual(self.request("DELETE", "/appointments/alice/2026-11-25").status, 204)
+        self.assertReplayOf(self.keyed("POST", "/appointments", self.BOOKING), first)
+        self.assertEqual(self.stored(), [])
+
+    def test_a_retried_patch_and_delete_get_their_first_answer(self):
+        self.book()
+        moved = self.keyed("PATCH", "/appointments/alice/2026-11-25", {"date": "2026-11-26"})
+        self.assertEqual(moved.status, 200)
+        self.assertReplayOf(self.keyed("PATCH", "/appointments/alice/2026-11-25",
+                                       {"date": "2026-11-26"}), moved)
+        other = '"cancel-1"'
+        cancelled = self.keyed("DELETE", "/appointments/alice/2026-11-26", key=other)
+        self.assertEqual(cancelled.status, 204)
+        retry = self.keyed("DELETE", "/appointments/alice/2026-11-26", key=other)
+        self.assertEqual((retry.status, retry.headers["Idempotent-Replayed"]), (204, "true"))
+        self.assertEqual(self.stored(), [])
+
+    def test_the_key_with_another_request_is_422_and_changes_nothing(self):
+        self.assertEqual(self.keyed("POST", "/appointments", self.BOOKING).status, 201)
+        for method, path, body in (
+                ("POST", "/appointments", {**self.BOOKING, "time": "10:00"}),
+                ("POST", "/appointments", {**self.BOOKING, "user_id": "bob"}),
+                ("DELETE", "/appointments/alice/2026-11-25", None),
+                ("PATCH", "/appointments/alice/2026-11-25", {"time": "11:00"})):
+            with self.subTest(method=method, body=body):
+                problem = self.assertProblem(self.keyed(method, path, body), 422)
+                self.assertIn("another request", problem["detail"])
+        self.assertEqual(self.stored(), [appointment()])
+
+    def test_a_key_that_is_not_one_short_string_is_400(self):
+        for key in ("8e03978e", '""', '"' + "k" * 256 + '"', '"é"', '"a", "b"', '"a";x=1',
+                    '"a\\x"', "'a'", '"tab\tinside"'):
+            with self.subTest(key=key):
+                problem = self.assertProblem(self.keyed("POST", "/appointments", self.BOOKING,
+                                                        key=key), 400)
+                self.assertIn("Idempotency-Key must be one quoted string", problem["detail"])
+        self.assertEqual(self.stored(), [])
+        for key in ('"' + "k" * 255 + '"', '"a\\"b\\\\c"', '" spaced "'):
+            with self.subTest(key=key):
+                self.assertEqual(self.request("DELETE", "/appointments/alice/2026-11-25",
+                                              headers={"Idempotency-Key": key}).status, 404)
+
+    def test_a_request_refused_before_the_store_or_a_5xx_is_not_kept(self):
+        invalid = self.keyed("POST", "/appointments", {**self.BOOKING, "time": "09:15"})
+        self.assertProblem(invalid, 422)
+        self.assertEqual(self.keyed("POST", "/appointments", self.BOOKING).status, 201)
+
+    def test_keys_expire_after_24_hours(self):
+        first = self.keyed("POST", "/appointments", self.BOOKING)
+        later = time.time() + scheduler.KEY_LIFETIME + 1
+        with mock.patch.object(scheduler.time, "time", return_value=later):
+            retry = self.keyed("POST", "/appointments", self.BOOKING)
+        self.assertEqual((first.status, retry.status), (201, 409))  # done again, so a conflict
+
+    def test_past_the_cap_the_oldest_key_is_forgotten(self):
+        store = self.make_store()
+        self.addCleanup(store.close)
+        store.max_keys = 3
+        self.client = Client(store)
+        firsts = [self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": f"u{n}"},
+                             key=f'"key-{n}"') for n in range(4)]
+        self.assertEqual([first.status for first in firsts], [201] * 4)
+        for n in (1, 2, 3):
+            self.assertReplayOf(self.keyed("POST", "/appointments", {
+                **self.BOOKING, "user_id": f"u{n}"}, key=f'"key-{n}"'), firsts[n])
+        forgotten = self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": "u0"},
+                               key='"key-0"')
+        self.assertEqual((forgotten.status, forgotten.headers["Idempotent-Replayed"]),
+                         (409, None))  # done again: the booking is there, once
+        for n in range(4, 50):  # a flood of new keys keeps no more than the cap
+            self.keyed("DELETE", f"/appointments/u{n}/2026-11-25", key=f'"flood-{n}"')
+        self.assertEqual(kept_keys(store), 3)
+
+    def test_racing_retries_book_once(self):
+        for round in range(5):
+            store = self.make_store()
+            self.addCleanup(store.close)
+            client, barrier, responses = Client(store), threading.Barrier(6), []
+
+            def retry():
+                barrier.wait()
+                responses.append(client.request("POST", "/appointments", self.BOOKING, {
+                    "Idempotency-Key": f'"race-{round}"'}))
+
+            run_all([threading.Thread(target=retry) for _ in range(6)])
+            self.assertEqual(store.list_for_user("alice"), [appointment()])
+            created = {response.body for response in responses if response.status == 201}
+            self.assertEqual(len(created), 1)  # one booking, its 201 replayed
+            self.assertTrue({response.status for response in responses} <= {201, 409})
+            for response in responses:
+                if response.status == 409:
+                    self.assertIn("still being processed", response.json()["detail"])
+
+
+class InFlightKeyTest(HTTPTestCase):
+    def test_a_retry_while_the_first_is_under_way_is_409(self):
+        store = BlockingStore()
+        client, answers = Client(store), {}
+        headers = {"Idempotency-Key": '"slow"'}
+        first = threading.Thread(target=lambda: answers.setdefault("first", client.request(
+            "POST", "/appointments", IdempotencyKeyTest.BOOKING, headers)))
+        first.start()
+        self.addCleanup(first.join)
+        self.addCleanup(store.go_on.set)
+        self.assertTrue(store.inside.wait(10))
+        during = client.request("POST", "/appointments", IdempotencyKeyTest.BOOKING, headers)
+        self.assertIn("still being processed", self.assertProblem(during, 409)["detail"])
+        self.assertEqual(during.headers["Retry-After"], "1")
+        store.go_on.set()
+        first.join()
+        self.assertEqual(answers["first"].status, 201)
+        after = client.request("POST", "/appointments", IdempotencyKeyTest.BOOKING, headers)
+        self.assertEqual((after.status, after.body), (201, answers["first"].body))
+
+
 @on_both_stores
 class ConditionalGetTest(RouteTestCase):
     """ETag and If-None-Match (RFC 9110 sections 8.8.3 and 13.1.2) on what clients poll."""
@@ -3421,7 +3590,7 @@ class KeepAliveOverHTTPTest(ServerTestCase):
 
 
 class BrokenStore(scheduler.InMemoryStore):
-    def book(self, appointment):
+    def book(self, appointment, keyed=None):
         raise RuntimeError("disk on fire")
 
 
@@ -4295,9 +4464,9 @@ class CommandLineTest(unittest.TestCase):
         args = scheduler.parse_args(["--max-body-bytes", "100", "--request-timeout", "1.5",
                                      "--idle-timeout", "2", "--first-byte-timeout", "0.5",
                                      "--max-connections", "3", "--shutdown-timeout", "4",
-                                     "--max-appointments", "5"])
+                                     "--max-appointments", "5", "--max-idempotency-keys", "6"])
         self.assertEqual([getattr(args, name) for name in scheduler.Limits._fields],
-                         [100, 1.5, 2.0, 0.5, 3, 4.0, 5])
+                         [100, 1.5, 2.0, 0.5, 3, 4.0, 5, 6])
         server = self.start("--port", "0", "--max-body-bytes", "100", "--max-appointments", "1")
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             sock.sendall(post_head(101))
@@ -4435,6 +4604,24 @@ class CommandLineTest(unittest.TestCase):
 
     def test_sigkill_loses_no_acknowledged_booking(self):
         self.sigkill_while_booking(clients=1)
+
+    def test_a_keyed_booking_is_replayed_after_a_crash_and_a_restart(self):
+        path = temporary_database(self)
+        headers = {"Content-Type": "application/json", "Idempotency-Key": '"after-a-crash"'}
+        answers = []
+        for start in range(2):
+            server = self.start("--port", "0", "--db", path)
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+            conn.request("POST", "/appointments", VALID_BODY, headers)
+            answers.append(response_of(conn))
+            conn.close()
+            server.process.kill()  # no shutdown: what was acknowledged is on disk
+            server.process.wait(timeout=10)
+        first, retry = answers
+        self.assertEqual((first.status, retry.status, retry.body), (201, 201, first.body))
+        self.assertEqual(retry.headers["Idempotent-Replayed"], "true")
+        self.assertEqual(query(path, "SELECT user_id, date, time FROM appointments"),
+                         [("alice", "2026-11-25", "09:30")])
 
     def test_sigkill_loses_none_of_concurrent_clients_bookings(self):
         self.sigkill_while_booking(clients=8)  # their bookings are committed in batches
@@ -4640,6 +4827,19 @@ class WorkersTest(unittest.TestCase):
     def held(pid: int) -> int:
         """Connections a worker holds: its sockets but the listening one."""
         return open_sockets(pid) - 1
+
+    def test_a_keyed_booking_sent_to_every_worker_books_once(self):
+        server, path, workers = self.start()
+        answers = []
+        for _ in range(10):  # on new connections: both workers get some
+            conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+            conn.request("POST", "/appointments", VALID_BODY, {
+                "Content-Type": "application/json", "Idempotency-Key": '"to-every-worker"'})
+            answers.append(response_of(conn))
+            conn.close()
+        self.assertEqual({(answer.status, answer.body) for answer in answers},
+                         {(201, answers[0].body)})
+        self.assertEqual(query(path, "SELECT count(*) FROM appointments"), [(1,)])
 
     def test_every_scrape_counts_the_whole_service_and_never_goes_down(self):
         server, _, workers = self.start()
