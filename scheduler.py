@@ -3672,40 +3672,60 @@ def _char_class(ranges) -> str:
 _END = r"(?![\s\S])"  # the end of the text: "$" also matches before a final newline in re
 
 
+# Beyond the BMP, ECMA-262 without its u flag matches UTF-16 code units, and with it
+# code points (as Python does), and no range of such characters can be written that
+# both read alike (Spectral, without the flag, could not compile the user-ID pattern).
+# So one is written as not one of the few refused (each a literal, which both read
+# alike), then as a surrogate pair (without u) or a code point past U+FFFF (with u).
+_ASTRAL = r"(?:[\ud800-\udbff][\udc00-\udfff]|(?![\u0000-\uffff])[\s\S])"
+_AFTER_ASTRAL = r"(?:(?<=[\udc00-\udfff])|(?<=(?![\u0000-\uffff])[\s\S]))"  # lookbehinds
+_BEFORE_ASTRAL = r"(?:[\ud800-\udbff]|(?![\u0000-\uffff])[\s\S])"  # for a lookahead
+
+
 @functools.lru_cache(maxsize=None)
-def _character_classes() -> Tuple[str, str, str, str]:
-    """The classes the user ID's and the note's rules are made of: whitespace; the
-    characters allowed anywhere (no control characters, surrogates or invisible
-    ones); the visible non-ASCII characters a joiner may stand between; joiners."""
+def _character_classes() -> Tuple[str, str, str, str, str]:
+    """What the user ID's and the note's rules are made of, as parts of regular
+    expressions: a class of whitespace; an allowed character (no control
+    characters, surrogates or invisible ones); lookarounds for a visible non-ASCII
+    character before and after a joiner (beyond the BMP, any allowed character
+    stands for a visible one); a class of joiners."""
     # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
     # surrogates that the service refuses, and a list leaves them out by itself.
     refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
     runs = _category_runs()
-    spaces = [(code, code) for first, last, category in runs  # str.isspace's: among these
+    bmp = [(first, min(last, 0xFFFF), category) for first, last, category in runs
+           if first <= 0xFFFF]
+    spaces = [(code, code) for first, last, category in bmp  # str.isspace's: among these
               if category in ("Zs", "Zl", "Zp", "Cc")
               for code in range(first, last + 1) if chr(code).isspace()]
-    return (_char_class(spaces),
-            _char_class((first, last) for first, last, category in runs
-                        if category not in refused),
-            _char_class((max(first, 0x80), last) for first, last, category in runs
-                        if category[0] in VISIBLE_CLASSES and last >= 0x80),  # beyond ASCII
+    refused_astral = "|".join(chr(code) for first, last, category in runs
+                              if last > 0xFFFF and category in refused
+                              for code in range(max(first, 0x10000), last + 1))
+    allowed = _char_class((first, last) for first, last, category in bmp
+                          if category not in refused)
+    visible = _char_class((max(first, 0x80), last) for first, last, category in bmp
+                          if category[0] in VISIBLE_CLASSES and last >= 0x80)  # beyond ASCII
+    astral = f"(?!{refused_astral}){_ASTRAL}" if refused_astral else _ASTRAL
+    return (_char_class(spaces), f"(?:[{allowed}]|{astral})",
+            f"(?:(?<=[{visible}])|{_AFTER_ASTRAL})", f"(?=[{visible}]|{_BEFORE_ASTRAL})",
             "".join(_class_char(ord(char)) for char in JOINERS))
 
 
 def user_id_pattern() -> str:
     """parse_user_id()'s rules for a string as one regular expression: no control
     characters or surrogates, no invisible characters but joiners between visible
-    non-ASCII ones, and no whitespace first or last."""
-    space, allowed, visible, joiner = _character_classes()
-    return (f"^(?![{space}])(?:[{allowed}]|(?<=[{visible}])[{joiner}](?=[{visible}]))*"
+    non-ASCII ones, and no whitespace first or last. It compiles, and matches
+    alike, with and without ECMA-262's u flag."""
+    space, allowed, before, after, joiner = _character_classes()
+    return (f"^(?![{space}])(?:{allowed}|{before}[{joiner}]{after})*"
             f"(?<![{space}]){_END}")
 
 
 def note_pattern() -> str:
     """parse_note()'s rules as one regular expression: the user ID's characters,
     and line breaks (LF, or CR LF), anywhere."""
-    _, allowed, visible, joiner = _character_classes()
-    return f"^(?:[{allowed}\\n]|\\r\\n|(?<=[{visible}])[{joiner}](?=[{visible}]))*{_END}"
+    _, allowed, before, after, joiner = _character_classes()
+    return f"^(?:{allowed}|\\n|\\r\\n|{before}[{joiner}]{after})*{_END}"
 
 
 def date_pattern() -> str:
@@ -3965,7 +3985,9 @@ def openapi_document() -> dict:
             "schemas": {
                 "UserId": {**user_id_text, "description": "At most 256 characters; no "
                            "control characters, no whitespace first or last, no invisible "
-                           "format characters but joiners between visible non-ASCII ones"},
+                           "format characters but joiners between visible non-ASCII ones. "
+                           "The pattern reads alike with and without ECMA-262's u flag; past "
+                           "U+FFFF it takes a joiner beside any allowed character"},
                 "NewAppointment": {
                     "type": "object", "required": ["user_id", "date", "time"],
                     "properties": {"user_id": {
