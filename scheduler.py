@@ -1612,8 +1612,9 @@ class Metrics:
         [type, help text, value]}}."""
         self._fold()
         with self._lock:
-            requests = {" ".join(map(str, key)): list(counts)
-                        for key, counts in self._requests.items()}
+            # int(status): before Python 3.11, str() of an HTTPStatus is its name
+            requests = {f"{route} {method} {int(status)}": list(counts)
+                        for (route, method, status), counts in self._requests.items()}
         samples = {name: [kind, help_text, value] for collect in self.process_collectors
                    for name, kind, help_text, value in collect()}
         return _add_totals(self._carried, {"requests": requests, "samples": samples})
