@@ -4208,6 +4208,12 @@ class CORSBeforeARouteTest(CORSBeforeARoute, ServerTestCase):
             with self.subTest(name):
                 self.assertCORS(self.raw(raw), status)
 
+    def test_an_origin_past_the_first_256_kib_is_not_looked_for(self):
+        response = self.raw(b"GET /?q=" + b"x" * scheduler.ORIGIN_SEARCH_BYTES + b" HTTP/1.1\r\n"
+                            + WITH_ORIGIN + b"\r\n")
+        self.assertEqual((response.status, response.headers["Vary"]), (414, "Origin"))
+        self.assertNotIn("Access-Control-Allow-Origin", response.headers)
+
     def test_without_an_origin_they_still_vary_on_it(self):
         response = self.raw(b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n")
         self.assertEqual((response.status, response.headers["Vary"]), (501, "Origin"))
