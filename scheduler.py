@@ -3965,6 +3965,10 @@ def openapi_document() -> dict:
                                                  "origin's preflight, the CORS headers too",
                                   "headers": {name: _ref("headers", name.replace("-", ""))
                                               for name in CORS_PREFLIGHT_HEADERS}}}}
+    for path, item in paths.items():  # generators group the operations by tag
+        for operation in item.values():
+            operation["tags"] = ["appointments" if path.startswith("/appointments")
+                                 else "service"]
     user_id_text = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
                     "pattern": user_id_pattern()}
     return {
@@ -3978,6 +3982,9 @@ def openapi_document() -> dict:
                                 "to an allowed Origin carry Access-Control-Allow-Origin, "
                                 "Vary: Origin and Access-Control-Expose-Headers "
                                 f"({CORS_EXPOSE_HEADERS})."},
+        "tags": [{"name": "appointments", "description": "Booking, listing, rescheduling, "
+                                                         "cancelling; the calendar feed"},
+                 {"name": "service", "description": "Health, metrics, this document"}],
         "servers": [{"url": "/", "description": "The server that serves this document"},
                     {"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}",
                      "description": "python3 scheduler.py, as it starts by default"}],

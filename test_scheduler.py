@@ -2660,6 +2660,10 @@ class OpenAPITest(RouteTestCase):
         paths = self.document()["paths"]
         self.assertEqual(paths["/appointments"]["post"]["operationId"], "bookAppointment")
         self.assertEqual(paths["/appointments"]["head"]["operationId"], "headListAppointments")
+        names = {tag["name"] for tag in self.document()["tags"]}
+        for item in paths.values():
+            for operation in item.values():
+                self.assertTrue(operation["tags"] and set(operation["tags"]) <= names)
 
     def test_head_responses_have_no_content(self):
         heads = {path: item["head"] for path, item in self.document()["paths"].items()
