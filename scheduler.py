@@ -55,6 +55,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import mmap
 import os
 import re
@@ -199,8 +200,11 @@ class Replay(NamedTuple):
 class Keyed(NamedTuple):
     """A write sent with an Idempotency-Key: the store keeps its response, render of
     its outcome (what it returned, or the outcome it raised; None: nothing to keep),
-    in the same lock or transaction as the change."""
+    in the same lock or transaction as the change. A key belongs to the user the
+    request names, as an API key's belong to its account: one user's keys never
+    take another's room, and two users may use the same key."""
 
+    user_id: str
     key: str
     fingerprint: bytes
     render: Callable[[object], Optional[Replay]]
@@ -215,17 +219,32 @@ class AlreadyKeyed(Exception):
 
 
 KEY_LIFETIME = 24 * 3600  # seconds a key's response is kept (the draft asks it published)
-# Keys kept at most; past it the oldest is forgotten (--max-idempotency-keys). A key
-# costs 5.0 KB at worst (a 409 of a 256-emoji user ID and a 500-emoji note): 48 MiB.
-MAX_KEYS = 10_000
+MAX_KEYS = 10_000  # keys kept at most, over all users (--max-idempotency-keys)...
+MAX_KEYS_PER_USER = 100  # ...and for one user (--max-idempotency-keys-per-user)
+
+
+class KeysFull(Exception):
+    """No room to keep another Idempotency-Key: the user's keys (user_id), or every
+    user's (user_id None), number limit, and each protects a change made within
+    KEY_LIFETIME. Keys of requests that changed nothing make room first; these are
+    never forgotten early, since a retry would then make its change again.
+    retry_after: seconds until the oldest of them expires."""
+
+    def __init__(self, user_id: Optional[str], limit: int, retry_after: int):
+        super().__init__(user_id, limit, retry_after)
+        self.user_id, self.limit, self.retry_after = user_id, limit, retry_after
+
+
+MAX_APPOINTMENTS_PER_USER = 1000  # held at most by one user (--max-appointments-per-user)
 
 
 class StoreFull(Exception):
-    """The store holds as many appointments as it may (capacity)."""
+    """The store holds as many appointments as it may (capacity); or, when user_id
+    is given, that user holds as many as one user may."""
 
-    def __init__(self, capacity: int):
-        super().__init__(capacity)
-        self.capacity = capacity
+    def __init__(self, capacity: int, user_id: Optional[str] = None):
+        super().__init__(capacity, user_id)
+        self.capacity, self.user_id = capacity, user_id
 
 
 class StoreUnavailable(Exception):
@@ -447,27 +466,70 @@ def parse_changes(patch: Mapping, user_id: str) -> Changes:
 _OUTCOMES = (AlreadyBooked, NotBooked, ConditionFailed, StoreFull)  # what a write may raise
 
 
-def _once(keyed: Optional[Keyed], find: Callable[[str], Optional[Replay]],
-          keep: Callable[[str, Replay], None], perform: Callable[[], object]):
+class KeyTable(abc.ABC):
+    """The Idempotency-Keys a store keeps, each with the response it protects, as
+    _once() uses them: always under the store's lock or in the write's transaction.
+    A key is found by its user and itself. "Unchanged" keys are those of requests
+    that changed nothing (a 404, a 409): their retry would get the same answer
+    from the store again, so they are the first forgotten to make room."""
+
+    @abc.abstractmethod
+    def forget_expired(self, before: float) -> None:
+        """Forget the keys kept before that time (time.time())."""
+
+    @abc.abstractmethod
+    def find(self, user_id: str, key: str) -> Optional[Replay]:
+        """The response kept for the user's key, if any."""
+
+    @abc.abstractmethod
+    def held(self, user_id: Optional[str]) -> int:
+        """How many keys the user holds (None: every user)."""
+
+    @abc.abstractmethod
+    def forget_unchanged(self, user_id: Optional[str]) -> bool:
+        """Forget the oldest unchanged key of the user (None: of any user); False if
+        there is none."""
+
+    @abc.abstractmethod
+    def oldest(self, user_id: Optional[str]) -> float:
+        """When the oldest key of the user (None: of any user) was kept."""
+
+    @abc.abstractmethod
+    def keep(self, user_id: str, key: str, changed: bool, replay: Replay) -> None:
+        """Keep the response for the user's key, kept now."""
+
+
+def _once(keyed: Optional[Keyed], keys: KeyTable, limits: Tuple[int, int],
+          perform: Callable[[], object]):
     """perform() a write once per key: the response kept for keyed's key, if any, is
     raised (AlreadyKeyed); else the write is performed and its outcome's response
-    kept, whatever the outcome. Run under the lock or in the transaction of the
-    write, so that two writes of one key never both perform."""
+    kept, whatever the outcome. limits: the keys one user, then all users, may
+    hold; KeysFull when no key can make room (before anything is performed, so
+    nothing is ever done that a retry could do again). Run under the lock or in
+    the transaction of the write, so that two writes of one key never both
+    perform."""
     if keyed is None:
         return perform()
-    replay = find(keyed.key)
+    now = time.time()
+    keys.forget_expired(now - KEY_LIFETIME)
+    replay = keys.find(keyed.user_id, keyed.key)
     if replay is not None:
         raise AlreadyKeyed(replay)
+    for user_id, limit in zip((keyed.user_id, None), limits):
+        while keys.held(user_id) >= limit:
+            if not keys.forget_unchanged(user_id):
+                raise KeysFull(user_id, limit,
+                               max(1, math.ceil(keys.oldest(user_id) + KEY_LIFETIME - now)))
     try:
         result = perform()
     except _OUTCOMES as outcome:
         replay = keyed.render(outcome)
         if replay is not None:
-            keep(keyed.key, replay)
+            keys.keep(keyed.user_id, keyed.key, False, replay)
         raise
     replay = keyed.render(result)
     if replay is not None:
-        keep(keyed.key, replay)
+        keys.keep(keyed.user_id, keyed.key, True, replay)
     return result
 
 
@@ -477,16 +539,27 @@ class Store(abc.ABC):
     A new store implements the abstract methods; the tests' StoreContract holds it
     to them.
 
+    What it holds is bounded: capacity appointments over all users (None: no
+    bound), user_capacity for one user, max_keys Idempotency-Keys over all users
+    and max_keys_per_user for one.
+
     The three writes take keyed (an Idempotency-Key's Keyed): the first write of a
     key keeps the response keyed renders of its outcome, with the change, for
-    KEY_LIFETIME seconds and among the max_keys newest; a write of a key kept
-    already raises AlreadyKeyed with it instead, and changes nothing (_once())."""
+    KEY_LIFETIME seconds; a write of a key kept already raises AlreadyKeyed with
+    it instead, and changes nothing; KeysFull when there is no room to keep
+    another (_once())."""
+
+    capacity: Optional[int] = None
+    user_capacity: int = MAX_APPOINTMENTS_PER_USER
+    max_keys: int = MAX_KEYS
+    max_keys_per_user: int = MAX_KEYS_PER_USER
 
     @abc.abstractmethod
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
         """Store the appointment and return it. Raises AlreadyBooked, carrying the
-        existing appointment, when the user already has one that date, and
-        StoreFull when the store holds its capacity."""
+        existing appointment, when the user already has one that date; StoreFull
+        with the user's ID when the user holds user_capacity, and without one when
+        the store holds its capacity."""
 
     @abc.abstractmethod
     def get(self, user_id: str, date: dt.date) -> Appointment:
@@ -514,8 +587,18 @@ class Store(abc.ABC):
         sorted by start; empty for an unknown user."""
 
     @abc.abstractmethod
+    def version(self, user_id: str) -> object:
+        """A value that tells whether the user's appointments changed: while it is
+        equal (==) to one it returned before, they are as they were then. Taken
+        before reading them, it says what a representation of them is valid for."""
+
+    @abc.abstractmethod
     def count(self) -> int:
         """How many appointments are stored, over all users."""
+
+    @abc.abstractmethod
+    def count_keys(self) -> int:
+        """How many Idempotency-Keys are kept, over all users."""
 
     notices: Tuple[str, ...] = ()  # what opening the store did, a sentence each, for the log
 
@@ -526,39 +609,98 @@ class Store(abc.ABC):
         """Release what the store holds; it is not used afterwards."""
 
 
+class _MemoryKeys(KeyTable):
+    """InMemoryStore's keys: all of them in the order kept, each user's, and the
+    unchanged ones, so that each question is answered without a search (but for
+    one user's oldest unchanged key, among at most max_keys_per_user)."""
+
+    def __init__(self):
+        # (user ID, key) -> (when kept, changed, its response), oldest first
+        self._all: "collections.OrderedDict[Tuple[str, str], Tuple[float, bool, Replay]]" = \
+            collections.OrderedDict()
+        self._by_user: Dict[str, Dict[str, None]] = {}  # each user's keys, oldest first
+        self._unchanged: "collections.OrderedDict[Tuple[str, str], None]" = \
+            collections.OrderedDict()
+
+    def _forget(self, user_id: str, key: str) -> None:
+        del self._all[user_id, key]
+        self._unchanged.pop((user_id, key), None)
+        mine = self._by_user[user_id]
+        del mine[key]
+        if not mine:
+            del self._by_user[user_id]
+
+    def forget_expired(self, before: float) -> None:
+        while self._all:
+            (user_id, key), (kept, _, _) = next(iter(self._all.items()))
+            if kept >= before:
+                return
+            self._forget(user_id, key)
+
+    def find(self, user_id: str, key: str) -> Optional[Replay]:
+        found = self._all.get((user_id, key))
+        return None if found is None else found[2]
+
+    def held(self, user_id: Optional[str]) -> int:
+        return len(self._all) if user_id is None else len(self._by_user.get(user_id, ()))
+
+    def forget_unchanged(self, user_id: Optional[str]) -> bool:
+        if user_id is None:
+            found = next(iter(self._unchanged), None)
+        else:
+            found = next(((user_id, key) for key in self._by_user.get(user_id, ())
+                          if (user_id, key) in self._unchanged), None)
+        if found is None:
+            return False
+        self._forget(*found)
+        return True
+
+    def oldest(self, user_id: Optional[str]) -> float:
+        if user_id is not None:
+            return self._all[user_id, next(iter(self._by_user[user_id]))][0]
+        return next(iter(self._all.values()))[0]
+
+    def keep(self, user_id: str, key: str, changed: bool, replay: Replay) -> None:
+        self._all[user_id, key] = (time.time(), changed, replay)
+        self._by_user.setdefault(user_id, {})[key] = None
+        if not changed:
+            self._unchanged[user_id, key] = None
+
+
+class _Dates(dict):
+    """A user's appointments by date, once there are two or more; version changes
+    with every change (Store.version())."""
+
+    __slots__ = ("version",)
+
+
 class InMemoryStore(Store):
     """Appointments in a dict, shared safely by the request threads; the default.
 
-    Holds user ID -> the user's one appointment, or, from the second, {date -> it};
-    an appointment is kept as its start alone unless it has details. Most members
-    hold one appointment without details, and a dict of one entry costs more than
-    the rest of it (a million one-appointment users took 402 bytes each that way,
-    139 this way; README, Performance). Dates and datetimes are immutable and
-    untracked by the garbage collector, so a large store stays cheap.
+    Holds user ID -> the user's one appointment, or, from the second, _Dates {date
+    -> it}; an appointment is kept as its start alone unless it has details. Most
+    members hold one appointment without details, and a dict of one entry costs
+    more than the rest of it (a million one-appointment users took 402 bytes each
+    that way, 139 this way; README, Performance). Dates and datetimes are
+    immutable and untracked by the garbage collector, so a large store stays cheap.
     """
 
-    def __init__(self, capacity: Optional[int] = None, max_keys: int = MAX_KEYS):
+    def __init__(self, capacity: Optional[int] = None, max_keys: int = MAX_KEYS, *,
+                 user_capacity: int = MAX_APPOINTMENTS_PER_USER,
+                 max_keys_per_user: int = MAX_KEYS_PER_USER):
         self.capacity = capacity  # appointments held at most; None: no limit
-        self.max_keys = max_keys
-        self._lock = threading.Lock()  # guards _by_user, _count and _keys
-        self._by_user: Dict[str, Union[dt.datetime, Appointment,
-                                       Dict[dt.date, Union[dt.datetime, Appointment]]]] = {}
+        self.user_capacity = user_capacity
+        self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
+        self._lock = threading.Lock()  # guards everything below
+        self._by_user: Dict[str, Union[dt.datetime, Appointment, _Dates]] = {}
         self._count = 0
-        self._keys: "collections.OrderedDict[str, Tuple[float, Replay]]" = \
-            collections.OrderedDict()  # idempotency key -> (when kept, its response), oldest first
+        self._keys = _MemoryKeys()
+        self._versions = itertools.count(1)  # for _Dates.version
 
-    def _find_key(self, key: str) -> Optional[Replay]:
-        """The response kept for key, if it has not expired (forgetting those that have)."""
-        expired = time.time() - KEY_LIFETIME
-        while self._keys and next(iter(self._keys.values()))[0] < expired:
-            self._keys.popitem(last=False)
-        found = self._keys.get(key)
-        return None if found is None else found[1]
-
-    def _keep_key(self, key: str, replay: Replay) -> None:
-        self._keys[key] = (time.time(), replay)
-        while len(self._keys) > self.max_keys:  # the oldest goes
-            self._keys.popitem(last=False)
+    def _once_per_key(self, keyed: Optional[Keyed], perform: Callable[[], object]):
+        """perform() once per key (_once()), under the lock."""
+        with self._lock:
+            return _once(keyed, self._keys, (self.max_keys_per_user, self.max_keys), perform)
 
     @staticmethod
     def _kept(appointment: Appointment) -> Union[dt.datetime, Appointment]:
@@ -572,30 +714,36 @@ class InMemoryStore(Store):
 
     def _on(self, user_id: str, held, date: dt.date) -> Optional[Appointment]:
         """The appointment on date among what a user holds, if any."""
-        kept = held.get(date) if isinstance(held, dict) else held
+        kept = held.get(date) if isinstance(held, _Dates) else held
         found = None if kept is None else self._appointment(user_id, kept)
         return found if found is not None and found.start.date() == date else None
 
+    def _changed(self, held: _Dates) -> None:
+        held.version = next(self._versions)
+
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        with self._lock:  # check and insert under one hold of the lock
-            return _once(keyed, self._find_key, self._keep_key, lambda: self._book(appointment))
+        return self._once_per_key(keyed, lambda: self._book(appointment))
 
     def _book(self, appointment: Appointment) -> Appointment:
-        """book(), under the lock."""
+        """book(), under the lock: check and insert under one hold of it."""
         user_id, date = appointment.user_id, appointment.date
         held = self._by_user.get(user_id)
         existing = self._on(user_id, held, date)
         if existing is not None:
             raise AlreadyBooked(existing)
+        if (len(held) if isinstance(held, _Dates) else int(held is not None)) \
+                >= self.user_capacity:
+            raise StoreFull(self.user_capacity, user_id)
         if self.capacity is not None and self._count >= self.capacity:
             raise StoreFull(self.capacity)
         if held is None:
             self._by_user[user_id] = self._kept(appointment)
-        elif isinstance(held, dict):
+        else:
+            if not isinstance(held, _Dates):  # a second appointment
+                held = self._by_user[user_id] = _Dates(
+                    {self._appointment(user_id, held).date: held})
             held[date] = self._kept(appointment)
-        else:  # a second appointment
-            self._by_user[user_id] = {self._appointment(user_id, held).date: held,
-                                      date: self._kept(appointment)}
+            self._changed(held)
         self._count += 1
         return appointment
 
@@ -608,9 +756,7 @@ class InMemoryStore(Store):
 
     def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
                keyed: Optional[Keyed] = None) -> None:
-        with self._lock:
-            _once(keyed, self._find_key, self._keep_key,
-                  lambda: self._cancel(user_id, date, condition))
+        self._once_per_key(keyed, lambda: self._cancel(user_id, date, condition))
 
     def _cancel(self, user_id: str, date: dt.date, condition: Condition) -> None:
         """cancel(), under the lock."""
@@ -621,22 +767,22 @@ class InMemoryStore(Store):
         if condition is not None and not condition(current):
             raise ConditionFailed(current)
         self._count -= 1
-        if not isinstance(held, dict):
+        if not isinstance(held, _Dates):
             del self._by_user[user_id]
         else:
             del held[date]
+            self._changed(held)
             if len(held) == 1:  # one left: compact again
                 self._by_user[user_id] = next(iter(held.values()))
 
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
                    condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
-        with self._lock:  # check and change under one hold of the lock
-            return _once(keyed, self._find_key, self._keep_key,
-                         lambda: self._reschedule(user_id, date, changes, condition))
+        return self._once_per_key(keyed, lambda: self._reschedule(user_id, date, changes,
+                                                                   condition))
 
     def _reschedule(self, user_id: str, date: dt.date, changes: Changes,
                     condition: Condition) -> Appointment:
-        """reschedule(), under the lock."""
+        """reschedule(), under the lock: check and change under one hold of it."""
         held = self._by_user.get(user_id)
         found = self._on(user_id, held, date)
         if found is None:
@@ -647,18 +793,19 @@ class InMemoryStore(Store):
             raise AlreadyBooked(existing)
         if condition is not None and not condition(found):
             raise ConditionFailed(found)
-        if not isinstance(held, dict):
+        if not isinstance(held, _Dates):
             self._by_user[user_id] = self._kept(changed)
         else:
             del held[date]
             held[changed.date] = self._kept(changed)
+            self._changed(held)
         return changed
 
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
         with self._lock:
             held = self._by_user.get(user_id)
-            kept = list(held.values()) if isinstance(held, dict) else () if held is None \
+            kept = list(held.values()) if isinstance(held, _Dates) else () if held is None \
                 else (held,)
         found = [Appointment(user_id, one) if type(one) is dt.datetime else one for one in kept]
         if first is not None or last is not None:
@@ -667,9 +814,20 @@ class InMemoryStore(Store):
                      and (last is None or appointment.start.date() <= last)]
         return sorted(found) if len(found) > 1 else found  # by start: one a date
 
+    def version(self, user_id: str) -> object:
+        """The version of the user's _Dates; else what is kept of the one appointment
+        (immutable, and equal only to the same appointment), or None for none."""
+        with self._lock:
+            held = self._by_user.get(user_id)
+            return held.version if isinstance(held, _Dates) else held
+
     def count(self) -> int:
         with self._lock:
             return self._count
+
+    def count_keys(self) -> int:
+        with self._lock:
+            return self._keys.held(None)
 
 
 class _Write:
@@ -902,8 +1060,97 @@ def _schema_3(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)")
 
 
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3)  # step n is SCHEMA_STEPS[n - 1]; new ones last
+def _schema_4(db: sqlite3.Connection) -> None:
+    """Each user's count and version of appointments, kept by triggers; idempotency
+    keys scoped to the user a request names."""
+    for statement in (
+            "CREATE TABLE users (user_id TEXT PRIMARY KEY, appointments INTEGER NOT NULL, "
+            "version INTEGER NOT NULL) WITHOUT ROWID",
+            "INSERT INTO users SELECT user_id, count(*), 1 FROM appointments GROUP BY user_id",
+            "CREATE TRIGGER user_booked AFTER INSERT ON appointments BEGIN "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END",
+            "CREATE TRIGGER user_cancelled AFTER DELETE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; END",
+            "CREATE TRIGGER user_changed AFTER UPDATE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END",
+            "ALTER TABLE idempotency_keys RENAME TO unscoped_keys",
+            "DROP INDEX idempotency_keys_by_age",
+            "CREATE TABLE idempotency_keys (user_id TEXT NOT NULL, key TEXT NOT NULL, "
+            "fingerprint BLOB NOT NULL, kept REAL NOT NULL, changed INTEGER NOT NULL, "
+            "status INTEGER NOT NULL, media_type TEXT, headers TEXT NOT NULL, body BLOB, "
+            "PRIMARY KEY (user_id, key))",
+            "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)",
+            "CREATE INDEX idempotency_keys_unchanged ON idempotency_keys (kept) "
+            "WHERE NOT changed",
+            # A key kept before moves to the user its response names (a booking, a move,
+            # the appointment in the way); one whose response names none (a DELETE's)
+            # is dropped: a retry finds nothing to cancel, and changes nothing.
+            "INSERT INTO idempotency_keys SELECT user_id, key, fingerprint, kept, "
+            "status < 300, status, media_type, headers, body FROM (SELECT CASE WHEN "
+            "json_valid(CAST(body AS TEXT)) THEN coalesce(json_extract(CAST(body AS TEXT), "
+            "'$.user_id'), json_extract(CAST(body AS TEXT), '$.appointment.user_id')) END "
+            "AS user_id, * FROM unscoped_keys) WHERE typeof(user_id) = 'text'",
+            "DROP TABLE unscoped_keys"):
+        db.execute(statement)
+
+
+# Step n is SCHEMA_STEPS[n - 1]; new ones go last.
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
+
+
+class _SQLKeys(KeyTable):
+    """The idempotency_keys table (schema step 4), through a connection in the
+    write's transaction."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def forget_expired(self, before: float) -> None:
+        self.db.execute("DELETE FROM idempotency_keys WHERE kept < ?", (before,))
+
+    def find(self, user_id: str, key: str) -> Optional[Replay]:
+        row = self.db.execute("SELECT fingerprint, status, media_type, headers, body FROM "
+                              "idempotency_keys WHERE user_id = ? AND key = ?",
+                              (user_id, key)).fetchone()
+        if row is None:
+            return None
+        fingerprint, status, media_type, headers, body = row
+        return Replay(bytes(fingerprint), status, media_type,
+                      tuple(tuple(header) for header in json.loads(headers)),
+                      None if body is None else bytes(body))
+
+    def held(self, user_id: Optional[str]) -> int:
+        if user_id is None:
+            return self.db.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
+        return self.db.execute("SELECT count(*) FROM idempotency_keys WHERE user_id = ?",
+                               (user_id,)).fetchone()[0]
+
+    def forget_unchanged(self, user_id: Optional[str]) -> bool:
+        if user_id is None:
+            oldest = "SELECT rowid FROM idempotency_keys WHERE NOT changed ORDER BY kept LIMIT 1"
+        else:
+            oldest = ("SELECT rowid FROM idempotency_keys WHERE user_id = ? AND NOT changed "
+                      "ORDER BY kept LIMIT 1")
+        return self.db.execute(f"DELETE FROM idempotency_keys WHERE rowid = ({oldest})",
+                               () if user_id is None else (user_id,)).rowcount > 0
+
+    def oldest(self, user_id: Optional[str]) -> float:
+        if user_id is None:
+            return self.db.execute("SELECT min(kept) FROM idempotency_keys").fetchone()[0]
+        return self.db.execute("SELECT min(kept) FROM idempotency_keys WHERE user_id = ?",
+                               (user_id,)).fetchone()[0]
+
+    def keep(self, user_id: str, key: str, changed: bool, replay: Replay) -> None:
+        self.db.execute("INSERT INTO idempotency_keys (user_id, key, fingerprint, kept, changed, "
+                        "status, media_type, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (user_id, key, replay.fingerprint, time.time(), changed, replay.status,
+                         replay.media_type, json.dumps(replay.headers), replay.body))
 
 
 class SQLiteStore(Store):
@@ -931,13 +1178,15 @@ class SQLiteStore(Store):
     """
 
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
-                 max_keys: int = MAX_KEYS):
+                 max_keys: int = MAX_KEYS, *, user_capacity: int = MAX_APPOINTMENTS_PER_USER,
+                 max_keys_per_user: int = MAX_KEYS_PER_USER):
         """Open (creating if needed) the database; raises DatabaseRefused for a file
         that is not this service's, and sqlite3.Error if it cannot be opened or
         written. busy_timeout: how long a write may wait for the database (the
         writers' lock, then SQLite's) before StoreUnavailable."""
         self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
-        self.max_keys = max_keys
+        self.user_capacity = user_capacity
+        self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
         self.batches = 0  # transactions committed by write(), each of one write or more
         self.damaged: Optional[str] = None  # why the file is damaged, once an error said so
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
@@ -1272,9 +1521,10 @@ class SQLiteStore(Store):
         user_id, date = appointment.user_id, appointment.date.isoformat()
         limit = -1 if self.capacity is None else self.capacity
         insert = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
-                  f"{', ?' * len(DETAILS)} WHERE ? < 0 OR (SELECT n FROM appointment_count) < ?",
+                  f"{', ?' * len(DETAILS)} WHERE (? < 0 OR (SELECT n FROM appointment_count) "
+                  "< ?) AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ?",
                   (user_id, date, f"{appointment.start:%H:%M}", *appointment.details,
-                   limit, limit))
+                   limit, limit, user_id, self.user_capacity))
         try:
             if db.execute(*insert).rowcount:
                 return appointment
@@ -1285,6 +1535,10 @@ class SQLiteStore(Store):
             raise AlreadyBooked(existing)
         if db.execute(*insert).rowcount:  # the row in the way was set aside
             return appointment
+        held = db.execute("SELECT appointments FROM users WHERE user_id = ?",
+                          (user_id,)).fetchone()
+        if held is not None and held[0] >= self.user_capacity:
+            raise StoreFull(self.user_capacity, user_id)
         raise StoreFull(limit)
 
     def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date,
@@ -1334,49 +1588,25 @@ class SQLiteStore(Store):
         db.execute("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)", self.PROBE)
         db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?", self.PROBE[:2])
 
-    def _once(self, db: sqlite3.Connection, keyed: Optional[Keyed], apply: Callable, *args):
-        """apply(db, *args), once per key: the key's response is read and written in
-        the write's own transaction, so a retry after a crash, or in another worker,
-        finds it or finds nothing done."""
-        return _once(keyed, lambda key: self._find_key(db, key),
-                     lambda key, replay: self._keep_key(db, key, replay),
+    def _once_per_key(self, db: sqlite3.Connection, keyed: Optional[Keyed], apply: Callable,
+                      *args):
+        """apply(db, *args), once per key (_once()): the key's response
+        is read and written in the write's own transaction, so a retry after a
+        crash, or in another worker, finds it or finds nothing done."""
+        return _once(keyed, _SQLKeys(db), (self.max_keys_per_user, self.max_keys),
                      lambda: apply(db, *args))
 
-    @staticmethod
-    def _find_key(db: sqlite3.Connection, key: str) -> Optional[Replay]:
-        row = db.execute("SELECT fingerprint, status, media_type, headers, body FROM "
-                         "idempotency_keys WHERE key = ? AND kept >= ?",
-                         (key, time.time() - KEY_LIFETIME)).fetchone()
-        if row is None:
-            return None
-        fingerprint, status, media_type, headers, body = row
-        return Replay(bytes(fingerprint), status, media_type,
-                      tuple(tuple(header) for header in json.loads(headers)),
-                      None if body is None else bytes(body))
-
-    def _keep_key(self, db: sqlite3.Connection, key: str, replay: Replay) -> None:
-        """Keep the response; forget those past KEY_LIFETIME and beyond max_keys (the
-        oldest: rowids grow as keys are kept)."""
-        now = time.time()
-        db.execute("DELETE FROM idempotency_keys WHERE kept < ?", (now - KEY_LIFETIME,))
-        db.execute("INSERT OR REPLACE INTO idempotency_keys (key, fingerprint, kept, status, "
-                   "media_type, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   (key, replay.fingerprint, now, replay.status, replay.media_type,
-                    json.dumps(replay.headers), replay.body))
-        db.execute("DELETE FROM idempotency_keys WHERE rowid <= "
-                   "(SELECT max(rowid) FROM idempotency_keys) - ?", (self.max_keys,))
-
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        return self.write(self._once, keyed, self._book, appointment)
+        return self.write(self._once_per_key, keyed, self._book, appointment)
 
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
                    condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
-        return self.write(self._once, keyed, self._reschedule, user_id, date, changes,
+        return self.write(self._once_per_key, keyed, self._reschedule, user_id, date, changes,
                           condition)
 
     def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
                keyed: Optional[Keyed] = None) -> None:
-        self.write(self._once, keyed, self._cancel, user_id, date, condition)
+        self.write(self._once_per_key, keyed, self._cancel, user_id, date, condition)
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self._reading() as db:
@@ -1397,9 +1627,21 @@ class SQLiteStore(Store):
         return [found for found in (self._appointment(user_id, *row) for row in rows)
                 if found is not None]
 
+    def version(self, user_id: str) -> object:
+        """The user's version, which the triggers count up at every change; None for
+        a user who never held an appointment."""
+        with self._reading() as db:
+            found = db.execute("SELECT version FROM users WHERE user_id = ?",
+                               (user_id,)).fetchone()
+        return None if found is None else found[0]
+
     def count(self) -> int:
         with self._reading() as db:
             return db.execute("SELECT n FROM appointment_count").fetchone()[0]
+
+    def count_keys(self) -> int:
+        with self._reading() as db:
+            return _SQLKeys(db).held(None)
 
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
@@ -1937,15 +2179,17 @@ def content_of(body) -> Optional[bytes]:
     return body.encode() if isinstance(body, str) else json_content(body)
 
 
-def write_once(service: "Service", request: Request, perform: Callable[[Optional[Keyed]], object],
+def write_once(service: "Service", request: Request, user_id: str,
+               perform: Callable[[Optional[Keyed]], object],
                reply_for: Callable[[object], Reply]) -> Reply:
     """A write's reply: perform(keyed) makes the change in the store, reply_for(its
-    result) is the reply. With an Idempotency-Key, the store keeps the reply (or
-    the error's, as error_reply() makes it; not a 5xx, which a retry may not get)
-    with the change, and a retry of the same request gets it again, byte for byte
-    in its body, with Idempotent-Replayed: true (as Stripe's API says it). The
-    same key with another method, target or body is a 422; a retry while the
-    first is in this process still is a 409 (draft section 2.6)."""
+    result) is the reply. With an Idempotency-Key, which belongs to user_id (the
+    user the request names), the store keeps the reply (or the error's, as
+    error_reply() makes it; not a 5xx, which a retry may not get) with the change,
+    and a retry of the same request gets it again, byte for byte in its body, with
+    Idempotent-Replayed: true (as Stripe's API says it). The same key with another
+    method, target or body is a 422; a retry that arrives while the first is still
+    being handled in this process is a 409 (draft section 2.6)."""
     key = idempotency_key(request.headers)
     if key is None:
         return reply_for(perform(None))
@@ -1959,11 +2203,14 @@ def write_once(service: "Service", request: Request, perform: Callable[[Optional
         return Replay(fingerprint, reply.status, reply.media_type, reply.headers,
                       content_of(reply.body))
 
-    with service.processing(key):
+    with service.processing(user_id, key):
         try:
-            return reply_for(perform(Keyed(key, fingerprint, render)))
+            return reply_for(perform(Keyed(user_id, key, fingerprint, render)))
         except AlreadyKeyed as kept:
             replay = kept.replay
+        except KeysFull:
+            service.count_refused_key()
+            raise
     if replay.fingerprint != fingerprint:
         raise HTTPError(422, "This Idempotency-Key came with another request (method, URL or "
                              "body) in the last 24 hours; send a new key with a new request.")
@@ -1976,7 +2223,8 @@ def book_appointment(service: "Service", request: Request) -> Reply:
         raise HTTPError(400, "The request body must be a JSON object, e.g. "
                              '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
     appointment = parse_appointment(request.body)
-    return write_once(service, request, lambda keyed: service.store.book(appointment, keyed),
+    return write_once(service, request, appointment.user_id,
+                      lambda keyed: service.store.book(appointment, keyed),
                       lambda booked: Reply(HTTPStatus.CREATED, booked.as_json(),
                                            (("Location", appointment_url(booked)),)))
 
@@ -2003,14 +2251,14 @@ def reschedule_appointment(service: "Service", request: Request) -> Reply:
         return reply._replace(headers=reply.headers + (("Location", url),
                                                        ("Content-Location", url)))
 
-    return write_once(service, request, lambda keyed: service.store.reschedule(
+    return write_once(service, request, user_id, lambda keyed: service.store.reschedule(
         user_id, date, changes, condition, keyed), moved_reply)
 
 
 def cancel_appointment(service: "Service", request: Request) -> Reply:
     user_id, date = path_key(request.params)
     condition = write_condition(request.headers)
-    return write_once(service, request,
+    return write_once(service, request, user_id,
                       lambda keyed: service.store.cancel(user_id, date, condition, keyed),
                       lambda _: Reply(HTTPStatus.NO_CONTENT, None))
 
@@ -2162,7 +2410,9 @@ class Limits(NamedTuple):
     max_connections: int = 256  # served at once; then the idle make room, or 503
     shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
     max_appointments: int = 500_000  # stored at most, over all users; more get 507
-    max_idempotency_keys: int = MAX_KEYS  # kept at most; past it the oldest is forgotten
+    max_appointments_per_user: int = MAX_APPOINTMENTS_PER_USER  # held by one; more get 409
+    max_idempotency_keys: int = MAX_KEYS  # kept at most (24 hours each); then 503...
+    max_idempotency_keys_per_user: int = MAX_KEYS_PER_USER  # ...and 429 past one user's
 
 
 class HTTPRequest(NamedTuple):
@@ -2422,10 +2672,24 @@ def http_error(error: BaseException) -> HTTPError:
                               f"ETag is now {tag}. Nothing was changed; GET it, and retry with "
                               "the ETag you get.",
                          headers={"ETag": tag}, appointment=error.current.as_json())
+    if isinstance(error, StoreFull) and error.user_id is not None:
+        return HTTPError(409, f"User {error.user_id} holds {error.capacity} appointments, the "
+                              "most one user may; cancel one (past ones count too) to book "
+                              "another.")
     if isinstance(error, StoreFull):
         return HTTPError(507, f"The service holds its maximum of {error.capacity} appointments "
                               "and can book no more until some are cancelled; tell its "
                               "operator (the limit is --max-appointments).")
+    if isinstance(error, KeysFull) and error.user_id is not None:
+        return HTTPError(429, f"User {error.user_id} has made {error.limit} changes with an "
+                              "Idempotency-Key in the last 24 hours, the most one user may; "
+                              f"retry in {error.retry_after} seconds, or without the key.",
+                         headers={"Retry-After": str(error.retry_after)})
+    if isinstance(error, KeysFull):
+        return HTTPError(503, f"The service keeps its maximum of {error.limit} Idempotency-Keys, "
+                              "each protecting a change made in the last 24 hours; retry in "
+                              f"{error.retry_after} seconds, or without the key.",
+                         headers={"Retry-After": str(error.retry_after)})
     if isinstance(error, StoreUnavailable):
         return HTTPError(503, str(error), headers={} if error.retry_after is None
                          else {"Retry-After": str(error.retry_after)})
@@ -2525,12 +2789,16 @@ class Service:
         self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
         self.log = log
         self.now = utc_now  # the clock, for what says when it was made (a feed's DTSTAMP)
-        self._processing: set = set()  # the Idempotency-Keys of writes under way here
-        self._processing_lock = threading.Lock()  # guards _processing
+        self._processing: set = set()  # (user ID, Idempotency-Key) of writes under way here
+        self._keys_refused = 0  # writes refused for want of room for their key
+        self._processing_lock = threading.Lock()  # guards _processing and _keys_refused
         self.metrics = Metrics()
-        self.metrics.collectors.append(lambda: [(
-            "scheduler_appointments", "gauge", "Appointments stored, over all users.",
-            store.count())])
+        self.metrics.collectors.append(lambda: [
+            ("scheduler_appointments", "gauge", "Appointments stored, over all users.",
+             store.count()),
+            ("scheduler_idempotency_keys", "gauge", "Idempotency-Keys kept, over all users.",
+             store.count_keys())])
+        self.metrics.process_collectors.append(self._key_metrics)
 
     def begin(self, request: HTTPRequest) -> Exchange:
         """Match the request's route and, if the route takes a body, check the one
@@ -2566,21 +2834,34 @@ class Service:
         return self.with_cors(reply, request)
 
     @contextlib.contextmanager
-    def processing(self, key: str):
-        """While a write of this Idempotency-Key is under way here; 409 if one already
-        is (another process's, at the same moment, waits for its transaction and
-        then finds the key kept)."""
+    def processing(self, user_id: str, key: str):
+        """While a write of the user's Idempotency-Key is under way here; 409 if one
+        already is (another process's, at the same moment, waits for its
+        transaction and then finds the key kept)."""
         with self._processing_lock:
-            if key in self._processing:
+            if (user_id, key) in self._processing:
                 raise HTTPError(409, "A request with this Idempotency-Key is still being "
                                      "processed; retry once it has been answered.",
                                 headers={"Retry-After": "1"})
-            self._processing.add(key)
+            self._processing.add((user_id, key))
         try:
             yield
         finally:
             with self._processing_lock:
-                self._processing.discard(key)
+                self._processing.discard((user_id, key))
+
+    def count_refused_key(self) -> None:
+        """Count a write refused because no Idempotency-Key could make room."""
+        with self._processing_lock:
+            self._keys_refused += 1
+
+    def _key_metrics(self) -> List[Sample]:
+        with self._processing_lock:
+            refused = self._keys_refused
+        return [("scheduler_idempotency_keys_refused_total", "counter",
+                 "Writes refused (429 or 503) because their Idempotency-Key could not be "
+                 "kept: the user's or every user's keys protect changes made within 24 "
+                 "hours.", refused)]
 
     def problem(self, error: BaseException, request: Optional[HTTPRequest] = None,
                 line: str = "", origin: Optional[str] = None) -> Reply:
@@ -3266,8 +3547,13 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
                                     "finish"),
     "max_appointments": ("N", "appointments stored at most, over all users; more get 507 "
                               "(about 400 bytes each in memory at worst)"),
-    "max_idempotency_keys": ("N", "Idempotency-Keys kept at most (each for 24 hours); past "
-                                  "it the oldest is forgotten"),
+    "max_appointments_per_user": ("N", "appointments one user may hold, past ones included; "
+                                       "more get 409"),
+    "max_idempotency_keys": ("N", "Idempotency-Keys kept at most, over all users (each for 24 "
+                                  "hours); a new one past it gets 503, once no key of a request "
+                                  "that changed nothing can make room"),
+    "max_idempotency_keys_per_user": ("N", "Idempotency-Keys one user may hold; past it, "
+                                           "429 likewise"),
 }
 
 
@@ -3382,10 +3668,12 @@ def say(line: str) -> None:
 
 def open_store(args: argparse.Namespace, limits: Limits) -> Optional[Store]:
     """The store the options ask for, or None, having said why it cannot be opened."""
+    quotas = {"max_keys": limits.max_idempotency_keys,
+              "user_capacity": limits.max_appointments_per_user,
+              "max_keys_per_user": limits.max_idempotency_keys_per_user}
     try:
-        keys = limits.max_idempotency_keys
-        return (SQLiteStore(args.db, limits.max_appointments, max_keys=keys) if args.db
-                else InMemoryStore(limits.max_appointments, keys))
+        return (SQLiteStore(args.db, limits.max_appointments, **quotas) if args.db
+                else InMemoryStore(limits.max_appointments, **quotas))
     except sqlite3.Error as error:
         say(f"scheduler: cannot open the database {args.db}: {error}")
         return None
@@ -3800,10 +4088,18 @@ def openapi_document() -> dict:
                             400, "The request body must be a JSON object, e.g. "
                                  '{"user_id": "alice", "date": "2026-11-25", '
                                  '"time": "09:30"}.'))
-    store_errors = {"503": _problem("The database is busy or failing; retry after "
+    retry_after = {"Retry-After": _ref("headers", "RetryAfter")}
+    store_errors = {"429": _problem("The user has made as many changes with an "
+                                    "Idempotency-Key in the last 24 hours as one user may "
+                                    "(their keys of requests that changed nothing make room "
+                                    "first); retry after Retry-After seconds, or without the "
+                                    "key", headers=retry_after),
+                    "503": _problem("The database is busy or failing, or the service keeps "
+                                    "as many Idempotency-Keys as it may, each protecting a "
+                                    "change made in the last 24 hours; retry after "
                                     "Retry-After seconds where it is given (a full disk or "
                                     "a damaged file has none: retrying will not fix them)",
-                                    headers={"Retry-After": _ref("headers", "RetryAfter")}),
+                                    headers=retry_after),
                     "default": errors["default"]}
     paths = {
         "/appointments": {
@@ -3831,10 +4127,11 @@ def openapi_document() -> dict:
                                       "description": "The appointment's own URL",
                                       "schema": text}}),
                     "400": not_json,
-                    "409": _problem("The user already has an appointment that date (or a "
+                    "409": _problem("The user already has an appointment that date; "
+                                    "`appointment` is that one (without `appointment`: the "
+                                    "user holds as many appointments as one user may, or a "
                                     "request with this Idempotency-Key is still being "
-                                    "processed: no `appointment`, and Retry-After); "
-                                    "`appointment` is that one", "ConflictProblem",
+                                    "processed, with Retry-After)", "ConflictProblem",
                                     conflict=HTTPError(
                                         409, "User alice already has an appointment on "
                                              "2026-11-25, at 09:30; a user may book one "

@@ -679,6 +679,66 @@ class StoreContract:
         self.assertEqual(sorted(outcomes), ["booked"] * 5 + ["full"] * 11)
         self.assertEqual(store.count(), 5)
 
+    def test_a_user_at_their_capacity_books_no_more_but_others_may(self):
+        store = self.make_store(user_capacity=3)
+        self.addCleanup(store.close)
+        days = [dt.date(2026, 11, day) for day in range(1, 5)]
+        for day in days[:3]:
+            store.book(appointment(date=day.isoformat()))
+        with self.assertRaises(scheduler.StoreFull) as caught:
+            store.book(appointment(date=days[3].isoformat()))
+        self.assertEqual((caught.exception.capacity, caught.exception.user_id), (3, "alice"))
+        with self.assertRaises(scheduler.AlreadyBooked):  # a conflict is still one
+            store.book(appointment(date=days[0].isoformat(), time="15:00"))
+        store.book(appointment("bob"))
+        moved = store.reschedule("alice", days[0], scheduler.Changes(days[3], None))
+        self.assertEqual(moved.date, days[3])  # a move holds no more
+        store.cancel("alice", days[1])
+        store.book(appointment(date=days[1].isoformat()))  # a cancellation makes room
+        self.assertEqual(len(store.list_for_user("alice")), 3)
+
+    def test_racing_bookings_of_one_user_never_pass_their_capacity(self):
+        store = self.make_store(user_capacity=4)
+        self.addCleanup(store.close)
+        barrier, outcomes = threading.Barrier(12), []
+
+        def book(day):
+            barrier.wait()
+            try:
+                store.book(appointment(date=f"2026-11-{day:02}"))
+                outcomes.append("booked")
+            except scheduler.StoreFull:
+                outcomes.append("full")
+
+        run_all([threading.Thread(target=book, args=(day,)) for day in range(1, 13)])
+        self.assertEqual(sorted(outcomes), ["booked"] * 4 + ["full"] * 8)
+        self.assertEqual(len(store.list_for_user("alice")), 4)
+
+    def test_a_users_version_changes_with_their_appointments_alone(self):
+        versions = [self.store.version("alice")]
+
+        def changed(change) -> object:
+            change()
+            self.assertNotIn(self.store.version("alice"), versions)
+            versions.append(self.store.version("alice"))
+
+        changed(lambda: self.store.book(appointment()))
+        changed(lambda: self.store.book(appointment(date="2026-11-26")))
+        changed(lambda: self.store.book(appointment(date="2026-11-27")))
+        changed(lambda: self.store.reschedule("alice", self.D25, scheduler.Changes(
+            details={"note": "a note"})))
+        changed(lambda: self.store.reschedule("alice", self.D26, scheduler.Changes(
+            dt.date(2026, 11, 28), None)))
+        changed(lambda: self.store.cancel("alice", self.D25))
+        changed(lambda: self.store.cancel("alice", dt.date(2026, 11, 27)))
+        unchanged = self.store.version("alice")
+        self.store.book(appointment("bob"))
+        self.store.list_for_user("alice")
+        self.store.get("alice", dt.date(2026, 11, 28))
+        with self.assertRaises(scheduler.AlreadyBooked):
+            self.store.book(appointment(date="2026-11-28"))
+        self.assertEqual(self.store.version("alice"), unchanged)
+
     def test_book_returns_the_appointment_and_lists_it(self):
         booked = self.store.book(appointment())
         self.assertEqual(booked, appointment())
@@ -1243,6 +1303,42 @@ class SchemaTest(unittest.TestCase):
                 self.assertEqual(store.book(noted), noted)  # the new column, in use
                 with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK"):
                     query(path, "UPDATE appointments SET note = ?", ("x" * 501,))
+
+    def test_version_4_counts_each_users_appointments_and_scopes_the_keys_kept(self):
+        path = temporary_database(self)
+        booked = json.dumps(appointment().as_json()).encode()
+        in_the_way = json.dumps({"status": 409, "appointment": appointment(
+            "bob").as_json()}).encode()
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            for step in scheduler.SCHEMA_STEPS[:3]:  # as the release of version 3 left it
+                step(db)
+            db.execute("PRAGMA user_version = 3")
+            db.executemany("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
+                           [("alice", "2026-11-25", "09:30"), ("alice", "2026-11-26", "10:00"),
+                            ("bob", "2026-11-25", "09:30")])
+            db.executemany("INSERT INTO idempotency_keys VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                ("booked", b"f1", time.time(), 201, "application/json", "[]", booked),
+                ("conflict", b"f2", time.time(), 409, "application/problem+json", "[]",
+                 in_the_way),
+                ("cancelled", b"f3", time.time(), 204, None, "[]", None)])
+        store = self.open(path, user_capacity=2)
+        self.assertIn("Upgraded", store.notices[0])
+        self.assertEqual(query(path, "SELECT * FROM users ORDER BY user_id"),
+                         [("alice", 2, 1), ("bob", 1, 1)])
+        self.assertEqual(query(path, "SELECT user_id, key, changed, status FROM "
+                                     "idempotency_keys ORDER BY key"),
+                         [("alice", "booked", 1, 201), ("bob", "conflict", 0, 409)])
+        with self.assertRaises(scheduler.AlreadyKeyed) as kept:
+            store.book(appointment(), scheduler.Keyed("alice", "booked", b"f1", None))
+        self.assertEqual(kept.exception.replay.body, booked)
+        with self.assertRaises(scheduler.StoreFull):  # alice's two count
+            store.book(appointment(date="2026-11-27"))
+        store.book(appointment("bob", "2026-11-27"))
+        store.reschedule("bob", dt.date(2026, 11, 27), scheduler.Changes(
+            dt.date(2026, 11, 28), None))
+        store.cancel("alice", dt.date(2026, 11, 26))
+        self.assertEqual(query(path, "SELECT * FROM users ORDER BY user_id"),
+                         [("alice", 1, 2), ("bob", 2, 4)])
 
     def test_one_count_row_whatever_the_number_of_starts(self):
         for path in (temporary_database(self),
@@ -2173,7 +2269,7 @@ def kept_keys(store: scheduler.Store) -> int:
     """How many idempotency keys the store keeps now."""
     if isinstance(store, scheduler.SQLiteStore):
         return query(store.path, "SELECT count(*) FROM idempotency_keys")[0][0]
-    return len(store._keys)
+    return store.count_keys()
 
 
 class BlockingStore(scheduler.InMemoryStore):
@@ -2243,7 +2339,7 @@ class IdempotencyKeyTest(RouteTestCase):
         self.assertEqual(self.keyed("POST", "/appointments", self.BOOKING).status, 201)
         for method, path, body in (
                 ("POST", "/appointments", {**self.BOOKING, "time": "10:00"}),
-                ("POST", "/appointments", {**self.BOOKING, "user_id": "bob"}),
+                ("POST", "/appointments", {**self.BOOKING, "date": "2026-11-26"}),
                 ("DELETE", "/appointments/alice/2026-11-25", None),
                 ("PATCH", "/appointments/alice/2026-11-25", {"time": "11:00"})):
             with self.subTest(method=method, body=body):
@@ -2276,24 +2372,82 @@ class IdempotencyKeyTest(RouteTestCase):
             retry = self.keyed("POST", "/appointments", self.BOOKING)
         self.assertEqual((first.status, retry.status), (201, 409))  # done again, so a conflict
 
-    def test_past_the_cap_the_oldest_key_is_forgotten(self):
+    def with_quotas(self, **quotas) -> scheduler.Store:
+        """A fresh store of this class's kind, with these bounds, behind self.client."""
         store = self.make_store()
         self.addCleanup(store.close)
-        store.max_keys = 3
-        self.client = Client(store)
-        firsts = [self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": f"u{n}"},
-                             key=f'"key-{n}"') for n in range(4)]
-        self.assertEqual([first.status for first in firsts], [201] * 4)
-        for n in (1, 2, 3):
-            self.assertReplayOf(self.keyed("POST", "/appointments", {
-                **self.BOOKING, "user_id": f"u{n}"}, key=f'"key-{n}"'), firsts[n])
-        forgotten = self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": "u0"},
-                               key='"key-0"')
-        self.assertEqual((forgotten.status, forgotten.headers["Idempotent-Replayed"]),
-                         (409, None))  # done again: the booking is there, once
-        for n in range(4, 50):  # a flood of new keys keeps no more than the cap
-            self.keyed("DELETE", f"/appointments/u{n}/2026-11-25", key=f'"flood-{n}"')
+        for name, value in quotas.items():
+            setattr(store, name, value)
+        self.store, self.client = store, Client(store)
+        return store
+
+    def flood(self, user_ids, count: int, prefix: str = "flood") -> None:
+        """Keyed DELETEs of appointments that do not exist: each a 404, kept."""
+        for n in range(count):
+            user_id = user_ids[n % len(user_ids)]
+            self.assertEqual(self.keyed("DELETE", f"/appointments/{user_id}/2026-11-25",
+                                        key=f'"{prefix}-{n}"').status, 404)
+
+    def test_keys_belong_to_the_user_the_request_names(self):
+        first = self.keyed("POST", "/appointments", self.BOOKING)
+        bobs = self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": "bob"})
+        self.assertEqual((first.status, bobs.status), (201, 201))  # the same key, bob's own
+        self.assertIsNone(bobs.headers["Idempotent-Replayed"])
+        self.assertReplayOf(self.keyed("POST", "/appointments", self.BOOKING), first)
+        self.assertReplayOf(self.keyed("POST", "/appointments",
+                                       {**self.BOOKING, "user_id": "bob"}), bobs)
+
+    def test_a_flood_of_keys_never_makes_a_retry_book_twice(self):
+        store = self.with_quotas(max_keys=20, max_keys_per_user=5)
+        first = self.keyed("POST", "/appointments", self.BOOKING)
+        moved = self.keyed("PATCH", "/appointments/alice/2026-11-25", {"date": "2026-11-26"},
+                           key='"move-1"')
+        self.assertEqual((first.status, moved.status), (201, 200))
+        # Keyed 404s: from one user, then from as many users as the service keeps keys.
+        self.flood(["mallory"], 50, "one")
+        self.assertEqual(kept_keys(store), 2 + 5)
+        self.flood([f"u{n}" for n in range(60)], 60, "many")
+        self.assertEqual(kept_keys(store), 20)
+        self.assertReplayOf(self.keyed("POST", "/appointments", self.BOOKING), first)
+        self.assertReplayOf(self.keyed("PATCH", "/appointments/alice/2026-11-25",
+                                       {"date": "2026-11-26"}, key='"move-1"'), moved)
+        self.assertEqual(self.stored(), [appointment(date="2026-11-26")])
+
+    def test_past_a_users_bound_a_key_of_a_change_is_refused_with_429(self):
+        store = self.with_quotas(max_keys_per_user=2)
+        self.flood(["alice"], 1)  # unchanged: makes room when needed
+        for date in ("2026-11-25", "2026-11-26"):
+            self.assertEqual(self.keyed("POST", "/appointments", {**self.BOOKING, "date": date},
+                                        key=f'"{date}"').status, 201)
+        refused = self.keyed("POST", "/appointments", {**self.BOOKING, "date": "2026-11-27"},
+                             key='"third"')
+        problem = self.assertProblem(refused, 429)
+        self.assertIn("User alice has made 2 changes with an Idempotency-Key", problem["detail"])
+        self.assertGreater(int(refused.headers["Retry-After"]), 24 * 3600 - 60)
+        self.assertEqual(len(self.stored()), 2)  # nothing done that a retry could do again
+        self.assertEqual(self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": "bob"},
+                                    key='"third"').status, 201)  # others are not touched
+        self.assertEqual(self.book(date="2026-11-27").status, 201)  # and alice, unkeyed
+        later = time.time() + scheduler.KEY_LIFETIME + 1
+        with mock.patch.object(scheduler.time, "time", return_value=later):
+            self.assertEqual(self.keyed("POST", "/appointments", {
+                **self.BOOKING, "date": "2026-11-28"}, key='"third"').status, 201)
+        self.assertEqual(kept_keys(store), 1)
+
+    def test_at_the_total_bound_a_key_of_a_change_is_refused_with_503(self):
+        store = self.with_quotas(max_keys=3)
+        for user_id in ("a", "b", "c"):
+            self.assertEqual(self.keyed("POST", "/appointments",
+                                        {**self.BOOKING, "user_id": user_id}).status, 201)
+        refused = self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": "d"})
+        self.assertIn("keeps its maximum of 3 Idempotency-Keys",
+                      self.assertProblem(refused, 503)["detail"])
+        self.assertGreater(int(refused.headers["Retry-After"]), 24 * 3600 - 60)
+        self.assertEqual(self.stored("d"), [])
+        self.assertEqual(self.metric("scheduler_idempotency_keys_refused_total"), 1)
+        self.assertEqual(self.metric("scheduler_idempotency_keys"), 3)
         self.assertEqual(kept_keys(store), 3)
+        self.assertEqual(self.book("d").status, 201)  # without a key: served
 
     def test_racing_retries_book_once(self):
         for round in range(5):
@@ -2887,6 +3041,26 @@ class FullStoreTest(RouteTestCase):
         self.assertIn("--max-appointments", problem["detail"])
         self.assertProblem(self.book("alice", time="15:00"), 409)  # a conflict is still one
         self.assertEqual(self.store.count(), 1)
+
+
+@on_both_stores
+class FullUserTest(RouteTestCase):
+    def setUp(self):
+        super().setUp()
+        self.store.user_capacity = 2
+
+    def test_past_a_users_capacity_409_says_what_to_do_and_others_book_on(self):
+        for date in ("2026-11-25", "2026-11-26"):
+            self.assertEqual(self.book(date=date).status, 201)
+        problem = self.assertProblem(self.book(date="2026-11-27"), 409)
+        self.assertEqual(problem["detail"], "User alice holds 2 appointments, the most one user "
+                                            "may; cancel one (past ones count too) to book "
+                                            "another.")
+        self.assertNotIn("appointment", problem)
+        self.assertEqual(self.book("bob").status, 201)
+        self.assertEqual(self.request("DELETE", "/appointments/alice/2026-11-25").status, 204)
+        self.assertEqual(self.book(date="2026-11-27").status, 201)
+        self.assertEqual(len(self.stored()), 2)
 
 
 @on_both_stores
@@ -3771,6 +3945,7 @@ class SlowClientTest(ServerTestCase):
 
     def test_client_that_does_not_read_its_response_is_cut_off(self):
         first, many = dt.date(2026, 1, 1), "m" * 256
+        self.store.user_capacity = 22_000
         for day in range(22_000):  # a listing of 8.4 MB, more than socket buffers hold
             self.store.book(scheduler.Appointment(many, dt.datetime.combine(
                 first + dt.timedelta(days=day), dt.time(9), tzinfo=UTC)))
@@ -4519,9 +4694,11 @@ class CommandLineTest(unittest.TestCase):
         args = scheduler.parse_args(["--max-body-bytes", "100", "--request-timeout", "1.5",
                                      "--idle-timeout", "2", "--first-byte-timeout", "0.5",
                                      "--max-connections", "3", "--shutdown-timeout", "4",
-                                     "--max-appointments", "5", "--max-idempotency-keys", "6"])
+                                     "--max-appointments", "5", "--max-appointments-per-user",
+                                     "7", "--max-idempotency-keys", "6",
+                                     "--max-idempotency-keys-per-user", "2"])
         self.assertEqual([getattr(args, name) for name in scheduler.Limits._fields],
-                         [100, 1.5, 2.0, 0.5, 3, 4.0, 5, 6])
+                         [100, 1.5, 2.0, 0.5, 3, 4.0, 5, 7, 6, 2])
         server = self.start("--port", "0", "--max-body-bytes", "100", "--max-appointments", "1")
         with socket.create_connection((server.host, server.port), timeout=10) as sock:
             sock.sendall(post_head(101))
