@@ -1988,6 +1988,12 @@ class Request(NamedTuple):
     method: str = "GET"
     target: str = ""  # the path and query, as sent
     content: bytes = b""  # the body, as sent
+    client_gone: Callable[[], bool] = lambda: False  # whether the client has hung up
+
+
+class ClientGone(Exception):
+    """The client hung up before its reply was made: nobody is left to answer. A
+    route raises it rather than make a large reply for nobody."""
 
 
 class Reply(NamedTuple):
@@ -2145,10 +2151,78 @@ def write_condition(headers: Mapping[str, str]) -> Condition:
     return condition
 
 
+KEPT_FROM = 64  # appointments in a listing or feed from which its reply is kept...
+KEPT_BYTES = 16 << 20  # ...while all the replies kept hold at most this, in each process
+
+
+class KeptReplies:
+    """The replies to listings and feeds of users with many appointments, kept until
+    that user's appointments change (Store.version(), which sees changes made by
+    other processes too), so that polling such a user, and its 304, cost about
+    what polling a user with a few does. Only a key whose last reply held
+    KEPT_FROM appointments or more is looked up, so smaller replies cost nothing
+    more; the least recently used go first past KEPT_BYTES."""
+
+    _UNKNOWN = object()  # the version of a reply made without one: equal to none
+
+    def __init__(self, budget: int = KEPT_BYTES):
+        self.budget = budget
+        self._lock = threading.Lock()  # guards _kept and _size
+        # key -> (the user's version when it was made, the reply, its size), oldest first
+        self._kept: "collections.OrderedDict[tuple, Tuple[object, Reply, int]]" = \
+            collections.OrderedDict()
+        self._size = 0
+
+    def reply(self, store: Store, key: tuple, user_id: str,
+              make: Callable[[], Tuple[Reply, int]]) -> Reply:
+        """The reply kept for key (a route's name and its parameters) while user_id's
+        version is the one it was made for; else make() it: (the reply, how many
+        appointments it holds)."""
+        with self._lock:
+            kept = self._kept.get(key)
+        if kept is None:
+            reply, held = make()
+            if held >= KEPT_FROM:  # next time its version is taken first, to keep it
+                self._keep(key, self._UNKNOWN, reply)
+            return reply
+        version = store.version(user_id)  # first: a change after it makes it older
+        if kept[0] == version:
+            with self._lock:
+                if key in self._kept:
+                    self._kept.move_to_end(key)
+            return kept[1]
+        reply, held = make()
+        self._keep(key, version if held >= KEPT_FROM else None, reply)
+        return reply
+
+    def _keep(self, key: tuple, version: object, reply: Optional[Reply]) -> None:
+        """Keep the reply made for version (None: forget key's)."""
+        size = len(reply.body) if version is not None else 0
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None:
+                self._size -= old[2]
+            if version is None or size > self.budget:
+                return
+            self._kept[key] = (version, reply, size)
+            self._size += size
+            while self._size > self.budget:
+                self._size -= self._kept.popitem(last=False)[1][2]
+
+
 def list_appointments(service: "Service", request: Request) -> Reply:
     user_id = query_user_id(request.query)
-    appointments = service.store.list_for_user(user_id, *query_date_range(request.query))
-    return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
+    first, last = query_date_range(request.query)
+
+    def make() -> Tuple[Reply, int]:
+        appointments = service.store.list_for_user(user_id, first, last)
+        if len(appointments) >= KEPT_FROM and request.client_gone():
+            raise ClientGone()
+        return tagged_json({"user_id": user_id,
+                            "appointments": [a.as_json() for a in appointments]}), \
+            len(appointments)
+
+    return service.kept.reply(service.store, ("list", user_id, first, last), user_id, make)
 
 
 # Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07, section 2.1): an
@@ -2272,10 +2346,18 @@ def calendar(service: "Service", request: Request) -> Reply:
     when it was made: a calendar app polling it gets 304 until an appointment
     changes (README, Decisions)."""
     user_id = query_user_id(request.query)
-    now = service.now()
-    feed = calendar_feed(user_id, service.store.list_for_user(user_id), now)
-    tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", "").encode(), weak=True)
-    return Reply(HTTPStatus.OK, feed, (("ETag", tag),), CALENDAR_TYPE)
+
+    def make() -> Tuple[Reply, int]:
+        appointments = service.store.list_for_user(user_id)
+        if len(appointments) >= KEPT_FROM and request.client_gone():
+            raise ClientGone()
+        now = service.now()
+        feed = calendar_feed(user_id, appointments, now)
+        tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", "").encode(), weak=True)
+        return Reply(HTTPStatus.OK, feed.encode(), (("ETag", tag),), CALENDAR_TYPE), \
+            len(appointments)
+
+    return service.kept.reply(service.store, ("feed", user_id), user_id, make)
 
 
 def health(service: "Service", request: Request) -> Reply:
@@ -2789,6 +2871,7 @@ class Service:
         self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
         self.log = log
         self.now = utc_now  # the clock, for what says when it was made (a feed's DTSTAMP)
+        self.kept = KeptReplies()  # listings and feeds of users with many appointments
         self._processing: set = set()  # (user ID, Idempotency-Key) of writes under way here
         self._keys_refused = 0  # writes refused for want of room for their key
         self._processing_lock = threading.Lock()  # guards _processing and _keys_refused
@@ -2813,10 +2896,12 @@ class Service:
             return Exchange(request, route.path if route else UNMATCHED, route, {}, 0, error)
         return Exchange(request, route.path, route, params, length)
 
-    def respond(self, exchange: Exchange, body: bytes = b"") -> Reply:
+    def respond(self, exchange: Exchange, body: bytes = b"",
+                client_gone: Callable[[], bool] = lambda: False) -> Reply:
         """The reply to a begun request, given its body: decode the body if the route
         takes one, and run the route; an error becomes its problem; then
-        If-None-Match may make it a 304, and CORS adds its headers."""
+        If-None-Match may make it a 304, and CORS adds its headers. client_gone
+        tells whether the client has hung up; ClientGone passes through."""
         request = exchange.request
         try:
             if exchange.error is not None:
@@ -2826,9 +2911,11 @@ class Service:
                 exchange.params, parse_query(request.query),
                 decode_json(body) if route.body_types else None, request.headers,
                 request.method, request.path + "?" + request.query if request.query
-                else request.path, body))
+                else request.path, body, client_gone))
             if "if-none-match" in request.headers:
                 reply = not_modified(request, reply)
+        except ClientGone:
+            raise
         except Exception as error:
             return self.problem(error, request)
         return self.with_cors(reply, request)
@@ -2940,6 +3027,8 @@ def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = Fa
 
 # --- Connection: one client's life, from accept to close ------------------------------
 
+CLIENT_GONE = 499  # the access log's and metrics' status of a request whose client hung
+# up before its reply was made (nginx's "client closed request"); never sent
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
 RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the default cap
@@ -3019,10 +3108,14 @@ class Connection:
                 template = exchange.template
                 body = self._read_body(request, exchange.body_length) \
                     if exchange.body_length else b""
-                reply = service.respond(exchange, body)
+                reply = service.respond(exchange, body, self._client_gone)
                 body_read = exchange.body_length > 0
             except ConnectionError:
                 raise  # the client went away: nobody to answer
+            except ClientGone:  # noticed before its reply was made: logged as nginx does
+                log(access_log_line(self.client_address, line, CLIENT_GONE, 0))
+                observe(template, request.method, CLIENT_GONE, time.perf_counter() - started)
+                return
             except Exception as error:
                 started = time.perf_counter()
                 origin = None
@@ -3086,6 +3179,17 @@ class Connection:
         del self._data[:length]  # what is left is the next request's
         self._enter(self.BUSY, None)
         return body
+
+    def _client_gone(self) -> bool:
+        """Whether the client has hung up (closed its side, or reset the connection)
+        while its request was being handled: for a route, before it makes a large
+        reply. It looks without taking what has arrived, and never waits."""
+        try:
+            return not self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:  # nothing has arrived: still there
+            return False
+        except OSError:
+            return True
 
     def _receive(self) -> bool:
         """Read what the client sent next into _data; False at end of file. A

@@ -15,6 +15,7 @@
 Run: make test  (that is: python3 -m unittest -v)
 """
 
+import collections
 import contextlib
 import datetime as dt
 import decimal
@@ -1738,6 +1739,7 @@ class Client:
                  cors_origins: Tuple[str, ...] = ()):
         self.logged: List[str] = []
         self.service = scheduler.Service(store, limits, cors_origins, self.logged.append)
+        self.client_gone = lambda: False  # what the service finds when it asks
 
     def request(self, method: str, target: str, body=None, headers=None) -> Response:
         """Send a request (a dict or list body goes as JSON) and return the response."""
@@ -1752,7 +1754,8 @@ class Client:
         request = scheduler.HTTPRequest(method, *scheduler.split_target(target), "HTTP/1.1",
                                         headers)
         exchange = self.service.begin(request)
-        reply = self.service.respond(exchange, (body or b"")[:exchange.body_length])
+        reply = self.service.respond(exchange, (body or b"")[:exchange.body_length],
+                                     self.client_gone)
         response, _ = scheduler.render_response(reply, head_only=method == "HEAD")
         return read_response(_BytesSocket(response), method)
 
@@ -2489,6 +2492,121 @@ class InFlightKeyTest(HTTPTestCase):
         self.assertEqual(answers["first"].status, 201)
         after = client.request("POST", "/appointments", IdempotencyKeyTest.BOOKING, headers)
         self.assertEqual((after.status, after.body), (201, answers["first"].body))
+
+
+def book_many(store: scheduler.Store, user_id: str, count: int,
+              first: dt.date = dt.date(2026, 1, 1)) -> None:
+    """Book the user count appointments, one a day from first."""
+    for day in range(count):
+        store.book(scheduler.Appointment(user_id, dt.datetime.combine(
+            first + dt.timedelta(days=day), dt.time(9), tzinfo=UTC)))
+
+
+@on_both_stores
+class KeptRepliesTest(RouteTestCase):
+    """A user with many appointments: the listing's and the feed's replies are kept
+    until the user's appointments change, so polling them costs little."""
+
+    URLS = ["/appointments?user_id=alice", "/appointments?user_id=alice&from=2026-01-01",
+            "/appointments.ics?user_id=alice"]
+
+    def setUp(self):
+        super().setUp()
+        book_many(self.store, "alice", scheduler.KEPT_FROM)
+        self.reads = mock.patch.object(self.store, "list_for_user",
+                                       wraps=self.store.list_for_user).start()
+        self.addCleanup(mock.patch.stopall)
+
+    def polled(self, url: str, times: int = 3) -> Response:
+        """The last of times GETs of url, each the same as the first."""
+        first = self.request("GET", url)
+        for _ in range(times - 1):
+            again = self.request("GET", url)
+            self.assertEqual((again.status, again.body, again.headers["ETag"]),
+                             (first.status, first.body, first.headers["ETag"]))
+        return again
+
+    def test_a_polled_reply_is_made_twice_then_kept_304_included(self):
+        for url in self.URLS:
+            with self.subTest(url=url):
+                self.reads.reset_mock()
+                tag = self.polled(url, 5).headers["ETag"]
+                self.assertEqual(self.reads.call_count, 2)  # the second one is kept
+                unchanged = self.request("GET", url, headers={"If-None-Match": tag})
+                self.assertEqual(unchanged.status, 304)
+                self.assertEqual(self.reads.call_count, 2)
+
+    def test_every_change_of_the_user_is_seen_at_once(self):
+        json_type = {"Content-Type": "application/json"}
+        changes = [
+            lambda: self.book(date="2027-01-01"),
+            lambda: self.request("PATCH", "/appointments/alice/2026-01-01", '{"note": "x"}',
+                                 json_type),
+            lambda: self.request("PATCH", "/appointments/alice/2026-01-02",
+                                 '{"date": "2027-01-02"}', json_type),
+            lambda: self.request("DELETE", "/appointments/alice/2026-01-03")]
+        for change in changes:
+            kept = [self.polled(url) for url in self.URLS]
+            self.book("bob")  # another user's change changes nothing here
+            self.request("DELETE", "/appointments/bob/2026-11-25")
+            self.assertEqual([self.request("GET", url).body for url in self.URLS],
+                             [reply.body for reply in kept])
+            self.assertLess(change().status, 300)
+            for url, old in zip(self.URLS, kept):
+                new = self.request("GET", url)
+                self.assertNotEqual((new.body, new.headers["ETag"]), (old.body, old.headers["ETag"]))
+                fresh = Client(self.store).request("GET", url)  # made anew, not kept
+                if "ics" not in url:
+                    self.assertEqual(new.body, fresh.body)
+                self.assertEqual(new.headers["ETag"], fresh.headers["ETag"])
+
+    def test_a_reply_for_a_client_that_hung_up_is_not_made(self):
+        self.client.client_gone = lambda: True
+        for url in self.URLS:
+            with self.subTest(url=url), self.assertRaises(scheduler.ClientGone):
+                self.client.request("GET", url)
+        small = self.request("GET", "/appointments?user_id=bob")  # not worth asking
+        self.assertEqual(small.status, 200)
+
+
+class KeptAcrossProcessesTest(unittest.TestCase):
+    def test_a_change_made_by_another_process_is_seen_at_once(self):
+        path = temporary_database(self)
+        mine, theirs = (scheduler.SQLiteStore(path) for _ in range(2))
+        for store in (mine, theirs):
+            self.addCleanup(store.close)
+        book_many(mine, "alice", scheduler.KEPT_FROM)
+        client = Client(mine)
+        kept = [client.request("GET", "/appointments?user_id=alice") for _ in range(3)][-1]
+        theirs.reschedule("alice", dt.date(2026, 1, 1), scheduler.Changes(
+            details={"note": "from another worker"}))
+        now = client.request("GET", "/appointments?user_id=alice")
+        self.assertNotEqual(now.headers["ETag"], kept.headers["ETag"])
+        self.assertEqual(now.json()["appointments"][0]["note"], "from another worker")
+
+
+class KeptRepliesBoundTest(unittest.TestCase):
+    def test_past_the_budget_the_least_recently_used_go_first(self):
+        store = scheduler.InMemoryStore()
+        kept = scheduler.KeptReplies(budget=3000)
+        made = collections.Counter()
+
+        def reply(user_id):
+            def make():
+                made[user_id] += 1
+                return scheduler.Reply(HTTPStatus.OK, b"x" * 1000), scheduler.KEPT_FROM
+            return kept.reply(store, ("list", user_id), user_id, make)
+
+        for user_id in "abc":
+            book_many(store, user_id, 1)
+            for _ in range(2):  # made, then made and kept
+                reply(user_id)
+        reply("a")  # kept: the most recently used now
+        self.assertEqual(made, {"a": 2, "b": 2, "c": 2})
+        book_many(store, "d", 1)
+        reply("d"), reply("d")  # 4,000 bytes: b, the least recently used, goes
+        reply("a"), reply("c"), reply("b")
+        self.assertEqual(made, {"a": 2, "b": 3, "c": 2, "d": 2})
 
 
 @on_both_stores
@@ -3959,6 +4077,35 @@ class SlowClientTest(ServerTestCase):
         wait_until(lambda: "connection dropped" in self.server_log(),
                    what="the stalled write to be cut off")
         self.assertEqual(self.request("GET", "/appointments?user_id=a").status, 200)
+
+
+class HungUpClientTest(ServerTestCase):
+    def make_store(self):
+        store = scheduler.InMemoryStore()
+        book_many(store, "alice", scheduler.KEPT_FROM)
+        self.reading, self.hung_up = threading.Event(), threading.Event()
+        read = store.list_for_user
+
+        def list_for_user(*args):  # until the client has gone
+            self.reading.set()
+            self.hung_up.wait(10)
+            return read(*args)
+
+        store.list_for_user = list_for_user
+        return store
+
+    def test_a_large_reply_is_not_made_for_a_client_that_hung_up(self):
+        sock = socket.create_connection((self.host, self.port), timeout=10)
+        sock.sendall(b"GET /appointments?user_id=alice HTTP/1.1\r\nHost: t\r\n\r\n")
+        self.assertTrue(self.reading.wait(10))
+        sock.close()
+        self.hung_up.set()
+        line = wait_until(lambda: next((line for line in self.server_log().splitlines()
+                                        if "GET /appointments" in line), None),
+                          what="the request's log line")
+        self.assertTrue(line.endswith('"GET /appointments?user_id=alice HTTP/1.1" 499 0'), line)
+        self.assertEqual(self.metric("scheduler_requests_total", route="/appointments",
+                                     method="GET", status="499"), 1)
 
 
 class ConnectionCapTest(ServerTestCase):
