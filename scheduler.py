@@ -1674,28 +1674,39 @@ def _ical_text(value: str) -> str:
 
 def _fold(line: str) -> str:
     """Fold a content line into pieces of at most 75 octets, never splitting a
-    UTF-8 character; continuation lines start with a space (section 3.1)."""
-    pieces, piece, size, limit = [], [], 0, 75
-    for char in line:
-        width = len(char.encode("utf-8"))
-        if size + width > limit:
-            pieces.append("".join(piece))
-            piece, size, limit = [], 0, 74  # the leading space takes one octet
-        piece.append(char)
-        size += width
-    pieces.append("".join(piece))
-    return "\r\n ".join(pieces)
+    UTF-8 character; continuation lines start with a space (section 3.1). Cut
+    as bytes: a cut moves back over continuation bytes (0b10xxxxxx) to the first
+    byte of a character."""
+    data = line.encode("utf-8")
+    if len(data) <= 75:
+        return line
+    pieces, start, limit = [], 0, 75
+    while len(data) - start > limit:
+        end = start + limit
+        while data[end] & 0xC0 == 0x80:
+            end -= 1
+        pieces.append(data[start:end])
+        start, limit = end, 74  # the leading space takes one octet
+    pieces.append(data[start:])
+    return b"\r\n ".join(pieces).decode("utf-8")
 
 
+@functools.lru_cache(maxsize=4096)
 def _ical_instant(instant: dt.datetime) -> str:
+    """A UTC DATE-TIME (section 3.3.5). Cached, as _start_strings() is: strftime()
+    is slow, and a feed of many appointments shows three instants each."""
     return instant.strftime("%Y%m%dT%H%M%SZ")
+
+
+@functools.lru_cache(maxsize=256)
+def _user_hash(user_id: str) -> str:
+    return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
 
 
 def appointment_uid(appointment: Appointment) -> str:
     """A UID that stays the same in every feed for as long as the appointment
     exists. It hashes the user ID, which may hold characters UIDs should not."""
-    user = hashlib.sha256(appointment.user_id.encode("utf-8")).hexdigest()[:16]
-    return f"{_ical_instant(appointment.start)}-{user}@scheduler"
+    return f"{_ical_instant(appointment.start)}-{_user_hash(appointment.user_id)}@scheduler"
 
 
 # RFC 5545 section 3.6: a calendar holds at least one component. A feed with no
@@ -1715,10 +1726,11 @@ def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetim
              f"X-WR-CALNAME:{_ical_text(f'Appointments of {user_id}')}"]
     if not appointments:
         lines += _UTC_TIMEZONE
+    stamp = f"DTSTAMP:{_ical_instant(now)}"
     for appointment in appointments:
         lines += ["BEGIN:VEVENT",
                   f"UID:{appointment_uid(appointment)}",
-                  f"DTSTAMP:{_ical_instant(now)}",
+                  stamp,
                   f"DTSTART:{_ical_instant(appointment.start)}",
                   f"DTEND:{_ical_instant(appointment.end)}",
                   f"SUMMARY:{CALENDAR_SUMMARY}",

@@ -5406,9 +5406,22 @@ class LoadResult(NamedTuple):
         return self.requests / self.seconds
 
 
+# The user of make bench's worst case: the longest ID, the most appointments one user
+# may hold, each with the longest note, all in four-byte UTF-8.
+BIG_USER, BIG_NOTE = "😀" * scheduler.MAX_USER_ID_LENGTH, "🦴" * scheduler.MAX_NOTE_LENGTH
+_BIG_TARGETS = {  # what the pollers of BIG_USER ask for, by kind
+    "BIG": "/appointments?user_id={user}",
+    "FEED": "/appointments.ics?user_id={user}",
+    "RANGE": "/appointments?user_id={user}&to={to}"}  # a new key each time: never kept
+
+
 def _bench_request(kind: str, prefix: str, number: int) -> bytes:
     if kind == "GET":
         return f"GET /appointments?user_id={READER} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
+    if kind in _BIG_TARGETS:
+        to = dt.date(2099, 12, 31) - dt.timedelta(days=number % 20_000)
+        target = _BIG_TARGETS[kind].format(user=urllib.parse.quote(BIG_USER), to=to)
+        return f"GET {target} HTTP/1.1\r\nHost: bench\r\n\r\n".encode()
     body = (f'{{"user_id": "{prefix}-{number}", "date": "2026-11-25", '
             f'"time": "09:30"}}').encode()
     return (b"POST /appointments HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
@@ -5420,7 +5433,7 @@ def generate_load(address, kind: str, connections: int, seconds: float,
     """Keep connections keep-alive connections busy for seconds, each sending its
     next request as soon as the last answer is in. Returns the latencies (in
     seconds) of the right answers, and how many were wrong or never came."""
-    expected = b" 200 " if kind == "GET" else b" 201 "
+    expected = b" 201 " if kind == "POST" else b" 200 "
     selector = selectors.DefaultSelector()
     latencies, errors, number = [], 0, 0
     deadline = time.monotonic() + seconds
@@ -5614,6 +5627,33 @@ class Benchmark(unittest.TestCase):
                           f"{result.p50_ms:7.2f} {result.p99_ms:7.2f} {result.errors:6}",
                           flush=True)
                     self.assertEqual(result.errors, 0)
+
+    def test_3_a_user_at_the_limit_polled_by_four_clients(self):
+        limit = scheduler.MAX_APPOINTMENTS_PER_USER
+        print(f"\nOther users' GETs (16 connections) while 4 clients poll a user holding "
+              f"{limit:,} appointments\n(a 256-emoji ID, each with a 500-emoji note), "
+              f"{BENCH_SECONDS} s a row", flush=True)
+        print(f"  {'the 4 pollers ask for':36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+              f"{'polls/s':>8}")
+        address = self.serve_for_load()
+        conn = http.client.HTTPConnection(*address, timeout=10)
+        first = dt.date(2026, 1, 1)
+        for day in range(limit):
+            self.assertEqual(post_json(conn, {
+                "user_id": BIG_USER, "date": (first + dt.timedelta(days=day)).isoformat(),
+                "time": "09:30", "note": BIG_NOTE}).status, 201)
+        conn.close()
+        for kind, label in ((None, "nothing (no pollers)"), ("BIG", "its listing"),
+                            ("FEED", "its feed"), ("RANGE", "its listing, a new to= each")):
+            pollers = None if kind is None else subprocess.Popen(
+                [sys.executable, THIS_FILE, "load", address[0], str(address[1]), kind, "4",
+                 str(BENCH_SECONDS), "poll"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+            result = run_load(address, "GET", 16, BENCH_SECONDS)
+            polled = {"latencies": [], "errors": 0} if pollers is None else json.loads(
+                pollers.communicate(timeout=BENCH_SECONDS + 60)[0])
+            print(f"  {label:36} {result.rate:8.0f} {result.p50_ms:7.2f} {result.p99_ms:7.2f} "
+                  f"{len(polled['latencies']) / BENCH_SECONDS:8.1f}", flush=True)
+            self.assertEqual(result.errors + polled["errors"], 0)
 
     def test_2_a_million_appointments(self):
         stored = self.STORED_USERS * self.PER_USER
