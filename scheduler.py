@@ -3044,6 +3044,10 @@ CLIENT_GONE = 499  # the access log's and metrics' status of a request whose cli
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
 RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the default cap
+# A body this large (a kept reply, say) is sent after the head in the same system call
+# (sendmsg()), where a smaller one is joined to it: copying it would cost a copy of
+# its size for each connection it is being sent on.
+SEND_APART_BYTES = 65536
 ORIGIN_SEARCH_BYTES = 4 * MAX_HEAD_BYTES  # read of a head too long, to find its Origin (CORS)
 
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
@@ -3137,13 +3141,15 @@ class Connection:
                 body_read = False
             method = request.method if request is not None else line.partition(" ")[0]
             keep_open = keep_alive(request, body_read, self._server.draining)
+            apart = reply.body if method != "HEAD" and isinstance(reply.body, bytes) \
+                and len(reply.body) >= SEND_APART_BYTES else None
             response, size = render_response(
-                reply, keep_open=keep_open, head_only=method == "HEAD",
+                reply, keep_open=keep_open, head_only=method == "HEAD" or apart is not None,
                 http_1_0=request is not None and request.version == "HTTP/1.0")
             log(access_log_line(self.client_address, line, reply.status, size))  # never lost
             observe(template, method if method in KNOWN_METHODS else "other", reply.status,
                     time.perf_counter() - started)
-            self._send(response, keep_open)
+            self._send(response, keep_open, apart)
             if not keep_open:
                 return
 
@@ -3232,14 +3238,24 @@ class Connection:
         timeout = self._limits.idle_timeout if self._served else self._limits.first_byte_timeout
         self._enter(self.WAITING, self.waiting_since + timeout)
 
-    def _send(self, response: bytes, keep_open: bool) -> None:
-        """Write a whole response, within request_timeout. A connection kept open
-        waits from when its response was handed to the kernel, not from when its
-        thread next gets to run: then of two connections, the one answered first
-        is the longer idle, and the first to make room (SchedulerServer._make_room)."""
+    def _send(self, response: bytes, keep_open: bool, body: Optional[bytes] = None) -> None:
+        """Write a whole response (and the body that follows it, if given apart),
+        within request_timeout. A connection kept open waits from when its response
+        was handed to the kernel, not from when its thread next gets to run: then of
+        two connections, the one answered first is the longer idle, and the first
+        to make room (SchedulerServer._make_room)."""
         handed = time.monotonic()
         self._enter(self.WRITING, handed + self._limits.request_timeout)
-        self._sock.sendall(response)
+        if body is None:
+            self._sock.sendall(response)
+        else:  # one gathering write at a time, never a copy of the body
+            parts = [memoryview(response), memoryview(body)]
+            while parts:
+                sent = self._sock.sendmsg(parts)
+                while parts and sent >= len(parts[0]):
+                    sent -= len(parts.pop(0))
+                if parts:
+                    parts[0] = parts[0][sent:]
         self._served += 1
         if keep_open:
             self._wait(since=handed)

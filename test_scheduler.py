@@ -4079,6 +4079,19 @@ class SlowClientTest(ServerTestCase):
         self.assertEqual(self.request("GET", "/appointments?user_id=a").status, 200)
 
 
+class LargeReplyTest(ServerTestCase):
+    def test_a_body_sent_apart_from_its_head_arrives_whole_and_the_connection_serves_on(self):
+        book_many(self.store, "alice", 600)  # a listing of over SEND_APART_BYTES
+        expected = Client(self.store).request("GET", "/appointments?user_id=alice")
+        self.assertGreater(len(expected.body), scheduler.SEND_APART_BYTES)
+        conn = self.connect()
+        for _ in range(3):  # made, made again, kept
+            got = self.request("GET", "/appointments?user_id=alice", conn=conn)
+            self.assertEqual((got.status, got.body), (200, expected.body))
+        self.assertEqual(self.request("HEAD", "/appointments?user_id=alice", conn=conn).body, b"")
+        self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
+
+
 class HungUpClientTest(ServerTestCase):
     def make_store(self):
         store = scheduler.InMemoryStore()
