@@ -201,8 +201,8 @@ class Keyed(NamedTuple):
     """A write sent with an Idempotency-Key: the store keeps its response, render of
     its outcome (what it returned, or the outcome it raised; None: nothing to keep),
     in the same lock or transaction as the change. A key belongs to the user the
-    request names, as an API key's belong to its account: one user's keys never
-    take another's room, and two users may use the same key."""
+    request names, as Stripe's belong to an account: one user's keys never take
+    another's room, and two users may use the same key."""
 
     user_id: str
     key: str
@@ -226,9 +226,9 @@ MAX_KEYS_PER_USER = 100  # ...and for one user (--max-idempotency-keys-per-user)
 class KeysFull(Exception):
     """No room to keep another Idempotency-Key: the user's keys (user_id), or every
     user's (user_id None), number limit, and each protects a change made within
-    KEY_LIFETIME. Keys of requests that changed nothing make room first; these are
-    never forgotten early, since a retry would then make its change again.
-    retry_after: seconds until the oldest of them expires."""
+    KEY_LIFETIME, so that forgetting one would let its retry make the change again.
+    (Keys of requests that changed nothing make room first.) retry_after: seconds
+    until the oldest of them expires."""
 
     def __init__(self, user_id: Optional[str], limit: int, retry_after: int):
         super().__init__(user_id, limit, retry_after)
