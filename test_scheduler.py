@@ -46,6 +46,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import unicodedata
 import unittest
 import urllib.parse
 from http import HTTPStatus
@@ -396,6 +397,19 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("dev-\U0001F469\u200d\U0001F4BB", "dev-\U0001F469\u200d\U0001F4BB"),  # woman coder
         ("\U0001F3F3\ufe0f\u200d\U0001F308", "\U0001F3F3\ufe0f\u200d\U0001F308"),  # rainbow flag
         ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"),  # Persian
+        ("\u0915\u094d\u200d\u0937", "\u0915\u094d\u200d\u0937"),  # Devanagari, half form
+        # A variation selector after an emoji: health worker, keycap, the emoji that are
+        # not symbols (category S), text presentation.
+        ("\U0001F469\u200d\u2695\ufe0f", "\U0001F469\u200d\u2695\ufe0f"),
+        ("room 1\ufe0f\u20e3", "room 1\ufe0f\u20e3"),
+        ("\u203c\ufe0f\u2139\ufe0f", "\u203c\ufe0f\u2139\ufe0f"),
+        ("\u2695\ufe0e", "\u2695\ufe0e"),
+        # One user in NFC, Unicode's composed form, whatever form it is sent in.
+        ("Jose\u0301", "Jos\u00e9"),
+        ("Jos\u00e9", "Jos\u00e9"),
+        ("\u212b", "\u00c5"),  # ANGSTROM SIGN is A WITH RING ABOVE
+        ("\u1100\u1161\u11a8", "\uac01"),  # Hangul jamo, as one syllable
+        ("e\u0301" * 256, "\u00e9" * 256),  # its length counted in NFC
         (42, "42"),
         ("42", "42"),
         (-7, "-7"),
@@ -441,7 +455,40 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("\U0001F3F4\U000E0067\U000E007F", "U\\+E0067"),  # tag characters
         ("ali\u2028ce", "U\\+2028 \\(LINE SEPARATOR\\)"),  # breaks lines where shown
         ("ali\u2029ce", "U\\+2029"),
+        # Default-ignorable characters and blank look-alikes: "alice" seen twice.
+        ("alice\u3164", "U\\+3164 \\(HANGUL FILLER\\)"),
+        ("alice\uffa0", "U\\+FFA0 \\(HALFWIDTH HANGUL FILLER\\)"),
+        ("alice\u115f", "U\\+115F \\(HANGUL CHOSEONG FILLER\\)"),
+        ("alice\u1160", "U\\+1160 \\(HANGUL JUNGSEONG FILLER\\)"),
+        ("alice\u2800", "U\\+2800 \\(BRAILLE PATTERN BLANK\\)"),
+        ("alice\ufe0f", "U\\+FE0F \\(VARIATION SELECTOR-16\\)"),
+        ("alice\u034f", "U\\+034F \\(COMBINING GRAPHEME JOINER\\)"),
+        ("alice\u17b4", "U\\+17B4 \\(KHMER VOWEL INHERENT AQ\\)"),
+        ("alice\U000E0100", "U\\+E0100 \\(VARIATION SELECTOR-17\\)"),
+        ("alice\U0001D159", "U\\+1D159 \\(MUSICAL SYMBOL NULL NOTEHEAD\\)"),
+        ("\u3164", "U\\+3164"),
+        ("ali\u180bce", "U\\+180B"),
+        ("\u6771\ufe00", "U\\+FE00"),  # only VS15 and VS16 go with emoji
+        ("alice\U000E0500", "U\\+E0500 \\(unnamed: a reserved code point\\)"),
+        ("1\ufe0f", "U\\+FE0F"),  # a keycap's base alone: VS16 changes nothing shown
+        ("#\ufe0e\u20e3", "U\\+FE0E"),
+        ("\u2695\ufe0f\ufe0f", "U\\+FE0F"),
+        ("\u00e9\ufe0f", "U\\+FE0F"),  # after a letter
+        ("\U0001F469\u200d\u3164", "U\\+3164"),
+        # Rules hold for the NFC form: a joiner beside what becomes ASCII, and a length
+        # that grows (one letter is three code points in NFC).
+        ("\u212a\u200d\u00e9", "U\\+200D"),  # KELVIN SIGN is K
+        ("\ufb2c" * 86, "at most 256 characters long \\(counted in NFC"),
+        ("e\u0301" * 257, "at most 256 characters long \\(counted in NFC"),
+        ("e\u0301" * 1025, "at most 256 characters long \\(counted in NFC"),
     ]
+
+    def test_nfc_joins_at_most_four_code_points_into_one(self):
+        # So text longer than 4 x 256 is not normalized to learn that it is too long.
+        longest = max(len(unicodedata.normalize("NFD", chr(code)))
+                      for code in range(sys.maxunicode + 1)
+                      if unicodedata.decomposition(chr(code))[:1] not in ("", "<"))
+        self.assertLessEqual(longest, scheduler._MOST_JOINED_BY_NFC)
 
 
 class ParseDateTest(ParserCases, unittest.TestCase):
@@ -508,6 +555,10 @@ class ParseNoteTest(ParserCases, unittest.TestCase):
         ("x" * 500, "x" * 500),
         ("\r\n" * 250, "\n" * 250),  # 500 as sent
         ("Zoë 東京 \U0001F469\u200d\U0001F4BB", "Zoë 東京 \U0001F469\u200d\U0001F4BB"),
+        # Free text, shown as written: not normalized, and characters that only a user
+        # ID refuses (variation selectors, Mongolian's, blanks) kept.
+        ("Jose\u0301", "Jose\u0301"),
+        ("\u845b\U000E0100\u98fe, \u1820\u180b, \u2800, ok\ufe0f", "\u845b\U000E0100\u98fe, \u1820\u180b, \u2800, ok\ufe0f"),
     ]
     INVALID = [
         (42, "must be a string"),
@@ -1101,6 +1152,8 @@ BROKEN_ROWS = [
     ("\u202eoverride", "2026-11-25", "09:00", "user_id"),
     ("tag\U000e0041", "2026-11-25", "09:00", "user_id"),
     ("line\u2028separator", "2026-11-25", "09:00", "user_id"),  # and a later one this
+    ("alice\u3164", "2026-11-25", "09:00", "user_id"),  # and the releases before NFC these
+    ("look\u2800alike", "2026-11-25", "09:00", "user_id"),
 ]
 GOOD_DATE = "2026-11-26"
 
@@ -2755,6 +2808,8 @@ class SchemaStrictnessTest(unittest.TestCase):
         cls.note = properties["note"]
 
     def assertSameVerdict(self, schema: dict, parse, value: str):
+        if parse is scheduler.parse_user_id:  # the schema describes IDs in NFC (see below)
+            value = unicodedata.normalize("NFC", value)
         by_schema = (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10 ** 9)
                      and re.search(schema["pattern"], value) is not None)
         try:
@@ -2769,11 +2824,18 @@ class SchemaStrictnessTest(unittest.TestCase):
                       "\u0645", "\u06cc", "\U0001F469", "\U0001F4BB", "\ufe0f", "\u0301",
                       "\u200b", "\u200c", "\u200d", "\u2028", "\u2029", "\u2060", "\u202e",
                       "\ufeff", "\u00ad", "\u3000", "\U000E0067", "\ud800", "\u0663", "«",
-                      "\ue000", "-", "+", "/", "%"]
+                      "\ue000", "-", "+", "/", "%", "\u3164", "\u2800", "\u034f", "\u17b4",
+                      "\u180b", "\U000E0100", "\ufe0e", "\u2695", "\u203c", "1", "#", "\u20e3",
+                      "e\u0301", "\u212a", "\u1100\u1161"]
+    # Variation selectors and keycaps, which take three pieces and more.
+    SEQUENCES = ["1\ufe0f\u20e3", "#\ufe0f\u20e3", "*\ufe0f\u20e3", "a1\ufe0f\u20e3b", "1\ufe0e\u20e3",
+                 "1\ufe0f", "1\u20e3", "\ufe0f\u20e3", "a\ufe0f\u20e3", "\U0001F469\u200d\u2695\ufe0f",
+                 "\u2695\ufe0f\ufe0f", "\u2695\ufe0f\u200d\u00e9", "\u3030\ufe0f", "\u2139\ufe0e",
+                 "\u2800\ufe0f", "\u00e9\ufe0f", "\U0001F3F3\ufe0f\u200d\U0001F308"]
 
     def test_user_id(self):
         pieces = self.USER_ID_PIECES
-        values = ["", "x" * 256, "x" * 257, "alice\n", " alice", "alice "]
+        values = ["", "x" * 256, "x" * 257, "alice\n", " alice", "alice "] + self.SEQUENCES
         values += [a + b + c for a in pieces for b in pieces for c in pieces[:12]]
         values += ["".join(random.Random(seed).choices(pieces, k=5)) for seed in range(3000)]
         for value in values:
@@ -2789,7 +2851,8 @@ class SchemaStrictnessTest(unittest.TestCase):
     def test_the_patterns_read_alike_as_code_units_and_as_code_points(self):
         # Spectral compiles patterns without the u flag, ajv and Python's re as code points.
         pieces = [piece for piece in self.USER_ID_PIECES if piece != "\ud800"] + [
-            "\U0001D7CE", "\U000F0000", "\U000E0001", "\U000110BD", "\U00030000"]
+            "\U0001D7CE", "\U000F0000", "\U000E0001", "\U000110BD", "\U00030000", "\U0001D159",
+            "\U000E0500"]
         values = [a + b + c for a in pieces for b in pieces for c in pieces[:12]]
         for schema in (self.user_id, self.note):
             as_points = re.compile(schema["pattern"])
@@ -2798,16 +2861,42 @@ class SchemaStrictnessTest(unittest.TestCase):
                 self.assertEqual(bool(as_points.search(value)),
                                  bool(as_units.search(self.as_code_units(value))), repr(value))
 
-    def test_a_joiner_beside_an_astral_character_is_the_one_difference(self):
-        # Past the BMP the pattern cannot tell visible characters from others in both
-        # readings: a joiner beside an astral digit or private-use character passes
-        # it, and the service refuses it (a 422). Nothing the service takes fails it.
+    def test_past_the_bmp_the_pattern_takes_more_than_the_service(self):
+        # Past the BMP the pattern cannot tell visible characters, or emoji, from others
+        # in both readings: a joiner beside an astral digit or private-use character,
+        # or a variation selector after one, passes it; so does a reserved
+        # default-ignorable code point (written out, the 3,759 would make the pattern
+        # 20 KB longer). The service refuses them (a 422). Nothing it takes fails it.
         pattern = re.compile(self.user_id["pattern"])
-        for value in ("\U0001D7CE\u200d\u00e9", "\U000F0000\u200c\u6771"):
+        for value in ("\U0001D7CE\u200d\u00e9", "\U000F0000\u200c\u6771", "\U0001D7CE\ufe0f",
+                      "alice\U000E0500"):
             with self.subTest(value=value):
                 self.assertTrue(pattern.search(value))
                 with self.assertRaises(ValueError):
                     scheduler.parse_user_id(value)
+
+    def test_the_schema_describes_user_ids_in_nfc(self):
+        # The service brings an ID to NFC, then checks it; a pattern cannot normalize,
+        # so the schema holds for the NFC form (as its description says). Text in
+        # another form can fail the schema and be taken, or pass it and be refused.
+        pattern = re.compile(self.user_id["pattern"])
+
+        def schema(text: str) -> bool:
+            return len(text) <= self.user_id["maxLength"] and bool(pattern.search(text))
+
+        for value, as_sent, taken in (
+                ("e\u0301" * 200, False, True),  # 400 code points, 200 characters in NFC
+                ("\u00e9\u200da\u0301", False, True),  # a joiner beside a, then beside \u00e1
+                ("\ufb2c" * 100, True, False),  # 300 characters in NFC
+                ("\u212a\u200d\u00e9", True, False)):  # KELVIN SIGN, then K: beside ASCII
+            with self.subTest(value=value):
+                self.assertEqual(schema(value), as_sent)
+                self.assertEqual(schema(unicodedata.normalize("NFC", value)), taken)
+                try:
+                    scheduler.parse_user_id(value)
+                    self.assertTrue(taken)
+                except ValueError:
+                    self.assertFalse(taken)
 
     def test_note(self):
         pieces = self.USER_ID_PIECES + ["\r", "\r\n", ","]
@@ -2923,6 +3012,54 @@ class InvisibleUserIdTest(RouteTestCase):
                      f"/appointments/{quoted}/2026-11-25"):
             with self.subTest(path=path):
                 self.assertIn("U+200B", self.assertProblem(self.request("GET", path), 400)["detail"])
+        self.assertEqual(self.store.count(), 0)
+
+
+    def test_look_alikes_are_refused_in_the_body_the_query_and_the_path(self):
+        for char in ("\u3164", "\uffa0", "\u115f", "\u2800", "\ufe0f", "\u034f", "\u17b4",
+                     "\U000E0100"):
+            code = f"U+{ord(char):04X}"
+            with self.subTest(code=code):
+                quoted = urllib.parse.quote("alice" + char, safe="")
+                problem = self.assertProblem(self.book("alice" + char), 422)
+                self.assertIn(f"{code} ({unicodedata.name(char)})", problem["errors"][0]["message"])
+                for path in (f"/appointments?user_id={quoted}", f"/appointments/{quoted}/2026-11-25"):
+                    self.assertIn(code, self.assertProblem(self.request("GET", path), 400)["detail"])
+        self.assertEqual(self.store.count(), 0)
+
+
+@on_both_stores
+class OneFormOneUserTest(RouteTestCase):
+    """An ID sent in another form than NFC (NFD, say, as macOS file names and some
+    keyboards write it) names the user of its NFC form, who is shown in NFC."""
+
+    NFC, NFD = "Jos\u00e9", "Jose\u0301"
+
+    def test_either_form_books_finds_and_shows_the_one_user(self):
+        booked = self.book(self.NFD)
+        self.assertEqual(booked.status, 201, booked.body)
+        self.assertEqual(booked.json()["user_id"], self.NFC)
+        self.assertEqual(booked.headers["Location"], "/appointments/Jos%C3%A9/2026-11-25")
+        feeds = []
+        for user in (self.NFC, self.NFD):
+            quoted = urllib.parse.quote(user, safe="")
+            with self.subTest(user=ascii(user)):
+                listed = self.request("GET", f"/appointments?user_id={quoted}")
+                self.assertEqual(listed.json(), {"user_id": self.NFC,
+                                                 "appointments": [booked.json()]})
+                self.assertEqual(self.request("GET", f"/appointments/{quoted}/2026-11-25").json(),
+                                 booked.json())
+                feed = self.request("GET", f"/appointments.ics?user_id={quoted}").body.decode()
+                self.assertIn("X-WR-CALNAME:Appointments of Jos\u00e9\r\n", feed)
+                feeds.append(re.findall(r"UID:\S+", feed))
+                self.assertProblem(self.book(user, time="15:00"), 409)  # one a date
+        self.assertEqual(feeds[0], feeds[1])  # one event, whichever form asked
+        moved = self.request("PATCH", f"/appointments/{urllib.parse.quote(self.NFD)}/2026-11-25",
+                             {"user_id": self.NFC, "date": "2026-11-26"})  # its own user
+        self.assertEqual((moved.status, moved.json()["user_id"]), (200, self.NFC))
+        self.assertEqual(moved.headers["Location"], "/appointments/Jos%C3%A9/2026-11-26")
+        self.assertEqual(self.request("DELETE", f"/appointments/{urllib.parse.quote(self.NFD)}"
+                                                "/2026-11-26").status, 204)
         self.assertEqual(self.store.count(), 0)
 
 
