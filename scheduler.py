@@ -818,7 +818,7 @@ _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointme
                 ("trigger", "uncounted")}
 # Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
 # that SQLite refuses what this service could not show, whoever writes the file. What
-# it cannot say (the user ID's invisible characters) SQLiteStore.sweep() checks.
+# it cannot say (the user ID's invisible characters, and NFC) SQLiteStore.sweep() checks.
 _APPOINTMENTS_TABLE = f"""
     CREATE TABLE appointments (
         user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
@@ -848,6 +848,9 @@ def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
             return f"{name} is stored as {type(value).__name__}, not text"
         try:
             parsed = parse(value)
+            if name == "user_id" and parsed != value:  # written past this release
+                raise ValueError("is not in NFC (Unicode's composed form), as this release "
+                                 "stores it")
             if name in _DETAIL_NAMES and parsed != value:  # as "a\r\nb", or ""
                 raise ValueError("is not as this release stores it")
         except ValueError as error:
@@ -954,7 +957,43 @@ def _schema_3(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)")
 
 
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3)  # step n is SCHEMA_STEPS[n - 1]; new ones last
+def _schema_4(db: sqlite3.Connection) -> None:
+    """User IDs in NFC: forms of one ID merge, a second appointment on a date set aside."""
+    db.execute("CREATE TEMP TABLE in_nfc (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, "
+               "date TEXT NOT NULL)")
+    db.execute("CREATE INDEX temp.in_nfc_by_user ON in_nfc (user_id, date)")
+    # The IDs beyond ASCII (ASCII is NFC) in NFC, computed here: SQLite has no NFC, and
+    # a function of Python's is not called with text that is not UTF-8. NFC is stable
+    # (Unicode's normalization stability policy), so this step does what it did.
+    renamed = []
+    for rowid, user_id, date in _fetch(db, "SELECT rowid, user_id, date FROM appointments "
+                                           "WHERE length(user_id) <> length(CAST(user_id "
+                                           "AS BLOB))", ()):
+        in_nfc = unicodedata.normalize("NFC", user_id)
+        try:
+            in_nfc.encode()
+        except UnicodeEncodeError:  # not UTF-8 in the file: left for the sweep to set aside
+            continue
+        if in_nfc != user_id:
+            renamed.append((rowid, in_nfc, date))
+    db.executemany("INSERT INTO temp.in_nfc VALUES (?, ?, ?)", renamed)
+    # Of one user's appointments on one date, the one stored in NFC is kept, or else
+    # the first stored (the lowest rowid).
+    for rowid, in db.execute(
+            "SELECT id FROM temp.in_nfc AS renamed WHERE EXISTS (SELECT 1 FROM appointments "
+            "WHERE user_id = renamed.user_id AND date = renamed.date) OR EXISTS (SELECT 1 "
+            "FROM temp.in_nfc AS other WHERE other.user_id = renamed.user_id "
+            "AND other.date = renamed.date AND other.id < renamed.id)").fetchall():
+        _set_aside(db, rowid, "user_id is, in NFC (as this release reads it), the user of "
+                              "another appointment that date")
+        db.execute("DELETE FROM temp.in_nfc WHERE id = ?", (rowid,))
+    db.execute("UPDATE appointments SET user_id = (SELECT user_id FROM temp.in_nfc "
+               "WHERE id = appointments.rowid) WHERE rowid IN (SELECT id FROM temp.in_nfc)")
+    db.execute("DROP TABLE temp.in_nfc")
+
+
+# Step n is SCHEMA_STEPS[n - 1]; new ones last.
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -1121,8 +1160,8 @@ class SQLiteStore(Store):
     @staticmethod
     def sweep(db: sqlite3.Connection) -> None:
         """Set aside the rows whose user ID breaks a rule that SQL cannot check (its
-        invisible characters): those with characters beyond ASCII, checked by
-        parse_user_id(). 0.3 s a million rows."""
+        invisible characters, its form if not NFC): those with characters beyond
+        ASCII, checked by parse_user_id(). 0.3 s a million rows."""
         found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
                            "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
         for rowid, *row in found:

@@ -1385,6 +1385,49 @@ class SchemaTest(unittest.TestCase):
                     query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
                           (user_id, date, time_))
 
+    def test_version_4_brings_user_ids_to_nfc_and_one_user_keeps_one_appointment_a_date(self):
+        nfc, nfd, other = "Jos\u00e9", "Jose\u0301", "Jose\u0341"  # U+0341 is U+0301 in NFC
+        path = temporary_database(self)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            for step in scheduler.SCHEMA_STEPS[:3]:  # as the release of version 3 left it
+                step(db)
+            db.execute("PRAGMA user_version = 3")
+            db.executemany("INSERT INTO appointments (user_id, date, time, note) "
+                           "VALUES (?, ?, ?, ?)", [
+                               (nfd, "2026-11-24", "08:00", "kept whole"),  # the date is free
+                               (nfd, "2026-11-25", "10:00", None),  # the NFC one is kept
+                               (nfc, "2026-11-25", "09:00", None),
+                               (other, "2026-11-26", "12:00", None),  # not the first stored
+                               (nfd, "2026-11-26", "11:00", None),
+                               ("alice\u3164", "2026-11-25", "09:00", None),  # now refused
+                               ("alice", "2026-11-25", "09:30", None)])
+        store = self.open(path)
+        self.assertEqual(store.list_for_user(nfd), [])  # a store is asked in NFC
+        self.assertEqual(store.list_for_user(nfc), [
+            appointment(nfc, "2026-11-24", "08:00")._replace(note="kept whole"),
+            appointment(nfc, "2026-11-25", "09:00"), appointment(nfc, "2026-11-26", "12:00")])
+        self.assertEqual(store.list_for_user("alice"), [appointment("alice", "2026-11-25", "09:30")])
+        self.assertEqual(store.count(), 4)
+        self.assertEqual(query(path, "SELECT DISTINCT user_id FROM appointments ORDER BY 1"),
+                         [(nfc,), ("alice",)])
+        merged = "user_id is, in NFC (as this release reads it), the user of another " \
+                 "appointment that date"
+        self.assertEqual(query(path, "SELECT user_id, date, time, reason FROM set_aside "
+                                     "ORDER BY rowid"), [
+            (nfd, "2026-11-25", "10:00", merged), (nfd, "2026-11-26", "11:00", merged),
+            ("alice\u3164", "2026-11-25", "09:00",
+             "user_id must not contain the invisible character U+3164 (HANGUL FILLER)")])
+        upgraded, aside = store.notices
+        self.assertEqual(upgraded, f"Upgraded {path} to schema version 4: User IDs in NFC: "
+                                   "forms of one ID merge, a second appointment on a date set "
+                                   "aside.")
+        self.assertIn("3 stored appointment(s) break the rules of this release", aside)
+        self.assertIn(f"row 1: 'Jose\\u0301' '2026-11-25' '10:00' ({merged})", aside)
+        self.assertIn("row 3: 'alice\\u3164' '2026-11-25' '09:00' (user_id must not contain "
+                      "the invisible character U+3164 (HANGUL FILLER))", aside)
+        store.close()
+        self.assertEqual(self.open(path).notices, (aside,))  # nothing more is moved
+
     def test_the_next_start_sets_aside_user_ids_that_sql_cannot_check(self):
         path = temporary_database(self)
         self.open(path).close()
@@ -1393,10 +1436,14 @@ class SchemaTest(unittest.TestCase):
         query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
               unicode_rows[0])  # no CHECK sees the invisible character
         plant_rows(path, unicode_rows[1:] + [("\u00e9t\u00e9", "2026-11-25", "09:00")])
+        query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
+              ("e\u0301te\u0301", "2026-11-25", "10:00"))  # not in NFC: été, by hand
         store = self.open(path)
         self.assertEqual(store.count(), 1)  # été alone: a visible character beyond ASCII
         self.assertEqual(sorted(query(path, "SELECT user_id, date, time FROM set_aside")),
-                         sorted(unicode_rows))
+                         sorted(unicode_rows + [("e\u0301te\u0301", "2026-11-25", "10:00")]))
+        self.assertEqual(query(path, "SELECT reason FROM set_aside WHERE time = '10:00'"), [
+            ("user_id is not in NFC (Unicode's composed form), as this release stores it",)])
 
 
 class RowIsolationTest(BatchTestCase):
