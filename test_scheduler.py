@@ -558,7 +558,8 @@ class ParseNoteTest(ParserCases, unittest.TestCase):
         # Free text, shown as written: not normalized, and characters that only a user
         # ID refuses (variation selectors, Mongolian's, blanks) kept.
         ("Jose\u0301", "Jose\u0301"),
-        ("\u845b\U000E0100\u98fe, \u1820\u180b, \u2800, ok\ufe0f", "\u845b\U000E0100\u98fe, \u1820\u180b, \u2800, ok\ufe0f"),
+        ("\u845b\U000E0100\u98fe", "\u845b\U000E0100\u98fe"),  # an ideographic variant
+        ("\u1820\u180b \u2800 ok\ufe0f", "\u1820\u180b \u2800 ok\ufe0f"),
     ]
     INVALID = [
         (42, "must be a string"),
@@ -1406,7 +1407,8 @@ class SchemaTest(unittest.TestCase):
         self.assertEqual(store.list_for_user(nfc), [
             appointment(nfc, "2026-11-24", "08:00")._replace(note="kept whole"),
             appointment(nfc, "2026-11-25", "09:00"), appointment(nfc, "2026-11-26", "12:00")])
-        self.assertEqual(store.list_for_user("alice"), [appointment("alice", "2026-11-25", "09:30")])
+        self.assertEqual(store.list_for_user("alice"),
+                         [appointment("alice", "2026-11-25", "09:30")])
         self.assertEqual(store.count(), 4)
         self.assertEqual(query(path, "SELECT DISTINCT user_id FROM appointments ORDER BY 1"),
                          [(nfc,), ("alice",)])
@@ -2875,10 +2877,11 @@ class SchemaStrictnessTest(unittest.TestCase):
                       "\u180b", "\U000E0100", "\ufe0e", "\u2695", "\u203c", "1", "#", "\u20e3",
                       "e\u0301", "\u212a", "\u1100\u1161"]
     # Variation selectors and keycaps, which take three pieces and more.
-    SEQUENCES = ["1\ufe0f\u20e3", "#\ufe0f\u20e3", "*\ufe0f\u20e3", "a1\ufe0f\u20e3b", "1\ufe0e\u20e3",
-                 "1\ufe0f", "1\u20e3", "\ufe0f\u20e3", "a\ufe0f\u20e3", "\U0001F469\u200d\u2695\ufe0f",
-                 "\u2695\ufe0f\ufe0f", "\u2695\ufe0f\u200d\u00e9", "\u3030\ufe0f", "\u2139\ufe0e",
-                 "\u2800\ufe0f", "\u00e9\ufe0f", "\U0001F3F3\ufe0f\u200d\U0001F308"]
+    SEQUENCES = ["1\ufe0f\u20e3", "#\ufe0f\u20e3", "*\ufe0f\u20e3", "a1\ufe0f\u20e3b",
+                 "1\ufe0e\u20e3", "1\ufe0f", "1\u20e3", "\ufe0f\u20e3", "a\ufe0f\u20e3",
+                 "\U0001F469\u200d\u2695\ufe0f", "\u2695\ufe0f\ufe0f", "\u2695\ufe0f\u200d\u00e9",
+                 "\u3030\ufe0f", "\u2139\ufe0e", "\u2800\ufe0f", "\u00e9\ufe0f",
+                 "\U0001F3F3\ufe0f\u200d\U0001F308"]
 
     def test_user_id(self):
         pieces = self.USER_ID_PIECES
@@ -3070,8 +3073,10 @@ class InvisibleUserIdTest(RouteTestCase):
                 quoted = urllib.parse.quote("alice" + char, safe="")
                 problem = self.assertProblem(self.book("alice" + char), 422)
                 self.assertIn(f"{code} ({unicodedata.name(char)})", problem["errors"][0]["message"])
-                for path in (f"/appointments?user_id={quoted}", f"/appointments/{quoted}/2026-11-25"):
-                    self.assertIn(code, self.assertProblem(self.request("GET", path), 400)["detail"])
+                for path in (f"/appointments?user_id={quoted}",
+                             f"/appointments/{quoted}/2026-11-25"):
+                    problem = self.assertProblem(self.request("GET", path), 400)
+                    self.assertIn(code, problem["detail"])
         self.assertEqual(self.store.count(), 0)
 
 
