@@ -93,7 +93,7 @@ START_MINUTES = (0, 30)  # appointments start on the hour or half hour
 # The dates that can be booked: recent enough for any calendar, far from datetime's
 # limits, with four-digit years everywhere (JSON, iCalendar, SQLite, OpenAPI).
 FIRST_DATE, LAST_DATE = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
-MAX_USER_ID_LENGTH = 256
+MAX_USER_ID_LENGTH = 256  # characters, counted in NFC (parse_user_id)
 # Control characters (Unicode category Cc) and lone surrogates (Cs), which JSON can
 # carry as \u escapes but which cannot be encoded as UTF-8 later.
 FORBIDDEN_CATEGORIES = ("Cc", "Cs")
@@ -262,7 +262,12 @@ class StoreUnavailable(Exception):
 
 
 def parse_user_id(value) -> str:
-    """Return the user ID as a string; raise ValueError saying what is wrong.
+    """Return the user ID as a string in NFC, Unicode's composed form; raise
+    ValueError saying what is wrong.
+
+    One visible ID is one user: text is normalized to NFC (so "José" typed with a
+    combining accent is the user "José"), and every rule is checked on that form,
+    which is what the service stores and shows back; its length too.
 
     A JSON integer is accepted as its decimal string, so 42 and "42" are one user.
     Integers are JSON Schema's: any number without a fraction, so 42.0 and 4.2e1
@@ -281,39 +286,85 @@ def parse_user_id(value) -> str:
         raise ValueError("must be a string or an integer")
     if not value:
         raise ValueError("must not be empty")
+    ascii_only = value.isascii()  # then it is in NFC already, and has no invisible characters
+    if not ascii_only and len(value) <= MAX_USER_ID_LENGTH * _MOST_JOINED_BY_NFC:
+        value = unicodedata.normalize("NFC", value)
     if len(value) > MAX_USER_ID_LENGTH:
-        raise ValueError(f"must be at most {MAX_USER_ID_LENGTH} characters long")
+        raise ValueError(f"must be at most {MAX_USER_ID_LENGTH} characters long"
+                         + ("" if ascii_only else " (counted in NFC, Unicode's composed form)"))
     if _FORBIDDEN_IN_USER_ID.search(value):
         raise ValueError("must not contain control characters or lone surrogates")
     if value != value.strip():
         raise ValueError("must not start or end with whitespace")
-    invisible = None if value.isascii() else _invisible_format_character(value)
+    invisible = None if ascii_only else _invisible_character(value, look_alikes=True)
     if invisible:
         raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
-                         f"({unicodedata.name(invisible, 'a format character')})")
+                         f"({unicodedata.name(invisible, 'unnamed: a reserved code point')})")
     return value
 
 
+# NFC joins at most 4 code points into one (no character's canonical decomposition
+# is longer), so text longer than this many times the limit is too long in NFC too.
+_MOST_JOINED_BY_NFC = 4
 JOINERS = "\u200c\u200d"  # zero width non-joiner and joiner: in emoji and in joining scripts
 INVISIBLE_CATEGORIES = ("Cf", "Zl", "Zp")  # format characters, line and paragraph separators
 VISIBLE_CLASSES = "LMS"  # letters, marks, symbols: what a joiner may stand between
+# Unicode's Default_Ignorable_Code_Point property (DerivedCoreProperties.txt, the same
+# from Unicode 14.0 to 15.1: Python 3.11 to 3.13; before 14.0, U+180F was reserved):
+# characters a renderer shows as nothing when it has no glyph for them. Python's
+# unicodedata does not have it. Ranges (first, last), reserved code points included.
+DEFAULT_IGNORABLE = (
+    (0x00AD, 0x00AD), (0x034F, 0x034F), (0x061C, 0x061C), (0x115F, 0x1160),
+    (0x17B4, 0x17B5), (0x180B, 0x180F), (0x200B, 0x200F), (0x202A, 0x202E),
+    (0x2060, 0x206F), (0x3164, 0x3164), (0xFE00, 0xFE0F), (0xFEFF, 0xFEFF),
+    (0xFFA0, 0xFFA0), (0xFFF0, 0xFFF8), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A),
+    (0xE0000, 0xE0FFF))
+# Blank characters that are not default-ignorable, which fonts draw as nothing: the
+# braille pattern with no dots and the musical null notehead.
+BLANK_LOOK_ALIKES = "\u2800\U0001d159"
+# What a user ID may not hold, beyond the invisible categories but for the exceptions below.
+_LOOK_ALIKES = frozenset(chr(code) for first, last in DEFAULT_IGNORABLE
+                         for code in range(first, last + 1)) | frozenset(BLANK_LOOK_ALIKES)
+# Text and emoji presentation selectors (VS15, VS16): allowed in a user ID after an
+# emoji only. Python has no Emoji property: an emoji is taken to be a symbol beyond
+# ASCII (category S), or one of the few emoji that are not symbols (these); and
+# VS16 in a keycap (1, VS16, U+20E3 COMBINING ENCLOSING KEYCAP: 1️⃣).
+VARIATION_SELECTORS = "\ufe0e\ufe0f"
+EMOJI_BEYOND_SYMBOLS = "\u203c\u2049\u2139\u3030\u303d"  # ‼ ⁉ ℹ 〰 〽
+KEYCAP_BASES, KEYCAP = "#*0123456789", "\u20e3"
 
 
-def _invisible_format_character(value: str) -> Optional[str]:
-    """The first format character (Unicode category Cf) in value that would make two
-    different IDs look alike, or reverse the text around it: any but a joiner
-    between two visible characters that are not ASCII (as in an emoji sequence like
-    👩‍💻, or a Persian or Indic word). Line and paragraph separators (Zl, Zp) too:
-    they break the line wherever the ID is shown."""
+def _invisible_character(value: str, look_alikes: bool) -> Optional[str]:
+    """The first character in value that would make two different IDs look alike,
+    or reverse the text around it: a format character (Unicode category Cf), but a
+    joiner between two visible characters that are not ASCII (as in an emoji
+    sequence like 👩‍💻, or a Persian or Indic word); a line or paragraph separator
+    (Zl, Zp), which breaks the line wherever the ID is shown. With look_alikes, also
+    a default-ignorable character or a blank look-alike (DEFAULT_IGNORABLE,
+    BLANK_LOOK_ALIKES), but a variation selector after an emoji (VARIATION_SELECTORS)."""
     for index, char in enumerate(value):
-        if unicodedata.category(char) not in INVISIBLE_CATEGORIES:
+        if unicodedata.category(char) not in INVISIBLE_CATEGORIES and not (
+                look_alikes and char in _LOOK_ALIKES):
             continue
         if char in JOINERS and 0 < index < len(value) - 1 and all(
                 not near.isascii() and unicodedata.category(near)[0] in VISIBLE_CLASSES
                 for near in (value[index - 1], value[index + 1])):
             continue
+        if char in VARIATION_SELECTORS and index and _emoji_before(value, index):
+            continue
         return char
     return None
+
+
+def _emoji_before(value: str, index: int) -> bool:
+    """Whether the variation selector at value[index] follows an emoji (see
+    VARIATION_SELECTORS): a symbol beyond ASCII, an emoji that is not a symbol, or
+    a keycap's base, with VS16 and U+20E3 after it."""
+    before = value[index - 1]
+    if not before.isascii():
+        return unicodedata.category(before)[0] == "S" or before in EMOJI_BEYOND_SYMBOLS
+    return before in KEYCAP_BASES and value[index] == "\ufe0f" and \
+        value[index + 1:index + 2] == KEYCAP
 
 
 def parse_date(value) -> dt.date:
@@ -363,7 +414,7 @@ def parse_note(value) -> Optional[str]:
     if control:
         raise ValueError(f"must not contain control characters (U+{ord(control.group()):04X}) "
                          "but line breaks, nor lone surrogates")
-    invisible = None if value.isascii() else _invisible_format_character(value)
+    invisible = None if value.isascii() else _invisible_character(value, look_alikes=False)
     if invisible:
         raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
                          f"({unicodedata.name(invisible, 'a format character')})")
@@ -384,8 +435,9 @@ class Detail(NamedTuple):
 
 
 DETAILS = (Detail("note", parse_note, MAX_NOTE_LENGTH,
-                  "Free text for the practitioner; lines may break (\\n), but no other "
-                  "control characters or invisible format characters. An empty one is none",
+                  "Free text for the practitioner, kept as written (not normalized); lines "
+                  "may break (\\n), but no other control characters or invisible format "
+                  "characters. An empty one is none",
                   "DESCRIPTION"),)
 _DETAIL_NAMES = tuple(detail.name for detail in DETAILS)
 _NO_DETAILS = (None,) * len(DETAILS)  # an appointment's details when it has none
@@ -924,7 +976,7 @@ _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointme
                 ("trigger", "uncounted")}
 # Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
 # that SQLite refuses what this service could not show, whoever writes the file. What
-# it cannot say (the user ID's invisible characters) SQLiteStore.sweep() checks.
+# it cannot say (the user ID's invisible characters, and NFC) SQLiteStore.sweep() checks.
 _APPOINTMENTS_TABLE = f"""
     CREATE TABLE appointments (
         user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
@@ -954,6 +1006,9 @@ def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
             return f"{name} is stored as {type(value).__name__}, not text"
         try:
             parsed = parse(value)
+            if name == "user_id" and parsed != value:  # written past this release
+                raise ValueError("is not in NFC (Unicode's composed form), as this release "
+                                 "stores it")
             if name in _DETAIL_NAMES and parsed != value:  # as "a\r\nb", or ""
                 raise ValueError("is not as this release stores it")
         except ValueError as error:
@@ -1061,6 +1116,41 @@ def _schema_3(db: sqlite3.Connection) -> None:
 
 
 def _schema_4(db: sqlite3.Connection) -> None:
+    """User IDs in NFC: forms of one ID merge, a second appointment on a date set aside."""
+    db.execute("CREATE TEMP TABLE in_nfc (id INTEGER PRIMARY KEY, user_id TEXT NOT NULL, "
+               "date TEXT NOT NULL)")
+    db.execute("CREATE INDEX temp.in_nfc_by_user ON in_nfc (user_id, date)")
+    # The IDs beyond ASCII (ASCII is NFC) in NFC, computed here: SQLite has no NFC, and
+    # a function of Python's is not called with text that is not UTF-8. NFC is stable
+    # (Unicode's normalization stability policy), so this step does what it did.
+    renamed = []
+    for rowid, user_id, date in _fetch(db, "SELECT rowid, user_id, date FROM appointments "
+                                           "WHERE length(user_id) <> length(CAST(user_id "
+                                           "AS BLOB))", ()):
+        in_nfc = unicodedata.normalize("NFC", user_id)
+        try:
+            in_nfc.encode()
+        except UnicodeEncodeError:  # not UTF-8 in the file: left for the sweep to set aside
+            continue
+        if in_nfc != user_id:
+            renamed.append((rowid, in_nfc, date))
+    db.executemany("INSERT INTO temp.in_nfc VALUES (?, ?, ?)", renamed)
+    # Of one user's appointments on one date, the one stored in NFC is kept, or else
+    # the first stored (the lowest rowid).
+    for rowid, in db.execute(
+            "SELECT id FROM temp.in_nfc AS renamed WHERE EXISTS (SELECT 1 FROM appointments "
+            "WHERE user_id = renamed.user_id AND date = renamed.date) OR EXISTS (SELECT 1 "
+            "FROM temp.in_nfc AS other WHERE other.user_id = renamed.user_id "
+            "AND other.date = renamed.date AND other.id < renamed.id)").fetchall():
+        _set_aside(db, rowid, "user_id is, in NFC (as this release reads it), the user of "
+                              "another appointment that date")
+        db.execute("DELETE FROM temp.in_nfc WHERE id = ?", (rowid,))
+    db.execute("UPDATE appointments SET user_id = (SELECT user_id FROM temp.in_nfc "
+               "WHERE id = appointments.rowid) WHERE rowid IN (SELECT id FROM temp.in_nfc)")
+    db.execute("DROP TABLE temp.in_nfc")
+
+
+def _schema_5(db: sqlite3.Connection) -> None:
     """Each user's count and version of appointments, kept by triggers; idempotency
     keys scoped to the user a request names."""
     for statement in (
@@ -1099,8 +1189,9 @@ def _schema_4(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4)
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -1318,8 +1409,8 @@ class SQLiteStore(Store):
     @staticmethod
     def sweep(db: sqlite3.Connection) -> None:
         """Set aside the rows whose user ID breaks a rule that SQL cannot check (its
-        invisible characters): those with characters beyond ASCII, checked by
-        parse_user_id(). 0.3 s a million rows."""
+        invisible characters, its form if not NFC): those with characters beyond
+        ASCII, checked by parse_user_id(). 0.3 s a million rows."""
         found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
                            "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
         for rowid, *row in found:
@@ -4106,10 +4197,12 @@ _BEFORE_ASTRAL = r"(?:[\ud800-\udbff]|(?![\u0000-\uffff])[\s\S])"  # for a looka
 @functools.lru_cache(maxsize=None)
 def _character_classes() -> Tuple[str, str, str, str, str]:
     """What the user ID's and the note's rules are made of, as parts of regular
-    expressions: a class of whitespace; an allowed character (no control
-    characters, surrogates or invisible ones); lookarounds for a visible non-ASCII
-    character before and after a joiner (beyond the BMP, any allowed character
-    stands for a visible one); a class of joiners."""
+    expressions: a class of whitespace; a character a note allows (no control
+    characters, surrogates or invisible ones); one a user ID allows (nor a
+    default-ignorable one or a blank look-alike); a joiner between visible
+    non-ASCII characters; a variation selector after an emoji. The last two as
+    _invisible_character() allows them, but that beyond the BMP any allowed
+    character stands for a visible one, and for an emoji."""
     # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
     # surrogates that the service refuses, and a list leaves them out by itself.
     refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
@@ -4119,34 +4212,64 @@ def _character_classes() -> Tuple[str, str, str, str, str]:
     spaces = [(code, code) for first, last, category in bmp  # str.isspace's: among these
               if category in ("Zs", "Zl", "Zp", "Cc")
               for code in range(first, last + 1) if chr(code).isspace()]
-    refused_astral = "|".join(chr(code) for first, last, category in runs
-                              if last > 0xFFFF and category in refused
-                              for code in range(max(first, 0x10000), last + 1))
-    allowed = _char_class((first, last) for first, last, category in bmp
-                          if category not in refused)
+    in_note = [(first, last) for first, last, category in bmp if category not in refused]
+    # Past the BMP, each refused character is written out (see _ASTRAL): those of the
+    # categories, and the look-alikes that are assigned (reserved ones are not).
+    refused_astral = [code for first, last, category in runs
+                      if last > 0xFFFF and category in refused
+                      for code in range(max(first, 0x10000), last + 1)]
+    look_alikes = sorted(ord(char) for char in _LOOK_ALIKES)
+    astral_look_alikes = [code for code in look_alikes if code > 0xFFFF
+                          and unicodedata.category(chr(code)) not in refused + ("Cn",)]
+
+    def allowed(ranges, astral_refused) -> str:
+        inner = _char_class(ranges)
+        astral = "|".join(chr(code) for code in astral_refused)
+        return f"(?:[{inner}]|{f'(?!{astral}){_ASTRAL}' if astral else _ASTRAL})"
+
+    in_user_id = [(low, high) for first, last in in_note
+                  for low, high in _without(first, last, look_alikes)]
     visible = _char_class((max(first, 0x80), last) for first, last, category in bmp
                           if category[0] in VISIBLE_CLASSES and last >= 0x80)  # beyond ASCII
-    astral = f"(?!{refused_astral}){_ASTRAL}" if refused_astral else _ASTRAL
-    return (_char_class(spaces), f"(?:[{allowed}]|{astral})",
-            f"(?:(?<=[{visible}])|{_AFTER_ASTRAL})", f"(?=[{visible}]|{_BEFORE_ASTRAL})",
-            "".join(_class_char(ord(char)) for char in JOINERS))
+    emoji = _char_class(sorted([(max(first, 0x80), last) for first, last, category in bmp
+                                if category[0] == "S" and last >= 0x80]
+                               + [(ord(char), ord(char)) for char in EMOJI_BEYOND_SYMBOLS]))
+    joiner = "".join(_class_char(ord(char)) for char in JOINERS)
+    selector = "".join(_class_char(ord(char)) for char in VARIATION_SELECTORS)
+    keycap_bases = _char_class(sorted((ord(char), ord(char)) for char in KEYCAP_BASES))
+    return (_char_class(spaces), allowed(in_note, refused_astral),
+            allowed(in_user_id, sorted(refused_astral + astral_look_alikes)),
+            f"(?:(?<=[{visible}])|{_AFTER_ASTRAL})[{joiner}](?=[{visible}]|{_BEFORE_ASTRAL})",
+            f"(?:(?<=[{emoji}])|{_AFTER_ASTRAL})[{selector}]|(?<=[{keycap_bases}])"
+            f"{_class_char(0xFE0F)}(?={_class_char(ord(KEYCAP))})")
+
+
+def _without(first: int, last: int, codes: List[int]) -> List[Tuple[int, int]]:
+    """The range first to last, as ranges, without the code points codes (in order)."""
+    ranges = []
+    for code in codes[bisect.bisect_left(codes, first):bisect.bisect_right(codes, last)]:
+        if first < code:
+            ranges.append((first, code - 1))
+        first = code + 1
+    return ranges + ([(first, last)] if first <= last else [])
 
 
 def user_id_pattern() -> str:
-    """parse_user_id()'s rules for a string as one regular expression: no control
-    characters or surrogates, no invisible characters but joiners between visible
-    non-ASCII ones, and no whitespace first or last. It compiles, and matches
-    alike, with and without ECMA-262's u flag."""
-    space, allowed, before, after, joiner = _character_classes()
-    return (f"^(?![{space}])(?:{allowed}|{before}[{joiner}]{after})*"
-            f"(?<![{space}]){_END}")
+    """parse_user_id()'s rules for a string in NFC as one regular expression: no
+    control characters or surrogates, no invisible characters but joiners between
+    visible non-ASCII ones and variation selectors after emoji, and no whitespace
+    first or last. It compiles, and matches alike, with and without ECMA-262's u
+    flag. It cannot say NFC: the service normalizes first (README, UserId)."""
+    space, _, allowed, joined, selected = _character_classes()
+    return f"^(?![{space}])(?:{allowed}|{joined}|{selected})*(?<![{space}]){_END}"
 
 
 def note_pattern() -> str:
-    """parse_note()'s rules as one regular expression: the user ID's characters,
-    and line breaks (LF, or CR LF), anywhere."""
-    _, allowed, before, after, joiner = _character_classes()
-    return f"^(?:{allowed}|\\n|\\r\\n|{before}[{joiner}]{after})*{_END}"
+    """parse_note()'s rules as one regular expression: no control characters or
+    surrogates, no invisible format characters but joiners between visible
+    non-ASCII ones; line breaks (LF, or CR LF) anywhere."""
+    _, allowed, _, joined, _ = _character_classes()
+    return f"^(?:{allowed}|\\n|\\r\\n|{joined})*{_END}"
 
 
 def date_pattern() -> str:
@@ -4420,11 +4543,20 @@ def openapi_document() -> dict:
         "paths": paths,
         "components": {
             "schemas": {
-                "UserId": {**user_id_text, "description": "At most 256 characters; no "
-                           "control characters, no whitespace first or last, no invisible "
-                           "format characters but joiners between visible non-ASCII ones. "
-                           "The pattern reads alike with and without ECMA-262's u flag; past "
-                           "U+FFFF it takes a joiner beside any allowed character"},
+                "UserId": {**user_id_text, "description": "Brought to NFC (Unicode's "
+                           "composed form) first: one user in any form, shown back in NFC. "
+                           "In NFC, at most 256 characters; no control characters, no "
+                           "whitespace first or last, no invisible characters (format "
+                           "characters, Unicode's default-ignorable ones, blanks such as "
+                           "U+2800) but joiners between visible non-ASCII characters and "
+                           "U+FE0E or U+FE0F after an emoji (a non-ASCII symbol, five other "
+                           "emoji such as U+2139, and in a keycap: 1, U+FE0F, U+20E3). "
+                           "maxLength and the pattern hold for the NFC form, which a "
+                           "validator cannot compute: text in another form may fail them and "
+                           "be taken, or pass them and be refused. The pattern reads alike "
+                           "with and without ECMA-262's u flag; past U+FFFF it takes a joiner "
+                           "or a variation selector beside any allowed character, and "
+                           "reserved default-ignorable code points"},
                 "NewAppointment": {
                     "type": "object", "required": ["user_id", "date", "time"],
                     "properties": {"user_id": {

@@ -47,6 +47,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+import unicodedata
 import unittest
 import urllib.parse
 from http import HTTPStatus
@@ -397,6 +398,19 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("dev-\U0001F469\u200d\U0001F4BB", "dev-\U0001F469\u200d\U0001F4BB"),  # woman coder
         ("\U0001F3F3\ufe0f\u200d\U0001F308", "\U0001F3F3\ufe0f\u200d\U0001F308"),  # rainbow flag
         ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645"),  # Persian
+        ("\u0915\u094d\u200d\u0937", "\u0915\u094d\u200d\u0937"),  # Devanagari, half form
+        # A variation selector after an emoji: health worker, keycap, the emoji that are
+        # not symbols (category S), text presentation.
+        ("\U0001F469\u200d\u2695\ufe0f", "\U0001F469\u200d\u2695\ufe0f"),
+        ("room 1\ufe0f\u20e3", "room 1\ufe0f\u20e3"),
+        ("\u203c\ufe0f\u2139\ufe0f", "\u203c\ufe0f\u2139\ufe0f"),
+        ("\u2695\ufe0e", "\u2695\ufe0e"),
+        # One user in NFC, Unicode's composed form, whatever form it is sent in.
+        ("Jose\u0301", "Jos\u00e9"),
+        ("Jos\u00e9", "Jos\u00e9"),
+        ("\u212b", "\u00c5"),  # ANGSTROM SIGN is A WITH RING ABOVE
+        ("\u1100\u1161\u11a8", "\uac01"),  # Hangul jamo, as one syllable
+        ("e\u0301" * 256, "\u00e9" * 256),  # its length counted in NFC
         (42, "42"),
         ("42", "42"),
         (-7, "-7"),
@@ -442,7 +456,40 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("\U0001F3F4\U000E0067\U000E007F", "U\\+E0067"),  # tag characters
         ("ali\u2028ce", "U\\+2028 \\(LINE SEPARATOR\\)"),  # breaks lines where shown
         ("ali\u2029ce", "U\\+2029"),
+        # Default-ignorable characters and blank look-alikes: "alice" seen twice.
+        ("alice\u3164", "U\\+3164 \\(HANGUL FILLER\\)"),
+        ("alice\uffa0", "U\\+FFA0 \\(HALFWIDTH HANGUL FILLER\\)"),
+        ("alice\u115f", "U\\+115F \\(HANGUL CHOSEONG FILLER\\)"),
+        ("alice\u1160", "U\\+1160 \\(HANGUL JUNGSEONG FILLER\\)"),
+        ("alice\u2800", "U\\+2800 \\(BRAILLE PATTERN BLANK\\)"),
+        ("alice\ufe0f", "U\\+FE0F \\(VARIATION SELECTOR-16\\)"),
+        ("alice\u034f", "U\\+034F \\(COMBINING GRAPHEME JOINER\\)"),
+        ("alice\u17b4", "U\\+17B4 \\(KHMER VOWEL INHERENT AQ\\)"),
+        ("alice\U000E0100", "U\\+E0100 \\(VARIATION SELECTOR-17\\)"),
+        ("alice\U0001D159", "U\\+1D159 \\(MUSICAL SYMBOL NULL NOTEHEAD\\)"),
+        ("\u3164", "U\\+3164"),
+        ("ali\u180bce", "U\\+180B"),
+        ("\u6771\ufe00", "U\\+FE00"),  # only VS15 and VS16 go with emoji
+        ("alice\U000E0500", "U\\+E0500 \\(unnamed: a reserved code point\\)"),
+        ("1\ufe0f", "U\\+FE0F"),  # a keycap's base alone: VS16 changes nothing shown
+        ("#\ufe0e\u20e3", "U\\+FE0E"),
+        ("\u2695\ufe0f\ufe0f", "U\\+FE0F"),
+        ("\u00e9\ufe0f", "U\\+FE0F"),  # after a letter
+        ("\U0001F469\u200d\u3164", "U\\+3164"),
+        # Rules hold for the NFC form: a joiner beside what becomes ASCII, and a length
+        # that grows (one letter is three code points in NFC).
+        ("\u212a\u200d\u00e9", "U\\+200D"),  # KELVIN SIGN is K
+        ("\ufb2c" * 86, "at most 256 characters long \\(counted in NFC"),
+        ("e\u0301" * 257, "at most 256 characters long \\(counted in NFC"),
+        ("e\u0301" * 1025, "at most 256 characters long \\(counted in NFC"),
     ]
+
+    def test_nfc_joins_at_most_four_code_points_into_one(self):
+        # So text longer than 4 x 256 is not normalized to learn that it is too long.
+        longest = max(len(unicodedata.normalize("NFD", chr(code)))
+                      for code in range(sys.maxunicode + 1)
+                      if unicodedata.decomposition(chr(code))[:1] not in ("", "<"))
+        self.assertLessEqual(longest, scheduler._MOST_JOINED_BY_NFC)
 
 
 class ParseDateTest(ParserCases, unittest.TestCase):
@@ -509,6 +556,11 @@ class ParseNoteTest(ParserCases, unittest.TestCase):
         ("x" * 500, "x" * 500),
         ("\r\n" * 250, "\n" * 250),  # 500 as sent
         ("Zoë 東京 \U0001F469\u200d\U0001F4BB", "Zoë 東京 \U0001F469\u200d\U0001F4BB"),
+        # Free text, shown as written: not normalized, and characters that only a user
+        # ID refuses (variation selectors, Mongolian's, blanks) kept.
+        ("Jose\u0301", "Jose\u0301"),
+        ("\u845b\U000E0100\u98fe", "\u845b\U000E0100\u98fe"),  # an ideographic variant
+        ("\u1820\u180b \u2800 ok\ufe0f", "\u1820\u180b \u2800 ok\ufe0f"),
     ]
     INVALID = [
         (42, "must be a string"),
@@ -1162,6 +1214,8 @@ BROKEN_ROWS = [
     ("\u202eoverride", "2026-11-25", "09:00", "user_id"),
     ("tag\U000e0041", "2026-11-25", "09:00", "user_id"),
     ("line\u2028separator", "2026-11-25", "09:00", "user_id"),  # and a later one this
+    ("alice\u3164", "2026-11-25", "09:00", "user_id"),  # and the releases before NFC these
+    ("look\u2800alike", "2026-11-25", "09:00", "user_id"),
 ]
 GOOD_DATE = "2026-11-26"
 
@@ -1305,15 +1359,15 @@ class SchemaTest(unittest.TestCase):
                 with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK"):
                     query(path, "UPDATE appointments SET note = ?", ("x" * 501,))
 
-    def test_version_4_counts_each_users_appointments_and_scopes_the_keys_kept(self):
+    def test_version_5_counts_each_users_appointments_and_scopes_the_keys_kept(self):
         path = temporary_database(self)
         booked = json.dumps(appointment().as_json()).encode()
         in_the_way = json.dumps({"status": 409, "appointment": appointment(
             "bob").as_json()}).encode()
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-            for step in scheduler.SCHEMA_STEPS[:3]:  # as the release of version 3 left it
+            for step in scheduler.SCHEMA_STEPS[:4]:  # as the release of version 4 left it
                 step(db)
-            db.execute("PRAGMA user_version = 3")
+            db.execute("PRAGMA user_version = 4")
             db.executemany("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
                            [("alice", "2026-11-25", "09:30"), ("alice", "2026-11-26", "10:00"),
                             ("bob", "2026-11-25", "09:30")])
@@ -1429,6 +1483,51 @@ class SchemaTest(unittest.TestCase):
                     query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
                           (user_id, date, time_))
 
+    def test_version_4_brings_user_ids_to_nfc_and_one_user_keeps_one_appointment_a_date(self):
+        nfc, nfd, other = "Jos\u00e9", "Jose\u0301", "Jose\u0341"  # U+0341 is U+0301 in NFC
+        path = temporary_database(self)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            for step in scheduler.SCHEMA_STEPS[:3]:  # as the release of version 3 left it
+                step(db)
+            db.execute("PRAGMA user_version = 3")
+            db.executemany("INSERT INTO appointments (user_id, date, time, note) "
+                           "VALUES (?, ?, ?, ?)", [
+                               (nfd, "2026-11-24", "08:00", "kept whole"),  # the date is free
+                               (nfd, "2026-11-25", "10:00", None),  # the NFC one is kept
+                               (nfc, "2026-11-25", "09:00", None),
+                               (other, "2026-11-26", "12:00", None),  # not the first stored
+                               (nfd, "2026-11-26", "11:00", None),
+                               ("alice\u3164", "2026-11-25", "09:00", None),  # now refused
+                               ("alice", "2026-11-25", "09:30", None)])
+        store = self.open(path)
+        self.assertEqual(store.list_for_user(nfd), [])  # a store is asked in NFC
+        self.assertEqual(store.list_for_user(nfc), [
+            appointment(nfc, "2026-11-24", "08:00")._replace(note="kept whole"),
+            appointment(nfc, "2026-11-25", "09:00"), appointment(nfc, "2026-11-26", "12:00")])
+        self.assertEqual(store.list_for_user("alice"),
+                         [appointment("alice", "2026-11-25", "09:30")])
+        self.assertEqual(store.count(), 4)
+        self.assertEqual(query(path, "SELECT DISTINCT user_id FROM appointments ORDER BY 1"),
+                         [(nfc,), ("alice",)])
+        merged = "user_id is, in NFC (as this release reads it), the user of another " \
+                 "appointment that date"
+        self.assertEqual(query(path, "SELECT user_id, date, time, reason FROM set_aside "
+                                     "ORDER BY rowid"), [
+            (nfd, "2026-11-25", "10:00", merged), (nfd, "2026-11-26", "11:00", merged),
+            ("alice\u3164", "2026-11-25", "09:00",
+             "user_id must not contain the invisible character U+3164 (HANGUL FILLER)")])
+        upgraded, counted, aside = store.notices
+        self.assertTrue(counted.startswith(f"Upgraded {path} to schema version 5: "))
+        self.assertEqual(upgraded, f"Upgraded {path} to schema version 4: User IDs in NFC: "
+                                   "forms of one ID merge, a second appointment on a date set "
+                                   "aside.")
+        self.assertIn("3 stored appointment(s) break the rules of this release", aside)
+        self.assertIn(f"row 1: 'Jose\\u0301' '2026-11-25' '10:00' ({merged})", aside)
+        self.assertIn("row 3: 'alice\\u3164' '2026-11-25' '09:00' (user_id must not contain "
+                      "the invisible character U+3164 (HANGUL FILLER))", aside)
+        store.close()
+        self.assertEqual(self.open(path).notices, (aside,))  # nothing more is moved
+
     def test_the_next_start_sets_aside_user_ids_that_sql_cannot_check(self):
         path = temporary_database(self)
         self.open(path).close()
@@ -1437,10 +1536,14 @@ class SchemaTest(unittest.TestCase):
         query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
               unicode_rows[0])  # no CHECK sees the invisible character
         plant_rows(path, unicode_rows[1:] + [("\u00e9t\u00e9", "2026-11-25", "09:00")])
+        query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
+              ("e\u0301te\u0301", "2026-11-25", "10:00"))  # not in NFC: été, by hand
         store = self.open(path)
         self.assertEqual(store.count(), 1)  # été alone: a visible character beyond ASCII
         self.assertEqual(sorted(query(path, "SELECT user_id, date, time FROM set_aside")),
-                         sorted(unicode_rows))
+                         sorted(unicode_rows + [("e\u0301te\u0301", "2026-11-25", "10:00")]))
+        self.assertEqual(query(path, "SELECT reason FROM set_aside WHERE time = '10:00'"), [
+            ("user_id is not in NFC (Unicode's composed form), as this release stores it",)])
 
 
 class RowIsolationTest(BatchTestCase):
@@ -3027,6 +3130,8 @@ class SchemaStrictnessTest(unittest.TestCase):
         cls.note = properties["note"]
 
     def assertSameVerdict(self, schema: dict, parse, value: str):
+        if parse is scheduler.parse_user_id:  # the schema describes IDs in NFC (see below)
+            value = unicodedata.normalize("NFC", value)
         by_schema = (schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", 10 ** 9)
                      and re.search(schema["pattern"], value) is not None)
         try:
@@ -3041,11 +3146,19 @@ class SchemaStrictnessTest(unittest.TestCase):
                       "\u0645", "\u06cc", "\U0001F469", "\U0001F4BB", "\ufe0f", "\u0301",
                       "\u200b", "\u200c", "\u200d", "\u2028", "\u2029", "\u2060", "\u202e",
                       "\ufeff", "\u00ad", "\u3000", "\U000E0067", "\ud800", "\u0663", "«",
-                      "\ue000", "-", "+", "/", "%"]
+                      "\ue000", "-", "+", "/", "%", "\u3164", "\u2800", "\u034f", "\u17b4",
+                      "\u180b", "\U000E0100", "\ufe0e", "\u2695", "\u203c", "1", "#", "\u20e3",
+                      "e\u0301", "\u212a", "\u1100\u1161"]
+    # Variation selectors and keycaps, which take three pieces and more.
+    SEQUENCES = ["1\ufe0f\u20e3", "#\ufe0f\u20e3", "*\ufe0f\u20e3", "a1\ufe0f\u20e3b",
+                 "1\ufe0e\u20e3", "1\ufe0f", "1\u20e3", "\ufe0f\u20e3", "a\ufe0f\u20e3",
+                 "\U0001F469\u200d\u2695\ufe0f", "\u2695\ufe0f\ufe0f", "\u2695\ufe0f\u200d\u00e9",
+                 "\u3030\ufe0f", "\u2139\ufe0e", "\u2800\ufe0f", "\u00e9\ufe0f",
+                 "\U0001F3F3\ufe0f\u200d\U0001F308"]
 
     def test_user_id(self):
         pieces = self.USER_ID_PIECES
-        values = ["", "x" * 256, "x" * 257, "alice\n", " alice", "alice "]
+        values = ["", "x" * 256, "x" * 257, "alice\n", " alice", "alice "] + self.SEQUENCES
         values += [a + b + c for a in pieces for b in pieces for c in pieces[:12]]
         values += ["".join(random.Random(seed).choices(pieces, k=5)) for seed in range(3000)]
         for value in values:
@@ -3061,7 +3174,8 @@ class SchemaStrictnessTest(unittest.TestCase):
     def test_the_patterns_read_alike_as_code_units_and_as_code_points(self):
         # Spectral compiles patterns without the u flag, ajv and Python's re as code points.
         pieces = [piece for piece in self.USER_ID_PIECES if piece != "\ud800"] + [
-            "\U0001D7CE", "\U000F0000", "\U000E0001", "\U000110BD", "\U00030000"]
+            "\U0001D7CE", "\U000F0000", "\U000E0001", "\U000110BD", "\U00030000", "\U0001D159",
+            "\U000E0500"]
         values = [a + b + c for a in pieces for b in pieces for c in pieces[:12]]
         for schema in (self.user_id, self.note):
             as_points = re.compile(schema["pattern"])
@@ -3070,16 +3184,42 @@ class SchemaStrictnessTest(unittest.TestCase):
                 self.assertEqual(bool(as_points.search(value)),
                                  bool(as_units.search(self.as_code_units(value))), repr(value))
 
-    def test_a_joiner_beside_an_astral_character_is_the_one_difference(self):
-        # Past the BMP the pattern cannot tell visible characters from others in both
-        # readings: a joiner beside an astral digit or private-use character passes
-        # it, and the service refuses it (a 422). Nothing the service takes fails it.
+    def test_past_the_bmp_the_pattern_takes_more_than_the_service(self):
+        # Past the BMP the pattern cannot tell visible characters, or emoji, from others
+        # in both readings: a joiner beside an astral digit or private-use character,
+        # or a variation selector after one, passes it; so does a reserved
+        # default-ignorable code point (written out, the 3,759 would make the pattern
+        # 20 KB longer). The service refuses them (a 422). Nothing it takes fails it.
         pattern = re.compile(self.user_id["pattern"])
-        for value in ("\U0001D7CE\u200d\u00e9", "\U000F0000\u200c\u6771"):
+        for value in ("\U0001D7CE\u200d\u00e9", "\U000F0000\u200c\u6771", "\U0001D7CE\ufe0f",
+                      "alice\U000E0500"):
             with self.subTest(value=value):
                 self.assertTrue(pattern.search(value))
                 with self.assertRaises(ValueError):
                     scheduler.parse_user_id(value)
+
+    def test_the_schema_describes_user_ids_in_nfc(self):
+        # The service brings an ID to NFC, then checks it; a pattern cannot normalize,
+        # so the schema holds for the NFC form (as its description says). Text in
+        # another form can fail the schema and be taken, or pass it and be refused.
+        pattern = re.compile(self.user_id["pattern"])
+
+        def schema(text: str) -> bool:
+            return len(text) <= self.user_id["maxLength"] and bool(pattern.search(text))
+
+        for value, as_sent, taken in (
+                ("e\u0301" * 200, False, True),  # 400 code points, 200 characters in NFC
+                ("\u00e9\u200da\u0301", False, True),  # a joiner beside a, then beside \u00e1
+                ("\ufb2c" * 100, True, False),  # 300 characters in NFC
+                ("\u212a\u200d\u00e9", True, False)):  # KELVIN SIGN, then K: beside ASCII
+            with self.subTest(value=value):
+                self.assertEqual(schema(value), as_sent)
+                self.assertEqual(schema(unicodedata.normalize("NFC", value)), taken)
+                try:
+                    scheduler.parse_user_id(value)
+                    self.assertTrue(taken)
+                except ValueError:
+                    self.assertFalse(taken)
 
     def test_note(self):
         pieces = self.USER_ID_PIECES + ["\r", "\r\n", ","]
@@ -3215,6 +3355,56 @@ class InvisibleUserIdTest(RouteTestCase):
                      f"/appointments/{quoted}/2026-11-25"):
             with self.subTest(path=path):
                 self.assertIn("U+200B", self.assertProblem(self.request("GET", path), 400)["detail"])
+        self.assertEqual(self.store.count(), 0)
+
+
+    def test_look_alikes_are_refused_in_the_body_the_query_and_the_path(self):
+        for char in ("\u3164", "\uffa0", "\u115f", "\u2800", "\ufe0f", "\u034f", "\u17b4",
+                     "\U000E0100"):
+            code = f"U+{ord(char):04X}"
+            with self.subTest(code=code):
+                quoted = urllib.parse.quote("alice" + char, safe="")
+                problem = self.assertProblem(self.book("alice" + char), 422)
+                self.assertIn(f"{code} ({unicodedata.name(char)})", problem["errors"][0]["message"])
+                for path in (f"/appointments?user_id={quoted}",
+                             f"/appointments/{quoted}/2026-11-25"):
+                    problem = self.assertProblem(self.request("GET", path), 400)
+                    self.assertIn(code, problem["detail"])
+        self.assertEqual(self.store.count(), 0)
+
+
+@on_both_stores
+class OneFormOneUserTest(RouteTestCase):
+    """An ID sent in another form than NFC (NFD, say, as macOS file names and some
+    keyboards write it) names the user of its NFC form, who is shown in NFC."""
+
+    NFC, NFD = "Jos\u00e9", "Jose\u0301"
+
+    def test_either_form_books_finds_and_shows_the_one_user(self):
+        booked = self.book(self.NFD)
+        self.assertEqual(booked.status, 201, booked.body)
+        self.assertEqual(booked.json()["user_id"], self.NFC)
+        self.assertEqual(booked.headers["Location"], "/appointments/Jos%C3%A9/2026-11-25")
+        feeds = []
+        for user in (self.NFC, self.NFD):
+            quoted = urllib.parse.quote(user, safe="")
+            with self.subTest(user=ascii(user)):
+                listed = self.request("GET", f"/appointments?user_id={quoted}")
+                self.assertEqual(listed.json(), {"user_id": self.NFC,
+                                                 "appointments": [booked.json()]})
+                self.assertEqual(self.request("GET", f"/appointments/{quoted}/2026-11-25").json(),
+                                 booked.json())
+                feed = self.request("GET", f"/appointments.ics?user_id={quoted}").body.decode()
+                self.assertIn("X-WR-CALNAME:Appointments of Jos\u00e9\r\n", feed)
+                feeds.append(re.findall(r"UID:\S+", feed))
+                self.assertProblem(self.book(user, time="15:00"), 409)  # one a date
+        self.assertEqual(feeds[0], feeds[1])  # one event, whichever form asked
+        moved = self.request("PATCH", f"/appointments/{urllib.parse.quote(self.NFD)}/2026-11-25",
+                             {"user_id": self.NFC, "date": "2026-11-26"})  # its own user
+        self.assertEqual((moved.status, moved.json()["user_id"]), (200, self.NFC))
+        self.assertEqual(moved.headers["Location"], "/appointments/Jos%C3%A9/2026-11-26")
+        self.assertEqual(self.request("DELETE", f"/appointments/{urllib.parse.quote(self.NFD)}"
+                                                "/2026-11-26").status, 204)
         self.assertEqual(self.store.count(), 0)
 
 
