@@ -1189,7 +1189,6 @@ def _schema_5(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
-
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
 SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
