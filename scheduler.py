@@ -1589,6 +1589,7 @@ class Metrics:
         self.process_collectors: List[Callable[[], List[Sample]]] = []  # this process's
         self.table: Optional[MetricsTable] = None  # shared with the other workers, if any
         self._slot = 0
+        self._publish_lock = threading.Lock()  # one writer of the slot at a time
         self._carried: dict = {"requests": {}, "samples": {}}  # a dead predecessor's counts
 
     def share(self, table: MetricsTable, slot: int) -> None:
@@ -1602,9 +1603,12 @@ class Metrics:
         self.publish()
 
     def publish(self) -> None:
-        """Write this process's totals to its slot (the watchdog does, every TICK)."""
+        """Write this process's totals to its slot (the watchdog does, every TICK, and
+        each scrape): one writer at a time, the totals taken under the same hold, so
+        that older totals never overwrite newer ones."""
         if self.table is not None:
-            self.table.write(self._slot, self.totals())
+            with self._publish_lock:
+                self.table.write(self._slot, self.totals())
 
     def totals(self) -> dict:
         """This process's requests and samples, with what it carries on from, as
@@ -1640,12 +1644,14 @@ class Metrics:
     def exposition(self) -> str:
         """Everything, in the Prometheus text exposition format, version 0.0.4: with
         a table, every worker's totals added up (this one's first written out)."""
-        totals = self.totals()
-        if self.table is not None:
-            self.table.write(self._slot, totals)
+        if self.table is None:
+            totals = self.totals()
+        else:
+            self.publish()
             totals = {"requests": {}, "samples": {}}
-            for slot in range(self.table.slots):
-                totals = _add_totals(totals, self.table.read(slot) or totals)
+            for slot in range(self.table.slots):  # an empty slot (a spare) adds nothing
+                totals = _add_totals(totals, self.table.read(slot) or {"requests": {},
+                                                                       "samples": {}})
         requests = {}
         for key, counts in totals["requests"].items():
             route, method, status = key.rsplit(" ", 2)

@@ -1570,6 +1570,14 @@ class SharedMetricsTest(unittest.TestCase):
                 self.assertEqual(sample[("scheduler_request_duration_seconds_count", frozenset(
                     {"route": "/healthz", "method": "GET"}.items()))], 4)
 
+    def test_a_slot_nobody_has_written_adds_nothing(self):
+        table = scheduler.MetricsTable(4)  # 2 workers, a spare for a reload, the supervisor's
+        first, second = self.worker(table, 0), self.worker(table, 1)
+        first.observe("/healthz", "GET", 200, 0.001)
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.publish()
+        self.assertEqual(self.requests(self.scrape(first)), 2)
+
     def test_a_worker_started_in_a_dead_ones_slot_carries_on_from_its_counts(self):
         table = scheduler.MetricsTable(2)
         dead, other = self.worker(table, 0, dropped=2, open_now=7), self.worker(table, 1)
