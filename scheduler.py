@@ -518,9 +518,13 @@ class Store(abc.ABC):
         """How many appointments are stored, over all users."""
 
     notices: Tuple[str, ...] = ()  # what opening the store did, a sentence each, for the log
+    capacity: Optional[int] = None  # appointments held at most; None: no limit
 
     def check(self) -> None:
-        """Raise StoreUnavailable if the store cannot take bookings now."""
+        """Raise StoreUnavailable if the store cannot take bookings now, and StoreFull
+        if it holds its capacity (a booking would raise it)."""
+        if self.capacity is not None and self.count() >= self.capacity:
+            raise StoreFull(self.capacity)
 
     def close(self) -> None:
         """Release what the store holds; it is not used afterwards."""
@@ -1405,10 +1409,11 @@ class SQLiteStore(Store):
         """A write committed as bookings are, through the same line and lock and
         with the same deadline: whatever would fail a booking now fails it (a full
         disk, a lock held past the deadline), and reads never wait for it. A file
-        found damaged stays reported."""
+        found damaged stays reported. Then, StoreFull if it holds its capacity."""
         if self.damaged:
             raise StoreUnavailable(self.damaged, retry_after=None)
         self.write(self._probe)
+        super().check()
 
     def close(self) -> None:
         with self._queue_lock, self._read_lock:
@@ -2037,7 +2042,14 @@ def calendar(service: "Service", request: Request) -> Reply:
 
 
 def health(service: "Service", request: Request) -> Reply:
-    service.store.check()
+    """503 while this process cannot take bookings (the store's check() says why)."""
+    try:
+        service.store.check()
+    except StoreFull as full:  # retrying will not help: no Retry-After
+        raise HTTPError(503, f"Bookings cannot be taken: the service holds its maximum of "
+                             f"{full.capacity} appointments, and each booking gets 507. "
+                             "Cancellations make room; or restart it with a higher "
+                             "--max-appointments.") from None
     return Reply(HTTPStatus.OK, {"status": "ok"})
 
 
@@ -3925,11 +3937,14 @@ def openapi_document() -> dict:
                 "ETag covers everything else, so it changes when an appointment does",
                 text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors}}},
         "/healthz": {"get": {
-            "summary": "Whether the service (and its database) can serve requests",
-            "responses": {"200": _reply("Healthy", {
+            "summary": "Whether bookings can be taken now (by the process that answers)",
+            "responses": {"200": _reply("They can", {
                 "type": "object", "required": ["status"],
                 "properties": {"status": {"const": "ok"}}}, {"health": {"status": "ok"}}),
-                "503": _problem("The database does not answer"),
+                "503": _problem("They cannot, and detail says why: the database does not "
+                                "answer or cannot be written (with Retry-After if a retry may "
+                                "succeed), or the service holds --max-appointments",
+                                headers={"Retry-After": _ref("headers", "RetryAfter")}),
                 "default": errors["default"]}}},
         "/metrics": {"get": {
             "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "

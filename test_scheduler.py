@@ -1978,6 +1978,30 @@ class HealthTest(RouteTestCase):
 
 
 @on_both_stores
+class HealthAtCapacityTest(RouteTestCase):
+    """/healthz says whether bookings can be taken: not while every one would get 507."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.capacity = 2  # as --max-appointments 2 opens it
+
+    def test_503_while_the_store_is_full_and_200_once_a_cancellation_makes_room(self):
+        for user_id in ("alice", "bob"):
+            self.assertEqual(self.request("GET", "/healthz").status, 200)
+            self.assertEqual(self.book(user_id).status, 201)
+        self.assertProblem(self.book("carol"), 507)
+        response = self.request("GET", "/healthz")
+        detail = self.assertProblem(response, 503)["detail"]
+        self.assertIn("holds its maximum of 2 appointments", detail)
+        self.assertIn("Cancellations make room; or restart it with a higher --max-appointments",
+                      detail)
+        self.assertNotIn("Retry-After", response.headers)  # retrying soon will not help
+        self.assertEqual(self.request("DELETE", "/appointments/bob/2026-11-25").status, 204)
+        self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
+        self.assertEqual(self.book("carol").status, 201)
+
+
+@on_both_stores
 class RescheduleTest(RouteTestCase):
     """PATCH /appointments/{user_id}/{date}: a JSON merge patch (RFC 7396) of date
     and time, applied in one step."""
