@@ -2742,8 +2742,11 @@ class Connection:
         """Serve requests until one ends the connection (or the client does)."""
         observe, log = service.metrics.observe, self._server.log  # bound once, not per request
         self._wait()
-        while not self._server.draining:  # (entering WAITING, then checking draining,
-            request, line, template, head = None, "", UNMATCHED, None  # pairs with drain())
+        # Entering WAITING, then checking closing_idle, pairs with drain(). A new
+        # connection's first request is served even then: its client has sent it, or is
+        # sending it, and with --workers another process took over the listening socket.
+        while not (self._served and self._server.closing_idle):
+            request, line, template, head = None, "", UNMATCHED, None
             try:
                 head = self._read_head()
                 if head is None:  # the client closed, or sent nothing in time
@@ -2922,13 +2925,14 @@ class Connection:
     def phase(self) -> str:
         return self._phase
 
-    def close_if_idle(self) -> bool:
+    def close_if_idle(self, keep_new: bool = False) -> bool:
         """For shutdown, or to make room: end the wait for another request with
         end-of-file, even if its first bytes are on their way (a client must be
         ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Whether
-        it was waiting, and so is closing."""
+        it was waiting, and so is closing. keep_new: not if it is waiting for its
+        first request (shutdown: that one is answered)."""
         with self._lock:
-            if self._phase != self.WAITING:
+            if self._phase != self.WAITING or (keep_new and not self._served):
                 return False
             self._expired = True
             self._shutdown(socket.SHUT_RD)
@@ -2942,6 +2946,7 @@ class Connection:
 # --- Server ---------------------------------------------------------------------------
 
 TICK = 0.1  # seconds between the watchdog's checks of deadlines, and between log writes
+DRAIN_GRACE = 1.0  # seconds a keep-alive connection may still send a request at shutdown
 LOG_BACKLOG_BYTES = 1 << 20  # characters of log lines kept unwritten; past it, the oldest go
 LOG_CLOSE_SECONDS = 1.0  # how long closing waits for the log's reader to take the last lines
 ACCEPT_BACKOFF = 0.1  # seconds between tries when accept() finds no descriptor or memory
@@ -3040,6 +3045,7 @@ class SchedulerServer(ThreadingHTTPServer):
         self.store, self.limits = service.store, service.limits  # for short
         self.log_stream = log_stream
         self.draining = False  # set once by drain(): finish current requests, take no more
+        self.closing_idle = False  # set once by drain(), after DRAIN_GRACE: close idle ones
         self.parent = None  # a worker's supervisor (process ID): without it, shut down
         self._lock = threading.Lock()  # guards _connections
         self._all_closed = threading.Condition(self._lock)
@@ -3194,19 +3200,31 @@ class SchedulerServer(ThreadingHTTPServer):
             self.log(f"Unexpected error serving {client_address[0]}:\n{traceback.format_exc()}")
 
     def drain(self, timeout: float) -> int:
-        """Stop accepting, close idle keep-alive connections, let requests in flight
-        finish, and wait up to timeout seconds for every connection to close; return
-        how many are still open. Call after serve_forever() has returned, and
-        server_close() after this. (A connection enters WAITING, then checks
-        draining; this sets draining, then closes those WAITING: each sees one.)"""
+        """Stop accepting, let requests in flight finish, close idle keep-alive
+        connections, and wait up to timeout seconds for every connection to close;
+        return how many are still open. Call after serve_forever() has returned, and
+        server_close() after this.
+
+        Each response from now on closes its connection. For DRAIN_GRACE seconds
+        (or until none is open) a keep-alive connection may still send its next
+        request: a busy client's is on its way, and closing under it would leave it
+        unanswered (RFC 9112 section 9.3.1 allows that, but the client must then
+        retry it); then those idle are closed. A new connection is answered
+        its first request, within its deadlines. (A connection enters WAITING, then
+        checks closing_idle; this sets closing_idle, then closes those WAITING:
+        each sees one.)"""
         self.socket.close()  # stop accepting; the watchdog keeps running
+        deadline = time.monotonic() + timeout
         with self._lock:
             self.draining = True
-            for connection in self._connections:
-                connection.close_if_idle()
             self.log(f"No longer accepting connections; letting {len(self._connections)} open "
                      f"connection(s) finish their requests (up to {timeout:g} seconds).")
-            self._all_closed.wait_for(lambda: not self._connections, timeout)
+            self._all_closed.wait_for(lambda: not self._connections, min(DRAIN_GRACE, timeout))
+            self.closing_idle = True
+            for connection in self._connections:
+                connection.close_if_idle(keep_new=True)
+            self._all_closed.wait_for(lambda: not self._connections,
+                                      max(0.0, deadline - time.monotonic()))
             return len(self._connections)
 
 

@@ -3351,7 +3351,7 @@ class _Host:
     """What a Connection asks of the server that accepted it."""
 
     def __init__(self, limits: scheduler.Limits):
-        self.limits, self.draining, self.lines = limits, False, []
+        self.limits, self.draining, self.closing_idle, self.lines = limits, False, False, []
         self.log = self.lines.append
 
 
@@ -4615,6 +4615,21 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(server.process.returncode, 0)
         self.assertIn('"POST /appointments HTTP/1.1" 201', log)
         self.assertIn("Stopped.", log)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/fd"), "counts the connections in /proc")
+    def test_a_connection_accepted_before_sigterm_gets_its_first_request_answered(self):
+        server = self.start("--port", "0", "--shutdown-timeout", "10")
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.addCleanup(sock.close)
+        wait_until(lambda: open_sockets(server.process.pid) == 2, what="the connection accepted")
+        server.process.send_signal(signal.SIGTERM)
+        self.assertIn("letting 1 open connection(s) finish",
+                      wait_for_log(server, "No longer accepting connections"))
+        sock.sendall(post_head(len(VALID_BODY)) + VALID_BODY)  # sent after the drain began
+        response = read_response(sock, "POST")
+        self.assertEqual((response.status, response.headers["Connection"]), (201, "close"))
+        self.assertIn("Stopped.", self.stop(server))
+        self.assertEqual(server.process.returncode, 0)
 
     def test_idle_keep_alive_connections_are_closed_at_shutdown(self):
         server = self.start("--port", "0", "--shutdown-timeout", "60")
