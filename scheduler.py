@@ -2987,7 +2987,7 @@ class Connection:
 # --- Server ---------------------------------------------------------------------------
 
 TICK = 0.1  # seconds between the watchdog's checks of deadlines, and between log writes
-DRAIN_GRACE = 1.0  # seconds a keep-alive connection may still send a request at shutdown
+DRAIN_GRACE = 1.0  # seconds a worker's keep-alive connections may still send a request
 LOG_BACKLOG_BYTES = 1 << 20  # characters of log lines kept unwritten; past it, the oldest go
 LOG_CLOSE_SECONDS = 1.0  # how long closing waits for the log's reader to take the last lines
 ACCEPT_BACKOFF = 0.1  # seconds between tries when accept() finds no descriptor or memory
@@ -3086,7 +3086,7 @@ class SchedulerServer(ThreadingHTTPServer):
         self.store, self.limits = service.store, service.limits  # for short
         self.log_stream = log_stream
         self.draining = False  # set once by drain(): finish current requests, take no more
-        self.closing_idle = False  # set once by drain(), after DRAIN_GRACE: close idle ones
+        self.closing_idle = False  # set once by drain(), after its grace: close idle ones
         self.parent = None  # a worker's supervisor (process ID): without it, shut down
         self._lock = threading.Lock()  # guards _connections
         self._all_closed = threading.Condition(self._lock)
@@ -3240,27 +3240,28 @@ class SchedulerServer(ThreadingHTTPServer):
         else:
             self.log(f"Unexpected error serving {client_address[0]}:\n{traceback.format_exc()}")
 
-    def drain(self, timeout: float) -> int:
+    def drain(self, timeout: float, grace: float = 0.0) -> int:
         """Stop accepting, let requests in flight finish, close idle keep-alive
         connections, and wait up to timeout seconds for every connection to close;
         return how many are still open. Call after serve_forever() has returned, and
         server_close() after this.
 
-        Each response from now on closes its connection. For DRAIN_GRACE seconds
-        (or until none is open) a keep-alive connection may still send its next
+        Each response from now on closes its connection. For grace seconds (or
+        until none is open) a keep-alive connection may still send its next
         request: a busy client's is on its way, and closing under it would leave it
         unanswered (RFC 9112 section 9.3.1 allows that, but the client must then
-        retry it); then those idle are closed. A new connection is answered
-        its first request, within its deadlines. (A connection enters WAITING, then
-        checks closing_idle; this sets closing_idle, then closes those WAITING:
-        each sees one.)"""
+        retry it); then those idle are closed. Worth it where another process
+        serves on (a worker). A new connection is answered its first request,
+        within its deadlines. (A connection enters WAITING, then checks
+        closing_idle; this sets closing_idle, then closes those WAITING: each
+        sees one.)"""
         self.socket.close()  # stop accepting; the watchdog keeps running
         deadline = time.monotonic() + timeout
         with self._lock:
             self.draining = True
             self.log(f"No longer accepting connections; letting {len(self._connections)} open "
                      f"connection(s) finish their requests (up to {timeout:g} seconds).")
-            self._all_closed.wait_for(lambda: not self._connections, min(DRAIN_GRACE, timeout))
+            self._all_closed.wait_for(lambda: not self._connections, min(grace, timeout))
             self.closing_idle = True
             for connection in self._connections:
                 connection.close_if_idle(keep_new=True)
@@ -3574,7 +3575,9 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
     server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
     if signals:
         server.log(f"{signals[0]} received: shutting down.")
-    still_open = server.drain(limits.shutdown_timeout)
+    # A worker's clients have another worker to go to: their next request is answered
+    # (with Connection: close) rather than lost. A lone server's would be refused.
+    still_open = server.drain(limits.shutdown_timeout, DRAIN_GRACE if parent else 0.0)
     server.log(f"Stopped; {still_open} connection(s) cut off." if still_open else "Stopped.")
     server.server_close()
     server.service.metrics.publish()  # the last counts, for the other workers' scrapes

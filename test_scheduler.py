@@ -4653,6 +4653,7 @@ class CommandLineTest(unittest.TestCase):
                       wait_for_log(server, "No longer accepting connections"))
         sock.sendall(post_head(len(VALID_BODY)) + VALID_BODY)  # sent after the drain began
         response = read_response(sock, "POST")
+        sock.close()
         self.assertEqual((response.status, response.headers["Connection"]), (201, "close"))
         self.assertIn("Stopped.", self.stop(server))
         self.assertEqual(server.process.returncode, 0)
