@@ -66,7 +66,9 @@ import signal
 import socket
 import sqlite3
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -653,9 +655,13 @@ class Store(abc.ABC):
         """How many Idempotency-Keys are kept, over all users."""
 
     notices: Tuple[str, ...] = ()  # what opening the store did, a sentence each, for the log
+    capacity: Optional[int] = None  # appointments held at most; None: no limit
 
     def check(self) -> None:
-        """Raise StoreUnavailable if the store cannot take bookings now."""
+        """Raise StoreUnavailable if the store cannot take bookings now, and StoreFull
+        if it holds its capacity (a booking would raise it)."""
+        if self.capacity is not None and self.count() >= self.capacity:
+            raise StoreFull(self.capacity)
 
     def close(self) -> None:
         """Release what the store holds; it is not used afterwards."""
@@ -1737,10 +1743,11 @@ class SQLiteStore(Store):
         """A write committed as bookings are, through the same line and lock and
         with the same deadline: whatever would fail a booking now fails it (a full
         disk, a lock held past the deadline), and reads never wait for it. A file
-        found damaged stays reported."""
+        found damaged stays reported. Then, StoreFull if it holds its capacity."""
         if self.damaged:
             raise StoreUnavailable(self.damaged, retry_after=None)
         self.write(self._probe)
+        super().check()
 
     def close(self) -> None:
         with self._queue_lock, self._read_lock:
@@ -1847,12 +1854,16 @@ def _label(value: str) -> str:
 
 
 class MetricsTable:
-    """The metrics of several worker processes (--workers), in memory they share: an
-    anonymous shared mapping the supervisor makes before it forks. Each worker
-    writes its totals to the slot of its number, and a scrape, whichever worker
-    it reaches, adds up every slot. A worker started again after one died carries
-    on from its slot, so counters never go down while the supervisor runs (as
-    prometheus_client's multiprocess mode keeps a dead process's file).
+    """The metrics of several worker processes (--workers), in memory they share: a
+    file that has no name (memfd_create(), else an unlinked temporary file), which
+    the supervisor makes and passes to each worker it starts, as a descriptor that
+    survives exec. Each worker process writes its totals to a slot the supervisor
+    gives it, and a scrape, whichever worker it reaches, adds up every slot. A
+    process started in a slot after another ended there carries on from its
+    counts, so counters never go down while the supervisor runs (as
+    prometheus_client's multiprocess mode keeps a dead process's file). The
+    supervisor writes its own samples, and what a health check tells of the
+    workers, to a slot of its own.
 
     No lock, since a process killed holding one would never release it. A slot is
     [generation][copy 0][copy 1], each copy [generation, length, JSON]: a writer
@@ -1866,10 +1877,22 @@ class MetricsTable:
     COPY_BYTES = 2 << 20
     _HEADER = struct.Struct("<QQ")  # generation, length
 
-    def __init__(self, slots: int):
+    def __init__(self, slots: int, fd: Optional[int] = None):
+        """A new table of slots, or, given the descriptor fd of one (its fd), that table."""
         self.slots = slots
         self._slot_bytes = 8 + 2 * self.COPY_BYTES
-        self._map = mmap.mmap(-1, slots * self._slot_bytes)  # MAP_SHARED: kept across fork
+        size = slots * self._slot_bytes
+        if fd is None:
+            if hasattr(os, "memfd_create"):  # Linux: memory, not a file on a disk
+                fd = os.memfd_create("scheduler-metrics")
+            else:
+                with tempfile.TemporaryFile() as file:  # removed from its directory at once
+                    fd = os.dup(file.fileno())
+            os.ftruncate(fd, size)  # pages never written cost nothing
+        elif os.fstat(fd).st_size != size:
+            raise ValueError(f"the metrics table behind descriptor {fd} is not of {slots} slots")
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)  # MAP_SHARED: every process that maps fd sees one table
 
     def write(self, slot: int, totals: dict) -> bool:
         """Publish a worker's totals; False if they do not fit (they always should)."""
@@ -1933,12 +1956,15 @@ class Metrics:
         self.process_collectors: List[Callable[[], List[Sample]]] = []  # this process's
         self.table: Optional[MetricsTable] = None  # shared with the other workers, if any
         self._slot = 0
+        self._supervisor_slot: Optional[int] = None  # where the supervisor tells of the workers
+        self._publish_lock = threading.Lock()  # one writer of the slot at a time
         self._carried: dict = {"requests": {}, "samples": {}}  # a dead predecessor's counts
 
-    def share(self, table: MetricsTable, slot: int) -> None:
-        """Report through slot of table (a worker's number), carrying on from the
-        counts of the worker that had the slot before, if one died."""
-        self.table, self._slot = table, slot
+    def share(self, table: MetricsTable, slot: int, supervisor_slot: Optional[int] = None) -> None:
+        """Report through slot of table, carrying on from the counts of the worker
+        process that had the slot before, if one did; supervisor_slot is where the
+        supervisor tells of the workers (failing_workers())."""
+        self.table, self._slot, self._supervisor_slot = table, slot, supervisor_slot
         carried = table.read(slot) or {"requests": {}, "samples": {}}
         carried["samples"] = {name: sample for name, sample in carried["samples"].items()
                               if sample[0] == "counter"}
@@ -1946,9 +1972,19 @@ class Metrics:
         self.publish()
 
     def publish(self) -> None:
-        """Write this process's totals to its slot (the watchdog does, every TICK)."""
+        """Write this process's totals to its slot (the watchdog does, every TICK, and
+        each scrape): one writer at a time, the totals taken under the same hold, so
+        that older totals never overwrite newer ones."""
         if self.table is not None:
-            self.table.write(self._slot, self.totals())
+            with self._publish_lock:
+                self.table.write(self._slot, self.totals())
+
+    def failing_workers(self) -> List[dict]:
+        """What the supervisor, if any, last said of the workers that keep dying
+        young: [{"worker": number, "deaths": in a row, "last": how the last ended}]."""
+        if self.table is None or self._supervisor_slot is None:
+            return []
+        return (self.table.read(self._supervisor_slot) or {}).get("failing", [])
 
     def totals(self) -> dict:
         """This process's requests and samples, with what it carries on from, as
@@ -1984,12 +2020,14 @@ class Metrics:
     def exposition(self) -> str:
         """Everything, in the Prometheus text exposition format, version 0.0.4: with
         a table, every worker's totals added up (this one's first written out)."""
-        totals = self.totals()
-        if self.table is not None:
-            self.table.write(self._slot, totals)
+        if self.table is None:
+            totals = self.totals()
+        else:
+            self.publish()
             totals = {"requests": {}, "samples": {}}
-            for slot in range(self.table.slots):
-                totals = _add_totals(totals, self.table.read(slot) or totals)
+            for slot in range(self.table.slots):  # an empty slot (a spare) adds nothing
+                totals = _add_totals(totals, self.table.read(slot) or {"requests": {},
+                                                                       "samples": {}})
         requests = {}
         for key, counts in totals["requests"].items():
             route, method, status = key.rsplit(" ", 2)
@@ -2463,8 +2501,29 @@ def calendar(service: "Service", request: Request) -> Reply:
 
 
 def health(service: "Service", request: Request) -> Reply:
-    service.store.check()
-    return Reply(HTTPStatus.OK, {"status": "ok"})
+    """503 while this process cannot take bookings (the store's check() says why);
+    else 200: "ok", or with --workers "degraded" while another worker keeps dying
+    young. This one serves (the socket is shared: a connection goes to a worker
+    that accepts), so a load balancer should keep sending requests; the body
+    says which worker fails and how, for the operator and the monitoring."""
+    try:
+        service.store.check()
+    except StoreFull as full:  # retrying will not help: no Retry-After
+        raise HTTPError(503, f"Bookings cannot be taken: the service holds its maximum of "
+                             f"{full.capacity} appointments, and each booking gets 507. "
+                             "Cancellations make room; or restart it with a higher "
+                             "--max-appointments.") from None
+    failing = service.metrics.failing_workers()
+    if not failing:
+        return Reply(HTTPStatus.OK, {"status": "ok"})
+    detail = " ".join(
+        f"Worker {worker['worker']} keeps dying young ({worker['deaths']} times in a row; "
+        f"the last {worker['last']})." for worker in failing)
+    return Reply(HTTPStatus.OK, {
+        "status": "degraded",
+        "detail": f"{detail} The supervisor starts it again after a wait that doubles each "
+                  "time, and its log says why; this worker serves.",
+        "failing_workers": [worker["worker"] for worker in failing]})
 
 
 def metrics(service: "Service", request: Request) -> Reply:
@@ -3200,8 +3259,11 @@ class Connection:
         """Serve requests until one ends the connection (or the client does)."""
         observe, log = service.metrics.observe, self._server.log  # bound once, not per request
         self._wait()
-        while not self._server.draining:  # (entering WAITING, then checking draining,
-            request, line, template, head = None, "", UNMATCHED, None  # pairs with drain())
+        # Entering WAITING, then checking closing_idle, pairs with drain(). A new
+        # connection's first request is served even then: its client has sent it, or is
+        # sending it, and with --workers another process took over the listening socket.
+        while not (self._served and self._server.closing_idle):
+            request, line, template, head = None, "", UNMATCHED, None
             try:
                 head = self._read_head()
                 if head is None:  # the client closed, or sent nothing in time
@@ -3407,13 +3469,14 @@ class Connection:
     def phase(self) -> str:
         return self._phase
 
-    def close_if_idle(self) -> bool:
+    def close_if_idle(self, keep_new: bool = False) -> bool:
         """For shutdown, or to make room: end the wait for another request with
         end-of-file, even if its first bytes are on their way (a client must be
         ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Whether
-        it was waiting, and so is closing."""
+        it was waiting, and so is closing. keep_new: not if it is waiting for its
+        first request (shutdown: that one is answered)."""
         with self._lock:
-            if self._phase != self.WAITING:
+            if self._phase != self.WAITING or (keep_new and not self._served):
                 return False
             self._expired = True
             self._shutdown(socket.SHUT_RD)
@@ -3427,6 +3490,7 @@ class Connection:
 # --- Server ---------------------------------------------------------------------------
 
 TICK = 0.1  # seconds between the watchdog's checks of deadlines, and between log writes
+DRAIN_GRACE = 1.0  # seconds a worker's keep-alive connections may still send a request
 LOG_BACKLOG_BYTES = 1 << 20  # characters of log lines kept unwritten; past it, the oldest go
 LOG_CLOSE_SECONDS = 1.0  # how long closing waits for the log's reader to take the last lines
 ACCEPT_BACKOFF = 0.1  # seconds between tries when accept() finds no descriptor or memory
@@ -3525,6 +3589,7 @@ class SchedulerServer(ThreadingHTTPServer):
         self.store, self.limits = service.store, service.limits  # for short
         self.log_stream = log_stream
         self.draining = False  # set once by drain(): finish current requests, take no more
+        self.closing_idle = False  # set once by drain(), after its grace: close idle ones
         self.parent = None  # a worker's supervisor (process ID): without it, shut down
         self._lock = threading.Lock()  # guards _connections
         self._all_closed = threading.Condition(self._lock)
@@ -3678,20 +3743,33 @@ class SchedulerServer(ThreadingHTTPServer):
         else:
             self.log(f"Unexpected error serving {client_address[0]}:\n{traceback.format_exc()}")
 
-    def drain(self, timeout: float) -> int:
-        """Stop accepting, close idle keep-alive connections, let requests in flight
-        finish, and wait up to timeout seconds for every connection to close; return
-        how many are still open. Call after serve_forever() has returned, and
-        server_close() after this. (A connection enters WAITING, then checks
-        draining; this sets draining, then closes those WAITING: each sees one.)"""
+    def drain(self, timeout: float, grace: float = 0.0) -> int:
+        """Stop accepting, let requests in flight finish, close idle keep-alive
+        connections, and wait up to timeout seconds for every connection to close;
+        return how many are still open. Call after serve_forever() has returned, and
+        server_close() after this.
+
+        Each response from now on closes its connection. For grace seconds (or
+        until none is open) a keep-alive connection may still send its next
+        request: a busy client's is on its way, and closing under it would leave it
+        unanswered (RFC 9112 section 9.3.1 allows that, but the client must then
+        retry it); then those idle are closed. Worth it where another process
+        serves on (a worker). A new connection is answered its first request,
+        within its deadlines. (A connection enters WAITING, then checks
+        closing_idle; this sets closing_idle, then closes those WAITING: each
+        sees one.)"""
         self.socket.close()  # stop accepting; the watchdog keeps running
+        deadline = time.monotonic() + timeout
         with self._lock:
             self.draining = True
-            for connection in self._connections:
-                connection.close_if_idle()
             self.log(f"No longer accepting connections; letting {len(self._connections)} open "
                      f"connection(s) finish their requests (up to {timeout:g} seconds).")
-            self._all_closed.wait_for(lambda: not self._connections, timeout)
+            self._all_closed.wait_for(lambda: not self._connections, min(grace, timeout))
+            self.closing_idle = True
+            for connection in self._connections:
+                connection.close_if_idle(keep_new=True)
+            self._all_closed.wait_for(lambda: not self._connections,
+                                      max(0.0, deadline - time.monotonic()))
             return len(self._connections)
 
 
@@ -3779,11 +3857,28 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
 }
 
 
+# Workers at most, for each CPU the process may use: a worker is an interpreter of its
+# own, and runs Python on one CPU at a time (the GIL); a few a CPU cover the time each
+# waits for the disk, and more only add memory and start-up time.
+WORKERS_PER_CPU = 4
+
+
+def usable_cpus() -> int:
+    """How many CPUs this process may run on: its affinity where there is one (Linux)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    most_workers = WORKERS_PER_CPU * usable_cpus()
     parser = argparse.ArgumentParser(
         description="Appointment scheduler: an HTTP JSON API for booking 30-minute "
                     "appointments (UTC). Logs one line per request to stderr. Ctrl-C or "
-                    "SIGTERM stops it gracefully; a second one stops it at once.")
+                    "SIGTERM stops it gracefully; a second one stops it at once. SIGHUP: "
+                    "with --workers, replaces the workers one at a time with processes that "
+                    "load the code anew (a deploy without downtime); a lone server logs it "
+                    "and serves on.")
     parser.add_argument("--version", action="version", version=f"scheduler {__version__}",
                         help="print the version (the Server header's and /openapi.json's) "
                              "and exit")
@@ -3799,7 +3894,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "another faster on one CPU; see the README)")
     parser.add_argument("--workers", type=_positive(int), default=1, metavar="N",
                         help="server processes sharing the listening socket, each on a CPU of "
-                             "its own with --cpu auto; more than 1 needs --db (default: 1)")
+                             "its own with --cpu auto; more than 1 needs --db; at most "
+                             f"{WORKERS_PER_CPU} per CPU this process may use ({most_workers} "
+                             "here) (default: 1)")
     parser.add_argument("--db", metavar="PATH",
                         help="keep appointments in this SQLite file (created if missing), "
                              "so they survive restarts; without it they live in memory")
@@ -3818,6 +3915,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.db == "":  # an unset variable in a unit file: memory would lose every booking
         parser.error("--db needs a file name (it was given an empty one); leave --db out "
                      "to keep appointments in memory")
+    if args.workers > most_workers:
+        parser.error(f"--workers {args.workers} is more than this machine can use: at most "
+                     f"{WORKERS_PER_CPU} per CPU this process may use, so {most_workers} here; "
+                     "each worker is an interpreter of its own, which runs Python on one CPU "
+                     "at a time, and more add memory and start-up time, not throughput")
     if args.workers > 1 and not args.db:
         parser.error("--workers above 1 needs --db: each process would keep appointments of "
                      "its own in memory, and each allow one per user and date")
@@ -3872,8 +3974,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
     limits = limits._replace(max_connections=fit_to_descriptors(args.max_connections))
+    worker = os.environ.pop(WORKER_VARIABLE, None)
+    if worker is not None:  # a process a Supervisor started
+        return run_worker(args, limits, worker)
     if args.workers > 1:
-        return Supervisor(args, limits).run()
+        return Supervisor(args, limits, sys.argv[1:] if argv is None else list(argv)).run()
     try:
         cpu = pin_to_one_cpu(args.cpu)  # before any thread starts: threads inherit it
     except OSError as error:
@@ -3884,8 +3989,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def say(line: str) -> None:
-    """A line for the operator, on stderr at once (outside a server's own log)."""
-    print(line, file=sys.stderr, flush=True)
+    """A line for the operator, on stderr at once (outside a server's own log). A
+    stderr that has gone (a terminal hung up) loses the line, and stops nothing."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr, flush=True)
 
 
 def open_store(args: argparse.Namespace, limits: Limits) -> Optional[Store]:
@@ -3905,13 +4012,20 @@ def cannot_listen(args: argparse.Namespace, error: OSError) -> str:
     return f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}"
 
 
+# The signals that stop or reload: a Supervisor blocks them while it starts a worker,
+# which unblocks them once its handlers are set (serve()).
+CONTROL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
           listener: Optional[socket.socket] = None, name: str = "",
           parent: Optional[int] = None,
-          metrics: Optional[Tuple[MetricsTable, int]] = None) -> int:
+          metrics: Optional[Tuple[MetricsTable, int, int]] = None,
+          ready: Optional[int] = None) -> int:
     """One server process's life: open the store, serve until SIGTERM or Ctrl-C,
-    drain, close. listener, name, parent and metrics: a worker's shared socket,
-    its name, its supervisor's process ID, and the table and slot of its metrics."""
+    drain, close. listener, name, parent, metrics and ready: a worker's shared
+    socket, its name, its supervisor's process ID, the table of its metrics with
+    its slot and the supervisor's, and the pipe on which it says it is ready."""
     # The log goes to stderr through a block buffer, flushed by the server's
     # log writer thread every TICK, rather than stderr's own flush at every line.
     log_stream = open(sys.stderr.fileno(), "w", buffering=1 << 16, encoding="utf-8",
@@ -3937,9 +4051,20 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         # serve_forever() runs in this thread and shutdown() waits for it to return.
         threading.Thread(target=server.shutdown, daemon=True).start()
 
+    def hang_up(signum, frame):  # logs from another thread: this one may hold the log's lock
+        line = "SIGHUP received: serving on (the log is stderr: there is no file to reopen)."
+        threading.Thread(target=server.log, args=(line,), daemon=True).start()
+
     signal.signal(signal.SIGTERM, stop)
-    if parent is None:  # a worker ignores SIGINT: the Supervisor passes it on as SIGTERM
+    if parent is None:
         signal.signal(signal.SIGINT, stop)
+        signal.signal(signal.SIGHUP, hang_up)
+    else:  # Ctrl-C and SIGHUP are the Supervisor's: a terminal sends them to every
+        # process in its group, and a worker would count SIGINT as a first signal and
+        # the supervisor's SIGTERM as a second (stop at once).
+        for signum in (signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)  # a worker starts with them blocked
     server.parent = parent
     if listener is None:
         print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
@@ -3953,48 +4078,118 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         server.log(f"Serving at most {limits.max_connections} connections, not "
                    f"{args.max_connections}: the process may open "
                    f"{resource.getrlimit(resource.RLIMIT_NOFILE)[0]} files (ulimit -n).")
+    if ready is not None:  # the supervisor may now stop the process this one replaces
+        with contextlib.suppress(OSError):
+            os.write(ready, b"1")
+        os.close(ready)
     server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
     if signals:
         server.log(f"{signals[0]} received: shutting down.")
-    still_open = server.drain(limits.shutdown_timeout)
+    # A worker's clients have another worker to go to: their next request is answered
+    # (with Connection: close) rather than lost. A lone server's would be refused.
+    still_open = server.drain(limits.shutdown_timeout, DRAIN_GRACE if parent else 0.0)
     server.log(f"Stopped; {still_open} connection(s) cut off." if still_open else "Stopped.")
     server.server_close()
+    server.service.metrics.publish()  # the last counts, for the other workers' scrapes
     store.close()
     if not server.log_complete:  # exiting would flush stderr, and wait for its reader
         os._exit(0)
     return 0
 
 
+# How a Supervisor tells a process it starts that it is a worker, and which: JSON
+# naming its number, the descriptors passed to it, its metrics slots and its CPU.
+WORKER_VARIABLE = "SCHEDULER_WORKER"
+
+
+def run_worker(args: argparse.Namespace, limits: Limits, setting: str) -> int:
+    """A worker's life, in a process a Supervisor started with setting in
+    WORKER_VARIABLE: serve() on the listening socket and the metrics table it was
+    passed, and say when it is ready on the pipe it was passed."""
+    try:
+        worker = json.loads(setting)
+        listener = socket.socket(fileno=worker["listener"])
+        table = MetricsTable(worker["slots"], worker["metrics"])
+        cpu = pin_to_one_cpu(worker["cpu"]) if worker["cpu"] is not None else None
+    except (ValueError, KeyError, TypeError, OSError) as error:
+        say(f"scheduler: cannot start as a worker ({error}): {WORKER_VARIABLE} is for the "
+            "processes a supervisor starts; unset it")
+        return 1
+    listener.setblocking(False)  # workers race to accept: those that lose must not wait
+    return serve(args, limits, cpu, listener, f"worker {worker['number']}", worker["supervisor"],
+                 (table, worker["slot"], worker["slots"] - 1), worker["ready"])
+
+
 # Restarting a worker that dies: at once the first time, then, while it keeps dying
 # within WORKER_YOUNG seconds of starting, after twice the last wait, up to the most.
+# CRASH_LOOP deaths in a row make it failing (in /healthz and /metrics) until a new
+# process of it is ready. A worker not ready READY_SECONDS after its start is killed.
 WORKER_BACKOFF, WORKER_BACKOFF_MOST, WORKER_YOUNG = 0.1, 10.0, 10.0
+CRASH_LOOP, READY_SECONDS = 2, 60.0
+
+
+class WorkerProcess:
+    """A worker process that a Supervisor started and has not yet reaped."""
+
+    def __init__(self, number: int, slot: int, process: subprocess.Popen, ready_fd: int,
+                 generation: int, replaces: Optional[int]):
+        self.number, self.slot, self.process = number, slot, process
+        self.pid = process.pid
+        self.started = time.monotonic()
+        self.ready_fd: Optional[int] = ready_fd  # its readiness pipe, until it has spoken
+        self.ready = False  # it said it serves
+        self.generation = generation  # the supervisor's SIGHUPs before it started
+        self.replaces = replaces  # in a reload: the process ID of the one it takes over from
+        self.retiring = False  # told to drain: its replacement is ready
+
+    def ended(self, code: int) -> str:
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
+            f"exited with status {code}"
+        return how if self.ready else how + " before it was ready"
 
 
 class Supervisor:
-    """--workers N: open the listening socket once, fork N server processes that
-    share it (the kernel gives each new connection to one of them; forking, not
-    SO_REUSEPORT, so it works on macOS too), each pinned to a CPU of its own with
-    --cpu auto. Restart one that dies, with a backoff; on SIGTERM or Ctrl-C, pass it
-    on, let each drain as a lone server does, and exit 0 when all have. A second
-    signal kills them all at once. Forks before any thread starts, as it must.
+    """--workers N: open the listening socket once, and start N server processes
+    that share it (the kernel gives each new connection to one of them; one
+    socket, not SO_REUSEPORT, so it works on macOS too), each pinned to a CPU of
+    its own with --cpu auto. Each is this script run anew (fork and exec, by
+    subprocess), told by WORKER_VARIABLE which worker it is and given the socket,
+    the metrics table and a pipe as descriptors; it writes on the pipe when it
+    serves. At most one a CPU starts at a time.
+
+    Restart one that dies, with a backoff. On SIGTERM or Ctrl-C, pass it on, let
+    each drain as a lone server does, and exit 0 when all have; a second signal
+    kills them all at once. On SIGHUP, reload: one worker at a time, start a new
+    process (which loads the code as the file is now), and once it is ready, tell
+    the old one to drain; wait for it to stop, then the next (a deploy without
+    downtime, as gunicorn's and nginx's). A new process that fails stops the
+    reload, and the old one serves on.
 
     Its state is touched by run()'s thread alone: signals reach it through a pipe
-    (see run()), not through handlers that change it."""
+    (see run()), not through handlers that change it, and each iteration of
+    run()'s loop reads them, so it heeds them at any moment, starting included."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, args: argparse.Namespace, limits: Limits):
-        self.args, self.limits = args, limits
-        self.workers: Dict[int, int] = {}  # process ID -> worker number
-        self.started: Dict[int, float] = {}  # worker number -> time.monotonic() of its start
-        self.restarts: Dict[int, float] = {}  # worker number -> when it is due to start again
-        self.delays = [WORKER_BACKOFF] * args.workers
+    def __init__(self, args: argparse.Namespace, limits: Limits, argv: List[str]):
+        self.args, self.limits, self.argv = args, limits, argv
+        count = args.workers
+        self.workers: Dict[int, WorkerProcess] = {}  # process ID -> started, not yet reaped
+        self.due: Dict[int, float] = {}  # worker number -> time.monotonic() it is to start at
+        self.deaths = [0] * count  # each worker's unplanned ends in a row, all but the first young
+        self.last_end = [""] * count  # how each one's last process ended unplanned
+        self.restarted = 0  # processes started in place of one that ended unplanned
+        self.generation = 0  # SIGHUPs so far: a reload replaces each worker started before
+        self.reloading: Optional[float] = None  # when the reload under way began
         self.stopping: List[str] = []  # the name of the signal that stops it, once one came
         allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.cpus = allowed if args.cpu == "auto" else []
+        self.at_once = usable_cpus()  # workers starting at most at once
         self.pid = os.getpid()
+        self.script = os.path.abspath(__file__)
         self.listener: Optional[socket.socket] = None
-        self.metrics = MetricsTable(args.workers)  # made before any fork, to be shared
+        # A slot for each worker process, and one more for a reload's new process while
+        # the one it replaces drains; the last slot is the supervisor's own.
+        self.metrics = MetricsTable(count + 2)
+        self.free_slots = list(range(count + 1))
         self._wake = self._woken = -1  # the self-pipe's ends
 
     def run(self) -> int:
@@ -4004,7 +4199,7 @@ class Supervisor:
         store = open_store(self.args, self.limits)
         if store is None:
             return 1
-        store.close()  # before forking: an SQLite connection must not cross a fork
+        store.close()
         for notice in store.notices:
             say(notice)
         try:
@@ -4024,56 +4219,112 @@ class Supervisor:
         for fd in (self._wake, self._woken):
             os.set_blocking(fd, False)
         signal.set_wakeup_fd(self._woken)
-        for signum in self.SIGNALS + (signal.SIGCHLD,):
+        for signum in CONTROL_SIGNALS + (signal.SIGCHLD,):
             signal.signal(signum, lambda signum, frame: None)  # the number is in the pipe
         print(f"Listening on {url_of(self.listener.getsockname())} with {self.args.workers} "
               "workers (Ctrl-C to stop)", flush=True)
-        for number in range(self.args.workers):
-            self.start(number)
-        while self.workers or self.restarts:
-            due = min(self.restarts.values(), default=None)
-            select.select([self._wake], [], [],
-                          None if due is None else max(0.0, due - time.monotonic()))
-            with contextlib.suppress(BlockingIOError):
-                for signum in os.read(self._wake, 256):
-                    if signum in self.SIGNALS:
-                        self.stop(signum)
+        self.due = dict.fromkeys(range(self.args.workers), time.monotonic())  # all due now
+        while self.workers or self.due:
+            self.wait()
             self.reap()
-            for number, due in list(self.restarts.items()):
-                if due <= time.monotonic():
-                    del self.restarts[number]
-                    self.start(number)
+            self.start_due()
+            self.reload_step()
+            self.publish()
         say(f"{self.stopping[0]} received: every worker has drained and stopped."
             if self.stopping else "Every worker has stopped.")
         return 0
 
-    def start(self, number: int) -> None:
-        """Fork worker number: a lone server's serve() on the shared socket."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)  # none until the child is ready
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.set_wakeup_fd(-1)
-                os.close(self._wake)
-                os.close(self._woken)
-                for signum in (signal.SIGTERM, signal.SIGCHLD):
-                    signal.signal(signum, signal.SIG_DFL)
-                # Ctrl-C is the supervisor's to pass on: the terminal sends SIGINT to
-                # every process in its group, and a worker would count it as a first
-                # signal and the supervisor's SIGTERM as a second (stop at once).
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-                cpu = pin_to_one_cpu(self.cpus[number % len(self.cpus)]) if self.cpus else None
-                code = serve(self.args, self.limits, cpu, self.listener, f"worker {number}",
-                             self.pid, (self.metrics, number))
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.SIGNALS)
-        self.workers[pid], self.started[number] = number, time.monotonic()
-        say(f"Worker {number} started (process {pid}).")
+    def starting(self) -> List[WorkerProcess]:
+        """The processes started that have not yet said they are ready (nor ended)."""
+        return [worker for worker in self.workers.values() if worker.ready_fd is not None]
+
+    def wait(self) -> None:
+        """Wait for a signal, a readiness, a start due, or a readiness deadline; then
+        act on the signals and readinesses, and kill the processes not ready in time."""
+        starting = self.starting()
+        times = [worker.started + READY_SECONDS for worker in starting]
+        if len(starting) < self.at_once and self.free_slots:
+            times += self.due.values()
+        timeout = max(0.0, min(times) - time.monotonic()) if times else None
+        readable = select.select([self._wake] + [w.ready_fd for w in starting], [], [],
+                                 timeout)[0]
+        with contextlib.suppress(BlockingIOError):
+            for signum in os.read(self._wake, 256):
+                if signum == signal.SIGHUP:
+                    self.reload()
+                elif signum in CONTROL_SIGNALS:
+                    self.stop(signum)
+        for worker in starting:
+            if worker.ready_fd in readable:
+                self.readiness(worker)
+            elif worker.started + READY_SECONDS <= time.monotonic():
+                say(f"Worker {worker.number} (process {worker.pid}) was not ready within "
+                    f"{READY_SECONDS:g} s of its start: killing it.")
+                self.forget_pipe(worker)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signal.SIGKILL)
+
+    def forget_pipe(self, worker: WorkerProcess) -> None:
+        if worker.ready_fd is not None:
+            os.close(worker.ready_fd)
+            worker.ready_fd = None
+
+    def readiness(self, worker: WorkerProcess) -> None:
+        """The process wrote on its pipe (it is ready), or closed it (it has ended).
+        A reload's new process that is ready takes over: the old one drains."""
+        with contextlib.suppress(OSError):
+            worker.ready = bool(os.read(worker.ready_fd, 16))
+        self.forget_pipe(worker)
+        old = self.workers.get(worker.replaces) if worker.ready else None
+        if old is not None:
+            worker.replaces = None
+            if not self.stopping:  # else it has its SIGTERM already
+                old.retiring = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(old.pid, signal.SIGTERM)
+                say(f"Worker {worker.number} (process {worker.pid}) is ready: process "
+                    f"{old.pid} drains and stops.")
+
+    def start_due(self) -> None:
+        """Start the worker due first, if its time has come and fewer than at_once
+        are starting: one at a time, so that signals are read between two starts."""
+        if not self.due or len(self.starting()) >= self.at_once or not self.free_slots:
+            return
+        number = min(self.due, key=lambda number: (self.due[number], number))
+        if self.due[number] <= time.monotonic():
+            del self.due[number]
+            if self.deaths[number]:  # not its first start
+                self.restarted += 1
+            self.start(number)
+
+    def start(self, number: int, replaces: Optional[int] = None) -> None:
+        """Start a process for worker number (in a reload, to take over from process
+        replaces): this script anew, with the arguments it was given."""
+        slot = self.free_slots.pop(0)
+        ready, told = os.pipe()
+        listener, table = self.listener.fileno(), self.metrics.fd
+        setting = {"number": number, "slot": slot, "slots": self.metrics.slots,
+                   "listener": listener, "metrics": table, "ready": told, "supervisor": self.pid,
+                   "cpu": self.cpus[number % len(self.cpus)] if self.cpus else None}
+        # The same interpreter with the same options (-S, -X...), as multiprocessing starts one.
+        command = [sys.executable, *subprocess._args_from_interpreter_flags(), self.script,
+                   *self.argv]
+        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # none until it is ready for them
+        try:
+            process = subprocess.Popen(command, pass_fds=(listener, table, told),
+                                       env={**os.environ, WORKER_VARIABLE: json.dumps(setting)})
+        except OSError as error:
+            self.free_slots.append(slot)
+            os.close(ready)
+            self.failed_to_start(number, replaces, f"could not be started ({error.strerror})")
+            return
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+            os.close(told)
+        self.workers[process.pid] = WorkerProcess(number, slot, process, ready, self.generation,
+                                                  replaces)
+        say(f"Worker {number} started (process {process.pid})"
+            + (f" to replace process {replaces}." if replaces else "."))
 
     def stop(self, signum: int) -> None:
         """The first signal: pass SIGTERM on, and let the workers drain. The second:
@@ -4084,31 +4335,107 @@ class Supervisor:
                     os.kill(pid, signal.SIGKILL)
             os._exit(1)
         self.stopping.append(signal.Signals(signum).name)
-        self.restarts.clear()
+        self.due.clear()
+        self.reloading = None
         self.listener.close()  # new connections are refused once every worker closed it too
-        for pid in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+        for pid, worker in self.workers.items():
+            if not worker.retiring:  # a second SIGTERM would cut its requests off
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+
+    def reload(self) -> None:
+        """SIGHUP: replace every worker started before it (reload_step() does, one at
+        a time); a worker waiting to be started again starts now, on the new code."""
+        if self.stopping:
+            return
+        self.generation += 1
+        self.reloading = time.monotonic()
+        self.due = dict.fromkeys(self.due, self.reloading)
+        say(f"SIGHUP received: replacing the {self.args.workers} workers one at a time with "
+            "processes that load the code anew.")
+
+    def reload_step(self) -> None:
+        """In a reload, when no new process is starting and no old one draining:
+        start the next worker's new process, or say the reload is done."""
+        if self.reloading is None or self.stopping or any(
+                worker.replaces is not None or worker.retiring
+                for worker in self.workers.values()):
+            return
+        old = [worker for worker in self.workers.values() if worker.generation < self.generation]
+        if not old:
+            say(f"Reload done in {time.monotonic() - self.reloading:.1f} s: every worker runs "
+                "the code as it was at the SIGHUP, or since.")
+            self.reloading = None
+            return
+        serving = sorted((worker.number, worker.pid) for worker in old if worker.ready)
+        if serving and self.free_slots:  # else one is starting still: wait for it
+            self.start(*serving[0])
 
     def reap(self) -> None:
-        """Collect the workers that ended, and plan each one's restart."""
-        while self.workers:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-            if pid == 0:
-                return
-            number = self.workers.pop(pid)
-            self.metrics.retire(number)
+        """Collect the worker processes that ended, and plan what follows each end."""
+        for pid, worker in list(self.workers.items()):
+            code = worker.process.poll()
+            if code is None:
+                continue
+            del self.workers[pid]
+            self.forget_pipe(worker)
+            self.metrics.retire(worker.slot)
+            self.free_slots.append(worker.slot)
             if self.stopping:
                 continue
-            code = os.waitstatus_to_exitcode(status)
-            ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
-                f"exited with status {code}"
-            if time.monotonic() - self.started[number] >= WORKER_YOUNG:
-                self.delays[number] = WORKER_BACKOFF
-            say(f"Worker {number} (process {pid}) {ended}; starting another in "
-                f"{self.delays[number]:g} s.")
-            self.restarts[number] = time.monotonic() + self.delays[number]
-            self.delays[number] = min(2 * self.delays[number], WORKER_BACKOFF_MOST)
+            if worker.retiring:
+                say(f"Worker {worker.number}'s process {pid}, replaced, {worker.ended(code)}.")
+                continue
+            successor = next((other for other in self.workers.values()
+                              if other.replaces == pid), None)
+            if successor is not None:  # the new process started to replace it takes over
+                successor.replaces = None
+                say(f"Worker {worker.number} (process {pid}) {worker.ended(code)}; process "
+                    f"{successor.pid}, started to replace it, takes its place.")
+                continue
+            young = time.monotonic() - worker.started < WORKER_YOUNG
+            self.failed_to_start(worker.number, worker.replaces, worker.ended(code),
+                                 f"Worker {worker.number} (process {pid})", young)
+
+    def failed_to_start(self, number: int, replaces: Optional[int], how: str,
+                        who: str = "", young: bool = True) -> None:
+        """A process of worker number ended unplanned (or could not be started): a
+        reload's new one stops the reload; another is started again after a wait."""
+        who = who or f"Worker {number}"
+        if replaces is not None:
+            self.reloading = None
+            say(f"{who}, started to replace process {replaces}, {how}: the reload stops, and "
+                "the workers serve on with the code they had loaded.")
+            return
+        self.deaths[number] = self.deaths[number] + 1 if young else 1
+        delay = min(WORKER_BACKOFF * 2 ** min(self.deaths[number] - 1, 16), WORKER_BACKOFF_MOST)
+        self.last_end[number] = how
+        say(f"{who} {how}; starting another in {delay:g} s.")
+        self.due[number] = time.monotonic() + delay
+
+    def publish(self) -> None:
+        """Write the supervisor's samples, and which workers are failing, to its slot."""
+        ready = {worker.number for worker in self.workers.values()
+                 if worker.ready and not worker.retiring}
+        failing = [number for number, deaths in enumerate(self.deaths)
+                   if deaths >= CRASH_LOOP and number not in ready]
+        samples = {
+            "scheduler_workers_running": [
+                "gauge", "Worker processes serving (during a reload, one more for a moment).",
+                sum(worker.ready and not worker.retiring for worker in self.workers.values())],
+            "scheduler_workers_restarting": [
+                "gauge", "Workers that ended unplanned and wait to be started again.",
+                sum(self.deaths[number] > 0 for number in self.due)],
+            "scheduler_workers_failing": [
+                "gauge", f"Workers that died young {CRASH_LOOP} times in a row or more, and "
+                         "do not serve (/healthz names them).", len(failing)],
+            "scheduler_worker_restarts_total": [
+                "counter", "Worker processes started in place of one that ended unplanned.",
+                self.restarted]}
+        self.metrics.write(self.metrics.slots - 1, {
+            "requests": {}, "samples": samples,
+            "failing": [{"worker": number, "deaths": self.deaths[number],
+                         "last": self.last_end[number]} for number in failing]})
 
 
 # --- Appendix: the API description (OpenAPI 3.1) -------------------------------------
@@ -4470,11 +4797,21 @@ def openapi_document() -> dict:
                 "ETag covers everything else, so it changes when an appointment does",
                 text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors}}},
         "/healthz": {"get": {
-            "summary": "Whether the service (and its database) can serve requests",
-            "responses": {"200": _reply("Healthy", {
-                "type": "object", "required": ["status"],
-                "properties": {"status": {"const": "ok"}}}, {"health": {"status": "ok"}}),
-                "503": _problem("The database does not answer"),
+            "summary": "Whether bookings can be taken now (by the process that answers)",
+            "responses": {"200": _reply(
+                "They can: ok; or degraded, with --workers, while another worker keeps dying "
+                "young (detail says which and how; this one serves, so keep sending it "
+                "requests)", {
+                    "type": "object", "required": ["status"],
+                    "properties": {"status": {"enum": ["ok", "degraded"]},
+                                   "detail": {"type": "string"},
+                                   "failing_workers": {"type": "array",
+                                                       "items": {"type": "integer"}}}},
+                {"health": {"status": "ok"}}),
+                "503": _problem("They cannot, and detail says why: the database does not "
+                                "answer or cannot be written (with Retry-After if a retry may "
+                                "succeed), or the service holds --max-appointments",
+                                headers={"Retry-After": _ref("headers", "RetryAfter")}),
                 "default": errors["default"]}}},
         "/metrics": {"get": {
             "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "

@@ -1720,6 +1720,14 @@ class MetricsTableTest(unittest.TestCase):
         self.assertEqual(seen, sorted(seen))
         self.assertEqual(table.read(0), self.totals(3000))
 
+    def test_a_table_opened_by_its_descriptor_is_the_same_table(self):
+        table = scheduler.MetricsTable(2)  # a worker gets table.fd, which survives exec
+        other = scheduler.MetricsTable(2, table.fd)
+        other.write(1, self.totals(5))
+        self.assertEqual(table.read(1), self.totals(5))
+        with self.assertRaises(ValueError):  # the slots must match the file's size
+            scheduler.MetricsTable(3, table.fd)
+
     def test_retiring_a_dead_workers_slot_keeps_its_counters_and_zeroes_its_gauges(self):
         table = scheduler.MetricsTable(1)
         table.write(0, self.totals(7, open_now=5))
@@ -1769,6 +1777,14 @@ class SharedMetricsTest(unittest.TestCase):
                 self.assertEqual(sample[("scheduler_appointments", frozenset())], 4)  # once
                 self.assertEqual(sample[("scheduler_request_duration_seconds_count", frozenset(
                     {"route": "/healthz", "method": "GET"}.items()))], 4)
+
+    def test_a_slot_nobody_has_written_adds_nothing(self):
+        table = scheduler.MetricsTable(4)  # 2 workers, a spare for a reload, the supervisor's
+        first, second = self.worker(table, 0), self.worker(table, 1)
+        first.observe("/healthz", "GET", 200, 0.001)
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.publish()
+        self.assertEqual(self.requests(self.scrape(first)), 2)
 
     def test_a_worker_started_in_a_dead_ones_slot_carries_on_from_its_counts(self):
         table = scheduler.MetricsTable(2)
@@ -2169,6 +2185,45 @@ class HealthTest(RouteTestCase):
     def test_healthy(self):
         response = self.request("GET", "/healthz")
         self.assertEqual((response.status, response.json()), (200, {"status": "ok"}))
+
+    def test_a_worker_that_keeps_dying_young_makes_it_degraded_yet_200(self):
+        table = scheduler.MetricsTable(4)  # as with --workers 2: a spare, the supervisor's last
+        self.client.service.metrics.share(table, 0, supervisor_slot=3)
+        self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
+        table.write(3, {"requests": {}, "samples": {}, "failing": [
+            {"worker": 1, "deaths": 3, "last": "exited with status 1 before it was ready"}]})
+        response = self.request("GET", "/healthz")
+        self.assertEqual(response.status, 200)  # this worker serves: keep sending it requests
+        body = response.json()
+        self.assertEqual((body["status"], body["failing_workers"]), ("degraded", [1]))
+        self.assertIn("Worker 1 keeps dying young (3 times in a row; the last exited with "
+                      "status 1 before it was ready)", body["detail"])
+        table.write(3, {"requests": {}, "samples": {}, "failing": []})
+        self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
+
+
+@on_both_stores
+class HealthAtCapacityTest(RouteTestCase):
+    """/healthz says whether bookings can be taken: not while every one would get 507."""
+
+    def setUp(self):
+        super().setUp()
+        self.store.capacity = 2  # as --max-appointments 2 opens it
+
+    def test_503_while_the_store_is_full_and_200_once_a_cancellation_makes_room(self):
+        for user_id in ("alice", "bob"):
+            self.assertEqual(self.request("GET", "/healthz").status, 200)
+            self.assertEqual(self.book(user_id).status, 201)
+        self.assertProblem(self.book("carol"), 507)
+        response = self.request("GET", "/healthz")
+        detail = self.assertProblem(response, 503)["detail"]
+        self.assertIn("holds its maximum of 2 appointments", detail)
+        self.assertIn("Cancellations make room; or restart it with a higher --max-appointments",
+                      detail)
+        self.assertNotIn("Retry-After", response.headers)  # retrying soon will not help
+        self.assertEqual(self.request("DELETE", "/appointments/bob/2026-11-25").status, 204)
+        self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
+        self.assertEqual(self.book("carol").status, 201)
 
 
 @on_both_stores
@@ -3801,7 +3856,7 @@ class _Host:
     """What a Connection asks of the server that accepted it."""
 
     def __init__(self, limits: scheduler.Limits):
-        self.limits, self.draining, self.lines = limits, False, []
+        self.limits, self.draining, self.closing_idle, self.lines = limits, False, False, []
         self.log = self.lines.append
 
 
@@ -5037,8 +5092,11 @@ class CommandLineTest(unittest.TestCase):
                                 text=True, timeout=30)
         self.assertEqual(result.returncode, 0)
         limits = ["--" + name.replace("_", "-") for name in scheduler.Limits._fields]
-        for word in ["--host", "--port", "PORT", *limits]:
+        for word in ["--host", "--port", "PORT", *limits, "SIGHUP"]:
             self.assertIn(word, result.stdout)
+        most = scheduler.WORKERS_PER_CPU * scheduler.usable_cpus()
+        self.assertIn(f"at most {scheduler.WORKERS_PER_CPU} per CPU this process may use "
+                      f"({most} here)", " ".join(result.stdout.split()))
 
     def test_limits_come_from_the_command_line(self):
         args = scheduler.parse_args(["--max-body-bytes", "100", "--request-timeout", "1.5",
@@ -5110,6 +5168,35 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(server.process.returncode, 0)
         self.assertIn('"POST /appointments HTTP/1.1" 201', log)
         self.assertIn("Stopped.", log)
+
+    @unittest.skipUnless(os.path.exists("/proc/self/fd"), "counts the connections in /proc")
+    def test_a_connection_accepted_before_sigterm_gets_its_first_request_answered(self):
+        server = self.start("--port", "0", "--shutdown-timeout", "10")
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.addCleanup(sock.close)
+        wait_until(lambda: open_sockets(server.process.pid) == 2, what="the connection accepted")
+        server.process.send_signal(signal.SIGTERM)
+        self.assertIn("letting 1 open connection(s) finish",
+                      wait_for_log(server, "No longer accepting connections"))
+        sock.sendall(post_head(len(VALID_BODY)) + VALID_BODY)  # sent after the drain began
+        response = read_response(sock, "POST")
+        sock.close()
+        self.assertEqual((response.status, response.headers["Connection"]), (201, "close"))
+        self.assertIn("Stopped.", self.stop(server))
+        self.assertEqual(server.process.returncode, 0)
+
+    def test_sighup_keeps_a_lone_server_serving_and_loses_nothing(self):
+        server = self.start("--port", "0")
+        sock = self.start_request_in_flight(server)
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_log(server, "SIGHUP received: serving on (the log is stderr")
+        sock.sendall(VALID_BODY)
+        self.assertEqual(read_response(sock, "POST").status, 201)
+        self.assertEqual(http_status(server, "/appointments/alice/2026-11-25"), 200)
+        log = self.stop(server, signal.SIGTERM)
+        self.assertEqual(server.process.returncode, 0)
+        self.assertIn('"POST /appointments HTTP/1.1" 201', log)
+        self.assertIn('"GET /appointments/alice/2026-11-25 HTTP/1.1" 200', log)
 
     def test_idle_keep_alive_connections_are_closed_at_shutdown(self):
         server = self.start("--port", "0", "--shutdown-timeout", "60")
@@ -5359,6 +5446,8 @@ class CommandLineTest(unittest.TestCase):
         (["--workers", "2"], {}, "--workers above 1 needs --db"),
         (["--workers", "2", "--db", "x.db", "--cpu", "0"], {}, "--cpu N is for one process"),
         (["--workers", "0"], {}, "not a positive number"),
+        (["--workers", str(scheduler.WORKERS_PER_CPU * scheduler.usable_cpus() + 1), "--db",
+          "x.db"], {}, f"at most {scheduler.WORKERS_PER_CPU} per CPU this process may use"),
         (["--cors-origin", "https://app.example.com/"], {}, "not an origin"),
         (["--cors-origin", "app.example.com"], {}, "not an origin"),
         (["--db", ""], {}, "--db needs a file name"),  # an unset variable in a unit file
@@ -5384,16 +5473,21 @@ class CommandLineTest(unittest.TestCase):
 class WorkersTest(unittest.TestCase):
     """--workers 2 --db: two server processes on one listening socket and one file."""
 
-    def start(self, preexec_fn=None) -> Tuple[ServerProcess, str, Dict[int, int]]:
+    def start(self, preexec_fn=None, script=SCRIPT) -> Tuple[ServerProcess, str, Dict[int, int]]:
+        """Start the supervisor, and wait until both workers run; their process IDs."""
         path = temporary_database(self)
-        server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path],
+        server = start_process(self, [script, "--port", "0", "--workers", "2", "--db", path],
                                preexec_fn=preexec_fn)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
-        workers = {}
-        for number in (0, 1):
-            line = wait_for_log(server, f"Worker {number} started")
-            workers[number] = int(line.split("(process ")[1].rstrip(").\n"))
+        workers, running = {}, set()  # running: each has its handlers, and its store open
+        while len(workers) < 2 or len(running) < 2:
+            line = wait_for_log(server, "Worker ")
+            started = re.match(r"Worker (\d) started \(process (\d+)\)\.$", line)
+            if started:
+                workers[int(started[1])] = int(started[2])
+            elif " running on " in line:
+                running.add(line.split()[1])
         return server, path, workers
 
     @staticmethod
@@ -5556,16 +5650,141 @@ class WorkersTest(unittest.TestCase):
     def test_ctrl_c_in_a_terminal_drains_every_worker(self):
         # A terminal sends SIGINT to its whole foreground process group: workers must
         # leave it to the supervisor, or its SIGTERM would be their second signal.
-        server, _, workers = self.start(preexec_fn=os.setpgrp)
-        running = set()  # each has its handlers
-        while len(running) < len(workers):
-            running.add(wait_for_log(server, " running on CPU").split()[1])
+        server, _, workers = self.start(preexec_fn=os.setpgrp)  # each has its handlers
         os.killpg(server.process.pid, signal.SIGINT)
         self.assertEqual(server.process.wait(timeout=20), 0)
         log = "".join(read_log_until(
             server, "SIGINT received: every worker has drained and stopped."))
         self.assertEqual(log.count("SIGTERM received: shutting down."), 2, log)
         self.assertEqual(log.count("Stopped."), 2, log)
+
+    def health_and_metrics(self, server: ServerProcess) -> Tuple[dict, dict]:
+        """/healthz's body, and the supervisor's samples from /metrics."""
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/healthz")
+        health = response_of(conn)
+        self.assertEqual(health.status, 200, health.body)
+        conn.request("GET", "/metrics")
+        samples = parse_metrics(response_of(conn).body.decode())
+        return health.json(), {name: value for (name, _), value in samples.items()
+                                if name.startswith("scheduler_worker")}
+
+    def test_a_worker_that_keeps_dying_young_shows_in_healthz_and_metrics(self):
+        server, path, workers = self.start()
+        make_read_only(self, path)  # a new worker cannot open it; those running write on
+        os.kill(workers[1], signal.SIGKILL)
+
+        def seen(status: str, failing: int):  # both answers, once both say so
+            health, samples = self.health_and_metrics(server)
+            return health["status"] == status and samples["scheduler_workers_failing"] == \
+                failing and (health, samples)
+
+        # From worker 0, the one left: every connection reaches it.
+        health, samples = wait_until(lambda: seen("degraded", 1), what="worker 1 failing")
+        self.assertEqual((health["status"], health["failing_workers"]), ("degraded", [1]))
+        self.assertRegex(health["detail"], r"\AWorker 1 keeps dying young \(\d+ times in a "
+                                           r"row; the last exited with status 1 before it was "
+                                           r"ready\)\.")
+        self.assertEqual(samples["scheduler_workers_running"], 1)
+        self.assertGreaterEqual(samples["scheduler_worker_restarts_total"], 1)
+        wait_for_log(server, "cannot open the database")  # the worker's own reason, logged
+        if os.geteuid() == 0:  # writable again
+            subprocess.run(["chattr", "-i", path], check=True)
+        else:
+            os.chmod(path, 0o644)
+        health, samples = wait_until(lambda: seen("ok", 0), what="worker 1 serving again")
+        self.assertEqual(health, {"status": "ok"})
+        self.assertEqual((samples["scheduler_workers_running"],
+                          samples["scheduler_workers_restarting"]), (2, 0))
+        self.assertGreaterEqual(samples["scheduler_worker_restarts_total"], 2)
+
+    @unittest.skipUnless(hasattr(os, "sched_setaffinity"), "sets the CPUs it may use")
+    def test_sigterm_while_the_most_workers_start_stops_them_starting(self):
+        def one_cpu():
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+        most, path = scheduler.WORKERS_PER_CPU, temporary_database(self)
+        result = subprocess.run([*PYTHON, SCRIPT, "--workers", str(most + 1), "--db", path],
+                                capture_output=True, text=True, timeout=30, preexec_fn=one_cpu)
+        self.assertEqual(result.returncode, 2)
+        self.assertIn(f"--workers {most + 1} is more than this machine can use: at most "
+                      f"{most} per CPU this process may use, so {most} here", result.stderr)
+        server = start_process(self, [SCRIPT, "--port", "0", "--workers", str(most), "--db",
+                                      path], preexec_fn=one_cpu)
+        wait_for_log(server, "Worker 0 started")  # one CPU: one starts at a time
+        server.process.send_signal(signal.SIGTERM)
+        self.assertEqual(server.process.wait(timeout=20), 0)
+        log = "".join(read_log_until(server, "SIGTERM received: every worker has drained"))
+        self.assertLess(log.count(" started (process "), most, log)
+
+    def test_sighup_replaces_every_worker_with_the_code_anew_and_answers_every_request(self):
+        directory = tempfile.TemporaryDirectory()  # a copy of the code, to deploy changes to
+        self.addCleanup(directory.cleanup)
+        script = os.path.join(directory.name, "scheduler.py")
+        shutil.copy(SCRIPT, script)
+        with open(script, encoding="utf-8") as file:
+            code = file.read()
+        server, path, workers = self.start(script=script)
+        answers, failures, stop = [], [], threading.Event()  # (status, Server) of each booking
+
+        def stream(keep_alive: bool):  # one booking after another, each on a new connection
+            conn = None  # or on one kept open, until a response closes it
+            for index in range(5000):
+                if stop.is_set():
+                    break
+                conn = conn or http.client.HTTPConnection(server.host, server.port, timeout=10)
+                try:
+                    response = post_json(conn, {"user_id": f"user-{keep_alive}-{index}",
+                                                "date": "2026-11-25", "time": "09:00"})
+                    answers.append((response.status, response.headers["Server"]))
+                    if keep_alive and response.headers["Connection"] != "close":
+                        continue
+                except (OSError, http.client.HTTPException) as error:
+                    failures.append(repr(error))
+                conn.close()
+                conn = None
+
+        streams = [threading.Thread(target=stream, args=(keep_alive,))
+                   for keep_alive in (False, True)]
+        for thread in streams:
+            thread.start()
+        self.addCleanup(lambda: [stop.set(), *map(threading.Thread.join, streams)])
+        wait_until(lambda: len(answers) >= 20, what="20 bookings")
+        with open(script, "w", encoding="utf-8") as file:  # a deploy that cannot start
+            file.write(code + "\n) this is not Python\n")
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_log(server, "the reload stops, and the workers serve on")
+        self.assertTrue(all(map(self.running, workers.values())))
+        with open(script, "w", encoding="utf-8") as file:  # then a good one
+            file.write(code.replace('__version__ = "', '__version__ = "reloaded-', 1))
+        server.process.send_signal(signal.SIGHUP)
+        log = "".join(read_log_until(server, "Reload done"))
+        replaced = [(int(number), int(new), int(old)) for number, new, old in re.findall(
+            r"Worker (\d) started \(process (\d+)\) to replace process (\d+)\.", log)]
+        self.assertEqual(sorted((number, old) for number, _, old in replaced),
+                         sorted(workers.items()))
+        wait_until(lambda: not any(map(self.running, workers.values())), what="the old gone")
+        self.assertTrue(all(self.running(new) for _, new, _ in replaced))
+        count = len(answers)
+        wait_until(lambda: len(answers) >= count + 20, what="20 bookings after the reload")
+        stop.set()
+        for thread in streams:
+            thread.join()
+        self.assertEqual(failures, [])  # no connection refused, reset or left unanswered
+        self.assertEqual({status for status, _ in answers}, {201})
+        self.assertEqual(answers[-1][1], f"scheduler/reloaded-{scheduler.__version__}")
+        self.assertEqual(query(path, "SELECT count(*) FROM appointments"), [(len(answers),)])
+
+    def test_sigterm_during_a_reload_stops_every_worker_cleanly(self):
+        server, _, workers = self.start()
+        server.process.send_signal(signal.SIGHUP)
+        new = int(re.search(r"\(process (\d+)\) to replace",
+                            wait_for_log(server, "to replace process")).group(1))
+        server.process.send_signal(signal.SIGTERM)  # the new one has not yet said it is ready
+        self.assertEqual(server.process.wait(timeout=20), 0)
+        wait_for_log(server, "SIGTERM received: every worker has drained and stopped.")
+        self.assertFalse(any(map(self.running, [new, *workers.values()])))
 
     def test_workers_stop_by_themselves_when_the_supervisor_is_killed(self):
         server, _, workers = self.start()
