@@ -1856,9 +1856,14 @@ def appointment_tag(appointment: Appointment) -> str:
 
 
 # RFC 9110 section 8.8.3: an entity tag; If-Match and If-None-Match are
-# lists of them, or * (sections 13.1.1, 13.1.2).
+# lists of them, or * (sections 13.1.1, 13.1.2). A recipient ignores a list's empty
+# elements (section 5.6.1.2): "a", , "b" and "a", are lists of two tags and one,
+# and an empty value or "," a list of none. Written so that no text can be read two
+# ways (two tags have a comma between them; spaces and commas before, after and
+# among the commas are skipped), which keeps a long value from costing time.
 _ENTITY_TAG = r'(?:W/)?"[!#-~\x80-\xff]*"'
-_ENTITY_TAG_LIST = re.compile(rf"[ \t]*{_ENTITY_TAG}(?:[ \t]*,[ \t]*{_ENTITY_TAG})*[ \t]*")
+ENTITY_TAG_LIST = rf"[ \t,]*(?:{_ENTITY_TAG}(?:[ \t]*,[ \t,]*{_ENTITY_TAG})*[ \t,]*)?"
+_ENTITY_TAG_LIST = re.compile(ENTITY_TAG_LIST)
 _ENTITY_TAGS = re.compile(_ENTITY_TAG)
 
 
@@ -1869,9 +1874,9 @@ def _opaque(tag: str) -> str:
 
 def _tag_test(value: str, name: str, strong: bool) -> Callable[[str], bool]:
     """Whether a tag is among those of a condition header's value: "*" holds every
-    tag; strong comparison (section 8.8.3.2) never matches a weak tag. 400 when
-    the value is neither "*" nor a list of entity tags."""
-    if value.strip() == "*":
+    tag, a list of none holds none; strong comparison (section 8.8.3.2) never
+    matches a weak tag. 400 when the value is neither "*" nor a list of entity tags."""
+    if value.strip(" \t") == "*":
         return lambda tag: True
     if not _ENTITY_TAG_LIST.fullmatch(value):
         raise HTTPError(400, f'{name} must be * or a list of entity tags, as an ETag header '
@@ -2449,7 +2454,7 @@ def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
     if tag is None:
         return reply
     held = _ENTITY_TAGS.findall(condition) if _ENTITY_TAG_LIST.fullmatch(condition) else []
-    if condition.strip() != "*" and _opaque(tag) not in map(_opaque, held):
+    if condition.strip(" \t") != "*" and _opaque(tag) not in map(_opaque, held):
         return reply  # no match, or not a list of entity tags: answered as if absent
     # Only the fields a 200 would have had that describe it (section 15.4.5): no content.
     return Reply(HTTPStatus.NOT_MODIFIED, None,

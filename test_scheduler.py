@@ -2153,9 +2153,40 @@ class ConditionalWriteTest(RouteTestCase):
         self.assertProblem(self.patch({"time": "10:15"}, If_Match=stale), 422)
         self.assertEqual(len(self.stored()), 2)
 
+    # RFC 9110 section 5.6.1.2: a list's empty elements are ignored, so an empty
+    # value, or commas alone, is a list of no tags. T is the appointment's tag.
+    EMPTY_ELEMENTS = [  # (header, value, whether the write is made)
+        ("If-Match", "{T},", True), ("If-Match", '"x", , {T}', True),
+        ("If-Match", ", {T} ,,", True), ("If-Match", '"x",', False), ("If-Match", "", False),
+        ("If-Match", ",", False), ("If-Match", " , ,", False),
+        ("If-None-Match", "", True), ("If-None-Match", ",", True),
+        ("If-None-Match", '"x", ,', True), ("If-None-Match", "{T},", False),
+        ("If-None-Match", '"x", , W/{T}', False),
+    ]
+
+    def test_empty_list_elements_are_ignored_and_an_empty_if_match_holds_no_tag(self):
+        for header, value, made in self.EMPTY_ELEMENTS:
+            condition = {header: value.format(T=self.tag)}
+            with self.subTest(header=header, value=value):
+                patched = self.patch({"time": "11:00"}, **{header.replace("-", "_"): condition[
+                    header]})
+                if made:
+                    self.assertEqual(patched.status, 200, patched.body)
+                    self.patch({"time": "09:30"})  # back, and so the same tag again
+                else:
+                    self.assertPreconditionFailed(patched)
+                deleted = self.request("DELETE", self.URL, headers=condition)
+                if made:
+                    self.assertEqual(deleted.status, 204, deleted.body)
+                    self.book(time="09:30")
+                else:
+                    self.assertPreconditionFailed(deleted)
+        self.assertUnchanged()
+
     def test_a_condition_that_cannot_be_read_is_400(self):
         for header, value in (("If-Match", "not-quoted"), ("If-Match", '"a" "b"'),
-                              ("If-None-Match", "W/x"), ("If-Match", '"a",, "b"')):
+                              ("If-None-Match", "W/x"), ("If-Match", '*, "a"'),
+                              ("If-None-Match", '"a",, b')):
             with self.subTest(header=header, value=value):
                 problem = self.assertProblem(self.request("DELETE", self.URL, headers={
                     header: value}), 400)
@@ -2397,7 +2428,8 @@ class ConditionalGetTest(RouteTestCase):
 
     CONDITIONS = [  # If-None-Match: whether it matches a current tag T
         ("{T}", True), ("W/{T}", True), ('"other", {T}', True), ("*", True),
-        ('"other"', False), ("", False), ("{T}x", False), ("junk", False),
+        ("{T},", True), ('"other", , {T}', True), (", W/{T}", True),
+        ('"other"', False), ("", False), (",", False), ("{T}x", False), ("junk", False),
     ]
 
     def test_if_none_match_compares_weakly_and_takes_lists(self):
