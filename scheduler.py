@@ -229,13 +229,16 @@ class StoreFull(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot serve requests now; the message says why. retry_after: the
-    seconds after which a retry may succeed, or None when retrying will not help
-    until the operator acts (a damaged file, a full disk)."""
+    """The store cannot serve requests now; the message says why, to the client.
+    retry_after: the seconds after which a retry may succeed, or None when retrying
+    will not help until the operator acts (a damaged file, a full disk). cause: what
+    the database itself said, for the operator's log alone (it may quote the
+    schema's SQL)."""
 
-    def __init__(self, message: str, retry_after: Optional[int] = 1):
+    def __init__(self, message: str, retry_after: Optional[int] = 1,
+                 cause: Optional[str] = None):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.cause = retry_after, cause
 
 
 # Each parser raises ValueError with a message that follows the field's name:
@@ -939,7 +942,7 @@ class SQLiteStore(Store):
         self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
         self.max_keys = max_keys
         self.batches = 0  # transactions committed by write(), each of one write or more
-        self.damaged: Optional[str] = None  # why the file is damaged, once an error said so
+        self.damaged: Optional[str] = None  # SQLite's words, once they said the file is damaged
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
         self._queue_lock = threading.Lock()  # guards _queue
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
@@ -1108,21 +1111,25 @@ class SQLiteStore(Store):
     FULL = "database or disk is full"  # SQLITE_FULL
 
     def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
-        """SQLite's failure as the client is told it, noting a damaged file. Only a
-        busy lock is worth retrying soon: the rest need the operator."""
+        """SQLite's failure as the client is told it, noting a damaged file: a
+        sentence, SQLite's own words (which may quote the schema) left for the log.
+        Only a busy lock is worth retrying soon: the rest need the operator."""
         text = str(error)
         if text in self.BUSY:
             return StoreUnavailable("The database is busy: another process has held its "
                                     "write lock too long; retry shortly.")
         if text in self.DAMAGED:
-            self.damaged = f"The database file is damaged ({text}); its operator must " \
-                           "restore it from a backup."
-            return StoreUnavailable(self.damaged, retry_after=None)
+            self.damaged = text
+            return self._damaged()
         if text == self.FULL:
-            return StoreUnavailable(f"The database cannot grow ({text}); its operator must "
-                                    "free disk space.", retry_after=None)
-        return StoreUnavailable(f"The database failed ({text}); its operator must look into "
-                                "it.", retry_after=None)
+            return StoreUnavailable("The database cannot grow: its disk is full; its "
+                                    "operator must free space.", retry_after=None, cause=text)
+        return StoreUnavailable("The database failed; its operator must look into the "
+                                "server's log.", retry_after=None, cause=text)
+
+    def _damaged(self) -> StoreUnavailable:
+        return StoreUnavailable("The database file is damaged; its operator must restore it "
+                                "from a backup.", retry_after=None, cause=self.damaged)
 
     @contextlib.contextmanager
     def _reading(self):
@@ -1166,7 +1173,8 @@ class SQLiteStore(Store):
                     f"{self.busy_timeout:g} s; retry shortly.")
             except Exception as error:  # the store closed; no thread to wait with...
                 turn, refusal = False, StoreUnavailable(
-                    f"The database cannot be written: {error}.", retry_after=None)
+                    "The database cannot be written; its operator must look into the "
+                    "server's log.", retry_after=None, cause=repr(error))
             with self._queue_lock:
                 batch = list(self._queue)
             try:
@@ -1407,7 +1415,7 @@ class SQLiteStore(Store):
         disk, a lock held past the deadline), and reads never wait for it. A file
         found damaged stays reported."""
         if self.damaged:
-            raise StoreUnavailable(self.damaged, retry_after=None)
+            raise self._damaged()
         self.write(self._probe)
 
     def close(self) -> None:
@@ -2594,9 +2602,11 @@ class Service:
         logging the traceback of an unexpected error (a 500). Call it where the
         error is being handled."""
         reply = error_reply(error)
+        where = f"{request.method} {request.path}" if request is not None else line
         if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
-            where = f"{request.method} {request.path}" if request is not None else line
             self.log(f"Unexpected error in {where!r}:\n{traceback.format_exc()}")
+        elif isinstance(error, StoreUnavailable) and error.cause:  # one line: repr escapes
+            self.log(f"The database failed in {where!r}: {error.cause!r}")
         return self.with_cors(reply, request, origin)
 
     def with_cors(self, reply: Reply, request: Optional[HTTPRequest] = None,

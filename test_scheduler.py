@@ -1054,7 +1054,7 @@ class GroupCommitTest(BatchTestCase):
         failed = [o for o in outcomes if isinstance(o, scheduler.StoreUnavailable)]
         self.assertGreaterEqual(len(failed), 1)
         for error in failed:
-            self.assertIn("disk I/O error", str(error))
+            self.assertIn("disk I/O error", error.cause)  # for the log, not the client
         booked = [o for o in outcomes if isinstance(o, scheduler.Appointment)]
         self.assertEqual(len(failed) + len(booked), 3)
         self.assertEqual(store.count(), len(booked))  # the failed batch left nothing
@@ -1400,12 +1400,13 @@ def hold_writers_lock(testcase: unittest.TestCase, path: str) -> Callable[[], No
 
 
 def store_outcome(store: scheduler.SQLiteStore) -> str:
-    """Book alice; the message of the StoreUnavailable that answers, or "booked"."""
+    """Book alice; the message of the StoreUnavailable that answers (and its cause, for
+    the log, after a newline, if it has one), or "booked"."""
     try:
         store.book(appointment())
         return "booked"
     except scheduler.StoreUnavailable as error:
-        return str(error)
+        return str(error) + (f"\n{error.cause}" if error.cause else "")
 
 
 class WritersLockTest(unittest.TestCase):
@@ -3069,6 +3070,33 @@ class TruthfulHealthTest(RouteTestCase):
                 response = self.request("GET", path)
                 self.assertIn("damaged", self.assertProblem(response, 503)["detail"])
                 self.assertNotIn("Retry-After", response.headers)
+
+
+class DatabaseFailureTest(RouteTestCase):
+    """An error SQLite did not foresee reaches the client as a sentence; SQLite's own
+    words, which may quote the schema, go to the log alone."""
+
+    def make_store(self):
+        return scheduler.SQLiteStore(temporary_database(self))
+
+    SECRET = "CREATE TABLE hidden (\n  secret_column TEXT CHECK (length(secret_column) > 0))"
+
+    def test_the_client_gets_a_sentence_and_the_log_sqlites_words_in_one_line(self):
+        with contextlib.closing(sqlite3.connect(self.store.path, isolation_level=None)) as db:
+            db.execute("CREATE TRIGGER refuse_mallory BEFORE INSERT ON appointments WHEN "
+                       f"NEW.user_id = 'mallory' BEGIN SELECT RAISE(ABORT, '{self.SECRET}'); END")
+        response = self.book("mallory")
+        problem = self.assertProblem(response, 503)
+        self.assertNotIn("Retry-After", response.headers)
+        for text in ("CREATE", "CHECK", "secret_column", "hidden", "RAISE", "SQL", "sqlite"):
+            self.assertNotIn(text, response.body.decode())
+        self.assertIn("log", problem["detail"])
+        logged = [line for line in self.client.logged if "secret_column" in line]
+        self.assertEqual(len(logged), 1, self.client.logged)
+        self.assertNotIn("\n", logged[0])
+        self.assertIn("'POST /appointments'", logged[0])
+        self.assertIn(repr(self.SECRET), logged[0])
+        self.assertEqual(self.book("alice").status, 201)  # the others' bookings go on
 
 
 class LockedDatabaseTest(RouteTestCase):
