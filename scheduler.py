@@ -931,6 +931,13 @@ class SQLiteStore(Store):
     are StoreUnavailable, for every write of the transaction they ended; it is
     rolled back whole, so nothing is half-written. A damaged file is noted in
     damaged, and check() reports it from then on.
+
+    A file deleted or replaced while the store is open (the -wal file, say, by a
+    careless clean-up) goes unnoticed by SQLite: it writes on into the file it
+    holds open, which no other process can open, and a crash loses what it held.
+    check() compares the files at the path with those opened (device and inode);
+    once one differs, it copies what was committed into the database file, and
+    writes are refused (lost says why) until the server is started again.
     """
 
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
@@ -943,6 +950,10 @@ class SQLiteStore(Store):
         self.max_keys = max_keys
         self.batches = 0  # transactions committed by write(), each of one write or more
         self.damaged: Optional[str] = None  # SQLite's words, once they said the file is damaged
+        self.lost: Optional[str] = None  # which file was deleted or replaced, once noticed
+        self._rescue = ""  # what was done about it, for the log...
+        self._rescued = False  # ...and whether what was committed is in the database file
+        self._files: Tuple[Tuple[str, Optional[Tuple[int, int]]], ...] = ()  # (path, identity)
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
         self._queue_lock = threading.Lock()  # guards _queue
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
@@ -963,6 +974,8 @@ class SQLiteStore(Store):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
             self.notices = self._upgrade()
             self._turns = _Turns(f"{path}-lock")
+            # The files as opened: the -wal is there while a connection is open.
+            self._files = tuple((name, self._identity(name)) for name in (path, path + "-wal"))
         except (sqlite3.Error, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -1127,6 +1140,52 @@ class SQLiteStore(Store):
         return StoreUnavailable("The database failed; its operator must look into the "
                                 "server's log.", retry_after=None, cause=text)
 
+    @staticmethod
+    def _identity(path: str) -> Optional[Tuple[int, int]]:
+        """The device and inode of the file at path; None if there is none."""
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def _lost(self) -> StoreUnavailable:
+        what = "its -wal file" if self.lost.endswith("-wal") else "the database file"
+        return StoreUnavailable(
+            f"The database cannot keep bookings safely: {what} was deleted or replaced "
+            "while the server ran. Bookings are refused until its operator starts the server "
+            "again (every process on the file).", retry_after=None,
+            cause=f"{self.lost} is not the file opened at the start; {self._rescue}")
+
+    def _notice_lost_files(self) -> None:
+        """If a file opened at the start is no longer at its path, note it in lost and
+        copy every committed transaction from the -wal file that this process still
+        holds into the database file (a checkpoint, on the read connection: the
+        writes' line needs no exception), which a process opening the path again
+        then sees. Writes that wait for it are refused once it is done, and a
+        later one too (_write_batch): what a crash would lose."""
+        if self.lost is None:
+            self.lost = next((name for name, identity in self._files
+                              if identity is not None and self._identity(name) != identity), None)
+        if self.lost is None or self._rescued:
+            return
+        if self.lost == self.path:
+            self._rescue = ("a process opening the path cannot see what this one wrote; "
+                            "put back the file it should use, then restart the server")
+            return
+        try:
+            with self._read_lock:
+                busy = self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self._rescued = not busy
+            self._rescue = ("every transaction committed was copied into the database file; "
+                            "restart the server to make a new -wal file" if not busy else
+                            "the checkpoint that copies what was committed into the database "
+                            "file found it busy (tried again at the next health check); "
+                            "restart the server")
+        except sqlite3.Error as error:
+            self._rescue = (f"the checkpoint that copies what was committed into the database "
+                            f"file failed ({error}); restart the server")
+
     def _damaged(self) -> StoreUnavailable:
         return StoreUnavailable("The database file is damaged; its operator must restore it "
                                 "from a backup.", retry_after=None, cause=self.damaged)
@@ -1211,6 +1270,8 @@ class SQLiteStore(Store):
             if waited:
                 db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
             db.execute("BEGIN IMMEDIATE")
+            if self.lost is not None:  # checked under the lock that a checkpoint waits for
+                raise self._lost()
             for write in batch:
                 db.execute("SAVEPOINT one_write")
                 try:
@@ -1413,9 +1474,12 @@ class SQLiteStore(Store):
         """A write committed as bookings are, through the same line and lock and
         with the same deadline: whatever would fail a booking now fails it (a full
         disk, a lock held past the deadline), and reads never wait for it. A file
-        found damaged stays reported."""
+        found damaged, or deleted or replaced (lost), stays reported."""
         if self.damaged:
             raise self._damaged()
+        self._notice_lost_files()
+        if self.lost is not None:
+            raise self._lost()
         self.write(self._probe)
 
     def close(self) -> None:

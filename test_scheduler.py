@@ -3071,6 +3071,32 @@ class TruthfulHealthTest(RouteTestCase):
                 self.assertIn("damaged", self.assertProblem(response, 503)["detail"])
                 self.assertNotIn("Retry-After", response.headers)
 
+    def test_a_wal_file_deleted_is_503_and_what_was_committed_is_in_the_database_file(self):
+        self.assertEqual(self.book().status, 201)
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        os.remove(self.store.path + "-wal")  # a careless clean-up; SQLite writes on, unaware
+        for request in (lambda: self.request("GET", "/healthz"), lambda: self.book("bob")):
+            response = request()
+            detail = self.assertProblem(response, 503)["detail"]
+            self.assertIn("its -wal file was deleted or replaced", detail)
+            self.assertIn("until its operator starts the server again", detail)
+            self.assertNotIn("Retry-After", response.headers)  # retrying will not help
+        self.assertEqual(self.stored(), [appointment()])  # reads go on
+        logged = [line for line in self.client.logged if self.store.path + "-wal" in line]
+        self.assertTrue(logged and all("committed was copied into the database file" in line
+                                       for line in logged), self.client.logged)
+        # What a process opening the path sees (after a crash, say): the database file
+        # alone, which the booking acknowledged before the deletion is now in.
+        alone = temporary_database(self)
+        shutil.copyfile(self.store.path, alone)
+        self.assertEqual(query(alone, "SELECT user_id FROM appointments"), [("alice",)])
+
+    def test_a_database_file_moved_away_is_503(self):
+        os.rename(self.store.path, self.store.path + ".moved")
+        detail = self.assertProblem(self.request("GET", "/healthz"), 503)["detail"]
+        self.assertIn("the database file was deleted or replaced", detail)
+        self.assertProblem(self.book(), 503)
+
 
 class DatabaseFailureTest(RouteTestCase):
     """An error SQLite did not foresee reaches the client as a sentence; SQLite's own
