@@ -2742,6 +2742,9 @@ LINGER_SECONDS = 1.0  # how long a closing connection reads what the client stil
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
 RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the default cap
 ORIGIN_SEARCH_BYTES = 4 * MAX_HEAD_BYTES  # read of a head too long, to find its Origin (CORS)
+# Kept of each piece read past MAX_HEAD_BYTES: an Origin line (scheme, host and port, 270
+# characters at most) that two reads cut in two is found whole, if shorter than this.
+ORIGIN_LINE_BYTES = 1024
 
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
@@ -2825,7 +2828,7 @@ class Connection:
                 started = time.perf_counter()
                 origin = None
                 if request is None and service.cors_origins:  # a script may read why
-                    origin = lenient_origin(head if head is not None else self._head_for_origin())
+                    origin = lenient_origin(head) if head is not None else self._head_origin()
                 reply = service.problem(error, request, line, origin)
                 body_read = False
             method = request.method if request is not None else line.partition(" ")[0]
@@ -2860,15 +2863,25 @@ class Connection:
                                          "ended; an empty line ends the headers.")
                 return None
 
-    def _head_for_origin(self) -> bytes:
-        """What arrived of a head too long to parse (414, 431) or cut short, and up to
-        ORIGIN_SEARCH_BYTES more of it, within the request's deadline: where its
-        Origin may be, after a long request line."""
+    def _head_origin(self) -> Optional[str]:
+        """The Origin of a head too long to parse (414, 431) or cut short, if its first
+        ORIGIN_SEARCH_BYTES hold one: in what arrived, then in what arrives of them
+        within the request's deadline (after a long request line, say). Each piece is
+        searched as it comes and let go, but for its last ORIGIN_LINE_BYTES; the
+        connection, which closes after its answer, holds no more while it waits."""
+        data, window, seen, origin = self._data, b"", 0, None
         with contextlib.suppress(HTTPError, OSError):
-            while len(self._data) < ORIGIN_SEARCH_BYTES and not _HEAD_END.search(self._data) \
-                    and self._receive():
-                pass
-        return bytes(self._data[:ORIGIN_SEARCH_BYTES])
+            while True:
+                window += bytes(data[:ORIGIN_SEARCH_BYTES - seen])
+                seen += len(data)
+                del data[:]
+                origin = lenient_origin(window)
+                if origin is not None or _HEAD_END.search(window) or seen >= ORIGIN_SEARCH_BYTES:
+                    break
+                window = window[-ORIGIN_LINE_BYTES:]
+                if not self._receive():
+                    break
+        return origin
 
     def _read_body(self, request: HTTPRequest, length: int) -> bytes:
         """The request's body of length bytes, within the request's deadline. Sends
@@ -2931,6 +2944,7 @@ class Connection:
         still sends, so its unread bytes do not make the kernel reset the connection
         and destroy the last response (for example a 413 sent before its body)."""
         self._enter(self.CLOSED, None)
+        del self._data[:]  # what was read and not taken (a head refused, a next request)
         try:
             self._sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + LINGER_SECONDS

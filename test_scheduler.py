@@ -25,6 +25,7 @@ import gc
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -4092,6 +4093,31 @@ class HeaderMemoryTest(unittest.TestCase):
         """How many connections the server holds open: its sockets but the listening one."""
         return open_sockets(server.process.pid) - 1
 
+    @unittest.skipUnless(os.path.exists("/proc/net/tcp"), "reads queues from /proc/net/tcp")
+    def test_with_cors_a_head_past_the_limit_is_searched_for_its_origin_not_held(self):
+        # With --cors-origin, the server reads up to ORIGIN_SEARCH_BYTES of a head too
+        # long, for its Origin; it held all of that a connection (332 KiB each before).
+        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+                                      str(self.SLOTS), "--cors-origin", "https://a.example"],
+                               keep_log=False)
+        before = rss_bytes(server.process.pid)
+        self.attack(server, self.SLOTS, lines=250, length=1000)  # 250 KB each, no Origin
+        wait_until(lambda: self.every_byte_read(server.port, self.SLOTS),
+                   what="the server to read every byte sent")
+        self.assertLess(rss_bytes(server.process.pid) - before, self.SLOTS * 192 << 10)
+
+    @staticmethod
+    def every_byte_read(port: int, connections: int) -> bool:
+        """Whether as many connections to port are open, and every byte their clients
+        sent has been read by the server (Linux's queues in /proc/net/tcp)."""
+        ends = []
+        with open("/proc/net/tcp") as table:
+            for line in itertools.islice(table, 1, None):
+                local, remote, state, queues = line.split()[1:5]
+                if state == "01" and port in (int(local[-4:], 16), int(remote[-4:], 16)):
+                    ends.append(queues != "00000000:00000000")  # transmit:receive
+        return len(ends) == 2 * connections and not any(ends)
+
 
 class DescriptorTest(unittest.TestCase):
     def test_the_cap_fits_ulimit_n_and_a_burst_past_it_is_answered(self):
@@ -4345,6 +4371,52 @@ class RefusedOriginTest(unittest.TestCase):
                 self.assertEqual(response.status, 503)
                 self.assertEqual(response.headers["Access-Control-Allow-Origin"], expected)
                 self.assertEqual(response.headers["Vary"], "Origin")
+
+
+class _PiecesSocket:
+    """Enough of a socket for a Connection: recv() gives these pieces, one a call, then
+    end of file; what is sent is kept."""
+
+    def __init__(self, pieces: List[bytes]):
+        self.pieces, self.sent = list(pieces), b""
+
+    def recv(self, size: int) -> bytes:
+        assert not self.pieces or len(self.pieces[0]) <= size, "a piece larger than asked for"
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+
+class OriginSearchTest(unittest.TestCase):
+    """The Origin of a head too long (431), found past its first MAX_HEAD_BYTES in the
+    pieces that arrive, wherever the reads cut its line."""
+
+    LONG = b"GET / HTTP/1.1\r\nHost: t\r\nX-Long: " + b"x" * 70_000 + b"\r\n"  # past 64 KiB
+    LINE = f"Origin: {ORIGIN}\r\n".encode()
+    CUTS = [0, 1, 3, 7, len(LINE) - 2, len(LINE) - 1, len(LINE)]  # where the line is cut
+
+    def answer(self, pieces: List[bytes]) -> Response:
+        service = scheduler.Service(scheduler.InMemoryStore(), cors_origins=(ORIGIN,),
+                                    log=lambda line: None)
+        sock = _PiecesSocket(pieces)
+        scheduler.Connection(sock, ("192.0.2.1", 1), _Host(service.limits)).serve(service)
+        return read_response(_BytesSocket(sock.sent))
+
+    def test_an_origin_line_cut_by_the_reads_is_found(self):
+        filler = b"X-More: " + b"y" * 30_000 + b"\r\n"
+        for cut in self.CUTS:
+            with self.subTest(cut=cut):
+                pieces = [self.LONG[:60_000], self.LONG[60_000:], filler,
+                          b"X-Last: z\r\n" + self.LINE[:cut], self.LINE[cut:] + filler]
+                response = self.answer([piece for piece in pieces if piece])
+                self.assertEqual(response.status, 431)
+                self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
+
+    def test_none_is_found_where_none_was_sent(self):
+        response = self.answer([self.LONG[:60_000], self.LONG[60_000:], b"X-A: b\r\n" * 100])
+        self.assertEqual((response.status, response.headers["Vary"]), (431, "Origin"))
+        self.assertNotIn("Access-Control-Allow-Origin", response.headers)
 
 
 class CORSAnyOriginTest(ServerTestCase):
