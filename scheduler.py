@@ -2043,7 +2043,9 @@ def write_once(service: "Service", request: Request, perform: Callable[[Optional
             replay = kept.replay
     if replay.fingerprint != fingerprint:
         raise HTTPError(422, "This Idempotency-Key came with another request (method, URL or "
-                             "body) in the last 24 hours; send a new key with a new request.")
+                             "body) in the last 24 hours; send a new key with a new request.",
+                        errors=[{"field": "Idempotency-Key", "message": "Idempotency-Key is "
+                                 "another request's: make a new one for each request"}])
     return Reply(HTTPStatus(replay.status), replay.body,
                  replay.headers + (("Idempotent-Replayed", "true"),), replay.media_type)
 
@@ -3878,11 +3880,19 @@ def openapi_document() -> dict:
     on_condition = {"parameters": by_key["parameters"] + [
         _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch"),
         _ref("parameters", "IdempotencyKey")]}
+    key_reused = HTTPError(422, "This Idempotency-Key came with another request (method, URL "
+                                "or body) in the last 24 hours; send a new key with a new "
+                                "request.", errors=[{"field": "Idempotency-Key", "message":
+                                                     "Idempotency-Key is another request's: "
+                                                     "make a new one for each request"}])
     stale = {"412": _problem("The appointment does not meet If-Match or If-None-Match; "
                              "`appointment` is as it now is, nothing changed, and ETag is "
                              "its tag", "ConflictProblem",
                              headers={"ETag": _ref("headers", "ETag")})}
     tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
+    condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
+                 "description": "*, or a list of entity tags (empty elements are ignored, "
+                                "as RFC 9110 section 5.6.1.2 says)"}
     unchanged = {"304": _ref("responses", "NotModified")}
     book = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
     moved = {**_APPOINTMENT_EXAMPLE, "date": "2026-11-26", "time": "10:00",
@@ -3937,8 +3947,9 @@ def openapi_document() -> dict:
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is not labelled application/json"),
                     "422": _problem("Fields are missing or invalid; `errors` lists each (or "
-                                    "the Idempotency-Key came with another request)",
-                                    "ValidationProblem", invalid_fields=HTTPError(
+                                    "the Idempotency-Key came with another request: `errors` "
+                                    "names it)", "ValidationProblem", key_reused=key_reused,
+                                    invalid_fields=HTTPError(
                                         422, "The appointment was not booked: 3 fields "
                                              "are invalid (user_id, date, time).", errors=[
                                             {"field": "user_id",
@@ -3962,11 +3973,12 @@ def openapi_document() -> dict:
                 "summary": "Reschedule: move the appointment to another time or date in one "
                            "step (a JSON merge patch, RFC 7396, of date and time)",
                 **on_condition,
-                "requestBody": {"required": True, "content": {
-                    media_type: {"schema": _ref("schemas", "AppointmentPatch"),
-                                 "examples": {"reschedule": {"value": {
-                                     "date": "2026-11-26", "time": "10:00"}}}}
-                    for media_type in PATCH_TYPES}},
+                # One media type, with one schema, or generated clients send the first.
+                "requestBody": {"required": True, "description": f"A JSON merge patch, sent "
+                                f"as {MERGE_PATCH_TYPE}; as {JSON_TYPE}, it is taken too",
+                                "content": _content(_ref("schemas", "AppointmentPatch"), {
+                                    "reschedule": {"date": "2026-11-26", "time": "10:00"}},
+                                    MERGE_PATCH_TYPE)},
                 "responses": {
                     "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
                                   appointment, {"reschedule": moved}, headers={
@@ -3988,8 +4000,8 @@ def openapi_document() -> dict:
                                         "Accept-Patch": _ref("headers", "AcceptPatch")}),
                     "422": _problem("Fields are invalid, or null (a merge patch's removal), "
                                     "or user_id is another user's; `errors` lists each (or "
-                                    "the Idempotency-Key came with another request)",
-                                    "ValidationProblem"),
+                                    "the Idempotency-Key came with another request: `errors` "
+                                    "names it)", "ValidationProblem", key_reused=key_reused),
                     **stale, **store_errors}},
             "delete": {"summary": "Cancel an appointment; the user may then book that "
                                   "date again",
@@ -4000,7 +4012,9 @@ def openapi_document() -> dict:
                            "409": _problem("A request with this Idempotency-Key is still being "
                                            "processed", headers={
                                                "Retry-After": _ref("headers", "RetryAfter")}),
-                           "422": _problem("The Idempotency-Key came with another request"),
+                           "422": _problem("The Idempotency-Key came with another request; "
+                                           "`errors` names it", "ValidationProblem",
+                                           key_reused=key_reused),
                            **stale, **store_errors}},
         },
         "/appointments.ics": {"get": {
@@ -4130,7 +4144,9 @@ def openapi_document() -> dict:
                     "type": "object", "required": ["errors"],
                     "properties": {"errors": {"type": "array", "items": {
                         "type": "object", "required": ["field", "message"],
-                        "properties": {"field": text, "message": text}}}}}]},
+                        "properties": {"field": {**text, "description": "The body's field, "
+                                                 "or the header (Idempotency-Key)"},
+                                       "message": text}}}}}]},
                 "ConflictProblem": {"allOf": [_ref("schemas", "Problem"), {
                     "type": "object", "properties": {"appointment": {
                         **appointment, "description": "The appointment in the way, or as it "
@@ -4150,21 +4166,24 @@ def openapi_document() -> dict:
                                "description": "Percent-encoded, / included (%2F)"},
                 "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
                              "example": _PATH_EXAMPLES["date"]},
-                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": text,
+                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": condition,
                                 "description": "ETags the client holds (or *): if one is "
                                                "current, a GET or HEAD gets 304 with no "
                                                "body, a PATCH or DELETE 412"},
-                "IdempotencyKey": {
-                    "name": "Idempotency-Key", "in": "header", "example": '"8e03978e-40d5"',
+                "IdempotencyKey": {  # no example: a client would send it every time
+                    "name": "Idempotency-Key", "in": "header",
                     "schema": {"type": "string",
                                "pattern": r'^"(?:[ !#-\[\]-~]|\\[\\"]){1,%d}"$' % MAX_KEY_LENGTH},
                     "description": "A string (RFC 8941: in double quotes) of 1 to "
-                                   f"{MAX_KEY_LENGTH} characters, new for each request: a "
-                                   "retry with it gets the first response again (with "
-                                   "Idempotent-Replayed: true), and changes nothing; with "
-                                   "another request, 422. Kept 24 hours, and the newest "
-                                   f"{MAX_KEYS} by default (--max-idempotency-keys)"},
-                "IfMatch": {"name": "If-Match", "in": "header", "schema": text,
+                                   f"{MAX_KEY_LENGTH} characters, new for each request (and "
+                                   "the same for its retries): a random UUID in double "
+                                   "quotes, say, as f'\"{uuid.uuid4()}\"' makes one in "
+                                   "Python. A retry with it gets "
+                                   "the first response again (with Idempotent-Replayed: "
+                                   "true), and changes nothing; with another request, 422. "
+                                   f"Kept 24 hours, and the newest {MAX_KEYS} by default "
+                                   "(--max-idempotency-keys)"},
+                "IfMatch": {"name": "If-Match", "in": "header", "schema": condition,
                             "description": "The ETag the client holds (or *): the change is "
                                            "made only if it is still the appointment's, "
                                            "strongly compared; else 412"},

@@ -2741,6 +2741,49 @@ class OpenAPITest(RouteTestCase):
         response = self.request("POST", "/appointments", book)
         self.assertEqual((response.status, response.json()), (409, conflict))
 
+    def test_a_reused_key_gets_the_documented_422_whose_errors_name_it(self):
+        # The 422 schema requires errors: a generated client reads them (KeyError before).
+        document, booking, url = self.document(), IdempotencyKeyTest.BOOKING, \
+            "/appointments/alice/2026-11-25"
+        writes = [  # (method, path, the first request, another with the same key)
+            ("post", "/appointments", ("/appointments", booking),
+             ("/appointments", {**booking, "time": "10:00"})),
+            ("patch", "/appointments/{user_id}/{date}", (url, {"time": "10:00"}),
+             (url, {"time": "11:00"})),
+            ("delete", "/appointments/{user_id}/{date}", (url, None),
+             ("/appointments/alice/2026-11-26", None))]
+        for method, path, first, another in writes:
+            with self.subTest(method=method):
+                operation = document["paths"][path][method]
+                content = operation["responses"]["422"]["content"]["application/problem+json"]
+                self.assertEqual(content["schema"], {"$ref": "#/components/schemas/"
+                                                             "ValidationProblem"})
+                client = Client(scheduler.InMemoryStore())
+                if method != "post":
+                    self.assertEqual(client.request("POST", "/appointments", booking).status, 201)
+                key = {"Idempotency-Key": '"k"'}
+                self.assertLess(client.request(method.upper(), *first, key).status, 300)
+                again = client.request(method.upper(), *another, key)
+                self.assertEqual((again.status, again.json()),
+                                 self.documented_response(operation, "key-reused"))
+                self.assertEqual(again.json()["errors"][0]["field"], "Idempotency-Key")
+
+    def test_headers_that_must_be_new_each_time_have_no_example(self):
+        key = self.document()["components"]["parameters"]["IdempotencyKey"]
+        self.assertFalse({"example", "examples"} & set(key) | {"example", "examples"} & set(
+            key["schema"]), key)
+        self.assertIn("new for each request", key["description"])
+        self.assertIn("uuid", key["description"])
+
+    def test_a_patch_is_described_as_a_merge_patch_alone(self):
+        # Two media types with one schema: generated clients send the first, always.
+        body = self.document()["paths"]["/appointments/{user_id}/{date}"]["patch"][
+            "requestBody"]
+        self.assertEqual(list(body["content"]), ["application/merge-patch+json"])
+        self.assertIn("as application/json, it is taken too", body["description"])
+        self.assertEqual(set(scheduler.PATCH_TYPES), {"application/merge-patch+json",
+                                                      "application/json"})
+
     def test_parameter_examples_get_the_documented_responses(self):
         document = self.document()
         book = self.examples(document["paths"]["/appointments"]["post"]["requestBody"][
@@ -2867,6 +2910,25 @@ class SchemaStrictnessTest(unittest.TestCase):
         values += ["9:00", "09:00\n", "09:00:00", "０９:００"]
         for value in values:
             self.assertSameVerdict(self.time, scheduler.parse_time, value)
+
+    @staticmethod
+    def parse_condition(value: str) -> None:
+        try:
+            scheduler.write_condition({"if-match": value})
+        except scheduler.HTTPError as error:
+            raise ValueError(error.detail) from None
+
+    def test_conditions(self):
+        parameters = scheduler.openapi_document()["components"]["parameters"]
+        schema = parameters["IfMatch"]["schema"]
+        self.assertEqual(parameters["IfNoneMatch"]["schema"], schema)
+        pieces = ['"a"', 'W/"b"', '""', '"a,b"', '"\xe9"', "*", ",", " ", "\t", '"', "W/", "x",
+                  '"\x7f"', '"\x00"', "\n", "W", '"a b"', "\u0100"]
+        values = ["", '"a", , "b"', '"a",', " * ", "*,", '*, "a"', '"a" "b"', ", ,"]
+        values += [a + b + c for a in pieces for b in pieces for c in pieces[:9]]
+        values += ["".join(random.Random(seed).choices(pieces, k=6)) for seed in range(3000)]
+        for value in values:
+            self.assertSameVerdict(schema, self.parse_condition, value)
 
     def test_integer_user_ids_have_the_parsers_bounds(self):
         integer = scheduler.openapi_document()["components"]["schemas"]["NewAppointment"][
