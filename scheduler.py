@@ -1907,8 +1907,14 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     if tag is None:
         if len(_TAGS) >= _TAGS_KEPT:
             _TAGS.clear()
-        tag = _TAGS[key] = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+        tag = _TAGS[key] = _hashed_tag(content)
     return "W/" + tag if weak else tag
+
+
+def _hashed_tag(content: bytes) -> str:
+    """entity_tag() of content, strong, computed without keeping it: for content that is
+    new each time (a booking's)."""
+    return f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
 
 
 def json_content(body) -> bytes:
@@ -2056,8 +2062,16 @@ def book_appointment(service: "Service", request: Request) -> Reply:
                              '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
     appointment = parse_appointment(request.body)
     return write_once(service, request, lambda keyed: service.store.book(appointment, keyed),
-                      lambda booked: Reply(HTTPStatus.CREATED, booked.as_json(),
-                                           (("Location", appointment_url(booked)),)))
+                      booked_reply)
+
+
+def booked_reply(booked: Appointment) -> Reply:
+    """A 201 with the appointment, its URL and its ETag as a GET of that URL gives it,
+    so that a client may edit it (If-Match) without a GET first: encoded here, once,
+    to be hashed and sent."""
+    content = json_content(booked.as_json())
+    return Reply(HTTPStatus.CREATED, content, (("Location", appointment_url(booked)),
+                                               ("ETag", _hashed_tag(content))))
 
 
 def show_appointment(service: "Service", request: Request) -> Reply:
@@ -2119,7 +2133,16 @@ def metrics(service: "Service", request: Request) -> Reply:
 
 
 def describe(service: "Service", request: Request) -> Reply:
-    return Reply(HTTPStatus.OK, openapi_document())  # the appendix, at the end of the file
+    content, tag = _description()
+    return Reply(HTTPStatus.OK, content, (("ETag", tag),))
+
+
+@functools.lru_cache(maxsize=None)
+def _description() -> Tuple[bytes, str]:
+    """The appendix's document (at the end of the file) as it is sent, and its ETag:
+    made once a process, as it changes with the code alone."""
+    content = json_content(openapi_document())
+    return content, entity_tag(content)
 
 
 class Route(NamedTuple):
@@ -3860,8 +3883,10 @@ def _camel(name: str) -> str:
     return first + "".join(word.capitalize() for word in rest)
 
 
+@functools.lru_cache(maxsize=None)
 def openapi_document() -> dict:
-    """The OpenAPI 3.1 description of every route in ROUTES, built once."""
+    """The OpenAPI 3.1 description of every route in ROUTES, built once a process:
+    every call returns the same dict, which callers read and never change."""
     minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
     text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
     date = {"type": "string", "format": "date", "pattern": date_pattern(),
@@ -3932,7 +3957,7 @@ def openapi_document() -> dict:
                         "with-a-note": {**_APPOINTMENT_EXAMPLE, "note": "Left knee"}},
                                   headers={"Location": {
                                       "description": "The appointment's own URL",
-                                      "schema": text}}),
+                                      "schema": text}, "ETag": _ref("headers", "ETag")}),
                     "400": not_json,
                     "409": _problem("The user already has an appointment that date (or a "
                                     "request with this Idempotency-Key is still being "
@@ -4039,8 +4064,8 @@ def openapi_document() -> dict:
                        "every worker's added up, whichever answers",
             "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
                           "default": errors["default"]}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {
-            "200": _reply("OpenAPI 3.1", {"type": "object"}),
+        "/openapi.json": {"get": {"summary": "This document", **conditional, "responses": {
+            "200": _reply("OpenAPI 3.1", {"type": "object"}, **tagged), **unchanged,
             "default": errors["default"]}}},
     }
     responses = _response_components()

@@ -1686,6 +1686,18 @@ class BookTest(RouteTestCase):
             "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"})
         self.assertEqual(self.stored(), [appointment()])
 
+    def test_the_etag_is_the_one_of_its_url_and_an_edit_needs_no_get_first(self):
+        for user_id, note in (("alice", None), ("a/b c+d@e.com\u00e9", "Left knee")):
+            with self.subTest(user_id=user_id):
+                booked = self.book(user_id, note=note)
+                tag = booked.headers["ETag"]
+                self.assertEqual(tag, self.request("GET", booked.headers["Location"])
+                                 .headers["ETag"])
+                self.assertEqual(tag, '"%s"' % hashlib.sha1(booked.body).hexdigest())
+                moved = self.request("PATCH", booked.headers["Location"], {"time": "10:00"},
+                                     {"If-Match": tag})
+                self.assertEqual(moved.status, 200, moved.body)
+
     def test_location_percent_encodes_the_user_id(self):
         response = self.book("a/b c+d@e.com\u00e9", "2026-11-25", "09:30")
         self.assertEqual(response.headers["Location"],
@@ -2247,6 +2259,7 @@ class IdempotencyKeyTest(RouteTestCase):
     def test_a_retried_booking_gets_its_201_again_and_books_once(self):
         first = self.keyed("POST", "/appointments", self.BOOKING)
         self.assertEqual(first.status, 201)
+        self.assertTrue(first.headers["ETag"])  # which the replays keep
         for _ in range(3):
             self.assertReplayOf(self.keyed("POST", "/appointments", self.BOOKING), first)
         self.assertEqual(self.stored(), [appointment()])
@@ -2709,6 +2722,22 @@ class OpenAPITest(RouteTestCase):
                     self.assertNotIn("content", response)
                     self.assertNotIn("$ref", response)
                     self.assertTrue(response["description"])
+
+    def test_the_document_is_made_once_and_tagged(self):
+        first = self.request("GET", "/openapi.json")
+        tag = first.headers["ETag"]
+        self.assertEqual(tag, '"%s"' % hashlib.sha1(first.body).hexdigest())
+        with mock.patch.object(scheduler, "openapi_document",
+                               side_effect=AssertionError("made again")):
+            again = self.request("GET", "/openapi.json")
+            self.assertEqual((again.status, again.body, again.headers["ETag"]),
+                             (200, first.body, tag))
+            for method in ("GET", "HEAD"):
+                unchanged = self.request(method, "/openapi.json", headers={"If-None-Match": tag})
+                self.assertEqual((unchanged.status, unchanged.body), (304, b""))
+        operation = self.document()["paths"]["/openapi.json"]["get"]
+        self.assertIn("304", operation["responses"])
+        self.assertIn("ETag", operation["responses"]["200"]["headers"])
 
     def test_servers_and_the_version(self):
         document = self.document()
