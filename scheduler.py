@@ -43,6 +43,7 @@ The file reads top to bottom, each section using only those above it:
 
 import abc
 import argparse
+import array
 import bisect
 import collections
 import contextlib
@@ -56,6 +57,7 @@ import hashlib
 import itertools
 import json
 import mmap
+import operator
 import os
 import re
 import resource
@@ -1566,7 +1568,11 @@ UNMATCHED = "unmatched"  # the route label of a request no route answered (404, 
 # Upper bounds, in seconds, of the request-duration histogram's buckets.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
+# The numbers of a route and method's histogram: each bucket's count, the count above
+# them, and the seconds.
+_HISTOGRAM = len(DURATION_BUCKETS) + 2
 Sample = Tuple[str, str, str, Union[int, float]]  # name, type, help text, value
+Series = Tuple[str, str, int]  # route template, method, status
 
 
 def _label(value: str) -> str:
@@ -1574,67 +1580,192 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class SeriesLayout:
+    """Where each series' numbers lie in a process's list of them: a counter for
+    each (route, method, status) of series, in order, then a histogram
+    (_HISTOGRAM numbers) for each (route, method) among them. Every process of a
+    service declares the same series, so their lists add up number by number;
+    one that meets a series none declared lays it out after them, and a process
+    reading its numbers moves them into its own layout (moved()). A layout is
+    known by its digest, and rendered from a text made once (render())."""
+
+    def __init__(self, series):
+        # int(): before Python 3.11, str() of an HTTPStatus is its name
+        self.series: Tuple[Series, ...] = tuple(dict.fromkeys(
+            (route, method, int(status)) for route, method, status in series))
+        self.pairs = tuple(dict.fromkeys((route, method) for route, method, _ in self.series))
+        self.counter = {key: n for n, key in enumerate(self.series)}
+        self.histogram = {pair: len(self.series) + n * _HISTOGRAM
+                          for n, pair in enumerate(self.pairs)}
+        self.size = len(self.series) + len(self.pairs) * _HISTOGRAM
+        self.keys = json.dumps(self.series, separators=(",", ":")).encode()
+        self.digest = int.from_bytes(hashlib.sha1(self.keys).digest()[:8], "little")
+        self._chunks: Optional[List[Tuple[int, int, str, bool]]] = None  # made at the first
+        self._rendered: List[Tuple[Optional[List[float]], str]] = []  # render(), as its last
+
+    def moved(self, numbers, into: "SeriesLayout") -> List[float]:
+        """numbers, laid out here, as into lays them out (into has every series of this)."""
+        moved = [0.0] * into.size
+        for key, n in self.counter.items():
+            moved[into.counter[key]] = numbers[n]
+        for pair, base in self.histogram.items():
+            to = into.histogram[pair]
+            moved[to:to + _HISTOGRAM] = numbers[base:base + _HISTOGRAM]
+        return moved
+
+    def render(self, numbers: List[float]) -> str:
+        """The requests counter and the duration histogram, with these numbers: a text
+        made once for each run of a route and method's counters, and for each
+        histogram, filled in anew only when its numbers changed since the last
+        render (most stay at 0, and a scrape changes a few)."""
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._make_chunks()
+            self._rendered = [(None, "")] * len(chunks)
+            self._chunks = chunks  # after _rendered: another thread may take them now
+        parts, rendered = [], self._rendered
+        for n, (start, end, text, histogram) in enumerate(chunks):
+            values = numbers[start:end]
+            last = rendered[n]
+            if last[0] != values:
+                if histogram:
+                    cumulative = tuple(itertools.accumulate(values[:-1]))
+                    last = (values, text % (*cumulative, values[-1], cumulative[-1]))
+                else:
+                    last = (values, text % tuple(values))
+                rendered[n] = last  # one assignment: safe among threads
+            parts.append(last[1])
+        return "".join(parts)
+
+    def _make_chunks(self) -> List[Tuple[int, int, str, bool]]:
+        """What render() fills in: (where its numbers start and end, a text with %d
+        where a count goes and %r where seconds do, whether it is a histogram); each
+        family's first with its HELP and TYPE lines."""
+        def labels(route: str, method: str) -> str:  # a % in them is a %, not a field
+            return f'route="{_label(route)}",method="{method}"'.replace("%", "%%")
+
+        chunks = []
+        lines = ["# HELP scheduler_requests_total Requests answered, by route template, "
+                 "method and status.", "# TYPE scheduler_requests_total counter"]
+        for (route, method), run in itertools.groupby(enumerate(self.series),
+                                                      lambda item: item[1][:2]):
+            run = list(run)
+            lines += [f'scheduler_requests_total{{{labels(route, method)},status="{status}"}} '
+                      "%d" for _, (_, _, status) in run]
+            chunks.append((run[0][0], run[-1][0] + 1, "\n".join(lines) + "\n", False))
+            lines = []
+        lines = ["# HELP scheduler_request_duration_seconds Time from a request's head read "
+                 "to its response ready to send.",
+                 "# TYPE scheduler_request_duration_seconds histogram"]
+        for route, method in self.pairs:
+            pair = labels(route, method)
+            lines += [f'scheduler_request_duration_seconds_bucket{{{pair},le="{bound!r}"}} %d'
+                      for bound in DURATION_BUCKETS]
+            lines += [f'scheduler_request_duration_seconds_bucket{{{pair},le="+Inf"}} %d',
+                      f"scheduler_request_duration_seconds_sum{{{pair}}} %r",
+                      f"scheduler_request_duration_seconds_count{{{pair}}} %d"]
+            base = self.histogram[route, method]
+            chunks.append((base, base + _HISTOGRAM, "\n".join(lines) + "\n", True))
+            lines = []
+        return chunks
+
+
+class Reading(NamedTuple):
+    """A worker's numbers as the table holds them: the generation they were published
+    in, their layout, the numbers, and the samples ({name: [type, help text, value]})."""
+
+    generation: int
+    layout: SeriesLayout
+    numbers: Union[List[float], "array.array"]
+    samples: dict
+
+
 class MetricsTable:
     """The metrics of several worker processes (--workers), in memory they share: an
     anonymous shared mapping the supervisor makes before it forks. Each worker
-    writes its totals to the slot of its number, and a scrape, whichever worker
+    writes its numbers to the slot of its number, and a scrape, whichever worker
     it reaches, adds up every slot. A worker started again after one died carries
     on from its slot, so counters never go down while the supervisor runs (as
     prometheus_client's multiprocess mode keeps a dead process's file).
 
     No lock, since a process killed holding one would never release it. A slot is
-    [generation][copy 0][copy 1], each copy [generation, length, JSON]: a writer
-    fills the copy of the next generation, then publishes that generation; a
-    reader takes the copy of the generation it read, and reads again if the
-    generation changed meanwhile. A writer killed halfway leaves the last whole
-    copy in place."""
+    [generation][copy 0][copy 1]: a writer fills the copy of the next generation,
+    then publishes that generation; a reader takes the copy of the generation it
+    read, and reads again if the generation changed meanwhile. A writer killed
+    halfway leaves the last whole copy in place. A copy is its header (_HEADER),
+    the numbers as doubles, the layout's series (JSON: read only by a process
+    that lays them out otherwise), and the samples (JSON, a few hundred bytes)."""
 
-    # A worker's totals as JSON fit: at worst (every status of every route and method,
-    # counts of 10**12) 1.1 MB; in use, a few KiB. Pages untouched cost no memory.
+    # A copy holds at worst (every status of every route and method) 1 MB; in use,
+    # 12 KiB. Pages untouched cost no memory.
     COPY_BYTES = 2 << 20
-    _HEADER = struct.Struct("<QQ")  # generation, length
+    _HEADER = struct.Struct("<QQQQQ")  # generation, digest, lengths of numbers, series, samples
 
     def __init__(self, slots: int):
         self.slots = slots
         self._slot_bytes = 8 + 2 * self.COPY_BYTES
         self._map = mmap.mmap(-1, slots * self._slot_bytes)  # MAP_SHARED: kept across fork
+        self._layouts: Dict[int, SeriesLayout] = {}  # by digest: the layouts read so far
+        self._written: Dict[int, Tuple[int, bytes]] = {}  # slot -> this process's last write
 
-    def write(self, slot: int, totals: dict) -> bool:
-        """Publish a worker's totals; False if they do not fit (they always should)."""
-        payload = json.dumps(totals, separators=(",", ":")).encode()
-        if len(payload) > self.COPY_BYTES - self._HEADER.size:
+    def generation(self, slot: int) -> int:
+        """The generation of the slot's last write (0: none yet); it grows with each."""
+        return struct.unpack_from("<Q", self._map, slot * self._slot_bytes)[0]
+
+    def write(self, slot: int, layout: SeriesLayout, numbers, samples: dict) -> bool:
+        """Publish a worker's numbers and samples (unless the slot holds them already);
+        False if they do not fit (they always should)."""
+        payload = array.array("d", numbers).tobytes()
+        tail = json.dumps(samples, separators=(",", ":")).encode()
+        body = payload + layout.keys + tail
+        if len(body) > self.COPY_BYTES - self._HEADER.size:
             return False
         base = slot * self._slot_bytes
-        generation = struct.unpack_from("<Q", self._map, base)[0] + 1
+        generation = self.generation(slot)
+        if self._written.get(slot) == (generation, body):  # a scrape in a quiet moment
+            return True
+        self._layouts.setdefault(layout.digest, layout)  # what a read of this layout gives
+        generation += 1
         copy = base + 8 + (generation % 2) * self.COPY_BYTES
-        self._HEADER.pack_into(self._map, copy, generation, len(payload))
-        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(payload)] = payload
+        self._HEADER.pack_into(self._map, copy, generation, layout.digest, len(payload),
+                               len(layout.keys), len(tail))
+        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(body)] = body
         struct.pack_into("<Q", self._map, base, generation)  # now readers take this copy
+        self._written[slot] = (generation, body)
         return True
 
-    def read(self, slot: int) -> Optional[dict]:
-        """A worker's last published totals; None if it has published none."""
+    def read(self, slot: int) -> Optional[Reading]:
+        """A worker's last published numbers; None if it has published none."""
         base = slot * self._slot_bytes
-        for _ in range(1000):  # a writer publishes every TICK: a retry is rare
-            generation = struct.unpack_from("<Q", self._map, base)[0]
+        for _ in range(1000):  # a writer publishes every TICK at most: a retry is rare
+            generation = self.generation(slot)
             if generation == 0:
                 return None
             copy = base + 8 + (generation % 2) * self.COPY_BYTES
-            written, length = self._HEADER.unpack_from(self._map, copy)
-            payload = self._map[copy + self._HEADER.size:copy + self._HEADER.size + length]
-            if written == generation == struct.unpack_from("<Q", self._map, base)[0]:
-                return json.loads(payload)
-        return None
+            written, digest, numbers, keys, samples = self._HEADER.unpack_from(self._map, copy)
+            start = copy + self._HEADER.size
+            body = self._map[start:start + numbers + keys + samples]
+            if written == generation == self.generation(slot):
+                break
+        else:
+            return None
+        layout = self._layouts.get(digest)
+        if layout is None:
+            layout = SeriesLayout(tuple(key) for key in json.loads(body[numbers:numbers + keys]))
+            self._layouts[digest] = layout
+        values = array.array("d")
+        values.frombytes(body[:numbers])
+        return Reading(generation, layout, values, json.loads(body[numbers + keys:]))
 
     def retire(self, slot: int) -> None:
         """For the supervisor, when a worker has died: its gauges no longer count
         (its connections are gone); its counters stay, for the next to carry on."""
-        totals = self.read(slot)
-        if totals is not None:
-            for sample in totals["samples"].values():
+        reading = self.read(slot)
+        if reading is not None:
+            for sample in reading.samples.values():
                 if sample[0] == "gauge":
                     sample[2] = 0
-            self.write(slot, totals)
+            self.write(slot, reading.layout, reading.numbers, reading.samples)
 
 
 class Metrics:
@@ -1644,52 +1775,51 @@ class Metrics:
     the log), summed over the workers with --workers; and what the collectors
     sample of the whole service (stored appointments), once.
 
+    Every series a request can make is there from the start, at 0, so that
+    Prometheus's rate() and increase() see the first burst after a restart: series
+    gives them (request_series(), in the appendix), asked for at the first count;
+    one not among them is added when first counted.
+
     observe() is on every request's path, so it only appends to a deque (atomic,
     no lock); the observations are folded into the counts when scraped, or by the
     request that finds FOLD_AT waiting. (A lock and a dict update in each request
-    cost 1.4 us of a GET's 50 over a socket; this, 0.9.)
+    cost 1.4 us of a GET's 50 over a socket; this, 0.9.) A scrape renders a text
+    made once (SeriesLayout.render()), and with --workers adds up the other
+    workers' numbers once for all the scrapes until one of them publishes anew.
     """
 
     FOLD_AT = 1024  # observations waiting at most before a request folds them in
 
-    def __init__(self):
+    def __init__(self, series: Callable[[], Tuple[Series, ...]] = tuple):
         self._pending: Deque[Tuple[str, str, int, float]] = collections.deque()
-        self._lock = threading.Lock()  # guards _requests, and folding _pending into it
-        # (route, method, status) -> [count per bucket..., count above them, total seconds]
-        self._requests: Dict[Tuple[str, str, int], List[float]] = {}
+        self._lock = threading.Lock()  # guards _layout and _numbers, and folding into them
+        self._series = series
+        self._layout: Optional[SeriesLayout] = None  # laid out at the first count
+        self._numbers: List[float] = []  # this process's (and a dead predecessor's) counts
         self.collectors: List[Callable[[], List[Sample]]] = []  # the service's, as a whole
         self.process_collectors: List[Callable[[], List[Sample]]] = []  # this process's
         self.table: Optional[MetricsTable] = None  # shared with the other workers, if any
         self._slot = 0
-        self._carried: dict = {"requests": {}, "samples": {}}  # a dead predecessor's counts
+        self._carried: dict = {}  # a dead predecessor's counter samples, by name
+        self._others: Optional[Tuple[Tuple[int, ...], Reading]] = None  # the other slots, added
 
     def share(self, table: MetricsTable, slot: int) -> None:
         """Report through slot of table (a worker's number), carrying on from the
         counts of the worker that had the slot before, if one died."""
         self.table, self._slot = table, slot
-        carried = table.read(slot) or {"requests": {}, "samples": {}}
-        carried["samples"] = {name: sample for name, sample in carried["samples"].items()
-                              if sample[0] == "counter"}
-        self._carried = carried
+        carried = table.read(slot)
+        if carried is not None:
+            with self._lock:
+                numbers, = self._lay_out([carried])
+                self._numbers = list(map(operator.add, self._numbers, numbers))
+            self._carried = {name: sample for name, sample in carried.samples.items()
+                             if sample[0] == "counter"}
         self.publish()
 
     def publish(self) -> None:
-        """Write this process's totals to its slot (the watchdog does, every TICK)."""
+        """Write this process's numbers to its slot (the watchdog does, every TICK)."""
         if self.table is not None:
-            self.table.write(self._slot, self.totals())
-
-    def totals(self) -> dict:
-        """This process's requests and samples, with what it carries on from, as
-        JSON: {"requests": {"route method status": counts}, "samples": {name:
-        [type, help text, value]}}."""
-        self._fold()
-        with self._lock:
-            # int(status): before Python 3.11, str() of an HTTPStatus is its name
-            requests = {f"{route} {method} {int(status)}": list(counts)
-                        for (route, method, status), counts in self._requests.items()}
-        samples = {name: [kind, help_text, value] for collect in self.process_collectors
-                   for name, kind, help_text, value in collect()}
-        return _add_totals(self._carried, {"requests": requests, "samples": samples})
+            self.table.write(self._slot, *self._own())
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self._pending.append((route, method, status, seconds))
@@ -1698,71 +1828,99 @@ class Metrics:
 
     def _fold(self) -> None:
         """Move the waiting observations into the counts."""
-        pending, requests = self._pending, self._requests
+        pending = self._pending
         with self._lock:
+            if self._layout is None:
+                self._grow(self._series())
+            counter, histogram, numbers = self._layout.counter, self._layout.histogram, \
+                self._numbers
             for _ in range(len(pending)):  # only those here now: others may be appended
                 route, method, status, seconds = pending.popleft()
-                counts = requests.get((route, method, status))
-                if counts is None:
-                    counts = requests[route, method, status] = [0] * (
-                        len(DURATION_BUCKETS) + 1) + [0.0]
-                counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-                counts[-1] += seconds
+                n = counter.get((route, method, status))
+                if n is None:  # a series not declared: laid out after the others
+                    self._grow(((route, method, int(status)),))
+                    counter, histogram, numbers = self._layout.counter, \
+                        self._layout.histogram, self._numbers
+                    n = counter[route, method, status]
+                numbers[n] += 1
+                base = histogram[route, method]
+                numbers[base + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+                numbers[base + _HISTOGRAM - 1] += seconds
+
+    def _grow(self, series) -> None:
+        """Lay out these series too, after those laid out (under _lock)."""
+        layout = SeriesLayout((self._layout.series if self._layout else ()) + tuple(series))
+        self._numbers = self._layout.moved(self._numbers, layout) if self._layout \
+            else [0.0] * layout.size
+        self._layout = layout
+
+    def _lay_out(self, readings: List[Reading]) -> List:
+        """The readings' numbers in this process's layout, which grows to hold their
+        series if need be (under _lock)."""
+        if self._layout is None:
+            self._grow(self._series())
+        new = [key for reading in readings if reading.layout.digest != self._layout.digest
+               for key in reading.layout.series if key not in self._layout.counter]
+        if new:
+            self._grow(new)
+        return [reading.numbers if reading.layout.digest == self._layout.digest
+                else reading.layout.moved(reading.numbers, self._layout) for reading in readings]
+
+    def _own(self) -> Tuple[SeriesLayout, List[float], dict]:
+        """This process's layout, numbers and samples, with what it carries on from."""
+        self._fold()
+        with self._lock:
+            layout, numbers = self._layout, list(self._numbers)
+        samples = {name: [kind, help_text, value] for collect in self.process_collectors
+                   for name, kind, help_text, value in collect()}
+        for name, (kind, help_text, value) in self._carried.items():
+            samples[name] = [kind, help_text, samples.get(name, (0, 0, 0))[2] + value]
+        return layout, numbers, samples
+
+    def _other_workers(self) -> Optional[Reading]:
+        """The other slots' numbers added up, in this process's layout, and their
+        samples: read again only when one of them has published since."""
+        table = self.table
+        slots = [slot for slot in range(table.slots) if slot != self._slot]
+        known = self._others
+        if known is not None and known[1].layout is self._layout \
+                and known[0] == tuple(map(table.generation, slots)):
+            return known[1]
+        read = [table.read(slot) for slot in slots]
+        readings = [reading for reading in read if reading is not None]
+        with self._lock:
+            laid_out = self._lay_out(readings)
+            layout = self._layout
+        numbers = [0.0] * layout.size
+        for theirs in laid_out:
+            numbers = list(map(operator.add, numbers, theirs))
+        samples: dict = {}
+        for reading in readings:
+            for name, (kind, help_text, value) in reading.samples.items():
+                samples[name] = [kind, help_text, samples.get(name, (0, 0, 0))[2] + value]
+        added = Reading(0, layout, numbers, samples)
+        self._others = (tuple(0 if reading is None else reading.generation for reading in read),
+                        added)
+        return added
 
     def exposition(self) -> str:
         """Everything, in the Prometheus text exposition format, version 0.0.4: with
-        a table, every worker's totals added up (this one's first written out)."""
-        totals = self.totals()
-        if self.table is not None:
-            self.table.write(self._slot, totals)
-            totals = {"requests": {}, "samples": {}}
-            for slot in range(self.table.slots):
-                totals = _add_totals(totals, self.table.read(slot) or totals)
-        requests = {}
-        for key, counts in totals["requests"].items():
-            route, method, status = key.rsplit(" ", 2)
-            requests[route, method, int(status)] = counts
-        requests = dict(sorted(requests.items()))
-        by_route: Dict[Tuple[str, str], List[float]] = {}  # the histogram leaves out status
-        lines = ["# HELP scheduler_requests_total Requests answered, by route template, "
-                 "method and status.", "# TYPE scheduler_requests_total counter"]
-        for (route, method, status), counts in requests.items():
-            lines.append(f'scheduler_requests_total{{route="{_label(route)}",method="{method}",'
-                         f'status="{status}"}} {sum(counts[:-1])}')
-            total = by_route.setdefault((route, method), [0] * len(counts))
-            for index, count in enumerate(counts):
-                total[index] += count
-        lines += ["# HELP scheduler_request_duration_seconds Time from a request's head read "
-                  "to its response ready to send.",
-                  "# TYPE scheduler_request_duration_seconds histogram"]
-        for (route, method), counts in by_route.items():
-            labels = f'route="{_label(route)}",method="{method}"'
-            cumulative = 0
-            for bound, count in zip(DURATION_BUCKETS + (float("inf"),), counts):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'scheduler_request_duration_seconds_bucket{{{labels},le="{le}"}} '
-                             f"{cumulative}")
-            lines += [f"scheduler_request_duration_seconds_sum{{{labels}}} {counts[-1]!r}",
-                      f"scheduler_request_duration_seconds_count{{{labels}}} {cumulative}"]
-        samples = [(name, *sample) for name, sample in totals["samples"].items()]
-        for name, kind, help_text, value in samples + [
-                sample for collect in self.collectors for sample in collect()]:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
-
-
-def _add_totals(one: dict, other: dict) -> dict:
-    """Two sets of totals (Metrics.totals()) added up: counts, and sample values."""
-    requests = {key: list(counts) for key, counts in one["requests"].items()}
-    for key, counts in other["requests"].items():
-        held = requests.setdefault(key, [0] * len(counts))
-        for index, count in enumerate(counts):
-            held[index] += count
-    samples = {name: list(sample) for name, sample in one["samples"].items()}
-    for name, (kind, help_text, value) in other["samples"].items():
-        samples[name] = [kind, help_text, samples.get(name, [kind, help_text, 0])[2] + value]
-    return {"requests": requests, "samples": samples}
+        a table, every worker's numbers added up (this one's first published)."""
+        others = self._other_workers() if self.table is not None else None
+        layout, numbers, samples = self._own()
+        if others is not None:
+            self.table.write(self._slot, layout, numbers, samples)
+            theirs = others.numbers if others.layout is layout else \
+                others.layout.moved(others.numbers, layout)
+            numbers = list(map(operator.add, numbers, theirs))
+            for name, (kind, help_text, value) in others.samples.items():
+                samples[name] = [kind, help_text, samples.get(name, (0, 0, 0))[2] + value]
+        lines = [layout.render(numbers)]
+        for name, kind, help_text, value in [(name, *sample) for name, sample in samples.items()
+                                             ] + [sample for collect in self.collectors
+                                                  for sample in collect()]:
+            lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value}\n")
+        return "".join(lines)
 
 
 # --- Routes ---------------------------------------------------------------------------
@@ -2629,7 +2787,7 @@ class Service:
         self.now = utc_now  # the clock, for what says when it was made (a feed's DTSTAMP)
         self._processing: set = set()  # the Idempotency-Keys of writes under way here
         self._processing_lock = threading.Lock()  # guards _processing
-        self.metrics = Metrics()
+        self.metrics = Metrics(request_series)  # (the appendix, at the end of the file)
         self.metrics.collectors.append(lambda: [(
             "scheduler_appointments", "gauge", "Appointments stored, over all users.",
             store.count())])
@@ -3884,19 +4042,11 @@ def _camel(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def openapi_document() -> dict:
-    """The OpenAPI 3.1 description of every route in ROUTES, built once a process:
-    every call returns the same dict, which callers read and never change."""
-    minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
-    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
-    date = {"type": "string", "format": "date", "pattern": date_pattern(),
-            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
-    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
-            "description": "HH:MM, UTC, on the hour or half hour"}
-    user_id = _ref("schemas", "UserId")
+def _paths() -> dict:
+    """The description's operations, by path and method: what they take, and every
+    response each can give (their statuses are /metrics' series: request_series())."""
+    text = {"type": "string"}
     appointment = _ref("schemas", "Appointment")
-    details = {detail.name: {"type": "string", "maxLength": detail.max_length,
-                             "pattern": note_pattern()} for detail in DETAILS}
     errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
     by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
     found = {**errors, "404": _ref("responses", "NotFound")}
@@ -3915,9 +4065,6 @@ def openapi_document() -> dict:
                              "its tag", "ConflictProblem",
                              headers={"ETag": _ref("headers", "ETag")})}
     tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
-    condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
-                 "description": "*, or a list of entity tags (empty elements are ignored, "
-                                "as RFC 9110 section 5.6.1.2 says)"}
     unchanged = {"304": _ref("responses", "NotModified")}
     book = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
     moved = {**_APPOINTMENT_EXAMPLE, "date": "2026-11-26", "time": "10:00",
@@ -3943,7 +4090,7 @@ def openapi_document() -> dict:
                     "The appointments (an empty list for a user with none)",
                     _ref("schemas", "AppointmentList"),
                     {"list": {"user_id": "alice", "appointments": [_APPOINTMENT_EXAMPLE]}},
-                    **tagged), **unchanged, **errors},
+                    **tagged), **unchanged, **errors, **store_errors},
             },
             "post": {
                 "summary": "Book an appointment",
@@ -3993,7 +4140,7 @@ def openapi_document() -> dict:
                     "parameters": by_key["parameters"] + conditional["parameters"],
                     "responses": {"200": _reply(
                         "The appointment", appointment, {"show": _APPOINTMENT_EXAMPLE},
-                        **tagged), **unchanged, **found}},
+                        **tagged), **unchanged, **found, **store_errors}},
             "patch": {
                 "summary": "Reschedule: move the appointment to another time or date in one "
                            "step (a JSON merge patch, RFC 7396, of date and time)",
@@ -4019,6 +4166,7 @@ def openapi_document() -> dict:
                                     "request with this Idempotency-Key is still being "
                                     "processed)",
                                     "ConflictProblem"),
+                    "411": _problem("No Content-Length (chunked bodies are refused)"),
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is labelled neither "
                                     f"{' nor '.join(PATCH_TYPES)}", headers={
@@ -4049,17 +4197,20 @@ def openapi_document() -> dict:
                 "One VEVENT per appointment (a user with none gets a VTIMEZONE of UTC: a "
                 "calendar has a component). DTSTAMP is when the feed was made; the weak "
                 "ETag covers everything else, so it changes when an appointment does",
-                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors}}},
+                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors,
+                **store_errors}}},
         "/healthz": {"get": {
             "summary": "Whether the service (and its database) can serve requests",
             "responses": {"200": _reply("Healthy", {
                 "type": "object", "required": ["status"],
                 "properties": {"status": {"const": "ok"}}}, {"health": {"status": "ok"}}),
-                "503": _problem("The database does not answer"),
+                "503": _problem("Bookings cannot be taken now; detail says why (the database "
+                                "busy, failing, full, damaged, or its files deleted)"),
                 "default": errors["default"]}}},
         "/metrics": {"get": {
             "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "
-                       "route template, method and status, their durations, stored "
+                       "route template, method and status (each status an operation lists "
+                       "here, at 0 from the start), their durations, stored "
                        "appointments, connections, dropped log lines; with --workers, "
                        "every worker's added up, whichever answers",
             "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
@@ -4101,6 +4252,57 @@ def openapi_document() -> dict:
         for operation in item.values():
             operation["tags"] = ["appointments" if path.startswith("/appointments")
                                  else "service"]
+    return paths
+
+
+# The series /metrics shows from the start, at 0: for each operation of the description
+# (and OPTIONS *), each status among its responses, 500 (a bug, anywhere) and, where a
+# body is read, 408 (it came too slowly); for a request no route answered, these, by
+# its method: one it knows (a malformed head or path, no such path, not allowed there,
+# too many header lines, HTTP/2), or not (one it does not know, or a head too long or
+# cut off before its request line was read; "other").
+UNMATCHED_STATUSES = {"known": (400, 404, 405, 431, 500, 505),
+                      "other": (400, 408, 414, 431, 500, 501, 505)}
+
+
+@functools.lru_cache(maxsize=None)
+def request_series() -> Tuple[Series, ...]:
+    """Every (route, method, status) a request can be counted by, as stated above."""
+    series: List[Series] = []
+    for path, item in _paths().items():
+        for method, operation in item.items():
+            statuses = {int(status) for status in operation["responses"] if status.isdigit()}
+            statuses.add(500)
+            if any(route.body_types for route in ROUTES
+                   if (route.path, route.method) == (path, method.upper())):
+                statuses.add(408)
+            series += [(path, method.upper(), status) for status in sorted(statuses)]
+    series += [("*", "OPTIONS", status) for status in (204, 500)]
+    for method in sorted(KNOWN_METHODS) + ["other"]:
+        series += [(UNMATCHED, method, status)
+                   for status in UNMATCHED_STATUSES["other" if method == "other" else "known"]]
+    return tuple(series)
+
+
+@functools.lru_cache(maxsize=None)
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of every route in ROUTES, built once a process:
+    every call returns the same dict, which callers read and never change."""
+    minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
+    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
+    date = {"type": "string", "format": "date", "pattern": date_pattern(),
+            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
+    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
+            "description": "HH:MM, UTC, on the hour or half hour"}
+    user_id = _ref("schemas", "UserId")
+    appointment = _ref("schemas", "Appointment")
+    details = {detail.name: {"type": "string", "maxLength": detail.max_length,
+                             "pattern": note_pattern()} for detail in DETAILS}
+    condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
+                 "description": "*, or a list of entity tags (empty elements are ignored, "
+                                "as RFC 9110 section 5.6.1.2 says)"}
+    paths = _paths()
+    responses = _response_components()
     user_id_text = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
                     "pattern": user_id_pattern()}
     return {

@@ -1472,64 +1472,93 @@ class MetricsTableTest(unittest.TestCase):
     """The table the workers' metrics meet in, without processes: what one slot
     holds, what a writer killed halfway leaves, and what a reader sees meanwhile."""
 
-    def totals(self, requests: int, open_now: int = 0) -> dict:
-        return {"requests": {"/healthz GET 200": [requests] + [0] * len(
-                    scheduler.DURATION_BUCKETS) + [0.5]},
-                "samples": {"scheduler_connections_open": ["gauge", "Open.", open_now],
-                            "scheduler_log_lines_dropped_total": ["counter", "Dropped.", 3]}}
+    LAYOUT = scheduler.SeriesLayout([("/healthz", "GET", 200), ("unmatched", "GET", 404)])
+
+    def totals(self, requests: int, open_now: int = 0) -> tuple:
+        """A worker's layout, numbers (requests of /healthz, in the first bucket, and
+        half a second in all) and samples."""
+        numbers = [0.0] * self.LAYOUT.size
+        numbers[0] = numbers[self.LAYOUT.histogram["/healthz", "GET"]] = requests
+        numbers[self.LAYOUT.histogram["/healthz", "GET"] + scheduler._HISTOGRAM - 1] = 0.5
+        return self.LAYOUT, numbers, {
+            "scheduler_connections_open": ["gauge", "Open.", open_now],
+            "scheduler_log_lines_dropped_total": ["counter", "Dropped.", 3]}
+
+    def assertHolds(self, reading: scheduler.Reading, totals: tuple):
+        self.assertEqual((reading.layout.series, list(reading.numbers), reading.samples),
+                         (totals[0].series, totals[1], totals[2]))
 
     def test_a_slot_holds_the_last_totals_written(self):
         table = scheduler.MetricsTable(2)
         self.assertIsNone(table.read(0))
         for requests in (1, 2, 3):
-            self.assertTrue(table.write(0, self.totals(requests)))
-        self.assertEqual(table.read(0), self.totals(3))
+            self.assertTrue(table.write(0, *self.totals(requests)))
+        self.assertHolds(table.read(0), self.totals(3))
         self.assertIsNone(table.read(1))
+
+    def test_a_layout_is_read_from_the_slot_by_a_process_that_has_not_seen_it(self):
+        table = scheduler.MetricsTable(1)
+        table.write(0, *self.totals(5))
+        table._layouts.clear()  # as in another process
+        reading = table.read(0)
+        self.assertIsNot(reading.layout, self.LAYOUT)
+        self.assertHolds(reading, self.totals(5))
+
+    def test_a_write_of_what_the_slot_holds_is_skipped(self):
+        table = scheduler.MetricsTable(1)
+        table.write(0, *self.totals(1))
+        generation = table.generation(0)
+        table.write(0, *self.totals(1))
+        self.assertEqual(table.generation(0), generation)
+        table.write(0, *self.totals(2))
+        self.assertEqual(table.generation(0), generation + 1)
 
     def test_a_writer_killed_halfway_leaves_the_last_whole_copy(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, self.totals(1))
+        table.write(0, *self.totals(1))
         generation = struct.unpack_from("<Q", table._map, 0)[0]
         copy = 8 + ((generation + 1) % 2) * table.COPY_BYTES  # the copy the next write fills
-        table._map[copy:copy + 40] = b"\xff" * 40  # torn, and never published
-        self.assertEqual(table.read(0), self.totals(1))
-        table.write(0, self.totals(2))
-        self.assertEqual(table.read(0), self.totals(2))
+        table._map[copy:copy + 80] = b"\xff" * 80  # torn, and never published
+        self.assertHolds(table.read(0), self.totals(1))
+        table.write(0, *self.totals(2))
+        self.assertHolds(table.read(0), self.totals(2))
 
     def test_totals_too_large_are_refused_not_written_past_the_slot(self):
         table = scheduler.MetricsTable(2)
-        table.write(1, self.totals(1))
-        self.assertFalse(table.write(0, {"requests": {"x": ["y" * table.COPY_BYTES]},
-                                         "samples": {}}))
-        self.assertEqual(table.read(1), self.totals(1))
+        table.write(1, *self.totals(1))
+        layout, numbers, _ = self.totals(1)
+        self.assertFalse(table.write(0, layout, numbers, {"x": ["y" * table.COPY_BYTES]}))
+        self.assertHolds(table.read(1), self.totals(1))
 
     def test_a_reader_while_another_thread_writes_sees_whole_totals_that_never_go_down(self):
         table, seen, done = scheduler.MetricsTable(1), [], threading.Event()
 
         def write():
             for requests in range(1, 3001):
-                table.write(0, self.totals(requests))
+                table.write(0, *self.totals(requests))
             done.set()
 
         writer = threading.Thread(target=write)
         writer.start()
         while not done.is_set():
-            totals = table.read(0)
-            if totals is not None:
-                seen.append(totals["requests"]["/healthz GET 200"][0])
-                self.assertEqual(totals["samples"], self.totals(1)["samples"])
+            reading = table.read(0)
+            if reading is not None:
+                seen.append(reading.numbers[0])
+                self.assertEqual(reading.numbers[self.LAYOUT.histogram["/healthz", "GET"]],
+                                 reading.numbers[0])  # whole: both numbers of one write
+                self.assertEqual(reading.samples, self.totals(1)[2])
         writer.join()
         self.assertEqual(seen, sorted(seen))
-        self.assertEqual(table.read(0), self.totals(3000))
+        self.assertHolds(table.read(0), self.totals(3000))
 
     def test_retiring_a_dead_workers_slot_keeps_its_counters_and_zeroes_its_gauges(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, self.totals(7, open_now=5))
+        table.write(0, *self.totals(7, open_now=5))
         table.retire(0)
-        totals = table.read(0)
-        self.assertEqual(totals["requests"], self.totals(7)["requests"])
-        self.assertEqual(totals["samples"]["scheduler_connections_open"][2], 0)
-        self.assertEqual(totals["samples"]["scheduler_log_lines_dropped_total"][2], 3)
+        reading = table.read(0)
+        self.assertEqual(list(reading.numbers), self.totals(7)[1])
+        self.assertEqual(reading.samples["scheduler_connections_open"][2], 0)
+        self.assertEqual(reading.samples["scheduler_log_lines_dropped_total"][2], 3)
 
 
 class SharedMetricsTest(unittest.TestCase):
@@ -1589,6 +1618,44 @@ class SharedMetricsTest(unittest.TestCase):
         self.assertGreaterEqual(self.requests(after), self.requests(before))
         self.assertEqual(after[("scheduler_log_lines_dropped_total", frozenset())], 2)
         self.assertEqual(after[("scheduler_connections_open", frozenset())], 1)
+
+
+    def test_workers_that_lay_out_other_series_add_up_by_series(self):
+        # Two generations of the code (a worker started after an upgrade, say) need not
+        # declare the same series: each adds up the other's by name.
+        table = scheduler.MetricsTable(2)
+        old, new = (scheduler.Metrics(lambda series=series: series) for series in (
+            (("/healthz", "GET", 200),), (("/appointments", "POST", 201), ("/healthz", "GET", 200))))
+        for slot, metrics in enumerate((old, new)):
+            metrics.share(table, slot)
+        for _ in range(2):
+            old.observe("/healthz", "GET", 200, 0.001)
+        old.observe("/appointments", "POST", 201, 0.001)  # one it did not declare
+        new.observe("/appointments", "POST", 201, 0.001)
+        new.observe("/metrics", "GET", 200, 0.001)  # nor this one
+        for metrics in (old, new):
+            metrics.publish()
+        for metrics in (old, new):
+            with self.subTest(scraped=metrics is old and "old" or "new"):
+                sample = self.scrape(metrics)
+                self.assertEqual(self.requests(sample), 2)
+                self.assertEqual(self.requests(sample, "POST", "201", "/appointments"), 2)
+                self.assertEqual(self.requests(sample, route="/metrics"), 1)
+                self.assertEqual(sample[("scheduler_request_duration_seconds_count", frozenset(
+                    {"route": "/appointments", "method": "POST"}.items()))], 2)
+
+    def test_a_scrape_reuses_the_others_numbers_until_one_publishes(self):
+        table = scheduler.MetricsTable(2)
+        first, second = self.worker(table, 0), self.worker(table, 1)
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.publish()
+        self.assertEqual(self.requests(self.scrape(first)), 1)
+        with mock.patch.object(table, "read", side_effect=AssertionError("read again")):
+            first.observe("/healthz", "GET", 200, 0.001)
+            self.assertEqual(self.requests(self.scrape(first)), 2)  # its own, counted at once
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.publish()
+        self.assertEqual(self.requests(self.scrape(first)), 3)
 
 
 # --- Routes: through Service.begin() and respond(), without a socket ---------------
@@ -4689,11 +4756,96 @@ class MetricsTest(ServerTestCase):
             self.raw(f"M{rng.randrange(10 ** 6)} / HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         samples = parse_metrics(self.request("GET", "/metrics", conn=conn).body.decode())
         labels = [dict(key) for name, key in samples if name == "scheduler_requests_total"]
-        routes = {route.path for route in scheduler.ROUTES} | {"unmatched"}
+        routes = {route.path for route in scheduler.ROUTES} | {"unmatched", "*"}
         self.assertLessEqual({label["route"] for label in labels}, routes)
         self.assertLessEqual({label["method"] for label in labels},
                              scheduler.KNOWN_METHODS | {"other"})
         self.assertLessEqual({int(label["status"]) for label in labels}, set(HTTPStatus))
+
+
+class MetricsFromTheStartTest(ServerTestCase):
+    """Every series a request can make is in the first scrape, at 0: Prometheus's
+    rate() and increase() take a series' first value as its start, so the first burst
+    of a series that appears with it (the first 404s of a DELETE) was never seen."""
+
+    limits = scheduler.Limits(request_timeout=0.3, max_body_bytes=1000)
+    URL = "/appointments/alice/2026-11-25"
+
+    def requests(self) -> List[Tuple[str, str, object, dict]]:
+        """Requests that make many series: (method, path, body, headers)."""
+        json_type = {"Content-Type": "application/json"}
+        patch = {"Content-Type": "application/merge-patch+json"}
+        return [
+            ("POST", "/appointments", VALID_BODY, json_type),  # 201
+            ("POST", "/appointments", VALID_BODY, json_type),  # 409
+            ("POST", "/appointments", b'{"user_id": "bob"}', json_type),  # 422
+            ("POST", "/appointments", b"{", json_type),  # 400
+            ("POST", "/appointments", VALID_BODY, {"Content-Type": "text/plain"}),  # 415
+            ("POST", "/appointments", b"x" * 2000, json_type),  # 413
+            ("GET", "/appointments?user_id=alice", None, {}),
+            ("HEAD", "/appointments?user_id=alice", None, {}),
+            ("GET", "/appointments", None, {}),  # 400
+            ("GET", "/appointments/alice/2026-11-26", None, {}),  # 404
+            ("HEAD", "/appointments/alice/x", None, {}),  # 400
+            ("PATCH", self.URL, b'{"time": "10:00"}', {**patch, "If-Match": '"stale"'}),  # 412
+            ("PATCH", self.URL, b'{"time": "10:00"}', patch),
+            ("PATCH", self.URL, b'{"time": "10:00"}', json_type),
+            ("PATCH", self.URL, b'{"time": "10:00"}', {}),  # 415
+            ("DELETE", "/appointments/alice/2026-11-27", None, {}),  # 404
+            ("DELETE", self.URL, None, {"Idempotency-Key": '"k"'}),  # 204
+            ("DELETE", "/appointments/bob/2026-11-25", None, {"Idempotency-Key": '"k"'}),  # 422
+            ("GET", "/appointments.ics?user_id=alice", None, {}),
+            ("GET", "/appointments.ics", None, {}),  # 400
+            ("GET", "/healthz", None, {}), ("HEAD", "/metrics", None, {}),
+            ("GET", "/openapi.json", None, {}),
+            ("GET", "/openapi.json", None, {"If-None-Match": "*"}),  # 304
+            ("OPTIONS", self.URL, None, {}), ("OPTIONS", "*", None, {}),
+            ("GET", "/nowhere", None, {}), ("OPTIONS", "/nowhere", None, {}),  # 404
+            ("PUT", "/appointments", None, {}), ("TRACE", "/", None, {}),  # 405
+            ("GET", "/appointments/%ff/2026-11-25", None, {}),  # 400
+        ]
+
+    RAW = [  # what a client cannot send with http.client
+        b"POST /appointments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\r\n{}",
+        b"PATCH " + URL.encode() + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+        b"\r\nTransfer-Encoding: chunked\r\n\r\n",  # 411
+        b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n", b"GET / HTTP/2.0\r\nHost: t\r\n\r\n",  # 501, 505
+        b"BREW / HTTP/2.0\r\nHost: t\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n",  # 505, 400
+        b"DELETE / HTTP/1.1\r\nHost: t\r\nX A: b\r\n\r\n",  # 400
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n",  # 431
+        b"GET /?" + b"q" * 70_000 + b" HTTP/1.1\r\n\r\n",  # 414
+        b"GET / HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n",  # 431
+        b"GET / HTTP/1.1\r\nHost: t\r\n",  # 408, the head unfinished
+        post_head(10) + b"{",  # 408, the body unfinished
+    ]
+
+    def test_every_series_a_request_makes_is_in_the_first_scrape_at_0(self):
+        first = parse_metrics(self.request("GET", "/metrics").body.decode())
+        declared = {("scheduler_requests_total", frozenset(
+            {"route": route, "method": method, "status": str(status)}.items()))
+            for route, method, status in scheduler.request_series()}
+        self.assertLessEqual(declared, set(first))
+        self.assertIn(("scheduler_requests_total", frozenset(
+            {"route": "/appointments/{user_id}/{date}", "method": "DELETE", "status": "404"
+             }.items())), declared)
+        conn = self.connect()
+        for method, path, body, headers in self.requests():
+            conn.request(method, path, body, headers)
+            response_of(conn)
+        for raw in self.RAW:
+            self.raw(raw)
+        with self.open_socket() as sock:  # a head cut short by its client: 400
+            sock.sendall(b"GET / HTTP/1.1\r\nHost:")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(read_response(sock).status, 400)
+        after = parse_metrics(self.request("GET", "/metrics").body.decode())
+        made = {key for key, value in after.items() if value and key[0] in (
+            "scheduler_requests_total", "scheduler_request_duration_seconds_count")}
+        series = [dict(labels) for name, labels in made if name == "scheduler_requests_total"]
+        self.assertGreaterEqual(len(series), 40)  # the requests made many: 18 statuses
+        self.assertEqual(len({labels["status"] for labels in series}), 18)
+        self.assertEqual({key for key in made if key not in first}, set())
+        self.assertEqual({first[key] for key in made}, {0})
 
 
 class TimedOutMetricTest(ServerTestCase):
