@@ -1161,11 +1161,11 @@ class SQLiteStore(Store):
 
     def _notice_lost_files(self) -> None:
         """If a file opened at the start is no longer at its path, note it in lost and
-        copy every committed transaction from the -wal file that this process still
-        holds into the database file (a checkpoint, on the read connection: the
-        writes' line needs no exception), which a process opening the path again
-        then sees. Writes that wait for it are refused once it is done, and a
-        later one too (_write_batch): what a crash would lose."""
+        copy every committed transaction from the -wal file this process still holds
+        into the database file, where a process opening the path sees it (a
+        checkpoint, on the read connection: the writes' line is left as it is).
+        From then on writes are refused: _write_batch checks lost under the write
+        lock, which the checkpoint waits for, and a crash would lose a later one."""
         if self.lost is None:
             self.lost = next((name for name, identity in self._files
                               if identity is not None and self._identity(name) != identity), None)
@@ -2065,14 +2065,22 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     if tag is None:
         if len(_TAGS) >= _TAGS_KEPT:
             _TAGS.clear()
-        tag = _TAGS[key] = _hashed_tag(content)
+        tag = _TAGS[key] = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
     return "W/" + tag if weak else tag
 
 
+# The same SHA-1 as CPython's own code, for a short text: OpenSSL's setup for each
+# text outweighs its faster hashing there (and not of a long one, a listing's).
+try:
+    from _sha1 import sha1 as _short_sha1
+except ImportError:  # a Python built without it
+    _short_sha1 = functools.partial(hashlib.sha1, usedforsecurity=False)
+
+
 def _hashed_tag(content: bytes) -> str:
-    """entity_tag() of content, strong, computed without keeping it: for content that is
-    new each time (a booking's)."""
-    return f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+    """entity_tag() of a short content, strong, computed without keeping it: for
+    content that is new each time (a booking's)."""
+    return f'"{_short_sha1(content).hexdigest()}"'
 
 
 def json_content(body) -> bytes:
