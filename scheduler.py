@@ -43,6 +43,7 @@ The file reads top to bottom, each section using only those above it:
 
 import abc
 import argparse
+import array
 import bisect
 import collections
 import contextlib
@@ -57,6 +58,7 @@ import itertools
 import json
 import math
 import mmap
+import operator
 import os
 import re
 import resource
@@ -250,13 +252,16 @@ class StoreFull(Exception):
 
 
 class StoreUnavailable(Exception):
-    """The store cannot serve requests now; the message says why. retry_after: the
-    seconds after which a retry may succeed, or None when retrying will not help
-    until the operator acts (a damaged file, a full disk)."""
+    """The store cannot serve requests now; the message says why, to the client.
+    retry_after: the seconds after which a retry may succeed, or None when retrying
+    will not help until the operator acts (a damaged file, a full disk). cause: what
+    the database itself said, for the operator's log alone (it may quote the
+    schema's SQL)."""
 
-    def __init__(self, message: str, retry_after: Optional[int] = 1):
+    def __init__(self, message: str, retry_after: Optional[int] = 1,
+                 cause: Optional[str] = None):
         super().__init__(message)
-        self.retry_after = retry_after
+        self.retry_after, self.cause = retry_after, cause
 
 
 # Each parser raises ValueError with a message that follows the field's name:
@@ -1271,6 +1276,13 @@ class SQLiteStore(Store):
     are StoreUnavailable, for every write of the transaction they ended; it is
     rolled back whole, so nothing is half-written. A damaged file is noted in
     damaged, and check() reports it from then on.
+
+    A file deleted or replaced while the store is open (the -wal file, say, by a
+    careless clean-up) goes unnoticed by SQLite: it writes on into the file it
+    holds open, which no other process can open, and a crash loses what it held.
+    check() compares the files at the path with those opened (device and inode);
+    once one differs, it copies what was committed into the database file, and
+    writes are refused (lost says why) until the server is started again.
     """
 
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
@@ -1284,7 +1296,11 @@ class SQLiteStore(Store):
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
         self.batches = 0  # transactions committed by write(), each of one write or more
-        self.damaged: Optional[str] = None  # why the file is damaged, once an error said so
+        self.damaged: Optional[str] = None  # SQLite's words, once they said the file is damaged
+        self.lost: Optional[str] = None  # which file was deleted or replaced, once noticed
+        self._rescue = ""  # what was done about it, for the log...
+        self._rescued = False  # ...and whether what was committed is in the database file
+        self._files: Tuple[Tuple[str, Optional[Tuple[int, int]]], ...] = ()  # (path, identity)
         self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
         self._queue_lock = threading.Lock()  # guards _queue
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
@@ -1305,6 +1321,8 @@ class SQLiteStore(Store):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
             self.notices = self._upgrade()
             self._turns = _Turns(f"{path}-lock")
+            # The files as opened: the -wal is there while a connection is open.
+            self._files = tuple((name, self._identity(name)) for name in (path, path + "-wal"))
         except (sqlite3.Error, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -1453,21 +1471,71 @@ class SQLiteStore(Store):
     FULL = "database or disk is full"  # SQLITE_FULL
 
     def _unavailable(self, error: sqlite3.Error) -> StoreUnavailable:
-        """SQLite's failure as the client is told it, noting a damaged file. Only a
-        busy lock is worth retrying soon: the rest need the operator."""
+        """SQLite's failure as the client is told it, noting a damaged file: a
+        sentence, SQLite's own words (which may quote the schema) left for the log.
+        Only a busy lock is worth retrying soon: the rest need the operator."""
         text = str(error)
         if text in self.BUSY:
             return StoreUnavailable("The database is busy: another process has held its "
                                     "write lock too long; retry shortly.")
         if text in self.DAMAGED:
-            self.damaged = f"The database file is damaged ({text}); its operator must " \
-                           "restore it from a backup."
-            return StoreUnavailable(self.damaged, retry_after=None)
+            self.damaged = text
+            return self._damaged()
         if text == self.FULL:
-            return StoreUnavailable(f"The database cannot grow ({text}); its operator must "
-                                    "free disk space.", retry_after=None)
-        return StoreUnavailable(f"The database failed ({text}); its operator must look into "
-                                "it.", retry_after=None)
+            return StoreUnavailable("The database cannot grow: its disk is full; its "
+                                    "operator must free space.", retry_after=None, cause=text)
+        return StoreUnavailable("The database failed; its operator must look into the "
+                                "server's log.", retry_after=None, cause=text)
+
+    @staticmethod
+    def _identity(path: str) -> Optional[Tuple[int, int]]:
+        """The device and inode of the file at path; None if there is none."""
+        try:
+            status = os.stat(path)
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    def _lost(self) -> StoreUnavailable:
+        what = "its -wal file" if self.lost.endswith("-wal") else "the database file"
+        return StoreUnavailable(
+            f"The database cannot keep bookings safely: {what} was deleted or replaced "
+            "while the server ran. Bookings are refused until its operator starts the server "
+            "again (every process on the file).", retry_after=None,
+            cause=f"{self.lost} is not the file opened at the start; {self._rescue}")
+
+    def _notice_lost_files(self) -> None:
+        """If a file opened at the start is no longer at its path, note it in lost and
+        copy every committed transaction from the -wal file this process still holds
+        into the database file, where a process opening the path sees it (a
+        checkpoint, on the read connection: the writes' line is left as it is).
+        From then on writes are refused: _write_batch checks lost under the write
+        lock, which the checkpoint waits for, and a crash would lose a later one."""
+        if self.lost is None:
+            self.lost = next((name for name, identity in self._files
+                              if identity is not None and self._identity(name) != identity), None)
+        if self.lost is None or self._rescued:
+            return
+        if self.lost == self.path:
+            self._rescue = ("a process opening the path cannot see what this one wrote; "
+                            "put back the file it should use, then restart the server")
+            return
+        try:
+            with self._read_lock:
+                busy = self._reader.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self._rescued = not busy
+            self._rescue = ("every transaction committed was copied into the database file; "
+                            "restart the server to make a new -wal file" if not busy else
+                            "the checkpoint that copies what was committed into the database "
+                            "file found it busy (tried again at the next health check); "
+                            "restart the server")
+        except sqlite3.Error as error:
+            self._rescue = (f"the checkpoint that copies what was committed into the database "
+                            f"file failed ({error}); restart the server")
+
+    def _damaged(self) -> StoreUnavailable:
+        return StoreUnavailable("The database file is damaged; its operator must restore it "
+                                "from a backup.", retry_after=None, cause=self.damaged)
 
     @contextlib.contextmanager
     def _reading(self):
@@ -1511,7 +1579,8 @@ class SQLiteStore(Store):
                     f"{self.busy_timeout:g} s; retry shortly.")
             except Exception as error:  # the store closed; no thread to wait with...
                 turn, refusal = False, StoreUnavailable(
-                    f"The database cannot be written: {error}.", retry_after=None)
+                    "The database cannot be written; its operator must look into the "
+                    "server's log.", retry_after=None, cause=repr(error))
             with self._queue_lock:
                 batch = list(self._queue)
             try:
@@ -1548,6 +1617,8 @@ class SQLiteStore(Store):
             if waited:
                 db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
             db.execute("BEGIN IMMEDIATE")
+            if self.lost is not None:  # checked under the lock that a checkpoint waits for
+                raise self._lost()
             for write in batch:
                 db.execute("SAVEPOINT one_write")
                 try:
@@ -1743,9 +1814,13 @@ class SQLiteStore(Store):
         """A write committed as bookings are, through the same line and lock and
         with the same deadline: whatever would fail a booking now fails it (a full
         disk, a lock held past the deadline), and reads never wait for it. A file
-        found damaged stays reported. Then, StoreFull if it holds its capacity."""
+        found damaged, or deleted or replaced (lost), stays reported. Then, StoreFull
+        if it holds its capacity."""
         if self.damaged:
-            raise StoreUnavailable(self.damaged, retry_after=None)
+            raise self._damaged()
+        self._notice_lost_files()
+        if self.lost is not None:
+            raise self._lost()
         self.write(self._probe)
         super().check()
 
@@ -1845,7 +1920,11 @@ UNMATCHED = "unmatched"  # the route label of a request no route answered (404, 
 # Upper bounds, in seconds, of the request-duration histogram's buckets.
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                     5.0, 10.0)
+# The numbers of a route and method's histogram: each bucket's count, the count above
+# them, and the seconds.
+_HISTOGRAM = len(DURATION_BUCKETS) + 2
 Sample = Tuple[str, str, str, Union[int, float]]  # name, type, help text, value
+Series = Tuple[str, str, int]  # route template, method, status
 
 
 def _label(value: str) -> str:
@@ -1853,29 +1932,132 @@ def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class SeriesLayout:
+    """Where each series' numbers lie in a process's list of them: a counter for
+    each (route, method, status) of series, in order, then a histogram
+    (_HISTOGRAM numbers) for each (route, method) among them. Every process of a
+    service declares the same series, so their lists add up number by number;
+    one that meets a series none declared lays it out after them, and a process
+    reading its numbers moves them into its own layout (moved()). A layout is
+    known by its digest, and rendered from a text made once (render())."""
+
+    def __init__(self, series):
+        # int(): before Python 3.11, str() of an HTTPStatus is its name
+        self.series: Tuple[Series, ...] = tuple(dict.fromkeys(
+            (route, method, int(status)) for route, method, status in series))
+        self.pairs = tuple(dict.fromkeys((route, method) for route, method, _ in self.series))
+        self.counter = {key: n for n, key in enumerate(self.series)}
+        self.histogram = {pair: len(self.series) + n * _HISTOGRAM
+                          for n, pair in enumerate(self.pairs)}
+        self.size = len(self.series) + len(self.pairs) * _HISTOGRAM
+        self.keys = json.dumps(self.series, separators=(",", ":")).encode()
+        self.digest = int.from_bytes(hashlib.sha1(self.keys).digest()[:8], "little")
+        self._chunks: Optional[List[Tuple[int, int, str, bool]]] = None  # made at the first
+        self._rendered: List[Tuple[Optional[List[float]], str]] = []  # render(), as its last
+
+    def moved(self, numbers, into: "SeriesLayout") -> List[float]:
+        """numbers, laid out here, as into lays them out (into has every series of this)."""
+        moved = [0.0] * into.size
+        for key, n in self.counter.items():
+            moved[into.counter[key]] = numbers[n]
+        for pair, base in self.histogram.items():
+            to = into.histogram[pair]
+            moved[to:to + _HISTOGRAM] = numbers[base:base + _HISTOGRAM]
+        return moved
+
+    def render(self, numbers: List[float]) -> str:
+        """The requests counter and the duration histogram, with these numbers: a text
+        made once for each run of a route and method's counters, and for each
+        histogram, filled in anew only when its numbers changed since the last
+        render (most stay at 0, and a scrape changes a few)."""
+        chunks = self._chunks
+        if chunks is None:
+            chunks = self._make_chunks()
+            self._rendered = [(None, "")] * len(chunks)
+            self._chunks = chunks  # after _rendered: another thread may take them now
+        parts, rendered = [], self._rendered
+        for n, (start, end, text, histogram) in enumerate(chunks):
+            values = numbers[start:end]
+            last = rendered[n]
+            if last[0] != values:
+                if histogram:
+                    cumulative = tuple(itertools.accumulate(values[:-1]))
+                    last = (values, text % (*cumulative, values[-1], cumulative[-1]))
+                else:
+                    last = (values, text % tuple(values))
+                rendered[n] = last  # one assignment: safe among threads
+            parts.append(last[1])
+        return "".join(parts)
+
+    def _make_chunks(self) -> List[Tuple[int, int, str, bool]]:
+        """What render() fills in: (where its numbers start and end, a text with %d
+        where a count goes and %r where seconds do, whether it is a histogram); each
+        family's first with its HELP and TYPE lines."""
+        def labels(route: str, method: str) -> str:  # a % in them is a %, not a field
+            return f'route="{_label(route)}",method="{method}"'.replace("%", "%%")
+
+        chunks = []
+        lines = ["# HELP scheduler_requests_total Requests answered, by route template, "
+                 "method and status.", "# TYPE scheduler_requests_total counter"]
+        for (route, method), run in itertools.groupby(enumerate(self.series),
+                                                      lambda item: item[1][:2]):
+            run = list(run)
+            lines += [f'scheduler_requests_total{{{labels(route, method)},status="{status}"}} '
+                      "%d" for _, (_, _, status) in run]
+            chunks.append((run[0][0], run[-1][0] + 1, "\n".join(lines) + "\n", False))
+            lines = []
+        lines = ["# HELP scheduler_request_duration_seconds Time from a request's head read "
+                 "to its response ready to send.",
+                 "# TYPE scheduler_request_duration_seconds histogram"]
+        for route, method in self.pairs:
+            pair = labels(route, method)
+            lines += [f'scheduler_request_duration_seconds_bucket{{{pair},le="{bound!r}"}} %d'
+                      for bound in DURATION_BUCKETS]
+            lines += [f'scheduler_request_duration_seconds_bucket{{{pair},le="+Inf"}} %d',
+                      f"scheduler_request_duration_seconds_sum{{{pair}}} %r",
+                      f"scheduler_request_duration_seconds_count{{{pair}}} %d"]
+            base = self.histogram[route, method]
+            chunks.append((base, base + _HISTOGRAM, "\n".join(lines) + "\n", True))
+            lines = []
+        return chunks
+
+
+class Reading(NamedTuple):
+    """A worker's numbers as the table holds them: the generation they were published
+    in, their layout, the numbers, and the samples ({name: [type, help text, value]})."""
+
+    generation: int
+    layout: SeriesLayout
+    numbers: Union[List[float], "array.array"]
+    samples: dict
+    note: object = None  # what else the writer said (the supervisor: the failing workers)
+
+
 class MetricsTable:
     """The metrics of several worker processes (--workers), in memory they share: a
     file that has no name (memfd_create(), else an unlinked temporary file), which
     the supervisor makes and passes to each worker it starts, as a descriptor that
-    survives exec. Each worker process writes its totals to a slot the supervisor
+    survives exec. Each worker process writes its numbers to a slot the supervisor
     gives it, and a scrape, whichever worker it reaches, adds up every slot. A
     process started in a slot after another ended there carries on from its
     counts, so counters never go down while the supervisor runs (as
     prometheus_client's multiprocess mode keeps a dead process's file). The
     supervisor writes its own samples, and what a health check tells of the
-    workers, to a slot of its own.
+    workers (a note), to a slot of its own.
 
     No lock, since a process killed holding one would never release it. A slot is
-    [generation][copy 0][copy 1], each copy [generation, length, JSON]: a writer
-    fills the copy of the next generation, then publishes that generation; a
-    reader takes the copy of the generation it read, and reads again if the
-    generation changed meanwhile. A writer killed halfway leaves the last whole
-    copy in place."""
+    [generation][copy 0][copy 1]: a writer fills the copy of the next generation,
+    then publishes that generation; a reader takes the copy of the generation it
+    read, and reads again if the generation changed meanwhile. A writer killed
+    halfway leaves the last whole copy in place. A copy is its header (_HEADER),
+    the numbers as doubles, the layout's series (JSON: read only by a process
+    that lays them out otherwise), and the samples and the note (JSON, a few
+    hundred bytes)."""
 
-    # A worker's totals as JSON fit: at worst (every status of every route and method,
-    # counts of 10**12) 1.1 MB; in use, a few KiB. Pages untouched cost no memory.
+    # A copy holds at worst (every status of every route and method) 1 MB; in use,
+    # 12 KiB. Pages untouched cost no memory.
     COPY_BYTES = 2 << 20
-    _HEADER = struct.Struct("<QQ")  # generation, length
+    _HEADER = struct.Struct("<QQQQQ")  # generation, digest, lengths of numbers, series, samples
 
     def __init__(self, slots: int, fd: Optional[int] = None):
         """A new table of slots, or, given the descriptor fd of one (its fd), that table."""
@@ -1893,43 +2075,69 @@ class MetricsTable:
             raise ValueError(f"the metrics table behind descriptor {fd} is not of {slots} slots")
         self.fd = fd
         self._map = mmap.mmap(fd, size)  # MAP_SHARED: every process that maps fd sees one table
+        self._layouts: Dict[int, SeriesLayout] = {}  # by digest: the layouts read so far
+        self._written: Dict[int, Tuple[int, bytes]] = {}  # slot -> this process's last write
 
-    def write(self, slot: int, totals: dict) -> bool:
-        """Publish a worker's totals; False if they do not fit (they always should)."""
-        payload = json.dumps(totals, separators=(",", ":")).encode()
-        if len(payload) > self.COPY_BYTES - self._HEADER.size:
+    def generation(self, slot: int) -> int:
+        """The generation of the slot's last write (0: none yet); it grows with each."""
+        return struct.unpack_from("<Q", self._map, slot * self._slot_bytes)[0]
+
+    def write(self, slot: int, layout: SeriesLayout, numbers, samples: dict,
+              note: object = None) -> bool:
+        """Publish a worker's numbers and samples, and a note, anything JSON holds
+        (unless the slot holds them already); False if they do not fit (they always
+        should)."""
+        payload = array.array("d", numbers).tobytes()
+        tail = json.dumps([samples, note], separators=(",", ":")).encode()
+        body = payload + layout.keys + tail
+        if len(body) > self.COPY_BYTES - self._HEADER.size:
             return False
         base = slot * self._slot_bytes
-        generation = struct.unpack_from("<Q", self._map, base)[0] + 1
+        generation = self.generation(slot)
+        if self._written.get(slot) == (generation, body):  # a scrape in a quiet moment
+            return True
+        self._layouts.setdefault(layout.digest, layout)  # what a read of this layout gives
+        generation += 1
         copy = base + 8 + (generation % 2) * self.COPY_BYTES
-        self._HEADER.pack_into(self._map, copy, generation, len(payload))
-        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(payload)] = payload
+        self._HEADER.pack_into(self._map, copy, generation, layout.digest, len(payload),
+                               len(layout.keys), len(tail))
+        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(body)] = body
         struct.pack_into("<Q", self._map, base, generation)  # now readers take this copy
+        self._written[slot] = (generation, body)
         return True
 
-    def read(self, slot: int) -> Optional[dict]:
-        """A worker's last published totals; None if it has published none."""
+    def read(self, slot: int) -> Optional[Reading]:
+        """A worker's last published numbers; None if it has published none."""
         base = slot * self._slot_bytes
-        for _ in range(1000):  # a writer publishes every TICK: a retry is rare
-            generation = struct.unpack_from("<Q", self._map, base)[0]
+        for _ in range(1000):  # a writer publishes every TICK at most: a retry is rare
+            generation = self.generation(slot)
             if generation == 0:
                 return None
             copy = base + 8 + (generation % 2) * self.COPY_BYTES
-            written, length = self._HEADER.unpack_from(self._map, copy)
-            payload = self._map[copy + self._HEADER.size:copy + self._HEADER.size + length]
-            if written == generation == struct.unpack_from("<Q", self._map, base)[0]:
-                return json.loads(payload)
-        return None
+            written, digest, numbers, keys, samples = self._HEADER.unpack_from(self._map, copy)
+            start = copy + self._HEADER.size
+            body = self._map[start:start + numbers + keys + samples]
+            if written == generation == self.generation(slot):
+                break
+        else:
+            return None
+        layout = self._layouts.get(digest)
+        if layout is None:
+            layout = SeriesLayout(tuple(key) for key in json.loads(body[numbers:numbers + keys]))
+            self._layouts[digest] = layout
+        values = array.array("d")
+        values.frombytes(body[:numbers])
+        return Reading(generation, layout, values, *json.loads(body[numbers + keys:]))
 
     def retire(self, slot: int) -> None:
         """For the supervisor, when a worker has died: its gauges no longer count
         (its connections are gone); its counters stay, for the next to carry on."""
-        totals = self.read(slot)
-        if totals is not None:
-            for sample in totals["samples"].values():
+        reading = self.read(slot)
+        if reading is not None:
+            for sample in reading.samples.values():
                 if sample[0] == "gauge":
                     sample[2] = 0
-            self.write(slot, totals)
+            self.write(slot, reading.layout, reading.numbers, reading.samples, reading.note)
 
 
 class Metrics:
@@ -1939,65 +2147,69 @@ class Metrics:
     the log), summed over the workers with --workers; and what the collectors
     sample of the whole service (stored appointments), once.
 
+    Every series a request can make is there from the start, at 0, so that
+    Prometheus's rate() and increase() see the first burst after a restart: series
+    gives them (request_series(), in the appendix), asked for at the first count;
+    one not among them is added when first counted.
+
     observe() is on every request's path, so it only appends to a deque (atomic,
     no lock); the observations are folded into the counts when scraped, or by the
     request that finds FOLD_AT waiting. (A lock and a dict update in each request
-    cost 1.4 us of a GET's 50 over a socket; this, 0.9.)
+    cost 1.4 us of a GET's 50 over a socket; this, 0.9.) A scrape renders a text
+    made once (SeriesLayout.render()), and with --workers adds up the other
+    workers' numbers once for all the scrapes until one of them publishes anew.
     """
 
     FOLD_AT = 1024  # observations waiting at most before a request folds them in
 
-    def __init__(self):
+    def __init__(self, series: Callable[[], Tuple[Series, ...]] = tuple):
         self._pending: Deque[Tuple[str, str, int, float]] = collections.deque()
-        self._lock = threading.Lock()  # guards _requests, and folding _pending into it
-        # (route, method, status) -> [count per bucket..., count above them, total seconds]
-        self._requests: Dict[Tuple[str, str, int], List[float]] = {}
+        self._lock = threading.Lock()  # guards _layout and _numbers, and folding into them
+        self._series = series
+        self._layout: Optional[SeriesLayout] = None  # laid out at the first count
+        self._numbers: List[float] = []  # this process's (and a dead predecessor's) counts
         self.collectors: List[Callable[[], List[Sample]]] = []  # the service's, as a whole
         self.process_collectors: List[Callable[[], List[Sample]]] = []  # this process's
         self.table: Optional[MetricsTable] = None  # shared with the other workers, if any
         self._slot = 0
         self._supervisor_slot: Optional[int] = None  # where the supervisor tells of the workers
         self._publish_lock = threading.Lock()  # one writer of the slot at a time
-        self._carried: dict = {"requests": {}, "samples": {}}  # a dead predecessor's counts
+        self._carried: dict = {}  # a dead predecessor's counter samples, by name
+        self._others: Optional[Tuple[Tuple[int, ...], Reading]] = None  # the other slots, added
 
     def share(self, table: MetricsTable, slot: int, supervisor_slot: Optional[int] = None) -> None:
         """Report through slot of table, carrying on from the counts of the worker
         process that had the slot before, if one did; supervisor_slot is where the
         supervisor tells of the workers (failing_workers())."""
         self.table, self._slot, self._supervisor_slot = table, slot, supervisor_slot
-        carried = table.read(slot) or {"requests": {}, "samples": {}}
-        carried["samples"] = {name: sample for name, sample in carried["samples"].items()
-                              if sample[0] == "counter"}
-        self._carried = carried
+        carried = table.read(slot)
+        if carried is not None:
+            with self._lock:
+                numbers, = self._lay_out([carried])
+                self._numbers = list(map(operator.add, self._numbers, numbers))
+            self._carried = {name: sample for name, sample in carried.samples.items()
+                             if sample[0] == "counter"}
         self.publish()
 
-    def publish(self) -> None:
-        """Write this process's totals to its slot (the watchdog does, every TICK, and
-        each scrape): one writer at a time, the totals taken under the same hold, so
-        that older totals never overwrite newer ones."""
-        if self.table is not None:
-            with self._publish_lock:
-                self.table.write(self._slot, self.totals())
+    def publish(self) -> Tuple["SeriesLayout", List[float], dict]:
+        """Write this process's numbers to its slot, if it has one (the watchdog does,
+        every TICK, and each scrape); return them, as _own() gives them. One writer
+        at a time, the numbers taken under the same hold, so that older ones never
+        overwrite newer ones."""
+        if self.table is None:
+            return self._own()
+        with self._publish_lock:
+            own = self._own()
+            self.table.write(self._slot, *own)
+        return own
 
     def failing_workers(self) -> List[dict]:
         """What the supervisor, if any, last said of the workers that keep dying
         young: [{"worker": number, "deaths": in a row, "last": how the last ended}]."""
         if self.table is None or self._supervisor_slot is None:
             return []
-        return (self.table.read(self._supervisor_slot) or {}).get("failing", [])
-
-    def totals(self) -> dict:
-        """This process's requests and samples, with what it carries on from, as
-        JSON: {"requests": {"route method status": counts}, "samples": {name:
-        [type, help text, value]}}."""
-        self._fold()
-        with self._lock:
-            # int(status): before Python 3.11, str() of an HTTPStatus is its name
-            requests = {f"{route} {method} {int(status)}": list(counts)
-                        for (route, method, status), counts in self._requests.items()}
-        samples = {name: [kind, help_text, value] for collect in self.process_collectors
-                   for name, kind, help_text, value in collect()}
-        return _add_totals(self._carried, {"requests": requests, "samples": samples})
+        reading = self.table.read(self._supervisor_slot)
+        return [] if reading is None or not reading.note else reading.note
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
         self._pending.append((route, method, status, seconds))
@@ -2006,73 +2218,98 @@ class Metrics:
 
     def _fold(self) -> None:
         """Move the waiting observations into the counts."""
-        pending, requests = self._pending, self._requests
+        pending = self._pending
         with self._lock:
+            if self._layout is None:
+                self._grow(self._series())
+            counter, histogram, numbers = self._layout.counter, self._layout.histogram, \
+                self._numbers
             for _ in range(len(pending)):  # only those here now: others may be appended
                 route, method, status, seconds = pending.popleft()
-                counts = requests.get((route, method, status))
-                if counts is None:
-                    counts = requests[route, method, status] = [0] * (
-                        len(DURATION_BUCKETS) + 1) + [0.0]
-                counts[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
-                counts[-1] += seconds
+                n = counter.get((route, method, status))
+                if n is None:  # a series not declared: laid out after the others
+                    self._grow(((route, method, int(status)),))
+                    counter, histogram, numbers = self._layout.counter, \
+                        self._layout.histogram, self._numbers
+                    n = counter[route, method, status]
+                numbers[n] += 1
+                base = histogram[route, method]
+                numbers[base + bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+                numbers[base + _HISTOGRAM - 1] += seconds
+
+    def _grow(self, series) -> None:
+        """Lay out these series too, after those laid out (under _lock)."""
+        layout = SeriesLayout((self._layout.series if self._layout else ()) + tuple(series))
+        self._numbers = self._layout.moved(self._numbers, layout) if self._layout \
+            else [0.0] * layout.size
+        self._layout = layout
+
+    def _lay_out(self, readings: List[Reading]) -> List:
+        """The readings' numbers in this process's layout, which grows to hold their
+        series if need be (under _lock)."""
+        if self._layout is None:
+            self._grow(self._series())
+        new = [key for reading in readings if reading.layout.digest != self._layout.digest
+               for key in reading.layout.series if key not in self._layout.counter]
+        if new:
+            self._grow(new)
+        return [reading.numbers if reading.layout.digest == self._layout.digest
+                else reading.layout.moved(reading.numbers, self._layout) for reading in readings]
+
+    def _own(self) -> Tuple[SeriesLayout, List[float], dict]:
+        """This process's layout, numbers and samples, with what it carries on from."""
+        self._fold()
+        with self._lock:
+            layout, numbers = self._layout, list(self._numbers)
+        samples = {name: [kind, help_text, value] for collect in self.process_collectors
+                   for name, kind, help_text, value in collect()}
+        for name, (kind, help_text, value) in self._carried.items():
+            samples[name] = [kind, help_text, samples.get(name, (0, 0, 0))[2] + value]
+        return layout, numbers, samples
+
+    def _other_workers(self) -> Optional[Reading]:
+        """The other slots' numbers added up, in this process's layout, and their
+        samples: read again only when one of them has published since."""
+        table = self.table
+        slots = [slot for slot in range(table.slots) if slot != self._slot]
+        known = self._others
+        if known is not None and known[1].layout is self._layout \
+                and known[0] == tuple(map(table.generation, slots)):
+            return known[1]
+        read = [table.read(slot) for slot in slots]
+        readings = [reading for reading in read if reading is not None]
+        with self._lock:
+            laid_out = self._lay_out(readings)
+            layout = self._layout
+        numbers = [0.0] * layout.size
+        for theirs in laid_out:
+            numbers = list(map(operator.add, numbers, theirs))
+        samples: dict = {}
+        for reading in readings:
+            for name, (kind, help_text, value) in reading.samples.items():
+                samples[name] = [kind, help_text, samples.get(name, (0, 0, 0))[2] + value]
+        added = Reading(0, layout, numbers, samples)
+        self._others = (tuple(0 if reading is None else reading.generation for reading in read),
+                        added)
+        return added
 
     def exposition(self) -> str:
         """Everything, in the Prometheus text exposition format, version 0.0.4: with
-        a table, every worker's totals added up (this one's first written out)."""
-        if self.table is None:
-            totals = self.totals()
-        else:
-            self.publish()
-            totals = {"requests": {}, "samples": {}}
-            for slot in range(self.table.slots):  # an empty slot (a spare) adds nothing
-                totals = _add_totals(totals, self.table.read(slot) or {"requests": {},
-                                                                       "samples": {}})
-        requests = {}
-        for key, counts in totals["requests"].items():
-            route, method, status = key.rsplit(" ", 2)
-            requests[route, method, int(status)] = counts
-        requests = dict(sorted(requests.items()))
-        by_route: Dict[Tuple[str, str], List[float]] = {}  # the histogram leaves out status
-        lines = ["# HELP scheduler_requests_total Requests answered, by route template, "
-                 "method and status.", "# TYPE scheduler_requests_total counter"]
-        for (route, method, status), counts in requests.items():
-            lines.append(f'scheduler_requests_total{{route="{_label(route)}",method="{method}",'
-                         f'status="{status}"}} {sum(counts[:-1])}')
-            total = by_route.setdefault((route, method), [0] * len(counts))
-            for index, count in enumerate(counts):
-                total[index] += count
-        lines += ["# HELP scheduler_request_duration_seconds Time from a request's head read "
-                  "to its response ready to send.",
-                  "# TYPE scheduler_request_duration_seconds histogram"]
-        for (route, method), counts in by_route.items():
-            labels = f'route="{_label(route)}",method="{method}"'
-            cumulative = 0
-            for bound, count in zip(DURATION_BUCKETS + (float("inf"),), counts):
-                cumulative += count
-                le = "+Inf" if bound == float("inf") else repr(bound)
-                lines.append(f'scheduler_request_duration_seconds_bucket{{{labels},le="{le}"}} '
-                             f"{cumulative}")
-            lines += [f"scheduler_request_duration_seconds_sum{{{labels}}} {counts[-1]!r}",
-                      f"scheduler_request_duration_seconds_count{{{labels}}} {cumulative}"]
-        samples = [(name, *sample) for name, sample in totals["samples"].items()]
-        for name, kind, help_text, value in samples + [
-                sample for collect in self.collectors for sample in collect()]:
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {value}"]
-        return "\n".join(lines) + "\n"
-
-
-def _add_totals(one: dict, other: dict) -> dict:
-    """Two sets of totals (Metrics.totals()) added up: counts, and sample values."""
-    requests = {key: list(counts) for key, counts in one["requests"].items()}
-    for key, counts in other["requests"].items():
-        held = requests.setdefault(key, [0] * len(counts))
-        for index, count in enumerate(counts):
-            held[index] += count
-    samples = {name: list(sample) for name, sample in one["samples"].items()}
-    for name, (kind, help_text, value) in other["samples"].items():
-        samples[name] = [kind, help_text, samples.get(name, [kind, help_text, 0])[2] + value]
-    return {"requests": requests, "samples": samples}
+        a table, every worker's numbers added up (this one's first published)."""
+        others = self._other_workers() if self.table is not None else None
+        layout, numbers, samples = self.publish()
+        if others is not None:
+            theirs = others.numbers if others.layout is layout else \
+                others.layout.moved(others.numbers, layout)
+            numbers = list(map(operator.add, numbers, theirs))
+            for name, (kind, help_text, value) in others.samples.items():
+                samples[name] = [kind, help_text, samples.get(name, (0, 0, 0))[2] + value]
+        lines = [layout.render(numbers)]
+        for name, kind, help_text, value in [(name, *sample) for name, sample in samples.items()
+                                             ] + [sample for collect in self.collectors
+                                                  for sample in collect()]:
+            lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n{name} {value}\n")
+        return "".join(lines)
 
 
 # --- Routes ---------------------------------------------------------------------------
@@ -2227,6 +2464,20 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     return "W/" + tag if weak else tag
 
 
+# The same SHA-1 as CPython's own code, for a short text: OpenSSL's setup for each
+# text outweighs its faster hashing there (and not of a long one, a listing's).
+try:
+    from _sha1 import sha1 as _short_sha1
+except ImportError:  # a Python built without it
+    _short_sha1 = functools.partial(hashlib.sha1, usedforsecurity=False)
+
+
+def _hashed_tag(content: bytes) -> str:
+    """entity_tag() of a short content, strong, computed without keeping it: for
+    content that is new each time (a booking's)."""
+    return f'"{_short_sha1(content).hexdigest()}"'
+
+
 def json_content(body) -> bytes:
     """body as a JSON response's content: what render_response() sends for it."""
     return (_JSON_ENCODER.encode(body) + "\n").encode()
@@ -2244,9 +2495,14 @@ def appointment_tag(appointment: Appointment) -> str:
 
 
 # RFC 9110 section 8.8.3: an entity tag; If-Match and If-None-Match are
-# lists of them, or * (sections 13.1.1, 13.1.2).
+# lists of them, or * (sections 13.1.1, 13.1.2). A recipient ignores a list's empty
+# elements (section 5.6.1.2): "a", , "b" and "a", are lists of two tags and one,
+# and an empty value or "," a list of none. Written so that no text can be read two
+# ways (two tags have a comma between them; spaces and commas before, after and
+# among the commas are skipped), which keeps a long value from costing time.
 _ENTITY_TAG = r'(?:W/)?"[!#-~\x80-\xff]*"'
-_ENTITY_TAG_LIST = re.compile(rf"[ \t]*{_ENTITY_TAG}(?:[ \t]*,[ \t]*{_ENTITY_TAG})*[ \t]*")
+ENTITY_TAG_LIST = rf"[ \t,]*(?:{_ENTITY_TAG}(?:[ \t]*,[ \t,]*{_ENTITY_TAG})*[ \t,]*)?"
+_ENTITY_TAG_LIST = re.compile(ENTITY_TAG_LIST)
 _ENTITY_TAGS = re.compile(_ENTITY_TAG)
 
 
@@ -2257,9 +2513,9 @@ def _opaque(tag: str) -> str:
 
 def _tag_test(value: str, name: str, strong: bool) -> Callable[[str], bool]:
     """Whether a tag is among those of a condition header's value: "*" holds every
-    tag; strong comparison (section 8.8.3.2) never matches a weak tag. 400 when
-    the value is neither "*" nor a list of entity tags."""
-    if value.strip() == "*":
+    tag, a list of none holds none; strong comparison (section 8.8.3.2) never
+    matches a weak tag. 400 when the value is neither "*" nor a list of entity tags."""
+    if value.strip(" \t") == "*":
         return lambda tag: True
     if not _ENTITY_TAG_LIST.fullmatch(value):
         raise HTTPError(400, f'{name} must be * or a list of entity tags, as an ETag header '
@@ -2427,7 +2683,9 @@ def write_once(service: "Service", request: Request, user_id: str,
             raise
     if replay.fingerprint != fingerprint:
         raise HTTPError(422, "This Idempotency-Key came with another request (method, URL or "
-                             "body) in the last 24 hours; send a new key with a new request.")
+                             "body) in the last 24 hours; send a new key with a new request.",
+                        errors=[{"field": "Idempotency-Key", "message": "Idempotency-Key is "
+                                 "another request's: make a new one for each request"}])
     return Reply(HTTPStatus(replay.status), replay.body,
                  replay.headers + (("Idempotent-Replayed", "true"),), replay.media_type)
 
@@ -2438,9 +2696,16 @@ def book_appointment(service: "Service", request: Request) -> Reply:
                              '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
     appointment = parse_appointment(request.body)
     return write_once(service, request, appointment.user_id,
-                      lambda keyed: service.store.book(appointment, keyed),
-                      lambda booked: Reply(HTTPStatus.CREATED, booked.as_json(),
-                                           (("Location", appointment_url(booked)),)))
+                      lambda keyed: service.store.book(appointment, keyed), booked_reply)
+
+
+def booked_reply(booked: Appointment) -> Reply:
+    """A 201 with the appointment, its URL and its ETag as a GET of that URL gives it,
+    so that a client may edit it (If-Match) without a GET first: encoded here, once,
+    to be hashed and sent."""
+    content = json_content(booked.as_json())
+    return Reply(HTTPStatus.CREATED, content, (("Location", appointment_url(booked)),
+                                               ("ETag", _hashed_tag(content))))
 
 
 def show_appointment(service: "Service", request: Request) -> Reply:
@@ -2531,7 +2796,16 @@ def metrics(service: "Service", request: Request) -> Reply:
 
 
 def describe(service: "Service", request: Request) -> Reply:
-    return Reply(HTTPStatus.OK, openapi_document())  # the appendix, at the end of the file
+    content, tag = _description()
+    return Reply(HTTPStatus.OK, content, (("ETag", tag),))
+
+
+@functools.lru_cache(maxsize=None)
+def _description() -> Tuple[bytes, str]:
+    """The appendix's document (at the end of the file) as it is sent, and its ETag:
+    made once a process, as it changes with the code alone."""
+    content = json_content(openapi_document())
+    return content, entity_tag(content)
 
 
 class Route(NamedTuple):
@@ -2956,7 +3230,7 @@ def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
     if tag is None:
         return reply
     held = _ENTITY_TAGS.findall(condition) if _ENTITY_TAG_LIST.fullmatch(condition) else []
-    if condition.strip() != "*" and _opaque(tag) not in map(_opaque, held):
+    if condition.strip(" \t") != "*" and _opaque(tag) not in map(_opaque, held):
         return reply  # no match, or not a list of entity tags: answered as if absent
     # Only the fields a 200 would have had that describe it (section 15.4.5): no content.
     return Reply(HTTPStatus.NOT_MODIFIED, None,
@@ -3036,7 +3310,7 @@ class Service:
         self._processing: set = set()  # (user ID, Idempotency-Key) of writes under way here
         self._keys_refused = 0  # writes refused for want of room for their key
         self._processing_lock = threading.Lock()  # guards _processing and _keys_refused
-        self.metrics = Metrics()
+        self.metrics = Metrics(request_series)  # (the appendix, at the end of the file)
         self.metrics.collectors.append(lambda: [
             ("scheduler_appointments", "gauge", "Appointments stored, over all users.",
              store.count()),
@@ -3118,9 +3392,11 @@ class Service:
         logging the traceback of an unexpected error (a 500). Call it where the
         error is being handled."""
         reply = error_reply(error)
+        where = f"{request.method} {request.path}" if request is not None else line
         if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
-            where = f"{request.method} {request.path}" if request is not None else line
             self.log(f"Unexpected error in {where!r}:\n{traceback.format_exc()}")
+        elif isinstance(error, StoreUnavailable) and error.cause:  # one line: repr escapes
+            self.log(f"The database failed in {where!r}: {error.cause!r}")
         return self.with_cors(reply, request, origin)
 
     def with_cors(self, reply: Reply, request: Optional[HTTPRequest] = None,
@@ -3198,6 +3474,9 @@ RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the de
 # its size for each connection it is being sent on.
 SEND_APART_BYTES = 65536
 ORIGIN_SEARCH_BYTES = 4 * MAX_HEAD_BYTES  # read of a head too long, to find its Origin (CORS)
+# Kept of each piece read past MAX_HEAD_BYTES: an Origin line (scheme, host and port, 270
+# characters at most) that two reads cut in two is found whole, if shorter than this.
+ORIGIN_LINE_BYTES = 1024
 
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
@@ -3288,7 +3567,7 @@ class Connection:
                 started = time.perf_counter()
                 origin = None
                 if request is None and service.cors_origins:  # a script may read why
-                    origin = lenient_origin(head if head is not None else self._head_for_origin())
+                    origin = lenient_origin(head) if head is not None else self._head_origin()
                 reply = service.problem(error, request, line, origin)
                 body_read = False
             method = request.method if request is not None else line.partition(" ")[0]
@@ -3325,15 +3604,25 @@ class Connection:
                                          "ended; an empty line ends the headers.")
                 return None
 
-    def _head_for_origin(self) -> bytes:
-        """What arrived of a head too long to parse (414, 431) or cut short, and up to
-        ORIGIN_SEARCH_BYTES more of it, within the request's deadline: where its
-        Origin may be, after a long request line."""
+    def _head_origin(self) -> Optional[str]:
+        """The Origin of a head too long to parse (414, 431) or cut short, if its first
+        ORIGIN_SEARCH_BYTES hold one: in what arrived, then in what arrives of them
+        within the request's deadline (after a long request line, say). Each piece is
+        searched as it comes and let go, but for its last ORIGIN_LINE_BYTES; the
+        connection, which closes after its answer, holds no more while it waits."""
+        data, window, seen, origin = self._data, b"", 0, None
         with contextlib.suppress(HTTPError, OSError):
-            while len(self._data) < ORIGIN_SEARCH_BYTES and not _HEAD_END.search(self._data) \
-                    and self._receive():
-                pass
-        return bytes(self._data[:ORIGIN_SEARCH_BYTES])
+            while True:
+                window += bytes(data[:ORIGIN_SEARCH_BYTES - seen])
+                seen += len(data)
+                del data[:]
+                origin = lenient_origin(window)
+                if origin is not None or _HEAD_END.search(window) or seen >= ORIGIN_SEARCH_BYTES:
+                    break
+                window = window[-ORIGIN_LINE_BYTES:]
+                if not self._receive():
+                    break
+        return origin
 
     def _read_body(self, request: HTTPRequest, length: int) -> bytes:
         """The request's body of length bytes, within the request's deadline. Sends
@@ -3417,6 +3706,7 @@ class Connection:
         still sends, so its unread bytes do not make the kernel reset the connection
         and destroy the last response (for example a 413 sent before its body)."""
         self._enter(self.CLOSED, None)
+        del self._data[:]  # what was read and not taken (a head refused, a next request)
         try:
             self._sock.shutdown(socket.SHUT_WR)
             deadline = time.monotonic() + LINGER_SECONDS
@@ -4432,10 +4722,9 @@ class Supervisor:
             "scheduler_worker_restarts_total": [
                 "counter", "Worker processes started in place of one that ended unplanned.",
                 self.restarted]}
-        self.metrics.write(self.metrics.slots - 1, {
-            "requests": {}, "samples": samples,
-            "failing": [{"worker": number, "deaths": self.deaths[number],
-                         "last": self.last_end[number]} for number in failing]})
+        self.metrics.write(self.metrics.slots - 1, SeriesLayout(()), [], samples, [
+            {"worker": number, "deaths": self.deaths[number], "last": self.last_end[number]}
+            for number in failing])
 
 
 # --- Appendix: the API description (OpenAPI 3.1) -------------------------------------
@@ -4634,18 +4923,12 @@ def _camel(name: str) -> str:
     return first + "".join(word.capitalize() for word in rest)
 
 
-def openapi_document() -> dict:
-    """The OpenAPI 3.1 description of every route in ROUTES, built once."""
-    minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
-    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
-    date = {"type": "string", "format": "date", "pattern": date_pattern(),
-            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
-    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
-            "description": "HH:MM, UTC, on the hour or half hour"}
-    user_id = _ref("schemas", "UserId")
+@functools.lru_cache(maxsize=None)
+def _paths() -> dict:
+    """The description's operations, by path and method: what they take, and every
+    response each can give (their statuses are /metrics' series: request_series())."""
+    text = {"type": "string"}
     appointment = _ref("schemas", "Appointment")
-    details = {detail.name: {"type": "string", "maxLength": detail.max_length,
-                             "pattern": note_pattern()} for detail in DETAILS}
     errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
     by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
     found = {**errors, "404": _ref("responses", "NotFound")}
@@ -4654,6 +4937,11 @@ def openapi_document() -> dict:
     on_condition = {"parameters": by_key["parameters"] + [
         _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch"),
         _ref("parameters", "IdempotencyKey")]}
+    key_reused = HTTPError(422, "This Idempotency-Key came with another request (method, URL "
+                                "or body) in the last 24 hours; send a new key with a new "
+                                "request.", errors=[{"field": "Idempotency-Key", "message":
+                                                     "Idempotency-Key is another request's: "
+                                                     "make a new one for each request"}])
     stale = {"412": _problem("The appointment does not meet If-Match or If-None-Match; "
                              "`appointment` is as it now is, nothing changed, and ETag is "
                              "its tag", "ConflictProblem",
@@ -4692,7 +4980,7 @@ def openapi_document() -> dict:
                     "The appointments (an empty list for a user with none)",
                     _ref("schemas", "AppointmentList"),
                     {"list": {"user_id": "alice", "appointments": [_APPOINTMENT_EXAMPLE]}},
-                    **tagged), **unchanged, **errors},
+                    **tagged), **unchanged, **errors, **store_errors},
             },
             "post": {
                 "summary": "Book an appointment",
@@ -4706,7 +4994,7 @@ def openapi_document() -> dict:
                         "with-a-note": {**_APPOINTMENT_EXAMPLE, "note": "Left knee"}},
                                   headers={"Location": {
                                       "description": "The appointment's own URL",
-                                      "schema": text}}),
+                                      "schema": text}, "ETag": _ref("headers", "ETag")}),
                     "400": not_json,
                     "409": _problem("The user already has an appointment that date; "
                                     "`appointment` is that one (without `appointment`: the "
@@ -4722,8 +5010,9 @@ def openapi_document() -> dict:
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is not labelled application/json"),
                     "422": _problem("Fields are missing or invalid; `errors` lists each (or "
-                                    "the Idempotency-Key came with another request)",
-                                    "ValidationProblem", invalid_fields=HTTPError(
+                                    "the Idempotency-Key came with another request: `errors` "
+                                    "names it)", "ValidationProblem", key_reused=key_reused,
+                                    invalid_fields=HTTPError(
                                         422, "The appointment was not booked: 3 fields "
                                              "are invalid (user_id, date, time).", errors=[
                                             {"field": "user_id",
@@ -4742,16 +5031,17 @@ def openapi_document() -> dict:
                     "parameters": by_key["parameters"] + conditional["parameters"],
                     "responses": {"200": _reply(
                         "The appointment", appointment, {"show": _APPOINTMENT_EXAMPLE},
-                        **tagged), **unchanged, **found}},
+                        **tagged), **unchanged, **found, **store_errors}},
             "patch": {
                 "summary": "Reschedule: move the appointment to another time or date in one "
                            "step (a JSON merge patch, RFC 7396, of date and time)",
                 **on_condition,
-                "requestBody": {"required": True, "content": {
-                    media_type: {"schema": _ref("schemas", "AppointmentPatch"),
-                                 "examples": {"reschedule": {"value": {
-                                     "date": "2026-11-26", "time": "10:00"}}}}
-                    for media_type in PATCH_TYPES}},
+                # One media type, with one schema, or generated clients send the first.
+                "requestBody": {"required": True, "description": f"A JSON merge patch, sent "
+                                f"as {MERGE_PATCH_TYPE}; as {JSON_TYPE}, it is taken too",
+                                "content": _content(_ref("schemas", "AppointmentPatch"), {
+                                    "reschedule": {"date": "2026-11-26", "time": "10:00"}},
+                                    MERGE_PATCH_TYPE)},
                 "responses": {
                     "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
                                   appointment, {"reschedule": moved}, headers={
@@ -4767,14 +5057,15 @@ def openapi_document() -> dict:
                                     "request with this Idempotency-Key is still being "
                                     "processed)",
                                     "ConflictProblem"),
+                    "411": _problem("No Content-Length (chunked bodies are refused)"),
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is labelled neither "
                                     f"{' nor '.join(PATCH_TYPES)}", headers={
                                         "Accept-Patch": _ref("headers", "AcceptPatch")}),
                     "422": _problem("Fields are invalid, or null (a merge patch's removal), "
                                     "or user_id is another user's; `errors` lists each (or "
-                                    "the Idempotency-Key came with another request)",
-                                    "ValidationProblem"),
+                                    "the Idempotency-Key came with another request: `errors` "
+                                    "names it)", "ValidationProblem", key_reused=key_reused),
                     **stale, **store_errors}},
             "delete": {"summary": "Cancel an appointment; the user may then book that "
                                   "date again",
@@ -4785,7 +5076,9 @@ def openapi_document() -> dict:
                            "409": _problem("A request with this Idempotency-Key is still being "
                                            "processed", headers={
                                                "Retry-After": _ref("headers", "RetryAfter")}),
-                           "422": _problem("The Idempotency-Key came with another request"),
+                           "422": _problem("The Idempotency-Key came with another request; "
+                                           "`errors` names it", "ValidationProblem",
+                                           key_reused=key_reused),
                            **stale, **store_errors}},
         },
         "/appointments.ics": {"get": {
@@ -4795,7 +5088,8 @@ def openapi_document() -> dict:
                 "One VEVENT per appointment (a user with none gets a VTIMEZONE of UTC: a "
                 "calendar has a component). DTSTAMP is when the feed was made; the weak "
                 "ETag covers everything else, so it changes when an appointment does",
-                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors}}},
+                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors,
+                **store_errors}}},
         "/healthz": {"get": {
             "summary": "Whether bookings can be taken now (by the process that answers)",
             "responses": {"200": _reply(
@@ -4810,18 +5104,20 @@ def openapi_document() -> dict:
                 {"health": {"status": "ok"}}),
                 "503": _problem("They cannot, and detail says why: the database does not "
                                 "answer or cannot be written (with Retry-After if a retry may "
-                                "succeed), or the service holds --max-appointments",
+                                "succeed), its files were deleted, or the service holds "
+                                "--max-appointments",
                                 headers={"Retry-After": _ref("headers", "RetryAfter")}),
                 "default": errors["default"]}}},
         "/metrics": {"get": {
             "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "
-                       "route template, method and status, their durations, stored "
+                       "route template, method and status (each status an operation lists "
+                       "here, at 0 from the start), their durations, stored "
                        "appointments, connections, dropped log lines; with --workers, "
                        "every worker's added up, whichever answers",
             "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
                           "default": errors["default"]}}},
-        "/openapi.json": {"get": {"summary": "This document", "responses": {
-            "200": _reply("OpenAPI 3.1", {"type": "object"}),
+        "/openapi.json": {"get": {"summary": "This document", **conditional, "responses": {
+            "200": _reply("OpenAPI 3.1", {"type": "object"}, **tagged), **unchanged,
             "default": errors["default"]}}},
     }
     responses = _response_components()
@@ -4857,6 +5153,61 @@ def openapi_document() -> dict:
         for operation in item.values():
             operation["tags"] = ["appointments" if path.startswith("/appointments")
                                  else "service"]
+    return paths
+
+
+# The series /metrics shows from the start, at 0: for each operation of the description
+# (and OPTIONS *), each status among its responses, 500 (a bug, anywhere), 408 where a
+# body is read (it came too slowly), and 499 where a reply may be large enough to keep
+# (a listing, a feed: CLIENT_GONE, its client hung up); for a request no route answered,
+# these, by its method: one it knows (a malformed head or path, no such path, not
+# allowed there, too many header lines, HTTP/2), or not (one it does not know, or a
+# head too long or cut off before its request line was read; "other").
+UNMATCHED_STATUSES = {"known": (400, 404, 405, 431, 500, 505),
+                      "other": (400, 408, 414, 431, 500, 501, 505)}
+
+
+@functools.lru_cache(maxsize=None)
+def request_series() -> Tuple[Series, ...]:
+    """Every (route, method, status) a request can be counted by, as stated above."""
+    series: List[Series] = []
+    for path, item in _paths().items():
+        for method, operation in item.items():
+            statuses = {int(status) for status in operation["responses"] if status.isdigit()}
+            statuses.add(500)
+            routes = [route for route in ROUTES if route.path == path
+                      and route.method == ("GET" if method == "head" else method.upper())]
+            if any(route.body_types for route in routes):
+                statuses.add(408)
+            if any(route.handler in (list_appointments, calendar) for route in routes):
+                statuses.add(CLIENT_GONE)
+            series += [(path, method.upper(), status) for status in sorted(statuses)]
+    series += [("*", "OPTIONS", status) for status in (204, 500)]
+    for method in sorted(KNOWN_METHODS) + ["other"]:
+        series += [(UNMATCHED, method, status)
+                   for status in UNMATCHED_STATUSES["other" if method == "other" else "known"]]
+    return tuple(series)
+
+
+@functools.lru_cache(maxsize=None)
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of every route in ROUTES, built once a process:
+    every call returns the same dict, which callers read and never change."""
+    minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
+    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
+    date = {"type": "string", "format": "date", "pattern": date_pattern(),
+            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
+    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
+            "description": "HH:MM, UTC, on the hour or half hour"}
+    user_id = _ref("schemas", "UserId")
+    appointment = _ref("schemas", "Appointment")
+    details = {detail.name: {"type": "string", "maxLength": detail.max_length,
+                             "pattern": note_pattern()} for detail in DETAILS}
+    condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
+                 "description": "*, or a list of entity tags (empty elements are ignored, "
+                                "as RFC 9110 section 5.6.1.2 says)"}
+    paths = _paths()
+    responses = _response_components()
     user_id_text = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
                     "pattern": user_id_pattern()}
     return {
@@ -4934,7 +5285,9 @@ def openapi_document() -> dict:
                     "type": "object", "required": ["errors"],
                     "properties": {"errors": {"type": "array", "items": {
                         "type": "object", "required": ["field", "message"],
-                        "properties": {"field": text, "message": text}}}}}]},
+                        "properties": {"field": {**text, "description": "The body's field, "
+                                                 "or the header (Idempotency-Key)"},
+                                       "message": text}}}}}]},
                 "ConflictProblem": {"allOf": [_ref("schemas", "Problem"), {
                     "type": "object", "properties": {"appointment": {
                         **appointment, "description": "The appointment in the way, or as it "
@@ -4954,21 +5307,24 @@ def openapi_document() -> dict:
                                "description": "Percent-encoded, / included (%2F)"},
                 "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
                              "example": _PATH_EXAMPLES["date"]},
-                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": text,
+                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": condition,
                                 "description": "ETags the client holds (or *): if one is "
                                                "current, a GET or HEAD gets 304 with no "
                                                "body, a PATCH or DELETE 412"},
-                "IdempotencyKey": {
-                    "name": "Idempotency-Key", "in": "header", "example": '"8e03978e-40d5"',
+                "IdempotencyKey": {  # no example: a client would send it every time
+                    "name": "Idempotency-Key", "in": "header",
                     "schema": {"type": "string",
                                "pattern": r'^"(?:[ !#-\[\]-~]|\\[\\"]){1,%d}"$' % MAX_KEY_LENGTH},
                     "description": "A string (RFC 8941: in double quotes) of 1 to "
-                                   f"{MAX_KEY_LENGTH} characters, new for each request: a "
-                                   "retry with it gets the first response again (with "
-                                   "Idempotent-Replayed: true), and changes nothing; with "
-                                   "another request, 422. Kept 24 hours, and the newest "
-                                   f"{MAX_KEYS} by default (--max-idempotency-keys)"},
-                "IfMatch": {"name": "If-Match", "in": "header", "schema": text,
+                                   f"{MAX_KEY_LENGTH} characters, new for each request (and "
+                                   "the same for its retries): a random UUID in double "
+                                   "quotes, say, as f'\"{uuid.uuid4()}\"' makes one in "
+                                   "Python. A retry with it gets "
+                                   "the first response again (with Idempotent-Replayed: "
+                                   "true), and changes nothing; with another request, 422. "
+                                   f"Kept 24 hours, and the newest {MAX_KEYS} by default "
+                                   "(--max-idempotency-keys)"},
+                "IfMatch": {"name": "If-Match", "in": "header", "schema": condition,
                             "description": "The ETag the client holds (or *): the change is "
                                            "made only if it is still the appointment's, "
                                            "strongly compared; else 412"},

@@ -26,6 +26,7 @@ import gc
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import multiprocessing
 import os
@@ -1167,7 +1168,7 @@ class GroupCommitTest(BatchTestCase):
         failed = [o for o in outcomes if isinstance(o, scheduler.StoreUnavailable)]
         self.assertGreaterEqual(len(failed), 1)
         for error in failed:
-            self.assertIn("disk I/O error", str(error))
+            self.assertIn("disk I/O error", error.cause)  # for the log, not the client
         booked = [o for o in outcomes if isinstance(o, scheduler.Appointment)]
         self.assertEqual(len(failed) + len(booked), 3)
         self.assertEqual(store.count(), len(booked))  # the failed batch left nothing
@@ -1600,12 +1601,13 @@ def hold_writers_lock(testcase: unittest.TestCase, path: str) -> Callable[[], No
 
 
 def store_outcome(store: scheduler.SQLiteStore) -> str:
-    """Book alice; the message of the StoreUnavailable that answers, or "booked"."""
+    """Book alice; the message of the StoreUnavailable that answers (and its cause, for
+    the log, after a newline, if it has one), or "booked"."""
     try:
         store.book(appointment())
         return "booked"
     except scheduler.StoreUnavailable as error:
-        return str(error)
+        return str(error) + (f"\n{error.cause}" if error.cause else "")
 
 
 class WritersLockTest(unittest.TestCase):
@@ -1670,72 +1672,101 @@ class MetricsTableTest(unittest.TestCase):
     """The table the workers' metrics meet in, without processes: what one slot
     holds, what a writer killed halfway leaves, and what a reader sees meanwhile."""
 
-    def totals(self, requests: int, open_now: int = 0) -> dict:
-        return {"requests": {"/healthz GET 200": [requests] + [0] * len(
-                    scheduler.DURATION_BUCKETS) + [0.5]},
-                "samples": {"scheduler_connections_open": ["gauge", "Open.", open_now],
-                            "scheduler_log_lines_dropped_total": ["counter", "Dropped.", 3]}}
+    LAYOUT = scheduler.SeriesLayout([("/healthz", "GET", 200), ("unmatched", "GET", 404)])
+
+    def totals(self, requests: int, open_now: int = 0) -> tuple:
+        """A worker's layout, numbers (requests of /healthz, in the first bucket, and
+        half a second in all) and samples."""
+        numbers = [0.0] * self.LAYOUT.size
+        numbers[0] = numbers[self.LAYOUT.histogram["/healthz", "GET"]] = requests
+        numbers[self.LAYOUT.histogram["/healthz", "GET"] + scheduler._HISTOGRAM - 1] = 0.5
+        return self.LAYOUT, numbers, {
+            "scheduler_connections_open": ["gauge", "Open.", open_now],
+            "scheduler_log_lines_dropped_total": ["counter", "Dropped.", 3]}
+
+    def assertHolds(self, reading: scheduler.Reading, totals: tuple):
+        self.assertEqual((reading.layout.series, list(reading.numbers), reading.samples),
+                         (totals[0].series, totals[1], totals[2]))
 
     def test_a_slot_holds_the_last_totals_written(self):
         table = scheduler.MetricsTable(2)
         self.assertIsNone(table.read(0))
         for requests in (1, 2, 3):
-            self.assertTrue(table.write(0, self.totals(requests)))
-        self.assertEqual(table.read(0), self.totals(3))
+            self.assertTrue(table.write(0, *self.totals(requests)))
+        self.assertHolds(table.read(0), self.totals(3))
         self.assertIsNone(table.read(1))
+
+    def test_a_layout_is_read_from_the_slot_by_a_process_that_has_not_seen_it(self):
+        table = scheduler.MetricsTable(1)
+        table.write(0, *self.totals(5))
+        table._layouts.clear()  # as in another process
+        reading = table.read(0)
+        self.assertIsNot(reading.layout, self.LAYOUT)
+        self.assertHolds(reading, self.totals(5))
+
+    def test_a_write_of_what_the_slot_holds_is_skipped(self):
+        table = scheduler.MetricsTable(1)
+        table.write(0, *self.totals(1))
+        generation = table.generation(0)
+        table.write(0, *self.totals(1))
+        self.assertEqual(table.generation(0), generation)
+        table.write(0, *self.totals(2))
+        self.assertEqual(table.generation(0), generation + 1)
 
     def test_a_writer_killed_halfway_leaves_the_last_whole_copy(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, self.totals(1))
+        table.write(0, *self.totals(1))
         generation = struct.unpack_from("<Q", table._map, 0)[0]
         copy = 8 + ((generation + 1) % 2) * table.COPY_BYTES  # the copy the next write fills
-        table._map[copy:copy + 40] = b"\xff" * 40  # torn, and never published
-        self.assertEqual(table.read(0), self.totals(1))
-        table.write(0, self.totals(2))
-        self.assertEqual(table.read(0), self.totals(2))
+        table._map[copy:copy + 80] = b"\xff" * 80  # torn, and never published
+        self.assertHolds(table.read(0), self.totals(1))
+        table.write(0, *self.totals(2))
+        self.assertHolds(table.read(0), self.totals(2))
 
     def test_totals_too_large_are_refused_not_written_past_the_slot(self):
         table = scheduler.MetricsTable(2)
-        table.write(1, self.totals(1))
-        self.assertFalse(table.write(0, {"requests": {"x": ["y" * table.COPY_BYTES]},
-                                         "samples": {}}))
-        self.assertEqual(table.read(1), self.totals(1))
+        table.write(1, *self.totals(1))
+        layout, numbers, _ = self.totals(1)
+        self.assertFalse(table.write(0, layout, numbers, {"x": ["y" * table.COPY_BYTES]}))
+        self.assertHolds(table.read(1), self.totals(1))
 
     def test_a_reader_while_another_thread_writes_sees_whole_totals_that_never_go_down(self):
         table, seen, done = scheduler.MetricsTable(1), [], threading.Event()
 
         def write():
             for requests in range(1, 3001):
-                table.write(0, self.totals(requests))
+                table.write(0, *self.totals(requests))
             done.set()
 
         writer = threading.Thread(target=write)
         writer.start()
         while not done.is_set():
-            totals = table.read(0)
-            if totals is not None:
-                seen.append(totals["requests"]["/healthz GET 200"][0])
-                self.assertEqual(totals["samples"], self.totals(1)["samples"])
+            reading = table.read(0)
+            if reading is not None:
+                seen.append(reading.numbers[0])
+                self.assertEqual(reading.numbers[self.LAYOUT.histogram["/healthz", "GET"]],
+                                 reading.numbers[0])  # whole: both numbers of one write
+                self.assertEqual(reading.samples, self.totals(1)[2])
         writer.join()
         self.assertEqual(seen, sorted(seen))
-        self.assertEqual(table.read(0), self.totals(3000))
+        self.assertHolds(table.read(0), self.totals(3000))
 
     def test_a_table_opened_by_its_descriptor_is_the_same_table(self):
         table = scheduler.MetricsTable(2)  # a worker gets table.fd, which survives exec
         other = scheduler.MetricsTable(2, table.fd)
-        other.write(1, self.totals(5))
-        self.assertEqual(table.read(1), self.totals(5))
+        other.write(1, *self.totals(5))
+        self.assertHolds(table.read(1), self.totals(5))
         with self.assertRaises(ValueError):  # the slots must match the file's size
             scheduler.MetricsTable(3, table.fd)
 
     def test_retiring_a_dead_workers_slot_keeps_its_counters_and_zeroes_its_gauges(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, self.totals(7, open_now=5))
+        table.write(0, *self.totals(7, open_now=5))
         table.retire(0)
-        totals = table.read(0)
-        self.assertEqual(totals["requests"], self.totals(7)["requests"])
-        self.assertEqual(totals["samples"]["scheduler_connections_open"][2], 0)
-        self.assertEqual(totals["samples"]["scheduler_log_lines_dropped_total"][2], 3)
+        reading = table.read(0)
+        self.assertEqual(list(reading.numbers), self.totals(7)[1])
+        self.assertEqual(reading.samples["scheduler_connections_open"][2], 0)
+        self.assertEqual(reading.samples["scheduler_log_lines_dropped_total"][2], 3)
 
 
 class SharedMetricsTest(unittest.TestCase):
@@ -1803,6 +1834,44 @@ class SharedMetricsTest(unittest.TestCase):
         self.assertGreaterEqual(self.requests(after), self.requests(before))
         self.assertEqual(after[("scheduler_log_lines_dropped_total", frozenset())], 2)
         self.assertEqual(after[("scheduler_connections_open", frozenset())], 1)
+
+
+    def test_workers_that_lay_out_other_series_add_up_by_series(self):
+        # Two generations of the code (a worker started after an upgrade, say) need not
+        # declare the same series: each adds up the other's by name.
+        table = scheduler.MetricsTable(2)
+        old, new = (scheduler.Metrics(lambda series=series: series) for series in (
+            (("/healthz", "GET", 200),), (("/appointments", "POST", 201), ("/healthz", "GET", 200))))
+        for slot, metrics in enumerate((old, new)):
+            metrics.share(table, slot)
+        for _ in range(2):
+            old.observe("/healthz", "GET", 200, 0.001)
+        old.observe("/appointments", "POST", 201, 0.001)  # one it did not declare
+        new.observe("/appointments", "POST", 201, 0.001)
+        new.observe("/metrics", "GET", 200, 0.001)  # nor this one
+        for metrics in (old, new):
+            metrics.publish()
+        for metrics in (old, new):
+            with self.subTest(scraped=metrics is old and "old" or "new"):
+                sample = self.scrape(metrics)
+                self.assertEqual(self.requests(sample), 2)
+                self.assertEqual(self.requests(sample, "POST", "201", "/appointments"), 2)
+                self.assertEqual(self.requests(sample, route="/metrics"), 1)
+                self.assertEqual(sample[("scheduler_request_duration_seconds_count", frozenset(
+                    {"route": "/appointments", "method": "POST"}.items()))], 2)
+
+    def test_a_scrape_reuses_the_others_numbers_until_one_publishes(self):
+        table = scheduler.MetricsTable(2)
+        first, second = self.worker(table, 0), self.worker(table, 1)
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.publish()
+        self.assertEqual(self.requests(self.scrape(first)), 1)
+        with mock.patch.object(table, "read", side_effect=AssertionError("read again")):
+            first.observe("/healthz", "GET", 200, 0.001)
+            self.assertEqual(self.requests(self.scrape(first)), 2)  # its own, counted at once
+        second.observe("/healthz", "GET", 200, 0.001)
+        second.publish()
+        self.assertEqual(self.requests(self.scrape(first)), 3)
 
 
 # --- Routes: through Service.begin() and respond(), without a socket ---------------
@@ -1901,6 +1970,18 @@ class BookTest(RouteTestCase):
             "user_id": "alice", "date": "2026-11-25", "time": "09:30",
             "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"})
         self.assertEqual(self.stored(), [appointment()])
+
+    def test_the_etag_is_the_one_of_its_url_and_an_edit_needs_no_get_first(self):
+        for user_id, note in (("alice", None), ("a/b c+d@e.com\u00e9", "Left knee")):
+            with self.subTest(user_id=user_id):
+                booked = self.book(user_id, note=note)
+                tag = booked.headers["ETag"]
+                self.assertEqual(tag, self.request("GET", booked.headers["Location"])
+                                 .headers["ETag"])
+                self.assertEqual(tag, '"%s"' % hashlib.sha1(booked.body).hexdigest())
+                moved = self.request("PATCH", booked.headers["Location"], {"time": "10:00"},
+                                     {"If-Match": tag})
+                self.assertEqual(moved.status, 200, moved.body)
 
     def test_location_percent_encodes_the_user_id(self):
         response = self.book("a/b c+d@e.com\u00e9", "2026-11-25", "09:30")
@@ -2190,15 +2271,16 @@ class HealthTest(RouteTestCase):
         table = scheduler.MetricsTable(4)  # as with --workers 2: a spare, the supervisor's last
         self.client.service.metrics.share(table, 0, supervisor_slot=3)
         self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
-        table.write(3, {"requests": {}, "samples": {}, "failing": [
-            {"worker": 1, "deaths": 3, "last": "exited with status 1 before it was ready"}]})
+        nothing = scheduler.SeriesLayout(())
+        table.write(3, nothing, [], {}, [
+            {"worker": 1, "deaths": 3, "last": "exited with status 1 before it was ready"}])
         response = self.request("GET", "/healthz")
         self.assertEqual(response.status, 200)  # this worker serves: keep sending it requests
         body = response.json()
         self.assertEqual((body["status"], body["failing_workers"]), ("degraded", [1]))
         self.assertIn("Worker 1 keeps dying young (3 times in a row; the last exited with "
                       "status 1 before it was ready)", body["detail"])
-        table.write(3, {"requests": {}, "samples": {}, "failing": []})
+        table.write(3, nothing, [], {}, [])
         self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
 
 
@@ -2410,9 +2492,40 @@ class ConditionalWriteTest(RouteTestCase):
         self.assertProblem(self.patch({"time": "10:15"}, If_Match=stale), 422)
         self.assertEqual(len(self.stored()), 2)
 
+    # RFC 9110 section 5.6.1.2: a list's empty elements are ignored, so an empty
+    # value, or commas alone, is a list of no tags. T is the appointment's tag.
+    EMPTY_ELEMENTS = [  # (header, value, whether the write is made)
+        ("If-Match", "{T},", True), ("If-Match", '"x", , {T}', True),
+        ("If-Match", ", {T} ,,", True), ("If-Match", '"x",', False), ("If-Match", "", False),
+        ("If-Match", ",", False), ("If-Match", " , ,", False),
+        ("If-None-Match", "", True), ("If-None-Match", ",", True),
+        ("If-None-Match", '"x", ,', True), ("If-None-Match", "{T},", False),
+        ("If-None-Match", '"x", , W/{T}', False),
+    ]
+
+    def test_empty_list_elements_are_ignored_and_an_empty_if_match_holds_no_tag(self):
+        for header, value, made in self.EMPTY_ELEMENTS:
+            condition = {header: value.format(T=self.tag)}
+            with self.subTest(header=header, value=value):
+                patched = self.patch({"time": "11:00"}, **{header.replace("-", "_"): condition[
+                    header]})
+                if made:
+                    self.assertEqual(patched.status, 200, patched.body)
+                    self.patch({"time": "09:30"})  # back, and so the same tag again
+                else:
+                    self.assertPreconditionFailed(patched)
+                deleted = self.request("DELETE", self.URL, headers=condition)
+                if made:
+                    self.assertEqual(deleted.status, 204, deleted.body)
+                    self.book(time="09:30")
+                else:
+                    self.assertPreconditionFailed(deleted)
+        self.assertUnchanged()
+
     def test_a_condition_that_cannot_be_read_is_400(self):
         for header, value in (("If-Match", "not-quoted"), ("If-Match", '"a" "b"'),
-                              ("If-None-Match", "W/x"), ("If-Match", '"a",, "b"')):
+                              ("If-None-Match", "W/x"), ("If-Match", '*, "a"'),
+                              ("If-None-Match", '"a",, b')):
             with self.subTest(header=header, value=value):
                 problem = self.assertProblem(self.request("DELETE", self.URL, headers={
                     header: value}), 400)
@@ -2471,6 +2584,7 @@ class IdempotencyKeyTest(RouteTestCase):
     def test_a_retried_booking_gets_its_201_again_and_books_once(self):
         first = self.keyed("POST", "/appointments", self.BOOKING)
         self.assertEqual(first.status, 201)
+        self.assertTrue(first.headers["ETag"])  # which the replays keep
         for _ in range(3):
             self.assertReplayOf(self.keyed("POST", "/appointments", self.BOOKING), first)
         self.assertEqual(self.stored(), [appointment()])
@@ -2827,7 +2941,8 @@ class ConditionalGetTest(RouteTestCase):
 
     CONDITIONS = [  # If-None-Match: whether it matches a current tag T
         ("{T}", True), ("W/{T}", True), ('"other", {T}', True), ("*", True),
-        ('"other"', False), ("", False), ("{T}x", False), ("junk", False),
+        ("{T},", True), ('"other", , {T}', True), (", W/{T}", True),
+        ('"other"', False), ("", False), (",", False), ("{T}x", False), ("junk", False),
     ]
 
     def test_if_none_match_compares_weakly_and_takes_lists(self):
@@ -3106,6 +3221,22 @@ class OpenAPITest(RouteTestCase):
                     self.assertNotIn("$ref", response)
                     self.assertTrue(response["description"])
 
+    def test_the_document_is_made_once_and_tagged(self):
+        first = self.request("GET", "/openapi.json")
+        tag = first.headers["ETag"]
+        self.assertEqual(tag, '"%s"' % hashlib.sha1(first.body).hexdigest())
+        with mock.patch.object(scheduler, "openapi_document",
+                               side_effect=AssertionError("made again")):
+            again = self.request("GET", "/openapi.json")
+            self.assertEqual((again.status, again.body, again.headers["ETag"]),
+                             (200, first.body, tag))
+            for method in ("GET", "HEAD"):
+                unchanged = self.request(method, "/openapi.json", headers={"If-None-Match": tag})
+                self.assertEqual((unchanged.status, unchanged.body), (304, b""))
+        operation = self.document()["paths"]["/openapi.json"]["get"]
+        self.assertIn("304", operation["responses"])
+        self.assertIn("ETag", operation["responses"]["200"]["headers"])
+
     def test_servers_and_the_version(self):
         document = self.document()
         self.assertEqual(document["servers"][0]["url"], "/")
@@ -3136,6 +3267,49 @@ class OpenAPITest(RouteTestCase):
         self.assertEqual(self.request("POST", "/appointments", book).status, 201)
         response = self.request("POST", "/appointments", book)
         self.assertEqual((response.status, response.json()), (409, conflict))
+
+    def test_a_reused_key_gets_the_documented_422_whose_errors_name_it(self):
+        # The 422 schema requires errors: a generated client reads them (KeyError before).
+        document, booking, url = self.document(), IdempotencyKeyTest.BOOKING, \
+            "/appointments/alice/2026-11-25"
+        writes = [  # (method, path, the first request, another with the same key)
+            ("post", "/appointments", ("/appointments", booking),
+             ("/appointments", {**booking, "time": "10:00"})),
+            ("patch", "/appointments/{user_id}/{date}", (url, {"time": "10:00"}),
+             (url, {"time": "11:00"})),
+            ("delete", "/appointments/{user_id}/{date}", (url, None),
+             ("/appointments/alice/2026-11-26", None))]
+        for method, path, first, another in writes:
+            with self.subTest(method=method):
+                operation = document["paths"][path][method]
+                content = operation["responses"]["422"]["content"]["application/problem+json"]
+                self.assertEqual(content["schema"], {"$ref": "#/components/schemas/"
+                                                             "ValidationProblem"})
+                client = Client(scheduler.InMemoryStore())
+                if method != "post":
+                    self.assertEqual(client.request("POST", "/appointments", booking).status, 201)
+                key = {"Idempotency-Key": '"k"'}
+                self.assertLess(client.request(method.upper(), *first, key).status, 300)
+                again = client.request(method.upper(), *another, key)
+                self.assertEqual((again.status, again.json()),
+                                 self.documented_response(operation, "key-reused"))
+                self.assertEqual(again.json()["errors"][0]["field"], "Idempotency-Key")
+
+    def test_headers_that_must_be_new_each_time_have_no_example(self):
+        key = self.document()["components"]["parameters"]["IdempotencyKey"]
+        self.assertFalse({"example", "examples"} & set(key) | {"example", "examples"} & set(
+            key["schema"]), key)
+        self.assertIn("new for each request", key["description"])
+        self.assertIn("uuid", key["description"])
+
+    def test_a_patch_is_described_as_a_merge_patch_alone(self):
+        # Two media types with one schema: generated clients send the first, always.
+        body = self.document()["paths"]["/appointments/{user_id}/{date}"]["patch"][
+            "requestBody"]
+        self.assertEqual(list(body["content"]), ["application/merge-patch+json"])
+        self.assertIn("as application/json, it is taken too", body["description"])
+        self.assertEqual(set(scheduler.PATCH_TYPES), {"application/merge-patch+json",
+                                                      "application/json"})
 
     def test_parameter_examples_get_the_documented_responses(self):
         document = self.document()
@@ -3300,6 +3474,25 @@ class SchemaStrictnessTest(unittest.TestCase):
         values += ["9:00", "09:00\n", "09:00:00", "０９:００"]
         for value in values:
             self.assertSameVerdict(self.time, scheduler.parse_time, value)
+
+    @staticmethod
+    def parse_condition(value: str) -> None:
+        try:
+            scheduler.write_condition({"if-match": value})
+        except scheduler.HTTPError as error:
+            raise ValueError(error.detail) from None
+
+    def test_conditions(self):
+        parameters = scheduler.openapi_document()["components"]["parameters"]
+        schema = parameters["IfMatch"]["schema"]
+        self.assertEqual(parameters["IfNoneMatch"]["schema"], schema)
+        pieces = ['"a"', 'W/"b"', '""', '"a,b"', '"\xe9"', "*", ",", " ", "\t", '"', "W/", "x",
+                  '"\x7f"', '"\x00"', "\n", "W", '"a b"', "\u0100"]
+        values = ["", '"a", , "b"', '"a",', " * ", "*,", '*, "a"', '"a" "b"', ", ,"]
+        values += [a + b + c for a in pieces for b in pieces for c in pieces[:9]]
+        values += ["".join(random.Random(seed).choices(pieces, k=6)) for seed in range(3000)]
+        for value in values:
+            self.assertSameVerdict(schema, self.parse_condition, value)
 
     def test_integer_user_ids_have_the_parsers_bounds(self):
         integer = scheduler.openapi_document()["components"]["schemas"]["NewAppointment"][
@@ -3574,6 +3767,59 @@ class TruthfulHealthTest(RouteTestCase):
                 response = self.request("GET", path)
                 self.assertIn("damaged", self.assertProblem(response, 503)["detail"])
                 self.assertNotIn("Retry-After", response.headers)
+
+    def test_a_wal_file_deleted_is_503_and_what_was_committed_is_in_the_database_file(self):
+        self.assertEqual(self.book().status, 201)
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        os.remove(self.store.path + "-wal")  # a careless clean-up; SQLite writes on, unaware
+        for request in (lambda: self.request("GET", "/healthz"), lambda: self.book("bob")):
+            response = request()
+            detail = self.assertProblem(response, 503)["detail"]
+            self.assertIn("its -wal file was deleted or replaced", detail)
+            self.assertIn("until its operator starts the server again", detail)
+            self.assertNotIn("Retry-After", response.headers)  # retrying will not help
+        self.assertEqual(self.stored(), [appointment()])  # reads go on
+        logged = [line for line in self.client.logged if self.store.path + "-wal" in line]
+        self.assertTrue(logged and all("committed was copied into the database file" in line
+                                       for line in logged), self.client.logged)
+        # What a process opening the path sees (after a crash, say): the database file
+        # alone, which the booking acknowledged before the deletion is now in.
+        alone = temporary_database(self)
+        shutil.copyfile(self.store.path, alone)
+        self.assertEqual(query(alone, "SELECT user_id FROM appointments"), [("alice",)])
+
+    def test_a_database_file_moved_away_is_503(self):
+        os.rename(self.store.path, self.store.path + ".moved")
+        detail = self.assertProblem(self.request("GET", "/healthz"), 503)["detail"]
+        self.assertIn("the database file was deleted or replaced", detail)
+        self.assertProblem(self.book(), 503)
+
+
+class DatabaseFailureTest(RouteTestCase):
+    """An error SQLite did not foresee reaches the client as a sentence; SQLite's own
+    words, which may quote the schema, go to the log alone."""
+
+    def make_store(self):
+        return scheduler.SQLiteStore(temporary_database(self))
+
+    SECRET = "CREATE TABLE hidden (\n  secret_column TEXT CHECK (length(secret_column) > 0))"
+
+    def test_the_client_gets_a_sentence_and_the_log_sqlites_words_in_one_line(self):
+        with contextlib.closing(sqlite3.connect(self.store.path, isolation_level=None)) as db:
+            db.execute("CREATE TRIGGER refuse_mallory BEFORE INSERT ON appointments WHEN "
+                       f"NEW.user_id = 'mallory' BEGIN SELECT RAISE(ABORT, '{self.SECRET}'); END")
+        response = self.book("mallory")
+        problem = self.assertProblem(response, 503)
+        self.assertNotIn("Retry-After", response.headers)
+        for text in ("CREATE", "CHECK", "secret_column", "hidden", "RAISE", "SQL", "sqlite"):
+            self.assertNotIn(text, response.body.decode())
+        self.assertIn("log", problem["detail"])
+        logged = [line for line in self.client.logged if "secret_column" in line]
+        self.assertEqual(len(logged), 1, self.client.logged)
+        self.assertNotIn("\n", logged[0])
+        self.assertIn("'POST /appointments'", logged[0])
+        self.assertIn(repr(self.SECRET), logged[0])
+        self.assertEqual(self.book("alice").status, 201)  # the others' bookings go on
 
 
 class LockedDatabaseTest(RouteTestCase):
@@ -4586,6 +4832,31 @@ class HeaderMemoryTest(unittest.TestCase):
         """How many connections the server holds open: its sockets but the listening one."""
         return open_sockets(server.process.pid) - 1
 
+    @unittest.skipUnless(os.path.exists("/proc/net/tcp"), "reads queues from /proc/net/tcp")
+    def test_with_cors_a_head_past_the_limit_is_searched_for_its_origin_not_held(self):
+        # With --cors-origin, the server reads up to ORIGIN_SEARCH_BYTES of a head too
+        # long, for its Origin; it held all of that a connection (332 KiB each before).
+        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+                                      str(self.SLOTS), "--cors-origin", "https://a.example"],
+                               keep_log=False)
+        before = rss_bytes(server.process.pid)
+        self.attack(server, self.SLOTS, lines=250, length=1000)  # 250 KB each, no Origin
+        wait_until(lambda: self.every_byte_read(server.port, self.SLOTS),
+                   what="the server to read every byte sent")
+        self.assertLess(rss_bytes(server.process.pid) - before, self.SLOTS * 192 << 10)
+
+    @staticmethod
+    def every_byte_read(port: int, connections: int) -> bool:
+        """Whether as many connections to port are open, and every byte their clients
+        sent has been read by the server (Linux's queues in /proc/net/tcp)."""
+        ends = []
+        with open("/proc/net/tcp") as table:
+            for line in itertools.islice(table, 1, None):
+                local, remote, state, queues = line.split()[1:5]
+                if state == "01" and port in (int(local[-4:], 16), int(remote[-4:], 16)):
+                    ends.append(queues != "00000000:00000000")  # transmit:receive
+        return len(ends) == 2 * connections and not any(ends)
+
 
 class DescriptorTest(unittest.TestCase):
     def test_the_cap_fits_ulimit_n_and_a_burst_past_it_is_answered(self):
@@ -4841,6 +5112,52 @@ class RefusedOriginTest(unittest.TestCase):
                 self.assertEqual(response.headers["Vary"], "Origin")
 
 
+class _PiecesSocket:
+    """Enough of a socket for a Connection: recv() gives these pieces, one a call, then
+    end of file; what is sent is kept."""
+
+    def __init__(self, pieces: List[bytes]):
+        self.pieces, self.sent = list(pieces), b""
+
+    def recv(self, size: int) -> bytes:
+        assert not self.pieces or len(self.pieces[0]) <= size, "a piece larger than asked for"
+        return self.pieces.pop(0) if self.pieces else b""
+
+    def sendall(self, data: bytes) -> None:
+        self.sent += data
+
+
+class OriginSearchTest(unittest.TestCase):
+    """The Origin of a head too long (431), found past its first MAX_HEAD_BYTES in the
+    pieces that arrive, wherever the reads cut its line."""
+
+    LONG = b"GET / HTTP/1.1\r\nHost: t\r\nX-Long: " + b"x" * 70_000 + b"\r\n"  # past 64 KiB
+    LINE = f"Origin: {ORIGIN}\r\n".encode()
+    CUTS = [0, 1, 3, 7, len(LINE) - 2, len(LINE) - 1, len(LINE)]  # where the line is cut
+
+    def answer(self, pieces: List[bytes]) -> Response:
+        service = scheduler.Service(scheduler.InMemoryStore(), cors_origins=(ORIGIN,),
+                                    log=lambda line: None)
+        sock = _PiecesSocket(pieces)
+        scheduler.Connection(sock, ("192.0.2.1", 1), _Host(service.limits)).serve(service)
+        return read_response(_BytesSocket(sock.sent))
+
+    def test_an_origin_line_cut_by_the_reads_is_found(self):
+        filler = b"X-More: " + b"y" * 30_000 + b"\r\n"
+        for cut in self.CUTS:
+            with self.subTest(cut=cut):
+                pieces = [self.LONG[:60_000], self.LONG[60_000:], filler,
+                          b"X-Last: z\r\n" + self.LINE[:cut], self.LINE[cut:] + filler]
+                response = self.answer([piece for piece in pieces if piece])
+                self.assertEqual(response.status, 431)
+                self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
+
+    def test_none_is_found_where_none_was_sent(self):
+        response = self.answer([self.LONG[:60_000], self.LONG[60_000:], b"X-A: b\r\n" * 100])
+        self.assertEqual((response.status, response.headers["Vary"]), (431, "Origin"))
+        self.assertNotIn("Access-Control-Allow-Origin", response.headers)
+
+
 class CORSAnyOriginTest(ServerTestCase):
     cors_origins = ("*",)
 
@@ -5020,11 +5337,97 @@ class MetricsTest(ServerTestCase):
             self.raw(f"M{rng.randrange(10 ** 6)} / HTTP/1.1\r\nHost: t\r\n\r\n".encode())
         samples = parse_metrics(self.request("GET", "/metrics", conn=conn).body.decode())
         labels = [dict(key) for name, key in samples if name == "scheduler_requests_total"]
-        routes = {route.path for route in scheduler.ROUTES} | {"unmatched"}
+        routes = {route.path for route in scheduler.ROUTES} | {"unmatched", "*"}
         self.assertLessEqual({label["route"] for label in labels}, routes)
         self.assertLessEqual({label["method"] for label in labels},
                              scheduler.KNOWN_METHODS | {"other"})
-        self.assertLessEqual({int(label["status"]) for label in labels}, set(HTTPStatus))
+        self.assertLessEqual({int(label["status"]) for label in labels},
+                             set(HTTPStatus) | {scheduler.CLIENT_GONE})
+
+
+class MetricsFromTheStartTest(ServerTestCase):
+    """Every series a request can make is in the first scrape, at 0: Prometheus's
+    rate() and increase() take a series' first value as its start, so the first burst
+    of a series that appears with it (the first 404s of a DELETE) was never seen."""
+
+    limits = scheduler.Limits(request_timeout=0.3, max_body_bytes=1000)
+    URL = "/appointments/alice/2026-11-25"
+
+    def requests(self) -> List[Tuple[str, str, object, dict]]:
+        """Requests that make many series: (method, path, body, headers)."""
+        json_type = {"Content-Type": "application/json"}
+        patch = {"Content-Type": "application/merge-patch+json"}
+        return [
+            ("POST", "/appointments", VALID_BODY, json_type),  # 201
+            ("POST", "/appointments", VALID_BODY, json_type),  # 409
+            ("POST", "/appointments", b'{"user_id": "bob"}', json_type),  # 422
+            ("POST", "/appointments", b"{", json_type),  # 400
+            ("POST", "/appointments", VALID_BODY, {"Content-Type": "text/plain"}),  # 415
+            ("POST", "/appointments", b"x" * 2000, json_type),  # 413
+            ("GET", "/appointments?user_id=alice", None, {}),
+            ("HEAD", "/appointments?user_id=alice", None, {}),
+            ("GET", "/appointments", None, {}),  # 400
+            ("GET", "/appointments/alice/2026-11-26", None, {}),  # 404
+            ("HEAD", "/appointments/alice/x", None, {}),  # 400
+            ("PATCH", self.URL, b'{"time": "10:00"}', {**patch, "If-Match": '"stale"'}),  # 412
+            ("PATCH", self.URL, b'{"time": "10:00"}', patch),
+            ("PATCH", self.URL, b'{"time": "10:00"}', json_type),
+            ("PATCH", self.URL, b'{"time": "10:00"}', {}),  # 415
+            ("DELETE", "/appointments/alice/2026-11-27", None, {}),  # 404
+            ("DELETE", self.URL, None, {"Idempotency-Key": '"k"'}),  # 204
+            ("DELETE", "/appointments/bob/2026-11-25", None, {"Idempotency-Key": '"k"'}),  # 422
+            ("GET", "/appointments.ics?user_id=alice", None, {}),
+            ("GET", "/appointments.ics", None, {}),  # 400
+            ("GET", "/healthz", None, {}), ("HEAD", "/metrics", None, {}),
+            ("GET", "/openapi.json", None, {}),
+            ("GET", "/openapi.json", None, {"If-None-Match": "*"}),  # 304
+            ("OPTIONS", self.URL, None, {}), ("OPTIONS", "*", None, {}),
+            ("GET", "/nowhere", None, {}), ("OPTIONS", "/nowhere", None, {}),  # 404
+            ("PUT", "/appointments", None, {}), ("TRACE", "/", None, {}),  # 405
+            ("GET", "/appointments/%ff/2026-11-25", None, {}),  # 400
+        ]
+
+    RAW = [  # what a client cannot send with http.client
+        b"POST /appointments HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n\r\n{}",
+        b"PATCH " + URL.encode() + b" HTTP/1.1\r\nHost: t\r\nContent-Type: application/json"
+        b"\r\nTransfer-Encoding: chunked\r\n\r\n",  # 411
+        b"BREW / HTTP/1.1\r\nHost: t\r\n\r\n", b"GET / HTTP/2.0\r\nHost: t\r\n\r\n",  # 501, 505
+        b"BREW / HTTP/2.0\r\nHost: t\r\n\r\n", b"GET / HTTP/1.1\r\n\r\n",  # 505, 400
+        b"DELETE / HTTP/1.1\r\nHost: t\r\nX A: b\r\n\r\n",  # 400
+        b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 101 + b"\r\n",  # 431
+        b"GET /?" + b"q" * 70_000 + b" HTTP/1.1\r\n\r\n",  # 414
+        b"GET / HTTP/1.1\r\nX: " + b"y" * 70_000 + b"\r\n\r\n",  # 431
+        b"GET / HTTP/1.1\r\nHost: t\r\n",  # 408, the head unfinished
+        post_head(10) + b"{",  # 408, the body unfinished
+    ]
+
+    def test_every_series_a_request_makes_is_in_the_first_scrape_at_0(self):
+        first = parse_metrics(self.request("GET", "/metrics").body.decode())
+        declared = {("scheduler_requests_total", frozenset(
+            {"route": route, "method": method, "status": str(status)}.items()))
+            for route, method, status in scheduler.request_series()}
+        self.assertLessEqual(declared, set(first))
+        self.assertIn(("scheduler_requests_total", frozenset(
+            {"route": "/appointments/{user_id}/{date}", "method": "DELETE", "status": "404"
+             }.items())), declared)
+        conn = self.connect()
+        for method, path, body, headers in self.requests():
+            conn.request(method, path, body, headers)
+            response_of(conn)
+        for raw in self.RAW:
+            self.raw(raw)
+        with self.open_socket() as sock:  # a head cut short by its client: 400
+            sock.sendall(b"GET / HTTP/1.1\r\nHost:")
+            sock.shutdown(socket.SHUT_WR)
+            self.assertEqual(read_response(sock).status, 400)
+        after = parse_metrics(self.request("GET", "/metrics").body.decode())
+        made = {key for key, value in after.items() if value and key[0] in (
+            "scheduler_requests_total", "scheduler_request_duration_seconds_count")}
+        series = [dict(labels) for name, labels in made if name == "scheduler_requests_total"]
+        self.assertGreaterEqual(len(series), 40)  # the requests made many: 18 statuses
+        self.assertEqual(len({labels["status"] for labels in series}), 18)
+        self.assertEqual({key for key in made if key not in first}, set())
+        self.assertEqual({first[key] for key in made}, {0})
 
 
 class TimedOutMetricTest(ServerTestCase):
