@@ -763,6 +763,8 @@ class InMemoryStore(Store):
     def _once_per_key(self, keyed: Optional[Keyed], perform: Callable[[], object]):
         """perform() once per key (_once()), under the lock."""
         with self._lock:
+            if keyed is None:  # no key: none of _once()'s work
+                return perform()
             return _once(keyed, self._keys, (self.max_keys_per_user, self.max_keys), perform)
 
     @staticmethod
@@ -1683,15 +1685,18 @@ class SQLiteStore(Store):
             _set_aside(db, row[0], stored_row_problem(user_id, date, *row[1:]))
         return held
 
+    # A booking, made only while the store (capacity, where not negative) and the user
+    # (user_capacity) hold fewer than they may.
+    _INSERT = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
+               f"{', ?' * len(DETAILS)} WHERE (? < 0 OR (SELECT n FROM appointment_count) < ?) "
+               "AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ?")
+
     def _book(self, db: sqlite3.Connection, appointment: Appointment) -> Appointment:
         """In a transaction, which holds the write lock: nothing changes meanwhile."""
         user_id, date = appointment.user_id, appointment.date.isoformat()
         limit = -1 if self.capacity is None else self.capacity
-        insert = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
-                  f"{', ?' * len(DETAILS)} WHERE (? < 0 OR (SELECT n FROM appointment_count) "
-                  "< ?) AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ?",
-                  (user_id, date, f"{appointment.start:%H:%M}", *appointment.details,
-                   limit, limit, user_id, self.user_capacity))
+        insert = (self._INSERT, (user_id, date, f"{appointment.start:%H:%M}",
+                                 *appointment.details, limit, limit, user_id, self.user_capacity))
         try:
             if db.execute(*insert).rowcount:
                 return appointment
@@ -1760,6 +1765,8 @@ class SQLiteStore(Store):
         """apply(db, *args), once per key (_once()): the key's response
         is read and written in the write's own transaction, so a retry after a
         crash, or in another worker, finds it or finds nothing done."""
+        if keyed is None:  # no key: none of _once()'s work
+            return apply(db, *args)
         return _once(keyed, _SQLKeys(db), (self.max_keys_per_user, self.max_keys),
                      lambda: apply(db, *args))
 
@@ -2191,13 +2198,13 @@ class Metrics:
                              if sample[0] == "counter"}
         self.publish()
 
-    def publish(self) -> Tuple["SeriesLayout", List[float], dict]:
+    def publish(self) -> Optional[Tuple["SeriesLayout", List[float], dict]]:
         """Write this process's numbers to its slot, if it has one (the watchdog does,
-        every TICK, and each scrape); return them, as _own() gives them. One writer
-        at a time, the numbers taken under the same hold, so that older ones never
-        overwrite newer ones."""
+        every TICK, and each scrape), and return them, as _own() gives them. One
+        writer at a time, the numbers taken under the same hold, so that older ones
+        never overwrite newer ones."""
         if self.table is None:
-            return self._own()
+            return None
         with self._publish_lock:
             own = self._own()
             self.table.write(self._slot, *own)
@@ -2297,7 +2304,7 @@ class Metrics:
         """Everything, in the Prometheus text exposition format, version 0.0.4: with
         a table, every worker's numbers added up (this one's first published)."""
         others = self._other_workers() if self.table is not None else None
-        layout, numbers, samples = self.publish()
+        layout, numbers, samples = self.publish() or self._own()
         if others is not None:
             theirs = others.numbers if others.layout is layout else \
                 others.layout.moved(others.numbers, layout)
@@ -2574,8 +2581,7 @@ class KeptReplies:
         """The reply kept for key (a route's name and its parameters) while user_id's
         version is the one it was made for; else make() it: (the reply, how many
         appointments it holds)."""
-        with self._lock:
-            kept = self._kept.get(key)
+        kept = self._kept.get(key)  # one call: atomic, as _keep() changes _kept under _lock
         if kept is None:
             reply, held = make()
             if held >= KEPT_FROM:  # next time its version is taken first, to keep it
@@ -2610,7 +2616,7 @@ def list_appointments(service: "Service", request: Request) -> Reply:
     user_id = query_user_id(request.query)
     first, last = query_date_range(request.query)
 
-    def make() -> Tuple[Reply, int]:
+    def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
         appointments = service.store.list_for_user(user_id, first, last)
         if len(appointments) >= KEPT_FROM and request.client_gone():
             raise ClientGone()
@@ -2752,7 +2758,7 @@ def calendar(service: "Service", request: Request) -> Reply:
     changes (README, Decisions)."""
     user_id = query_user_id(request.query)
 
-    def make() -> Tuple[Reply, int]:
+    def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
         appointments = service.store.list_for_user(user_id)
         if len(appointments) >= KEPT_FROM and request.client_gone():
             raise ClientGone()
