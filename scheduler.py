@@ -25,10 +25,12 @@ The file reads top to bottom, each section using only those above it:
     Domain         an appointment, its fields' rules and its details (DETAILS), a
                    booking's outcomes
     Stores         where appointments live: InMemoryStore, SQLiteStore (its versioned
-                   schema, SCHEMA_STEPS; group commit; the writers' lock, _Turns)
+                   schema, SCHEMA_STEPS; group commit; the writers' lock, _Turns);
+                   the Idempotency-Keys they keep, each user's own (_once(), KeyTable)
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
-    Routes         HTTPError; route functions from parsed input to a Reply; match()
+    Routes         HTTPError; route functions from parsed input to a Reply; the
+                   replies kept for users with many appointments (KeptReplies); match()
     Wire format    HTTP/1.1 as functions over bytes and values, none touching a
                    socket: find_head(), parse_head(), keep_alive(), render_response();
                    body and JSON checks; http_error() (every error's problem);
