@@ -2857,6 +2857,21 @@ class KeptAcrossProcessesTest(unittest.TestCase):
         self.assertEqual(now.json()["appointments"][0]["note"], "from another worker")
 
 
+class ListingTest(unittest.TestCase):
+    def test_a_long_listing_joined_from_cached_texts_is_json_content_byte_for_byte(self):
+        for user_id, note in (("alice", None), ("😀" * 256, "🦴" * 500), ('q"\\\n', 'a\nb"c')):
+            listed = [scheduler.Appointment(user_id, dt.datetime.combine(
+                dt.date(2026, 1, 1) + dt.timedelta(days=day), dt.time(9, 30), tzinfo=UTC),
+                note if day % 2 else None) for day in range(scheduler.KEPT_FROM * 2)]
+            for count in (0, 1, scheduler.KEPT_FROM - 1, scheduler.KEPT_FROM, len(listed)):
+                with self.subTest(user_id=user_id[:8], count=count):
+                    reply = scheduler.listing(user_id, listed[:count])
+                    content = scheduler.json_content({"user_id": user_id, "appointments": [
+                        appointment.as_json() for appointment in listed[:count]]})
+                    self.assertEqual(reply.body, content)
+                    self.assertEqual(dict(reply.headers)["ETag"], scheduler.entity_tag(content))
+
+
 class KeptRepliesBoundTest(unittest.TestCase):
     def test_past_the_budget_the_least_recently_used_go_first(self):
         store = scheduler.InMemoryStore()
