@@ -565,10 +565,13 @@ def _once(keyed: Optional[Keyed], keys: KeyTable, limits: Tuple[int, int],
     """perform() a write once per key: the response kept for keyed's key, if any, is
     raised (AlreadyKeyed); else the write is performed and its outcome's response
     kept, whatever the outcome. limits: the keys one user, then all users, may
-    hold; KeysFull when no key can make room (before anything is performed, so
-    nothing is ever done that a retry could do again). Run under the lock or in
-    the transaction of the write, so that two writes of one key never both
-    perform."""
+    hold. Unchanged keys make room: the user's own, and at the total, if the user
+    has none, the oldest of any user's (then its retry is done again, where it
+    would otherwise be refused: the answer a keyed 404 or 409 keeps is worth less
+    than the service). KeysFull when no key can make room, before anything is
+    performed, so nothing is ever done that a retry could do again. Run under the
+    lock or in the transaction of the write, so that two writes of one key never
+    both perform."""
     if keyed is None:
         return perform()
     now = time.time()
@@ -577,8 +580,9 @@ def _once(keyed: Optional[Keyed], keys: KeyTable, limits: Tuple[int, int],
     if replay is not None:
         raise AlreadyKeyed(replay)
     for user_id, limit in zip((keyed.user_id, None), limits):
-        while keys.held(user_id) >= limit:
-            if not keys.forget_unchanged(user_id):
+        while keys.held(user_id) >= limit:  # the user's own unchanged keys make room first
+            if not (keys.forget_unchanged(keyed.user_id)
+                    or user_id is None and keys.forget_unchanged(None)):
                 raise KeysFull(user_id, limit,
                                max(1, math.ceil(keys.oldest(user_id) + KEY_LIFETIME - now)))
     try:

@@ -2688,6 +2688,17 @@ class IdempotencyKeyTest(RouteTestCase):
                                        {"date": "2026-11-26"}, key='"move-1"'), moved)
         self.assertEqual(self.stored(), [appointment(date="2026-11-26")])
 
+    def test_at_the_total_a_users_own_unchanged_keys_make_room_before_anyone_elses(self):
+        store = self.with_quotas(max_keys=3)
+        self.flood(["bob"], 1, "bob")  # the oldest, unchanged
+        self.flood(["alice"], 1, "alice")
+        self.assertEqual(self.keyed("POST", "/appointments", {**self.BOOKING, "user_id": "carol"},
+                                    key='"carol"').status, 201)
+        self.assertEqual(self.keyed("POST", "/appointments", self.BOOKING).status, 201)
+        retry = self.keyed("DELETE", "/appointments/bob/2026-11-25", key='"bob-0"')
+        self.assertEqual((retry.status, retry.headers["Idempotent-Replayed"]), (404, "true"))
+        self.assertEqual(kept_keys(store), 3)
+
     def test_past_a_users_bound_a_key_of_a_change_is_refused_with_429(self):
         store = self.with_quotas(max_keys_per_user=2)
         self.flood(["alice"], 1)  # unchanged: makes room when needed
