@@ -2496,10 +2496,14 @@ def json_content(body) -> bytes:
     return (_JSON_ENCODER.encode(body) + "\n").encode()
 
 
+def tagged(content: bytes) -> Reply:
+    """A 200 of JSON content, with its ETag."""
+    return Reply(HTTPStatus.OK, content, (("ETag", entity_tag(content)),))
+
+
 def tagged_json(body: dict) -> Reply:
     """A 200 of body as JSON, with its ETag: encoded here, once, to be hashed and sent."""
-    content = json_content(body)
-    return Reply(HTTPStatus.OK, content, (("ETag", entity_tag(content)),))
+    return tagged(json_content(body))
 
 
 def appointment_tag(appointment: Appointment) -> str:
@@ -2632,9 +2636,8 @@ def listing(user_id: str, appointments: List[Appointment]) -> Reply:
     of KEPT_FROM or more, it is joined from each appointment's cached text."""
     if len(appointments) < KEPT_FROM:
         return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
-    content = (f'{{"user_id": {_JSON_ENCODER.encode(user_id)}, "appointments": ['
-               + ", ".join(map(_listed, appointments)) + "]}\n").encode()
-    return Reply(HTTPStatus.OK, content, (("ETag", entity_tag(content)),))
+    return tagged((f'{{"user_id": {_JSON_ENCODER.encode(user_id)}, "appointments": ['
+                   + ", ".join(map(_listed, appointments)) + "]}\n").encode())
 
 
 def list_appointments(service: "Service", request: Request) -> Reply:
