@@ -671,6 +671,23 @@ def race_bookings(stores: List[scheduler.Store]) -> List[str]:
     return outcomes
 
 
+def race_to_fill(store: scheduler.Store, appointments) -> List[str]:
+    """One thread per appointment, all released at once, each booking it; returns each
+    thread's "booked" or "full", sorted."""
+    barrier, outcomes = threading.Barrier(len(appointments)), []  # list.append is atomic
+
+    def book(booked):
+        barrier.wait()
+        try:
+            store.book(booked)
+            outcomes.append("booked")
+        except scheduler.StoreFull:
+            outcomes.append("full")
+
+    run_all([threading.Thread(target=book, args=(booked,)) for booked in appointments])
+    return sorted(outcomes)
+
+
 class StoreContract:
     """What every Store must do; run once per store class below."""
 
@@ -719,18 +736,8 @@ class StoreContract:
     def test_racing_bookings_never_pass_the_capacity(self):
         store = self.make_store(capacity=5)
         self.addCleanup(store.close)
-        barrier, outcomes = threading.Barrier(16), []
-
-        def book(user):
-            barrier.wait()
-            try:
-                store.book(appointment(user))
-                outcomes.append("booked")
-            except scheduler.StoreFull:
-                outcomes.append("full")
-
-        run_all([threading.Thread(target=book, args=(f"user-{n}",)) for n in range(16)])
-        self.assertEqual(sorted(outcomes), ["booked"] * 5 + ["full"] * 11)
+        self.assertEqual(race_to_fill(store, [appointment(f"user-{n}") for n in range(16)]),
+                         ["booked"] * 5 + ["full"] * 11)
         self.assertEqual(store.count(), 5)
 
     def test_a_user_at_their_capacity_books_no_more_but_others_may(self):
@@ -754,18 +761,9 @@ class StoreContract:
     def test_racing_bookings_of_one_user_never_pass_their_capacity(self):
         store = self.make_store(user_capacity=4)
         self.addCleanup(store.close)
-        barrier, outcomes = threading.Barrier(12), []
-
-        def book(day):
-            barrier.wait()
-            try:
-                store.book(appointment(date=f"2026-11-{day:02}"))
-                outcomes.append("booked")
-            except scheduler.StoreFull:
-                outcomes.append("full")
-
-        run_all([threading.Thread(target=book, args=(day,)) for day in range(1, 13)])
-        self.assertEqual(sorted(outcomes), ["booked"] * 4 + ["full"] * 8)
+        self.assertEqual(race_to_fill(store, [appointment(date=f"2026-11-{day:02}")
+                                              for day in range(1, 13)]),
+                         ["booked"] * 4 + ["full"] * 8)
         self.assertEqual(len(store.list_for_user("alice")), 4)
 
     def test_a_users_version_changes_with_their_appointments_alone(self):
