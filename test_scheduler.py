@@ -458,9 +458,11 @@ def read_lock_file(data: str) -> Tuple[Optional[int], Optional[str]]:
     try:
         with open(os.path.join(data, "postmaster.pid")) as lock_file:
             lines = lock_file.read().splitlines()
-        return int(lines[0]), (lines[6].split()[1:2] or [None])[0] if len(lines) > 6 else None
+        pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None, None
+    shared_memory = lines[6].split() if len(lines) > 6 else []  # its key, then its ID
+    return pid, shared_memory[1] if len(shared_memory) == 2 else None
 
 
 def remove_cluster(folder: str) -> None:
@@ -491,8 +493,8 @@ def remove_cluster(folder: str) -> None:
 
 # A cluster's watchdog: a process that waits until the test process that started it ends
 # (its end of the watchdog's stdin closes, however it ends: even by SIGKILL, as a pool's
-# worker does), then removes the cluster. It imports this file only then, if the folder
-# is still there: that takes 0.4 s of CPU.
+# worker does), then removes the cluster. It imports this file, which is slow, only then,
+# and only if the folder is still there.
 _WATCHDOG = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
              "sys.stdin.buffer.read(); folder = sys.argv[2]; "
              "os.path.isdir(folder) and (sys.path.insert(0, sys.argv[1]) or "
@@ -521,7 +523,7 @@ def make_certificates(folder: str) -> Dict[str, str]:
     """With the openssl command, in folder: a CA ("ca"), a server certificate and key
     that it signs for 127.0.0.1 and localhost ("cert", "key"), and another CA that
     signed nothing ("other_ca"); their paths by those names. Elliptic-curve keys
-    (P-256): RSA ones take a tenth of a second each to make."""
+    (P-256): much quicker to make than RSA ones."""
     os.makedirs(folder, exist_ok=True)
     path = functools.partial(os.path.join, folder)
     with open(path("extensions.cnf"), "w") as extensions:
@@ -579,13 +581,13 @@ def _sql_literal(text: str) -> str:
 def postgres_template() -> str:
     """The data folder that each cluster's is a copy of, stopped: made on first need
     and kept in the temporary folder for later runs, one for each PostgreSQL build
-    and way of making it (initdb, the roles and the database take about 1 s of CPU;
-    a copy, 0.07 s)."""
+    and way of making it. A copy is much quicker than initdb, the roles and the
+    database."""
     binary = os.stat(os.path.join(postgres_binaries(), "postgres"))
     recipe = repr((postgres_binaries(), binary.st_size, binary.st_mtime_ns,
                    PostgresCluster.INITDB, PostgresCluster.ROLES, PostgresCluster.DATABASE))
-    folder = os.path.join(tempfile.gettempdir(), f"scheduler-pg-template-{os.geteuid()}-"
-                                                 f"{hashlib.sha256(recipe.encode()).hexdigest()[:16]}")
+    key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
+    folder = os.path.join(tempfile.gettempdir(), f"scheduler-pg-template-{os.geteuid()}-{key}")
     data = os.path.join(folder, "data")
     if os.path.isdir(data):
         return data
@@ -637,8 +639,6 @@ class PostgresCluster:
     PASSWORDS = {"postgres": "superuser-secret-4b1d", "scheduler": "scheduler-secret-9c2e",
                  "md5_user": "md5-secret-3f7a", "plain_user": "plain-secret-8d5b",
                  "trust_user": None}
-    # The shared cluster's settings beside the defaults.
-    SHARED_SETTINGS: Dict[str, object] = {}
 
     _shared: Dict[int, "PostgresCluster"] = {}  # by process ID
     _numbers = itertools.count(1)
@@ -665,8 +665,17 @@ class PostgresCluster:
         stopped, killed or frozen); removed when the process ends."""
         cluster = cls._shared.get(os.getpid())  # not one a parent process started
         if cluster is None:
-            cluster = cls._shared[os.getpid()] = cls(settings=cls.SHARED_SETTINGS)
+            cluster = cls._shared[os.getpid()] = cls()
             atexit.register(cluster.cleanup)
+        return cluster.start()
+
+    @classmethod
+    def for_test(cls, testcase: unittest.TestCase, settings: Optional[dict] = None
+                 ) -> "PostgresCluster":
+        """A started cluster of one test's own (to kill, to fail over), removed when
+        the test ends."""
+        cluster = cls(settings=settings)
+        testcase.addCleanup(cluster.cleanup)
         return cluster.start()
 
     # -- Paths and programs
@@ -731,9 +740,11 @@ class PostgresCluster:
                 self.ca_file = self.certificates["ca"]
                 self.other_ca_file = self.certificates["other_ca"]
             self._own(self.folder)
+            if os.path.exists(self.data):
+                raise ClusterError(f"{self.data} exists: a cluster's folder must not hold one")
             if from_template:
-                template = postgres_template()
-                subprocess.run(["cp", "-a", template, self.data], check=True, timeout=60)
+                subprocess.run(["cp", "-a", postgres_template(), self.data], check=True,
+                               timeout=60)
                 self._write_hba()
                 self._start_on_a_free_port()
             else:
@@ -808,9 +819,10 @@ class PostgresCluster:
             try:
                 self._pg_ctl("start", "-w", "-t", "30", "-l", self.log_file)
                 return
-            except ClusterError:
+            except ClusterError as error:
                 if "could not bind" not in self.log()[logged:] or attempt == 2:
-                    raise ClusterError(f"the server did not start; its log:\n{self.log()[logged:]}")
+                    raise ClusterError(f"{error}; the server logged:\n{self.log()[logged:]}") \
+                        from None
 
     def start(self) -> "PostgresCluster":
         """Make the cluster if it is not made yet, and start its server if it is not
@@ -946,8 +958,14 @@ class PostgresCluster:
         """A schema name for one test, in database; the schema is dropped (if made)
         when the test ends."""
         name = self.new_schema_name()
-        testcase.addCleanup(self.sql, f'DROP SCHEMA IF EXISTS "{name}" CASCADE', database)
+        testcase.addCleanup(self._drop, f'DROP SCHEMA IF EXISTS "{name}" CASCADE', database)
         return name
+
+    def _drop(self, statement: str, database: str = "postgres") -> None:
+        """Run statement unless the server is down or frozen (a test that left it so
+        gets an error of its own; shared() starts it for the next)."""
+        if self.pid is not None and not self._frozen:
+            self.sql(statement, database)
 
     def create_database(self, name: str, owner: str = "scheduler") -> str:
         self.sql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
@@ -956,7 +974,7 @@ class PostgresCluster:
     def fresh_database(self, testcase: unittest.TestCase) -> str:
         """A database of one test's own, owned by scheduler; dropped when it ends."""
         name = self.create_database(self.new_schema_name())
-        testcase.addCleanup(self.sql, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        testcase.addCleanup(self._drop, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         return name
 
     # -- Replication
@@ -972,9 +990,9 @@ class PostgresCluster:
         standby._watch()
         try:
             if self.certificates:  # its own copy: it may outlive this cluster's folder
-                shutil.copytree(os.path.dirname(self.certificates["cert"]),
-                                os.path.join(standby.folder, "tls"))
-                standby.certificates = {name: os.path.join(standby.folder, "tls", os.path.basename(path))
+                tls = shutil.copytree(os.path.dirname(self.certificates["cert"]),
+                                      os.path.join(standby.folder, "tls"))
+                standby.certificates = {name: os.path.join(tls, os.path.basename(path))
                                         for name, path in self.certificates.items()}
                 standby.ca_file, standby.other_ca_file = (standby.certificates["ca"],
                                                           standby.certificates["other_ca"])
@@ -1004,8 +1022,9 @@ class PostgresCluster:
         """Commits here stop waiting for that standby, which is going away."""
         if name in self._synchronous:
             self._synchronous.remove(name)
+            if self._made:
+                self._write_settings()  # read at the next start if not now
             if self.pid is not None and not self._frozen:
-                self._write_settings()
                 self.sql("SELECT pg_reload_conf()")
 
     def promote(self) -> None:
@@ -6277,7 +6296,7 @@ class PostgresClusterTest(unittest.TestCase):
         self.assertEqual(cluster.sql(f"SELECT x FROM {schema}.t", cluster.DATABASE), "1")
 
     def test_a_synchronous_standby_has_each_commit_and_takes_over(self):
-        """Slower than most (about 1 s): a base backup, a start, a promotion."""
+        # Slower than most: a base backup, a start, a promotion.
         primary = PostgresCluster.shared()
         schema = primary.fresh_schema(self)  # dropped once commits no longer wait
         standby = primary.standby(synchronous=True)
