@@ -6204,11 +6204,12 @@ class TimedOutMetricTest(ServerTestCase):
 # --- The tests' throwaway PostgreSQL clusters (the helpers at the top) ------------------
 
 
-def psql_login(cluster: PostgresCluster, uri: str) -> subprocess.CompletedProcess:
-    """psql (libpq, the reference) logs in with uri and asks who it is."""
+def psql_login(cluster: PostgresCluster, uri: str,
+               statement: str = "SELECT current_user") -> subprocess.CompletedProcess:
+    """psql (libpq, the reference) logs in with uri and runs statement."""
     env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
     return subprocess.run([cluster._program("psql"), "-X", "-A", "-t", "-d", uri,
-                           "-c", "SELECT current_user"], stdin=subprocess.DEVNULL,
+                           "-c", statement], stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, env=env, timeout=30)
 
 
@@ -6239,6 +6240,17 @@ class PostgresClusterTest(unittest.TestCase):
         self.assertIn('password authentication failed for user "scheduler"', refused.stderr)
         self.assertIn('rejects connection for host "127.0.0.1", user "plain_user"',
                       psql_login(cluster, cluster.uri("plain_user", sslmode="disable")).stderr)
+
+    def test_the_scheduler_role_creates_in_its_databases(self):
+        cluster = PostgresCluster.shared()
+        for database in (cluster.DATABASE, cluster.fresh_database(self)):
+            with self.subTest(database):
+                schema = cluster.fresh_schema(self, database)
+                made = psql_login(cluster, cluster.uri(database=database),
+                                  f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (x int)")
+                self.assertEqual(made.returncode, 0, made.stderr)
+                self.assertEqual(cluster.sql(f"SELECT tableowner FROM pg_tables WHERE "
+                                             f"schemaname = '{schema}'", database), "scheduler")
 
     def test_uri(self):
         cluster = PostgresCluster(folder="/nowhere")  # not started: the URI is all it makes
