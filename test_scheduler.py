@@ -26,6 +26,7 @@ import functools
 import gc
 import hashlib
 import http.client
+import inspect
 import io
 import itertools
 import json
@@ -491,14 +492,22 @@ def remove_cluster(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-# A cluster's watchdog: a process that waits until the test process that started it ends
-# (its end of the watchdog's stdin closes, however it ends: even by SIGKILL, as a pool's
-# worker does), then removes the cluster. It imports this file, which is slow, only then,
-# and only if the folder is still there.
-_WATCHDOG = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
-             "sys.stdin.buffer.read(); folder = sys.argv[2]; "
-             "os.path.isdir(folder) and (sys.path.insert(0, sys.argv[1]) or "
-             "__import__('test_scheduler').remove_cluster(folder))")
+@functools.lru_cache(maxsize=None)
+def watchdog_program() -> str:
+    """The program of a cluster's watchdog: a process that waits until the test
+    process that started it ends (its end of the watchdog's stdin closes, however it
+    ends: even by SIGKILL, as a pool's worker does), then removes the cluster. It is
+    remove_cluster() and what that calls, from this file's source: importing the
+    whole file would take longer."""
+    functions = (process_alive, process_children, stop_process_tree, read_lock_file,
+                 remove_cluster)
+    return ("import collections, contextlib, os, shutil, signal, subprocess, sys, time\n"
+            "from typing import Dict, List, Optional, Tuple\n\n"
+            + "".join(inspect.getsource(function) + "\n" for function in functions)
+            + "signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tests\n"
+              "sys.stdin.buffer.read()\n"
+              "remove_cluster(os.path.dirname(os.path.abspath(__file__)))\n")
+
 
 _CERTIFICATE_EXTENSIONS = """\
 [req]
@@ -720,9 +729,12 @@ class PostgresCluster:
 
     def _watch(self) -> None:
         """Start the watchdog that removes this cluster if this process ends first."""
+        program = os.path.join(self.folder, "watchdog.py")
+        with open(program, "w") as file:
+            file.write(watchdog_program())
         self._watchdog = subprocess.Popen(
-            [sys.executable, "-S", "-c", _WATCHDOG, HERE, self.folder], stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [sys.executable, "-S", program], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
 
     # -- Making, starting, stopping
 
