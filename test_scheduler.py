@@ -15,6 +15,7 @@
 Run: make test  (that is: python3 -m unittest -v)
 """
 
+import atexit
 import collections
 import contextlib
 import datetime as dt
@@ -30,6 +31,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import pwd
 import queue
 import random
 import resource
@@ -41,6 +43,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -294,6 +297,673 @@ def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None
 
     testcase.addCleanup(release)
     return release
+
+
+# --- Helpers: throwaway PostgreSQL clusters ---------------------------------------------
+#
+# Tests on PostgreSQL share one cluster per test process (PostgresCluster.shared()), each
+# test in a schema of its own (fresh_schema()); a test that stops, kills or fails over a
+# server it cannot put back as it was makes its own cluster. Where PostgreSQL's server
+# binaries are not found those tests are skipped, saying why; under
+# SCHEDULER_REQUIRE_POSTGRES=1 (.ci/run sets it) they fail instead.
+
+REQUIRE_POSTGRES = os.environ.get("SCHEDULER_REQUIRE_POSTGRES") == "1"
+POSTGRES_PROGRAMS = ("initdb", "pg_ctl", "postgres", "psql")
+NO_POSTGRES = ("no PostgreSQL server binaries (initdb, pg_ctl, postgres, psql) on PATH or in "
+               "/usr/lib/postgresql/*/bin")
+NO_OPENSSL = "no openssl command on PATH to make the test certificates with"
+POSTGRES_ACCOUNT = "postgres"  # who runs initdb and the server when the tests run as root
+
+
+@functools.lru_cache(maxsize=None)
+def postgres_binaries() -> Optional[str]:
+    """The folder of PostgreSQL's server binaries: that of initdb and pg_ctl on PATH
+    (through symbolic links, so that psql and pg_basebackup come from the same
+    release), else the newest of Debian's /usr/lib/postgresql/N/bin; None if none
+    holds them all."""
+    folders = []
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        folders.append(os.path.dirname(os.path.realpath(shutil.which("initdb"))))
+    try:
+        releases = [name for name in os.listdir("/usr/lib/postgresql")
+                    if re.fullmatch(r"\d+(\.\d+)?", name)]
+    except OSError:
+        releases = []
+    releases.sort(key=lambda name: tuple(map(int, name.split("."))), reverse=True)
+    folders += [f"/usr/lib/postgresql/{release}/bin" for release in releases]
+    for folder in folders:
+        if all(os.access(os.path.join(folder, name), os.X_OK) for name in POSTGRES_PROGRAMS):
+            return folder
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def postgres_missing() -> Optional[str]:
+    """Why PostgreSQL's tests cannot run here, or None if they can."""
+    if postgres_binaries() is None:
+        return NO_POSTGRES
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(POSTGRES_ACCOUNT)
+        except KeyError:
+            return f"running as root (initdb refuses root), and no {POSTGRES_ACCOUNT!r} user"
+        if not shutil.which("runuser"):
+            return "running as root (initdb refuses root), and no runuser command"
+    return None
+
+
+def tls_missing() -> Optional[str]:
+    """Why PostgreSQL's TLS tests cannot run here, or None if they can."""
+    return postgres_missing() or (None if shutil.which("openssl") else NO_OPENSSL)
+
+
+def postgres_unavailable(reason: str):
+    """Skip the running test, saying why; or fail it where SCHEDULER_REQUIRE_POSTGRES=1."""
+    if REQUIRE_POSTGRES:
+        raise AssertionError(f"{reason}; SCHEDULER_REQUIRE_POSTGRES=1 says these tests must run")
+    raise unittest.SkipTest(reason)
+
+
+def requires_postgres(test):
+    """Decorate a TestCase class or a test method that needs a PostgreSQL server."""
+    return _requiring(test, postgres_missing())
+
+
+def requires_tls(test):
+    """Decorate a TestCase class or a test method that needs PostgreSQL with TLS."""
+    return _requiring(test, tls_missing())
+
+
+def _requiring(test, reason: Optional[str]):
+    if reason is None:
+        return test
+    if not REQUIRE_POSTGRES:
+        return unittest.skip(reason)(test)
+    if isinstance(test, type):
+        test.setUpClass = classmethod(lambda cls: postgres_unavailable(reason))
+        return test
+
+    @functools.wraps(test)
+    def fail(*args, **kwargs):
+        postgres_unavailable(reason)
+    return fail
+
+
+class ClusterError(Exception):
+    """A PostgreSQL program failed; the message says which, and what it printed."""
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on at 127.0.0.1 now (the kernel's choice)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def process_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return not os.path.isdir("/proc")  # /proc is Linux's: elsewhere, trust kill()
+    except (OSError, IndexError):
+        return True
+
+
+def process_children() -> Dict[int, List[int]]:
+    """Every process's children, by its process ID: from /proc on Linux, else ps."""
+    children = collections.defaultdict(list)
+    if os.path.isdir("/proc/self"):
+        for name in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{name}/stat") as stat:
+                    parent = int(stat.read().rpartition(")")[2].split()[1])
+            except (ValueError, OSError, IndexError):
+                continue
+            children[parent].append(int(name))
+    else:
+        listing = subprocess.run(["ps", "-A", "-o", "pid=", "-o", "ppid="], capture_output=True,
+                                 text=True, timeout=10).stdout
+        for line in listing.splitlines():
+            pid, parent = map(int, line.split())
+            children[parent].append(pid)
+    return children
+
+
+def stop_process_tree(root: int) -> List[int]:
+    """SIGSTOP a process and every process under it, the parent before its children so
+    that it starts none meanwhile; their IDs, the root's first."""
+    stopped, pending = [], [root]
+    while pending:
+        for pid in pending:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        children = process_children()
+        pending = [child for pid in stopped for child in children.get(pid, ())
+                   if child not in stopped]
+    return stopped
+
+
+def read_lock_file(data: str) -> Tuple[Optional[int], Optional[str]]:
+    """From a data folder's postmaster.pid: the postmaster's process ID and the ID of
+    its System V shared memory segment (PostgreSQL's LOCK_FILE_LINE_SHMEM_KEY)."""
+    try:
+        with open(os.path.join(data, "postmaster.pid")) as lock_file:
+            lines = lock_file.read().splitlines()
+        return int(lines[0]), (lines[6].split()[1:2] or [None])[0] if len(lines) > 6 else None
+    except (OSError, ValueError, IndexError):
+        return None, None
+
+
+def remove_cluster(folder: str) -> None:
+    """Stop at once the server of the data in folder/data, if it runs (an immediate
+    shutdown, SIGQUIT; SIGKILL to every process of it after 10 s), remove the shared
+    memory a killed server leaves, then the folder."""
+    data = os.path.join(folder, "data")
+    pid, _ = read_lock_file(data)
+    if pid is not None and process_alive(pid):
+        pids = stop_process_tree(pid)  # a frozen server must run to shut down
+        for each in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + 10
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        for each in pids if process_alive(pid) else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGKILL)
+    pid, segment = read_lock_file(data)  # still there: the server did not end by itself
+    if pid is not None and segment and not process_alive(pid) and shutil.which("ipcrm"):
+        subprocess.run(["ipcrm", "-m", segment], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=10)
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+# A cluster's watchdog: a process that waits until the test process that started it ends
+# (its end of the watchdog's stdin closes, however it ends: even by SIGKILL, as a pool's
+# worker does), then removes the cluster. It imports this file only then, if the folder
+# is still there: that takes 0.4 s of CPU.
+_WATCHDOG = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+             "sys.stdin.buffer.read(); folder = sys.argv[2]; "
+             "os.path.isdir(folder) and (sys.path.insert(0, sys.argv[1]) or "
+             "__import__('test_scheduler').remove_cluster(folder))")
+
+_CERTIFICATE_EXTENSIONS = """\
+[req]
+distinguished_name = name
+[name]
+[ca]
+basicConstraints = critical, CA:TRUE
+keyUsage = critical, keyCertSign, cRLSign
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid:always
+[server]
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature
+extendedKeyUsage = serverAuth
+subjectAltName = IP:127.0.0.1, DNS:localhost
+subjectKeyIdentifier = hash
+authorityKeyIdentifier = keyid, issuer
+"""
+
+
+def make_certificates(folder: str) -> Dict[str, str]:
+    """With the openssl command, in folder: a CA ("ca"), a server certificate and key
+    that it signs for 127.0.0.1 and localhost ("cert", "key"), and another CA that
+    signed nothing ("other_ca"); their paths by those names. Elliptic-curve keys
+    (P-256): RSA ones take a tenth of a second each to make."""
+    os.makedirs(folder, exist_ok=True)
+    path = functools.partial(os.path.join, folder)
+    with open(path("extensions.cnf"), "w") as extensions:
+        extensions.write(_CERTIFICATE_EXTENSIONS)
+
+    def openssl(*args):
+        result = subprocess.run(["openssl", *args], cwd=folder, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL, timeout=30)
+        if result.returncode:
+            raise ClusterError(f"openssl {args[0]} failed: {result.stderr.strip()}")
+
+    for name, subject in (("ca", "scheduler test CA"), ("other_ca", "another test CA")):
+        openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", f"{name}.key")
+        openssl("req", "-new", "-x509", "-key", f"{name}.key", "-subj", f"/CN={subject}",
+                "-days", "30", "-config", "extensions.cnf", "-extensions", "ca",
+                "-out", f"{name}.crt")
+    openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "server.key")
+    openssl("req", "-new", "-key", "server.key", "-subj", "/CN=localhost",
+            "-config", "extensions.cnf", "-out", "server.csr")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-set_serial", f"0x{random.getrandbits(63):x}", "-days", "30",
+            "-extfile", "extensions.cnf", "-extensions", "server", "-out", "server.crt")
+    os.chmod(path("server.key"), 0o600)  # or the server refuses it
+    return {"ca": path("ca.crt"), "other_ca": path("other_ca.crt"),
+            "cert": path("server.crt"), "key": path("server.key")}
+
+
+def ssl_request(port: int, timeout: float) -> Optional[bytes]:
+    """Send PostgreSQL's SSLRequest to 127.0.0.1:port; the server's one-byte answer
+    (b"S" or b"N"), or None if none came within timeout seconds (a frozen server:
+    the kernel still accepts the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(struct.pack("!ii", 8, 80877103))
+        try:
+            return sock.recv(1)
+        except socket.timeout:
+            return None
+
+
+_DEFAULT = object()
+
+
+def _conf_value(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int):
+        return str(value)
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+class PostgresCluster:
+    """A throwaway PostgreSQL cluster: a data folder in folder (a temporary one by
+    default), a server on 127.0.0.1 and a free port, scram-sha-256, TLS where the
+    openssl command is found, and these roles (their passwords in PASSWORDS), as
+    pg_hba.conf lets them in from 127.0.0.1:
+
+        trust_user   trust
+        md5_user     md5 (its password stored as md5)
+        plain_user   password (cleartext), over TLS only
+        scheduler    scram-sha-256; owns the database "scheduler" (DATABASE), where
+                     the store tests work, a schema each (fresh_schema())
+        postgres     the superuser, scram-sha-256; admin SQL (sql()) and replication
+
+    Made on its first start(); cleanup() stops the server and removes the folder, or,
+    if this process ends first however it ends, a watchdog process does. As root,
+    initdb, pg_ctl and pg_basebackup run as the postgres user (initdb refuses root).
+    Every setting is in postgresql.conf, and pg_ctl always writes the server's output
+    to a log file in folder (log()): a server that a test restarts must not inherit
+    its pipes. Every wait has a deadline."""
+
+    SUPERUSER = "postgres"
+    DATABASE = "scheduler"
+    PASSWORDS = {"postgres": "superuser-secret-4b1d", "scheduler": "scheduler-secret-9c2e",
+                 "md5_user": "md5-secret-3f7a", "plain_user": "plain-secret-8d5b",
+                 "trust_user": None}
+    # The shared cluster's settings beside the defaults.
+    SHARED_SETTINGS: Dict[str, object] = {}
+
+    _shared: Dict[int, "PostgresCluster"] = {}  # by process ID
+    _numbers = itertools.count(1)
+
+    def __init__(self, folder: Optional[str] = None, settings: Optional[dict] = None):
+        self.folder = folder
+        self.settings = dict(settings or {})  # postgresql.conf's, over the defaults
+        self.name = f"test_{os.getpid()}_{next(self._numbers)}"  # cluster_name
+        self.port: Optional[int] = None
+        self.ca_file: Optional[str] = None  # None without TLS (no openssl)
+        self.other_ca_file: Optional[str] = None
+        self.certificates: Dict[str, str] = {}
+        self.primary: Optional[PostgresCluster] = None  # of a standby
+        self.standbys: List[PostgresCluster] = []
+        self._synchronous: List[str] = []  # the standbys that commits wait for
+        self._made = False
+        self._frozen: List[int] = []
+        self._watchdog: Optional[subprocess.Popen] = None
+        self._numbers_of_names = itertools.count(1)
+
+    @classmethod
+    def shared(cls) -> "PostgresCluster":
+        """This process's cluster, started on first use (and again if a test left it
+        stopped, killed or frozen); removed when the process ends."""
+        cluster = cls._shared.get(os.getpid())  # not one a parent process started
+        if cluster is None:
+            cluster = cls._shared[os.getpid()] = cls(settings=cls.SHARED_SETTINGS)
+            atexit.register(cluster.cleanup)
+        return cluster.start()
+
+    # -- Paths and programs
+
+    @property
+    def data(self) -> str:
+        return os.path.join(self.folder, "data")
+
+    @property
+    def log_file(self) -> str:
+        return os.path.join(self.folder, "postgres.log")
+
+    def _program(self, name: str) -> str:
+        return os.path.join(postgres_binaries(), name)
+
+    def _run(self, args: List[str], timeout: float = 60, env=None) -> str:
+        """Run a PostgreSQL program as the data's owner (the postgres user under root);
+        its output, or ClusterError with what it printed."""
+        program = os.path.basename(args[0])
+        if os.geteuid() == 0:
+            args = ["runuser", "-u", POSTGRES_ACCOUNT, "--", *args]
+        try:
+            result = subprocess.run(args, cwd=self.folder, stdin=subprocess.DEVNULL,
+                                    capture_output=True, text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{program} did not end within {timeout:g} s") from None
+        if result.returncode:
+            raise ClusterError(f"{program} failed: {(result.stderr or result.stdout).strip()}")
+        return result.stdout
+
+    def _pg_ctl(self, *args: str) -> str:
+        return self._run([self._program("pg_ctl"), "-D", self.data, *args])
+
+    def _own(self, path: str) -> None:
+        """Give path, and all under it, to the postgres user (under root only)."""
+        if os.geteuid() != 0:
+            return
+        shutil.chown(path, POSTGRES_ACCOUNT)
+        for top, folders, files in os.walk(path):
+            for name in folders + files:
+                shutil.chown(os.path.join(top, name), POSTGRES_ACCOUNT)
+
+    def _watch(self) -> None:
+        """Start the watchdog that removes this cluster if this process ends first."""
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-S", "-c", _WATCHDOG, HERE, self.folder], stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    # -- Making, starting, stopping
+
+    def _make(self) -> None:
+        missing = postgres_missing()
+        if missing:
+            postgres_unavailable(missing)
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="scheduler-pg-")
+        os.makedirs(self.folder, exist_ok=True)
+        self._watch()
+        try:
+            if tls_missing() is None and not self.certificates:
+                self.certificates = make_certificates(os.path.join(self.folder, "tls"))
+                self.ca_file, self.other_ca_file = self.certificates["ca"], self.certificates["other_ca"]
+            password_file = os.path.join(self.folder, "superuser-password")
+            with open(password_file, "w") as file:
+                file.write(self.PASSWORDS[self.SUPERUSER] + "\n")
+            os.chmod(password_file, 0o600)
+            self._own(self.folder)
+            self._run([self._program("initdb"), "-D", self.data, "-U", self.SUPERUSER,
+                       f"--pwfile={password_file}", "--auth=scram-sha-256", "-E", "UTF8",
+                       "--locale=C", "--no-sync"])
+            os.remove(password_file)
+            self._write_hba()
+            self._start_on_a_free_port()
+            self._made = True
+            passwords = {user: _sql_literal(password) for user, password in self.PASSWORDS.items()
+                         if password is not None}
+            self.sql(f"CREATE ROLE scheduler LOGIN PASSWORD {passwords['scheduler']};"
+                     "SET password_encryption = 'md5';"
+                     f"CREATE ROLE md5_user LOGIN PASSWORD {passwords['md5_user']};"
+                     "RESET password_encryption;"
+                     f"CREATE ROLE plain_user LOGIN PASSWORD {passwords['plain_user']};"
+                     "CREATE ROLE trust_user LOGIN")
+            self.create_database(self.DATABASE)
+        except BaseException:
+            self.cleanup()
+            raise
+
+    def _write_hba(self) -> None:
+        lines = ["# TYPE     DATABASE     USER        ADDRESS        METHOD",
+                 "host       all          trust_user  127.0.0.1/32   trust",
+                 "host       all          md5_user    127.0.0.1/32   md5"]
+        if self.ca_file:
+            lines.append("hostssl    all          plain_user  127.0.0.1/32   password")
+        lines += ["host       all          plain_user  127.0.0.1/32   reject",
+                  f"host       replication  {self.SUPERUSER:11} 127.0.0.1/32   scram-sha-256",
+                  "host       all          all         127.0.0.1/32   scram-sha-256"]
+        with open(os.path.join(self.data, "pg_hba.conf"), "w") as hba:
+            hba.write("\n".join(lines) + "\n")
+
+    _SETTINGS_MARK = "# --- Set by test_scheduler.py (the last line of a setting wins) ---"
+
+    def _write_settings(self) -> None:
+        settings = {
+            "listen_addresses": "127.0.0.1", "port": self.port, "unix_socket_directories": "",
+            "cluster_name": self.name, "max_connections": 100,
+            "log_line_prefix": "%m [%p] %q%u@%d ", "ssl": bool(self.certificates),
+        }
+        if self.certificates:
+            settings.update(ssl_cert_file=self.certificates["cert"],
+                            ssl_key_file=self.certificates["key"])
+        if self._synchronous:
+            settings["synchronous_standby_names"] = ", ".join(f'"{name}"'
+                                                              for name in self._synchronous)
+        settings.update(self.settings)
+        path = os.path.join(self.data, "postgresql.conf")
+        with open(path) as conf:
+            text = conf.read().partition("\n" + self._SETTINGS_MARK)[0]
+        with open(path, "w") as conf:
+            conf.write(f"{text}\n{self._SETTINGS_MARK}\n" + "".join(
+                f"{name} = {_conf_value(value)}\n" for name, value in settings.items()))
+
+    def _start_on_a_free_port(self) -> None:
+        for attempt in range(3):  # another process may take the port before the server
+            self.port = free_port()
+            self._write_settings()
+            logged = len(self.log())
+            try:
+                self._pg_ctl("start", "-w", "-t", "30", "-l", self.log_file)
+                return
+            except ClusterError:
+                if "could not bind" not in self.log()[logged:] or attempt == 2:
+                    raise ClusterError(f"the server did not start; its log:\n{self.log()[logged:]}")
+
+    def start(self) -> "PostgresCluster":
+        """Make the cluster if it is not made yet, and start its server if it is not
+        running (thawing it if frozen)."""
+        if not self._made:
+            self._make()
+        elif self._frozen:
+            self.thaw()
+        if self.pid is None:
+            pid, _ = read_lock_file(self.data)
+            if pid is not None:  # a killed server's, which a zombie may keep alive to PostgreSQL
+                os.remove(os.path.join(self.data, "postmaster.pid"))
+            self._pg_ctl("start", "-w", "-t", "30", "-l", self.log_file)
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """Shut the server down (pg_ctl stop's mode: smart, fast or immediate)."""
+        self.thaw()
+        if self.pid is not None:
+            self._pg_ctl("stop", "-m", mode, "-w", "-t", "30")
+
+    def restart(self, mode: str = "fast") -> None:
+        self.thaw()
+        if self.pid is None:
+            self.start()
+        else:
+            self._pg_ctl("restart", "-m", mode, "-w", "-t", "30", "-l", self.log_file)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster and every process under it, as when a machine is
+        lost: no shutdown, no checkpoint; start() recovers from the WAL."""
+        pid = self.pid
+        if pid is None:
+            return
+        pids = stop_process_tree(pid)
+        for each in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, signal.SIGKILL)
+        self._frozen = []
+        wait_until(lambda: not any(map(process_alive, pids)), 10, f"the end of {self.name}")
+
+    def freeze(self) -> None:
+        """SIGSTOP the postmaster and every process under it, as a frozen machine or a
+        network partition: the kernel still accepts connections, nothing answers
+        them, until thaw()."""
+        pid = self.pid
+        if pid is None:
+            raise ClusterError(f"{self.name} is not running")
+        self._frozen += stop_process_tree(pid)
+
+    def thaw(self) -> None:
+        for pid in reversed(self._frozen):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._frozen = []
+
+    def cleanup(self) -> None:
+        """Remove the standbys made from this cluster, stop the server, remove the
+        folder. Can be called again."""
+        for standby in reversed(self.standbys):
+            standby.cleanup()
+        if self.primary is not None and self in self.primary.standbys:
+            self.primary.standbys.remove(self)
+            self.primary._forget_standby(self.name)
+        self._frozen = []
+        if self.folder is not None and os.path.isdir(self.folder):
+            remove_cluster(self.folder)
+        if self._watchdog is not None:
+            self._watchdog.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(10)
+            self._watchdog = None
+        self._made = False
+        if PostgresCluster._shared.get(os.getpid()) is self:
+            del PostgresCluster._shared[os.getpid()]
+
+    # -- What tests read and use
+
+    @property
+    def pid(self) -> Optional[int]:
+        """The postmaster's process ID, None if no server runs."""
+        pid, _ = read_lock_file(self.data) if self.folder else (None, None)
+        return pid if pid is not None and process_alive(pid) else None
+
+    def log(self) -> str:
+        """What the server has logged (pg_ctl -l's file)."""
+        try:
+            with open(self.log_file, errors="replace") as log:
+                return log.read()
+        except (OSError, TypeError):
+            return ""
+
+    def uri(self, user: str = "scheduler", password=_DEFAULT, database: str = DATABASE,
+            others: Tuple["PostgresCluster", ...] = (), **params) -> str:
+        """A libpq connection URI for user (with the user's own password unless given;
+        None for none) on this cluster's server, then those of others (a multi-host
+        URI: a standby's), with params as its query."""
+        if password is _DEFAULT:
+            password = self.PASSWORDS.get(user)
+        quote = functools.partial(urllib.parse.quote, safe="")
+        who = quote(user) + ("" if password is None else ":" + quote(password))
+        hosts = ",".join(f"127.0.0.1:{cluster.port}" for cluster in (self, *others))
+        query = urllib.parse.urlencode(params, quote_via=urllib.parse.quote, safe="/")
+        return f"postgresql://{who}@{hosts}/{quote(database)}" + (f"?{query}" if query else "")
+
+    def sql(self, statement: str, database: str = "postgres", timeout: float = 30) -> str:
+        """Run statement (several, separated by ';', run in one transaction) as the
+        superuser through psql; the rows it returns, a line each, columns separated
+        by '|'. ClusterError if it fails."""
+        quoted = database.replace("\\", "\\\\").replace("'", "\\'")
+        conninfo = (f"host=127.0.0.1 port={self.port} user={self.SUPERUSER} dbname='{quoted}' "
+                    f"sslmode=disable connect_timeout={max(2, round(timeout))}")
+        env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+        env.update(PGPASSWORD=self.PASSWORDS[self.SUPERUSER], PGAPPNAME="test_scheduler",
+                   PGOPTIONS=f"-c statement_timeout={round(timeout * 1000)}")
+        try:
+            result = subprocess.run(
+                [self._program("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+                 "-d", conninfo, "-c", statement], stdin=subprocess.DEVNULL,
+                capture_output=True, text=True, env=env, timeout=timeout + 5)
+        except subprocess.TimeoutExpired:
+            raise ClusterError(f"{statement!r} on {self.name}: no answer within {timeout:g} s") \
+                from None
+        if result.returncode:
+            raise ClusterError(f"{statement!r} on {self.name}: {result.stderr.strip()}")
+        return result.stdout.rstrip("\n")
+
+    def new_schema_name(self) -> str:
+        """A schema name that no other call here returns."""
+        return f"test_{os.getpid()}_{next(self._numbers_of_names)}"
+
+    def fresh_schema(self, testcase: unittest.TestCase, database: str = DATABASE) -> str:
+        """A schema name for one test, in database; the schema is dropped (if made)
+        when the test ends."""
+        name = self.new_schema_name()
+        testcase.addCleanup(self.sql, f'DROP SCHEMA IF EXISTS "{name}" CASCADE', database)
+        return name
+
+    def create_database(self, name: str, owner: str = "scheduler") -> str:
+        self.sql(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+        return name
+
+    def fresh_database(self, testcase: unittest.TestCase) -> str:
+        """A database of one test's own, owned by scheduler; dropped when it ends."""
+        name = self.create_database(self.new_schema_name())
+        testcase.addCleanup(self.sql, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        return name
+
+    # -- Replication
+
+    def standby(self, synchronous: bool = True) -> "PostgresCluster":
+        """A standby of this cluster (pg_basebackup -R), started on a free port of its
+        own and streaming; if synchronous, this cluster's commits wait for it
+        (synchronous_standby_names), until its cleanup(). Its cleanup() is the test's
+        to register (this cluster's cleanup() does it too)."""
+        standby = PostgresCluster(settings=self.settings)
+        standby.primary = self
+        standby.folder = tempfile.mkdtemp(prefix="scheduler-pg-")
+        standby._watch()
+        try:
+            if self.certificates:  # its own copy: it may outlive this cluster's folder
+                shutil.copytree(os.path.dirname(self.certificates["cert"]),
+                                os.path.join(standby.folder, "tls"))
+                standby.certificates = {name: os.path.join(standby.folder, "tls", os.path.basename(path))
+                                        for name, path in self.certificates.items()}
+                standby.ca_file, standby.other_ca_file = (standby.certificates["ca"],
+                                                          standby.certificates["other_ca"])
+            standby._own(standby.folder)
+            env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+            env["PGPASSWORD"] = self.PASSWORDS[self.SUPERUSER]
+            standby._run([self._program("pg_basebackup"), "-h", "127.0.0.1", "-p", str(self.port),
+                          "-U", self.SUPERUSER, "-D", standby.data, "-R", "--checkpoint=fast",
+                          "--no-sync", "--no-password"], env=env)
+            standby._start_on_a_free_port()
+            standby._made = True
+            self.standbys.append(standby)
+            if synchronous:
+                self._synchronous.append(standby.name)
+                self._write_settings()
+                self.sql("SELECT pg_reload_conf()")
+            state = "streaming|sync" if synchronous else "streaming|async"
+            wait_until(lambda: self.sql("SELECT state, sync_state FROM pg_stat_replication "
+                                        f"WHERE application_name = '{standby.name}'") == state,
+                       30, f"{standby.name}: {state}")
+        except BaseException:
+            standby.cleanup()
+            raise
+        return standby
+
+    def _forget_standby(self, name: str) -> None:
+        """Commits here stop waiting for that standby, which is going away."""
+        if name in self._synchronous:
+            self._synchronous.remove(name)
+            if self.pid is not None and not self._frozen:
+                self._write_settings()
+                self.sql("SELECT pg_reload_conf()")
+
+    def promote(self) -> None:
+        """Make this standby a primary (pg_ctl promote -w): it writes from now on. Its
+        old primary is not told (the failover tests kill it first)."""
+        self._pg_ctl("promote", "-w", "-t", "30")
 
 
 class HTTPTestCase(unittest.TestCase):
@@ -5462,6 +6132,136 @@ class TimedOutMetricTest(ServerTestCase):
         self.assertEqual(sock.recv(1), b"")  # cut off
         wait_until(lambda: self.metric("scheduler_connections_timed_out_total") == 1,
                    what="the cut-off connection counted")
+
+
+# --- The tests' throwaway PostgreSQL clusters (the helpers at the top) ------------------
+
+
+def psql_login(cluster: PostgresCluster, uri: str) -> subprocess.CompletedProcess:
+    """psql (libpq, the reference) logs in with uri and asks who it is."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+    return subprocess.run([cluster._program("psql"), "-X", "-A", "-t", "-d", uri,
+                           "-c", "SELECT current_user"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, env=env, timeout=30)
+
+
+@requires_postgres
+class PostgresClusterTest(unittest.TestCase):
+    """What the PostgreSQL tests count on their clusters for."""
+
+    def test_the_shared_cluster_answers_until_frozen(self):
+        cluster = PostgresCluster.shared()
+        self.assertIs(PostgresCluster.shared(), cluster)
+        self.assertEqual(cluster.sql("SELECT 1"), "1")
+        cluster.freeze()
+        self.addCleanup(cluster.thaw)
+        self.assertIsNone(ssl_request(cluster.port, timeout=0.2))  # accepted, never answered
+        cluster.thaw()
+        self.assertIn(ssl_request(cluster.port, timeout=10), (b"S", b"N"))
+
+    def test_each_role_logs_in_as_pg_hba_conf_says(self):
+        cluster = PostgresCluster.shared()
+        self.assertEqual(cluster.sql(
+            "SELECT rolname, left(rolpassword, 3) FROM pg_authid WHERE rolname IN "
+            "('scheduler', 'md5_user', 'plain_user', 'trust_user') ORDER BY rolname"),
+            "md5_user|md5\nplain_user|SCR\nscheduler|SCR\ntrust_user|")
+        for user in ("scheduler", "md5_user", "trust_user"):
+            with self.subTest(user):
+                self.assertEqual(psql_login(cluster, cluster.uri(user)).stdout, f"{user}\n")
+        refused = psql_login(cluster, cluster.uri("scheduler", password="wrong"))
+        self.assertIn('password authentication failed for user "scheduler"', refused.stderr)
+        self.assertIn('rejects connection for host "127.0.0.1", user "plain_user"',
+                      psql_login(cluster, cluster.uri("plain_user", sslmode="disable")).stderr)
+
+    def test_uri(self):
+        cluster = PostgresCluster(folder="/nowhere")  # not started: the URI is all it makes
+        cluster.port = 5433
+        standby = PostgresCluster()
+        standby.port = 5434
+        self.assertEqual(cluster.uri(), "postgresql://scheduler:scheduler-secret-9c2e@"
+                                        "127.0.0.1:5433/scheduler")
+        self.assertEqual(cluster.uri("trust_user", database="postgres", others=(standby,),
+                                     target_session_attrs="read-write"),
+                         "postgresql://trust_user@127.0.0.1:5433,127.0.0.1:5434/postgres"
+                         "?target_session_attrs=read-write")
+        self.assertEqual(cluster.uri("a@b", "p/w:", sslrootcert="/tmp/ca file.crt"),
+                         "postgresql://a%40b:p%2Fw%3A@127.0.0.1:5433/scheduler"
+                         "?sslrootcert=/tmp/ca%20file.crt")
+
+    @requires_tls
+    def test_tls_verifies_with_its_ca_and_not_another(self):
+        cluster = PostgresCluster.shared()
+        self.assertEqual(psql_login(cluster, cluster.uri("plain_user", sslmode="require")).stdout,
+                         "plain_user\n")  # cleartext over TLS
+        self.assertEqual(psql_login(cluster, cluster.uri(
+            sslmode="verify-full", sslrootcert=cluster.ca_file)).stdout, "scheduler\n")
+        self.assertIn("certificate verify failed", psql_login(cluster, cluster.uri(
+            sslmode="verify-ca", sslrootcert=cluster.other_ca_file)).stderr)
+
+        def handshake(ca_file, host):  # as Python's ssl checks it (strict from Python 3.13)
+            with socket.create_connection(("127.0.0.1", cluster.port), timeout=10) as sock:
+                sock.sendall(struct.pack("!ii", 8, 80877103))  # SSLRequest
+                self.assertEqual(sock.recv(1), b"S")
+                context = ssl.create_default_context(cafile=ca_file)
+                with context.wrap_socket(sock, server_hostname=host) as tls:
+                    return tls.version()
+
+        for host in ("127.0.0.1", "localhost"):
+            self.assertIn(handshake(cluster.ca_file, host), ("TLSv1.2", "TLSv1.3"))
+        with self.assertRaises(ssl.SSLCertVerificationError):
+            handshake(cluster.other_ca_file, "127.0.0.1")
+
+    def test_a_killed_server_starts_again_with_what_it_committed(self):
+        cluster = PostgresCluster.shared()
+        schema = cluster.fresh_schema(self)
+        cluster.sql(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.t (x int);"
+                    f"INSERT INTO {schema}.t VALUES (1)", cluster.DATABASE)
+        killed = cluster.pid
+        cluster.kill()
+        self.addCleanup(cluster.start)
+        self.assertIsNone(cluster.pid)
+        with self.assertRaises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", cluster.port), timeout=10).close()
+        cluster.start()  # recovers from the WAL
+        self.assertNotEqual(cluster.pid, killed)
+        self.assertEqual(cluster.sql(f"SELECT x FROM {schema}.t", cluster.DATABASE), "1")
+        cluster.restart()
+        self.assertEqual(cluster.sql(f"SELECT x FROM {schema}.t", cluster.DATABASE), "1")
+
+    def test_a_synchronous_standby_has_each_commit_and_takes_over(self):
+        """Slower than most (about 1 s): a base backup, a start, a promotion."""
+        primary = PostgresCluster.shared()
+        schema = primary.fresh_schema(self)  # dropped once commits no longer wait
+        standby = primary.standby(synchronous=True)
+        self.addCleanup(standby.cleanup)
+        self.assertEqual(primary.sql("SELECT sync_state FROM pg_stat_replication WHERE "
+                                     f"application_name = '{standby.name}'"), "sync")
+        primary.sql(f"SET synchronous_commit = remote_apply; CREATE SCHEMA {schema};"
+                    f"CREATE TABLE {schema}.t (x int); INSERT INTO {schema}.t VALUES (1)",
+                    primary.DATABASE)
+        self.assertEqual(standby.sql(f"SELECT x FROM {schema}.t", standby.DATABASE), "1")
+        with self.assertRaisesRegex(ClusterError, "read-only transaction"):
+            standby.sql(f"INSERT INTO {schema}.t VALUES (2)", standby.DATABASE)
+        standby.promote()
+        standby.sql(f"INSERT INTO {schema}.t VALUES (2)", standby.DATABASE)
+        self.assertEqual(standby.sql(f"SELECT sum(x) FROM {schema}.t", standby.DATABASE), "3")
+        standby.cleanup()
+        self.assertEqual(primary.sql("SHOW synchronous_standby_names"), "")
+        self.assertFalse(os.path.exists(standby.folder))
+
+
+class RequiresPostgresTest(unittest.TestCase):
+    def test_a_missing_postgresql_skips_or_fails_as_told(self):
+        def test():
+            return "ran"
+
+        self.assertEqual(_requiring(test, None)(), "ran")
+        with mock.patch(f"{__name__}.REQUIRE_POSTGRES", False), \
+                self.assertRaisesRegex(unittest.SkipTest, "^no server$"):
+            _requiring(test, "no server")()
+        with mock.patch(f"{__name__}.REQUIRE_POSTGRES", True), \
+                self.assertRaisesRegex(AssertionError, "^no server; SCHEDULER_REQUIRE_POSTGRES"):
+            _requiring(test, "no server")()
 
 
 # --- Command line ---------------------------------------------------------------------
