@@ -1910,10 +1910,11 @@ class PGSettings(NamedTuple):
         """The settings as a URI for messages and logs: everything but the password."""
         quote = functools.partial(urllib.parse.quote, safe="")
         hosts = ",".join(f"{_host_in_uri(host)}:{port}" for host, port in self.hosts)
-        defaults = PGSettings((), "")
-        query = "&".join(f"{name}={quote(str(getattr(self, name)))}" for name in (
+        params = [(name, getattr(self, name)) for name in (
             "sslmode", "sslrootcert", "connect_timeout", "target_session_attrs",
-            "application_name") if getattr(self, name) != getattr(defaults, name))
+            "application_name") if getattr(self, name) != self._field_defaults[name]]
+        query = "&".join(f"{name}={quote(f'{value:g}' if isinstance(value, float) else value)}"
+                         for name, value in params)
         return (f"postgresql://{quote(self.user)}@{hosts}/{quote(self.database or self.user)}"
                 + (f"?{query}" if query else ""))
 
@@ -2796,10 +2797,15 @@ class PGConnection:
         the server in TLS, and would be read as if they were (CVE-2021-23222)."""
         self._send(SSL_REQUEST, deadline)
         answer = self._receive_exactly(1, deadline)
-        if answer not in (b"S", b"N"):
-            if answer == b"E":
-                self._fail(PGConnectionError, "the server answered the TLS request with an "
-                                              "error (it is not PostgreSQL 7.0 or later?)")
+        if answer == b"N":
+            if required:
+                self._fail(_TLSRefused, "the server does not accept TLS (its ssl is off), and "
+                                        f"sslmode={self.settings.sslmode} requires it")
+            return
+        if answer == b"E":
+            self._fail(PGConnectionError, "the server answered the TLS request with an error "
+                                          "(it is older than PostgreSQL 7.0?)")
+        if answer != b"S":
             self._fail(PGProtocolError, f"the server answered the TLS request with {answer!r}")
         try:
             self._sock.settimeout(0)
@@ -2811,11 +2817,6 @@ class PGConnection:
         if pending:
             self._fail(PGProtocolError, "the server sent more than the one byte that answers "
                                         "the TLS request: refused (CVE-2021-23222)")
-        if answer == b"N":
-            if required:
-                self._fail(_TLSRefused, "the server does not accept TLS (its ssl is off), and "
-                                        f"sslmode={self.settings.sslmode} requires it")
-            return
         try:
             context = tls_context(self.settings)
         except ValueError as error:
