@@ -3155,6 +3155,401 @@ class PostgresQueryTest(unittest.TestCase):
         self.assertFalse(connection.check_idle())  # closed: end of file
 
 
+
+def on_ports(uri: str, *ports: int) -> str:
+    """uri with its hosts replaced by 127.0.0.1 at each of ports, tried in that order."""
+    return re.sub(r"@[^/]*/", "@" + ",".join(f"127.0.0.1:{port}" for port in ports) + "/", uri,
+                  count=1)
+
+
+def pg_connection(testcase: unittest.TestCase, uri: str, seconds: float = 10,
+                  environ: Optional[dict] = None) -> scheduler.PGConnection:
+    """pg_connect() by uri, within seconds; closed when the test ends."""
+    connection = scheduler.pg_connect(scheduler.parse_postgres_uri(uri, environ or {}),
+                                      time.monotonic() + seconds)
+    testcase.addCleanup(connection.close)
+    return connection
+
+
+@requires_postgres
+class PostgresConnectionTest(unittest.TestCase):
+    """PGConnection and pg_connect() against a real PostgreSQL: each way to log in,
+    and each refusal; text and types; errors; deadlines."""
+
+    def setUp(self):
+        self.cluster = PostgresCluster.shared()
+
+    def refusal(self, uri: str, seconds: float = 10) -> scheduler.PGConnectionError:
+        started = time.monotonic()
+        with self.assertRaises(scheduler.PGConnectionError) as refused:
+            pg_connection(self, uri, seconds)
+        self.assertLess(time.monotonic() - started, seconds + 2)
+        for password in PostgresCluster.PASSWORDS.values():
+            self.assertNotIn(str(password), str(refused.exception))
+        return refused.exception
+
+    def test_each_way_to_log_in(self):
+        cluster = self.cluster
+        ways = [("scheduler", "disable", False), ("md5_user", "disable", False),
+                ("trust_user", "disable", False)]
+        if cluster.ca_file:
+            ways += [("scheduler", "require", True), ("plain_user", "require", True),
+                     ("md5_user", "prefer", True)]
+        for user, sslmode, tls in ways:
+            with self.subTest(user=user, sslmode=sslmode):
+                connection = pg_connection(self, cluster.uri(user, sslmode=sslmode))
+                self.assertEqual(connection.tls, tls)
+                self.assertEqual(connection.query("SELECT current_user, ?::int + 1", (41,)).rows,
+                                 [(user, 42)])
+                self.assertEqual(connection.parameters["client_encoding"], "UTF8")
+                self.assertIn("in_hot_standby", connection.parameters)  # PostgreSQL 14 and later
+                self.assertGreater(connection.backend_pid, 0)
+
+    def test_refusals_name_the_host_and_the_reason(self):
+        cluster, here = self.cluster, f"127.0.0.1:{self.cluster.port}: "
+        wrong = self.refusal(cluster.uri(password="wrong-password-81", sslmode="disable"))
+        self.assertEqual(wrong.sqlstate, "28P01")
+        self.assertEqual(str(wrong), here + 'the server refused the connection: FATAL: password '
+                                            'authentication failed for user "scheduler" '
+                                            "(SQLSTATE 28P01)")
+        self.assertNotIn("wrong-password-81", str(wrong))
+        missing = self.refusal(cluster.uri(database="no_such_database"))
+        self.assertEqual(missing.sqlstate, "3D000")
+        self.assertIn('database "no_such_database" does not exist', str(missing))
+        nothing = self.refusal(f"postgresql://scheduler:pw@127.0.0.1:{free_port()}/scheduler")
+        self.assertRegex(str(nothing), r"^127\.0\.0\.1:\d+: connection refused$")
+        rejected = self.refusal(cluster.uri("plain_user", sslmode="disable"))
+        self.assertEqual(rejected.sqlstate, "28000")  # pg_hba.conf: not without TLS
+        self.assertIn("asks for a password and none was given",
+                      str(self.refusal(cluster.uri(password=None))))
+
+    @requires_tls
+    def test_tls_as_sslmode_says(self):
+        cluster = self.cluster
+        for host in ("127.0.0.1", "localhost"):  # the certificate names both
+            uri = cluster.uri(sslmode="verify-full", sslrootcert=cluster.ca_file).replace(
+                "@127.0.0.1:", f"@{host}:")
+            self.assertTrue(pg_connection(self, uri).tls)
+        for sslmode in ("verify-ca", "verify-full", "require"):  # require: as libpq, with a CA
+            with self.subTest(sslmode):
+                other = self.refusal(cluster.uri(sslmode=sslmode,
+                                                 sslrootcert=cluster.other_ca_file))
+                self.assertIn(f"the server's certificate does not verify (sslmode={sslmode})",
+                              str(other))
+        self.assertIn("cannot be read", str(self.refusal(cluster.uri(
+            sslmode="verify-full", sslrootcert="/no/such/ca.crt"))))
+        for sslmode, tls in (("require", True), ("prefer", True), ("allow", False),
+                             ("disable", False)):
+            with self.subTest(sslmode):
+                self.assertEqual(pg_connection(self, cluster.uri(sslmode=sslmode)).tls, tls)
+
+    @requires_tls
+    def test_tls_refused_by_a_server_with_ssl_off(self):
+        cluster = self.cluster
+        cluster.sql("ALTER SYSTEM SET ssl = off")  # (not in a transaction: one at a time)
+        cluster.sql("SELECT pg_reload_conf()")
+        self.addCleanup(wait_until, lambda: ssl_request(cluster.port, 10) == b"S")
+        self.addCleanup(cluster.sql, "SELECT pg_reload_conf()")
+        self.addCleanup(cluster.sql, "ALTER SYSTEM RESET ssl")
+        wait_until(lambda: ssl_request(cluster.port, 10) == b"N", what="ssl off")
+        refused = self.refusal(cluster.uri(sslmode="require"))
+        self.assertIn("does not accept TLS (its ssl is off), and sslmode=require requires it",
+                      str(refused))
+        self.assertFalse(pg_connection(self, cluster.uri(sslmode="prefer")).tls)
+
+    def test_a_frozen_server_is_a_timeout_by_the_deadline(self):
+        cluster = self.cluster
+        connection = pg_connection(self, cluster.uri(sslmode="disable"))
+        os.kill(connection.backend_pid, signal.SIGSTOP)  # the session's own process
+
+        def resume():  # unless thawing the cluster has, and it has ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(connection.backend_pid, signal.SIGCONT)
+        self.addCleanup(resume)
+        started = time.monotonic()
+        with self.assertRaisesRegex(scheduler.PGTimeout, "did not answer"):
+            connection.query("SELECT 1", deadline=started + 0.3)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertTrue(connection.broken)
+        cluster.freeze()  # all of it: the kernel accepts connections, nothing answers
+        self.addCleanup(cluster.thaw)
+        timeout = self.refusal(cluster.uri(), seconds=0.3)
+        self.assertIsInstance(timeout, scheduler.PGTimeout)
+
+    def test_each_host_gets_connect_timeout(self):
+        """Slower than most: 2 s, the least libpq's connect_timeout may be."""
+        silent = socket.socket()  # listens, never answers: a frozen server
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = on_ports(self.cluster.uri(sslmode="disable", connect_timeout=1),
+                       silent.getsockname()[1], self.cluster.port)
+        self.assertEqual(pg_connection(self, uri, seconds=30).port, self.cluster.port)
+
+    def test_several_hosts_tried_in_order_each_failure_told(self):
+        dead, port = free_port(), self.cluster.port
+        self.assertEqual(pg_connection(self, on_ports(self.cluster.uri(), dead, port)).port, port)
+        refused = self.refusal(on_ports(self.cluster.uri(database="no_such_database"), dead,
+                                        port))
+        self.assertIn(f"127.0.0.1:{dead}: connection refused; 127.0.0.1:{self.cluster.port}: "
+                      "the server refused the connection: FATAL: database", str(refused))
+
+    TEXTS = ["it's", 'say "hi"', "back\\slash\\", "$1", "?", "$$ $q$", "emoji 🎉👩‍💻",
+             "e\u0301 (combining) é", "ﬁ", "\u202etext", "tab\tnew\nline", "", " ", "x" * 10000,
+             "%s %d {}", "null", "\\x00", "\\N"]
+
+    def test_text_round_trips_exactly(self):
+        connection = pg_connection(self, self.cluster.uri())
+        for text in self.TEXTS:
+            with self.subTest(text=text[:40]):
+                self.assertEqual(connection.query("SELECT ?::text, length(?::text)",
+                                                  (text, text)).rows, [(text, len(text))])
+        connection.query("CREATE TEMP TABLE notes (n int PRIMARY KEY, note text NOT NULL)")
+        for n, text in enumerate(self.TEXTS):
+            connection.query("INSERT INTO notes VALUES (?, ?)", (n, text))
+        self.assertEqual(connection.query("SELECT note FROM notes ORDER BY n").rows,
+                         [(text,) for text in self.TEXTS])
+        with self.assertRaises(scheduler.PGError) as refused:  # NUL: text cannot hold it
+            connection.query("SELECT ?::text", ("a\0b",))
+        self.assertEqual(refused.exception.sqlstate, "22021")
+        self.assertEqual(connection.query("SELECT 1").rows, [(1,)])
+
+    def test_types_round_trip(self):
+        connection = pg_connection(self, self.cluster.uri())
+        values = (None, True, False, 0, -2**63, 2**63 - 1, 1.5, float("inf"), -0.0,
+                  b"\0\x01\xff" * 100, b"", "tëxt")
+        casts = ("int", "bool", "bool", "int2", "int8", "int8", "float8", "float8", "float4",
+                 "bytea", "bytea", "varchar")
+        sql = "SELECT " + ", ".join(f"?::{cast}" for cast in casts)
+        (row,) = connection.query(sql, values).rows
+        self.assertEqual(row, values)
+        self.assertEqual([type(value) for value in row], [type(value) for value in values])
+        self.assertEqual(connection.query(
+            "SELECT 1.10::numeric, DATE '2026-11-25', 'NaN'::float8 <> 'NaN'::float8, "
+            "'{1,2}'::int[], 'x'::char(3), 42::oid").rows,
+            [("1.10", "2026-11-25", False, "{1,2}", "x  ", 42)])
+
+    def test_errors_leave_the_connection_usable(self):
+        connection = pg_connection(self, self.cluster.uri())
+        connection.query("CREATE TEMP TABLE t (k text CONSTRAINT t_key PRIMARY KEY)")
+        self.assertEqual(connection.query("INSERT INTO t VALUES (?)", ("a",)).rowcount, 1)
+        with self.assertRaises(scheduler.PGError) as refused:
+            connection.query("INSERT INTO t VALUES (?)", ("a",))
+        self.assertEqual((refused.exception.sqlstate, refused.exception.constraint),
+                         ("23505", "t_key"))
+        self.assertNotIn("(a)", str(refused.exception))  # the detail quotes the row
+        self.assertIn("(k)=(a)", refused.exception.fields["D"])
+        connection.query("BEGIN")
+        self.assertEqual(connection.transaction_status, "T")
+        with self.assertRaisesRegex(scheduler.PGError, "division by zero"):
+            connection.query("SELECT 1 / ?::int", (0,))
+        self.assertEqual(connection.transaction_status, "E")
+        with self.assertRaises(scheduler.PGError) as aborted:
+            connection.query("SELECT 1")
+        self.assertEqual(aborted.exception.sqlstate, "25P02")
+        with self.assertRaises(scheduler.PGError) as commit:  # answered ROLLBACK, not an error
+            connection.query("COMMIT")
+        self.assertEqual(commit.exception.sqlstate, "25P02")
+        self.assertEqual(connection.transaction_status, "I")
+        self.assertEqual(connection.query("SELECT count(*) FROM t").rows, [(1,)])
+        self.assertEqual(connection.query("UPDATE t SET k = k || ?", ("!",)),
+                         scheduler.Result([], 1, "UPDATE 1"))
+
+    def test_a_statement_whose_table_changed_is_prepared_again(self):
+        connection = pg_connection(self, self.cluster.uri())
+        connection.query("CREATE TEMP TABLE t (a int)")
+        connection.query("INSERT INTO t VALUES (1)")
+        self.assertEqual(connection.query("SELECT * FROM t").rows, [(1,)])
+        connection.query("ALTER TABLE t ADD COLUMN b text DEFAULT 'x'")
+        self.assertEqual(connection.query("SELECT * FROM t").rows, [(1, "x")])  # 0A000, retried
+        connection.query("BEGIN")
+        connection.query("ALTER TABLE t ADD COLUMN c int DEFAULT 2")
+        with self.assertRaises(scheduler.PGError) as changed:  # not retried in a transaction
+            connection.query("SELECT * FROM t")
+        self.assertEqual(changed.exception.sqlstate, "0A000")
+        connection.query("ROLLBACK")
+        self.assertEqual(connection.query("SELECT * FROM t").rows, [(1, "x")])
+
+    def test_prepared_statements_are_capped(self):
+        connection = pg_connection(self, self.cluster.uri())
+        with mock.patch.object(scheduler, "MAX_PREPARED_STATEMENTS", 3):
+            for n in range(6):
+                self.assertEqual(connection.query(f"SELECT {n}").rows, [(n,)])
+            counted = connection.query("SELECT count(*) FROM pg_prepared_statements").rows
+            self.assertEqual(counted, [(4,)])  # 3 kept; the 4th closed with the next query
+            self.assertEqual(connection.query("SELECT count(*) FROM pg_prepared_statements").rows,
+                             [(3,)])
+
+    def test_a_script_of_several_statements(self):
+        connection = pg_connection(self, self.cluster.uri())
+        results = connection.run_script("CREATE TEMP TABLE s (a int); INSERT INTO s VALUES (1), "
+                                        "(2); SELECT sum(a) FROM s")
+        self.assertEqual([(result.tag, result.rows) for result in results],
+                         [("CREATE TABLE", []), ("INSERT 0 2", []), ("SELECT 1", [(3,)])])
+        with self.assertRaisesRegex(scheduler.PGError, 'relation "nowhere" does not exist'):
+            connection.run_script("SELECT 1; SELECT * FROM nowhere")
+        self.assertEqual(connection.transaction_status, "I")
+
+    def test_a_password_prepared_by_saslprep(self):
+        """PostgreSQL stores a SCRAM password after SASLprep (RFC 4013): written with
+        U+2168 (ROMAN NUMERAL NINE), it is the password "IX" too."""
+        cluster, role = self.cluster, f"role_{os.getpid()}_sasl"
+        cluster.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'p\u2168\u00ad-é'")
+        self.addCleanup(cluster.sql, f"DROP ROLE {role}")
+        for password in ("p\u2168\u00ad-é", "pIX-é", "pIX-e\u0301"):
+            with self.subTest(password=password):
+                connection = pg_connection(self, cluster.uri(role, password))
+                self.assertEqual(connection.query("SELECT current_user").rows, [(role,)])
+        self.assertEqual(self.refusal(cluster.uri(role, "pix-é")).sqlstate, "28P01")
+
+
+def fake_postgres(testcase: unittest.TestCase, answers: List[bytes], connections: int = 1) -> int:
+    """A port where a thread plays a PostgreSQL server for so many connections, one
+    after the other: after each thing the client sends (its StartupMessage, then
+    each batch up to a Sync), it sends the next of answers; then it waits for the
+    client to hang up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    testcase.addCleanup(listener.close)
+
+    def serve():
+        for _ in range(connections):
+            sock, _ = listener.accept()
+            with sock, contextlib.suppress(OSError):
+                sock.settimeout(10)
+                received = b""
+                for answer in answers:
+                    while not (received.endswith(scheduler.SYNC) or len(received) > 8 and
+                               struct.unpack("!i", received[:4])[0] == len(received)):
+                        received += sock.recv(65536)
+                    received = b""
+                    sock.sendall(answer)
+                while sock.recv(65536):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    testcase.addCleanup(thread.join, 10)
+    return listener.getsockname()[1]
+
+
+@requires_postgres
+class PostgresReadWriteTest(unittest.TestCase):
+    """target_session_attrs=read-write over several hosts: a standby skipped, and
+    after a failover, the promoted standby found."""
+
+    def test_a_server_before_postgresql_14_is_asked(self):
+        """It reports neither in_hot_standby nor default_transaction_read_only: libpq
+        asks it SHOW transaction_read_only."""
+        cluster = PostgresCluster.shared()
+        standby_of_old = fake_postgres(self, [
+            authentication(0) + backend(b"S", b"server_version\x0013.0\0") + ready(),
+            PARSED + BOUND + row_description(("transaction_read_only", 25)) + data_row(b"on")
+            + complete("SHOW") + ready()], connections=2)
+        uri = cluster.uri(target_session_attrs="read-write", sslmode="disable")
+        self.assertEqual(pg_connection(self, on_ports(uri, standby_of_old, cluster.port)).port,
+                         cluster.port)
+        with self.assertRaisesRegex(scheduler.PGConnectionError,
+                                    f"127.0.0.1:{standby_of_old}: transaction_read_only is on, "
+                                    "and target_session_attrs=read-write"):
+            pg_connection(self, on_ports(uri, standby_of_old))
+
+    def test_a_standby_is_skipped_until_it_is_promoted(self):
+        """Slower than most (about 1.5 s): a standby, a stop, a promotion."""
+        primary = PostgresCluster.shared()
+        standby = primary.standby(synchronous=False)
+        self.addCleanup(standby.cleanup)
+        uri = on_ports(primary.uri(target_session_attrs="read-write"), standby.port, primary.port)
+        self.assertEqual(pg_connection(self, uri).port, primary.port)
+        self.assertEqual(pg_connection(self, uri.replace("read-write", "any")).port, standby.port)
+        with self.assertRaisesRegex(scheduler.PGConnectionError, "the server is a hot standby "
+                                    r"\(read-only\), and target_session_attrs=read-write"):
+            pg_connection(self, on_ports(uri, standby.port))
+        pool = scheduler.PGPool(scheduler.parse_postgres_uri(uri, {}), size=2, timeout=10)
+        self.addCleanup(pool.close)
+        with pool.connection() as connection:
+            self.assertEqual(connection.port, primary.port)
+        self.addCleanup(primary.start)
+        primary.stop()  # the failover: the primary goes, the standby is promoted
+        standby.promote()
+        with pool.connection() as connection:  # the pool's idle connection is dead: noticed
+            self.assertEqual(connection.port, standby.port)
+            self.assertEqual(connection.query("SELECT pg_is_in_recovery()").rows, [(False,)])
+
+
+@requires_postgres
+class PostgresPoolTest(unittest.TestCase):
+    def setUp(self):
+        self.cluster = PostgresCluster.shared()
+        self.pool = scheduler.PGPool(scheduler.parse_postgres_uri(self.cluster.uri(), {}),
+                                     size=2, timeout=10)
+        self.addCleanup(self.pool.close)
+
+    def terminate(self, pid: int) -> None:
+        """End a session from outside, as an administrator or a shutdown does."""
+        self.cluster.sql(f"SELECT pg_terminate_backend({pid})")
+        wait_until(lambda: self.cluster.sql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0",
+            what=f"the end of {pid}")
+
+    def test_a_fatal_to_an_idle_connection_is_noticed_before_use(self):
+        with self.pool.connection() as connection:
+            first, pid = connection, connection.backend_pid
+        self.terminate(pid)  # its FATAL waits, unread, in the idle connection's socket
+        with self.pool.connection() as connection:
+            self.assertNotEqual(connection.backend_pid, pid)
+            self.assertEqual(connection.query("SELECT 1").rows, [(1,)])
+        self.assertEqual(first.state, "closed")
+        bare = pg_connection(self, self.cluster.uri())  # without the pool's check:
+        self.terminate(bare.backend_pid)
+        with self.assertRaises(scheduler.PGConnectionLost) as lost:  # read at its next use
+            bare.query("SELECT 1")
+        self.assertEqual(lost.exception.sqlstate, "57P01")
+
+    def test_a_connection_that_breaks_in_use_is_replaced(self):
+        with self.assertRaises(scheduler.PGConnectionLost):
+            with self.pool.connection() as connection:
+                connection.query("SELECT pg_terminate_backend(pg_backend_pid())")
+        self.assertEqual((connection.state, self.pool._open), ("closed", 0))
+        with self.pool.connection() as again:
+            self.assertEqual(again.query("SELECT 1").rows, [(1,)])
+
+    def test_a_busy_pool_answers_by_the_deadline(self):
+        taken = queue.Queue()
+
+        def wait_for_one():
+            with self.pool.connection(time.monotonic() + 10) as connection:
+                taken.put(connection)
+
+        with self.pool.connection() as first, self.pool.connection() as second:
+            started = time.monotonic()
+            with self.assertRaisesRegex(scheduler.PGTimeout, "pool busy: all 2 connections to "
+                                                             "postgresql://scheduler@"):
+                with self.pool.connection(started + 0.2):
+                    pass
+            self.assertLess(time.monotonic() - started, 3)
+            waiter = threading.Thread(target=wait_for_one)
+            waiter.start()
+        waiter.join(10)
+        self.assertIn(taken.get(timeout=1), (first, second))  # one given back, not a third
+
+    def test_a_connection_given_back_in_a_transaction_is_rolled_back(self):
+        with self.pool.connection() as connection:
+            connection.query("BEGIN")
+            connection.query("CREATE TEMP TABLE t (a int)")
+        with self.pool.connection() as again:
+            self.assertIs(again, connection)
+            self.assertEqual(again.transaction_status, "I")
+            self.assertEqual(again.query("SELECT count(*) FROM pg_class WHERE relname = 't' AND "
+                                         "relpersistence = 't'").rows, [(0,)])
+        self.pool.close()
+        self.assertEqual(connection.state, "closed")
+        with self.assertRaisesRegex(scheduler.PGConnectionError, "closed"):
+            with self.pool.connection():
+                pass
+
+
 class MetricsTableTest(unittest.TestCase):
     """The table the workers' metrics meet in, without processes: what one slot
     holds, what a writer killed halfway leaves, and what a reader sees meanwhile."""
