@@ -2435,17 +2435,19 @@ def parse_row_description(body: bytes) -> Tuple[Tuple[str, int], ...]:
     return tuple(columns)
 
 
-def decode_rows(data: bytes, starts: List[int], decoders: tuple) -> List[tuple]:
-    """The DataRows whose bodies start at starts in data, each as a tuple of values
-    decoded by decoders (one per column, from PG_DECODERS). The one loop that runs
-    once per value: no function of this module's is called per value, only the
-    built-in decoders. A row is checked against its length; a malformed row is a
-    PGProtocolError."""
+def decode_rows(data: bytes, messages: List[Tuple[int, int, int]],
+                decoders: tuple) -> List[tuple]:
+    """The rows of DataRow messages, each framed in data as next_message() frames
+    it, as tuples of values decoded by decoders (one per column, from PG_DECODERS).
+    The one loop that runs once per value: no function of this module's is called
+    per value, only the built-in decoders. A row is checked against its message's
+    length; a malformed row is a PGProtocolError."""
     rows = []
-    append, unpack, width = rows.append, _INT32.unpack_from, len(decoders)
+    append, unpack, count = rows.append, _INT32.unpack_from, _INT16.unpack_from
+    width = len(decoders)
     try:
-        for start in starts:
-            if _INT16.unpack_from(data, start)[0] != width:
+        for _, start, end in messages:
+            if count(data, start)[0] != width:
                 raise PGProtocolError(f"a DataRow has not the {width} columns described")
             at, row = start + 2, []
             add = row.append
@@ -2455,10 +2457,10 @@ def decode_rows(data: bytes, starts: List[int], decoders: tuple) -> List[tuple]:
                 if size < 0:
                     add(None)
                 else:
-                    end = at + size
-                    add(decode(data[at:end]))
-                    at = end
-            if at != _INT32.unpack_from(data, start - 4)[0] + start - 4:
+                    stop = at + size
+                    add(decode(data[at:stop]))
+                    at = stop
+            if at != end:
                 raise PGProtocolError("a DataRow's values do not fill its length")
             append(tuple(row))
     except (struct.error, ValueError, KeyError) as error:
@@ -2640,6 +2642,7 @@ class _Statement:
  _NEGOTIATE_VERSION) = b"RSKZENA123TnDCIv"
 # What may arrive at any time (the protocol's "asynchronous" messages).
 _ASYNCHRONOUS = frozenset({_PARAMETER_STATUS, _NOTICE_RESPONSE, _NOTIFICATION})
+_STOPS = frozenset({_READY_FOR_QUERY, _ERROR_RESPONSE})  # looked at as they arrive
 _COMMIT_WORDS = re.compile(r"\s*(?:COMMIT|END)\b", re.I)
 
 
@@ -2953,10 +2956,12 @@ class PGConnection:
         # EmptyQueryResponse; an ErrorResponse at any point ends them. ReadyForQuery last.
         expected = [_CLOSE_COMPLETE] * len(closing) + [_PARSE_COMPLETE] * parsing \
             + [_BIND_COMPLETE] + [_ROW_DESCRIPTION] * describing + [_COMMAND_COMPLETE]
-        step, error, rows_at, tag, rowcount = 0, None, [], "", -1
-        for kind, start, end in messages:
-            if kind == _DATA_ROW and step == len(expected) - 1 and error is None:
-                rows_at.append(start)  # decode_rows() checks its columns
+        step, error, rows, tag, rowcount = 0, None, [], "", -1
+        last = len(expected) - 1
+        for message in messages:
+            kind, start, end = message
+            if kind == _DATA_ROW and step == last and error is None:
+                rows.append(message)  # decode_rows() checks its columns
                 continue
             if kind == _READY_FOR_QUERY:
                 if error is None and step != len(expected):
@@ -2995,7 +3000,7 @@ class PGConnection:
             raise PGError({"S": "ERROR", "V": "ERROR", "C": "25P02", "M": (
                 "the transaction had failed, so the server rolled it back at COMMIT")})
         try:
-            rows = decode_rows(data, rows_at, statement.decoders) if rows_at else []
+            rows = decode_rows(data, rows, statement.decoders) if rows else []
         except UnicodeDecodeError:
             raise PGError({"S": "ERROR", "V": "ERROR", "C": "22021", "M": (
                 "a text value from the server is not UTF-8")}) from None
@@ -3019,20 +3024,21 @@ class PGConnection:
         try:
             self._send(query_message(sql), deadline)
             data, messages = self._read_until_ready(deadline)
-            results, error, decoders, rows_at = [], None, None, []
-            for kind, start, end in messages:
+            results, error, decoders, rows = [], None, None, []
+            for message in messages:
+                kind, start, end = message
                 body = data[start:end]
                 if kind == _ROW_DESCRIPTION and decoders is None:
                     decoders = tuple(PG_DECODERS.get(oid, _DECODE_TEXT)
                                      for _, oid in parse_row_description(body))
                 elif kind == _DATA_ROW and decoders is not None:
-                    rows_at.append(start)
+                    rows.append(message)
                 elif kind in (_COMMAND_COMPLETE, _EMPTY_QUERY):
                     tag, rowcount = parse_command_complete(body) if kind == _COMMAND_COMPLETE \
                         else ("", -1)
-                    results.append(Result(decode_rows(data, rows_at, decoders or ()),
+                    results.append(Result(decode_rows(data, rows, decoders or ()),
                                           rowcount, tag))
-                    decoders, rows_at = None, []
+                    decoders, rows = None, []
                 elif kind == _ERROR_RESPONSE and error is None:
                     error = PGError(parse_error_fields(body))
                 elif kind in _ASYNCHRONOUS:
@@ -3183,36 +3189,35 @@ class PGConnection:
 
     def _read_until_ready(self, deadline: float) -> Tuple[bytes, List[Tuple[int, int, int]]]:
         """Every message up to and including ReadyForQuery, as the bytes and each
-        message's (type, start, end) in them: one pass that frames each message
-        once. A FATAL ErrorResponse ends the session: PGConnectionLost."""
+        message's (type, start, end) in them, as next_message() frames it: one pass
+        over the messages as they arrive. A FATAL ErrorResponse ends the session:
+        PGConnectionLost."""
         self._deadline_started = time.monotonic()
         buffer, at, messages = self._buffer, 0, []
-        append = messages.append
+        append, header, stops = messages.append, _HEADER.unpack_from, _STOPS
         while True:
-            while True:
-                if len(buffer) - at < 5:
-                    break
-                kind, length = _HEADER.unpack_from(buffer, at)
+            size = len(buffer)
+            while size - at >= 5:
+                kind, length = header(buffer, at)
                 end = at + 1 + length
                 if length < 4 or length > MAX_PG_MESSAGE_BYTES:
                     raise PGProtocolError(f"a message of type {chr(kind)!r} claims a length "
                                           f"of {length}")
-                if end > len(buffer):
+                if end > size:
                     break
                 append((kind, at + 5, end))
-                at = end
-                if kind == _READY_FOR_QUERY:
-                    self.transaction_status = parse_ready_for_query(
-                        bytes(buffer[at - length + 4:at]))
-                    data = bytes(buffer[:at])
-                    del buffer[:at]
-                    return data, messages
-                if kind == _ERROR_RESPONSE:
-                    fields = parse_error_fields(bytes(buffer[at - length + 4:at]))
-                    error = PGError(fields)
+                if kind in stops:
+                    body = bytes(buffer[at + 5:end])
+                    if kind == _READY_FOR_QUERY:
+                        self.transaction_status = parse_ready_for_query(body)
+                        data = bytes(buffer[:end])
+                        del buffer[:end]
+                        return data, messages
+                    error = PGError(parse_error_fields(body))
                     if error.fatal:
                         self._fail(PGConnectionLost, f"the server ended the session: {error} "
                                                      f"(SQLSTATE {error.sqlstate})", error)
+                at = end
             self._receive(deadline)
 
     def _asynchronous(self, kind: int, body: bytes) -> None:

@@ -2650,7 +2650,9 @@ class PostgresMessageTest(unittest.TestCase):
                   b'{"a": 1}')
         data = data_row(*values) + data_row(*(None,) * len(values))
         decoders = tuple(D.get(oid, bytes.decode) for oid in columns)
-        rows = scheduler.decode_rows(data, [5, 5 + len(data_row(*values))], decoders)
+        second = len(data_row(*values))
+        rows = scheduler.decode_rows(data, [(68, 5, second), (68, second + 5, len(data))],
+                                     decoders)
         self.assertEqual(rows, [
             ("téxt", "v", "n", "c ", -2, 40, 2**63 - 1, 9, 1.5,
              float("-inf"), True, False, b"\0\xff", "2026-11-25", "1.10", '{"a": 1}'),
@@ -2676,9 +2678,9 @@ class PostgresMessageTest(unittest.TestCase):
         for name, message, decoders, words in self.MALFORMED_ROWS:
             with self.subTest(name):
                 with self.assertRaisesRegex(scheduler.PGProtocolError, words):
-                    scheduler.decode_rows(message, [5], decoders)
+                    scheduler.decode_rows(message, [(68, 5, len(message))], decoders)
         with self.assertRaises(UnicodeDecodeError):  # the caller's to report: see its test
-            scheduler.decode_rows(data_row(b"\xff"), [5], (bytes.decode,))
+            scheduler.decode_rows(data_row(b"\xff"), [(68, 5, 12)], (bytes.decode,))
 
     PLACEHOLDERS = [  # (SQL with ?, SQL with $n)
         ("SELECT 1", "SELECT 1"),
