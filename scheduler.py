@@ -27,6 +27,10 @@ The file reads top to bottom, each section using only those above it:
     Stores         where appointments live: InMemoryStore, SQLiteStore (its versioned
                    schema, SCHEMA_STEPS; group commit; the writers' lock, _Turns);
                    the Idempotency-Keys they keep, each user's own (_once(), KeyTable)
+    PostgreSQL     its protocol, version 3: the URI (parse_postgres_uri()), messages
+                   built and read by functions over bytes, SCRAM; PGConnection, the
+                   one class that owns such a socket; pg_connect() over several
+                   hosts; PGPool
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
     Routes         HTTPError; route functions from parsed input to a Reply; the
@@ -36,7 +40,7 @@ The file reads top to bottom, each section using only those above it:
                    body and JSON checks; http_error() (every error's problem);
                    If-None-Match, CORS; Service (what requests share; begin() and
                    respond(): a request's one path to its Reply)
-    Connection     the one class that owns a socket: a client's phases and
+    Connection     the one class that owns a client's socket: its phases and
                    deadlines, reading, writing, calling the wire format's functions
     Server         connection slots, the deadline watchdog, the log, shutdown
     Command line   options; main(), serve() (one process) and a Supervisor (--workers)
@@ -65,6 +69,7 @@ import math
 import mmap
 import operator
 import os
+import pwd
 import re
 import resource
 import select
@@ -1961,10 +1966,10 @@ def _default_socket_directory() -> str:
 
 
 def _os_user() -> str:
+    """The operating system's user, as libpq finds it."""
     try:
-        import pwd  # Unix only, as this service is
         return pwd.getpwuid(os.geteuid()).pw_name
-    except (ImportError, KeyError):
+    except KeyError:  # a user ID with no name (in a container, say)
         return os.environ.get("USER", "postgres")
 
 
@@ -2125,8 +2130,11 @@ class PGError(Exception):
     may quote the row's values)."""
 
     def __init__(self, fields: Dict[str, str]):
+        super().__init__(fields)
         self.fields = fields
-        super().__init__(f"{self.severity}: {self.message}")
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
 
     sqlstate = property(lambda self: self.fields.get("C", ""))
     severity = property(lambda self: self.fields.get("V") or self.fields.get("S", "ERROR"))
@@ -2147,8 +2155,10 @@ class PGConnectionError(Exception):
     password. error: the server's own ErrorResponse, when it sent one (a FATAL).
 
     Subclasses: PGTimeout, when a deadline passed (a frozen server, a partition, a
-    busy pool); PGConnectionLost, when an open connection failed while in use, so
-    that the outcome of what was sent on it is unknown."""
+    busy pool); PGConnectionLost, when an open connection failed while in use;
+    PGProtocolError, when the server broke the protocol. Raised by a query, each
+    (but PGConnectionLost "broke earlier", for a connection already broken) means
+    that whether the query took effect is unknown: it may have committed."""
 
     def __init__(self, reason: str, host: Optional[str] = None, port: Optional[int] = None,
                  error: Optional[PGError] = None):
@@ -2253,7 +2263,7 @@ def bind_message(statement: str, params: Union[tuple, list]) -> bytes:
         elif kind is bool:
             values.append(_TRUE if value else _FALSE)
             continue
-        elif isinstance(value, int) and not isinstance(value, bool):
+        elif isinstance(value, int):  # (bool, an int too, is above: it cannot be subclassed)
             data = b"%d" % value
         elif isinstance(value, float):
             data = repr(value).encode()  # "inf" and "nan" are what float8in reads too
@@ -2561,8 +2571,11 @@ class ScramSHA256:
         if text.startswith("e="):
             raise PGConnectionError(f"SCRAM authentication failed: {text[2:200]}")
         found = re.match(r"v=([A-Za-z0-9+/]+={0,2})(?:,|$)", text)
-        if found is None or not hmac.compare_digest(
-                base64.b64decode(found.group(1)), self._server_signature):
+        try:
+            signature = base64.b64decode(found.group(1), validate=True) if found else b""
+        except binascii.Error:  # padding
+            signature = b""
+        if not hmac.compare_digest(signature, self._server_signature):
             raise PGConnectionError("the server's SCRAM signature is wrong: it does not know "
                                     "the password (is it the server it claims to be?)")
         self.verified = True
