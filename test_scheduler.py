@@ -2817,6 +2817,34 @@ def sent_by(connection: scheduler.PGConnection, server: socket.socket) -> bytes:
     return data
 
 
+def play_server(testcase: unittest.TestCase, listener: socket.socket,
+                *scripts: Callable[[socket.socket], None]) -> None:
+    """Accept a connection on listener for each script, one after the other, and run
+    the script on it, in a thread: the test plays the server. Each connection is
+    closed when its script ends."""
+    listener.listen()
+    testcase.addCleanup(listener.close)
+
+    def serve():
+        for script in scripts:
+            sock, _ = listener.accept()
+            with sock, contextlib.suppress(OSError):
+                sock.settimeout(10)
+                script(sock)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    testcase.addCleanup(thread.join, 10)
+
+
+def receive_startup(sock: socket.socket) -> bytes:
+    """A startup-phase message (StartupMessage, SSLRequest), read whole from sock."""
+    data = sock.recv(4)
+    while len(data) < 4 or len(data) < struct.unpack("!i", data[:4])[0]:
+        data += sock.recv(65536)
+    return data
+
+
 STARTUP = scheduler.startup_message({"user": "alice", "database": "app",
                                      "application_name": "scheduler", **scheduler._PG_SESSION})
 SERVER_FIRST = b"r=clientnonce+servernonce,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
@@ -2943,6 +2971,61 @@ class PostgresStartupTest(unittest.TestCase):
             connection.start(started + 0.2)
         self.assertLess(time.monotonic() - started, 5)
         self.assertEqual(connection.state, "broken")
+
+    def test_a_unix_domain_socket_has_no_tls(self):
+        """As with libpq: TLS is never asked for there, whatever the sslmode."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(os.path.join(folder, ".s.PGSQL.5433"))
+        sent = queue.Queue()
+
+        def trusting(sock):
+            sent.put(receive_startup(sock))
+            sock.sendall(STARTED)
+            sock.recv(1)
+
+        play_server(self, listener, trusting)
+        settings = scheduler.PGSettings(((folder, 5433),), "alice", database="app",
+                                        sslmode="require")
+        connection = scheduler.PGConnection.connect(settings, folder, 5433,
+                                                    time.monotonic() + 10)
+        self.addCleanup(connection.close)
+        self.assertEqual((connection.state, connection.tls), ("ready", False))
+        self.assertEqual(sent.get(timeout=10), STARTUP)
+
+    def test_prefer_tries_again_without_tls_when_tls_fails(self):
+        """libpq's sslmode=prefer: a failed TLS handshake, or a server that refuses
+        the session over TLS, is tried once more without."""
+        def failed_handshake(sock):
+            self.assertEqual(receive_startup(sock), scheduler.SSL_REQUEST)
+            sock.sendall(b"S")
+            sock.recv(65536)  # the ClientHello
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        def trusting(sock):
+            self.assertEqual(receive_startup(sock), STARTUP)
+            sock.sendall(STARTED)
+            sock.recv(1)
+
+        for sslmode, scripts in (("prefer", (failed_handshake, trusting)),
+                                 ("require", (failed_handshake,))):
+            with self.subTest(sslmode):
+                listener = socket.socket()
+                listener.bind(("127.0.0.1", 0))
+                play_server(self, listener, *scripts)
+                settings = scheduler.PGSettings((listener.getsockname(),), "alice",
+                                                database="app", sslmode=sslmode)
+                connect = functools.partial(scheduler.PGConnection.connect, settings,
+                                            *listener.getsockname(), time.monotonic() + 10)
+                if sslmode == "require":
+                    with self.assertRaisesRegex(scheduler.PGConnectionError,
+                                                "the TLS handshake failed"):
+                        connect()
+                    continue
+                connection = connect()
+                self.addCleanup(connection.close)
+                self.assertEqual((connection.state, connection.tls), ("ready", False))
 
     def test_a_connection_starts_once(self):
         connection, server = scripted_connection(self)
@@ -3248,6 +3331,8 @@ class PostgresConnectionTest(unittest.TestCase):
                              ("disable", False)):
             with self.subTest(sslmode):
                 self.assertEqual(pg_connection(self, cluster.uri(sslmode=sslmode)).tls, tls)
+        # allow: refused without TLS (pg_hba.conf), plain_user is let in with it
+        self.assertTrue(pg_connection(self, cluster.uri("plain_user", sslmode="allow")).tls)
 
     @requires_tls
     def test_tls_refused_by_a_server_with_ssl_off(self):
@@ -3413,37 +3498,6 @@ class PostgresConnectionTest(unittest.TestCase):
         self.assertEqual(self.refusal(cluster.uri(role, "pix-é")).sqlstate, "28P01")
 
 
-def fake_postgres(testcase: unittest.TestCase, answers: List[bytes], connections: int = 1) -> int:
-    """A port where a thread plays a PostgreSQL server for so many connections, one
-    after the other: after each thing the client sends (its StartupMessage, then
-    each batch up to a Sync), it sends the next of answers; then it waits for the
-    client to hang up."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    testcase.addCleanup(listener.close)
-
-    def serve():
-        for _ in range(connections):
-            sock, _ = listener.accept()
-            with sock, contextlib.suppress(OSError):
-                sock.settimeout(10)
-                received = b""
-                for answer in answers:
-                    while not (received.endswith(scheduler.SYNC) or len(received) > 8 and
-                               struct.unpack("!i", received[:4])[0] == len(received)):
-                        received += sock.recv(65536)
-                    received = b""
-                    sock.sendall(answer)
-                while sock.recv(65536):
-                    pass
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    testcase.addCleanup(thread.join, 10)
-    return listener.getsockname()[1]
-
-
 @requires_postgres
 class PostgresReadWriteTest(unittest.TestCase):
     """target_session_attrs=read-write over several hosts: a standby skipped, and
@@ -3453,17 +3507,30 @@ class PostgresReadWriteTest(unittest.TestCase):
         """It reports neither in_hot_standby nor default_transaction_read_only: libpq
         asks it SHOW transaction_read_only."""
         cluster = PostgresCluster.shared()
-        standby_of_old = fake_postgres(self, [
-            authentication(0) + backend(b"S", b"server_version\x0013.0\0") + ready(),
-            PARSED + BOUND + row_description(("transaction_read_only", 25)) + data_row(b"on")
-            + complete("SHOW") + ready()], connections=2)
+
+        def read_only_before_14(sock):
+            receive_startup(sock)
+            sock.sendall(authentication(0) + backend(b"S", b"server_version\x0013.0\0")
+                         + ready())
+            asked = b""
+            while not asked.endswith(scheduler.SYNC):
+                asked += sock.recv(65536)
+            self.assertIn(b"SHOW transaction_read_only", asked)
+            sock.sendall(PARSED + BOUND + row_description(("transaction_read_only", 25))
+                         + data_row(b"on") + complete("SHOW") + ready())
+            sock.recv(65536)  # Terminate
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        play_server(self, listener, read_only_before_14, read_only_before_14)
+        old = listener.getsockname()[1]
         uri = cluster.uri(target_session_attrs="read-write", sslmode="disable")
-        self.assertEqual(pg_connection(self, on_ports(uri, standby_of_old, cluster.port)).port,
+        self.assertEqual(pg_connection(self, on_ports(uri, old, cluster.port)).port,
                          cluster.port)
         with self.assertRaisesRegex(scheduler.PGConnectionError,
-                                    f"127.0.0.1:{standby_of_old}: transaction_read_only is on, "
+                                    f"127.0.0.1:{old}: transaction_read_only is on, "
                                     "and target_session_attrs=read-write"):
-            pg_connection(self, on_ports(uri, standby_of_old))
+            pg_connection(self, on_ports(uri, old))
 
     def test_a_standby_is_skipped_until_it_is_promoted(self):
         """Slower than most (about 1.5 s): a standby, a stop, a promotion."""
