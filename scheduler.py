@@ -2928,8 +2928,7 @@ class PGConnection:
         self._expect(self.READY, "query()")
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         status = self.transaction_status
-        self._state = self.BUSY
-        try:
+        with self._busy():
             try:
                 return self._run(sql, params, deadline)
             except PGError as error:
@@ -2940,13 +2939,22 @@ class PGConnection:
                 # changed with the schema ("cached plan must not change result type"):
                 # outside a transaction nothing happened, so once more, prepared anew.
                 return self._run(sql, params, deadline)
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """Around a query: a protocol error breaks the connection, and so does any
+        other (an interrupt, say) that leaves an answer half read; a PGError, raised
+        once the answer is read whole, leaves it ready."""
+        try:
+            yield
         except PGProtocolError as error:
             if error.host is None:
                 self._fail(PGProtocolError, error.reason)
             raise
-        finally:
+        except BaseException:
             if self._state == self.BUSY:
-                self._state = self.READY
+                self._break()
+            raise
 
     def _run(self, sql: str, params: Union[tuple, list], deadline: float) -> Result:
         statement = self._statements.get(sql)
@@ -2962,8 +2970,10 @@ class PGConnection:
         describing = statement.decoders is None
         batch += bind_message(statement.name, params)
         batch += DESCRIBE_PORTAL + EXECUTE + SYNC if describing else EXECUTE + SYNC
+        self._state = self.BUSY
         self._send(batch, deadline)
         data, messages = self._read_until_ready(deadline)
+        self._state = self.READY
         # What answers, in order: CloseComplete for each statement closed, ParseComplete,
         # BindComplete, RowDescription or NoData, (DataRows), then CommandComplete or
         # EmptyQueryResponse; an ErrorResponse at any point ends them. ReadyForQuery last.
@@ -3012,12 +3022,7 @@ class PGConnection:
         if tag == "ROLLBACK" and _COMMIT_WORDS.match(sql):
             raise PGError({"S": "ERROR", "V": "ERROR", "C": "25P02", "M": (
                 "the transaction had failed, so the server rolled it back at COMMIT")})
-        try:
-            rows = decode_rows(data, rows, statement.decoders) if rows else []
-        except UnicodeDecodeError:
-            raise PGError({"S": "ERROR", "V": "ERROR", "C": "22021", "M": (
-                "a text value from the server is not UTF-8")}) from None
-        return Result(rows, rowcount, tag)
+        return Result(_decoded(data, rows, statement.decoders), rowcount, tag)
 
     def _keep(self, sql: str, statement: _Statement) -> None:
         """Keep a statement the server has prepared; close the least recently used
@@ -3033,10 +3038,12 @@ class PGConnection:
         the script opened a transaction (the simple protocol's rule)."""
         self._expect(self.READY, "run_script()")
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
-        self._state = self.BUSY
-        try:
-            self._send(query_message(sql), deadline)
+        message = query_message(sql)
+        with self._busy():
+            self._state = self.BUSY
+            self._send(message, deadline)
             data, messages = self._read_until_ready(deadline)
+            self._state = self.READY
             results, error, decoders, rows = [], None, None, []
             for message in messages:
                 kind, start, end = message
@@ -3049,8 +3056,8 @@ class PGConnection:
                 elif kind in (_COMMAND_COMPLETE, _EMPTY_QUERY):
                     tag, rowcount = parse_command_complete(body) if kind == _COMMAND_COMPLETE \
                         else ("", -1)
-                    results.append(Result(decode_rows(data, rows, decoders or ()),
-                                          rowcount, tag))
+                    results.append(Result(_decoded(data, rows, decoders or ()), rowcount,
+                                          tag))
                     decoders, rows = None, []
                 elif kind == _ERROR_RESPONSE and error is None:
                     error = PGError(parse_error_fields(body))
@@ -3061,13 +3068,6 @@ class PGConnection:
             if error is not None:
                 raise error
             return results
-        except PGProtocolError as error:
-            if error.host is None:
-                self._fail(PGProtocolError, error.reason)
-            raise
-        finally:
-            if self._state == self.BUSY:
-                self._state = self.READY
 
     def session_read_only(self, deadline: float) -> Optional[str]:
         """Why the session cannot write (a hot standby, default_transaction_read_only
@@ -3254,6 +3254,16 @@ class PGConnection:
         """Break the connection and raise kind (a PGConnectionError) naming the host."""
         self._break()
         raise kind(reason, self.host, self.port, error)
+
+
+def _decoded(data: bytes, rows: List[Tuple[int, int, int]], decoders: tuple) -> List[tuple]:
+    """decode_rows(), with text that is not UTF-8 (from a SQL_ASCII database, say) an
+    error of the query, not of the connection."""
+    try:
+        return decode_rows(data, rows, decoders) if rows else []
+    except UnicodeDecodeError:
+        raise PGError({"S": "ERROR", "V": "ERROR", "C": "22021",
+                       "M": "a text value from the server is not UTF-8"}) from None
 
 
 def _scram_nonce() -> str:

@@ -3192,6 +3192,21 @@ class PostgresQueryTest(unittest.TestCase):
         with self.assertRaisesRegex(RuntimeError, "that is closed"):
             connection.query("SELECT 1")
 
+    def test_a_bad_parameter_is_refused_before_anything_is_sent(self):
+        connection, server = scripted_connection(self)
+        with self.assertRaisesRegex(TypeError, "not dict"):
+            connection.query("SELECT ?", ({},))
+        with self.assertRaisesRegex(ValueError, "NUL"):
+            connection.run_script("SELECT '\0'")
+        self.assertEqual((connection.state, sent_by(connection, server)), ("ready", b""))
+
+    def test_an_answer_left_half_read_breaks_the_connection(self):
+        connection, server = scripted_connection(self, PARSED)
+        with mock.patch.object(connection, "_receive", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                connection.query("SELECT 1")
+        self.assertTrue(connection.broken)
+
     def test_the_oldest_statements_are_closed_past_the_cap(self):
         connection, server = scripted_connection(self)
         with mock.patch.object(scheduler, "MAX_PREPARED_STATEMENTS", 2):
