@@ -27,6 +27,10 @@ The file reads top to bottom, each section using only those above it:
     Stores         where appointments live: InMemoryStore, SQLiteStore (its versioned
                    schema, SCHEMA_STEPS; group commit; the writers' lock, _Turns);
                    the Idempotency-Keys they keep, each user's own (_once(), KeyTable)
+    PostgreSQL     its protocol, version 3: the URI (parse_postgres_uri()), messages
+                   built and read by functions over bytes, SCRAM; PGConnection, the
+                   one class that owns such a socket; pg_connect() over several
+                   hosts; PGPool
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
     Routes         HTTPError; route functions from parsed input to a Reply; the
@@ -36,7 +40,7 @@ The file reads top to bottom, each section using only those above it:
                    body and JSON checks; http_error() (every error's problem);
                    If-None-Match, CORS; Service (what requests share; begin() and
                    respond(): a request's one path to its Reply)
-    Connection     the one class that owns a socket: a client's phases and
+    Connection     the one class that owns a client's socket: its phases and
                    deadlines, reading, writing, calling the wire format's functions
     Server         connection slots, the deadline watchdog, the log, shutdown
     Command line   options; main(), serve() (one process) and a Supervisor (--workers)
@@ -46,6 +50,8 @@ The file reads top to bottom, each section using only those above it:
 import abc
 import argparse
 import array
+import base64
+import binascii
 import bisect
 import collections
 import contextlib
@@ -56,12 +62,14 @@ import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import itertools
 import json
 import math
 import mmap
 import operator
 import os
+import pwd
 import re
 import resource
 import select
@@ -69,6 +77,8 @@ import shlex
 import signal
 import socket
 import sqlite3
+import ssl
+import stringprep
 import struct
 import subprocess
 import sys
@@ -1844,6 +1854,1585 @@ class SQLiteStore(Store):
                     db.close()
             if self._turns is not None:
                 self._turns.close()
+
+
+# --- PostgreSQL protocol (frontend/backend version 3) ---------------------------------
+#
+# PostgreSQL's own protocol, written as the HTTP half is: messages are built and read
+# by functions over bytes that touch no socket (the protocol chapter of PostgreSQL's
+# documentation, "Message Formats", is the reference for every layout here), and one
+# class, PGConnection, owns each socket, its state and its deadlines. Above them:
+# parse_postgres_uri() reads a connection URI as libpq does; pg_connect() tries a
+# URI's hosts in order; PGPool keeps a bounded number of connections.
+
+PG_DEFAULT_PORT = 5432
+PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+PG_TARGET_SESSION_ATTRS = ("any", "read-write")
+PG_MIN_CONNECT_TIMEOUT = 2  # seconds: libpq takes connect_timeout=1 as 2
+PG_QUERY_TIMEOUT = 30.0  # seconds a query may take when its caller gives no deadline
+MAX_PG_MESSAGE_BYTES = 64 << 20  # a longer message from a server breaks its connection
+MAX_PREPARED_STATEMENTS = 200  # kept per connection; the least recently used is closed
+MAX_SCRAM_ITERATIONS = 10_000_000  # more, asked by a server, would stall the client
+# The connection URI's parameters this service reads, each with the environment
+# variable libpq takes its default from; host, port, dbname, user and password may
+# also be written in the URI's body.
+PG_URI_PARAMETERS = {
+    "host": "PGHOST", "port": "PGPORT", "dbname": "PGDATABASE", "user": "PGUSER",
+    "password": "PGPASSWORD", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT",
+    "connect_timeout": "PGCONNECT_TIMEOUT", "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "application_name": "PGAPPNAME"}
+# libpq's other parameters: known, and refused by name rather than as unknown.
+_PG_UNSUPPORTED_PARAMETERS = frozenset({
+    "hostaddr", "passfile", "channel_binding", "options", "client_encoding", "service",
+    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout", "replication", "gssencmode", "sslnegotiation",
+    "sslcert", "sslkey", "sslpassword", "sslcertmode", "sslcrl", "sslcrldir", "sslsni",
+    "sslcompression", "requirepeer", "ssl_min_protocol_version", "ssl_max_protocol_version",
+    "krbsrvname", "gsslib", "gssdelegation", "require_auth", "load_balance_hosts"})
+# Sent at startup, so that every server speaks alike: text in UTF-8, dates as
+# YYYY-MM-DD, floats exactly, bytea in hex.
+_PG_SESSION = {"client_encoding": "UTF8", "DateStyle": "ISO", "extra_float_digits": "3",
+               "bytea_output": "hex"}
+
+
+class PGSettings(NamedTuple):
+    """Where and how to reach PostgreSQL, as parse_postgres_uri() reads a URI. A host
+    that starts with "/" is the directory of a Unix-domain socket (no TLS there, as
+    with libpq). repr() and redacted_uri never show the password."""
+
+    hosts: Tuple[Tuple[str, int], ...]
+    user: str
+    password: Optional[str] = None
+    database: Optional[str] = None  # None: the user's name
+    sslmode: str = "prefer"
+    sslrootcert: Optional[str] = None  # None: ~/.postgresql/root.crt, for verify-* only
+    connect_timeout: Optional[float] = None  # seconds for each host; None: the caller's
+    target_session_attrs: str = "any"
+    application_name: str = "scheduler"
+
+    @property
+    def redacted_uri(self) -> str:
+        """The settings as a URI for messages and logs: everything but the password."""
+        quote = functools.partial(urllib.parse.quote, safe="")
+        hosts = ",".join(f"{_host_in_uri(host)}:{port}" for host, port in self.hosts)
+        params = [(name, getattr(self, name)) for name in (
+            "sslmode", "sslrootcert", "connect_timeout", "target_session_attrs",
+            "application_name") if getattr(self, name) != self._field_defaults[name]]
+        query = "&".join(f"{name}={quote(f'{value:g}' if isinstance(value, float) else value)}"
+                         for name, value in params)
+        return (f"postgresql://{quote(self.user)}@{hosts}/{quote(self.database or self.user)}"
+                + (f"?{query}" if query else ""))
+
+    def __repr__(self) -> str:
+        return f"PGSettings({self.redacted_uri!r})"
+
+
+def _host_in_uri(host: str) -> str:
+    if host.startswith("/"):
+        return urllib.parse.quote(host, safe="")
+    return f"[{host}]" if ":" in host else host
+
+
+def _address(host: str, port: int) -> str:
+    """host:port as messages name it ([::1]:5432; a socket's directory as it is)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("/") else f"{host}:{port}"
+
+
+def is_postgres_uri(text: str) -> bool:
+    """Whether --db names PostgreSQL (a connection URI) rather than an SQLite file."""
+    return text.startswith(("postgresql://", "postgres://"))
+
+
+def _percent_decoded(text: str, what: str) -> str:
+    """text with its %XX escapes decoded, as libpq decodes each part of a URI (a "+"
+    stays a "+"); ValueError naming what (never quoting a password) if it is not
+    valid percent-encoded UTF-8, or decodes to NUL."""
+    if "%" not in text:
+        return text
+    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+        raise ValueError(f"{what} has a '%' that is not followed by two hex digits")
+    if re.search(r"%00", text):
+        raise ValueError(f"{what} has %00 (NUL), which libpq forbids")
+    try:
+        return urllib.parse.unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} is not percent-encoded UTF-8") from None
+
+
+def _default_socket_directory() -> str:
+    """Where libpq looks for the server's Unix-domain socket when no host is given:
+    Debian's directory if there is one, else /tmp (PostgreSQL's own default)."""
+    return "/var/run/postgresql" if os.path.isdir("/var/run/postgresql") else "/tmp"
+
+
+def _os_user() -> str:
+    """The operating system's user, as libpq finds it."""
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a user ID with no name (in a container, say)
+        return os.environ.get("USER", "postgres")
+
+
+def parse_postgres_uri(text: str, environ: Mapping[str, str] = os.environ) -> PGSettings:
+    """The PGSettings of a connection URI, read as libpq reads one:
+
+        postgresql://[user[:password]@][host][:port][,...][/dbname][?name=value[&...]]
+
+    Every part is percent-decoded; an IPv6 host is written in brackets; each host
+    may have its own port. The parameters are those of PG_URI_PARAMETERS (and libpq's
+    ssl=true, which is sslmode=require); what the URI leaves out comes from the
+    environment variable libpq reads (PGPASSWORD for the password...), then from
+    libpq's defaults: the operating system's user, a database named after the user,
+    port 5432, sslmode=prefer, the Unix-domain socket for no host. Raises
+    ValueError saying what is wrong; its message never holds the password."""
+    if not is_postgres_uri(text):
+        raise ValueError("a PostgreSQL URI starts with postgresql:// or postgres://")
+    rest = text.split("://", 1)[1]
+    # The user information ends at the first "@" before any "/" (libpq's rule), so a
+    # password with "@" or "/" in it must be percent-encoded. Where it is not, what
+    # follows is read as hosts and ports, and an error would quote the password:
+    # then the error says only that.
+    at, slash = rest.find("@"), rest.find("/")
+    userinfo = None
+    if at != -1 and (slash == -1 or at < slash):
+        userinfo, rest = rest[:at], rest[at + 1:]
+    try:
+        settings = _pg_settings(_uri_values(userinfo, rest), environ)
+        if any("@" in host for host, _ in settings.hosts):
+            raise ValueError("a host name has an '@'")
+        return settings
+    except ValueError as error:
+        if "@" in rest:
+            raise ValueError("the PostgreSQL URI cannot be read: it has an '@' after the one "
+                             "that ends the user name and password (write '@' as %40 and "
+                             "'/' as %2F in a password)") from None
+        raise ValueError(f"the PostgreSQL URI cannot be read: {error}") from None
+
+
+def _uri_values(userinfo: Optional[str], rest: str) -> Dict[str, str]:
+    """libpq's parameters that a URI gives (after "scheme://" and the user
+    information), percent-decoded."""
+    given: Dict[str, str] = {}
+    if userinfo is not None:
+        user, colon, password = userinfo.partition(":")
+        if user:
+            given["user"] = user
+        if colon and password:
+            given["password"] = password
+    hosts: List[str] = []
+    ports: List[str] = []
+    while True:  # host[:port], separated by commas
+        if rest.startswith("["):
+            end = rest.find("]")
+            if end == -1:
+                raise ValueError("an IPv6 host address has no closing ']'")
+            if end == 1:
+                raise ValueError("an IPv6 host address in brackets is empty")
+            host, rest = rest[1:end], rest[end + 1:]
+            if rest and rest[0] not in ":/?,":
+                raise ValueError(f"unexpected {rest[0]!r} after the IPv6 address [{host}] "
+                                 "(expected ':', '/', '?' or ',')")
+        else:
+            host_end = re.match(r"[^:/?,]*", rest).end()
+            host, rest = rest[:host_end], rest[host_end:]
+        port = ""
+        if rest.startswith(":"):
+            port_end = re.match(r"[^/?,]*", rest[1:]).end() + 1
+            port, rest = rest[1:port_end], rest[port_end:]
+        hosts.append(host)
+        ports.append(port)
+        if not rest.startswith(","):
+            break
+        rest = rest[1:]
+    if any(hosts):
+        given["host"] = ",".join(hosts)
+    if any(ports):
+        given["port"] = ",".join(ports)
+    path, _, query = rest.partition("?")  # path is empty or starts with "/"
+    if path[1:]:
+        given["dbname"] = path[1:]
+    for field in query.split("&") if query else ():
+        name, equals, value = field.partition("=")
+        if not equals:
+            raise ValueError(f"the parameter {name[:40]!r} has no '=' and value")
+        if "=" in value:
+            raise ValueError(f"the parameter {name[:40]!r} has a second '='")
+        name = _percent_decoded(name, "a parameter's name")
+        if name == "ssl" and value == "true":  # what JDBC writes; libpq takes it too
+            name, value = "sslmode", "require"
+        if name not in PG_URI_PARAMETERS:
+            if name in _PG_UNSUPPORTED_PARAMETERS:
+                raise ValueError(f"the parameter {name!r} is not supported by this service; "
+                                 f"it takes {', '.join(PG_URI_PARAMETERS)}")
+            raise ValueError(f"unknown parameter {name[:40]!r}; this service takes "
+                             f"{', '.join(PG_URI_PARAMETERS)}")
+        given[name] = value  # a later one wins, as in libpq
+    return {name: _percent_decoded(value, "the password" if name == "password"
+                                   else f"the {name}") for name, value in given.items()}
+
+
+def _pg_settings(values: Dict[str, str], environ: Mapping[str, str]) -> PGSettings:
+    """PGSettings from libpq's parameters (decoded), with the environment's and
+    libpq's defaults for those missing; ValueError if one is bad."""
+    for name, variable in PG_URI_PARAMETERS.items():
+        if name not in values and environ.get(variable):
+            values[name] = environ[variable]
+    hosts = values.get("host", "").split(",")
+    ports = values.get("port", "").split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    elif len(ports) != len(hosts):
+        raise ValueError(f"{len(ports)} ports were given for {len(hosts)} hosts")
+    pairs = []
+    for host, port in zip(hosts, ports):
+        port = port.strip()
+        if not port:
+            number = PG_DEFAULT_PORT
+        elif port.isdigit() and port.isascii() and 1 <= int(port) <= 65535:
+            number = int(port)
+        else:
+            raise ValueError(f"{port[:20]!r} is not a port number (1-65535)")
+        pairs.append((host or _default_socket_directory(), number))
+    sslrootcert = values.get("sslrootcert") or None
+    # libpq 16: sslrootcert=system means the system's CAs, and verify-full by default
+    sslmode = values.get("sslmode") or ("verify-full" if sslrootcert == "system" else "prefer")
+    if sslmode not in PG_SSLMODES:
+        raise ValueError(f"sslmode {sslmode[:20]!r} is not one of {', '.join(PG_SSLMODES)}")
+    if sslrootcert == "system" and sslmode != "verify-full":
+        raise ValueError(f"sslmode={sslmode} may not be used with sslrootcert=system (the "
+                         "system's CAs trust any certificate a public CA signed for any "
+                         "name); use verify-full")
+    timeout = values.get("connect_timeout", "").strip()
+    if timeout and not re.fullmatch(r"[-+]?[0-9]+", timeout):
+        raise ValueError(f"connect_timeout {timeout[:20]!r} is not a whole number of seconds")
+    seconds = int(timeout) if timeout else 0
+    attrs = values.get("target_session_attrs") or "any"
+    if attrs not in PG_TARGET_SESSION_ATTRS:
+        known = ("read-only", "primary", "standby", "prefer-standby")
+        raise ValueError(f"target_session_attrs={attrs[:20]} is "
+                         f"{'not supported by this service' if attrs in known else 'unknown'}"
+                         f"; use {' or '.join(PG_TARGET_SESSION_ATTRS)}")
+    user = values.get("user") or _os_user()
+    return PGSettings(
+        hosts=tuple(pairs), user=user, password=values.get("password"),
+        database=values.get("dbname") or user, sslmode=sslmode, sslrootcert=sslrootcert,
+        # zero or less: no timeout of its own, as in libpq (the caller's deadline holds)
+        connect_timeout=float(max(seconds, PG_MIN_CONNECT_TIMEOUT)) if seconds > 0 else None,
+        target_session_attrs=attrs,
+        application_name=values.get("application_name",
+                                    PGSettings._field_defaults["application_name"]))
+
+
+class PGError(Exception):
+    """An ErrorResponse from the server, by its fields (each keyed by its code
+    letter: "C" the SQLSTATE, "M" the message, "D" the detail, "n" the constraint...).
+    str() is the severity and message alone: never the SQL, never the detail (which
+    may quote the row's values)."""
+
+    def __init__(self, fields: Dict[str, str]):
+        super().__init__(fields)
+        self.fields = fields
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+    sqlstate = property(lambda self: self.fields.get("C", ""))
+    severity = property(lambda self: self.fields.get("V") or self.fields.get("S", "ERROR"))
+    message = property(lambda self: self.fields.get("M", ""))
+    constraint = property(lambda self: self.fields.get("n"))
+
+    @property
+    def fatal(self) -> bool:
+        """Whether the server ends the session with it."""
+        return self.severity in ("FATAL", "PANIC")
+
+
+class PGConnectionError(Exception):
+    """The database cannot be reached, or a connection to it failed: nothing
+    listening, a refused login or TLS, a certificate that does not verify, a
+    connection lost, a server that broke the protocol, a deadline passed. The
+    message names the host and port (or the pool) and the reason; never the
+    password. error: the server's own ErrorResponse, when it sent one (a FATAL).
+
+    Subclasses: PGTimeout, when a deadline passed (a frozen server, a partition, a
+    busy pool); PGConnectionLost, when an open connection failed while in use;
+    PGProtocolError, when the server broke the protocol. Raised by a query, each
+    (but PGConnectionLost "broke earlier", for a connection already broken) means
+    that whether the query took effect is unknown: it may have committed."""
+
+    def __init__(self, reason: str, host: Optional[str] = None, port: Optional[int] = None,
+                 error: Optional[PGError] = None):
+        self.reason, self.host, self.port, self.error = reason, host, port, error
+        where = f"{_address(host, port)}: " if host is not None else ""
+        super().__init__(where + reason)
+
+    @property
+    def sqlstate(self) -> Optional[str]:
+        return self.error.sqlstate if self.error is not None else None
+
+
+class PGTimeout(PGConnectionError):
+    """A deadline passed: connecting, waiting for an answer, or waiting for the pool."""
+
+
+class PGConnectionLost(PGConnectionError):
+    """An open connection broke while in use (closed, reset, a FATAL from the server):
+    whether what was sent on it took effect is unknown."""
+
+
+class PGProtocolError(PGConnectionError):
+    """The server sent what the protocol does not allow there: its connection is
+    not used again."""
+
+
+class _TLSRefused(PGConnectionError):
+    """TLS failed (the handshake, or the server refused the session over it): with
+    sslmode=prefer, the host is tried again without TLS, as libpq does."""
+
+
+# Messages, built. Each frontend message is a type byte and an Int32 length that
+# counts itself; the startup-phase ones (StartupMessage, SSLRequest) have no type.
+
+_INT16, _INT32 = struct.Struct("!h"), struct.Struct("!i")
+_HEADER = struct.Struct("!Bi")  # a backend message's type and length
+_PROTOCOL_3_0 = 196608
+SSL_REQUEST = struct.pack("!ii", 8, 80877103)
+SYNC = b"S\0\0\0\4"
+TERMINATE = b"X\0\0\0\4"
+EXECUTE = b"E\0\0\0\x09\0\0\0\0\0"  # the unnamed portal, all its rows
+DESCRIBE_PORTAL = b"D\0\0\0\x06P\0"  # the unnamed portal
+
+
+def _cstring(text: str, what: str = "text") -> bytes:
+    data = text.encode()
+    if b"\0" in data:
+        raise ValueError(f"{what} may not contain NUL")
+    return data + b"\0"
+
+
+def _message(kind: bytes, body: bytes) -> bytes:
+    return kind + _INT32.pack(len(body) + 4) + body
+
+
+def startup_message(parameters: Mapping[str, str]) -> bytes:
+    """StartupMessage: protocol 3.0 and the session's parameters (user, database...)."""
+    body = _INT32.pack(_PROTOCOL_3_0) + b"".join(
+        _cstring(name) + _cstring(value, name) for name, value in parameters.items()) + b"\0"
+    return _INT32.pack(len(body) + 4) + body
+
+
+def password_message(password: bytes) -> bytes:
+    """PasswordMessage: a cleartext or md5 password, NUL-terminated."""
+    if b"\0" in password:
+        raise ValueError("the password may not contain NUL")
+    return _message(b"p", password + b"\0")
+
+
+def sasl_initial_response(mechanism: str, data: bytes) -> bytes:
+    return _message(b"p", _cstring(mechanism) + _INT32.pack(len(data)) + data)
+
+
+def sasl_response(data: bytes) -> bytes:
+    return _message(b"p", data)
+
+
+def parse_message(name: str, sql: str) -> bytes:
+    """Parse: a named prepared statement, its parameters' types left to the server."""
+    return _message(b"P", _cstring(name) + _cstring(sql, "the SQL") + b"\0\0")
+
+
+_NULL = b"\xff\xff\xff\xff"
+_NO_FORMATS = b"\0\0"  # every parameter (or every column) in text format
+_TRUE, _FALSE = b"\0\0\0\1t", b"\0\0\0\1f"
+
+
+def bind_message(statement: str, params: Union[tuple, list]) -> bytes:
+    """Bind: the statement's parameters to the unnamed portal, every value sent
+    apart from the SQL. None is NULL; str, int, float and bool go in text format;
+    bytes (bytea) in binary format, which for bytea is the bytes themselves. The
+    results are asked for in text format."""
+    values = []
+    binary = False
+    for value in params:
+        kind = type(value)
+        if kind is str:
+            data = value.encode()
+        elif value is None:
+            values.append(_NULL)
+            continue
+        elif kind is bool:
+            values.append(_TRUE if value else _FALSE)
+            continue
+        elif isinstance(value, int):  # (bool, an int too, is above: it cannot be subclassed)
+            data = b"%d" % value
+        elif isinstance(value, float):
+            data = repr(value).encode()  # "inf" and "nan" are what float8in reads too
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            data = bytes(value)
+            binary = True
+        elif isinstance(value, str):
+            data = str(value).encode()
+        else:
+            raise TypeError(f"a query parameter may be None, str, int, float, bool or "
+                            f"bytes, not {kind.__name__}")
+        values.append(_INT32.pack(len(data)) + data)
+    if binary:
+        formats = _INT16.pack(len(params)) + b"".join(
+            b"\0\1" if isinstance(value, (bytes, bytearray, memoryview)) else b"\0\0"
+            for value in params)
+    else:
+        formats = _NO_FORMATS
+    if len(values) > 65535:
+        raise ValueError("a query may have 65,535 parameters at most")
+    return _message(b"B", b"\0" + _cstring(statement) + formats + _INT16.pack(len(values))
+                    + b"".join(values) + _NO_FORMATS)
+
+
+def close_statement_message(name: str) -> bytes:
+    return _message(b"C", b"S" + _cstring(name))
+
+
+def query_message(sql: str) -> bytes:
+    """Query: the simple protocol, for SQL without parameters (schema steps)."""
+    return _message(b"Q", _cstring(sql, "the SQL"))
+
+
+# Placeholders: the SQL this service shares with SQLite writes "?"; PostgreSQL wants
+# $1, $2... Outside of literals, quoted names, comments and dollar quotes, each "?"
+# becomes the next $n. (So the jsonb operators ?, ?| and ?& cannot be written; use
+# jsonb_exists() and its kin.)
+_SQL_SKIPPED = re.compile(r"""(?<![\w$])[Ee]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'"""
+                          r"""|"(?:[^"]|"")*"|--[^\n]*|/\*.*?\*/"""
+                          r"""|(?<![\w$])\$([A-Za-z_]\w*|)\$.*?\$\1\$|(\?)""", re.S)
+
+
+@functools.lru_cache(maxsize=512)
+def numbered_placeholders(sql: str) -> str:
+    """sql with each "?" placeholder written as PostgreSQL's $1, $2...; once per text."""
+    if "?" not in sql:
+        return sql
+    numbers = itertools.count(1)
+    return _SQL_SKIPPED.sub(lambda found: f"${next(numbers)}" if found.group(2)
+                            else found.group(0), sql)
+
+
+# Messages, read. next_message() frames them; the parse_... functions read the body
+# of one. A malformed message is a PGProtocolError.
+
+def next_message(data: Union[bytes, bytearray], start: int = 0) -> Optional[Tuple[int, int, int]]:
+    """The message at data[start:]: (its type byte, where its body starts, where it
+    ends); None while it is not whole."""
+    if len(data) - start < 5:
+        return None
+    kind, length = _HEADER.unpack_from(data, start)
+    if length < 4 or length > MAX_PG_MESSAGE_BYTES:
+        raise PGProtocolError(f"a message of type {chr(kind)!r} claims a length of {length}")
+    end = start + 1 + length
+    return (kind, start + 5, end) if end <= len(data) else None
+
+
+def _fields(body: bytes, what: str) -> List[bytes]:
+    """The NUL-terminated strings a body is made of (its last byte a NUL)."""
+    if not body.endswith(b"\0"):
+        raise PGProtocolError(f"{what} is not NUL-terminated")
+    return body[:-1].split(b"\0")
+
+
+def parse_error_fields(body: bytes) -> Dict[str, str]:
+    """ErrorResponse and NoticeResponse: each field a code byte and a string; a NUL
+    after the last."""
+    if body == b"\0":
+        return {}
+    fields = _fields(body, "an ErrorResponse")
+    if fields[-1] != b"":
+        raise PGProtocolError("an ErrorResponse does not end with an empty field")
+    parsed = {}
+    for field in fields[:-1]:
+        if not field:
+            raise PGProtocolError("an ErrorResponse has a field with no code")
+        parsed[chr(field[0])] = field[1:].decode("utf-8", "replace")
+    return parsed
+
+
+# Authentication request codes (the "R" message's Int32) this client answers...
+AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL, AUTH_SASL_CONTINUE, AUTH_SASL_FINAL = (
+    0, 3, 5, 10, 11, 12)
+# ...and those it does not.
+_AUTH_UNSUPPORTED = {2: "Kerberos V5", 6: "SCM credentials", 7: "GSSAPI", 8: "GSSAPI",
+                     9: "SSPI"}
+
+
+def parse_authentication(body: bytes) -> Tuple[int, bytes]:
+    """An Authentication request: its code, and what follows it (the md5 salt, the
+    SASL mechanisms or data)."""
+    if len(body) < 4:
+        raise PGProtocolError("an Authentication message is too short")
+    code = _INT32.unpack_from(body)[0]
+    data = body[4:]
+    if (code in (AUTH_OK, AUTH_CLEARTEXT) and data) or (code == AUTH_MD5 and len(data) != 4):
+        raise PGProtocolError(f"an Authentication message of code {code} has "
+                              f"{len(data)} bytes after its code")
+    return code, data
+
+
+def parse_sasl_mechanisms(data: bytes) -> List[str]:
+    fields = _fields(data, "the list of SASL mechanisms")
+    if not fields or fields[-1] != b"":
+        raise PGProtocolError("the list of SASL mechanisms does not end with an empty name")
+    return [field.decode("utf-8", "replace") for field in fields[:-1]]
+
+
+def parse_parameter_status(body: bytes) -> Tuple[str, str]:
+    fields = _fields(body, "a ParameterStatus")
+    if len(fields) != 2:
+        raise PGProtocolError("a ParameterStatus is not a name and a value")
+    return fields[0].decode("utf-8", "replace"), fields[1].decode("utf-8", "replace")
+
+
+def parse_backend_key_data(body: bytes) -> Tuple[int, int]:
+    if len(body) != 8:
+        raise PGProtocolError("a BackendKeyData is not 8 bytes")
+    return struct.unpack("!ii", body)
+
+
+def parse_ready_for_query(body: bytes) -> str:
+    """The transaction status: "I" idle, "T" in a transaction, "E" in a failed one."""
+    if body not in (b"I", b"T", b"E"):
+        raise PGProtocolError(f"a ReadyForQuery has the transaction status {body[:8]!r}")
+    return body.decode()
+
+
+def parse_command_complete(body: bytes) -> Tuple[str, int]:
+    """CommandComplete: the tag ("INSERT 0 1", "SELECT 3", "BEGIN") and the rows
+    it counts (-1 for a command that counts none)."""
+    tag = _fields(body, "a CommandComplete")[0].decode("utf-8", "replace")
+    last = tag.rpartition(" ")[2]
+    counted = tag.split(" ", 1)[0] in ("INSERT", "UPDATE", "DELETE", "SELECT", "MERGE",
+                                       "MOVE", "FETCH", "COPY")
+    return tag, int(last) if counted and last.isdigit() else -1
+
+
+def _bytea(text: bytes) -> bytes:
+    if not text.startswith(b"\\x"):
+        raise PGProtocolError("a bytea value is not in hex format")
+    return binascii.unhexlify(text[2:])
+
+
+# How a text-format value becomes a Python value, by its type's OID (pg_type):
+# text, varchar, bpchar, name -> str; int2, int4, int8, oid -> int; float4, float8
+# -> float; bool -> bool; bytea -> bytes. Any other type is str (a date, numeric...).
+_DECODE_TEXT = bytes.decode  # UTF-8
+PG_DECODERS: Dict[int, Callable[[bytes], object]] = {
+    25: _DECODE_TEXT, 1043: _DECODE_TEXT, 1042: _DECODE_TEXT, 19: _DECODE_TEXT,
+    21: int, 23: int, 20: int, 26: int, 700: float, 701: float,
+    16: {b"t": True, b"f": False}.__getitem__, 17: _bytea}
+
+
+def parse_row_description(body: bytes) -> Tuple[Tuple[str, int], ...]:
+    """RowDescription: each column's name and type OID."""
+    if len(body) < 2:
+        raise PGProtocolError("a RowDescription is too short")
+    count, at, columns = _INT16.unpack_from(body)[0], 2, []
+    for _ in range(count):
+        end = body.find(b"\0", at)
+        if end == -1 or end + 19 > len(body):
+            raise PGProtocolError("a RowDescription is too short for its columns")
+        oid = _INT32.unpack_from(body, end + 7)[0]
+        columns.append((body[at:end].decode("utf-8", "replace"), oid))
+        at = end + 19  # table OID, column number, type OID, size, modifier, format
+    if at != len(body):
+        raise PGProtocolError("a RowDescription is longer than its columns")
+    return tuple(columns)
+
+
+def decode_rows(data: bytes, messages: List[Tuple[int, int, int]],
+                decoders: tuple) -> List[tuple]:
+    """The rows of DataRow messages, each framed in data as next_message() frames
+    it, as tuples of values decoded by decoders (one per column, from PG_DECODERS).
+    The one loop that runs once per value: no function of this module's is called
+    per value, only the built-in decoders. A row is checked against its message's
+    length; a malformed row is a PGProtocolError."""
+    rows = []
+    append, unpack, count = rows.append, _INT32.unpack_from, _INT16.unpack_from
+    width = len(decoders)
+    try:
+        for _, start, end in messages:
+            if count(data, start)[0] != width:
+                raise PGProtocolError(f"a DataRow has not the {width} columns described")
+            at, row = start + 2, []
+            add = row.append
+            for decode in decoders:
+                size, = unpack(data, at)
+                at += 4
+                if size < 0:
+                    add(None)
+                else:
+                    stop = at + size
+                    add(decode(data[at:stop]))
+                    at = stop
+            if at != end:
+                raise PGProtocolError("a DataRow's values do not fill its length")
+            append(tuple(row))
+    except (struct.error, ValueError, KeyError) as error:
+        if isinstance(error, UnicodeDecodeError):
+            raise
+        raise PGProtocolError(f"a DataRow is malformed ({error})") from None
+    return rows
+
+
+# Authentication: the password's proofs, with no socket.
+
+def md5_password(user: str, password: str, salt: bytes) -> bytes:
+    """The answer to AuthenticationMD5Password: "md5" and the hex MD5 of the hex MD5
+    of the password and user name, salted."""
+    inner = hashlib.md5(password.encode() + user.encode(), usedforsecurity=False).hexdigest()
+    return b"md5" + hashlib.md5(inner.encode() + salt, usedforsecurity=False).hexdigest().encode()
+
+
+def saslprep(text: str) -> Optional[str]:
+    """text prepared by SASLprep (RFC 4013, a profile of stringprep, RFC 3454), or
+    None where the profile prohibits it. ASCII is left as it is, as PostgreSQL's
+    own pg_saslprep() does."""
+    if text.isascii():
+        return text
+    mapped = "".join(" " if stringprep.in_table_c12(c) else c for c in text
+                     if not stringprep.in_table_b1(c))  # section 2.1
+    prepared = unicodedata.ucd_3_2_0.normalize("NFKC", mapped)  # section 2.2
+    prohibited = (stringprep.in_table_c12, stringprep.in_table_c21_c22, stringprep.in_table_c3,
+                  stringprep.in_table_c4, stringprep.in_table_c5, stringprep.in_table_c6,
+                  stringprep.in_table_c7, stringprep.in_table_c8, stringprep.in_table_c9,
+                  stringprep.in_table_a1)  # sections 2.3 and 2.5: unassigned code points
+    if any(check(c) for c in prepared for check in prohibited):
+        return None
+    right_to_left = [stringprep.in_table_d1(c) for c in prepared]  # section 2.4 (RFC 3454 6)
+    if any(right_to_left) and (any(map(stringprep.in_table_d2, prepared))
+                               or not (right_to_left[0] and right_to_left[-1])):
+        return None
+    return prepared
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _hmac(key: bytes, message: bytes) -> bytes:
+    return hmac.new(key, message, "sha256").digest()
+
+
+class ScramSHA256:
+    """The client's side of SCRAM-SHA-256 (RFC 5802, RFC 7677), without channel
+    binding ("n,,"): client_first(), then client_final(server's first message),
+    then check_server_final(server's last). Pure: the nonce is given or random.
+    PostgreSQL takes the user from the startup message and ignores the one here,
+    so it is empty by default. A server that cannot prove it knows the password
+    (its signature, RFC 5802 section 3) is refused: PGConnectionError."""
+
+    MECHANISM = "SCRAM-SHA-256"
+
+    def __init__(self, password: str, nonce: Optional[str] = None, user: str = ""):
+        prepared = saslprep(password)  # PostgreSQL uses the password as it is when it fails
+        self._password = (password if prepared is None else prepared).encode()
+        self._nonce = nonce if nonce is not None else _b64(os.urandom(18))
+        name = user.replace("=", "=3D").replace(",", "=2C")  # section 5.1
+        self._first_bare = f"n={name},r={self._nonce}"
+        self._server_signature: Optional[bytes] = None
+        self.verified = False
+
+    def client_first(self) -> bytes:
+        return f"n,,{self._first_bare}".encode()
+
+    def client_final(self, server_first: bytes) -> bytes:
+        text = server_first.decode("utf-8", "replace")
+        attributes = dict(part.split("=", 1) for part in text.split(",") if "=" in part)
+        nonce, salt, iterations = (attributes.get(key, "") for key in "rsi")
+        if text.startswith("m=") or not (nonce and salt and iterations):
+            raise PGProtocolError("the server's first SCRAM message is not r=...,s=...,i=...")
+        if not nonce.startswith(self._nonce) or len(nonce) == len(self._nonce):
+            raise PGProtocolError("the server's SCRAM nonce does not extend the client's")
+        if not iterations.isdigit() or not 1 <= int(iterations) <= MAX_SCRAM_ITERATIONS:
+            raise PGProtocolError(f"the server asks for {iterations[:12]!r} SCRAM iterations")
+        try:
+            salt_bytes = base64.b64decode(salt, validate=True)
+        except binascii.Error:
+            raise PGProtocolError("the server's SCRAM salt is not base64") from None
+        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt_bytes, int(iterations))
+        client_key = _hmac(salted, b"Client Key")
+        without_proof = f"c=biws,r={nonce}"  # biws: base64 of "n,,"
+        auth_message = f"{self._first_bare},{text},{without_proof}".encode()
+        signature = _hmac(hashlib.sha256(client_key).digest(), auth_message)
+        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        self._server_signature = _hmac(_hmac(salted, b"Server Key"), auth_message)
+        return f"{without_proof},p={_b64(proof)}".encode()
+
+    def check_server_final(self, server_final: bytes) -> None:
+        text = server_final.decode("utf-8", "replace")
+        if self._server_signature is None:
+            raise PGProtocolError("the server ended SCRAM before the client's proof")
+        if text.startswith("e="):
+            raise PGConnectionError(f"SCRAM authentication failed: {text[2:200]}")
+        found = re.match(r"v=([A-Za-z0-9+/]+={0,2})(?:,|$)", text)
+        try:
+            signature = base64.b64decode(found.group(1), validate=True) if found else b""
+        except binascii.Error:  # padding
+            signature = b""
+        if not hmac.compare_digest(signature, self._server_signature):
+            raise PGConnectionError("the server's SCRAM signature is wrong: it does not know "
+                                    "the password (is it the server it claims to be?)")
+        self.verified = True
+
+
+# TLS, as libpq's sslmode asks: prefer and require encrypt without checking who
+# answers (require with an sslrootcert given checks the chain, as libpq does);
+# verify-ca checks the certificate against the CA; verify-full the host name too.
+
+def _root_certificate(settings: PGSettings) -> Optional[str]:
+    """The CA file to verify against; None for none (require, prefer, allow)."""
+    if settings.sslrootcert is not None:
+        return settings.sslrootcert
+    if settings.sslmode.startswith("verify-"):
+        return os.path.join(os.path.expanduser("~"), ".postgresql", "root.crt")
+    return None
+
+
+def tls_context(settings: PGSettings) -> ssl.SSLContext:
+    """The SSLContext for a connection's TLS, from the settings' sslmode and
+    sslrootcert; one per CA file and its version, kept. ValueError if the CA file
+    cannot be read."""
+    path = _root_certificate(settings)
+    version = None
+    if path not in (None, "system"):
+        try:
+            version = os.stat(path).st_mtime_ns
+        except OSError as error:
+            raise ValueError(f"the root certificate file {path!r} cannot be read "
+                             f"({error.strerror}): give sslrootcert, or use a sslmode that "
+                             "does not verify the server") from None
+    return _tls_context(settings.sslmode == "verify-full", path, version)
+
+
+@functools.lru_cache(maxsize=16)
+def _tls_context(check_host: bool, path: Optional[str], version: Optional[int]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2  # libpq's ssl_min_protocol_version
+    context.set_alpn_protocols(["postgresql"])  # what PostgreSQL 17 expects, if any
+    context.check_hostname = check_host
+    if path is None:
+        context.verify_mode = ssl.CERT_NONE
+    elif path == "system":
+        context.load_default_certs()
+    else:
+        try:
+            context.load_verify_locations(cafile=path)
+        except (OSError, ssl.SSLError) as error:
+            raise ValueError(f"the root certificate file {path!r} has no certificate that "
+                             f"can be read ({error})") from None
+    return context
+
+
+class Result(NamedTuple):
+    """What a query returned: its rows (tuples, values decoded by PG_DECODERS), the
+    rows its tag counts (-1 when it counts none) and the tag ("INSERT 0 1")."""
+
+    rows: List[tuple]
+    rowcount: int
+    tag: str
+
+
+class _Statement:
+    """A prepared statement a connection keeps: its name, and how to decode its rows
+    (None until the server has described them; () for a statement with none)."""
+
+    __slots__ = ("name", "decoders")
+
+    def __init__(self, name: str):
+        self.name, self.decoders = name, None
+
+
+# Message types, as the byte values a backend message starts with.
+(_AUTHENTICATION, _PARAMETER_STATUS, _BACKEND_KEY_DATA, _READY_FOR_QUERY, _ERROR_RESPONSE,
+ _NOTICE_RESPONSE, _NOTIFICATION, _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE,
+ _ROW_DESCRIPTION, _NO_DATA, _DATA_ROW, _COMMAND_COMPLETE, _EMPTY_QUERY,
+ _NEGOTIATE_VERSION) = b"RSKZENA123TnDCIv"
+# What may arrive at any time (the protocol's "asynchronous" messages).
+_ASYNCHRONOUS = frozenset({_PARAMETER_STATUS, _NOTICE_RESPONSE, _NOTIFICATION})
+_STOPS = frozenset({_READY_FOR_QUERY, _ERROR_RESPONSE})  # looked at as they arrive
+_COMMIT_WORDS = re.compile(r"\s*(?:COMMIT|END)\b", re.I)
+
+
+class PGConnection:
+    """One connection to a PostgreSQL server: the one object that owns its socket,
+    its state and its deadlines. connect() opens one; query() runs a statement with
+    the extended query protocol; close() ends it. Not for two threads at once (the
+    pool lends each to one).
+
+        state      what it is doing                  what it accepts
+        new        opened, not yet started           start()
+        starting   TLS, authentication, parameters   the startup messages
+        ready      idle, after ReadyForQuery          query(), run_script(), check_idle()
+        busy       a query is under way              nothing: a second call fails
+        broken     an I/O or protocol error, a FATAL  nothing, ever again
+        closed     close() was called
+
+    Any call in another state, or a message the protocol does not allow in the
+    state, fails loudly (RuntimeError for the caller's mistake; PGProtocolError
+    for the server's, which breaks the connection). Every wait has a deadline
+    (time.monotonic()); when it passes, the connection breaks: PGTimeout.
+
+    Each SQL text becomes a named prepared statement on its first use (Parse), and
+    is then run by Bind and Execute alone; the MAX_PREPARED_STATEMENTS most recently
+    used are kept. Its "?" placeholders are written as $1, $2... (see
+    numbered_placeholders()); parameter types are the server's inference, so cast
+    where it has none (SELECT ?::int).
+
+    A COMMIT that the server answers with ROLLBACK (it does, without an error, when
+    the transaction had failed) raises PGError 25P02 (in_failed_sql_transaction), as
+    pgjdbc does; the tag is on every Result too."""
+
+    NEW, STARTING, READY, BUSY, BROKEN, CLOSED = (
+        "new", "starting", "ready", "busy", "broken", "closed")
+
+    def __init__(self, sock: socket.socket, settings: PGSettings, host: str, port: int,
+                 timeout: float = PG_QUERY_TIMEOUT):
+        self._sock = sock
+        self.settings, self.host, self.port = settings, host, port
+        self.timeout = timeout  # for query() without a deadline
+        self.parameters: Dict[str, str] = {}  # ParameterStatus: server_version...
+        self.backend_pid: Optional[int] = None  # BackendKeyData, for pg_terminate_backend()
+        self.secret_key: Optional[int] = None
+        self.transaction_status: Optional[str] = None  # from the last ReadyForQuery
+        self.tls = False
+        self._state = self.NEW
+        self._buffer = bytearray()  # received and not yet taken
+        self._statements: "collections.OrderedDict[str, _Statement]" = collections.OrderedDict()
+        self._to_close: List[str] = []  # statements dropped, closed with the next query
+        self._names = itertools.count(1)
+        self._deadline_started = 0.0  # time.monotonic() when the current wait began
+
+    def __repr__(self) -> str:
+        return f"<PGConnection {_address(self.host, self.port)} {self._state}>"
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    @property
+    def broken(self) -> bool:
+        return self._state == self.BROKEN
+
+    # Opening
+
+    @classmethod
+    def connect(cls, settings: PGSettings, host: str, port: int, deadline: float,
+                timeout: float = PG_QUERY_TIMEOUT) -> "PGConnection":
+        """A started connection to one host, or PGConnectionError saying why not. TLS
+        as settings.sslmode asks; with allow (prefer), a server that refuses the
+        connection without TLS (with it) is tried once more with it (without), as
+        libpq does. No TLS on a Unix-domain socket (libpq's rule too)."""
+        mode = "no" if host.startswith("/") else {
+            "disable": "no", "allow": "no", "prefer": "try"}.get(settings.sslmode, "must")
+        try:
+            return cls._connect(settings, host, port, deadline, mode, timeout)
+        except _TLSRefused:
+            if mode != "try":
+                raise
+            return cls._connect(settings, host, port, deadline, "no", timeout)
+        except PGConnectionError as error:
+            if error.error is None or settings.sslmode != "allow" or mode != "no" \
+                    or isinstance(error, PGTimeout):
+                raise
+            return cls._connect(settings, host, port, deadline, "must", timeout)
+
+    @classmethod
+    def _connect(cls, settings: PGSettings, host: str, port: int, deadline: float,
+                 tls: str, timeout: float) -> "PGConnection":
+        started = time.monotonic()
+        try:
+            if host.startswith("/"):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(max(deadline - started, 0.001))
+                try:
+                    sock.connect(os.path.join(host, f".s.PGSQL.{port}"))
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = _open_tcp(host, port, deadline)
+        except socket.timeout:
+            raise PGTimeout(f"no connection within {deadline - started:.1f} s", host,
+                            port) from None
+        except OSError as error:
+            raise PGConnectionError(_os_reason(error), host, port) from None
+        connection = cls(sock, settings, host, port, timeout)
+        try:
+            connection.start(deadline, tls)
+        except PGConnectionError as error:
+            connection.close()
+            if tls == "try" and connection.tls and error.error is not None:
+                raise _TLSRefused(error.reason, host, port, error.error) from None
+            raise
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    def start(self, deadline: float, tls: str = "no") -> None:
+        """Begin the session on the connected socket: TLS (tls "no", "try" or
+        "must"), the StartupMessage, authentication, and the server's parameters,
+        up to its first ReadyForQuery."""
+        self._expect(self.NEW, "start()")
+        self._state = self.STARTING
+        self._deadline_started = time.monotonic()
+        try:
+            if tls != "no":
+                self._negotiate_tls(deadline, tls == "must")
+            settings = self.settings
+            self._send(startup_message({
+                "user": settings.user, "database": settings.database or settings.user,
+                "application_name": settings.application_name, **_PG_SESSION}), deadline)
+            self._authenticate(deadline)
+            while True:
+                kind, body = self._next(deadline)
+                if kind == _BACKEND_KEY_DATA:
+                    self.backend_pid, self.secret_key = parse_backend_key_data(body)
+                elif kind == _READY_FOR_QUERY:
+                    self.transaction_status = parse_ready_for_query(body)
+                    break
+                elif kind == _ERROR_RESPONSE:
+                    self._refused(body)
+                else:
+                    self._unexpected(kind, "after authentication")
+        except PGProtocolError as error:
+            if error.host is None:
+                self._fail(PGProtocolError, error.reason)
+            raise
+        self._state = self.READY
+
+    def _negotiate_tls(self, deadline: float, required: bool) -> None:
+        """SSLRequest, and TLS if the server answers S. The answer is one byte, and
+        nothing may follow it before the TLS handshake: bytes there were not sent by
+        the server in TLS, and would be read as if they were (CVE-2021-23222)."""
+        self._send(SSL_REQUEST, deadline)
+        answer = self._receive_exactly(1, deadline)
+        if answer == b"N":
+            if required:
+                self._fail(_TLSRefused, "the server does not accept TLS (its ssl is off), and "
+                                        f"sslmode={self.settings.sslmode} requires it")
+            return
+        if answer == b"E":
+            self._fail(PGConnectionError, "the server answered the TLS request with an error "
+                                          "(it is older than PostgreSQL 7.0?)")
+        if answer != b"S":
+            self._fail(PGProtocolError, f"the server answered the TLS request with {answer!r}")
+        try:
+            self._sock.settimeout(0)
+            pending = self._sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            pending = b""
+        except OSError as error:
+            self._fail(PGConnectionLost, _os_reason(error))
+        if pending:
+            self._fail(PGProtocolError, "the server sent more than the one byte that answers "
+                                        "the TLS request: refused (CVE-2021-23222)")
+        try:
+            context = tls_context(self.settings)
+        except ValueError as error:
+            self._fail(PGConnectionError, str(error))
+        try:
+            self._sock.settimeout(self._remaining(deadline, "the TLS handshake"))
+            self._sock = context.wrap_socket(
+                self._sock, server_hostname=None if self.host.startswith("/") else self.host)
+        except socket.timeout:
+            self._fail(PGTimeout, "no TLS handshake within the deadline")
+        except ssl.SSLCertVerificationError as error:
+            self._fail(PGConnectionError, "the server's certificate does not verify "
+                                          f"(sslmode={self.settings.sslmode}): "
+                                          f"{error.verify_message or error.reason}")
+        except (ssl.SSLError, OSError) as error:
+            self._fail(_TLSRefused, f"the TLS handshake failed: {_os_reason(error)}")
+        self.tls = True
+
+    def _authenticate(self, deadline: float) -> None:
+        """Answer the server's Authentication requests until AuthenticationOk: SCRAM
+        (its server signature checked before Ok is believed), md5, or cleartext over
+        TLS only; trust asks for nothing."""
+        scram: Optional[ScramSHA256] = None
+        expected = (AUTH_OK, AUTH_CLEARTEXT, AUTH_MD5, AUTH_SASL)
+        while True:
+            kind, body = self._next(deadline)
+            if kind == _ERROR_RESPONSE:
+                self._refused(body)
+            if kind == _NEGOTIATE_VERSION:
+                self._fail(PGProtocolError, "the server does not speak protocol 3.0")
+            if kind != _AUTHENTICATION:
+                self._unexpected(kind, "during authentication")
+            code, data = parse_authentication(body)
+            if code in _AUTH_UNSUPPORTED:
+                self._fail(PGConnectionError, f"the server asks for {_AUTH_UNSUPPORTED[code]} "
+                                              "authentication, which this service does not "
+                                              "support; use scram-sha-256")
+            if code not in expected:
+                self._fail(PGProtocolError, f"the server sent authentication request {code} "
+                                            "out of turn")
+            if code == AUTH_OK:
+                return
+            password = self.settings.password
+            if password is None:
+                self._fail(PGConnectionError, "the server asks for a password and none was "
+                                              "given: put it in the URI or in PGPASSWORD")
+            if code == AUTH_CLEARTEXT:
+                if not self.tls:
+                    self._fail(PGConnectionError, "the server asks for the password in clear "
+                                                  "text over a connection without TLS: "
+                                                  "refused (use sslmode=require)")
+                self._send(password_message(password.encode()), deadline)
+            elif code == AUTH_MD5:
+                self._send(password_message(md5_password(self.settings.user, password, data)),
+                           deadline)
+            elif code == AUTH_SASL:
+                mechanisms = parse_sasl_mechanisms(data)
+                if ScramSHA256.MECHANISM not in mechanisms:
+                    self._fail(PGConnectionError, "the server offers SASL mechanisms "
+                                                  f"{', '.join(mechanisms)}; this service "
+                                                  "speaks SCRAM-SHA-256")
+                scram = ScramSHA256(password, _scram_nonce())
+                self._send(sasl_initial_response(ScramSHA256.MECHANISM, scram.client_first()),
+                           deadline)
+                expected = (AUTH_SASL_CONTINUE,)
+                continue
+            elif code == AUTH_SASL_CONTINUE:
+                self._send(sasl_response(scram.client_final(data)), deadline)
+                expected = (AUTH_SASL_FINAL,)
+                continue
+            elif code == AUTH_SASL_FINAL:
+                try:
+                    scram.check_server_final(data)
+                except PGConnectionError as error:
+                    self._fail(type(error), error.reason)
+            expected = (AUTH_OK,)  # one answer is all: then Ok, or an ErrorResponse
+
+    def _refused(self, body: bytes) -> None:
+        """The server's ErrorResponse at startup: it refuses the connection."""
+        error = PGError(parse_error_fields(body))
+        self._fail(PGConnectionError, f"the server refused the connection: {error} "
+                                      f"(SQLSTATE {error.sqlstate})", error)
+
+    # Running queries
+
+    def query(self, sql: str, params: Union[tuple, list] = (),
+              deadline: Optional[float] = None) -> Result:
+        """Run one statement with its parameters (see bind_message()) by the extended
+        query protocol, and return its Result. PGError when the server refuses it,
+        once the server is ready again (the connection stays usable, and the
+        transaction, if any, has failed); PGConnectionError when the connection
+        fails (a FATAL, a lost connection, a deadline passed: it is then broken)."""
+        self._expect(self.READY, "query()")
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+        status = self.transaction_status
+        with self._busy():
+            try:
+                return self._run(sql, params, deadline)
+            except PGError as error:
+                if error.sqlstate not in ("0A000", "26000") or status != "I" \
+                        or sql in self._statements:
+                    raise
+                # A kept statement the server no longer has (26000), or whose result
+                # changed with the schema ("cached plan must not change result type"):
+                # outside a transaction nothing happened, so once more, prepared anew.
+                return self._run(sql, params, deadline)
+
+    @contextlib.contextmanager
+    def _busy(self):
+        """Around a query: a protocol error breaks the connection, and so does any
+        other (an interrupt, say) that leaves an answer half read; a PGError, raised
+        once the answer is read whole, leaves it ready."""
+        try:
+            yield
+        except PGProtocolError as error:
+            if error.host is None:
+                self._fail(PGProtocolError, error.reason)
+            raise
+        except BaseException:
+            if self._state == self.BUSY:
+                self._break()
+            raise
+
+    def _run(self, sql: str, params: Union[tuple, list], deadline: float) -> Result:
+        statement = self._statements.get(sql)
+        closing = self._to_close[:]
+        batch = b"".join(map(close_statement_message, closing))
+        if statement is None:
+            statement = _Statement(f"s{next(self._names)}")
+            batch += parse_message(statement.name, numbered_placeholders(sql))
+            parsing = True
+        else:
+            self._statements.move_to_end(sql)
+            parsing = False
+        describing = statement.decoders is None
+        batch += bind_message(statement.name, params)
+        batch += DESCRIBE_PORTAL + EXECUTE + SYNC if describing else EXECUTE + SYNC
+        self._state = self.BUSY
+        self._send(batch, deadline)
+        data, messages = self._read_until_ready(deadline)
+        self._state = self.READY
+        # What answers, in order: CloseComplete for each statement closed, ParseComplete,
+        # BindComplete, RowDescription or NoData, (DataRows), then CommandComplete or
+        # EmptyQueryResponse; an ErrorResponse at any point ends them. ReadyForQuery last.
+        expected = [_CLOSE_COMPLETE] * len(closing) + [_PARSE_COMPLETE] * parsing \
+            + [_BIND_COMPLETE] + [_ROW_DESCRIPTION] * describing + [_COMMAND_COMPLETE]
+        step, error, rows, tag, rowcount = 0, None, [], "", -1
+        last = len(expected) - 1
+        for message in messages:
+            kind, start, end = message
+            if kind == _DATA_ROW and step == last and error is None:
+                rows.append(message)  # decode_rows() checks its columns
+                continue
+            if kind == _READY_FOR_QUERY:
+                if error is None and step != len(expected):
+                    self._unexpected(kind, "before the query's end")
+                break
+            if kind == _ERROR_RESPONSE and error is None:
+                error = PGError(parse_error_fields(data[start:end]))
+                continue
+            want = expected[step] if step < len(expected) and error is None else None
+            if kind == want or (want, kind) in ((_ROW_DESCRIPTION, _NO_DATA),
+                                                (_COMMAND_COMPLETE, _EMPTY_QUERY)):
+                step += 1
+            elif kind in _ASYNCHRONOUS:
+                self._asynchronous(kind, data[start:end])
+                continue
+            else:
+                self._unexpected(kind, "in answer to a query")
+            if kind == _CLOSE_COMPLETE:
+                self._to_close.remove(closing.pop(0))
+            elif kind == _PARSE_COMPLETE:
+                self._keep(sql, statement)
+            elif kind == _ROW_DESCRIPTION:
+                statement.decoders = tuple(PG_DECODERS.get(oid, _DECODE_TEXT) for _, oid in
+                                           parse_row_description(data[start:end]))
+            elif kind == _NO_DATA:
+                statement.decoders = ()
+            elif kind == _COMMAND_COMPLETE:
+                tag, rowcount = parse_command_complete(data[start:end])
+        if error is not None:
+            if error.sqlstate in ("0A000", "26000") and not parsing:
+                self._statements.pop(sql, None)  # prepared anew at its next use
+                if error.sqlstate == "0A000":
+                    self._to_close.append(statement.name)
+            raise error
+        if tag == "ROLLBACK" and _COMMIT_WORDS.match(sql):
+            raise PGError({"S": "ERROR", "V": "ERROR", "C": "25P02", "M": (
+                "the transaction had failed, so the server rolled it back at COMMIT")})
+        return Result(_decoded(data, rows, statement.decoders), rowcount, tag)
+
+    def _keep(self, sql: str, statement: _Statement) -> None:
+        """Keep a statement the server has prepared; close the least recently used
+        one when more than MAX_PREPARED_STATEMENTS are kept."""
+        self._statements[sql] = statement
+        if len(self._statements) > MAX_PREPARED_STATEMENTS:
+            self._to_close.append(self._statements.popitem(last=False)[1].name)
+
+    def run_script(self, sql: str, deadline: Optional[float] = None) -> List[Result]:
+        """Run SQL that has no parameters, one or more statements (a schema step), by
+        the simple query protocol: a Result for each statement. PGError as query()
+        raises it; the statements before the failing one are then committed unless
+        the script opened a transaction (the simple protocol's rule)."""
+        self._expect(self.READY, "run_script()")
+        deadline = time.monotonic() + self.timeout if deadline is None else deadline
+        message = query_message(sql)
+        with self._busy():
+            self._state = self.BUSY
+            self._send(message, deadline)
+            data, messages = self._read_until_ready(deadline)
+            self._state = self.READY
+            results, error, decoders, rows = [], None, None, []
+            for message in messages:
+                kind, start, end = message
+                body = data[start:end]
+                if kind == _ROW_DESCRIPTION and decoders is None:
+                    decoders = tuple(PG_DECODERS.get(oid, _DECODE_TEXT)
+                                     for _, oid in parse_row_description(body))
+                elif kind == _DATA_ROW and decoders is not None:
+                    rows.append(message)
+                elif kind in (_COMMAND_COMPLETE, _EMPTY_QUERY):
+                    tag, rowcount = parse_command_complete(body) if kind == _COMMAND_COMPLETE \
+                        else ("", -1)
+                    results.append(Result(_decoded(data, rows, decoders or ()), rowcount,
+                                          tag))
+                    decoders, rows = None, []
+                elif kind == _ERROR_RESPONSE and error is None:
+                    error = PGError(parse_error_fields(body))
+                elif kind in _ASYNCHRONOUS:
+                    self._asynchronous(kind, body)
+                elif kind != _READY_FOR_QUERY:
+                    self._unexpected(kind, "in answer to a script")
+            if error is not None:
+                raise error
+            return results
+
+    def session_read_only(self, deadline: float) -> Optional[str]:
+        """Why the session cannot write (a hot standby, default_transaction_read_only
+        on), or None when it can: from the parameters PostgreSQL 14 and later report,
+        else by asking the server (SHOW transaction_read_only), as libpq does for
+        target_session_attrs=read-write."""
+        standby = self.parameters.get("in_hot_standby")
+        read_only = self.parameters.get("default_transaction_read_only")
+        if standby == "on":
+            return "the server is a hot standby (read-only)"
+        if read_only == "on":
+            return "default_transaction_read_only is on"
+        if standby is None or read_only is None:
+            if self.query("SHOW transaction_read_only", deadline=deadline).rows[0][0] == "on":
+                return "transaction_read_only is on"
+        return None
+
+    def check_idle(self) -> bool:
+        """Whether an idle connection may still be used, found without waiting: the
+        server may have closed it, or sent a FATAL (pg_terminate_backend(), a
+        shutdown) that would otherwise be read only as the answer to its next query.
+        What arrives while idle is read; a ParameterStatus is kept (in_hot_standby
+        changes at a promotion); an ErrorResponse, anything else or end of file
+        breaks it. With target_session_attrs=read-write, a session that has become
+        read-only is not usable either."""
+        if self._state != self.READY:
+            return False
+        try:
+            self._sock.settimeout(0)
+            while True:
+                try:
+                    chunk = self._sock.recv(65536)
+                except (BlockingIOError, ssl.SSLWantReadError, InterruptedError):
+                    break
+                if not chunk:
+                    raise ConnectionResetError("the server closed the connection")
+                self._buffer += chunk
+            while self._buffer:
+                found = next_message(self._buffer)
+                if found is None:  # part of a message: it is saying something; stop using it
+                    raise PGProtocolError("part of a message arrived while idle")
+                kind, start, end = found
+                body = bytes(self._buffer[start:end])
+                del self._buffer[:end]
+                if kind not in _ASYNCHRONOUS:
+                    raise PGProtocolError(f"message {chr(kind)!r} arrived while idle")
+                self._asynchronous(kind, body)
+        except (OSError, PGConnectionError):
+            self._break()
+            return False
+        if self.settings.target_session_attrs == "read-write" and (
+                self.parameters.get("in_hot_standby") == "on"
+                or self.parameters.get("default_transaction_read_only") == "on"):
+            return False
+        return True
+
+    def close(self) -> None:
+        """End the session (Terminate, if it is usable) and close the socket."""
+        if self._state == self.CLOSED:
+            return
+        if self._state == self.READY:
+            try:
+                self._sock.settimeout(0)
+                self._sock.send(TERMINATE)
+            except OSError:
+                pass
+        self._state = self.CLOSED
+        self._sock.close()
+
+    # Reading and writing, for the methods above.
+
+    def _expect(self, state: str, call: str) -> None:
+        if self._state == state:
+            return
+        if self._state == self.BROKEN:
+            raise PGConnectionLost("the connection broke earlier and is not used again",
+                                   self.host, self.port)
+        raise RuntimeError(f"{call} on a PostgreSQL connection that is {self._state}")
+
+    def _remaining(self, deadline: float, doing: str) -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            self._fail(PGTimeout, f"the deadline passed before {doing}")
+        return left
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        try:
+            self._sock.settimeout(self._remaining(deadline, "sending"))
+            self._sock.sendall(data)
+        except socket.timeout:
+            self._fail(PGTimeout, "the server took no more data within the deadline")
+        except OSError as error:
+            self._fail(PGConnectionLost, _os_reason(error))
+
+    def _receive(self, deadline: float, size: int = 65536) -> None:
+        """Add what the server sends next to the buffer, waiting until the deadline."""
+        try:
+            self._sock.settimeout(self._remaining(deadline, "the server's answer"))
+            chunk = self._sock.recv(size)
+        except socket.timeout:
+            waited = time.monotonic() - self._deadline_started
+            self._fail(PGTimeout, f"the server did not answer within the deadline "
+                                  f"({waited:.1f} s)")
+        except OSError as error:
+            self._fail(PGConnectionLost, _os_reason(error))
+        if not chunk:
+            self._fail(PGConnectionLost, "the server closed the connection")
+        self._buffer += chunk
+
+    def _receive_exactly(self, size: int, deadline: float) -> bytes:
+        while len(self._buffer) < size:
+            self._receive(deadline, size - len(self._buffer))
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        return data
+
+    def _next(self, deadline: float) -> Tuple[int, bytes]:
+        """The next message (for the startup phase), its type and body; a Notice
+        or ParameterStatus is dealt with here."""
+        while True:
+            found = next_message(self._buffer)
+            if found is None:
+                self._receive(deadline)
+                continue
+            kind, start, end = found
+            body = bytes(self._buffer[start:end])
+            del self._buffer[:end]
+            if kind in _ASYNCHRONOUS:
+                self._asynchronous(kind, body)
+                continue
+            return kind, body
+
+    def _read_until_ready(self, deadline: float) -> Tuple[bytes, List[Tuple[int, int, int]]]:
+        """Every message up to and including ReadyForQuery, as the bytes and each
+        message's (type, start, end) in them, as next_message() frames it: one pass
+        over the messages as they arrive. A FATAL ErrorResponse ends the session:
+        PGConnectionLost."""
+        self._deadline_started = time.monotonic()
+        buffer, at, messages = self._buffer, 0, []
+        append, header, stops = messages.append, _HEADER.unpack_from, _STOPS
+        while True:
+            size = len(buffer)
+            while size - at >= 5:
+                kind, length = header(buffer, at)
+                end = at + 1 + length
+                if length < 4 or length > MAX_PG_MESSAGE_BYTES:
+                    raise PGProtocolError(f"a message of type {chr(kind)!r} claims a length "
+                                          f"of {length}")
+                if end > size:
+                    break
+                append((kind, at + 5, end))
+                if kind in stops:
+                    body = bytes(buffer[at + 5:end])
+                    if kind == _READY_FOR_QUERY:
+                        self.transaction_status = parse_ready_for_query(body)
+                        data = bytes(buffer[:end])
+                        del buffer[:end]
+                        return data, messages
+                    error = PGError(parse_error_fields(body))
+                    if error.fatal:
+                        self._fail(PGConnectionLost, f"the server ended the session: {error} "
+                                                     f"(SQLSTATE {error.sqlstate})", error)
+                at = end
+            self._receive(deadline)
+
+    def _asynchronous(self, kind: int, body: bytes) -> None:
+        if kind == _PARAMETER_STATUS:
+            name, value = parse_parameter_status(body)
+            self.parameters[name] = value
+        # A NoticeResponse (a warning) and a NotificationResponse (LISTEN) are dropped.
+
+    def _unexpected(self, kind: int, where: str) -> None:
+        self._fail(PGProtocolError, f"the server sent message {chr(kind)!r} {where}")
+
+    def _break(self) -> None:
+        self._state = self.BROKEN
+        self._buffer.clear()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def _fail(self, kind: type, reason: str, error: Optional[PGError] = None) -> None:
+        """Break the connection and raise kind (a PGConnectionError) naming the host."""
+        self._break()
+        raise kind(reason, self.host, self.port, error)
+
+
+def _decoded(data: bytes, rows: List[Tuple[int, int, int]], decoders: tuple) -> List[tuple]:
+    """decode_rows(), with text that is not UTF-8 (from a SQL_ASCII database, say) an
+    error of the query, not of the connection."""
+    try:
+        return decode_rows(data, rows, decoders) if rows else []
+    except UnicodeDecodeError:
+        raise PGError({"S": "ERROR", "V": "ERROR", "C": "22021",
+                       "M": "a text value from the server is not UTF-8"}) from None
+
+
+def _scram_nonce() -> str:
+    return _b64(os.urandom(18))
+
+
+def _os_reason(error: OSError) -> str:
+    """A socket error as the end of a sentence: "connection refused"."""
+    if isinstance(error, socket.gaierror):
+        return f"its name does not resolve ({error.strerror})"
+    if isinstance(error, ssl.SSLError):
+        return error.reason or str(error)
+    text = error.strerror or str(error) or type(error).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _open_tcp(host: str, port: int, deadline: float) -> socket.socket:
+    """A TCP connection to host:port, trying each of its addresses until the
+    deadline (which bounds each attempt, unlike socket.create_connection()'s
+    timeout). Looking the name up has no deadline of its own."""
+    last: OSError = OSError("no address")
+    for family, kind, protocol, _, address in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, protocol)
+        try:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("timed out")
+            sock.settimeout(left)
+            sock.connect(address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)  # as libpq does
+            return sock
+        except socket.timeout:
+            sock.close()
+            raise
+        except OSError as error:
+            sock.close()
+            last = error
+    raise last
+
+
+def pg_connect(settings: PGSettings, deadline: float,
+               timeout: float = PG_QUERY_TIMEOUT) -> PGConnection:
+    """A connection to the first of the settings' hosts that will do, tried in
+    order: one that answers and, with target_session_attrs=read-write, whose session
+    can write (so that after a failover, the promoted standby is found). Each host
+    gets connect_timeout seconds, within the deadline. PGConnectionError naming
+    each host tried and why it would not do (PGTimeout if the deadline passed)."""
+    failures: List[PGConnectionError] = []
+    for host, port in settings.hosts:
+        now = time.monotonic()
+        if now >= deadline and failures:
+            break
+        until = deadline if settings.connect_timeout is None \
+            else min(deadline, now + settings.connect_timeout)
+        try:
+            connection = PGConnection.connect(settings, host, port, until, timeout)
+        except PGConnectionError as error:
+            failures.append(error)
+            continue
+        if settings.target_session_attrs == "read-write":
+            try:
+                why = connection.session_read_only(until)
+            except (PGConnectionError, PGError) as error:
+                connection.close()
+                failures.append(error if isinstance(error, PGConnectionError)
+                                else PGConnectionError(str(error), host, port))
+                continue
+            if why is not None:
+                connection.close()
+                failures.append(PGConnectionError(f"{why}, and target_session_attrs="
+                                                  "read-write", host, port))
+                continue
+        return connection
+    if len(failures) == 1:
+        raise failures[0]
+    kind = PGTimeout if time.monotonic() >= deadline else PGConnectionError
+    raise kind(f"no host of {settings.redacted_uri} will do: "
+               + "; ".join(str(failure) for failure in failures))
+
+
+class PGPool:
+    """At most size connections to the settings' database, lent one at a time:
+
+        with pool.connection(deadline) as connection:
+            connection.query(...)
+
+    waits for a free connection until the deadline (else PGTimeout, "pool busy").
+    An idle connection is checked before it is lent (check_idle()), and replaced if
+    the server closed it or ended its session meanwhile; one that broke while lent,
+    or is given back inside a transaction that cannot be rolled back, is closed.
+    New connections go through pg_connect(), so after a failover they find the new
+    primary. timeout: the seconds a wait may take when the caller gives no deadline,
+    and each query's default."""
+
+    def __init__(self, settings: PGSettings, size: int = 10, timeout: float = PG_QUERY_TIMEOUT):
+        if size < 1:
+            raise ValueError("a pool needs room for one connection at least")
+        self.settings, self.size, self.timeout = settings, size, timeout
+        self._idle: List[PGConnection] = []  # the most recently used last
+        self._open = 0  # connections open or being opened, lent or idle
+        self._changed = threading.Condition()  # guards the two above and _closed
+        self._closed = False
+
+    @contextlib.contextmanager
+    def connection(self, deadline: Optional[float] = None):
+        connection = self._take(time.monotonic() + self.timeout if deadline is None
+                                else deadline)
+        try:
+            yield connection
+        finally:
+            self._give_back(connection)
+
+    def _take(self, deadline: float) -> PGConnection:
+        while True:
+            with self._changed:
+                while not self._idle and self._open >= self.size and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PGTimeout(f"pool busy: all {self.size} connections to "
+                                        f"{self.settings.redacted_uri} stayed in use until "
+                                        "the deadline")
+                    self._changed.wait(left)
+                if self._closed:
+                    raise PGConnectionError("the pool is closed")
+                if not self._idle:
+                    self._open += 1
+                    break
+                connection = self._idle.pop()
+            if connection.check_idle():
+                return connection
+            self._discard(connection)
+        try:
+            return pg_connect(self.settings, deadline, self.timeout)
+        except BaseException:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify()
+            raise
+
+    def _give_back(self, connection: PGConnection) -> None:
+        if connection.state == PGConnection.READY and connection.transaction_status != "I":
+            try:
+                connection.query("ROLLBACK")
+            except (PGError, PGConnectionError):
+                pass
+        with self._changed:
+            if connection.state == PGConnection.READY and not self._closed \
+                    and connection.transaction_status == "I":
+                self._idle.append(connection)
+                self._changed.notify()
+                return
+        self._discard(connection)
+
+    def _discard(self, connection: PGConnection) -> None:
+        connection.close()
+        with self._changed:
+            self._open -= 1
+            self._changed.notify()
+
+    def close(self) -> None:
+        """Close the idle connections now, and each lent one when it is given back."""
+        with self._changed:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._changed.notify_all()
+        for connection in idle:
+            self._discard(connection)
 
 
 # --- Calendar feed (RFC 5545) ---------------------------------------------------------

@@ -1,6 +1,9 @@
 """Tests for scheduler.py, in the order of its layers:
 
     Domain, Stores       plain calls, no HTTP
+    PostgreSQL protocol  URIs and messages as tables of bytes; a PGConnection over a
+                         socket pair, the test playing the server; then a real
+                         server (PostgresCluster): logins, TLS, faults, the pool
     Routes               requests through Service.begin() and respond() with the
                          in-process Client
     Wire and connection  the grammar as tables of bytes (fed whole, byte by byte,
@@ -16,6 +19,7 @@ Run: make test  (that is: python3 -m unittest -v)
 """
 
 import atexit
+import base64
 import collections
 import contextlib
 import datetime as dt
@@ -2413,6 +2417,1308 @@ class WritersLockTest(unittest.TestCase):
         booking.join(timeout=10)  # long before the 30 s deadline
         self.assertFalse(booking.is_alive())
         self.assertEqual(store.count(), 1)
+
+
+# --- The PostgreSQL protocol: URIs, messages as bytes, authentication, states ---------
+
+
+class PostgresURITest(unittest.TestCase):
+    """parse_postgres_uri(), as libpq's own table of URIs (src/interfaces/libpq/t/
+    001_uri.pl) reads them, and this service's parameters."""
+
+    ENV = {"PGUSER": "env-user"}  # so that the operating system's user plays no part
+    SOCKETS = scheduler._default_socket_directory()
+
+    READ = [  # (URI, environment, what the PGSettings holds)
+        ("postgresql://uri-user:secret@host:12345/db", ENV,
+         {"hosts": (("host", 12345),), "user": "uri-user", "password": "secret",
+          "database": "db", "sslmode": "prefer", "sslrootcert": None, "connect_timeout": None,
+          "target_session_attrs": "any", "application_name": "scheduler"}),
+        ("postgresql://host/db", ENV, {"hosts": (("host", 5432),), "user": "env-user",
+                                       "password": None, "database": "db"}),
+        ("postgres://host", ENV, {"hosts": (("host", 5432),), "database": "env-user"}),
+        ("postgres://host:/", ENV, {"hosts": (("host", 5432),)}),
+        ("postgres://@host", ENV, {"hosts": (("host", 5432),), "user": "env-user"}),
+        ("postgresql://%68ost/", ENV, {"hosts": (("host", 5432),)}),
+        ("postgresql://[::1]:12345/db", ENV, {"hosts": (("::1", 12345),)}),
+        ("postgresql://[2001:db8::1234]/", ENV, {"hosts": (("2001:db8::1234", 5432),)}),
+        ("postgresql://h1:5433,h2,[::1]:5434/db", ENV,
+         {"hosts": (("h1", 5433), ("h2", 5432), ("::1", 5434))}),
+        ("postgresql://h1,h2/db?port=7", ENV, {"hosts": (("h1", 7), ("h2", 7))}),
+        ("postgresql://h1,h2/db?port=7,8", ENV, {"hosts": (("h1", 7), ("h2", 8))}),
+        ("postgresql://host/db?user=uri-user&port=12345", ENV,
+         {"hosts": (("host", 12345),), "user": "uri-user"}),
+        ("postgresql://host/db?u%73er=someotheruser", ENV, {"user": "someotheruser"}),
+        ("postgresql://host?", ENV, {"hosts": (("host", 5432),), "database": "env-user"}),
+        ("postgres://?host=/path/to/socket/dir", ENV, {"hosts": (("/path/to/socket/dir", 5432),)}),
+        ("postgres://%2Fvar%2Flib%2Fpostgresql/dbname", ENV,
+         {"hosts": (("/var/lib/postgresql", 5432),), "database": "dbname"}),
+        ("postgres://otheruser@:12345/db?host=/path/to/socket", ENV,
+         {"hosts": (("/path/to/socket", 12345),), "user": "otheruser"}),
+        ("postgresql:///db", ENV, {"hosts": ((SOCKETS, 5432),), "database": "db"}),
+        ("postgresql://", ENV, {"hosts": ((SOCKETS, 5432),), "user": "env-user"}),
+        ("postgresql://u:p%40ss%2Fw%3A%25@host/d%20b", ENV,
+         {"user": "u", "password": "p@ss/w:%", "database": "d b"}),
+        ("postgresql://u:p:with:colons@host", ENV, {"password": "p:with:colons"}),
+        ("postgresql://u@host/db?sslmode=verify-full&sslrootcert=/etc/ca.crt&connect_timeout=1"
+         "&target_session_attrs=read-write&application_name=my%20app", ENV,
+         {"sslmode": "verify-full", "sslrootcert": "/etc/ca.crt", "connect_timeout": 2.0,
+          "target_session_attrs": "read-write", "application_name": "my app"}),
+        ("postgresql://host?connect_timeout=10", ENV, {"connect_timeout": 10.0}),
+        ("postgresql://host?connect_timeout=0", ENV, {"connect_timeout": None}),
+        ("postgresql://host?connect_timeout=-5", ENV, {"connect_timeout": None}),
+        ("postgresql://host?ssl=true", ENV, {"sslmode": "require"}),
+        ("postgresql://host?sslmode=disable&sslmode=require", ENV, {"sslmode": "require"}),
+        ("postgresql://host?sslrootcert=system", ENV, {"sslmode": "verify-full",
+                                                       "sslrootcert": "system"}),
+        # The environment, as libpq reads it, for what the URI leaves out:
+        ("postgresql://host/db", {**ENV, "PGPASSWORD": "from-env"}, {"password": "from-env"}),
+        ("postgresql://u:from-uri@host/db", {**ENV, "PGPASSWORD": "from-env"},
+         {"password": "from-uri"}),
+        ("postgresql://", {"PGHOST": "envhost", "PGPORT": "6543", "PGDATABASE": "envdb",
+                           "PGUSER": "envuser", "PGSSLMODE": "require",
+                           "PGCONNECT_TIMEOUT": "3", "PGAPPNAME": "envapp",
+                           "PGTARGETSESSIONATTRS": "read-write"},
+         {"hosts": (("envhost", 6543),), "database": "envdb", "user": "envuser",
+          "sslmode": "require", "connect_timeout": 3.0, "application_name": "envapp",
+          "target_session_attrs": "read-write"}),
+    ]
+
+    REFUSED = [  # (URI, words in the ValueError)
+        ("postgre://", "starts with postgresql://"),
+        ("postgres://[::1", "no closing ']'"),
+        ("postgres://[]", "empty"),
+        ("postgres://[::1]z", "unexpected 'z'"),
+        ("postgresql://host?zzz", "'zzz' has no '='"),
+        ("postgresql://host?value1&value2", "'value1' has no '='"),
+        ("postgresql://host?key=key=value", "second '='"),
+        ("postgres://host?dbname=%XXfoo", "two hex digits"),
+        ("postgresql://a%00b", "%00"),
+        ("postgresql://%zz", "two hex digits"),
+        ("postgresql://%1", "two hex digits"),
+        ("postgresql://%", "two hex digits"),
+        ("postgresql://host/%C3%28", "not percent-encoded UTF-8"),
+        ("postgresql://host?uzer=x", "unknown parameter 'uzer'"),
+        ("postgresql://host?sslcert=/c", "'sslcert' is not supported"),
+        ("postgresql://host:99999/", "not a port number"),
+        ("postgresql://host:0/", "not a port number"),
+        ("postgresql://host:abc/", "not a port number"),
+        ("postgresql://h1,h2/db?port=1,2,3", "3 ports were given for 2 hosts"),
+        ("postgresql://host?sslmode=bogus", "sslmode 'bogus' is not one of"),
+        ("postgresql://host?sslmode=require&sslrootcert=system", "use verify-full"),
+        ("postgresql://host?connect_timeout=1.5", "whole number of seconds"),
+        ("postgresql://host?target_session_attrs=standby", "not supported by this service"),
+        ("postgresql://host?target_session_attrs=bogus", "unknown"),
+    ]
+
+    def test_uris_read_as_libpq_reads_them(self):
+        for uri, environ, expected in self.READ:
+            with self.subTest(uri=uri):
+                self.assertTrue(scheduler.is_postgres_uri(uri))
+                settings = scheduler.parse_postgres_uri(uri, environ)
+                self.assertEqual({name: getattr(settings, name) for name in expected}, expected)
+
+    def test_bad_uris_are_refused_saying_why(self):
+        for uri, words in self.REFUSED:
+            with self.subTest(uri=uri):
+                with self.assertRaises(ValueError) as refused:
+                    scheduler.parse_postgres_uri(uri, self.ENV)
+                self.assertIn(words, str(refused.exception))
+                self.assertIn("PostgreSQL URI", str(refused.exception))
+
+    def test_other_db_values_are_not_uris(self):
+        for text in ("appointments.db", "/var/lib/db.sqlite", "postgresql:/x", "mysql://h/d",
+                     "PostgreSQL://host/db", ""):
+            self.assertFalse(scheduler.is_postgres_uri(text), text)
+
+    def test_the_password_is_never_in_an_error(self):
+        """Nor half of it: where a password holds an unencoded "@" or "/", libpq reads
+        the rest as hosts and ports, and its errors quote them."""
+        for uri in ("postgresql://u:Zq9%zzXk7@host/db", "postgresql://u:Zq9/Xk7@host:5432/db",
+                    "postgresql://u:Zq9@Xk7@host/db",
+                    "postgresql://u:Zq9?Xk7@host:x/db", "postgresql://u@host/db?password=Zq9%Xk7",
+                    "postgresql://u:Zq9Xk7@host/db?sslmode=Zq9Xk7x",
+                    "postgresql://u:Zq9/Xk7@host?uzer=1"):
+            with self.subTest(uri=uri):
+                with self.assertRaises(ValueError) as refused:
+                    scheduler.parse_postgres_uri(uri, self.ENV)
+                message = str(refused.exception)
+                self.assertNotIn("Zq9", message.replace("sslmode 'Zq9Xk7x'", ""))
+                self.assertNotIn("Xk7", message.replace("sslmode 'Zq9Xk7x'", ""))
+
+    def test_the_settings_show_no_password(self):
+        settings = scheduler.parse_postgres_uri(
+            "postgresql://alice:Zq9Xk7@db1:5433,[::1]/app?sslmode=require&connect_timeout=5",
+            self.ENV)
+        self.assertEqual(settings.password, "Zq9Xk7")
+        self.assertEqual(settings.redacted_uri, "postgresql://alice@db1:5433,[::1]:5432/app"
+                                                "?sslmode=require&connect_timeout=5")
+        for shown in (repr(settings), str(settings), settings.redacted_uri, f"{settings}"):
+            self.assertNotIn("Zq9Xk7", shown)
+        # The redacted URI reads back as the same settings, but the password.
+        self.assertEqual(scheduler.parse_postgres_uri(settings.redacted_uri, {}),
+                         settings._replace(password=None))
+
+
+def backend(kind: bytes, body: bytes = b"") -> bytes:
+    """A backend message: its type, its length, its body."""
+    return kind + struct.pack("!i", len(body) + 4) + body
+
+
+def error_message(code: str, message: str, severity: str = "ERROR", **fields) -> bytes:
+    """An ErrorResponse (or, with kind N, a NoticeResponse)'s body."""
+    return b"".join(f"{letter}{value}\0".encode() for letter, value in (
+        ("S", severity), ("V", severity), ("C", code), ("M", message), *fields.items())) + b"\0"
+
+
+def row_description(*columns: Tuple[str, int]) -> bytes:
+    return backend(b"T", struct.pack("!h", len(columns)) + b"".join(
+        name.encode() + b"\0" + struct.pack("!ihihih", 0, 0, oid, -1, -1, 0)
+        for name, oid in columns))
+
+
+def data_row(*values: Optional[bytes]) -> bytes:
+    return backend(b"D", struct.pack("!h", len(values)) + b"".join(
+        struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value
+        for value in values))
+
+
+def ready(status: bytes = b"I") -> bytes:
+    return backend(b"Z", status)
+
+
+def authentication(code: int, data: bytes = b"") -> bytes:
+    return backend(b"R", struct.pack("!i", code) + data)
+
+
+def complete(tag: str) -> bytes:
+    return backend(b"C", tag.encode() + b"\0")
+
+
+# What a server sends a client it lets in by trust: Ok, its parameters, its key, ready.
+STARTED = (authentication(0) + backend(b"S", b"server_version\x0015.4\0")
+           + backend(b"S", b"in_hot_standby\0off\0") + backend(b"K", struct.pack("!ii", 4242, 7))
+           + ready())
+PARSED, BOUND, NO_DATA = backend(b"1"), backend(b"2"), backend(b"n")
+
+
+class PostgresMessageTest(unittest.TestCase):
+    """The protocol's messages as tables of bytes: each built, each read, malformed
+    ones refused (PostgreSQL's documentation, "Message Formats")."""
+
+    BUILT = [  # (name, the bytes built, the bytes expected)
+        ("SSLRequest", scheduler.SSL_REQUEST, b"\0\0\0\x08\x04\xd2\x16\x2f"),
+        ("StartupMessage", scheduler.startup_message({"user": "alice", "database": "app"}),
+         b"\0\0\0\x21\0\x03\0\0user\0alice\0database\0app\0\0"),
+        ("PasswordMessage", scheduler.password_message(b"pw"), b"p\0\0\0\x07pw\0"),
+        ("SASLInitialResponse", scheduler.sasl_initial_response("SCRAM-SHA-256", b"n,,n=,r=x"),
+         b"p\0\0\0\x1fSCRAM-SHA-256\0\0\0\0\x09n,,n=,r=x"),
+        ("SASLResponse", scheduler.sasl_response(b"c=biws"), b"p\0\0\0\x0ac=biws"),
+        ("Parse", scheduler.parse_message("s1", "SELECT $1"),
+         b"P\0\0\0\x13s1\0SELECT $1\0\0\0"),
+        ("Bind, text values", scheduler.bind_message("s1", ("a", 1, None, True, 1.5)),
+         b"B\0\0\0\x28\0s1\0\0\0\0\x05\0\0\0\x01a\0\0\0\x011\xff\xff\xff\xff\0\0\0\x01t"
+         b"\0\0\0\x031.5\0\0"),
+        ("Bind, bytes in binary", scheduler.bind_message("s2", (b"\0\xff", "é")),
+         b"B\0\0\0\x1e\0s2\0\0\x02\0\x01\0\0\0\x02\0\0\0\x02\0\xff\0\0\0\x02\xc3\xa9\0\0"),
+        ("Bind, none", scheduler.bind_message("s3", ()), b"B\0\0\0\x0e\0s3\0\0\0\0\0\0\0"),
+        ("Bind, False, a big int, -0.0", scheduler.bind_message("s", (False, -2**63, -0.0)),
+         b"B\0\0\0\x32\0s\0\0\0\0\x03\0\0\0\x01f\0\0\0\x14-9223372036854775808"
+         b"\0\0\0\x04-0.0\0\0"),
+        ("Describe the portal", scheduler.DESCRIBE_PORTAL, b"D\0\0\0\x06P\0"),
+        ("Execute", scheduler.EXECUTE, b"E\0\0\0\x09\0\0\0\0\0"),
+        ("Sync", scheduler.SYNC, b"S\0\0\0\x04"),
+        ("Close a statement", scheduler.close_statement_message("s1"), b"C\0\0\0\x08Ss1\0"),
+        ("Query", scheduler.query_message("SELECT 1"), b"Q\0\0\0\x0dSELECT 1\0"),
+        ("Terminate", scheduler.TERMINATE, b"X\0\0\0\x04"),
+    ]
+
+    def test_messages_built(self):
+        for name, built, expected in self.BUILT:
+            with self.subTest(name):
+                self.assertEqual(built, expected)
+
+    def test_what_cannot_be_sent_is_refused_before_it_is(self):
+        for call, error in (
+                (lambda: scheduler.parse_message("s", "SELECT '\0'"), ValueError),
+                (lambda: scheduler.query_message("SELECT '\0'"), ValueError),
+                (lambda: scheduler.password_message(b"p\0w"), ValueError),
+                (lambda: scheduler.startup_message({"user": "a\0b"}), ValueError),
+                (lambda: scheduler.bind_message("s", (object(),)), TypeError),
+                (lambda: scheduler.bind_message("s", ([1],)), TypeError),
+                (lambda: scheduler.bind_message("s", (None,) * 65536), ValueError)):
+            with self.assertRaises(error):
+                call()
+
+    READ = [  # (function, body, what it returns)
+        (scheduler.parse_error_fields,
+         b"SERROR\0VERROR\0C23505\0Mduplicate key\0nappointments_pkey\0\0",
+         {"S": "ERROR", "V": "ERROR", "C": "23505", "M": "duplicate key",
+          "n": "appointments_pkey"}),
+        (scheduler.parse_error_fields, b"\0", {}),
+        (scheduler.parse_error_fields, b"Mnot UTF-8: \xff\0\0", {"M": "not UTF-8: \ufffd"}),
+        (scheduler.parse_authentication, b"\0\0\0\0", (0, b"")),
+        (scheduler.parse_authentication, b"\0\0\0\x05\x01\x02\x03\x04", (5, b"\x01\x02\x03\x04")),
+        (scheduler.parse_authentication, b"\0\0\0\x0bdata", (11, b"data")),
+        (scheduler.parse_sasl_mechanisms, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0",
+         ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]),
+        (scheduler.parse_parameter_status, b"in_hot_standby\0off\0", ("in_hot_standby", "off")),
+        (scheduler.parse_parameter_status, b"application_name\0\0", ("application_name", "")),
+        (scheduler.parse_backend_key_data, b"\0\0\x10\x92\xff\xff\xff\xfe", (4242, -2)),
+        (scheduler.parse_ready_for_query, b"I", "I"),
+        (scheduler.parse_ready_for_query, b"T", "T"),
+        (scheduler.parse_ready_for_query, b"E", "E"),
+        (scheduler.parse_command_complete, b"INSERT 0 1\0", ("INSERT 0 1", 1)),
+        (scheduler.parse_command_complete, b"UPDATE 12\0", ("UPDATE 12", 12)),
+        (scheduler.parse_command_complete, b"DELETE 0\0", ("DELETE 0", 0)),
+        (scheduler.parse_command_complete, b"SELECT 3\0", ("SELECT 3", 3)),
+        (scheduler.parse_command_complete, b"BEGIN\0", ("BEGIN", -1)),
+        (scheduler.parse_command_complete, b"CREATE TABLE\0", ("CREATE TABLE", -1)),
+        (scheduler.parse_row_description, row_description(("a", 23), ("é", 25))[5:],
+         (("a", 23), ("é", 25))),
+        (scheduler.parse_row_description, b"\0\0", ()),
+    ]
+
+    MALFORMED = [  # (function, body, words in the PGProtocolError)
+        (scheduler.parse_error_fields, b"SERROR", "not NUL-terminated"),
+        (scheduler.parse_error_fields, b"SERROR\0", "empty field"),
+        (scheduler.parse_error_fields, b"SERROR\0\0\0", "no code"),
+        (scheduler.parse_authentication, b"\0\0", "too short"),
+        (scheduler.parse_authentication, b"\0\0\0\0x", "1 bytes after"),
+        (scheduler.parse_authentication, b"\0\0\0\x05\x01\x02", "2 bytes after"),
+        (scheduler.parse_sasl_mechanisms, b"SCRAM-SHA-256\0", "empty name"),
+        (scheduler.parse_sasl_mechanisms, b"SCRAM-SHA-256", "not NUL-terminated"),
+        (scheduler.parse_parameter_status, b"name\0", "a name and a value"),
+        (scheduler.parse_parameter_status, b"a\0b\0c\0", "a name and a value"),
+        (scheduler.parse_backend_key_data, b"\0\0\0\x01", "not 8 bytes"),
+        (scheduler.parse_ready_for_query, b"X", "transaction status"),
+        (scheduler.parse_ready_for_query, b"", "transaction status"),
+        (scheduler.parse_ready_for_query, b"II", "transaction status"),
+        (scheduler.parse_command_complete, b"INSERT 0 1", "not NUL-terminated"),
+        (scheduler.parse_row_description, b"\0", "too short"),
+        (scheduler.parse_row_description, b"\0\x01a\0\0\0", "too short for its columns"),
+        (scheduler.parse_row_description, b"\0\x01a", "too short for its columns"),
+        (scheduler.parse_row_description, row_description(("a", 23))[5:] + b"x", "longer"),
+    ]
+
+    def test_messages_read(self):
+        for parse, body, expected in self.READ:
+            with self.subTest(parse.__name__, body=body):
+                self.assertEqual(parse(body), expected)
+
+    def test_malformed_messages_are_refused(self):
+        for parse, body, words in self.MALFORMED:
+            with self.subTest(parse.__name__, body=body):
+                with self.assertRaises(scheduler.PGProtocolError) as refused:
+                    parse(body)
+                self.assertIn(words, str(refused.exception))
+
+    def test_messages_framed_whole_or_not_at_all(self):
+        message = ready(b"T")
+        for size in range(len(message)):  # a message cut short is not a message yet
+            self.assertIsNone(scheduler.next_message(message[:size]))
+        self.assertEqual(scheduler.next_message(message), (ord("Z"), 5, 6))
+        self.assertEqual(scheduler.next_message(b"xx" + message + PARSED, 2), (ord("Z"), 7, 8))
+        self.assertEqual(scheduler.next_message(PARSED), (ord("1"), 5, 5))
+        for claimed in (b"\0\0\0\x03", b"\xff\xff\xff\xff", b"\x10\0\0\0"):  # under 4; huge
+            with self.assertRaisesRegex(scheduler.PGProtocolError, "claims a length"):
+                scheduler.next_message(b"D" + claimed)
+
+    def test_rows_decoded_by_type(self):
+        D = scheduler.PG_DECODERS
+        columns = (25, 1043, 19, 1042, 21, 23, 20, 26, 700, 701, 16, 16, 17, 1082, 1700, 3802)
+        values = (b"t\xc3\xa9xt", b"v", b"n", b"c ", b"-2", b"40", b"9223372036854775807", b"9",
+                  b"1.5", b"-Infinity", b"t", b"f", b"\\x00ff", b"2026-11-25", b"1.10",
+                  b'{"a": 1}')
+        data = data_row(*values) + data_row(*(None,) * len(values))
+        decoders = tuple(D.get(oid, bytes.decode) for oid in columns)
+        second = len(data_row(*values))
+        rows = scheduler.decode_rows(data, [(68, 5, second), (68, second + 5, len(data))],
+                                     decoders)
+        self.assertEqual(rows, [
+            ("téxt", "v", "n", "c ", -2, 40, 2**63 - 1, 9, 1.5,
+             float("-inf"), True, False, b"\0\xff", "2026-11-25", "1.10", '{"a": 1}'),
+            (None,) * len(values)])
+        self.assertEqual([type(value) for value in rows[0]],
+                         [str] * 4 + [int] * 4 + [float] * 2 + [bool] * 2 + [bytes] + [str] * 3)
+
+    MALFORMED_ROWS = [  # (name, DataRow message, decoders, words in the PGProtocolError)
+        ("a column too few", data_row(b"1"), (int, int), "not the 2 columns"),
+        ("a column too many", data_row(b"1", b"2"), (int,), "not the 1 columns"),
+        ("a length past the row", backend(b"D", b"\0\x01\0\0\0\x09abc"), (bytes.decode,),
+         "do not fill its length"),
+        ("bytes left over", backend(b"D", b"\0\x01\0\0\0\x01ab"), (bytes.decode,),
+         "do not fill its length"),
+        ("a length cut short", backend(b"D", b"\0\x01\0\0"), (bytes.decode,), "malformed"),
+        ("an int that is not", data_row(b"x1"), (int,), "malformed"),
+        ("a bool that is not", data_row(b"yes"), (scheduler.PG_DECODERS[16],), "malformed"),
+        ("bytea not in hex", data_row(b"\\000"), (scheduler.PG_DECODERS[17],), "hex format"),
+        ("odd hex", data_row(b"\\x0"), (scheduler.PG_DECODERS[17],), "malformed"),
+    ]
+
+    def test_malformed_rows_are_refused(self):
+        for name, message, decoders, words in self.MALFORMED_ROWS:
+            with self.subTest(name):
+                with self.assertRaisesRegex(scheduler.PGProtocolError, words):
+                    scheduler.decode_rows(message, [(68, 5, len(message))], decoders)
+        with self.assertRaises(UnicodeDecodeError):  # the caller's to report: see its test
+            scheduler.decode_rows(data_row(b"\xff"), [(68, 5, 12)], (bytes.decode,))
+
+    PLACEHOLDERS = [  # (SQL with ?, SQL with $n)
+        ("SELECT 1", "SELECT 1"),
+        ("SELECT ?, ?", "SELECT $1, $2"),
+        ("INSERT INTO t VALUES (?, '?', ?)", "INSERT INTO t VALUES ($1, '?', $2)"),
+        ("SELECT 'it''s ?', ?", "SELECT 'it''s ?', $1"),
+        ("SELECT E'\\' ?', ?", "SELECT E'\\' ?', $1"),
+        ('SELECT "odd ?name", ?', 'SELECT "odd ?name", $1'),
+        ("SELECT ? -- why?\n, ?", "SELECT $1 -- why?\n, $2"),
+        ("SELECT /* ? */ ?", "SELECT /* ? */ $1"),
+        ("SELECT $$ ? $$, $q$ it's ? $q$, ?", "SELECT $$ ? $$, $q$ it's ? $q$, $1"),
+        ("SELECT a$b, ? FROM t", "SELECT a$b, $1 FROM t"),
+    ]
+
+    def test_question_marks_become_numbered_placeholders(self):
+        for sql, expected in self.PLACEHOLDERS:
+            with self.subTest(sql):
+                self.assertEqual(scheduler.numbered_placeholders(sql), expected)
+
+
+class PostgresAuthenticationTest(unittest.TestCase):
+    # RFC 7677 section 3: user "user", password "pencil", and these messages.
+    CLIENT_FIRST = b"n,,n=user,r=rOprNGfwEbeRWgbNEkqO"
+    SERVER_FIRST = (b"r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                    b"s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096")
+    CLIENT_FINAL = (b"c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,"
+                    b"p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=")
+    SERVER_FINAL = b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+
+    def rfc_exchange(self) -> scheduler.ScramSHA256:
+        scram = scheduler.ScramSHA256("pencil", "rOprNGfwEbeRWgbNEkqO", user="user")
+        self.assertEqual(scram.client_first(), self.CLIENT_FIRST)
+        self.assertEqual(scram.client_final(self.SERVER_FIRST), self.CLIENT_FINAL)
+        return scram
+
+    def test_scram_sha_256_as_rfc_7677_section_3(self):
+        scram = self.rfc_exchange()
+        self.assertFalse(scram.verified)
+        scram.check_server_final(self.SERVER_FINAL)
+        self.assertTrue(scram.verified)
+
+    def test_a_server_that_cannot_prove_it_knows_the_password_is_refused(self):
+        wrong = base64.b64encode(bytes(32)).decode()
+        for final, words in ((f"v={wrong}".encode(), "signature is wrong"),
+                             (self.SERVER_FINAL[:-6] + b"G4=", "signature is wrong"),
+                             (b"v=", "signature is wrong"), (b"", "signature is wrong"),
+                             (b"v=abc", "signature is wrong"),
+                             (b"e=invalid-proof", "SCRAM authentication failed: invalid-proof")):
+            with self.subTest(final=final):
+                scram = self.rfc_exchange()
+                with self.assertRaisesRegex(scheduler.PGConnectionError, words):
+                    scram.check_server_final(final)
+                self.assertFalse(scram.verified)
+
+    def test_a_malformed_first_message_is_refused(self):
+        for first, words in (
+                (b"r=someone-elses-nonce,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "does not extend"),
+                (b"r=rOprNGfwEbeRWgbNEkqO,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096", "does not extend"),
+                (b"r=rOprNGfwEbeRWgbNEkqOx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=0", "0"),
+                (b"r=rOprNGfwEbeRWgbNEkqOx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=99999999999",
+                 "99999999999"),
+                (b"r=rOprNGfwEbeRWgbNEkqOx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=x", "'x'"),
+                (b"r=rOprNGfwEbeRWgbNEkqOx,s=!!!,i=4096", "not base64"),
+                (b"r=rOprNGfwEbeRWgbNEkqOx,i=4096", "r=...,s=...,i=..."),
+                (b"m=ext,r=rOprNGfwEbeRWgbNEkqOx,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096",
+                 "r=...,s=...,i=...")):
+            with self.subTest(first=first):
+                scram = scheduler.ScramSHA256("pencil", "rOprNGfwEbeRWgbNEkqO")
+                with self.assertRaisesRegex(scheduler.PGProtocolError, re.escape(words)):
+                    scram.client_final(first)
+        with self.assertRaisesRegex(scheduler.PGProtocolError, "before the client's proof"):
+            scheduler.ScramSHA256("pencil").check_server_final(self.SERVER_FINAL)
+
+    def test_md5_password(self):
+        # md5(md5("penciluser") as hex + salt) as hex, by openssl md5
+        self.assertEqual(scheduler.md5_password("user", "pencil", b"\x9f\x1a\x3c\x55"),
+                         b"md55dd4d3c3d44c8dc47fdf8b81766fb0d4")
+
+    SASLPREP = [  # (text, prepared; None where SASLprep prohibits it): RFC 4013 section 3
+        ("I\u00adX", "IX"),  # SOFT HYPHEN mapped to nothing
+        ("user", "user"),
+        ("USER", "USER"),
+        ("\u00aa", "a"),  # NFKC
+        ("\u2168", "IX"),
+        ("\u0007", "\u0007"),  # RFC: prohibited; ASCII is left alone, as PostgreSQL does
+        ("\u0627\u0031", None),  # right-to-left text must end right-to-left
+        ("\u0627\u0031\u0628", "\u0627\u0031\u0628"),
+        ("a\u00a0b\u2003", "a b "),  # non-ASCII spaces become spaces
+        ("é\u0007", None),  # a control character, with non-ASCII
+        ("é\U000e0001", None),  # a tagging character
+        ("pässwörd", "pässwörd"),
+    ]
+
+    def test_saslprep(self):
+        for text, expected in self.SASLPREP:
+            with self.subTest(text=text):
+                self.assertEqual(scheduler.saslprep(text), expected)
+
+
+def scripted_connection(testcase: unittest.TestCase, answers: bytes = b"", started: bool = True,
+                        **settings) -> Tuple[scheduler.PGConnection, socket.socket]:
+    """A PGConnection over a socket pair, and the other end, where a test plays the
+    server: answers is what the server sends (before the client asks: the pair keeps
+    it). started: the session already begun (STARTED, its bytes read off)."""
+    client, server = socket.socketpair()
+    testcase.addCleanup(server.close)
+    settings = scheduler.PGSettings(**{"hosts": (("db.test", 5432),), "user": "alice",
+                                       "password": "secret", "database": "app",
+                                       "sslmode": "disable", **settings})
+    connection = scheduler.PGConnection(client, settings, "db.test", 5432)
+    testcase.addCleanup(connection.close)
+    if started:
+        server.sendall(STARTED)
+        connection.start(time.monotonic() + 10)
+        sent_by(connection, server)
+    server.sendall(answers)
+    return connection, server
+
+
+def sent_by(connection: scheduler.PGConnection, server: socket.socket) -> bytes:
+    """What the client has sent the server so far (and not yet read)."""
+    server.setblocking(False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            chunk = server.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    server.setblocking(True)
+    return data
+
+
+def play_server(testcase: unittest.TestCase, listener: socket.socket,
+                *scripts: Callable[[socket.socket], None]) -> None:
+    """Accept a connection on listener for each script, one after the other, and run
+    the script on it, in a thread: the test plays the server. Each connection is
+    closed when its script ends."""
+    listener.listen()
+    testcase.addCleanup(listener.close)
+
+    def serve():
+        for script in scripts:
+            sock, _ = listener.accept()
+            with sock, contextlib.suppress(OSError):
+                sock.settimeout(10)
+                script(sock)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    testcase.addCleanup(thread.join, 10)
+
+
+def receive_startup(sock: socket.socket) -> bytes:
+    """A startup-phase message (StartupMessage, SSLRequest), read whole from sock."""
+    data = sock.recv(4)
+    while len(data) < 4 or len(data) < struct.unpack("!i", data[:4])[0]:
+        data += sock.recv(65536)
+    return data
+
+
+STARTUP = scheduler.startup_message({"user": "alice", "database": "app",
+                                     "application_name": "scheduler", **scheduler._PG_SESSION})
+SERVER_FIRST = b"r=clientnonce+servernonce,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"
+
+
+class PostgresStartupTest(unittest.TestCase):
+    """PGConnection.start() over a socket pair, the test playing the server: what the
+    client sends, and what it refuses."""
+
+    def start(self, answers: bytes, tls: str = "no", **settings) -> Tuple[
+            scheduler.PGConnection, socket.socket]:
+        connection, server = scripted_connection(self, answers, started=False, **settings)
+        connection.start(time.monotonic() + 10, tls)
+        return connection, server
+
+    def refused(self, answers: bytes, error=scheduler.PGConnectionError, tls: str = "no",
+                **settings) -> str:
+        connection, server = scripted_connection(self, answers, started=False, **settings)
+        with self.assertRaises(error) as refused:
+            connection.start(time.monotonic() + 10, tls)
+        self.assertEqual(connection.state, "broken")
+        message = str(refused.exception)
+        self.assertTrue(message.startswith("db.test:5432: "), message)
+        self.assertNotIn("secret", message)
+        return message
+
+    def test_trust(self):
+        connection, server = self.start(STARTED)
+        self.assertEqual(sent_by(connection, server), STARTUP)
+        self.assertEqual((connection.state, connection.transaction_status, connection.backend_pid,
+                          connection.secret_key, connection.tls), ("ready", "I", 4242, 7, False))
+        self.assertEqual(connection.parameters, {"server_version": "15.4",
+                                                 "in_hot_standby": "off"})
+
+    def test_md5(self):
+        connection, server = self.start(authentication(5, b"salt") + STARTED)
+        self.assertEqual(sent_by(connection, server), STARTUP + scheduler.password_message(
+            scheduler.md5_password("alice", "secret", b"salt")))
+
+    def test_scram_until_the_server_signature(self):
+        with mock.patch.object(scheduler, "_scram_nonce", return_value="clientnonce"):
+            message = self.refused(
+                authentication(10, b"SCRAM-SHA-256\0\0") + authentication(11, SERVER_FIRST)
+                + authentication(12, b"v=" + base64.b64encode(bytes(32))) + STARTED)
+        self.assertIn("SCRAM signature is wrong", message)
+        scram = scheduler.ScramSHA256("secret", "clientnonce")
+        connection, server = scripted_connection(self, started=False)
+        with mock.patch.object(scheduler, "_scram_nonce", return_value="clientnonce"):
+            server.sendall(authentication(10, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0")
+                           + authentication(11, SERVER_FIRST))
+            server.shutdown(socket.SHUT_WR)  # and hangs up before its last message
+            with self.assertRaisesRegex(scheduler.PGConnectionLost, "closed the connection"):
+                connection.start(time.monotonic() + 10)
+        self.assertEqual(sent_by(connection, server), STARTUP + scheduler.sasl_initial_response(
+            "SCRAM-SHA-256", b"n,,n=,r=clientnonce") + scheduler.sasl_response(
+            scram.client_final(SERVER_FIRST)))
+
+    REFUSED = [  # (name, what the server sends, words in the PGConnectionError)
+        ("a FATAL", backend(b"E", error_message("28P01", 'password authentication failed for '
+                                                         'user "alice"', "FATAL")),
+         'password authentication failed for user "alice" (SQLSTATE 28P01)'),
+        ("cleartext without TLS", authentication(3), "clear text over a connection without TLS"),
+        ("GSSAPI", authentication(7), "GSSAPI authentication, which this service does not"),
+        ("SSPI", authentication(9), "SSPI"),
+        ("SASL without SCRAM-SHA-256", authentication(10, b"SCRAM-SHA-1\0\0"),
+         "offers SASL mechanisms SCRAM-SHA-1"),
+        ("Ok in the middle of SCRAM: the server signature unchecked",
+         authentication(10, b"SCRAM-SHA-256\0\0") + authentication(11, SERVER_FIRST)
+         + authentication(0), "authentication request 0 out of turn"),
+        ("SCRAM's last message first", authentication(12, b"v=x"), "request 12 out of turn"),
+        ("SCRAM's first message skipped", authentication(10, b"SCRAM-SHA-256\0\0")
+         + authentication(12, b"v=x"), "request 12 out of turn"),
+        ("a second md5 request", authentication(5, b"salt") + authentication(5, b"salt"),
+         "request 5 out of turn"),
+        ("an unknown request", authentication(99), "request 99 out of turn"),
+        ("a DataRow", data_row(b"1"), "message 'D' during authentication"),
+        ("a DataRow after Ok", authentication(0) + data_row(b"1"),
+         "message 'D' after authentication"),
+        ("a second Ok", authentication(0) + authentication(0), "message 'R' after"),
+        ("a malformed length", b"R\0\0\0\x01", "claims a length of 1"),
+        ("NegotiateProtocolVersion", backend(b"v", b"\0\0\0\0\0\0\0\0"), "protocol 3.0"),
+        ("a FATAL after Ok", authentication(0) + backend(b"E", error_message(
+            "53300", "sorry, too many clients already", "FATAL")), "too many clients"),
+    ]
+
+    def test_refusals(self):
+        with mock.patch.object(scheduler, "_scram_nonce", return_value="clientnonce"):
+            for name, answers, words in self.REFUSED:
+                with self.subTest(name):
+                    self.assertIn(words, self.refused(answers + STARTED))
+
+    def test_no_password_to_give(self):
+        self.assertIn("put it in the URI or in PGPASSWORD",
+                      self.refused(authentication(5, b"salt"), password=None))
+
+    def test_the_error_a_server_refuses_with(self):
+        connection, server = scripted_connection(self, backend(b"E", error_message(
+            "3D000", 'database "app" does not exist', "FATAL")), started=False)
+        with self.assertRaises(scheduler.PGConnectionError) as refused:
+            connection.start(time.monotonic() + 10)
+        self.assertEqual((refused.exception.sqlstate, refused.exception.error.severity,
+                          refused.exception.host, refused.exception.port),
+                         ("3D000", "FATAL", "db.test", 5432))
+
+    def test_the_answer_to_sslrequest_is_one_byte(self):
+        """CVE-2021-23222: bytes after the S, before the TLS handshake, are not the
+        server's (a man in the middle's), and would be read as if sent under TLS."""
+        message = self.refused(b"S" + STARTED, scheduler.PGProtocolError, tls="must")
+        self.assertIn("more than the one byte that answers the TLS request", message)
+        self.assertIn("CVE-2021-23222", message)
+        self.assertIn("does not accept TLS", self.refused(b"N", tls="must",
+                                                          sslmode="require"))
+        self.assertIn("answered the TLS request with b'H'", self.refused(b"HTTP/1.1 400",
+                                                                       tls="must"))
+        self.assertIn("with an error", self.refused(b"E", tls="must"))
+        connection, server = self.start(b"N" + STARTED, tls="try")  # prefer: without TLS
+        self.assertEqual(sent_by(connection, server), scheduler.SSL_REQUEST + STARTUP)
+        self.assertFalse(connection.tls)
+
+    def test_a_silent_server_is_a_timeout_by_the_deadline(self):
+        connection, server = scripted_connection(self, started=False)
+        started = time.monotonic()
+        with self.assertRaisesRegex(scheduler.PGTimeout, "did not answer"):
+            connection.start(started + 0.2)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(connection.state, "broken")
+
+    def test_a_unix_domain_socket_has_no_tls(self):
+        """As with libpq: TLS is never asked for there, whatever the sslmode."""
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(os.path.join(folder, ".s.PGSQL.5433"))
+        sent = queue.Queue()
+
+        def trusting(sock):
+            sent.put(receive_startup(sock))
+            sock.sendall(STARTED)
+            sock.recv(1)
+
+        play_server(self, listener, trusting)
+        settings = scheduler.PGSettings(((folder, 5433),), "alice", database="app",
+                                        sslmode="require")
+        connection = scheduler.PGConnection.connect(settings, folder, 5433,
+                                                    time.monotonic() + 10)
+        self.addCleanup(connection.close)
+        self.assertEqual((connection.state, connection.tls), ("ready", False))
+        self.assertEqual(sent.get(timeout=10), STARTUP)
+
+    def test_prefer_tries_again_without_tls_when_tls_fails(self):
+        """libpq's sslmode=prefer: a failed TLS handshake, or a server that refuses
+        the session over TLS, is tried once more without."""
+        def failed_handshake(sock):
+            self.assertEqual(receive_startup(sock), scheduler.SSL_REQUEST)
+            sock.sendall(b"S")
+            sock.recv(65536)  # the ClientHello
+            sock.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        def trusting(sock):
+            self.assertEqual(receive_startup(sock), STARTUP)
+            sock.sendall(STARTED)
+            sock.recv(1)
+
+        for sslmode, scripts in (("prefer", (failed_handshake, trusting)),
+                                 ("require", (failed_handshake,))):
+            with self.subTest(sslmode):
+                listener = socket.socket()
+                listener.bind(("127.0.0.1", 0))
+                play_server(self, listener, *scripts)
+                settings = scheduler.PGSettings((listener.getsockname(),), "alice",
+                                                database="app", sslmode=sslmode)
+                connect = functools.partial(scheduler.PGConnection.connect, settings,
+                                            *listener.getsockname(), time.monotonic() + 10)
+                if sslmode == "require":
+                    with self.assertRaisesRegex(scheduler.PGConnectionError,
+                                                "the TLS handshake failed"):
+                        connect()
+                    continue
+                connection = connect()
+                self.addCleanup(connection.close)
+                self.assertEqual((connection.state, connection.tls), ("ready", False))
+
+    def test_a_connection_starts_once(self):
+        connection, server = scripted_connection(self)
+        with self.assertRaisesRegex(RuntimeError, r"start\(\) on a PostgreSQL connection that "
+                                                  "is ready"):
+            connection.start(time.monotonic() + 10)
+
+
+def answers_to_a_first_query(*rows: bytes, tag: str = "SELECT 1",
+                             columns=(("n", 23),)) -> bytes:
+    return PARSED + BOUND + row_description(*columns) + b"".join(rows) + complete(tag) + ready()
+
+
+class PostgresQueryTest(unittest.TestCase):
+    """query() over a socket pair: what it sends, what it makes of the answers, and
+    the answers out of turn it refuses (breaking the connection)."""
+
+    def test_a_statement_is_prepared_once_then_bound_and_run(self):
+        connection, server = scripted_connection(self, answers_to_a_first_query(data_row(b"42")))
+        result = connection.query("SELECT ?::int", (42,))
+        self.assertEqual(result, scheduler.Result([(42,)], 1, "SELECT 1"))
+        self.assertEqual(sent_by(connection, server),
+                         scheduler.parse_message("s1", "SELECT $1::int")
+                         + scheduler.bind_message("s1", (42,)) + scheduler.DESCRIBE_PORTAL
+                         + scheduler.EXECUTE + scheduler.SYNC)
+        server.sendall(BOUND + data_row(b"7") + data_row(None) + complete("SELECT 2") + ready())
+        self.assertEqual(connection.query("SELECT ?::int", (7,)).rows, [(7,), (None,)])
+        self.assertEqual(sent_by(connection, server), scheduler.bind_message("s1", (7,))
+                         + scheduler.EXECUTE + scheduler.SYNC)
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "I"))
+
+    def test_a_statement_without_rows(self):
+        connection, server = scripted_connection(
+            self, PARSED + BOUND + NO_DATA + complete("INSERT 0 1") + ready(b"T"))
+        self.assertEqual(connection.query("INSERT INTO t VALUES (?)", ("a",)),
+                         scheduler.Result([], 1, "INSERT 0 1"))
+        self.assertEqual(connection.transaction_status, "T")
+
+    def test_an_error_is_raised_once_the_server_is_ready_and_the_connection_goes_on(self):
+        connection, server = scripted_connection(self, PARSED + BOUND + NO_DATA + backend(
+            b"E", error_message("23505", "duplicate key value violates unique constraint",
+                                D="Key (user_id)=(alice) already exists.", n="t_pkey"))
+            + ready(b"E"))
+        with self.assertRaises(scheduler.PGError) as refused:
+            connection.query("INSERT INTO t VALUES (?)", ("alice",))
+        error = refused.exception
+        self.assertEqual((error.sqlstate, error.constraint, error.severity, str(error)),
+                         ("23505", "t_pkey", "ERROR",
+                          "ERROR: duplicate key value violates unique constraint"))
+        self.assertNotIn("alice", str(error))  # the detail, with the row's values, is not shown
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "E"))
+        server.sendall(BOUND + complete("ROLLBACK") + ready())  # kept, though it failed
+        self.assertEqual(connection.query("INSERT INTO t VALUES (?)", ("bob",)).tag, "ROLLBACK")
+
+    def test_a_failed_statement_is_not_kept(self):
+        connection, server = scripted_connection(self, backend(b"E", error_message(
+            "42601", 'syntax error at or near "SELEC"')) + ready())
+        with self.assertRaisesRegex(scheduler.PGError, "syntax error"):
+            connection.query("SELEC 1")
+        server.sendall(answers_to_a_first_query(data_row(b"1")))
+        connection.query("SELEC 1")  # prepared again: it was never kept
+        self.assertIn(scheduler.parse_message("s2", "SELEC 1"),
+                      sent_by(connection, server))
+
+    def test_commit_of_a_failed_transaction_raises(self):
+        connection, server = scripted_connection(
+            self, PARSED + BOUND + NO_DATA + complete("ROLLBACK") + ready())
+        with self.assertRaises(scheduler.PGError) as refused:
+            connection.query("commit")
+        self.assertEqual(refused.exception.sqlstate, "25P02")
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "I"))
+
+    def test_a_fatal_error_breaks_the_connection(self):
+        connection, server = scripted_connection(self, backend(b"E", error_message(
+            "57P01", "terminating connection due to administrator command", "FATAL")))
+        server.shutdown(socket.SHUT_WR)
+        with self.assertRaises(scheduler.PGConnectionLost) as lost:
+            connection.query("SELECT 1")
+        self.assertEqual(lost.exception.sqlstate, "57P01")
+        self.assertIn("db.test:5432: the server ended the session: FATAL: terminating",
+                      str(lost.exception))
+        self.assertTrue(connection.broken)
+        with self.assertRaisesRegex(scheduler.PGConnectionLost, "broke earlier"):
+            connection.query("SELECT 1")
+
+    OUT_OF_TURN = [  # (name, what the server answers a first query with, words)
+        ("a DataRow before the RowDescription", PARSED + BOUND + data_row(b"1")
+         + row_description(("n", 23)) + complete("SELECT 1") + ready(), "message 'D' in answer"),
+        ("no BindComplete", PARSED + row_description(("n", 23)) + complete("SELECT 0") + ready(),
+         "message 'T' in answer"),
+        ("ReadyForQuery before the end", PARSED + BOUND + ready(), "before the query's end"),
+        ("an Authentication request", PARSED + authentication(0) + ready(), "message 'R'"),
+        ("a second CommandComplete", answers_to_a_first_query()[:-6] + complete("SELECT 0")
+         + ready(), "message 'C' in answer"),
+        ("two errors", backend(b"E", error_message("XX000", "a")) + backend(
+            b"E", error_message("XX000", "b")) + ready(), "message 'E' in answer"),
+        ("rows after an error", PARSED + BOUND + row_description(("n", 23)) + backend(
+            b"E", error_message("22012", "division by zero")) + data_row(b"1") + ready(),
+         "message 'D' in answer"),
+        ("a row of the wrong width", answers_to_a_first_query(data_row(b"1", b"2")),
+         "not the 1 columns"),
+        ("a malformed length", PARSED + b"2\0\0\0\x02" + ready(), "claims a length of 2"),
+        ("an unknown transaction status", answers_to_a_first_query()[:-1] + b"X",
+         "transaction status b'X'"),
+    ]
+
+    def test_answers_out_of_turn_break_the_connection(self):
+        for name, answers, words in self.OUT_OF_TURN:
+            with self.subTest(name):
+                connection, server = scripted_connection(self, answers)
+                with self.assertRaises(scheduler.PGProtocolError) as refused:
+                    connection.query("SELECT 1")
+                self.assertIn(words, str(refused.exception))
+                self.assertTrue(str(refused.exception).startswith("db.test:5432: "))
+                self.assertTrue(connection.broken)
+
+    def test_what_may_arrive_at_any_time_is_taken_in_its_stride(self):
+        connection, server = scripted_connection(self, PARSED + backend(
+            b"N", error_message("01000", "a warning", "WARNING")) + BOUND + backend(
+            b"S", b"TimeZone\0UTC\0") + row_description(("n", 23)) + data_row(b"1") + backend(
+            b"A", b"\0\0\0\x01channel\0payload\0") + complete("SELECT 1") + ready())
+        self.assertEqual(connection.query("SELECT 1").rows, [(1,)])
+        self.assertEqual(connection.parameters["TimeZone"], "UTC")
+
+    def test_text_that_is_not_utf_8_is_an_error_of_the_query(self):
+        connection, server = scripted_connection(self, answers_to_a_first_query(
+            data_row(b"\xff"), columns=(("t", 25),)))
+        with self.assertRaises(scheduler.PGError) as refused:
+            connection.query("SELECT t FROM t")
+        self.assertEqual(refused.exception.sqlstate, "22021")
+        self.assertEqual(connection.state, "ready")
+
+    def test_the_end_of_the_connection_mid_answer_is_a_lost_connection(self):
+        connection, server = scripted_connection(self, PARSED + BOUND + row_description(
+            ("n", 23)) + data_row(b"1"))
+        server.shutdown(socket.SHUT_WR)
+        with self.assertRaisesRegex(scheduler.PGConnectionLost, "closed the connection"):
+            connection.query("SELECT 1")
+        self.assertTrue(connection.broken)
+
+    def test_a_silent_server_is_a_timeout_by_the_deadline(self):
+        connection, server = scripted_connection(self, PARSED + BOUND)
+        started = time.monotonic()
+        with self.assertRaisesRegex(scheduler.PGTimeout, "did not answer"):
+            connection.query("SELECT 1", deadline=started + 0.2)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(connection.broken)
+        with self.assertRaisesRegex(scheduler.PGTimeout, "deadline passed before sending"):
+            scripted_connection(self)[0].query("SELECT 1", deadline=started)
+
+    def test_one_query_at_a_time(self):
+        connection, server = scripted_connection(self)
+        first = threading.Thread(target=lambda: connection.query("SELECT 1"))
+        first.start()
+        wait_until(lambda: connection.state == "busy", what="the first query to be sent")
+        with self.assertRaisesRegex(RuntimeError, "query.. on a PostgreSQL connection that is "
+                                                  "busy"):
+            connection.query("SELECT 2")
+        server.sendall(answers_to_a_first_query(data_row(b"1")))
+        first.join(timeout=10)
+        self.assertEqual(connection.state, "ready")
+        connection.close()
+        self.assertEqual(sent_by(connection, server)[-5:], scheduler.TERMINATE)
+        with self.assertRaisesRegex(RuntimeError, "that is closed"):
+            connection.query("SELECT 1")
+
+    def test_a_bad_parameter_is_refused_before_anything_is_sent(self):
+        connection, server = scripted_connection(self)
+        with self.assertRaisesRegex(TypeError, "not dict"):
+            connection.query("SELECT ?", ({},))
+        with self.assertRaisesRegex(ValueError, "NUL"):
+            connection.run_script("SELECT '\0'")
+        self.assertEqual((connection.state, sent_by(connection, server)), ("ready", b""))
+
+    def test_an_answer_left_half_read_breaks_the_connection(self):
+        connection, server = scripted_connection(self, PARSED)
+        with mock.patch.object(connection, "_receive", side_effect=KeyboardInterrupt):
+            with self.assertRaises(KeyboardInterrupt):
+                connection.query("SELECT 1")
+        self.assertTrue(connection.broken)
+
+    def test_the_oldest_statements_are_closed_past_the_cap(self):
+        connection, server = scripted_connection(self)
+        with mock.patch.object(scheduler, "MAX_PREPARED_STATEMENTS", 2):
+            for n in (1, 2, 3):
+                server.sendall(PARSED + BOUND + NO_DATA + complete("SET") + ready())
+                connection.query(f"SET a.b = {n}")
+            self.assertEqual(list(connection._statements), ["SET a.b = 2", "SET a.b = 3"])
+            server.sendall(backend(b"3") + PARSED + BOUND + NO_DATA + complete("SET") + ready())
+            connection.query("SET a.b = 4")
+        self.assertTrue(sent_by(connection, server).endswith(
+            scheduler.close_statement_message("s1") + scheduler.parse_message("s4", "SET a.b = 4")
+            + scheduler.bind_message("s4", ()) + scheduler.DESCRIBE_PORTAL + scheduler.EXECUTE
+            + scheduler.SYNC))
+        self.assertEqual((connection._to_close, len(connection._statements)), (["s2"], 2))
+
+    def test_a_script_by_the_simple_protocol(self):
+        script = "CREATE TABLE t (a int, b text); SELECT * FROM t"
+        connection, server = scripted_connection(self, complete("CREATE TABLE") + row_description(
+            ("a", 23), ("b", 25)) + data_row(b"1", b"x") + complete("SELECT 1") + ready())
+        self.assertEqual(connection.run_script(script),
+                         [scheduler.Result([], -1, "CREATE TABLE"),
+                          scheduler.Result([(1, "x")], 1, "SELECT 1")])
+        self.assertEqual(sent_by(connection, server), scheduler.query_message(script))
+        connection, server = scripted_connection(self, backend(b"I") + ready())
+        self.assertEqual(connection.run_script(""), [scheduler.Result([], -1, "")])
+
+    def test_an_idle_connection_checked_without_waiting(self):
+        connection, server = scripted_connection(self, backend(b"S", b"in_hot_standby\0on\0"))
+        wait_until(lambda: select.select([connection._sock], [], [], 0)[0])
+        self.assertTrue(connection.check_idle())  # a parameter is news, not a fault...
+        self.assertEqual(connection.parameters["in_hot_standby"], "on")
+        connection, server = scripted_connection(self, backend(b"S", b"in_hot_standby\0on\0"),
+                                                 target_session_attrs="read-write")
+        wait_until(lambda: select.select([connection._sock], [], [], 0)[0])
+        self.assertFalse(connection.check_idle())  # ...unless the session must write
+        for name, answers in (
+                ("a FATAL, then the end", backend(b"E", error_message(
+                    "57P01", "terminating connection due to administrator command", "FATAL"))),
+                ("a message out of turn", data_row(b"1")),
+                ("part of a message", b"E\0\0")):
+            with self.subTest(name):
+                connection, server = scripted_connection(self, answers)
+                server.shutdown(socket.SHUT_WR)
+                wait_until(lambda: select.select([connection._sock], [], [], 0)[0])
+                self.assertFalse(connection.check_idle())
+                self.assertTrue(connection.broken)
+        connection, server = scripted_connection(self)
+        self.assertTrue(connection.check_idle())
+        server.close()
+        self.assertFalse(connection.check_idle())  # closed: end of file
+
+
+
+def on_ports(uri: str, *ports: int) -> str:
+    """uri with its hosts replaced by 127.0.0.1 at each of ports, tried in that order."""
+    return re.sub(r"@[^/]*/", "@" + ",".join(f"127.0.0.1:{port}" for port in ports) + "/", uri,
+                  count=1)
+
+
+def pg_connection(testcase: unittest.TestCase, uri: str, seconds: float = 10,
+                  environ: Optional[dict] = None) -> scheduler.PGConnection:
+    """pg_connect() by uri, within seconds; closed when the test ends."""
+    connection = scheduler.pg_connect(scheduler.parse_postgres_uri(uri, environ or {}),
+                                      time.monotonic() + seconds)
+    testcase.addCleanup(connection.close)
+    return connection
+
+
+@requires_postgres
+class PostgresConnectionTest(unittest.TestCase):
+    """PGConnection and pg_connect() against a real PostgreSQL: each way to log in,
+    and each refusal; text and types; errors; deadlines."""
+
+    def setUp(self):
+        self.cluster = PostgresCluster.shared()
+
+    def refusal(self, uri: str, seconds: float = 10) -> scheduler.PGConnectionError:
+        started = time.monotonic()
+        with self.assertRaises(scheduler.PGConnectionError) as refused:
+            pg_connection(self, uri, seconds)
+        self.assertLess(time.monotonic() - started, seconds + 2)
+        for password in PostgresCluster.PASSWORDS.values():
+            self.assertNotIn(str(password), str(refused.exception))
+        return refused.exception
+
+    def test_each_way_to_log_in(self):
+        cluster = self.cluster
+        ways = [("scheduler", "disable", False), ("md5_user", "disable", False),
+                ("trust_user", "disable", False)]
+        if cluster.ca_file:
+            ways += [("scheduler", "require", True), ("plain_user", "require", True),
+                     ("md5_user", "prefer", True)]
+        for user, sslmode, tls in ways:
+            with self.subTest(user=user, sslmode=sslmode):
+                connection = pg_connection(self, cluster.uri(user, sslmode=sslmode))
+                self.assertEqual(connection.tls, tls)
+                self.assertEqual(connection.query("SELECT current_user, ?::int + 1", (41,)).rows,
+                                 [(user, 42)])
+                self.assertEqual(connection.parameters["client_encoding"], "UTF8")
+                self.assertIn("in_hot_standby", connection.parameters)  # PostgreSQL 14 and later
+                self.assertGreater(connection.backend_pid, 0)
+
+    def test_refusals_name_the_host_and_the_reason(self):
+        cluster, here = self.cluster, f"127.0.0.1:{self.cluster.port}: "
+        wrong = self.refusal(cluster.uri(password="wrong-password-81", sslmode="disable"))
+        self.assertEqual(wrong.sqlstate, "28P01")
+        self.assertEqual(str(wrong), here + 'the server refused the connection: FATAL: password '
+                                            'authentication failed for user "scheduler" '
+                                            "(SQLSTATE 28P01)")
+        self.assertNotIn("wrong-password-81", str(wrong))
+        missing = self.refusal(cluster.uri(database="no_such_database"))
+        self.assertEqual(missing.sqlstate, "3D000")
+        self.assertIn('database "no_such_database" does not exist', str(missing))
+        nothing = self.refusal(f"postgresql://scheduler:pw@127.0.0.1:{free_port()}/scheduler")
+        self.assertRegex(str(nothing), r"^127\.0\.0\.1:\d+: connection refused$")
+        rejected = self.refusal(cluster.uri("plain_user", sslmode="disable"))
+        self.assertEqual(rejected.sqlstate, "28000")  # pg_hba.conf: not without TLS
+        self.assertIn("asks for a password and none was given",
+                      str(self.refusal(cluster.uri(password=None))))
+
+    @requires_tls
+    def test_tls_as_sslmode_says(self):
+        cluster = self.cluster
+        for host in ("127.0.0.1", "localhost"):  # the certificate names both
+            uri = cluster.uri(sslmode="verify-full", sslrootcert=cluster.ca_file).replace(
+                "@127.0.0.1:", f"@{host}:")
+            self.assertTrue(pg_connection(self, uri).tls)
+        for sslmode in ("verify-ca", "verify-full", "require"):  # require: as libpq, with a CA
+            with self.subTest(sslmode):
+                other = self.refusal(cluster.uri(sslmode=sslmode,
+                                                 sslrootcert=cluster.other_ca_file))
+                self.assertIn(f"the server's certificate does not verify (sslmode={sslmode})",
+                              str(other))
+        self.assertIn("cannot be read", str(self.refusal(cluster.uri(
+            sslmode="verify-full", sslrootcert="/no/such/ca.crt"))))
+        for sslmode, tls in (("require", True), ("prefer", True), ("allow", False),
+                             ("disable", False)):
+            with self.subTest(sslmode):
+                self.assertEqual(pg_connection(self, cluster.uri(sslmode=sslmode)).tls, tls)
+        # allow: refused without TLS (pg_hba.conf), plain_user is let in with it
+        self.assertTrue(pg_connection(self, cluster.uri("plain_user", sslmode="allow")).tls)
+
+    @requires_tls
+    def test_tls_refused_by_a_server_with_ssl_off(self):
+        cluster = self.cluster
+        cluster.sql("ALTER SYSTEM SET ssl = off")  # (not in a transaction: one at a time)
+        cluster.sql("SELECT pg_reload_conf()")
+        self.addCleanup(wait_until, lambda: ssl_request(cluster.port, 10) == b"S")
+        self.addCleanup(cluster.sql, "SELECT pg_reload_conf()")
+        self.addCleanup(cluster.sql, "ALTER SYSTEM RESET ssl")
+        wait_until(lambda: ssl_request(cluster.port, 10) == b"N", what="ssl off")
+        refused = self.refusal(cluster.uri(sslmode="require"))
+        self.assertIn("does not accept TLS (its ssl is off), and sslmode=require requires it",
+                      str(refused))
+        self.assertFalse(pg_connection(self, cluster.uri(sslmode="prefer")).tls)
+
+    def test_a_frozen_server_is_a_timeout_by_the_deadline(self):
+        cluster = self.cluster
+        connection = pg_connection(self, cluster.uri(sslmode="disable"))
+        os.kill(connection.backend_pid, signal.SIGSTOP)  # the session's own process
+
+        def resume():  # unless thawing the cluster has, and it has ended
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(connection.backend_pid, signal.SIGCONT)
+        self.addCleanup(resume)
+        started = time.monotonic()
+        with self.assertRaisesRegex(scheduler.PGTimeout, "did not answer"):
+            connection.query("SELECT 1", deadline=started + 0.3)
+        self.assertLess(time.monotonic() - started, 3)
+        self.assertTrue(connection.broken)
+        cluster.freeze()  # all of it: the kernel accepts connections, nothing answers
+        self.addCleanup(cluster.thaw)
+        timeout = self.refusal(cluster.uri(), seconds=0.3)
+        self.assertIsInstance(timeout, scheduler.PGTimeout)
+
+    def test_each_host_gets_connect_timeout(self):
+        """A URI's connect_timeout is 2 s at least (libpq's rule: PostgresURITest); set
+        here to 0.3 s, to be quick."""
+        silent = socket.socket()  # listens, never answers: a frozen server
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        settings = scheduler.parse_postgres_uri(on_ports(
+            self.cluster.uri(sslmode="disable"), silent.getsockname()[1], self.cluster.port), {})
+        connection = scheduler.pg_connect(settings._replace(connect_timeout=0.3),
+                                          time.monotonic() + 30)
+        self.addCleanup(connection.close)
+        self.assertEqual(connection.port, self.cluster.port)
+
+    def test_several_hosts_tried_in_order_each_failure_told(self):
+        dead, port = free_port(), self.cluster.port
+        self.assertEqual(pg_connection(self, on_ports(self.cluster.uri(), dead, port)).port, port)
+        refused = self.refusal(on_ports(self.cluster.uri(database="no_such_database"), dead,
+                                        port))
+        self.assertIn(f"127.0.0.1:{dead}: connection refused; 127.0.0.1:{self.cluster.port}: "
+                      "the server refused the connection: FATAL: database", str(refused))
+
+    TEXTS = ["it's", 'say "hi"', "back\\slash\\", "$1", "?", "$$ $q$", "emoji 🎉👩‍💻",
+             "e\u0301 (combining) é", "ﬁ", "\u202etext", "tab\tnew\nline", "", " ", "x" * 10000,
+             "%s %d {}", "null", "\\x00", "\\N"]
+
+    def test_text_round_trips_exactly(self):
+        connection = pg_connection(self, self.cluster.uri())
+        for text in self.TEXTS:
+            with self.subTest(text=text[:40]):
+                self.assertEqual(connection.query("SELECT ?::text, length(?::text)",
+                                                  (text, text)).rows, [(text, len(text))])
+        connection.query("CREATE TEMP TABLE notes (n int PRIMARY KEY, note text NOT NULL)")
+        for n, text in enumerate(self.TEXTS):
+            connection.query("INSERT INTO notes VALUES (?, ?)", (n, text))
+        self.assertEqual(connection.query("SELECT note FROM notes ORDER BY n").rows,
+                         [(text,) for text in self.TEXTS])
+        with self.assertRaises(scheduler.PGError) as refused:  # NUL: text cannot hold it
+            connection.query("SELECT ?::text", ("a\0b",))
+        self.assertEqual(refused.exception.sqlstate, "22021")
+        self.assertEqual(connection.query("SELECT 1").rows, [(1,)])
+
+    def test_types_round_trip(self):
+        connection = pg_connection(self, self.cluster.uri())
+        values = (None, True, False, 0, -2**63, 2**63 - 1, 1.5, float("inf"), -0.0,
+                  b"\0\x01\xff" * 100, b"", "tëxt")
+        casts = ("int", "bool", "bool", "int2", "int8", "int8", "float8", "float8", "float4",
+                 "bytea", "bytea", "varchar")
+        sql = "SELECT " + ", ".join(f"?::{cast}" for cast in casts)
+        (row,) = connection.query(sql, values).rows
+        self.assertEqual(row, values)
+        self.assertEqual([type(value) for value in row], [type(value) for value in values])
+        self.assertEqual(connection.query(
+            "SELECT 1.10::numeric, DATE '2026-11-25', 'NaN'::float8 <> 'NaN'::float8, "
+            "'{1,2}'::int[], 'x'::char(3), 42::oid").rows,
+            [("1.10", "2026-11-25", False, "{1,2}", "x  ", 42)])
+
+    def test_errors_leave_the_connection_usable(self):
+        connection = pg_connection(self, self.cluster.uri())
+        connection.query("CREATE TEMP TABLE t (k text CONSTRAINT t_key PRIMARY KEY)")
+        self.assertEqual(connection.query("INSERT INTO t VALUES (?)", ("a",)).rowcount, 1)
+        with self.assertRaises(scheduler.PGError) as refused:
+            connection.query("INSERT INTO t VALUES (?)", ("a",))
+        self.assertEqual((refused.exception.sqlstate, refused.exception.constraint),
+                         ("23505", "t_key"))
+        self.assertNotIn("(a)", str(refused.exception))  # the detail quotes the row
+        self.assertIn("(k)=(a)", refused.exception.fields["D"])
+        connection.query("BEGIN")
+        self.assertEqual(connection.transaction_status, "T")
+        with self.assertRaisesRegex(scheduler.PGError, "division by zero"):
+            connection.query("SELECT 1 / ?::int", (0,))
+        self.assertEqual(connection.transaction_status, "E")
+        with self.assertRaises(scheduler.PGError) as aborted:
+            connection.query("SELECT 1")
+        self.assertEqual(aborted.exception.sqlstate, "25P02")
+        with self.assertRaises(scheduler.PGError) as commit:  # answered ROLLBACK, not an error
+            connection.query("COMMIT")
+        self.assertEqual(commit.exception.sqlstate, "25P02")
+        self.assertEqual(connection.transaction_status, "I")
+        self.assertEqual(connection.query("SELECT count(*) FROM t").rows, [(1,)])
+        self.assertEqual(connection.query("UPDATE t SET k = k || ?", ("!",)),
+                         scheduler.Result([], 1, "UPDATE 1"))
+
+    def test_a_statement_whose_table_changed_is_prepared_again(self):
+        connection = pg_connection(self, self.cluster.uri())
+        connection.query("CREATE TEMP TABLE t (a int)")
+        connection.query("INSERT INTO t VALUES (1)")
+        self.assertEqual(connection.query("SELECT * FROM t").rows, [(1,)])
+        connection.query("ALTER TABLE t ADD COLUMN b text DEFAULT 'x'")
+        self.assertEqual(connection.query("SELECT * FROM t").rows, [(1, "x")])  # 0A000, retried
+        connection.query("BEGIN")
+        connection.query("ALTER TABLE t ADD COLUMN c int DEFAULT 2")
+        with self.assertRaises(scheduler.PGError) as changed:  # not retried in a transaction
+            connection.query("SELECT * FROM t")
+        self.assertEqual(changed.exception.sqlstate, "0A000")
+        connection.query("ROLLBACK")
+        self.assertEqual(connection.query("SELECT * FROM t").rows, [(1, "x")])
+
+    def test_prepared_statements_are_capped(self):
+        connection = pg_connection(self, self.cluster.uri())
+        with mock.patch.object(scheduler, "MAX_PREPARED_STATEMENTS", 3):
+            for n in range(6):
+                self.assertEqual(connection.query(f"SELECT {n}").rows, [(n,)])
+            counted = connection.query("SELECT count(*) FROM pg_prepared_statements").rows
+            self.assertEqual(counted, [(4,)])  # 3 kept; the 4th closed with the next query
+            self.assertEqual(connection.query("SELECT count(*) FROM pg_prepared_statements").rows,
+                             [(3,)])
+
+    def test_a_script_of_several_statements(self):
+        connection = pg_connection(self, self.cluster.uri())
+        results = connection.run_script("CREATE TEMP TABLE s (a int); INSERT INTO s VALUES (1), "
+                                        "(2); SELECT sum(a) FROM s")
+        self.assertEqual([(result.tag, result.rows) for result in results],
+                         [("CREATE TABLE", []), ("INSERT 0 2", []), ("SELECT 1", [(3,)])])
+        with self.assertRaisesRegex(scheduler.PGError, 'relation "nowhere" does not exist'):
+            connection.run_script("SELECT 1; SELECT * FROM nowhere")
+        self.assertEqual(connection.transaction_status, "I")
+
+    def test_a_password_prepared_by_saslprep(self):
+        """PostgreSQL stores a SCRAM password after SASLprep (RFC 4013): written with
+        U+2168 (ROMAN NUMERAL NINE), it is the password "IX" too."""
+        cluster, role = self.cluster, f"role_{os.getpid()}_sasl"
+        cluster.sql(f"CREATE ROLE {role} LOGIN PASSWORD 'p\u2168\u00ad-é'")
+        self.addCleanup(cluster.sql, f"DROP ROLE {role}")
+        for password in ("p\u2168\u00ad-é", "pIX-é", "pIX-e\u0301"):
+            with self.subTest(password=password):
+                connection = pg_connection(self, cluster.uri(role, password))
+                self.assertEqual(connection.query("SELECT current_user").rows, [(role,)])
+        self.assertEqual(self.refusal(cluster.uri(role, "pix-é")).sqlstate, "28P01")
+
+
+@requires_postgres
+class PostgresReadWriteTest(unittest.TestCase):
+    """target_session_attrs=read-write over several hosts: a standby skipped, and
+    after a failover, the promoted standby found."""
+
+    def test_a_server_before_postgresql_14_is_asked(self):
+        """It reports neither in_hot_standby nor default_transaction_read_only: libpq
+        asks it SHOW transaction_read_only."""
+        cluster = PostgresCluster.shared()
+
+        def read_only_before_14(sock):
+            receive_startup(sock)
+            sock.sendall(authentication(0) + backend(b"S", b"server_version\x0013.0\0")
+                         + ready())
+            asked = b""
+            while not asked.endswith(scheduler.SYNC):
+                asked += sock.recv(65536)
+            self.assertIn(b"SHOW transaction_read_only", asked)
+            sock.sendall(PARSED + BOUND + row_description(("transaction_read_only", 25))
+                         + data_row(b"on") + complete("SHOW") + ready())
+            sock.recv(65536)  # Terminate
+
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        play_server(self, listener, read_only_before_14, read_only_before_14)
+        old = listener.getsockname()[1]
+        uri = cluster.uri(target_session_attrs="read-write", sslmode="disable")
+        self.assertEqual(pg_connection(self, on_ports(uri, old, cluster.port)).port,
+                         cluster.port)
+        with self.assertRaisesRegex(scheduler.PGConnectionError,
+                                    f"127.0.0.1:{old}: transaction_read_only is on, "
+                                    "and target_session_attrs=read-write"):
+            pg_connection(self, on_ports(uri, old))
+
+    def test_a_standby_is_skipped_until_it_is_promoted(self):
+        """Slower than most (about 1.5 s): a standby, a stop, a promotion."""
+        primary = PostgresCluster.shared()
+        standby = primary.standby(synchronous=False)
+        self.addCleanup(standby.cleanup)
+        uri = on_ports(primary.uri(target_session_attrs="read-write"), standby.port, primary.port)
+        self.assertEqual(pg_connection(self, uri).port, primary.port)
+        self.assertEqual(pg_connection(self, uri.replace("read-write", "any")).port, standby.port)
+        with self.assertRaisesRegex(scheduler.PGConnectionError, "the server is a hot standby "
+                                    r"\(read-only\), and target_session_attrs=read-write"):
+            pg_connection(self, on_ports(uri, standby.port))
+        pool = scheduler.PGPool(scheduler.parse_postgres_uri(uri, {}), size=2, timeout=10)
+        self.addCleanup(pool.close)
+        with pool.connection() as connection:
+            self.assertEqual(connection.port, primary.port)
+        self.addCleanup(primary.start)
+        primary.stop()  # the failover: the primary goes, the standby is promoted
+        standby.promote()
+        with pool.connection() as connection:  # the pool's idle connection is dead: noticed
+            self.assertEqual(connection.port, standby.port)
+            self.assertEqual(connection.query("SELECT pg_is_in_recovery()").rows, [(False,)])
+
+
+@requires_postgres
+class PostgresPoolTest(unittest.TestCase):
+    def setUp(self):
+        self.cluster = PostgresCluster.shared()
+        self.pool = scheduler.PGPool(scheduler.parse_postgres_uri(self.cluster.uri(), {}),
+                                     size=2, timeout=10)
+        self.addCleanup(self.pool.close)
+
+    def terminate(self, pid: int) -> None:
+        """End a session from outside, as an administrator or a shutdown does."""
+        self.cluster.sql(f"SELECT pg_terminate_backend({pid})")
+        wait_until(lambda: self.cluster.sql(
+            f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}") == "0",
+            what=f"the end of {pid}")
+
+    def test_a_fatal_to_an_idle_connection_is_noticed_before_use(self):
+        with self.pool.connection() as connection:
+            first, pid = connection, connection.backend_pid
+        self.terminate(pid)  # its FATAL waits, unread, in the idle connection's socket
+        with self.pool.connection() as connection:
+            self.assertNotEqual(connection.backend_pid, pid)
+            self.assertEqual(connection.query("SELECT 1").rows, [(1,)])
+        self.assertEqual(first.state, "closed")
+        bare = pg_connection(self, self.cluster.uri())  # without the pool's check:
+        self.terminate(bare.backend_pid)
+        with self.assertRaises(scheduler.PGConnectionLost) as lost:  # read at its next use
+            bare.query("SELECT 1")
+        self.assertEqual(lost.exception.sqlstate, "57P01")
+
+    def test_a_connection_that_breaks_in_use_is_replaced(self):
+        with self.assertRaises(scheduler.PGConnectionLost):
+            with self.pool.connection() as connection:
+                connection.query("SELECT pg_terminate_backend(pg_backend_pid())")
+        self.assertEqual((connection.state, self.pool._open), ("closed", 0))
+        with self.pool.connection() as again:
+            self.assertEqual(again.query("SELECT 1").rows, [(1,)])
+
+    def test_a_busy_pool_answers_by_the_deadline(self):
+        taken = queue.Queue()
+
+        def wait_for_one():
+            with self.pool.connection(time.monotonic() + 10) as connection:
+                taken.put(connection)
+
+        with self.pool.connection() as first, self.pool.connection() as second:
+            started = time.monotonic()
+            with self.assertRaisesRegex(scheduler.PGTimeout, "pool busy: all 2 connections to "
+                                                             "postgresql://scheduler@"):
+                with self.pool.connection(started + 0.2):
+                    pass
+            self.assertLess(time.monotonic() - started, 3)
+            waiter = threading.Thread(target=wait_for_one)
+            waiter.start()
+        waiter.join(10)
+        self.assertIn(taken.get(timeout=1), (first, second))  # one given back, not a third
+
+    def test_a_connection_given_back_in_a_transaction_is_rolled_back(self):
+        with self.pool.connection() as connection:
+            connection.query("BEGIN")
+            connection.query("CREATE TEMP TABLE t (a int)")
+        with self.pool.connection() as again:
+            self.assertIs(again, connection)
+            self.assertEqual(again.transaction_status, "I")
+            self.assertEqual(again.query("SELECT count(*) FROM pg_class WHERE relname = 't' AND "
+                                         "relpersistence = 't'").rows, [(0,)])
+        self.pool.close()
+        self.assertEqual(connection.state, "closed")
+        with self.assertRaisesRegex(scheduler.PGConnectionError, "closed"):
+            with self.pool.connection():
+                pass
 
 
 class MetricsTableTest(unittest.TestCase):
