@@ -989,6 +989,11 @@ class _Turns:
 # every step a file lacks, in one transaction, and refuses a file it does not own.
 # Version 0 is a file from before versions: empty, or as the releases of 2026-11-25
 # (the appointments table alone) and 2026-11-30 (with a count and its triggers) made it.
+#
+# A step that shipped is frozen: literal SQL, never built from the rules' constants
+# (START_MINUTES, FIRST_DATE...) nor edited, so that it does to a file today what it
+# did when it shipped, and a file it made and a file it upgraded are alike. A rule
+# that changes gets a new step. The tests hold a digest of each step's SQL.
 APPLICATION_ID = 0x53434844  # "SCHD"
 _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointments_1"),
                 ("table", "appointment_count"), ("trigger", "counted"),
@@ -996,16 +1001,17 @@ _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointme
 # Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
 # that SQLite refuses what this service could not show, whoever writes the file. What
 # it cannot say (the user ID's invisible characters, and NFC) SQLiteStore.sweep() checks.
-_APPOINTMENTS_TABLE = f"""
+# As step 1 shipped: MAX_USER_ID_LENGTH 256, FIRST_DATE to LAST_DATE, START_MINUTES (0, 30).
+_APPOINTMENTS_TABLE = """
     CREATE TABLE appointments (
         user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
-            AND length(user_id) BETWEEN 1 AND {MAX_USER_ID_LENGTH} AND user_id = trim(user_id)
+            AND length(user_id) BETWEEN 1 AND 256 AND user_id = trim(user_id)
             AND user_id NOT GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')),
         date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
-            AND date BETWEEN '{FIRST_DATE}' AND '{LAST_DATE}' AND date(date, '+0 days') IS date),
+            AND date BETWEEN '2000-01-01' AND '2099-12-31' AND date(date, '+0 days') IS date),
         time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
             AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'
-            AND substr(time, 4) IN ({", ".join(f"'{minute:02}'" for minute in START_MINUTES)})),
+            AND substr(time, 4) IN ('00', '30')),
         UNIQUE (user_id, date)
     )"""
 
@@ -1103,9 +1109,11 @@ def _schema_1(db: sqlite3.Connection) -> None:
                          "new.user_id IS old.user_id AND new.date IS old.date "
                          "AND new.time IS old.time)").fetchall()
     for rowid, *row in refused:
-        _set_aside(db, rowid, stored_row_problem(*row) or "a second appointment of the user "
-                   "that date, or another rule of the table", "unversioned",
-                   ("user_id", "date", "time"))
+        db.execute("INSERT INTO set_aside (user_id, date, time, reason) SELECT user_id, date, "
+                   "time, ? FROM unversioned WHERE rowid = ?",
+                   (stored_row_problem(*row) or "a second appointment of the user that date, "
+                    "or another rule of the table", rowid))
+        db.execute("DELETE FROM unversioned WHERE rowid = ?", (rowid,))
     for statement in (
             "DROP TABLE unversioned",
             "CREATE TABLE appointment_count (one INTEGER PRIMARY KEY CHECK (one = 1), "
@@ -1115,14 +1123,14 @@ def _schema_1(db: sqlite3.Connection) -> None:
             "BEGIN UPDATE appointment_count SET n = n + 1; END",
             "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
             "BEGIN UPDATE appointment_count SET n = n - 1; END",
-            f"PRAGMA application_id = {APPLICATION_ID}"):
+            "PRAGMA application_id = 1396918340"):  # APPLICATION_ID
         db.execute(statement)
 
 
 def _schema_2(db: sqlite3.Connection) -> None:
     """A note for the practitioner."""
-    db.execute(f"ALTER TABLE appointments ADD COLUMN note TEXT CHECK (note IS NULL OR ("
-               f"typeof(note) = 'text' AND length(note) BETWEEN 1 AND {MAX_NOTE_LENGTH}))")
+    db.execute("ALTER TABLE appointments ADD COLUMN note TEXT CHECK (note IS NULL OR ("
+               "typeof(note) = 'text' AND length(note) BETWEEN 1 AND 500))")  # MAX_NOTE_LENGTH
     db.execute("ALTER TABLE set_aside ADD COLUMN note")
 
 
@@ -1161,8 +1169,11 @@ def _schema_4(db: sqlite3.Connection) -> None:
             "WHERE user_id = renamed.user_id AND date = renamed.date) OR EXISTS (SELECT 1 "
             "FROM temp.in_nfc AS other WHERE other.user_id = renamed.user_id "
             "AND other.date = renamed.date AND other.id < renamed.id)").fetchall():
-        _set_aside(db, rowid, "user_id is, in NFC (as this release reads it), the user of "
-                              "another appointment that date")
+        db.execute("INSERT INTO set_aside (user_id, date, time, note, reason) SELECT user_id, "
+                   "date, time, note, ? FROM appointments WHERE rowid = ?",
+                   ("user_id is, in NFC (as this release reads it), the user of another "
+                    "appointment that date", rowid))
+        db.execute("DELETE FROM appointments WHERE rowid = ?", (rowid,))
         db.execute("DELETE FROM temp.in_nfc WHERE id = ?", (rowid,))
     db.execute("UPDATE appointments SET user_id = (SELECT user_id FROM temp.in_nfc "
                "WHERE id = appointments.rowid) WHERE rowid IN (SELECT id FROM temp.in_nfc)")
