@@ -1091,6 +1091,78 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
             self.store.check()
 
 
+class NotingDatabase(scheduler._SQLiteDatabase):
+    """The write connection of an SQLiteStore, noting each statement that fails: where
+    SQLite fails that statement alone, PostgreSQL aborts the whole transaction."""
+
+    def __init__(self, connection: sqlite3.Connection, failed: List[str]):
+        super().__init__(connection)
+        self.failed = failed
+
+    def execute(self, sql: str, parameters: tuple = ()) -> list:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as error:
+            self.failed.append(f"{sql}: {error}")
+            raise
+
+
+class SharedSQLTest(StoreContract, unittest.TestCase):
+    """SQLStore's SQL, which a store on PostgreSQL runs too: no statement of a write
+    fails, even one whose failure SQLite would let the write get over."""
+
+    def make_store(self, **options):
+        store = scheduler.SQLiteStore(temporary_database(self), **options)
+        store.failed = []
+        store._write_db = NotingDatabase(store._writer, store.failed)
+        self.addCleanup(lambda: self.assertEqual(store.failed, []))
+        return store
+
+    def test_rows_that_break_the_rules_in_the_way_are_set_aside_without_a_failure(self):
+        plant_rows(self.store.path, [("alice", "2026-11-25", "25:00"),
+                                     ("alice", "2026-11-26", "09:15"), ("bob", "2026-11-25", "xx")])
+        self.assertEqual(self.store.book(appointment()), appointment())
+        moved = self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
+        self.assertEqual(moved, appointment(date="2026-11-26"))
+        with self.assertRaises(scheduler.NotBooked):
+            self.store.cancel("bob", self.D25)
+        self.assertEqual(len(query(self.store.path, "SELECT * FROM set_aside")), 3)
+
+    def test_keys_kept_found_and_forgotten_without_a_failure(self):
+        store = self.make_store(max_keys=3, max_keys_per_user=2)
+        self.addCleanup(store.close)
+
+        def keyed(user_id, key):
+            return scheduler.Keyed(user_id, key, key.encode(), lambda outcome: scheduler.Replay(
+                key.encode(), HTTPStatus.CONFLICT if isinstance(outcome, Exception)
+                else HTTPStatus.CREATED, None, (("X", key),), b"{}"))
+
+        store.book(appointment(), keyed("alice", "a1"))
+        with self.assertRaises(scheduler.AlreadyKeyed) as kept:
+            store.book(appointment(), keyed("alice", "a1"))
+        self.assertEqual(kept.exception.replay, scheduler.Replay(
+            b"a1", 201, None, (("X", "a1"),), b"{}"))
+        with self.assertRaises(scheduler.AlreadyBooked):  # kept, as changing nothing
+            store.book(appointment(), keyed("alice", "a2"))
+        store.book(appointment(date="2026-11-26"), keyed("alice", "a3"))  # a2 makes room
+        store.book(appointment("bob"), keyed("bob", "b1"))
+        self.assertEqual(store.count_keys(), 3)
+        with self.assertRaises(scheduler.KeysFull):  # no unchanged key is left to forget
+            store.book(appointment("carol"), keyed("carol", "c1"))
+        self.assertEqual(query(store.path, "SELECT user_id, key, changed FROM idempotency_keys "
+                                           "ORDER BY key"),
+                         [("alice", "a1", 1), ("alice", "a3", 1), ("bob", "b1", 1)])
+
+    def test_sqlite_finds_the_oldest_unchanged_key_by_its_partial_index(self):
+        # As the index says it, NOT changed: for changed = 0, SQLite scans every key.
+        with contextlib.closing(sqlite3.connect(self.store.path, isolation_level=None)) as db:
+            recording = RecordingConnection(db)
+            scheduler._SQLKeys(scheduler._SQLiteDatabase(recording)).forget_unchanged(None)
+            (forget,) = recording.statements
+            plan = db.execute(f"EXPLAIN QUERY PLAN {forget}").fetchall()
+        self.assertIn("USING INDEX idempotency_keys_unchanged", str(plan))
+
+
 class BatchTestCase(unittest.TestCase):
     """Tests of what writes do when they line up for one transaction."""
 
