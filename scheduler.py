@@ -1382,8 +1382,6 @@ class _SQLiteDatabase(SQLDatabase):
     the rules refuse the row, rather than the read failing; only then, since a
     text_factory of Python's costs 2 us a listing."""
 
-    __slots__ = ("connection", "rowcount")
-
     def __init__(self, connection: sqlite3.Connection):
         self.connection, self.rowcount = connection, -1
 
