@@ -24,8 +24,10 @@ The file reads top to bottom, each section using only those above it:
 
     Domain         an appointment, its fields' rules and its details (DETAILS), a
                    booking's outcomes
-    Stores         where appointments live: InMemoryStore, SQLiteStore (its versioned
-                   schema, SCHEMA_STEPS; group commit; the writers' lock, _Turns);
+    Stores         where appointments live: InMemoryStore; SQLStore, the SQL of every
+                   read and write that SQLiteStore and a store on PostgreSQL share
+                   (SQLDatabase); SQLiteStore (its versioned schema, SCHEMA_STEPS,
+                   frozen once shipped; group commit; the writers' lock, _Turns);
                    the Idempotency-Keys they keep, each user's own (_once(), KeyTable)
     PostgreSQL     its protocol, version 3: the URI (parse_postgres_uri()), messages
                    built and read by functions over bytes, SCRAM; PGConnection, the
@@ -91,8 +93,8 @@ import unicodedata
 import urllib.parse
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
-from typing import (Callable, Deque, Dict, List, Mapping, NamedTuple, Optional, TextIO,
-                    Tuple, Union)
+from typing import (Callable, ContextManager, Deque, Dict, List, Mapping, NamedTuple,
+                    Optional, TextIO, Tuple, Union)
 
 __version__ = "1.0"
 SERVER_NAME = f"scheduler/{__version__}"
@@ -911,6 +913,353 @@ class InMemoryStore(Store):
             return self._keys.held(None)
 
 
+# Stores that keep appointments in an SQL database's tables (SQLiteStore, and one on
+# PostgreSQL) share SQLStore: the SQL of every read and write, in the part of the two
+# dialects that both databases read alike, and the rules around it.
+
+# The columns of an appointment's row: its fields, then its details.
+COLUMNS = ("user_id", "date", "time") + _DETAIL_NAMES
+
+
+def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
+    """Why a stored appointment breaks today's rules (the parsers' own words), or
+    None. Details (in the order of DETAILS) may be None: none."""
+    for (name, parse), value in zip(_PARSERS, (user_id, date, time, *details)):
+        if value is None and name in _DETAIL_NAMES:
+            continue
+        if not isinstance(value, str):
+            return f"{name} is stored as {type(value).__name__}, not text"
+        try:
+            parsed = parse(value)
+            if name == "user_id" and parsed != value:  # written past this release
+                raise ValueError("is not in NFC (Unicode's composed form), as this release "
+                                 "stores it")
+            if name in _DETAIL_NAMES and parsed != value:  # as "a\r\nb", or ""
+                raise ValueError("is not as this release stores it")
+        except ValueError as error:
+            return f"{name} {error}"
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_start(date: str, time: str) -> dt.datetime:
+    """The start of a stored appointment, read by today's rules (ValueError if it
+    breaks them). Cached: it is read at every listing, and a cached read cost less
+    than datetime.fromisoformat() alone."""
+    return dt.datetime.combine(parse_date(date), parse_time(time), tzinfo=dt.timezone.utc)
+
+
+class SQLDatabase(abc.ABC):
+    """A connection to a database, as SQLStore runs its SQL: execute() and rowcount,
+    no more, so that an sqlite3 connection (_SQLiteDatabase) and a PostgreSQL one
+    each take this form in a few lines.
+
+    The SQL is in the part of the dialects that SQLite from 3.31 (the oldest a
+    Python 3.9 ships with) and PostgreSQL 15 read alike:
+    - A ? for each parameter, never a value in the text: a PostgreSQL connection
+      numbers them $1, $2... Each stands beside a column or a number, so that
+      PostgreSQL infers its type where it is sent untyped (0 in Parse); text,
+      int8, float8 and bytea do as well where it is typed.
+    - Parameters and values: str (text), int (integer), float (SQLite's REAL,
+      double precision), None (NULL), bytes (BLOB, bytea). No boolean parameter:
+      a boolean column is written with the literal true or false (1 or 0 in
+      SQLite, 3.23 and later) and read as NOT column.
+    - No statement is made to fail, even for a moment: PostgreSQL aborts the whole
+      transaction at the first that does, where SQLite fails that statement alone.
+      A conflict is looked for first or passed over (INSERT ... ON CONFLICT DO
+      NOTHING, SQLite 3.24 and later), and rows are addressed by their unique
+      columns, never by SQLite's rowid.
+    - No RETURNING (SQLite 3.35), no JSON functions: JSON is read and written in
+      Python.
+    """
+
+    rowcount: int = -1  # how many rows the last statement inserted, updated or deleted
+
+    @abc.abstractmethod
+    def execute(self, sql: str, parameters: tuple = ()) -> list:
+        """Run one statement and set rowcount; the rows it returned, each a tuple
+        (none for a statement that returns none). The database's failures are
+        raised as its own errors, for the store's write() or reading() to answer."""
+
+
+class _SQLKeys(KeyTable):
+    """The idempotency_keys table, through a database in the write's transaction:
+    user_id and key (the primary key), fingerprint (bytes), kept (time.time()),
+    changed (boolean), status, media_type, headers (JSON text) and body (bytes)."""
+
+    # changed is written as a literal, and read as NOT changed: the form SQLite's
+    # partial index of unchanged keys is used for (changed = 0 is not).
+    _KEEP = ("INSERT INTO idempotency_keys (user_id, key, fingerprint, kept, changed, status, "
+             "media_type, headers, body) VALUES (?, ?, ?, ?, {}, ?, ?, ?, ?)")
+    _KEEP_CHANGED, _KEEP_UNCHANGED = _KEEP.format("true"), _KEEP.format("false")
+
+    def __init__(self, db: SQLDatabase):
+        self.db = db
+
+    def forget_expired(self, before: float) -> None:
+        self.db.execute("DELETE FROM idempotency_keys WHERE kept < ?", (before,))
+
+    def find(self, user_id: str, key: str) -> Optional[Replay]:
+        rows = self.db.execute("SELECT fingerprint, status, media_type, headers, body FROM "
+                               "idempotency_keys WHERE user_id = ? AND key = ?", (user_id, key))
+        if not rows:
+            return None
+        fingerprint, status, media_type, headers, body = rows[0]
+        return Replay(bytes(fingerprint), status, media_type,
+                      tuple(tuple(header) for header in json.loads(headers)),
+                      None if body is None else bytes(body))
+
+    def held(self, user_id: Optional[str]) -> int:
+        if user_id is None:
+            return self.db.execute("SELECT count(*) FROM idempotency_keys")[0][0]
+        return self.db.execute("SELECT count(*) FROM idempotency_keys WHERE user_id = ?",
+                               (user_id,))[0][0]
+
+    def forget_unchanged(self, user_id: Optional[str]) -> bool:
+        if user_id is None:
+            self.db.execute("DELETE FROM idempotency_keys WHERE (user_id, key) = (SELECT "
+                            "user_id, key FROM idempotency_keys WHERE NOT changed "
+                            "ORDER BY kept LIMIT 1)")
+        else:
+            self.db.execute("DELETE FROM idempotency_keys WHERE user_id = ? AND key = (SELECT "
+                            "key FROM idempotency_keys WHERE user_id = ? AND NOT changed "
+                            "ORDER BY kept LIMIT 1)", (user_id, user_id))
+        return self.db.rowcount > 0
+
+    def oldest(self, user_id: Optional[str]) -> float:
+        if user_id is None:
+            return self.db.execute("SELECT min(kept) FROM idempotency_keys")[0][0]
+        return self.db.execute("SELECT min(kept) FROM idempotency_keys WHERE user_id = ?",
+                               (user_id,))[0][0]
+
+    def keep(self, user_id: str, key: str, changed: bool, replay: Replay) -> None:
+        self.db.execute(self._KEEP_CHANGED if changed else self._KEEP_UNCHANGED,
+                        (user_id, key, replay.fingerprint, time.time(),
+                         int(replay.status),  # not an HTTPStatus: int, as SQLDatabase takes
+                         replay.media_type, json.dumps(replay.headers), replay.body))
+
+
+class SQLStore(Store):
+    """Appointments in the tables of an SQL database: the SQL of every read and
+    write, run through an SQLDatabase, and the rules around it, for SQLiteStore
+    and a store on PostgreSQL alike. The UNIQUE constraint, not this process,
+    enforces one appointment per user and date, and the database's triggers keep
+    the counts that the capacities are checked against, so that both hold across
+    processes.
+
+    The tables, as a subclass's schema makes them:
+        appointments       COLUMNS, all text: date as YYYY-MM-DD and time as HH:MM
+                           (UTC), a detail NULL when there is none; UNIQUE (user_id,
+                           date); CHECK constraints that hold a row to the rules
+        users              user_id (its primary key); appointments, how many the
+                           user holds, and version, counted up at each change of
+                           them, both kept by triggers on appointments
+        appointment_count  one row: n, how many appointments, kept by triggers
+        idempotency_keys   the keys kept (_SQLKeys)
+        set_aside          COLUMNS and reason (text): rows that break today's
+                           rules, moved out of the way as they were stored
+
+    A row that breaks the rules (written past the constraints, or by an older
+    release) is left out of what is shown, and set aside by the first write it
+    is in the way of (_held()).
+
+    A subclass provides the database: write() and reading(), below; it may
+    override check() (calling this one) and close().
+    """
+
+    @abc.abstractmethod
+    def write(self, apply: Callable, *args):
+        """Run apply(db, *args) in a transaction, db an SQLDatabase, and return its
+        result once the transaction is committed. An outcome that apply raises
+        (_OUTCOMES, AlreadyKeyed) is its answer: what apply wrote before raising it
+        (a key kept, a row set aside) is committed, then the outcome raised. Any
+        other exception undoes what apply wrote, and is raised; the database's own
+        failures as StoreUnavailable.
+
+        apply reads, decides in Python, then writes: what it read must not change
+        before it commits. SQLite runs one write transaction at a time. Where
+        transactions run at once (PostgreSQL), run them at REPEATABLE READ or
+        SERIALIZABLE: a transaction that another overtook fails (SQLSTATE 40001;
+        23505 where both inserted one key or appointment), and write() runs apply
+        again in a new transaction. At READ COMMITTED, two writes could both pass
+        one capacity or If-Match check."""
+
+    @abc.abstractmethod
+    def reading(self) -> ContextManager[SQLDatabase]:
+        """A context manager: an SQLDatabase for reads by this thread alone, each
+        statement seeing what was committed; the database's failures within it
+        raised as StoreUnavailable."""
+
+    # The details' columns, in queries: ", note".
+    _DETAILS = "".join(f", {name}" for name in _DETAIL_NAMES)
+
+    @staticmethod
+    def _appointment(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
+        """A stored row as an Appointment, or None if it breaks the rules: the CHECK
+        constraints keep such rows out, but one written with them switched off is
+        left out of what is shown, and set aside by the first write it is in the
+        way of (_held())."""
+        try:
+            start = _stored_start(date, time)
+        except ValueError:
+            return None
+        if details != _NO_DETAILS and stored_row_problem(
+                user_id, date, time, *details):  # details are rare: checked as they come
+            return None
+        return Appointment(user_id, start, *details)
+
+    _HELD = f"SELECT time{_DETAILS} FROM appointments WHERE user_id = ? AND date = ?"
+    _SET_ASIDE = (f"INSERT INTO set_aside ({', '.join(COLUMNS)}, reason) SELECT "
+                  f"{', '.join(COLUMNS)}, ? FROM appointments WHERE user_id = ? AND date = ?")
+
+    def _held(self, db: SQLDatabase, user_id: str, date: str) -> Optional[Appointment]:
+        """In a write's transaction: the user's appointment on date, if any. A row
+        there that breaks the rules is set aside, and is not in the way."""
+        rows = db.execute(self._HELD, (user_id, date))
+        if not rows:
+            return None
+        held = self._appointment(user_id, date, *rows[0])
+        if held is None:
+            db.execute(self._SET_ASIDE, (stored_row_problem(user_id, date, *rows[0]),
+                                         user_id, date))
+            db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
+                       (user_id, date))
+        return held
+
+    # A booking, made only while the store (capacity, where not negative) and the user
+    # (user_capacity) hold fewer than they may, and the user holds nothing that date.
+    # Its SELECT has a WHERE, as SQLite needs to read ON CONFLICT as the upsert's
+    # (SQLite's documentation of UPSERT, "Parsing Ambiguity").
+    _INSERT = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
+               f"{', ?' * len(DETAILS)} WHERE (? < 0 OR (SELECT n FROM appointment_count) < ?) "
+               "AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ? "
+               "ON CONFLICT (user_id, date) DO NOTHING")
+
+    def _book(self, db: SQLDatabase, appointment: Appointment) -> Appointment:
+        """book(), in the write's transaction."""
+        user_id, date = appointment.user_id, appointment.date.isoformat()
+        limit = -1 if self.capacity is None else self.capacity
+        insert = (user_id, date, f"{appointment.start:%H:%M}", *appointment.details,
+                  limit, limit, user_id, self.user_capacity)
+        db.execute(self._INSERT, insert)
+        if db.rowcount:
+            return appointment
+        existing = self._held(db, user_id, date)  # a conflict is a 409 even when full
+        if existing is not None:
+            raise AlreadyBooked(existing)
+        db.execute(self._INSERT, insert)  # a row in the way was set aside, or it is full
+        if db.rowcount:
+            return appointment
+        held = db.execute("SELECT appointments FROM users WHERE user_id = ?", (user_id,))
+        if held and held[0][0] >= self.user_capacity:
+            raise StoreFull(self.user_capacity, user_id)
+        raise StoreFull(limit)
+
+    def _cancel(self, db: SQLDatabase, user_id: str, date: dt.date,
+                condition: Condition) -> None:
+        """cancel(), in the write's transaction."""
+        held = self._held(db, user_id, date.isoformat())
+        if held is None:  # as a lookup would say
+            raise NotBooked(user_id, date)
+        if condition is not None and not condition(held):
+            raise ConditionFailed(held)
+        db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
+                   (user_id, date.isoformat()))
+
+    _UPDATE = (f"UPDATE appointments SET date = ?, time = ?"
+               f"{''.join(f', {name} = ?' for name in _DETAIL_NAMES)} "
+               "WHERE user_id = ? AND date = ?")
+
+    def _reschedule(self, db: SQLDatabase, user_id: str, date: dt.date,
+                    changes: Changes, condition: Condition) -> Appointment:
+        """reschedule(), in the write's transaction: one UPDATE, so the row moves
+        whole or not at all, once nothing is in its way."""
+        held = self._held(db, user_id, date.isoformat())
+        if held is None:
+            raise NotBooked(user_id, date)
+        moved = changes.applied(held)
+        if moved.date != date:  # looked for first: the UPDATE must not fail on it
+            existing = self._held(db, user_id, moved.date.isoformat())
+            if existing is not None:
+                raise AlreadyBooked(existing)
+        if condition is not None and not condition(held):  # after a conflict, as in memory
+            raise ConditionFailed(held)
+        db.execute(self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}",
+                                  *moved.details, user_id, date.isoformat()))
+        return moved
+
+    # The health check's booking, by a user no member can be (the parser refuses an
+    # invisible character; the CHECK constraints do not look for one).
+    PROBE = ("\u200bhealth-check", "2000-01-01", "00:00")
+
+    def _probe(self, db: SQLDatabase) -> None:
+        """Book and cancel in one transaction: what a booking writes, written."""
+        db.execute("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)", self.PROBE)
+        db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?", self.PROBE[:2])
+
+    def _once_per_key(self, db: SQLDatabase, keyed: Optional[Keyed], apply: Callable, *args):
+        """apply(db, *args), once per key (_once()): the key's response is read and
+        written in the write's own transaction, so a retry after a crash, or in
+        another process, finds it or finds nothing done."""
+        if keyed is None:  # no key: none of _once()'s work
+            return apply(db, *args)
+        return _once(keyed, _SQLKeys(db), (self.max_keys_per_user, self.max_keys),
+                     lambda: apply(db, *args))
+
+    def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
+        return self.write(self._once_per_key, keyed, self._book, appointment)
+
+    def reschedule(self, user_id: str, date: dt.date, changes: Changes,
+                   condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
+        return self.write(self._once_per_key, keyed, self._reschedule, user_id, date, changes,
+                          condition)
+
+    def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
+               keyed: Optional[Keyed] = None) -> None:
+        self.write(self._once_per_key, keyed, self._cancel, user_id, date, condition)
+
+    def get(self, user_id: str, date: dt.date) -> Appointment:
+        with self.reading() as db:
+            rows = db.execute(self._HELD, (user_id, date.isoformat()))
+        found = self._appointment(user_id, date.isoformat(), *rows[0]) if rows else None
+        if found is None:
+            raise NotBooked(user_id, date)
+        return found
+
+    _LIST = (f"SELECT date, time{_DETAILS} FROM appointments WHERE user_id = ? "
+             "AND date BETWEEN ? AND ? ORDER BY date")
+
+    def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
+                      last: Optional[dt.date] = None) -> List[Appointment]:
+        bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
+        with self.reading() as db:
+            rows = db.execute(self._LIST, (user_id, *bounds))
+        return [found for found in (self._appointment(user_id, *row) for row in rows)
+                if found is not None]
+
+    def version(self, user_id: str) -> object:
+        """The user's version, which the triggers count up at every change; None for
+        a user who never held an appointment."""
+        with self.reading() as db:
+            found = db.execute("SELECT version FROM users WHERE user_id = ?", (user_id,))
+        return found[0][0] if found else None
+
+    def count(self) -> int:
+        with self.reading() as db:
+            return db.execute("SELECT n FROM appointment_count")[0][0]
+
+    def count_keys(self) -> int:
+        with self.reading() as db:
+            return _SQLKeys(db).held(None)
+
+    def check(self) -> None:
+        """A write committed as bookings are (_probe(), through write()): whatever
+        would fail a booking now fails it. Then, StoreFull if it holds its
+        capacity."""
+        self.write(self._probe)
+        super().check()
+
+
 class _Write:
     """A booking, cancellation or health probe waiting for the transaction that will
     hold it; deadline: when it stops waiting for the writers' lock (monotonic)."""
@@ -999,6 +1348,11 @@ class _Turns:
 # every step a file lacks, in one transaction, and refuses a file it does not own.
 # Version 0 is a file from before versions: empty, or as the releases of 2026-11-25
 # (the appointments table alone) and 2026-11-30 (with a count and its triggers) made it.
+#
+# A step that shipped is frozen: literal SQL, never built from the rules' constants
+# (START_MINUTES, FIRST_DATE...) nor edited, so that it does to a file today what it
+# did when it shipped, and a file it made and a file it upgraded are alike. A rule
+# that changes gets a new step. The tests hold a digest of each step's SQL.
 APPLICATION_ID = 0x53434844  # "SCHD"
 _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointments_1"),
                 ("table", "appointment_count"), ("trigger", "counted"),
@@ -1006,16 +1360,17 @@ _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointme
 # Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
 # that SQLite refuses what this service could not show, whoever writes the file. What
 # it cannot say (the user ID's invisible characters, and NFC) SQLiteStore.sweep() checks.
-_APPOINTMENTS_TABLE = f"""
+# As step 1 shipped: MAX_USER_ID_LENGTH 256, FIRST_DATE to LAST_DATE, START_MINUTES (0, 30).
+_APPOINTMENTS_TABLE = """
     CREATE TABLE appointments (
         user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
-            AND length(user_id) BETWEEN 1 AND {MAX_USER_ID_LENGTH} AND user_id = trim(user_id)
+            AND length(user_id) BETWEEN 1 AND 256 AND user_id = trim(user_id)
             AND user_id NOT GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')),
         date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
-            AND date BETWEEN '{FIRST_DATE}' AND '{LAST_DATE}' AND date(date, '+0 days') IS date),
+            AND date BETWEEN '2000-01-01' AND '2099-12-31' AND date(date, '+0 days') IS date),
         time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
             AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'
-            AND substr(time, 4) IN ({", ".join(f"'{minute:02}'" for minute in START_MINUTES)})),
+            AND substr(time, 4) IN ('00', '30')),
         UNIQUE (user_id, date)
     )"""
 
@@ -1025,68 +1380,44 @@ class DatabaseRefused(sqlite3.DatabaseError):
     newer release. Raised before anything in it is changed."""
 
 
-def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
-    """Why a stored appointment breaks today's rules (the parsers' own words), or
-    None. Details (in the order of DETAILS) may be None: none."""
-    for (name, parse), value in zip(_PARSERS, (user_id, date, time, *details)):
-        if value is None and name in _DETAIL_NAMES:
-            continue
-        if not isinstance(value, str):
-            return f"{name} is stored as {type(value).__name__}, not text"
-        try:
-            parsed = parse(value)
-            if name == "user_id" and parsed != value:  # written past this release
-                raise ValueError("is not in NFC (Unicode's composed form), as this release "
-                                 "stores it")
-            if name in _DETAIL_NAMES and parsed != value:  # as "a\r\nb", or ""
-                raise ValueError("is not as this release stores it")
-        except ValueError as error:
-            return f"{name} {error}"
-    return None
-
-
 def _lenient_text(data: bytes) -> str:
     """Text as SQLite holds it, even when it is not UTF-8: undecodable bytes become
     lone surrogates, which the parsers refuse."""
     return data.decode("utf-8", "surrogateescape")
 
 
-def _fetch(db: sqlite3.Connection, sql: str, parameters: tuple) -> list:
-    """The rows of a query. A row with text that is not UTF-8 (written past the
-    checks) is read again leniently, so that the rules refuse the row, rather than
-    the read failing; only then, since a text_factory of Python's costs 2 us a
-    listing."""
-    try:
-        return db.execute(sql, parameters).fetchall()
-    except sqlite3.OperationalError as error:
-        if not str(error).startswith("Could not decode to UTF-8"):
-            raise
-    db.text_factory = _lenient_text
-    try:
-        return db.execute(sql, parameters).fetchall()
-    finally:
-        db.text_factory = str
+class _SQLiteDatabase(SQLDatabase):
+    """An sqlite3 connection as SQLStore runs its SQL through it. A row with text
+    that is not UTF-8 (written past the checks) is read again leniently, so that
+    the rules refuse the row, rather than the read failing; only then, since a
+    text_factory of Python's costs 2 us a listing."""
+
+    def __init__(self, connection: sqlite3.Connection):
+        self.connection, self.rowcount = connection, -1
+
+    def execute(self, sql: str, parameters: tuple = ()) -> list:
+        try:
+            cursor = self.connection.execute(sql, parameters)
+            rows = cursor.fetchall()
+        except sqlite3.OperationalError as error:
+            if not str(error).startswith("Could not decode to UTF-8"):
+                raise
+            self.connection.text_factory = _lenient_text
+            try:
+                cursor = self.connection.execute(sql, parameters)
+                rows = cursor.fetchall()
+            finally:
+                self.connection.text_factory = str
+        self.rowcount = cursor.rowcount
+        return rows
 
 
-@functools.lru_cache(maxsize=4096)
-def _stored_start(date: str, time: str) -> dt.datetime:
-    """The start of a stored appointment, read by today's rules (ValueError if it
-    breaks them). Cached: it is read at every listing, and a cached read cost less
-    than datetime.fromisoformat() alone."""
-    return dt.datetime.combine(parse_date(date), parse_time(time), tzinfo=dt.timezone.utc)
-
-
-# The columns of an appointment's row: its fields, then its details.
-COLUMNS = ("user_id", "date", "time") + _DETAIL_NAMES
-
-
-def _set_aside(db: sqlite3.Connection, rowid: int, reason: str, table: str = "appointments",
-               columns: Tuple[str, ...] = COLUMNS) -> None:
-    """Move a row that breaks the rules to set_aside, as it was stored."""
-    names = ", ".join(columns)
-    db.execute(f"INSERT INTO set_aside ({names}, reason) SELECT {names}, ? FROM {table} "
-               "WHERE rowid = ?", (reason, rowid))
-    db.execute(f"DELETE FROM {table} WHERE rowid = ?", (rowid,))
+def _set_aside(db: sqlite3.Connection, rowid: int, reason: str) -> None:
+    """Move a row that breaks the rules to set_aside, as it was stored, by its rowid
+    (SQLiteStore.sweep(): its user ID may not be text that can be asked for)."""
+    db.execute(f"INSERT INTO set_aside ({', '.join(COLUMNS)}, reason) SELECT "
+               f"{', '.join(COLUMNS)}, ? FROM appointments WHERE rowid = ?", (reason, rowid))
+    db.execute("DELETE FROM appointments WHERE rowid = ?", (rowid,))
 
 
 def _schema_1(db: sqlite3.Connection) -> None:
@@ -1113,9 +1444,11 @@ def _schema_1(db: sqlite3.Connection) -> None:
                          "new.user_id IS old.user_id AND new.date IS old.date "
                          "AND new.time IS old.time)").fetchall()
     for rowid, *row in refused:
-        _set_aside(db, rowid, stored_row_problem(*row) or "a second appointment of the user "
-                   "that date, or another rule of the table", "unversioned",
-                   ("user_id", "date", "time"))
+        db.execute("INSERT INTO set_aside (user_id, date, time, reason) SELECT user_id, date, "
+                   "time, ? FROM unversioned WHERE rowid = ?",
+                   (stored_row_problem(*row) or "a second appointment of the user that date, "
+                    "or another rule of the table", rowid))
+        db.execute("DELETE FROM unversioned WHERE rowid = ?", (rowid,))
     for statement in (
             "DROP TABLE unversioned",
             "CREATE TABLE appointment_count (one INTEGER PRIMARY KEY CHECK (one = 1), "
@@ -1125,14 +1458,14 @@ def _schema_1(db: sqlite3.Connection) -> None:
             "BEGIN UPDATE appointment_count SET n = n + 1; END",
             "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
             "BEGIN UPDATE appointment_count SET n = n - 1; END",
-            f"PRAGMA application_id = {APPLICATION_ID}"):
+            "PRAGMA application_id = 1396918340"):  # APPLICATION_ID
         db.execute(statement)
 
 
 def _schema_2(db: sqlite3.Connection) -> None:
     """A note for the practitioner."""
-    db.execute(f"ALTER TABLE appointments ADD COLUMN note TEXT CHECK (note IS NULL OR ("
-               f"typeof(note) = 'text' AND length(note) BETWEEN 1 AND {MAX_NOTE_LENGTH}))")
+    db.execute("ALTER TABLE appointments ADD COLUMN note TEXT CHECK (note IS NULL OR ("
+               "typeof(note) = 'text' AND length(note) BETWEEN 1 AND 500))")  # MAX_NOTE_LENGTH
     db.execute("ALTER TABLE set_aside ADD COLUMN note")
 
 
@@ -1153,9 +1486,9 @@ def _schema_4(db: sqlite3.Connection) -> None:
     # a function of Python's is not called with text that is not UTF-8. NFC is stable
     # (Unicode's normalization stability policy), so this step does what it did.
     renamed = []
-    for rowid, user_id, date in _fetch(db, "SELECT rowid, user_id, date FROM appointments "
-                                           "WHERE length(user_id) <> length(CAST(user_id "
-                                           "AS BLOB))", ()):
+    for rowid, user_id, date in _SQLiteDatabase(db).execute(
+            "SELECT rowid, user_id, date FROM appointments WHERE length(user_id) <> "
+            "length(CAST(user_id AS BLOB))"):
         in_nfc = unicodedata.normalize("NFC", user_id)
         try:
             in_nfc.encode()
@@ -1171,8 +1504,11 @@ def _schema_4(db: sqlite3.Connection) -> None:
             "WHERE user_id = renamed.user_id AND date = renamed.date) OR EXISTS (SELECT 1 "
             "FROM temp.in_nfc AS other WHERE other.user_id = renamed.user_id "
             "AND other.date = renamed.date AND other.id < renamed.id)").fetchall():
-        _set_aside(db, rowid, "user_id is, in NFC (as this release reads it), the user of "
-                              "another appointment that date")
+        db.execute("INSERT INTO set_aside (user_id, date, time, note, reason) SELECT user_id, "
+                   "date, time, note, ? FROM appointments WHERE rowid = ?",
+                   ("user_id is, in NFC (as this release reads it), the user of another "
+                    "appointment that date", rowid))
+        db.execute("DELETE FROM appointments WHERE rowid = ?", (rowid,))
         db.execute("DELETE FROM temp.in_nfc WHERE id = ?", (rowid,))
     db.execute("UPDATE appointments SET user_id = (SELECT user_id FROM temp.in_nfc "
                "WHERE id = appointments.rowid) WHERE rowid IN (SELECT id FROM temp.in_nfc)")
@@ -1223,60 +1559,9 @@ SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
-class _SQLKeys(KeyTable):
-    """The idempotency_keys table (schema step 4), through a connection in the
-    write's transaction."""
-
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
-
-    def forget_expired(self, before: float) -> None:
-        self.db.execute("DELETE FROM idempotency_keys WHERE kept < ?", (before,))
-
-    def find(self, user_id: str, key: str) -> Optional[Replay]:
-        row = self.db.execute("SELECT fingerprint, status, media_type, headers, body FROM "
-                              "idempotency_keys WHERE user_id = ? AND key = ?",
-                              (user_id, key)).fetchone()
-        if row is None:
-            return None
-        fingerprint, status, media_type, headers, body = row
-        return Replay(bytes(fingerprint), status, media_type,
-                      tuple(tuple(header) for header in json.loads(headers)),
-                      None if body is None else bytes(body))
-
-    def held(self, user_id: Optional[str]) -> int:
-        if user_id is None:
-            return self.db.execute("SELECT count(*) FROM idempotency_keys").fetchone()[0]
-        return self.db.execute("SELECT count(*) FROM idempotency_keys WHERE user_id = ?",
-                               (user_id,)).fetchone()[0]
-
-    def forget_unchanged(self, user_id: Optional[str]) -> bool:
-        if user_id is None:
-            oldest = "SELECT rowid FROM idempotency_keys WHERE NOT changed ORDER BY kept LIMIT 1"
-        else:
-            oldest = ("SELECT rowid FROM idempotency_keys WHERE user_id = ? AND NOT changed "
-                      "ORDER BY kept LIMIT 1")
-        return self.db.execute(f"DELETE FROM idempotency_keys WHERE rowid = ({oldest})",
-                               () if user_id is None else (user_id,)).rowcount > 0
-
-    def oldest(self, user_id: Optional[str]) -> float:
-        if user_id is None:
-            return self.db.execute("SELECT min(kept) FROM idempotency_keys").fetchone()[0]
-        return self.db.execute("SELECT min(kept) FROM idempotency_keys WHERE user_id = ?",
-                               (user_id,)).fetchone()[0]
-
-    def keep(self, user_id: str, key: str, changed: bool, replay: Replay) -> None:
-        self.db.execute("INSERT INTO idempotency_keys (user_id, key, fingerprint, kept, changed, "
-                        "status, media_type, headers, body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (user_id, key, replay.fingerprint, time.time(), changed, replay.status,
-                         replay.media_type, json.dumps(replay.headers), replay.body))
-
-
-class SQLiteStore(Store):
+class SQLiteStore(SQLStore):
     """Appointments in an SQLite file: they survive restarts, and several server
-    processes may share one file. The UNIQUE constraint, not this process,
-    enforces one appointment per user and date, so it holds across processes;
-    triggers keep the count that capacity is checked against, for the same reason.
+    processes may share one file. Its SQL is SQLStore's; what is SQLite's is here.
 
     Opening a file checks that it is this service's (or empty) before changing
     anything, and brings its schema up to date (SCHEMA_STEPS); notices says what
@@ -1328,12 +1613,14 @@ class SQLiteStore(Store):
         # a few ms).
         self._turns: Optional[_Turns] = None  # opened with the database, below
         self._writer = self._reader = None
+        self._write_db = self._read_db = None  # the two as SQLDatabases
         self.inspect(path)  # before anything is written
         try:
             # isolation_level=None: transactions only where BEGIN says so.
             self._writer, self._reader = (
                 sqlite3.connect(path, timeout=busy_timeout, isolation_level=None,
                                 check_same_thread=False) for _ in range(2))
+            self._write_db, self._read_db = map(_SQLiteDatabase, (self._writer, self._reader))
             self._use_wal()
             for db in (self._writer, self._reader):
                 db.execute("PRAGMA synchronous = FULL")  # a 201 means the booking is on disk
@@ -1556,17 +1843,17 @@ class SQLiteStore(Store):
                                 "from a backup.", retry_after=None, cause=self.damaged)
 
     @contextlib.contextmanager
-    def _reading(self):
+    def reading(self):
         """The read connection, for this thread alone; its failures as StoreUnavailable."""
         try:
             with self._read_lock:
-                yield self._reader
+                yield self._read_db
         except sqlite3.Error as error:
             raise self._unavailable(error) from None
 
     def write(self, apply: Callable, *args):
-        """Run apply(connection, *args) in a transaction, with every other write that
-        is waiting when it starts, and return its result once that transaction is on
+        """Run apply(db, *args) in a transaction, with every other write that is
+        waiting when it starts, and return its result once that transaction is on
         disk (or raise its outcome: AlreadyBooked, StoreUnavailable...). The first
         writer in line leads: it takes the writers' lock and writes the batch of all
         that wait by then, while writes that arrive meanwhile line up for the next."""
@@ -1640,7 +1927,7 @@ class SQLiteStore(Store):
             for write in batch:
                 db.execute("SAVEPOINT one_write")
                 try:
-                    write.result = write.apply(db, *write.args)
+                    write.result = write.apply(self._write_db, *write.args)
                 except (*_OUTCOMES, AlreadyKeyed) as outcome:
                     write.error = outcome  # kept: a row it found in its way and set aside
                 except Exception as error:  # a bug, or SQLite's failure for this write alone
@@ -1672,167 +1959,6 @@ class SQLiteStore(Store):
         with self._queue_lock:
             return len(self._queue)
 
-    # The details' columns, in queries: ", note".
-    _DETAILS = "".join(f", {name}" for name in _DETAIL_NAMES)
-
-    @staticmethod
-    def _appointment(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
-        """A stored row as an Appointment, or None if it breaks the rules: the CHECK
-        constraints keep such rows out, but one written with them switched off is
-        left out of what is shown, and set aside by the first write it is in the
-        way of (_held())."""
-        try:
-            start = _stored_start(date, time)
-        except ValueError:
-            return None
-        if details != _NO_DETAILS and stored_row_problem(
-                user_id, date, time, *details):  # details are rare: checked as they come
-            return None
-        return Appointment(user_id, start, *details)
-
-    def _held(self, db: sqlite3.Connection, user_id: str, date: str) -> Optional[Appointment]:
-        """In a write's transaction: the user's appointment on date, if any. A row
-        there that breaks the rules is set aside, and is not in the way."""
-        rows = _fetch(db, f"SELECT rowid, time{self._DETAILS} FROM appointments "
-                          "WHERE user_id = ? AND date = ?", (user_id, date))
-        row = rows[0] if rows else None
-        held = None if row is None else self._appointment(user_id, date, *row[1:])
-        if row is not None and held is None:
-            _set_aside(db, row[0], stored_row_problem(user_id, date, *row[1:]))
-        return held
-
-    # A booking, made only while the store (capacity, where not negative) and the user
-    # (user_capacity) hold fewer than they may.
-    _INSERT = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
-               f"{', ?' * len(DETAILS)} WHERE (? < 0 OR (SELECT n FROM appointment_count) < ?) "
-               "AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ?")
-
-    def _book(self, db: sqlite3.Connection, appointment: Appointment) -> Appointment:
-        """In a transaction, which holds the write lock: nothing changes meanwhile."""
-        user_id, date = appointment.user_id, appointment.date.isoformat()
-        limit = -1 if self.capacity is None else self.capacity
-        insert = (self._INSERT, (user_id, date, f"{appointment.start:%H:%M}",
-                                 *appointment.details, limit, limit, user_id, self.user_capacity))
-        try:
-            if db.execute(*insert).rowcount:
-                return appointment
-        except sqlite3.IntegrityError:  # fails this statement, not the transaction
-            pass
-        existing = self._held(db, user_id, date)  # a conflict is a 409 even when full
-        if existing is not None:
-            raise AlreadyBooked(existing)
-        if db.execute(*insert).rowcount:  # the row in the way was set aside
-            return appointment
-        held = db.execute("SELECT appointments FROM users WHERE user_id = ?",
-                          (user_id,)).fetchone()
-        if held is not None and held[0] >= self.user_capacity:
-            raise StoreFull(self.user_capacity, user_id)
-        raise StoreFull(limit)
-
-    def _cancel(self, db: sqlite3.Connection, user_id: str, date: dt.date,
-                condition: Condition) -> None:
-        held = self._held(db, user_id, date.isoformat())
-        if held is None:  # as a lookup would say
-            raise NotBooked(user_id, date)
-        if condition is not None and not condition(held):
-            raise ConditionFailed(held)
-        db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
-                   (user_id, date.isoformat()))
-
-    _UPDATE = (f"UPDATE appointments SET date = ?, time = ?"
-               f"{''.join(f', {name} = ?' for name in _DETAIL_NAMES)} "
-               "WHERE user_id = ? AND date = ?")
-
-    def _reschedule(self, db: sqlite3.Connection, user_id: str, date: dt.date,
-                    changes: Changes, condition: Condition) -> Appointment:
-        held = self._held(db, user_id, date.isoformat())
-        if held is None:
-            raise NotBooked(user_id, date)
-        moved = changes.applied(held)
-        if condition is not None:  # after a conflict, as in memory; before the UPDATE
-            existing = None if moved.date == date else \
-                self._held(db, user_id, moved.date.isoformat())
-            if existing is not None:
-                raise AlreadyBooked(existing)
-            if not condition(held):
-                raise ConditionFailed(held)
-        update = (self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}", *moved.details,
-                                 user_id, date.isoformat()))
-        try:  # one UPDATE: the row moves whole, or not at all
-            db.execute(*update)
-        except sqlite3.IntegrityError:  # the user holds new_date: fails this statement only
-            existing = self._held(db, user_id, moved.date.isoformat())
-            if existing is not None:
-                raise AlreadyBooked(existing) from None
-            db.execute(*update)  # the row in the way was set aside
-        return moved
-
-    # The health check's booking, by a user no member can be (the parser refuses an
-    # invisible character; the CHECK constraints do not look for one).
-    PROBE = ("\u200bhealth-check", "2000-01-01", "00:00")
-
-    def _probe(self, db: sqlite3.Connection) -> None:
-        """Book and cancel in one transaction: the pages a booking writes, written."""
-        db.execute("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)", self.PROBE)
-        db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?", self.PROBE[:2])
-
-    def _once_per_key(self, db: sqlite3.Connection, keyed: Optional[Keyed], apply: Callable,
-                      *args):
-        """apply(db, *args), once per key (_once()): the key's response
-        is read and written in the write's own transaction, so a retry after a
-        crash, or in another worker, finds it or finds nothing done."""
-        if keyed is None:  # no key: none of _once()'s work
-            return apply(db, *args)
-        return _once(keyed, _SQLKeys(db), (self.max_keys_per_user, self.max_keys),
-                     lambda: apply(db, *args))
-
-    def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        return self.write(self._once_per_key, keyed, self._book, appointment)
-
-    def reschedule(self, user_id: str, date: dt.date, changes: Changes,
-                   condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
-        return self.write(self._once_per_key, keyed, self._reschedule, user_id, date, changes,
-                          condition)
-
-    def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
-               keyed: Optional[Keyed] = None) -> None:
-        self.write(self._once_per_key, keyed, self._cancel, user_id, date, condition)
-
-    def get(self, user_id: str, date: dt.date) -> Appointment:
-        with self._reading() as db:
-            rows = _fetch(db, f"SELECT time{self._DETAILS} FROM appointments WHERE user_id = ? "
-                              "AND date = ?", (user_id, date.isoformat()))
-        found = self._appointment(user_id, date.isoformat(), *rows[0]) if rows else None
-        if found is None:
-            raise NotBooked(user_id, date)
-        return found
-
-    def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
-                      last: Optional[dt.date] = None) -> List[Appointment]:
-        bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
-        with self._reading() as db:
-            rows = _fetch(db, f"SELECT date, time{self._DETAILS} FROM appointments WHERE "
-                              "user_id = ? AND date BETWEEN ? AND ? ORDER BY date",
-                          (user_id, *bounds))
-        return [found for found in (self._appointment(user_id, *row) for row in rows)
-                if found is not None]
-
-    def version(self, user_id: str) -> object:
-        """The user's version, which the triggers count up at every change; None for
-        a user who never held an appointment."""
-        with self._reading() as db:
-            found = db.execute("SELECT version FROM users WHERE user_id = ?",
-                               (user_id,)).fetchone()
-        return None if found is None else found[0]
-
-    def count(self) -> int:
-        with self._reading() as db:
-            return db.execute("SELECT n FROM appointment_count").fetchone()[0]
-
-    def count_keys(self) -> int:
-        with self._reading() as db:
-            return _SQLKeys(db).held(None)
-
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
         with the same deadline: whatever would fail a booking now fails it (a full
@@ -1844,7 +1970,6 @@ class SQLiteStore(Store):
         self._notice_lost_files()
         if self.lost is not None:
             raise self._lost()
-        self.write(self._probe)
         super().check()
 
     def close(self) -> None:

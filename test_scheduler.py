@@ -1844,6 +1844,78 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
             self.store.check()
 
 
+class NotingDatabase(scheduler._SQLiteDatabase):
+    """The write connection of an SQLiteStore, noting each statement that fails: where
+    SQLite fails that statement alone, PostgreSQL aborts the whole transaction."""
+
+    def __init__(self, connection: sqlite3.Connection, failed: List[str]):
+        super().__init__(connection)
+        self.failed = failed
+
+    def execute(self, sql: str, parameters: tuple = ()) -> list:
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.Error as error:
+            self.failed.append(f"{sql}: {error}")
+            raise
+
+
+class SharedSQLTest(StoreContract, unittest.TestCase):
+    """SQLStore's SQL, which a store on PostgreSQL runs too: no statement of a write
+    fails, even one whose failure SQLite would let the write get over."""
+
+    def make_store(self, **options):
+        store = scheduler.SQLiteStore(temporary_database(self), **options)
+        store.failed = []
+        store._write_db = NotingDatabase(store._writer, store.failed)
+        self.addCleanup(lambda: self.assertEqual(store.failed, []))
+        return store
+
+    def test_rows_that_break_the_rules_in_the_way_are_set_aside_without_a_failure(self):
+        plant_rows(self.store.path, [("alice", "2026-11-25", "25:00"),
+                                     ("alice", "2026-11-26", "09:15"), ("bob", "2026-11-25", "xx")])
+        self.assertEqual(self.store.book(appointment()), appointment())
+        moved = self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
+        self.assertEqual(moved, appointment(date="2026-11-26"))
+        with self.assertRaises(scheduler.NotBooked):
+            self.store.cancel("bob", self.D25)
+        self.assertEqual(len(query(self.store.path, "SELECT * FROM set_aside")), 3)
+
+    def test_keys_kept_found_and_forgotten_without_a_failure(self):
+        store = self.make_store(max_keys=3, max_keys_per_user=2)
+        self.addCleanup(store.close)
+
+        def keyed(user_id, key):
+            return scheduler.Keyed(user_id, key, key.encode(), lambda outcome: scheduler.Replay(
+                key.encode(), HTTPStatus.CONFLICT if isinstance(outcome, Exception)
+                else HTTPStatus.CREATED, None, (("X", key),), b"{}"))
+
+        store.book(appointment(), keyed("alice", "a1"))
+        with self.assertRaises(scheduler.AlreadyKeyed) as kept:
+            store.book(appointment(), keyed("alice", "a1"))
+        self.assertEqual(kept.exception.replay, scheduler.Replay(
+            b"a1", 201, None, (("X", "a1"),), b"{}"))
+        with self.assertRaises(scheduler.AlreadyBooked):  # kept, as changing nothing
+            store.book(appointment(), keyed("alice", "a2"))
+        store.book(appointment(date="2026-11-26"), keyed("alice", "a3"))  # a2 makes room
+        store.book(appointment("bob"), keyed("bob", "b1"))
+        self.assertEqual(store.count_keys(), 3)
+        with self.assertRaises(scheduler.KeysFull):  # no unchanged key is left to forget
+            store.book(appointment("carol"), keyed("carol", "c1"))
+        self.assertEqual(query(store.path, "SELECT user_id, key, changed FROM idempotency_keys "
+                                           "ORDER BY key"),
+                         [("alice", "a1", 1), ("alice", "a3", 1), ("bob", "b1", 1)])
+
+    def test_sqlite_finds_the_oldest_unchanged_key_by_its_partial_index(self):
+        # As the index says it, NOT changed: for changed = 0, SQLite scans every key.
+        with contextlib.closing(sqlite3.connect(self.store.path, isolation_level=None)) as db:
+            recording = RecordingConnection(db)
+            scheduler._SQLKeys(scheduler._SQLiteDatabase(recording)).forget_unchanged(None)
+            (forget,) = recording.statements
+            plan = db.execute(f"EXPLAIN QUERY PLAN {forget}").fetchall()
+        self.assertIn("USING INDEX idempotency_keys_unchanged", str(plan))
+
+
 class BatchTestCase(unittest.TestCase):
     """Tests of what writes do when they line up for one transaction."""
 
@@ -2051,6 +2123,59 @@ def foreign_files(testcase: unittest.TestCase) -> Dict[str, str]:
     return paths
 
 
+class RecordingConnection:
+    """An sqlite3 connection that records the SQL of each statement run through it."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.__dict__.update(db=db, statements=[])
+
+    def execute(self, sql, *parameters):
+        self.statements.append(sql)
+        return self.db.execute(sql, *parameters)
+
+    def executemany(self, sql, *parameters):
+        self.statements.append(sql)
+        return self.db.executemany(sql, *parameters)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+    def __setattr__(self, name, value):  # text_factory
+        setattr(self.db, name, value)
+
+
+def steps_sql(testcase: unittest.TestCase) -> List[List[str]]:
+    """The SQL each schema step runs, in order, from a file of the first release
+    holding rows that take every branch: a row set aside by step 1, two forms of
+    one user ID on one date for step 4."""
+    path = unversioned_database(testcase, "2026-11-25", [
+        ("late", "2026-11-25", "25:00"), ("Jose\u0301", "2026-11-25", "10:00"),
+        ("Jos\u00e9", "2026-11-25", "09:00"), ("alice", "2026-11-25", "09:30")])
+    steps = []
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for step in scheduler.SCHEMA_STEPS:
+            recording = RecordingConnection(db)
+            step(recording)
+            steps.append(recording.statements)
+        testcase.assertEqual(query(path, "SELECT count(*) FROM set_aside"), [(2,)])
+    return steps
+
+
+def digest(statements: List[str]) -> str:
+    return hashlib.sha256("\n;\n".join(statements).encode()).hexdigest()
+
+
+# What each schema step that shipped runs: the SHA-256 of its statements (steps_sql()).
+# A shipped step is frozen; a rule that changes gets a new step, and a new line here.
+SHIPPED_STEPS = {
+    1: "1141bd907652b1f60d596491e4cbe7864ee5a64034722377eb23a42fcd12f1fe",
+    2: "b76c3dcdecae0f4925cd7e7b21cda2a8a2d87ff5ff3942ab6663e1b1c59e2e3a",
+    3: "9267dc9921f711f66ca2984e61ca5a0108b9e94b82407f13d1008e0e2c7d259f",
+    4: "659826acf89e23f875bcaf8b916866201753aa53a7dbb470703d45e77958e9e5",
+    5: "e644279dfcf700fa7efdb3c7fb9dfc17f79df1c983bdc28400d71523b7f2bd74",
+}
+
+
 class SchemaTest(unittest.TestCase):
     """The file's schema has a version; a start upgrades older files in one
     transaction and refuses files it does not own, before changing them."""
@@ -2179,6 +2304,41 @@ class SchemaTest(unittest.TestCase):
                     start.stdout.close()
                     self.assertEqual(start.wait(timeout=30), 0)
                 self.assertEqual(query(path, "SELECT one FROM appointment_count"), [(1,)])
+
+    def test_a_shipped_step_runs_the_sql_it_shipped_with(self):
+        self.assertEqual(len(SHIPPED_STEPS), scheduler.SCHEMA_VERSION,
+                         "a new schema step gets its digest in SHIPPED_STEPS")
+        for number, statements in enumerate(steps_sql(self), 1):
+            with self.subTest(step=number):
+                self.assertEqual(digest(statements), SHIPPED_STEPS[number],
+                                 f"schema step {number} shipped, and its SQL is frozen: "
+                                 "a rule that changes gets a new step")
+
+    def test_rules_changed_since_a_step_shipped_leave_the_step_as_it_was(self):
+        shipped = temporary_database(self)
+        self.open(shipped).close()
+        rules = {"START_MINUTES": (0, 15, 30, 45), "MAX_USER_ID_LENGTH": 300,
+                 "FIRST_DATE": dt.date(1990, 1, 1), "LAST_DATE": dt.date(2199, 12, 31),
+                 "MAX_NOTE_LENGTH": 1000}
+        with contextlib.ExitStack() as patches:
+            for name, value in rules.items():
+                patches.enter_context(mock.patch.object(scheduler, name, value))
+            path = temporary_database(self)
+            self.open(path)
+            self.assertEqual([digest(statements) for statements in steps_sql(self)],
+                             [SHIPPED_STEPS[number] for number in sorted(SHIPPED_STEPS)])
+        self.assertEqual(self.schema(path), self.schema(shipped))
+        (table,), = query(path, "SELECT sql FROM sqlite_master WHERE name = 'appointments'")
+        self.assertIn("substr(time, 4) IN ('00', '30')", table)  # as shipped
+        for row in (("alice", "2026-11-25", "09:15"), ("x" * 257, "2026-11-25", "09:00"),
+                    ("alice", "1999-12-31", "09:00")):
+            with self.subTest(row=row):
+                with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK constraint failed"):
+                    query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
+                          row)
+        with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK constraint failed"):
+            query(path, "INSERT INTO appointments (user_id, date, time, note) "
+                        "VALUES ('alice', '2026-11-25', '09:00', ?)", ("x" * 501,))
 
     def test_a_new_file_is_created_at_the_current_version(self):
         path = temporary_database(self)
