@@ -1054,7 +1054,8 @@ class SQLStore(Store):
         users              user_id (its primary key); appointments, how many the
                            user holds, and version, counted up at each change of
                            them, both kept by triggers on appointments
-        appointment_count  one row: n, how many appointments, kept by triggers
+        appointment_count  n, kept by triggers: the sum of its rows is how many
+                           appointments there are (SQLite's has one row)
         idempotency_keys   the keys kept (_SQLKeys)
         set_aside          COLUMNS and reason (text): rows that break today's
                            rules, moved out of the way as they were stored
@@ -1131,7 +1132,8 @@ class SQLStore(Store):
     # Its SELECT has a WHERE, as SQLite needs to read ON CONFLICT as the upsert's
     # (SQLite's documentation of UPSERT, "Parsing Ambiguity").
     _INSERT = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
-               f"{', ?' * len(DETAILS)} WHERE (? < 0 OR (SELECT n FROM appointment_count) < ?) "
+               f"{', ?' * len(DETAILS)} WHERE (? < 0 "
+               "OR (SELECT sum(n) FROM appointment_count) < ?) "
                "AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ? "
                "ON CONFLICT (user_id, date) DO NOTHING")
 
@@ -1246,7 +1248,7 @@ class SQLStore(Store):
 
     def count(self) -> int:
         with self.reading() as db:
-            return db.execute("SELECT n FROM appointment_count")[0][0]
+            return db.execute("SELECT CAST(sum(n) AS INTEGER) FROM appointment_count")[0][0]
 
     def count_keys(self) -> int:
         with self.reading() as db:
@@ -2034,6 +2036,10 @@ class PGSettings(NamedTuple):
     connect_timeout: Optional[float] = None  # seconds for each host; None: the caller's
     target_session_attrs: str = "any"
     application_name: str = "scheduler"
+    # Not read from a URI: the schemas the session looks tables up in, as PostgreSQL
+    # reads search_path (a store sets its own). Sent in the StartupMessage, which
+    # takes any run-time parameter (the protocol's "Message Formats", StartupMessage).
+    search_path: Optional[str] = None
 
     @property
     def redacted_uri(self) -> str:
@@ -2913,7 +2919,9 @@ class PGConnection:
             settings = self.settings
             self._send(startup_message({
                 "user": settings.user, "database": settings.database or settings.user,
-                "application_name": settings.application_name, **_PG_SESSION}), deadline)
+                "application_name": settings.application_name, **_PG_SESSION,
+                **({} if settings.search_path is None else
+                   {"search_path": settings.search_path})}), deadline)
             self._authenticate(deadline)
             while True:
                 kind, body = self._next(deadline)
@@ -3558,6 +3566,244 @@ class PGPool:
             self._changed.notify_all()
         for connection in idle:
             self._discard(connection)
+
+
+# --- PostgreSQL store -----------------------------------------------------------------
+# Appointments in a PostgreSQL database that any number of servers share: the SQL of
+# SQLStore, run through the protocol above.
+
+POSTGRES_SCHEMA = "scheduler"  # the PostgreSQL schema (namespace) the tables live in
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")  # needs no quotes, fits NAMEDATALEN
+PG_POOL_SIZE = 8  # connections each process keeps to the database, at most
+PG_CONNECT_TIMEOUT = 10.0  # seconds a start may take to connect, where the URI gives none
+# SQLSTATEs after which a write runs again, in a new transaction: another transaction
+# overtook it (serialization_failure, deadlock_detected), or inserted the same key or
+# appointment first (unique_violation, which SQLStore's SQL otherwise never meets).
+_PG_RETRIED = frozenset({"40001", "40P01", "23505"})
+_PG_RETRIES = 5  # runs of one write at most, within its deadline
+
+# The schema's steps, as in SQLite: step n brings the tables from version n - 1 to n,
+# each a tuple of statements run in one transaction with the others a start needs,
+# under the schema's lock; the version is in schema_version. A step that shipped is
+# frozen, literal SQL; a rule that changes gets a new step. The tables are SQLStore's.
+# The CHECK constraints hold the parsers' rules as far as SQL can say them (NFC too,
+# which PostgreSQL has; not the invisible characters: a row with them is never asked
+# for, since no request can name its user). The count of appointments is spread over
+# PG_COUNT_SLOTS rows, each written by the connections whose backend's process ID
+# it is modulo 64, so that bookings by different connections do not take turns at
+# one row (as REPEATABLE READ would have them, one failing with 40001 for each).
+_PG_STEP_1 = (
+    """CREATE TABLE schema_version (
+        application text NOT NULL CHECK (application = 'scheduler'),
+        version integer NOT NULL)""",
+    "INSERT INTO schema_version VALUES ('scheduler', 0)",
+    """CREATE TABLE appointments (
+        user_id text COLLATE "C" NOT NULL CHECK (char_length(user_id) BETWEEN 1 AND 256
+            AND user_id = btrim(user_id, ' ') AND user_id !~ '[\\x01-\\x1f\\x7f]'
+            AND user_id IS NFC NORMALIZED),
+        date text COLLATE "C" NOT NULL CHECK (date ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'
+            AND date BETWEEN '2000-01-01' AND '2099-12-31'
+            AND to_char(to_date(date, 'YYYY-MM-DD'), 'YYYY-MM-DD') = date),
+        time text COLLATE "C" NOT NULL CHECK (time ~ '^([01][0-9]|2[0-3]):(00|30)$'),
+        note text CHECK (char_length(note) BETWEEN 1 AND 500),
+        PRIMARY KEY (user_id, date))""",
+    """CREATE TABLE set_aside (user_id text, date text, time text, note text,
+        reason text NOT NULL, since timestamptz NOT NULL DEFAULT now())""",
+    """CREATE TABLE appointment_count (
+        slot integer PRIMARY KEY CHECK (slot BETWEEN 0 AND 63), n bigint NOT NULL)""",
+    "INSERT INTO appointment_count SELECT slot, 0 FROM generate_series(0, 63) AS slot",
+    """CREATE TABLE users (user_id text COLLATE "C" PRIMARY KEY,
+        appointments integer NOT NULL, version bigint NOT NULL)""",
+    """CREATE FUNCTION count_appointments() RETURNS trigger LANGUAGE plpgsql
+        SET search_path FROM CURRENT AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN
+            UPDATE users SET appointments = appointments - 1, version = version + 1
+                WHERE user_id = OLD.user_id;
+        END IF;
+        IF TG_OP <> 'DELETE' THEN
+            INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE
+                SET appointments = users.appointments + 1, version = users.version + 1;
+        END IF;
+        IF TG_OP <> 'UPDATE' THEN
+            UPDATE appointment_count SET n = n + CASE TG_OP WHEN 'INSERT' THEN 1 ELSE -1 END
+                WHERE slot = pg_backend_pid() % 64;
+        END IF;
+        RETURN NULL;
+    END $$""",
+    """CREATE TRIGGER counted AFTER INSERT OR UPDATE OR DELETE ON appointments
+        FOR EACH ROW EXECUTE FUNCTION count_appointments()""",
+    """CREATE TABLE idempotency_keys (
+        user_id text COLLATE "C" NOT NULL, key text COLLATE "C" NOT NULL,
+        fingerprint bytea NOT NULL, kept double precision NOT NULL, changed boolean NOT NULL,
+        status integer NOT NULL, media_type text, headers text NOT NULL, body bytea,
+        PRIMARY KEY (user_id, key))""",
+    "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)",
+    "CREATE INDEX idempotency_keys_unchanged ON idempotency_keys (kept) WHERE NOT changed",
+)
+PG_SCHEMA_STEPS = (_PG_STEP_1,)  # new ones go last
+PG_SCHEMA_VERSION = len(PG_SCHEMA_STEPS)
+
+
+class SchemaRefused(Exception):
+    """A PostgreSQL schema the service will not use: another application's, or one
+    of a newer release. Raised before anything in it is changed."""
+
+
+class _PGDatabase(SQLDatabase):
+    """A lent PostgreSQL connection as SQLStore runs its SQL through it, each
+    statement with the deadline of the request it serves."""
+
+    def __init__(self, connection: PGConnection, deadline: float):
+        self.connection, self.deadline, self.rowcount = connection, deadline, -1
+
+    def execute(self, sql: str, parameters: tuple = ()) -> list:
+        result = self.connection.query(sql, parameters, self.deadline)
+        self.rowcount = result.rowcount
+        return result.rows
+
+
+class PostgresStore(SQLStore):
+    """Appointments in a PostgreSQL database, shared by every server given the same
+    settings: SQLStore's tables and SQL, in the schema named schema.
+
+    Opening it connects (PGConnectionError if no host will do), then creates or
+    upgrades the schema in one transaction under a lock of its own (an advisory
+    lock), so that servers starting at once on an empty database make one schema;
+    SchemaRefused, with nothing changed, for a schema that holds what this service
+    did not make, or that a newer release made. An empty schema (one an operator
+    made for the service's role) is taken.
+
+    Each write is a transaction at REPEATABLE READ on a connection of the pool,
+    run again when another transaction overtook it (_PG_RETRIED); PostgreSQL
+    commits them in groups by itself. Every wait (the pool, each statement) ends
+    at the write's deadline, busy_timeout seconds after it began: a database that
+    stops answering is StoreUnavailable, as are a lost or refused connection and
+    a server shutting down. Its words go to the log (cause), never to a client.
+
+    capacity is checked against the count the triggers keep, as the transaction
+    sees it: writes committed by others meanwhile are not seen, so that many
+    servers may together store a few more than capacity (at most one more a
+    connection writing at that moment). user_capacity is exact: two writes of one
+    user update one row of users, and the second runs again."""
+
+    def __init__(self, settings: PGSettings, capacity: Optional[int] = None,
+                 busy_timeout: float = 5.0, max_keys: int = MAX_KEYS, *,
+                 user_capacity: int = MAX_APPOINTMENTS_PER_USER,
+                 max_keys_per_user: int = MAX_KEYS_PER_USER,
+                 schema: str = POSTGRES_SCHEMA, pool_size: int = PG_POOL_SIZE):
+        if not _SCHEMA_NAME.fullmatch(schema):
+            raise ValueError(f"schema {schema!r} is not a lowercase SQL name")
+        self.settings = settings._replace(search_path=f'"{schema}"')
+        self.schema, self.capacity, self.busy_timeout = schema, capacity, busy_timeout
+        self.user_capacity = user_capacity
+        self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
+        self._pool = PGPool(self.settings, pool_size, busy_timeout)
+        try:
+            self.notices = self._install()
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def _install(self) -> Tuple[str, ...]:
+        """Create or upgrade the schema; what was done, a sentence each."""
+        timeout = self.settings.connect_timeout or PG_CONNECT_TIMEOUT
+        deadline = time.monotonic() + timeout * len(self.settings.hosts) + self.busy_timeout
+        where = f"schema {self.schema} of {self.settings.redacted_uri}"
+        with self._pool.connection(deadline) as connection:
+            def run(sql, parameters=()):
+                return connection.query(sql, parameters, deadline).rows
+            run("BEGIN")
+            run("SELECT pg_advisory_xact_lock(hashtext(?))", (f"scheduler {self.schema}",))
+            found = run("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = ?), "
+                        "EXISTS (SELECT 1 FROM pg_class JOIN pg_namespace ON pg_namespace.oid "
+                        "= relnamespace WHERE nspname = ?), to_regclass(?) IS NOT NULL",
+                        (self.schema, self.schema, f'"{self.schema}".schema_version'))
+            exists, holds_any, versioned = found[0]
+            version = 0
+            if versioned:
+                rows = run("SELECT application, version FROM schema_version")
+                if len(rows) != 1 or rows[0][0] != "scheduler":
+                    raise SchemaRefused(f"{where} is not this service's: its schema_version "
+                                        "table is another's (nothing was changed)")
+                version = rows[0][1]
+                if version > PG_SCHEMA_VERSION:
+                    raise SchemaRefused(
+                        f"{where} is version {version}, newer than this release's "
+                        f"{PG_SCHEMA_VERSION}; run the release that wrote it (nothing was "
+                        "changed)")
+            elif holds_any:
+                raise SchemaRefused(f"{where} holds tables this service did not make; give "
+                                    "it a schema of its own (nothing was changed)")
+            if not exists:
+                run(f'CREATE SCHEMA "{self.schema}"')
+            for step in range(version, PG_SCHEMA_VERSION):
+                for statement in PG_SCHEMA_STEPS[step]:
+                    run(statement)
+            if version < PG_SCHEMA_VERSION:
+                run("UPDATE schema_version SET version = ?::integer", (PG_SCHEMA_VERSION,))
+            run("COMMIT")
+        if version == PG_SCHEMA_VERSION:
+            return ()
+        if version == 0:
+            return (f"Created {where} (schema version {PG_SCHEMA_VERSION}).",)
+        return (f"Upgraded {where} from schema version {version} to {PG_SCHEMA_VERSION}.",)
+
+    def _unavailable(self, error: Exception) -> StoreUnavailable:
+        """A database failure as the client's 503; the database's words for the log."""
+        if isinstance(error, PGTimeout):
+            message = (f"The database did not answer within {self.busy_timeout:g} s; "
+                       "retry shortly.")
+        elif isinstance(error, PGConnectionError):
+            message = "The database cannot be reached now; retry shortly."
+        elif error.sqlstate[:2] in ("08", "57", "53") or error.sqlstate == "25006":
+            message = "The database is restarting, failing over or overloaded; retry shortly."
+        else:
+            message = "The database refused the write; its operator must look into the log."
+        return StoreUnavailable(message, cause=f"{type(error).__name__}: {error}")
+
+    _BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ"
+
+    def write(self, apply: Callable, *args):
+        deadline = time.monotonic() + self.busy_timeout
+        for run in itertools.count(1):
+            committing = False
+            try:
+                with self._pool.connection(deadline) as connection:
+                    connection.query(self._BEGIN, (), deadline)
+                    try:
+                        result, outcome = apply(_PGDatabase(connection, deadline), *args), None
+                    except (*_OUTCOMES, AlreadyKeyed) as raised:
+                        result, outcome = None, raised
+                    committing = True
+                    connection.query("COMMIT", (), deadline)
+            except PGError as error:
+                if error.sqlstate in _PG_RETRIED and run < _PG_RETRIES \
+                        and time.monotonic() < deadline:
+                    continue
+                raise self._unavailable(error) from None
+            except PGConnectionError as error:
+                # Lost before COMMIT was sent: nothing was written, and it can run again
+                # (an idle connection that a restart closed, say). After, whether it
+                # was committed is unknown: the client retries, with its key.
+                if not committing and isinstance(error, PGConnectionLost) and run == 1:
+                    continue
+                raise self._unavailable(error) from None
+            if outcome is not None:
+                raise outcome
+            return result
+
+    @contextlib.contextmanager
+    def reading(self):
+        deadline = time.monotonic() + self.busy_timeout
+        try:
+            with self._pool.connection(deadline) as connection:
+                yield _PGDatabase(connection, deadline)
+        except (PGError, PGConnectionError) as error:
+            raise self._unavailable(error) from None
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 # --- Calendar feed (RFC 5545) ---------------------------------------------------------
@@ -5933,9 +6179,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                              "its own with --cpu auto; more than 1 needs --db; at most "
                              f"{WORKERS_PER_CPU} per CPU this process may use ({most_workers} "
                              "here) (default: 1)")
-    parser.add_argument("--db", metavar="PATH",
+    parser.add_argument("--db", metavar="PATH|URI",
                         help="keep appointments in this SQLite file (created if missing), "
-                             "so they survive restarts; without it they live in memory")
+                             "so they survive restarts, or in the PostgreSQL database of a "
+                             "postgresql:// URI (its password may come from PGPASSWORD), "
+                             "which several servers may share; without it they live in memory")
     parser.add_argument("--cors-origin", type=_origin, action="append", default=[],
                         metavar="ORIGIN", dest="cors_origins",
                         help="let web pages from this origin (e.g. https://app.example.com) "
@@ -5951,6 +6199,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.db == "":  # an unset variable in a unit file: memory would lose every booking
         parser.error("--db needs a file name (it was given an empty one); leave --db out "
                      "to keep appointments in memory")
+    args.postgres = None
+    if args.db and is_postgres_uri(args.db):
+        try:
+            args.postgres = parse_postgres_uri(args.db)
+        except ValueError as error:
+            parser.error(f"--db: {error}")
     if args.workers > most_workers:
         parser.error(f"--workers {args.workers} is more than this machine can use: at most "
                      f"{WORKERS_PER_CPU} per CPU this process may use, so {most_workers} here; "
@@ -6037,11 +6291,18 @@ def open_store(args: argparse.Namespace, limits: Limits) -> Optional[Store]:
               "user_capacity": limits.max_appointments_per_user,
               "max_keys_per_user": limits.max_idempotency_keys_per_user}
     try:
+        if args.postgres is not None:
+            return PostgresStore(args.postgres, limits.max_appointments, **quotas)
         return (SQLiteStore(args.db, limits.max_appointments, **quotas) if args.db
                 else InMemoryStore(limits.max_appointments, **quotas))
     except sqlite3.Error as error:
         say(f"scheduler: cannot open the database {args.db}: {error}")
-        return None
+    except (PGConnectionError, SchemaRefused) as error:  # each names the host or schema
+        say(f"scheduler: cannot use PostgreSQL: {error}")
+    except PGError as error:  # the server's words, never the password, nor SQL text
+        say(f"scheduler: cannot use PostgreSQL at {args.postgres.redacted_uri}: {error} "
+            f"(SQLSTATE {error.sqlstate})")
+    return None
 
 
 def cannot_listen(args: argparse.Namespace, error: OSError) -> str:

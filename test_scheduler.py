@@ -1107,13 +1107,37 @@ class OnSQLite:
         return scheduler.SQLiteStore(temporary_database(self))
 
 
-def on_both_stores(cls):
+def postgres_store(testcase: unittest.TestCase, cluster: Optional["PostgresCluster"] = None,
+                   **options) -> "scheduler.PostgresStore":
+    """A PostgresStore on cluster (this process's shared one by default), in a schema
+    of the test's own unless options name one; closed when the test ends. Skips
+    (or fails, under SCHEDULER_REQUIRE_POSTGRES=1) where PostgreSQL is missing."""
+    if postgres_missing():
+        postgres_unavailable(postgres_missing())
+    cluster = cluster or PostgresCluster.shared()
+    options.setdefault("schema", cluster.fresh_schema(testcase))
+    store = scheduler.PostgresStore(scheduler.parse_postgres_uri(cluster.uri()), **options)
+    testcase.addCleanup(store.close)
+    return store
+
+
+class OnPostgres:
+    """Mixed into a test class: the same tests, with appointments in PostgreSQL."""
+
+    def make_store(self):
+        return postgres_store(self)
+
+
+def on_every_store(cls):
     """For a test class whose tests touch a store: they run as the class is, in memory,
-    and again on SQLite, as the class SQLite<its name> that this makes beside it."""
-    name = f"SQLite{cls.__name__}"
-    globals()[name] = type(name, (OnSQLite, cls), {
-        "__doc__": f"{cls.__name__}, with appointments in an SQLite file.",
-        "__module__": cls.__module__, "__qualname__": name})
+    and again on SQLite and on PostgreSQL, as the classes SQLite<its name> and
+    Postgres<its name> that this makes beside it."""
+    for prefix, mixin, where in (("SQLite", OnSQLite, "in an SQLite file"),
+                                 ("Postgres", OnPostgres, "in PostgreSQL")):
+        name = f"{prefix}{cls.__name__}"
+        globals()[name] = type(name, (mixin, cls), {
+            "__doc__": f"{cls.__name__}, with appointments {where}.",
+            "__module__": cls.__module__, "__qualname__": name})
     return cls
 
 
@@ -1836,6 +1860,106 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
         outcomes = race_bookings([self.store, other] * 4)
         self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * 7)
         self.assertEqual(len(other.list_for_user("alice")), 1)
+
+    def test_check_reports_a_database_that_does_not_answer(self):
+        self.store.check()
+        self.store.close()
+        with self.assertRaises(scheduler.StoreUnavailable):
+            self.store.check()
+
+
+class PostgresStoreTest(StoreContract, unittest.TestCase):
+    """The contract on PostgreSQL, and what is PostgreSQL's own: the schema, servers
+    sharing the database (two stores are two servers' connections)."""
+
+    def make_store(self, **options):
+        return postgres_store(self, **options)
+
+    def another(self, **options) -> scheduler.PostgresStore:
+        """A second store on the same schema: another server."""
+        return postgres_store(self, schema=self.store.schema, **options)
+
+    def test_the_unique_constraint_holds_across_servers(self):
+        other = self.another()
+        outcomes = race_bookings([self.store, other] * 4)
+        self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * 7)
+        self.assertEqual(len(other.list_for_user("alice")), 1)
+
+    def test_a_change_by_another_server_changes_the_version(self):
+        other = self.another()
+        self.store.book(appointment())
+        before = self.store.version("alice")
+        other.reschedule("alice", dt.date(2026, 11, 25), scheduler.Changes(time=dt.time(11, 0)))
+        self.assertNotEqual(self.store.version("alice"), before)
+
+    def test_text_round_trips_exactly(self):
+        for user_id, note in (("o'brien \\ \"q\"", "$1 ? $$ -- /* */ \\N"),
+                              ("Jos\u00e9 \U0001f600", "e\u0301 \u0915\u094d\u0937 \U0001f469\u200d\U0001f4bb")):
+            booked = appointment(user_id)._replace(note=note)
+            self.store.book(booked)
+            self.assertEqual(self.store.list_for_user(user_id), [booked])
+            self.assertEqual(self.another().get(user_id, booked.date), booked)
+
+    def test_servers_starting_at_once_on_an_empty_database_make_one_schema(self):
+        schema = PostgresCluster.shared().fresh_schema(self)
+        stores, errors = [], []
+
+        def start():
+            try:
+                stores.append(postgres_store(self, schema=schema))
+            except Exception as error:  # noted, for the assertion below
+                errors.append(error)
+
+        run_all([threading.Thread(target=start) for _ in range(4)])
+        self.assertEqual(errors, [])
+        self.assertEqual(sorted(len(store.notices) for store in stores), [0, 0, 0, 1])
+        stores[0].book(appointment())
+        self.assertEqual(stores[3].count(), 1)
+
+    def test_an_empty_schema_made_by_an_operator_is_taken(self):
+        cluster = PostgresCluster.shared()
+        schema = cluster.fresh_schema(self)
+        cluster.sql(f'CREATE SCHEMA "{schema}" AUTHORIZATION scheduler', cluster.DATABASE)
+        store = postgres_store(self, schema=schema)
+        self.assertEqual(store.book(appointment()), appointment())
+
+    def test_a_schema_it_did_not_make_or_a_newer_one_is_refused_untouched(self):
+        cluster = PostgresCluster.shared()
+        for setup, words in (
+                ("CREATE TABLE {0}.orders (id integer)", "tables this service did not make"),
+                ("CREATE TABLE {0}.schema_version (application text, version integer); "
+                 "INSERT INTO {0}.schema_version VALUES ('other', 1)", "another's"),
+                (None, "newer than this release's")):
+            with self.subTest(words):
+                schema = cluster.fresh_schema(self)
+                if setup is None:
+                    postgres_store(self, schema=schema).close()
+                    cluster.sql(f"UPDATE {schema}.schema_version SET version = 99",
+                                cluster.DATABASE)
+                else:
+                    cluster.sql(f"SET ROLE scheduler; CREATE SCHEMA {schema}; "
+                                + setup.format(schema), cluster.DATABASE)
+                before = cluster.sql(
+                    f"SELECT count(*) FROM pg_class JOIN pg_namespace ON pg_namespace.oid = "
+                    f"relnamespace WHERE nspname = '{schema}'", cluster.DATABASE)
+                with self.assertRaises(scheduler.SchemaRefused) as refused:
+                    postgres_store(self, schema=schema)
+                self.assertIn(words, str(refused.exception))
+                self.assertIn("nothing was changed", str(refused.exception))
+                self.assertEqual(cluster.sql(
+                    f"SELECT count(*) FROM pg_class JOIN pg_namespace ON pg_namespace.oid = "
+                    f"relnamespace WHERE nspname = '{schema}'", cluster.DATABASE), before)
+
+    def test_racing_bookings_never_pass_the_capacity(self):
+        # Across connections, what the README says: capacity is passed by at most one
+        # booking a connection committing at that moment; then bookings are refused.
+        store = self.make_store(capacity=5, pool_size=4)
+        outcomes = race_to_fill(store, [appointment(f"user-{n}") for n in range(16)])
+        booked = outcomes.count("booked")
+        self.assertTrue(5 <= booked <= 5 + 4 - 1, outcomes)
+        self.assertEqual(store.count(), booked)
+        with self.assertRaises(scheduler.StoreFull):
+            store.book(appointment("late"))
 
     def test_check_reports_a_database_that_does_not_answer(self):
         self.store.check()
@@ -4172,7 +4296,7 @@ class RouteTestCase(HTTPTestCase):
         return self.assertFramed(method, self.client.request(method, path, body, headers))
 
 
-@on_both_stores
+@on_every_store
 class BookTest(RouteTestCase):
     def test_created_with_location_and_the_appointment(self):
         response = self.book("alice", "2026-11-25", "09:30")
@@ -4236,7 +4360,7 @@ class BookTest(RouteTestCase):
         self.assertEqual(self.book(date="2026-11-26").status, 201)
 
 
-@on_both_stores
+@on_every_store
 class ListTest(RouteTestCase):
     def test_lists_the_users_appointments_sorted_by_start(self):
         for date in ("2026-11-27", "2026-11-25", "2026-11-26"):
@@ -4288,7 +4412,7 @@ class ListTest(RouteTestCase):
                 self.assertIn(message, problem["detail"])
 
 
-@on_both_stores
+@on_every_store
 class BadBookingTest(RouteTestCase):
     """Bad requests get the right status, say why, and never change the store."""
 
@@ -4375,7 +4499,7 @@ class BadBookingTest(RouteTestCase):
         self.assertUnchanged()
 
 
-@on_both_stores
+@on_every_store
 class ManageBookingTest(RouteTestCase):
     def test_location_leads_to_the_appointment(self):
         booked = self.book("alice", "2026-11-25", "09:30")
@@ -4417,7 +4541,7 @@ class ManageBookingTest(RouteTestCase):
         self.assertEqual(response.headers["Allow"], "GET, HEAD, PATCH, DELETE, OPTIONS")
 
 
-@on_both_stores
+@on_every_store
 class DateFilterTest(RouteTestCase):
     def setUp(self):
         super().setUp()
@@ -4449,7 +4573,7 @@ class DateFilterTest(RouteTestCase):
                 self.assertIn(message, self.assertProblem(response, 400)["detail"])
 
 
-@on_both_stores
+@on_every_store
 class UserIdEncodingTest(RouteTestCase):
     """User IDs with reserved or non-ASCII characters work in every path and query
     when percent-encoded."""
@@ -4497,7 +4621,7 @@ class HealthTest(RouteTestCase):
         self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
 
 
-@on_both_stores
+@on_every_store
 class HealthAtCapacityTest(RouteTestCase):
     """/healthz says whether bookings can be taken: not while every one would get 507."""
 
@@ -4521,7 +4645,7 @@ class HealthAtCapacityTest(RouteTestCase):
         self.assertEqual(self.book("carol").status, 201)
 
 
-@on_both_stores
+@on_every_store
 class RescheduleTest(RouteTestCase):
     """PATCH /appointments/{user_id}/{date}: a JSON merge patch (RFC 7396) of date
     and time, applied in one step."""
@@ -4625,7 +4749,7 @@ class RescheduleTest(RouteTestCase):
                          "application/merge-patch+json, application/json")
 
 
-@on_both_stores
+@on_every_store
 class ConditionalWriteTest(RouteTestCase):
     """If-Match and If-None-Match on PATCH and DELETE (RFC 9110 section 13): tested
     with the appointment as the change finds it; 412 when false, nothing changed."""
@@ -4772,7 +4896,7 @@ class BlockingStore(scheduler.InMemoryStore):
         return super()._book(appointment)
 
 
-@on_both_stores
+@on_every_store
 class IdempotencyKeyTest(RouteTestCase):
     """Idempotency-Key on POST, PATCH and DELETE (draft-ietf-httpapi-idempotency-key-
     header-07): a retry gets the first response again, and changes nothing."""
@@ -4998,7 +5122,7 @@ def book_many(store: scheduler.Store, user_id: str, count: int,
             first + dt.timedelta(days=day), dt.time(9), tzinfo=UTC)))
 
 
-@on_both_stores
+@on_every_store
 class KeptRepliesTest(RouteTestCase):
     """A user with many appointments: the listing's and the feed's replies are kept
     until the user's appointments change, so polling them costs little."""
@@ -5120,7 +5244,7 @@ class KeptRepliesBoundTest(unittest.TestCase):
         self.assertEqual(made, {"a": 2, "b": 3, "c": 2, "d": 2})
 
 
-@on_both_stores
+@on_every_store
 class ConditionalGetTest(RouteTestCase):
     """ETag and If-None-Match (RFC 9110 sections 8.8.3 and 13.1.2) on what clients poll."""
 
@@ -5199,7 +5323,7 @@ class ConditionalGetTest(RouteTestCase):
         self.assertNotIn("ETag", response.headers)
 
 
-@on_both_stores
+@on_every_store
 class NoteTest(RouteTestCase):
     """An appointment's note for the practitioner: booked with it, shown wherever the
     appointment is, changed and removed by PATCH."""
@@ -5270,7 +5394,7 @@ def unfold(feed: str) -> list:
     return feed.replace("\r\n ", "").replace("\r\n\t", "").split("\r\n")[:-1]
 
 
-@on_both_stores
+@on_every_store
 class CalendarFeedTest(RouteTestCase):
     def feed(self, user_id: str) -> Response:
         query = urllib.parse.urlencode({"user_id": user_id})
@@ -5788,7 +5912,7 @@ class FullStoreTest(RouteTestCase):
         self.assertEqual(self.store.count(), 1)
 
 
-@on_both_stores
+@on_every_store
 class FullUserTest(RouteTestCase):
     def setUp(self):
         super().setUp()
@@ -5808,7 +5932,7 @@ class FullUserTest(RouteTestCase):
         self.assertEqual(len(self.stored()), 2)
 
 
-@on_both_stores
+@on_every_store
 class BookableDatesTest(RouteTestCase):
     def test_a_date_that_cannot_be_shown_is_422_and_stores_nothing(self):
         # It was: 500, yet stored, and every later request for the user a 500.
@@ -5860,7 +5984,7 @@ class InvisibleUserIdTest(RouteTestCase):
         self.assertEqual(self.store.count(), 0)
 
 
-@on_both_stores
+@on_every_store
 class OneFormOneUserTest(RouteTestCase):
     """An ID sent in another form than NFC (NFD, say, as macOS file names and some
     keyboards write it) names the user of its NFC form, who is shown in NFC."""
@@ -7421,7 +7545,7 @@ class WithoutCORSTest(ServerTestCase):
                                   or name.lower() == "vary"])
 
 
-@on_both_stores
+@on_every_store
 class ConditionalOverHTTPTest(ServerTestCase):
     def test_a_304_has_no_body_and_the_connection_serves_on(self):
         self.book()
@@ -7442,7 +7566,7 @@ class ConditionalOverHTTPTest(ServerTestCase):
                                               conn=conn).status, 304)  # and back
 
 
-@on_both_stores
+@on_every_store
 class IdempotencyOverHTTPTest(ServerTestCase):
     def test_a_retry_on_a_new_connection_gets_the_first_answer(self):
         headers = {"Idempotency-Key": '"over-http"'}
@@ -7457,7 +7581,7 @@ class IdempotencyOverHTTPTest(ServerTestCase):
         self.assertEqual(self.stored(), [])
 
 
-@on_both_stores
+@on_every_store
 class RescheduleRaceTest(ServerTestCase):
     def test_a_reschedule_and_a_booking_racing_for_a_date_leave_one_holding_it(self):
         moves = {"moved": 0, "booked": 0}
@@ -7512,7 +7636,7 @@ class RescheduleRaceTest(ServerTestCase):
             self.assertEqual([a.start.strftime("%H:%M") for a in self.stored(user)], [winner])
 
 
-@on_both_stores
+@on_every_store
 class MetricsTest(ServerTestCase):
     def test_requests_are_counted_by_route_template_never_by_path(self):
         for user in ("alice", "secret-user-4711"):
