@@ -33,6 +33,8 @@ The file reads top to bottom, each section using only those above it:
                    built and read by functions over bytes, SCRAM; PGConnection, the
                    one class that owns such a socket; pg_connect() over several
                    hosts; PGPool
+    PostgreSQL     PostgresStore: SQLStore's tables in a schema of its own, shared by
+      store        any number of servers (PG_SCHEMA_STEPS, frozen once shipped)
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
     Routes         HTTPError; route functions from parsed input to a Reply; the
