@@ -971,11 +971,9 @@ class PostgresCluster:
         return f"test_{os.getpid()}_{next(self._numbers_of_names)}"
 
     def fresh_schema(self, testcase: unittest.TestCase, database: str = DATABASE) -> str:
-        """A schema name for one test, in database; the schema is dropped (if made)
-        when the test ends."""
-        name = self.new_schema_name()
-        testcase.addCleanup(self._drop, f'DROP SCHEMA IF EXISTS "{name}" CASCADE', database)
-        return name
+        """A schema name for one test, in database. Not dropped when the test ends
+        (that took a psql process a test): the cluster is thrown away whole."""
+        return self.new_schema_name()
 
     def _drop(self, statement: str, database: str = "postgres") -> None:
         """Run statement unless the server is down or frozen (a test that left it so
