@@ -3713,6 +3713,12 @@ class PostgresStore(SQLStore):
         deadline = time.monotonic() + timeout * len(self.settings.hosts) + self.busy_timeout
         where = f"schema {self.schema} of {self.settings.redacted_uri}"
         with self._pool.connection(deadline) as connection:
+            encoding = connection.parameters.get("server_encoding")
+            if encoding != "UTF8":  # text beyond it could not be stored, nor NFC checked
+                raise SchemaRefused(f"the database of {self.settings.redacted_uri} is "
+                                    f"encoded in {encoding}; this service needs UTF8 (CREATE "
+                                    "DATABASE ... ENCODING 'UTF8'; nothing was changed)")
+
             def run(sql, parameters=()):
                 return connection.query(sql, parameters, deadline).rows
             run("BEGIN")

@@ -1959,6 +1959,17 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         with self.assertRaises(scheduler.StoreFull):
             store.book(appointment("late"))
 
+    def test_a_database_not_in_utf8_is_refused(self):
+        cluster = PostgresCluster.shared()
+        name = cluster.new_schema_name()
+        cluster.sql(f"CREATE DATABASE {name} OWNER scheduler ENCODING 'LATIN1' "
+                    "TEMPLATE template0")
+        self.addCleanup(cluster.sql, f"DROP DATABASE {name}")
+        settings = scheduler.parse_postgres_uri(cluster.uri(database=name))
+        with self.assertRaises(scheduler.SchemaRefused) as refused:
+            scheduler.PostgresStore(settings)
+        self.assertIn("encoded in LATIN1; this service needs UTF8", str(refused.exception))
+
     def test_check_reports_a_database_that_does_not_answer(self):
         self.store.check()
         self.store.close()
