@@ -5199,11 +5199,18 @@ class KeptRepliesTest(RouteTestCase):
 
 
 class KeptAcrossProcessesTest(unittest.TestCase):
-    def test_a_change_made_by_another_process_is_seen_at_once(self):
+    """A kept listing is dropped when another process (another worker on the SQLite
+    file, another server on PostgreSQL) changes the user's appointments."""
+
+    def stores(self) -> Tuple[scheduler.Store, scheduler.Store]:
         path = temporary_database(self)
         mine, theirs = (scheduler.SQLiteStore(path) for _ in range(2))
         for store in (mine, theirs):
             self.addCleanup(store.close)
+        return mine, theirs
+
+    def test_a_change_made_by_another_process_is_seen_at_once(self):
+        mine, theirs = self.stores()
         book_many(mine, "alice", scheduler.KEPT_FROM)
         client = Client(mine)
         kept = [client.request("GET", "/appointments?user_id=alice") for _ in range(3)][-1]
@@ -5212,6 +5219,12 @@ class KeptAcrossProcessesTest(unittest.TestCase):
         now = client.request("GET", "/appointments?user_id=alice")
         self.assertNotEqual(now.headers["ETag"], kept.headers["ETag"])
         self.assertEqual(now.json()["appointments"][0]["note"], "from another worker")
+
+
+class KeptAcrossServersTest(KeptAcrossProcessesTest):
+    def stores(self) -> Tuple[scheduler.Store, scheduler.Store]:
+        mine = postgres_store(self)
+        return mine, postgres_store(self, schema=mine.schema)
 
 
 class ListingTest(unittest.TestCase):
