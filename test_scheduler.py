@@ -1866,6 +1866,12 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
             self.store.check()
 
 
+# PostgreSQL's steps, as SHIPPED_STEPS: the SHA-256 of each one's statements.
+SHIPPED_PG_STEPS = {
+    1: "517bcdfb07bd3fc070b1fdb486f79ae673610942bc626dbdb609a566b6320844",
+}
+
+
 class PostgresStoreTest(StoreContract, unittest.TestCase):
     """The contract on PostgreSQL, and what is PostgreSQL's own: the schema, servers
     sharing the database (two stores are two servers' connections)."""
@@ -1876,6 +1882,15 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
     def another(self, **options) -> scheduler.PostgresStore:
         """A second store on the same schema: another server."""
         return postgres_store(self, schema=self.store.schema, **options)
+
+    def test_a_shipped_step_is_the_sql_it_shipped_with(self):
+        self.assertEqual(len(SHIPPED_PG_STEPS), scheduler.PG_SCHEMA_VERSION,
+                         "a new schema step gets its digest in SHIPPED_PG_STEPS")
+        for number, statements in enumerate(scheduler.PG_SCHEMA_STEPS, 1):
+            with self.subTest(step=number):
+                self.assertEqual(digest(list(statements)), SHIPPED_PG_STEPS[number],
+                                 f"schema step {number} shipped, and its SQL is frozen: "
+                                 "a rule that changes gets a new step")
 
     def test_the_unique_constraint_holds_across_servers(self):
         other = self.another()
