@@ -1892,6 +1892,29 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
                                  f"schema step {number} shipped, and its SQL is frozen: "
                                  "a rule that changes gets a new step")
 
+    def test_check_constraints_refuse_what_the_parsers_refuse(self):
+        settings = scheduler.parse_postgres_uri(PostgresCluster.shared().uri())._replace(
+            search_path=self.store.schema)
+        connection = scheduler.pg_connect(settings, time.monotonic() + 10)
+        self.addCleanup(connection.close)
+        insert = "INSERT INTO appointments VALUES (?, ?, ?, ?)"
+        for row in (("alice", "2026-11-25", "09:15", None),
+                    ("x" * 257, "2026-11-25", "09:00", None),
+                    ("alice", "1999-12-31", "09:00", None),
+                    ("alice", "2025-02-29", "09:00", None),
+                    ("alice", "2026-11-25", "24:00", None),
+                    (" alice", "2026-11-25", "09:00", None),
+                    ("Jose\u0301", "2026-11-25", "09:00", None),  # not NFC
+                    ("a\x01", "2026-11-25", "09:00", None),
+                    ("alice", "2026-11-25", "09:00", "x" * 501),
+                    ("alice", "2026-11-25", "09:00", "")):
+            with self.subTest(row=row[:3]):
+                with self.assertRaises(scheduler.PGError) as refused:
+                    connection.query(insert, row)
+                self.assertIn(refused.exception.sqlstate, ("23514", "22008"))  # CHECK, a date
+        connection.query(insert, ("Jos\u00e9", "2026-11-25", "09:00", "x" * 500))
+        self.assertEqual(self.store.count(), 1)
+
     def test_the_unique_constraint_holds_across_servers(self):
         other = self.another()
         outcomes = race_bookings([self.store, other] * 4)
