@@ -2033,7 +2033,7 @@ class PGSettings(NamedTuple):
     database: Optional[str] = None  # None: the user's name
     sslmode: str = "prefer"
     sslrootcert: Optional[str] = None  # None: ~/.postgresql/root.crt, for verify-* only
-    connect_timeout: Optional[float] = None  # seconds for each host; None: the caller's
+    connect_timeout: Optional[float] = None  # seconds for each host; None: a share of the caller's
     target_session_attrs: str = "any"
     application_name: str = "scheduler"
     # Not read from a URI: the schemas the session looks tables up in, as PostgreSQL
@@ -3444,15 +3444,19 @@ def pg_connect(settings: PGSettings, deadline: float,
     """A connection to the first of the settings' hosts that will do, tried in
     order: one that answers and, with target_session_attrs=read-write, whose session
     can write (so that after a failover, the promoted standby is found). Each host
-    gets connect_timeout seconds, within the deadline. PGConnectionError naming
-    each host tried and why it would not do (PGTimeout if the deadline passed)."""
+    gets connect_timeout seconds, within the deadline; without it, an equal share
+    of what is left for it and the hosts after it (libpq would wait on it for
+    ever), so that a host that never answers (a lost machine, a partition) leaves
+    the next one time: after a failover, that is the new primary. PGConnectionError
+    naming each host tried and why it would not do (PGTimeout if the deadline
+    passed)."""
     failures: List[PGConnectionError] = []
-    for host, port in settings.hosts:
+    for index, (host, port) in enumerate(settings.hosts):
         now = time.monotonic()
         if now >= deadline and failures:
             break
-        until = deadline if settings.connect_timeout is None \
-            else min(deadline, now + settings.connect_timeout)
+        until = now + (deadline - now) / (len(settings.hosts) - index) \
+            if settings.connect_timeout is None else min(deadline, now + settings.connect_timeout)
         try:
             connection = PGConnection.connect(settings, host, port, until, timeout)
         except PGConnectionError as error:

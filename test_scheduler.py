@@ -3910,6 +3910,22 @@ class PostgresReadWriteTest(unittest.TestCase):
                                     "and target_session_attrs=read-write"):
             pg_connection(self, on_ports(uri, old))
 
+    def test_a_host_that_never_answers_leaves_the_next_its_share_of_the_deadline(self):
+        """Without connect_timeout each host gets a share of what is left: one that
+        never answers (a lost machine: here a socket that nobody accepts on) does not
+        take it all, and the next (after a failover, the new primary) is reached."""
+        cluster = PostgresCluster.shared()
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nothing answers
+        uri = on_ports(cluster.uri(), silent.getsockname()[1], cluster.port)
+        self.assertEqual(pg_connection(self, uri, seconds=1).port, cluster.port)
+        with self.assertRaisesRegex(scheduler.PGTimeout, "no host of .* will do: 127.0.0.1:"
+                                    f"{silent.getsockname()[1]}: the server did not answer"):
+            pg_connection(self, on_ports(uri, silent.getsockname()[1], silent.getsockname()[1]),
+                          seconds=0.4)
+
     def test_a_standby_is_skipped_until_it_is_promoted(self):
         """Slower than most (about 1.5 s): a standby, a stop, a promotion."""
         primary = PostgresCluster.shared()
