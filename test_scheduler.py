@@ -8970,7 +8970,7 @@ class BookingLoad:
 
 
 @requires_postgres
-class PostgresFaultsTest(unittest.TestCase):
+class PostgresOutageUnderLoadTest(unittest.TestCase):
     """Two servers (processes) on one PostgreSQL database, under booking load, while
     the database restarts or fails over: clients get 201s and 503s with Retry-After,
     booking resumes by itself, and nothing acknowledged is lost. A booking whose
