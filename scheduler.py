@@ -2035,7 +2035,7 @@ class PGSettings(NamedTuple):
     database: Optional[str] = None  # None: the user's name
     sslmode: str = "prefer"
     sslrootcert: Optional[str] = None  # None: ~/.postgresql/root.crt, for verify-* only
-    connect_timeout: Optional[float] = None  # seconds for each host; None: the caller's
+    connect_timeout: Optional[float] = None  # seconds for each host; None: a share of the caller's
     target_session_attrs: str = "any"
     application_name: str = "scheduler"
     # Not read from a URI: the schemas the session looks tables up in, as PostgreSQL
@@ -3446,15 +3446,19 @@ def pg_connect(settings: PGSettings, deadline: float,
     """A connection to the first of the settings' hosts that will do, tried in
     order: one that answers and, with target_session_attrs=read-write, whose session
     can write (so that after a failover, the promoted standby is found). Each host
-    gets connect_timeout seconds, within the deadline. PGConnectionError naming
-    each host tried and why it would not do (PGTimeout if the deadline passed)."""
+    gets connect_timeout seconds, within the deadline; without it, an equal share
+    of what is left for it and the hosts after it (libpq would wait on it for
+    ever), so that a host that never answers (a lost machine, a partition) leaves
+    the next one time: after a failover, that is the new primary. PGConnectionError
+    naming each host tried and why it would not do (PGTimeout if the deadline
+    passed)."""
     failures: List[PGConnectionError] = []
-    for host, port in settings.hosts:
+    for index, (host, port) in enumerate(settings.hosts):
         now = time.monotonic()
         if now >= deadline and failures:
             break
-        until = deadline if settings.connect_timeout is None \
-            else min(deadline, now + settings.connect_timeout)
+        until = now + (deadline - now) / (len(settings.hosts) - index) \
+            if settings.connect_timeout is None else min(deadline, now + settings.connect_timeout)
         try:
             connection = PGConnection.connect(settings, host, port, until, timeout)
         except PGConnectionError as error:
@@ -3493,7 +3497,8 @@ class PGPool:
     or is given back inside a transaction that cannot be rolled back, is closed.
     New connections go through pg_connect(), so after a failover they find the new
     primary. timeout: the seconds a wait may take when the caller gives no deadline,
-    and each query's default."""
+    and each query's default. take() and give_back() do what connection() does, for
+    a caller that holds a connection across calls of its own."""
 
     def __init__(self, settings: PGSettings, size: int = 10, timeout: float = PG_QUERY_TIMEOUT):
         if size < 1:
@@ -3506,14 +3511,14 @@ class PGPool:
 
     @contextlib.contextmanager
     def connection(self, deadline: Optional[float] = None):
-        connection = self._take(time.monotonic() + self.timeout if deadline is None
-                                else deadline)
+        connection = self.take(time.monotonic() + self.timeout if deadline is None
+                               else deadline)
         try:
             yield connection
         finally:
-            self._give_back(connection)
+            self.give_back(connection)
 
-    def _take(self, deadline: float) -> PGConnection:
+    def take(self, deadline: float) -> PGConnection:
         while True:
             with self._changed:
                 while not self._idle and self._open >= self.size and not self._closed:
@@ -3540,7 +3545,7 @@ class PGPool:
                 self._changed.notify()
             raise
 
-    def _give_back(self, connection: PGConnection) -> None:
+    def give_back(self, connection: PGConnection) -> None:
         if connection.state == PGConnection.READY and connection.transaction_status != "I":
             try:
                 connection.query("ROLLBACK")
@@ -3583,6 +3588,13 @@ PG_CONNECT_TIMEOUT = 10.0  # seconds a start may take to connect, where the URI 
 # appointment first (unique_violation, which SQLStore's SQL otherwise never meets).
 _PG_RETRIED = frozenset({"40001", "40P01", "23505"})
 _PG_RETRIES = 5  # runs of one write at most, within its deadline
+# SQLSTATE classes after which a retry soon may succeed (a 503 with Retry-After): the
+# server restarting or failing over (08 connection exception, 57 operator
+# intervention: a shutdown, a server starting up, a cancelled statement), short of
+# resources (53: too many connections...), and a standby that refuses writes (25006,
+# read_only_sql_transaction, met in the moment a failover takes). Any other error
+# (a privilege revoked, a table dropped, a full disk) waits for the operator.
+_PG_PASSING = ("08", "57", "53", "25006")
 
 # The schema's steps, as in SQLite: step n brings the tables from version n - 1 to n,
 # each a tuple of statements run in one transaction with the others a start needs,
@@ -3665,6 +3677,37 @@ class _PGDatabase(SQLDatabase):
         return result.rows
 
 
+class _PGReads(SQLDatabase):
+    """The database of PostgresStore.reading(): a connection of the pool, taken at
+    the first statement and held until give_back(). Reads run outside a
+    transaction, a statement each, so the first, when its connection turns out to
+    be lost (a FATAL that arrived just after the pool's check of it, a server
+    that went away meanwhile), runs once more on another: nothing was read yet."""
+
+    def __init__(self, pool: PGPool, deadline: float):
+        self.pool, self.deadline, self.rowcount = pool, deadline, -1
+        self.connection: Optional[PGConnection] = None
+
+    def execute(self, sql: str, parameters: tuple = ()) -> list:
+        if self.connection is not None:
+            result = self.connection.query(sql, parameters, self.deadline)
+        else:
+            self.connection = self.pool.take(self.deadline)
+            try:
+                result = self.connection.query(sql, parameters, self.deadline)
+            except PGConnectionLost:
+                self.give_back()
+                self.connection = self.pool.take(self.deadline)
+                result = self.connection.query(sql, parameters, self.deadline)
+        self.rowcount = result.rowcount
+        return result.rows
+
+    def give_back(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            self.pool.give_back(connection)
+
+
 class PostgresStore(SQLStore):
     """Appointments in a PostgreSQL database, shared by every server given the same
     settings: SQLStore's tables and SQL, in the schema named schema.
@@ -3682,6 +3725,10 @@ class PostgresStore(SQLStore):
     at the write's deadline, busy_timeout seconds after it began: a database that
     stops answering is StoreUnavailable, as are a lost or refused connection and
     a server shutting down. Its words go to the log (cause), never to a client.
+    A write whose connection is lost before its COMMIT is sent runs once more, as
+    does a read's first statement (_PGReads); a write lost after it, whose outcome
+    is unknown, is StoreUnavailable: if it was committed, so was its
+    Idempotency-Key, and the client's retry with the key gets its first answer.
 
     capacity is checked against the count the triggers keep, as the transaction
     sees it: writes committed by others meanwhile are not seen, so that many
@@ -3758,17 +3805,26 @@ class PostgresStore(SQLStore):
         return (f"Upgraded {where} from schema version {version} to {PG_SCHEMA_VERSION}.",)
 
     def _unavailable(self, error: Exception) -> StoreUnavailable:
-        """A database failure as the client's 503; the database's words for the log."""
+        """A database failure as the client's 503, with Retry-After where a retry soon
+        may succeed; the database's words for the log."""
+        retry_after: Optional[int] = 1
         if isinstance(error, PGTimeout):
             message = (f"The database did not answer within {self.busy_timeout:g} s; "
                        "retry shortly.")
         elif isinstance(error, PGConnectionError):
             message = "The database cannot be reached now; retry shortly."
-        elif error.sqlstate[:2] in ("08", "57", "53") or error.sqlstate == "25006":
+        elif error.sqlstate in _PG_RETRIED:
+            message = ("The database is busy: other writes overtook this one "
+                       f"{_PG_RETRIES} times in a row; retry shortly.")
+        elif error.sqlstate == "53100":
+            message, retry_after = ("The database cannot grow: its disk is full; its "
+                                    "operator must free space."), None
+        elif error.sqlstate.startswith(_PG_PASSING):
             message = "The database is restarting, failing over or overloaded; retry shortly."
         else:
-            message = "The database refused the write; its operator must look into the log."
-        return StoreUnavailable(message, cause=f"{type(error).__name__}: {error}")
+            message, retry_after = ("The database refused the request; its operator must "
+                                    "look into the server's log."), None
+        return StoreUnavailable(message, retry_after, f"{type(error).__name__}: {error}")
 
     _BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 
@@ -3803,12 +3859,13 @@ class PostgresStore(SQLStore):
 
     @contextlib.contextmanager
     def reading(self):
-        deadline = time.monotonic() + self.busy_timeout
+        reads = _PGReads(self._pool, time.monotonic() + self.busy_timeout)
         try:
-            with self._pool.connection(deadline) as connection:
-                yield _PGDatabase(connection, deadline)
+            yield reads
         except (PGError, PGConnectionError) as error:
             raise self._unavailable(error) from None
+        finally:
+            reads.give_back()
 
     def close(self) -> None:
         self._pool.close()

@@ -3957,6 +3957,22 @@ class PostgresReadWriteTest(unittest.TestCase):
                                     "and target_session_attrs=read-write"):
             pg_connection(self, on_ports(uri, old))
 
+    def test_a_host_that_never_answers_leaves_the_next_its_share_of_the_deadline(self):
+        """Without connect_timeout each host gets a share of what is left: one that
+        never answers (a lost machine: here a socket that nobody accepts on) does not
+        take it all, and the next (after a failover, the new primary) is reached."""
+        cluster = PostgresCluster.shared()
+        silent = socket.socket()
+        self.addCleanup(silent.close)
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # the kernel completes the handshake; nothing answers
+        uri = on_ports(cluster.uri(), silent.getsockname()[1], cluster.port)
+        self.assertEqual(pg_connection(self, uri, seconds=1).port, cluster.port)
+        with self.assertRaisesRegex(scheduler.PGTimeout, "no host of .* will do: 127.0.0.1:"
+                                    f"{silent.getsockname()[1]}: the server did not answer"):
+            pg_connection(self, on_ports(uri, silent.getsockname()[1], silent.getsockname()[1]),
+                          seconds=0.4)
+
     def test_a_standby_is_skipped_until_it_is_promoted(self):
         """Slower than most (about 1.5 s): a standby, a stop, a promotion."""
         primary = PostgresCluster.shared()
@@ -6262,6 +6278,187 @@ class LockedDatabaseTest(RouteTestCase):
         self.assertEqual(self.store.count(), 0)
         self.assertEqual(self.book().status, 201)  # served again once the lock is gone
         self.assertEqual(self.request("GET", "/healthz").status, 200)
+
+
+@requires_postgres
+class PostgresFaultTest(RouteTestCase):
+    """Faults of PostgreSQL as a server's requests meet them: a frozen database, its
+    connections ended, an answer lost. Each is a 503 with Retry-After, or nothing
+    the client can tell, and booking goes on once the database does."""
+
+    DEADLINE = 1  # busy_timeout: the seconds a write may wait for the database
+
+    def make_store(self):
+        return postgres_store(self, busy_timeout=self.DEADLINE)
+
+    def setUp(self):
+        super().setUp()
+        self.cluster = PostgresCluster.shared()
+
+    def end_sessions(self) -> None:
+        """pg_terminate_backend() for every session of the store's role, and wait until
+        they have ended: each sends its FATAL, which an idle connection reads only when
+        it next looks."""
+        ended = self.cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                 "WHERE usename = 'scheduler'")
+        self.assertIn("t", ended.split())
+        wait_until(lambda: self.cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE "
+                                            "usename = 'scheduler'") == "0",
+                   what="the sessions to end")
+
+    def keyed_booking(self, user_id="alice") -> Response:
+        return self.request("POST", "/appointments", json.dumps(
+            {"user_id": user_id, "date": "2026-11-25", "time": "09:30"}),
+            {"Content-Type": "application/json", "Idempotency-Key": '"first-try"'})
+
+    def test_a_frozen_database_is_503_by_the_deadline_and_serves_again_once_thawed(self):
+        self.assertEqual(self.book().status, 201)  # a pooled connection, as a server has
+        self.cluster.freeze()  # as a frozen machine or a partition: nothing answers
+        self.addCleanup(self.cluster.thaw)
+        answers = {}
+
+        def timed(name, request):
+            started = time.monotonic()
+            answers[name] = request(), time.monotonic() - started
+
+        requests = {"booking": lambda: self.book("bob"),
+                    "health": lambda: self.request("GET", "/healthz"),
+                    "listing": lambda: self.request("GET", "/appointments?user_id=alice")}
+        run_all([threading.Thread(target=timed, args=item) for item in requests.items()])
+        for name, (response, seconds) in answers.items():
+            with self.subTest(name):
+                detail = self.assertProblem(response, 503)["detail"]
+                self.assertEqual(response.headers["Retry-After"], "1")
+                self.assertIn(f"did not answer within {self.DEADLINE} s", detail)
+                self.assertLess(seconds, self.DEADLINE + 5)  # a hang would be far longer
+        self.cluster.thaw()
+        wait_until(lambda: self.book("bob").status == 201, what="a booking once thawed")
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+        self.assertEqual(len(self.stored("bob")), 1)
+
+    def test_sessions_ended_while_idle_are_noticed_before_use(self):
+        run_all([threading.Thread(target=self.book, args=(f"user-{n}",)) for n in range(4)])
+        for request, status in ((lambda: self.book("bob"), 201),
+                                (lambda: self.request("GET", "/appointments?user_id=bob"), 200),
+                                (lambda: self.request("GET", "/healthz"), 200)):
+            self.end_sessions()
+            self.assertEqual(request().status, status)
+
+    def test_a_session_ended_just_after_its_check_is_used_once_more_on_another(self):
+        """The FATAL may arrive between the pool's check and the first query: a read
+        runs again on another connection, as a write does (nothing was done yet)."""
+        self.book()
+        real_check = scheduler.PGConnection.check_idle
+        checks = []
+
+        def too_early(connection):  # the first check comes before the FATAL arrives
+            checks.append(connection)
+            return len(checks) == 1 or real_check(connection)
+
+        for request, status in ((lambda: self.request("GET", "/appointments?user_id=alice"),
+                                 200), (lambda: self.book("bob"), 201)):
+            checks.clear()
+            self.end_sessions()
+            with mock.patch.object(scheduler.PGConnection, "check_idle", too_early):
+                self.assertEqual(request().status, status)
+            self.assertEqual(checks[0].state, "closed")  # the race was run: it broke in use
+
+    def lose_commit(self, before: bool):
+        """Make the next COMMIT's outcome unknown to the store: its connection drops
+        before it reaches the server (the session ended first), or after the server
+        committed, before its answer arrives."""
+        real_query = scheduler.PGConnection.query
+        lost = []
+
+        def query(connection, sql, params=(), deadline=None):
+            if sql != "COMMIT" or lost:
+                return real_query(connection, sql, params, deadline)
+            lost.append(connection.backend_pid)
+            if before:
+                self.end_sessions()
+                return real_query(connection, sql, params, deadline)
+            real_query(connection, sql, params, deadline)
+            connection._fail(scheduler.PGConnectionLost, "the server closed the connection")
+
+        patch = mock.patch.object(scheduler.PGConnection, "query", query)
+        patch.start()
+        self.addCleanup(patch.stop)
+        return lost
+
+    def test_a_booking_committed_but_unacknowledged_gets_its_201_when_retried(self):
+        lost = self.lose_commit(before=False)
+        first = self.keyed_booking()
+        self.assertTrue(lost)
+        self.assertEqual(self.assertProblem(first, 503)["detail"],
+                         "The database cannot be reached now; retry shortly.")
+        self.assertEqual(first.headers["Retry-After"], "1")
+        self.assertEqual(self.stored(), [appointment()])  # committed, all the same
+        retry = self.keyed_booking()
+        self.assertEqual((retry.status, retry.headers["Idempotent-Replayed"]), (201, "true"))
+        self.assertEqual(retry.json(), appointment().as_json())  # not a 409 for itself
+        self.assertEqual(retry.headers["ETag"], self.request(
+            "GET", "/appointments/alice/2026-11-25").headers["ETag"])
+
+    def test_a_booking_whose_commit_never_arrived_is_booked_when_retried(self):
+        lost = self.lose_commit(before=True)
+        first = self.keyed_booking()
+        self.assertTrue(lost)
+        self.assertProblem(first, 503)
+        self.assertEqual(first.headers["Retry-After"], "1")
+        self.assertEqual(self.stored(), [])  # rolled back with the session
+        retry = self.keyed_booking()
+        self.assertEqual((retry.status, retry.headers["Idempotent-Replayed"]), (201, None))
+        self.assertEqual(self.stored(), [appointment()])
+
+    def test_retry_after_only_where_a_retry_soon_may_succeed(self):
+        for sqlstate, words, retry_after in (
+                ("57P01", "restarting, failing over or overloaded", 1),  # admin_shutdown
+                ("57P03", "restarting, failing over or overloaded", 1),  # starting up
+                ("08006", "restarting, failing over or overloaded", 1),  # connection_failure
+                ("53300", "restarting, failing over or overloaded", 1),  # too many connections
+                ("25006", "restarting, failing over or overloaded", 1),  # on a standby
+                ("40001", "busy", 1), ("40P01", "busy", 1), ("23505", "busy", 1),
+                ("53100", "its disk is full", None),
+                ("42501", "its operator must look into the server's log", None),
+                ("P0001", "its operator must look into the server's log", None)):
+            with self.subTest(sqlstate):
+                error = scheduler.PGError({"S": "ERROR", "C": sqlstate, "M": "secret words"})
+                unavailable = self.store._unavailable(error)
+                self.assertIn(words, str(unavailable))
+                self.assertEqual(unavailable.retry_after, retry_after)
+                self.assertNotIn("secret", str(unavailable))
+                self.assertIn("secret words", unavailable.cause)
+
+    def test_a_write_overtaken_every_time_is_503_busy_with_retry_after(self):
+        runs = []
+
+        def overtaken(db):
+            runs.append(db.execute("SELECT 1"))
+            raise scheduler.PGError({"S": "ERROR", "C": "40001",
+                                     "M": "could not serialize access"})
+
+        with self.assertRaises(scheduler.StoreUnavailable) as refused:
+            self.store.write(overtaken)
+        self.assertEqual(len(runs), scheduler._PG_RETRIES)
+        self.assertIn("busy", str(refused.exception))
+        self.assertEqual(refused.exception.retry_after, 1)
+
+    def test_an_error_the_operator_must_see_to_is_503_without_retry_after(self):
+        schema = self.store.schema
+        self.cluster.sql(
+            f'CREATE FUNCTION "{schema}".refuse() RETURNS trigger LANGUAGE plpgsql AS $$ '
+            "BEGIN RAISE EXCEPTION 'secret_column'; END $$; "
+            f'CREATE TRIGGER refuse BEFORE INSERT ON "{schema}".appointments FOR EACH ROW '
+            f"WHEN (NEW.user_id = 'mallory') EXECUTE FUNCTION \"{schema}\".refuse()",
+            self.cluster.DATABASE)
+        response = self.book("mallory")
+        self.assertIn("its operator must look into the server's log",
+                      self.assertProblem(response, 503)["detail"])
+        self.assertNotIn("Retry-After", response.headers)  # retrying will not help
+        self.assertNotIn(b"secret_column", response.body)
+        self.assertEqual(len([line for line in self.client.logged
+                              if "secret_column" in line]), 1, self.client.logged)
+        self.assertEqual(self.book("alice").status, 201)  # the others' bookings go on
 
 
 # --- Wire format and connection, without a server -----------------------------------
@@ -8760,6 +8957,131 @@ class WorkersTest(unittest.TestCase):
         server.process.wait(timeout=10)
         wait_until(lambda: not any(map(self.running, workers.values())),
                    what="the orphaned workers to stop")
+
+
+class BookingLoad:
+    """Bookings from client threads through servers (thread n sends to servers[n %
+    len(servers)], on a keep-alive connection of its own), each thread booking users
+    of its own with an Idempotency-Key each, and retrying a 503 with its key as a
+    client should (sooner than its Retry-After asks, to see when booking works
+    again). Bounded: it stops at stop(), or by itself after requests per thread or
+    seconds. It notes each 201 (when, whose, whether replayed) and anything else
+    that is not a 503 with Retry-After."""
+
+    PAUSE = 0.02  # seconds between a 503 and its retry
+
+    def __init__(self, servers: List[ServerProcess], threads: int = 8, requests: int = 2000,
+                 seconds: float = 30):
+        self.servers, self.requests, self.seconds = servers, requests, seconds
+        self.acknowledged: List[Tuple[float, str, bool]] = []  # list.append is atomic
+        self.unexpected: List[tuple] = []
+        self.unavailable: List[float] = []  # when each 503 came
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._client, args=(n,))
+                         for n in range(threads)]
+
+    def __enter__(self) -> "BookingLoad":
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join()
+
+    def booked_after(self, moment: float) -> Optional[float]:
+        """When the first booking acknowledged after moment was, if any."""
+        return next((at for at, _, _ in list(self.acknowledged) if at > moment), None)
+
+    def _client(self, number: int) -> None:
+        server = self.servers[number % len(self.servers)]
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=30)
+        ends = time.monotonic() + self.seconds
+        user, sent = f"load-{number}-0", 0
+        try:
+            while not self._stopping.is_set() and time.monotonic() < ends \
+                    and sent < self.requests:
+                sent += 1
+                try:
+                    conn.request("POST", "/appointments", json.dumps(
+                        {"user_id": user, "date": "2026-11-25", "time": "09:30"}),
+                        {"Content-Type": "application/json", "Idempotency-Key": f'"{user}"'})
+                    response = response_of(conn)
+                except (OSError, http.client.HTTPException) as error:
+                    self.unexpected.append((user, repr(error)))
+                    conn.close()
+                    continue
+                if response.status == 503 and response.headers["Retry-After"]:
+                    self.unavailable.append(time.monotonic())
+                    self._stopping.wait(self.PAUSE)
+                    continue  # the same booking, with its key
+                if response.status == 201:
+                    self.acknowledged.append((time.monotonic(), user, bool(
+                        response.headers["Idempotent-Replayed"])))
+                else:
+                    self.unexpected.append((user, response.status, response.body[:300]))
+                user = f"load-{number}-{sent}"
+        finally:
+            conn.close()
+
+
+@requires_postgres
+class PostgresOutageUnderLoadTest(unittest.TestCase):
+    """Two servers (processes) on one PostgreSQL database, under booking load, while
+    the database restarts or fails over: clients get 201s and 503s with Retry-After,
+    booking resumes by itself, and nothing acknowledged is lost. A booking whose
+    outcome was unknown (its connection lost after COMMIT was sent) gets its first
+    answer when retried with its key, never a 409 for its own appointment."""
+
+    def start_servers(self, uri: str, count: int = 2) -> List[ServerProcess]:
+        servers = start_processes(self, [([SCRIPT, "--port", "0", "--db", uri], {})] * count)
+        for server in servers:
+            self.addCleanup(lambda p=server.process: p.poll() is None and (
+                p.send_signal(signal.SIGTERM) or p.wait(timeout=20)))
+        return servers
+
+    def stored(self, cluster: PostgresCluster, database: str) -> Set[str]:
+        return set(cluster.sql("SELECT user_id FROM scheduler.appointments",
+                               database).split())
+
+    def test_a_restart_under_load_loses_no_acknowledged_booking(self):
+        cluster = PostgresCluster.shared()  # restarted, it is as it was
+        database = cluster.fresh_database(self)
+        servers = self.start_servers(cluster.uri(database=database))
+        with BookingLoad(servers) as load:
+            wait_until(lambda: len(load.acknowledged) >= 20, what="bookings before the restart")
+            cluster.restart("fast")
+            back = time.monotonic()
+            wait_until(lambda: load.booked_after(back), 10, "a booking after the restart")
+            wait_until(lambda: len(load.acknowledged) >= 20 + len([
+                at for at, _, _ in load.acknowledged if at <= back]), what="more bookings")
+        self.assertEqual(load.unexpected, [])
+        self.assertTrue(load.unavailable, "no 503 at all: was the database restarted?")
+        acknowledged = {user for _, user, _ in load.acknowledged}
+        self.assertLessEqual(acknowledged, self.stored(cluster, database))
+
+    def test_a_failover_to_a_synchronous_standby_loses_no_acknowledged_booking(self):
+        primary = PostgresCluster.for_test(self)  # killed: a cluster of its own
+        standby = primary.standby(synchronous=True)
+        self.addCleanup(standby.cleanup)
+        database = primary.DATABASE
+        servers = self.start_servers(primary.uri(others=(standby,),
+                                                 target_session_attrs="read-write"))
+        with BookingLoad(servers) as load:
+            wait_until(lambda: len(load.acknowledged) >= 20, what="bookings before the failover")
+            primary.kill()  # as when its machine is lost
+            standby.promote()
+            promoted = time.monotonic()
+            wait_until(lambda: load.booked_after(promoted), 10, "a booking on the new primary")
+            wait_until(lambda: len(load.acknowledged) >= 20 + len([
+                at for at, _, _ in load.acknowledged if at <= promoted]), what="more bookings")
+        self.assertEqual(load.unexpected, [])
+        acknowledged = {user for _, user, _ in load.acknowledged}
+        self.assertLessEqual(acknowledged, self.stored(standby, database))
 
 
 # --- Benchmark (make bench; skipped by make test) -------------------------------------
