@@ -8670,8 +8670,10 @@ class WorkersTest(unittest.TestCase):
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers, running = {}, set()  # running: each has its handlers, and its store open
+        self.startup: List[str] = []  # what the supervisor and workers logged until then
         while len(workers) < 2 or len(running) < 2:
-            line = wait_for_log(server, "Worker ")
+            self.startup += read_log_until(server, "Worker ")
+            line = self.startup[-1]
             started = re.match(r"Worker (\d) started \(process (\d+)\)\.$", line)
             if started:
                 workers[int(started[1])] = int(started[2])
@@ -8749,7 +8751,12 @@ class WorkersTest(unittest.TestCase):
     @requires_postgres
     def test_a_race_spread_over_the_workers_on_postgresql_books_exactly_one(self):
         cluster = PostgresCluster.shared()
-        server, _, workers = self.start(db=cluster.uri(database=cluster.fresh_database(self)))
+        database = cluster.fresh_database(self)
+        server, _, workers = self.start(db=cluster.uri(database=database))
+        self.assertIn(f"Created schema scheduler of postgresql://scheduler@127.0.0.1:"
+                      f"{cluster.port}/{database} (schema version "
+                      f"{scheduler.PG_SCHEMA_VERSION}).\n", self.startup)  # by the supervisor
+        self.assertNotIn(cluster.PASSWORDS["scheduler"], "".join(self.startup))
         self.race_over_the_workers(server, workers)
 
     def race_over_the_workers(self, server: ServerProcess, workers: Dict[int, int]) -> None:
