@@ -284,6 +284,27 @@ def open_sockets(pid: int) -> int:
     return count
 
 
+def accepted_connections(pid: int, port: int) -> int:
+    """How many TCP connections process pid holds that clients made to its port (from
+    /proc): not its listening socket, nor its own connections out (to PostgreSQL)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:  # closed meanwhile: not held
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as rows:
+            for row in itertools.islice(rows, 1, None):  # sl local rem st ... uid timeout inode
+                fields = row.split()
+                count += (fields[9] in inodes and fields[3] != "0A"  # 0A: listening
+                          and int(fields[1].rsplit(":", 1)[1], 16) == port)
+    return count
+
+
 def start_process(testcase: unittest.TestCase, args: List[str], env=None,
                   keep_log: bool = True, preexec_fn=None) -> ServerProcess:
     return start_processes(testcase, [(args, env or {})], keep_log, preexec_fn)[0]
@@ -8632,22 +8653,283 @@ class CommandLineTest(unittest.TestCase):
         self.assertEqual(result.returncode, 2)
         self.assertIn(message, result.stderr)
 
+    # Each bad URI holds the password "p@ss-word-71e3", which no reason may quote, nor
+    # the part after its "@" where that is not percent-encoded (read as a host).
+    BAD_URIS = [
+        ("postgresql://scheduler:p%40ss-word-71e3@[::1/scheduler",
+         "an IPv6 host address has no closing ']'"),
+        ("postgresql://scheduler:p%40ss-word-71e3@127.0.0.1:99999/scheduler",
+         "'99999' is not a port number (1-65535)"),
+        ("postgresql://scheduler:p%40ss-word-71e3@127.0.0.1/scheduler?sslmode=requir",
+         "sslmode 'requir' is not one of disable, allow, prefer, require"),
+        ("postgresql://scheduler:p%40ss-word-71e3@127.0.0.1/scheduler?sslcert=me.crt",
+         "the parameter 'sslcert' is not supported by this service"),
+        ("postgresql://scheduler:p%40ss-word-71e3%zz@127.0.0.1/scheduler",
+         "the password has a '%' that is not followed by two hex digits"),
+        ("postgresql://scheduler:p@ss-word-71e3@127.0.0.1/scheduler",
+         "it has an '@' after the one that ends the user name and password"),
+    ]
+
+    def assertNoBadURIPassword(self, text: str) -> None:
+        for shown in ("p@ss-word-71e3", "p%40ss-word-71e3", "ss-word-71e3"):
+            self.assertNotIn(shown, text)
+
+    def test_a_uri_it_cannot_read_is_a_usage_error_that_does_not_echo_the_password(self):
+        for uri, reason in self.BAD_URIS:
+            with self.subTest(reason=reason):
+                with self.assertRaises(SystemExit) as caught, \
+                        contextlib.redirect_stderr(io.StringIO()) as stderr:
+                    scheduler.parse_args(["--db", uri])
+                self.assertEqual(caught.exception.code, 2)
+                self.assertIn(f"error: --db: the PostgreSQL URI cannot be read: {reason}",
+                              stderr.getvalue())
+                self.assertNoBadURIPassword(stderr.getvalue())
+        uri, reason = self.BAD_URIS[-1]  # and once as a process
+        run = subprocess.run([*PYTHON, SCRIPT, "--db", uri], capture_output=True, text=True,
+                             timeout=30)
+        self.assertEqual((run.returncode, run.stdout), (2, ""))
+        self.assertIn(reason, run.stderr)
+        self.assertNoBadURIPassword(run.stderr)
+
+
+WRONG_PASSWORD = "wrong-secret-5e1f"  # a password that no role of the clusters has
+
+
+def hold_back_bookings(testcase: unittest.TestCase, cluster: PostgresCluster,
+                       database: str) -> Callable[[int], None]:
+    """Lock the service's appointments table in database from a transaction of the
+    superuser's, so that each booking waits at its INSERT, having read what it
+    decides on (its snapshot taken, at REPEATABLE READ); return what lets them all
+    go at once, as soon as that many of them wait: a race that is sure to be one."""
+    lock = pg_connection(testcase, cluster.uri(cluster.SUPERUSER, database=database,
+                                               sslmode="disable"))
+    lock.query("BEGIN")
+    lock.query("LOCK TABLE scheduler.appointments IN SHARE ROW EXCLUSIVE MODE")
+
+    def waiting() -> int:  # as now: not as first read in this transaction
+        lock.query("SELECT pg_stat_clear_snapshot()")
+        return lock.query("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                          "current_database() AND wait_event_type = 'Lock'").rows[0][0]
+
+    def release(writes: int) -> None:
+        try:  # well within the servers' busy_timeout, after which they would answer 503
+            wait_until(lambda: waiting() == writes, 4, f"{writes} bookings waiting")
+        finally:
+            lock.query("COMMIT")
+
+    return release
+
+
+@requires_postgres
+class PostgresServersTest(unittest.TestCase):
+    """scheduler.py --db postgresql://...: several server processes on one database,
+    and every refusal at start. The command line's schema is always "scheduler":
+    each test that starts servers has a database of its own (fresh_database())."""
+
+    stop = CommandLineTest.stop
+
+    def setUp(self):
+        self.cluster = PostgresCluster.shared()
+
+    def start_servers(self, database: str, count: int = 2) -> List[ServerProcess]:
+        """count servers on database, started at once (so on an empty database they
+        race to make the schema)."""
+        return start_processes(self, [([SCRIPT, "--port", "0", "--db",
+                                        self.cluster.uri(database=database)], {})] * count)
+
+    @staticmethod
+    def book(server: ServerProcess, body: dict, key: Optional[str] = None) -> Response:
+        conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
+        try:
+            conn.request("POST", "/appointments", json.dumps(body), {
+                "Content-Type": "application/json",
+                **({} if key is None else {"Idempotency-Key": f'"{key}"'})})
+            return response_of(conn)
+        finally:
+            conn.close()
+
+    def race(self, database: str, bookings: List[Tuple[ServerProcess, dict, Optional[str]]]
+             ) -> List[Response]:
+        """Send the bookings (server, body, key) at once, each on a connection of its
+        own, held back in the database until all have read what they decide on; the
+        answers, in the order of the bookings."""
+        release = hold_back_bookings(self, self.cluster, database)
+        answers: List[Optional[Response]] = [None] * len(bookings)
+
+        def send(index, server, body, key):
+            answers[index] = self.book(server, body, key)
+
+        threads = [threading.Thread(target=send, args=(index, *booking))
+                   for index, booking in enumerate(bookings)]
+        for thread in threads:
+            thread.start()
+        try:
+            release(len(bookings))
+        finally:
+            for thread in threads:
+                thread.join()
+        return answers
+
+    def assertNoPassword(self, text: str) -> None:
+        for password in (*PostgresCluster.PASSWORDS.values(), WRONG_PASSWORD):
+            if password:
+                self.assertNotIn(password, text)
+                self.assertNotIn(urllib.parse.quote(password, safe=""), text)
+
+    def test_two_servers_racing_for_one_user_and_date_book_exactly_one(self):
+        database = self.cluster.fresh_database(self)
+        servers = self.start_servers(database)
+        answers = self.race(database, [
+            (server, {"user_id": "racer", "date": "2026-11-25", "time": f"{hour:02d}:00"}, None)
+            for hour, server in enumerate(servers * 3)])
+        self.assertEqual(sorted(answer.status for answer in answers), [201] + [409] * 5)
+        winner = next(answer.json() for answer in answers if answer.status == 201)
+        for answer in answers:
+            if answer.status == 409:
+                self.assertEqual(answer.json()["appointment"], winner, answer.body)
+        for server in servers:  # each shows it
+            self.assertEqual(http_status(server, "/appointments/racer/2026-11-25"), 200)
+        self.assertEqual(self.cluster.sql("SELECT user_id, date, time FROM "
+                                          "scheduler.appointments", database),
+                         f"racer|2026-11-25|{winner['time']}")
+        # One of the two made the schema, and said so, naming the database without
+        # the password; neither printed it anywhere.
+        logs = [self.stop(server, signal.SIGTERM) + server.process.stdout.read()
+                for server in servers]
+        made = (f"Created schema scheduler of postgresql://scheduler@127.0.0.1:"
+                f"{self.cluster.port}/{database} (schema version {scheduler.PG_SCHEMA_VERSION}).")
+        self.assertEqual(sorted(log.count("Created schema") for log in logs), [0, 1], logs)
+        self.assertEqual(sum(log.count(made) for log in logs), 1, logs)
+        for server, log in zip(servers, logs):
+            self.assertEqual(server.process.returncode, 0)
+            self.assertIn('"POST /appointments HTTP/1.1" 409', log)
+            self.assertNoPassword(log)
+
+    def test_retries_of_one_key_racing_across_servers_get_the_first_answer(self):
+        # In one process, a retry while the first is under way is a 409 (Service.
+        # processing()); across servers the database decides: the one that comes
+        # second runs again once the first has committed (40001, or 23505 where both
+        # kept the key), and finds the first's answer.
+        database = self.cluster.fresh_database(self)
+        servers = self.start_servers(database)
+        taken = {"user_id": "taken", "date": "2026-11-25", "time": "08:00"}
+        self.assertEqual(self.book(servers[0], taken).status, 201)
+        bodies = [{"user_id": f"keyed-{number}", "date": "2026-11-25", "time": "09:00"}
+                  for number in range(3)] + [{**taken, "time": "10:00"}]
+        statuses = [201, 201, 201, 409]  # the last: a conflict with the one taken
+        keys = [f"retried-{number}" for number in range(len(bodies))]
+        answers = self.race(database, [(server, body, key) for key, body in zip(keys, bodies)
+                                       for server in servers])
+        for number, (key, status) in enumerate(zip(keys, statuses)):
+            with self.subTest(key=key):
+                pair = answers[2 * number:2 * number + 2]
+                self.assertEqual([answer.status for answer in pair], [status] * 2,
+                                 [answer.body for answer in pair])
+                self.assertEqual(pair[0].body, pair[1].body)
+                self.assertEqual(sorted(str(answer.headers["Idempotent-Replayed"])
+                                        for answer in pair), ["None", "true"])
+                again = [self.book(server, bodies[number], key) for server in servers]
+                self.assertEqual({(answer.status, answer.body) for answer in again},
+                                 {(status, pair[0].body)})
+        self.assertEqual(self.cluster.sql("SELECT count(*) FROM scheduler.appointments",
+                                          database), "4")
+        self.assertEqual(self.cluster.sql("SELECT count(*) FROM scheduler.idempotency_keys",
+                                          database), "4")
+
+    def test_every_refusal_at_start_is_one_line_naming_the_host_and_why(self):
+        cluster, secret = self.cluster, PostgresCluster.PASSWORDS["scheduler"]
+        here = f"127.0.0.1:{cluster.port}"
+
+        def listener() -> socket.socket:
+            sock = socket.socket()
+            self.addCleanup(sock.close)
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            return sock
+
+        silent = listener()  # the kernel accepts; nothing ever answers: a frozen server
+        no_tls = listener()  # answers the SSLRequest as a server with ssl off does
+        play_server(self, no_tls, lambda sock: [receive_startup(sock), sock.sendall(b"N"),
+                                                sock.recv(1)])
+        nothing = free_port()
+        foreign = cluster.fresh_database(self)  # its schema "scheduler" is another's
+        cluster.sql("SET ROLE scheduler; CREATE SCHEMA scheduler; "
+                    "CREATE TABLE scheduler.orders (id integer)", foreign)
+        tables = "SELECT relname FROM pg_class WHERE relnamespace = 'scheduler'::regnamespace"
+        before = cluster.sql(tables, foreign)
+        wrong = f': {here}: the server refused the connection: FATAL: password authentication ' \
+                f'failed for user "scheduler" (SQLSTATE 28P01)'
+        cases = [  # what, URI, environment, what the line says after "...use PostgreSQL"
+            ("nothing listening", f"postgresql://scheduler:{secret}@127.0.0.1:{nothing}/"
+             "scheduler", {}, f": 127.0.0.1:{nothing}: connection refused"),
+            ("a wrong password", cluster.uri(password=WRONG_PASSWORD), {}, wrong),
+            ("a wrong PGPASSWORD", cluster.uri(password=None), {"PGPASSWORD": WRONG_PASSWORD},
+             wrong),
+            ("a missing database", cluster.uri(database="no_such_database"), {},
+             f': {here}: the server refused the connection: FATAL: database "no_such_database" '
+             f"does not exist (SQLSTATE 3D000)"),
+            ("TLS refused", on_ports(cluster.uri(sslmode="require"), no_tls.getsockname()[1]),
+             {}, f": 127.0.0.1:{no_tls.getsockname()[1]}: the server does not accept TLS (its "
+                 "ssl is off), and sslmode=require requires it"),
+            ("a silent server", on_ports(cluster.uri(), silent.getsockname()[1]), {},
+             f": 127.0.0.1:{silent.getsockname()[1]}: the server did not answer within the "
+             "deadline ("),  # then how long it waited: below
+            ("a schema it did not make", cluster.uri(database=foreign), {},
+             f": schema scheduler of postgresql://scheduler@{here}/{foreign}?connect_timeout=2 "
+             "holds tables this service did not make; give it a schema of its own (nothing "
+             "was changed)"),
+            ("a role that may not make the schema", cluster.uri("md5_user", database="postgres"),
+             {}, f" at postgresql://md5_user@{here}/postgres?connect_timeout=2: ERROR: "
+                 "permission denied for database postgres (SQLSTATE 42501)"),
+        ]
+        if cluster.ca_file:
+            cases.append(("a certificate that does not verify", cluster.uri(
+                sslmode="verify-full", sslrootcert=cluster.other_ca_file), {},
+                f": {here}: the server's certificate does not verify (sslmode=verify-full): "))
+        results = {}
+
+        def start(what, uri, env):  # every URI with connect_timeout=2, libpq's least
+            results[what] = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db",
+                                  uri + ("&" if "?" in uri else "?") + "connect_timeout=2"],
+                                 capture_output=True, text=True, timeout=30,
+                                 env={**{name: value for name, value in os.environ.items()
+                                         if not name.startswith("PG")}, **env})
+
+        run_all([threading.Thread(target=start, args=case[:3]) for case in cases])
+        for what, uri, env, reason in cases:
+            with self.subTest(what):
+                run = results[what]
+                self.assertEqual((run.returncode, run.stdout), (1, ""), run.stderr)
+                self.assertRegex(run.stderr, r"\A" + re.escape(
+                    f"scheduler: cannot use PostgreSQL{reason}") + r"[^\n]*\n\Z")
+                self.assertNoPassword(run.stderr)
+        # connect_timeout's 2 s, not the PG_CONNECT_TIMEOUT (10 s) or more of a URI without it
+        waited = re.search(r"within the deadline \((\d+\.\d) s\)",
+                           results["a silent server"].stderr)
+        self.assertTrue(2 <= float(waited[1]) < scheduler.PG_CONNECT_TIMEOUT, waited[0])
+        self.assertEqual(cluster.sql(tables, foreign), before)
+
 
 @unittest.skipUnless(hasattr(os, "fork") and os.path.exists("/proc/self/fd"),
                      "counts each worker's connections in /proc")
 class WorkersTest(unittest.TestCase):
-    """--workers 2 --db: two server processes on one listening socket and one file."""
+    """--workers 2 --db: two server processes on one listening socket and one file (or
+    one PostgreSQL database)."""
 
-    def start(self, preexec_fn=None, script=SCRIPT) -> Tuple[ServerProcess, str, Dict[int, int]]:
-        """Start the supervisor, and wait until both workers run; their process IDs."""
-        path = temporary_database(self)
+    def start(self, preexec_fn=None, script=SCRIPT, db: Optional[str] = None
+              ) -> Tuple[ServerProcess, str, Dict[int, int]]:
+        """Start the supervisor on db (a new SQLite file by default), and wait until
+        both workers run; their process IDs."""
+        path = db or temporary_database(self)
         server = start_process(self, [script, "--port", "0", "--workers", "2", "--db", path],
                                preexec_fn=preexec_fn)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers, running = {}, set()  # running: each has its handlers, and its store open
+        self.startup: List[str] = []  # what the supervisor and workers logged until then
         while len(workers) < 2 or len(running) < 2:
-            line = wait_for_log(server, "Worker ")
+            self.startup += read_log_until(server, "Worker ")
+            line = self.startup[-1]
             started = re.match(r"Worker (\d) started \(process (\d+)\)\.$", line)
             if started:
                 workers[int(started[1])] = int(started[2])
@@ -8663,11 +8945,6 @@ class WorkersTest(unittest.TestCase):
                 return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
         except FileNotFoundError:
             return False
-
-    @staticmethod
-    def held(pid: int) -> int:
-        """Connections a worker holds: its sockets but the listening one."""
-        return open_sockets(pid) - 1
 
     def test_a_keyed_booking_sent_to_every_worker_books_once(self):
         server, path, workers = self.start()
@@ -8725,14 +9002,32 @@ class WorkersTest(unittest.TestCase):
 
     def test_a_race_spread_over_the_workers_books_exactly_one(self):
         server, _, workers = self.start()
+        self.race_over_the_workers(server, workers)
+
+    @requires_postgres
+    def test_a_race_spread_over_the_workers_on_postgresql_books_exactly_one(self):
+        cluster = PostgresCluster.shared()
+        database = cluster.fresh_database(self)
+        server, _, workers = self.start(db=cluster.uri(database=database))
+        self.assertIn(f"Created schema scheduler of postgresql://scheduler@127.0.0.1:"
+                      f"{cluster.port}/{database} (schema version "
+                      f"{scheduler.PG_SCHEMA_VERSION}).\n", self.startup)  # by the supervisor
+        self.assertNotIn(cluster.PASSWORDS["scheduler"], "".join(self.startup))
+        self.race_over_the_workers(server, workers)
+
+    def race_over_the_workers(self, server: ServerProcess, workers: Dict[int, int]) -> None:
+        """Bookings of one user and date on connections that both workers hold, sent
+        at once: one 201, and a 409 for each of the others with the one booked."""
         conns = []
-        while not all(self.held(pid) for pid in workers.values()) and len(conns) < 100:
+        while not all(accepted_connections(pid, server.port) for pid in workers.values()) \
+                and len(conns) < 100:
             conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
             self.addCleanup(conn.close)
             conn.request("GET", "/healthz")  # accepted, and so held, by one worker
             self.assertEqual(conn.getresponse().read(), b'{"status": "ok"}\n')
             conns.append(conn)
-        self.assertTrue(all(self.held(pid) for pid in workers.values()), "one worker took all")
+        self.assertTrue(all(accepted_connections(pid, server.port) for pid in workers.values()),
+                        "one worker took all")
         barrier, statuses, bodies = threading.Barrier(len(conns)), [], []
 
         def book(conn, hour):
