@@ -1892,6 +1892,21 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         other.reschedule("alice", dt.date(2026, 11, 25), scheduler.Changes(time=dt.time(11, 0)))
         self.assertNotEqual(self.store.version("alice"), before)
 
+    def test_a_write_sends_begin_with_its_first_statement(self):
+        sent = []
+        send = scheduler.PGConnection._send
+        with mock.patch.object(scheduler.PGConnection, "_send",
+                               lambda connection, data, deadline: (sent.append(data),
+                                                                   send(connection, data, deadline))):
+            self.store.book(appointment())
+            with self.assertRaises(scheduler.AlreadyBooked):
+                self.store.book(appointment(time="11:00"))
+        self.assertEqual([data.count(scheduler.SYNC) for data in sent], [1] * len(sent))
+        self.assertEqual(len(sent), 2 + 3)  # BEGIN and INSERT, COMMIT; then a SELECT too
+        self.assertIn(b"REPEATABLE READ", sent[0])
+        self.assertIn(b"INSERT INTO appointments", sent[0])
+        self.assertEqual(self.store.list_for_user("alice"), [appointment()])
+
     def test_text_round_trips_exactly(self):
         for user_id, note in (("o'brien \\ \"q\"", "$1 ? $$ -- /* */ \\N"),
                               ("Jos\u00e9 \U0001f600", "e\u0301 \u0915\u094d\u0937 \U0001f469\u200d\U0001f4bb")):
@@ -3452,6 +3467,47 @@ class PostgresQueryTest(unittest.TestCase):
         connection.query("SELEC 1")  # prepared again: it was never kept
         self.assertIn(scheduler.parse_message("s2", "SELEC 1"),
                       sent_by(connection, server))
+
+    def test_statements_pipelined_in_one_round_trip(self):
+        connection, server = scripted_connection(
+            self, PARSED + BOUND + NO_DATA + complete("BEGIN")
+            + answers_to_a_first_query(data_row(b"1"), data_row(b"2"), tag="SELECT 2")[:-6]
+            + ready(b"T"))
+        self.assertEqual(connection.queries((("BEGIN", ()), ("SELECT ?::int", (1,)))),
+                         [scheduler.Result([], -1, "BEGIN"),
+                          scheduler.Result([(1,), (2,)], 2, "SELECT 2")])
+        self.assertEqual(sent_by(connection, server),  # one Sync, at the end
+                         scheduler.parse_message("s1", "BEGIN")
+                         + scheduler.bind_message("s1", ()) + scheduler.DESCRIBE_PORTAL
+                         + scheduler.EXECUTE + scheduler.parse_message("s2", "SELECT $1::int")
+                         + scheduler.bind_message("s2", (1,)) + scheduler.DESCRIBE_PORTAL
+                         + scheduler.EXECUTE + scheduler.SYNC)
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "T"))
+        server.sendall(PARSED + BOUND + NO_DATA + complete("COMMIT") + BOUND + complete("BEGIN")
+                       + ready(b"T"))
+        self.assertEqual([result.tag for result in connection.queries(
+            (("COMMIT", ()), ("BEGIN", ())))], ["COMMIT", "BEGIN"])
+        self.assertEqual(sent_by(connection, server),  # BEGIN was kept: bound alone
+                         scheduler.parse_message("s3", "COMMIT") + scheduler.bind_message("s3", ())
+                         + scheduler.DESCRIBE_PORTAL + scheduler.EXECUTE
+                         + scheduler.bind_message("s1", ()) + scheduler.EXECUTE + scheduler.SYNC)
+
+    def test_the_first_failing_statement_of_a_pipeline_is_raised_and_the_rest_skipped(self):
+        connection, server = scripted_connection(
+            self, PARSED + BOUND + NO_DATA + complete("BEGIN") + PARSED + BOUND + NO_DATA
+            + backend(b"E", error_message("23505", "duplicate key value")) + ready(b"E"))
+        with self.assertRaisesRegex(scheduler.PGError, "duplicate key value"):
+            connection.queries((("BEGIN", ()), ("INSERT INTO t VALUES (?)", ("a",)),
+                                ("SELECT 1", ())))
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "E"))
+        server.sendall(answers_to_a_first_query(data_row(b"1")))
+        connection.query("SELECT 1")  # skipped, so never kept: prepared now
+        self.assertIn(scheduler.parse_message("s4", "SELECT 1"), sent_by(connection, server))
+        connection, server = scripted_connection(  # answers that end too soon
+            self, PARSED + BOUND + NO_DATA + complete("BEGIN") + ready(b"T"))
+        with self.assertRaises(scheduler.PGProtocolError):
+            connection.queries((("BEGIN", ()), ("SELECT 1", ())))
+        self.assertTrue(connection.broken)
 
     def test_commit_of_a_failed_transaction_raises(self):
         connection, server = scripted_connection(
