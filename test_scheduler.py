@@ -3594,6 +3594,12 @@ class PostgresQueryTest(unittest.TestCase):
         self.assertTrue(connection.broken)
         with self.assertRaisesRegex(scheduler.PGTimeout, "deadline passed before sending"):
             scripted_connection(self)[0].query("SELECT 1", deadline=started)
+        connection, server = scripted_connection(self)  # a server that reads nothing
+        started = time.monotonic()
+        with self.assertRaisesRegex(scheduler.PGTimeout, "took no more data"):
+            connection.query("SELECT ?", ("x" * 2 ** 23,), deadline=started + 0.2)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(connection.broken)
 
     def test_one_query_at_a_time(self):
         connection, server = scripted_connection(self)
