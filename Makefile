@@ -15,5 +15,5 @@ run: ## Serve the API (change the port with: make run PORT=9000)
 test: ## Run the test suite in 4 processes (another interpreter: make test PYTHON=python3.9)
 	$(PYTHON) test_scheduler.py parallel 4
 
-bench: ## Measure throughput, latency and memory (about 2 minutes; uses wrk if installed)
+bench: ## Measure throughput, latency and memory (about 3 minutes; uses wrk if installed)
 	SCHEDULER_BENCH=1 $(PYTHON) -m unittest -v test_scheduler.Benchmark

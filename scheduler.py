@@ -96,7 +96,7 @@ import urllib.parse
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
 from typing import (Callable, ContextManager, Deque, Dict, List, Mapping, NamedTuple,
-                    Optional, TextIO, Tuple, Union)
+                    Optional, Sequence, TextIO, Tuple, Union)
 
 __version__ = "1.0"
 SERVER_NAME = f"scheduler/{__version__}"
@@ -2795,13 +2795,14 @@ _COMMIT_WORDS = re.compile(r"\s*(?:COMMIT|END)\b", re.I)
 class PGConnection:
     """One connection to a PostgreSQL server: the one object that owns its socket,
     its state and its deadlines. connect() opens one; query() runs a statement with
-    the extended query protocol; close() ends it. Not for two threads at once (the
+    the extended query protocol, queries() several in one round trip; close() ends it. Not for two threads at once (the
     pool lends each to one).
 
         state      what it is doing                  what it accepts
         new        opened, not yet started           start()
         starting   TLS, authentication, parameters   the startup messages
-        ready      idle, after ReadyForQuery          query(), run_script(), check_idle()
+        ready      idle, after ReadyForQuery          query(), queries(), run_script(),
+                                                     check_idle()
         busy       a query is under way              nothing: a second call fails
         broken     an I/O or protocol error, a FATAL  nothing, ever again
         closed     close() was called
@@ -2840,6 +2841,8 @@ class PGConnection:
         self._to_close: List[str] = []  # statements dropped, closed with the next query
         self._names = itertools.count(1)
         self._deadline_started = 0.0  # time.monotonic() when the current wait began
+        self._poll: Optional[select.poll] = None  # made at the first wait (_wait())
+        self._polled = 0  # the events it waits for
 
     def __repr__(self) -> str:
         return f"<PGConnection {_address(self.host, self.port)} {self._state}>"
@@ -3060,20 +3063,32 @@ class PGConnection:
         once the server is ready again (the connection stays usable, and the
         transaction, if any, has failed); PGConnectionError when the connection
         fails (a FATAL, a lost connection, a deadline passed: it is then broken)."""
+        return self.queries(((sql, params),), deadline)[0]
+
+    def queries(self, statements: Sequence[Tuple[str, Union[tuple, list]]],
+                deadline: Optional[float] = None) -> List[Result]:
+        """Run statements ((sql, params) each) one after the other in one round trip,
+        as query() runs one, and return their Results. The server runs them until
+        one fails, and skips the rest (pipelining: one Sync after them all; the
+        protocol chapter of PostgreSQL's documentation, 55.2.4); that one's PGError
+        is raised. Outside a transaction they run in
+        one of their own, committed at the end; a first statement BEGIN opens one
+        that they are in, and that stays open."""
         self._expect(self.READY, "query()")
         deadline = time.monotonic() + self.timeout if deadline is None else deadline
         status = self.transaction_status
         with self._busy():
             try:
-                return self._run(sql, params, deadline)
+                return self._run(statements, deadline)
             except PGError as error:
                 if error.sqlstate not in ("0A000", "26000") or status != "I" \
-                        or sql in self._statements:
+                        or self.transaction_status != "I" \
+                        or all(sql in self._statements for sql, _ in statements):
                     raise
                 # A kept statement the server no longer has (26000), or whose result
                 # changed with the schema ("cached plan must not change result type"):
                 # outside a transaction nothing happened, so once more, prepared anew.
-                return self._run(sql, params, deadline)
+                return self._run(statements, deadline)
 
     @contextlib.contextmanager
     def _busy(self):
@@ -3091,46 +3106,64 @@ class PGConnection:
                 self._break()
             raise
 
-    def _run(self, sql: str, params: Union[tuple, list], deadline: float) -> Result:
-        statement = self._statements.get(sql)
+    def _run(self, statements: Sequence[Tuple[str, Union[tuple, list]]],
+             deadline: float) -> List[Result]:
         closing = self._to_close[:]
         batch = b"".join(map(close_statement_message, closing))
-        if statement is None:
-            statement = _Statement(f"s{next(self._names)}")
-            batch += parse_message(statement.name, numbered_placeholders(sql))
-            parsing = True
-        else:
-            self._statements.move_to_end(sql)
-            parsing = False
-        describing = statement.decoders is None
-        batch += bind_message(statement.name, params)
-        batch += DESCRIBE_PORTAL + EXECUTE + SYNC if describing else EXECUTE + SYNC
+        # What answers, in order: CloseComplete for each statement closed; then for each
+        # statement ParseComplete (if parsed now), BindComplete, RowDescription or NoData
+        # (if described now), its DataRows, then CommandComplete or EmptyQueryResponse.
+        # An ErrorResponse at any point ends them (the server skips the rest until
+        # Sync). ReadyForQuery last. owners: the statement each expected one answers.
+        expected, owners = [_CLOSE_COMPLETE] * len(closing), [-1] * len(closing)
+        plans: List[Tuple[str, _Statement, bool]] = []
+        for index, (sql, params) in enumerate(statements):
+            statement = self._statements.get(sql)
+            parsing = statement is None
+            if parsing:
+                statement = next((plan[1] for plan in plans if plan[0] == sql), None)
+            if statement is None:  # new, and not parsed earlier in this batch
+                statement = _Statement(f"s{next(self._names)}")
+                batch += parse_message(statement.name, numbered_placeholders(sql))
+                expected.append(_PARSE_COMPLETE)
+                owners.append(index)
+            elif not parsing:
+                self._statements.move_to_end(sql)
+            plans.append((sql, statement, parsing))
+            batch += bind_message(statement.name, params)
+            if statement.decoders is None:
+                batch += DESCRIBE_PORTAL + EXECUTE
+                expected += (_BIND_COMPLETE, _ROW_DESCRIPTION, _COMMAND_COMPLETE)
+                owners += (index, index, index)
+            else:
+                batch += EXECUTE
+                expected += (_BIND_COMPLETE, _COMMAND_COMPLETE)
+                owners += (index, index)
         self._state = self.BUSY
-        self._send(batch, deadline)
+        self._send(batch + SYNC, deadline)
         data, messages = self._read_until_ready(deadline)
         self._state = self.READY
-        # What answers, in order: CloseComplete for each statement closed, ParseComplete,
-        # BindComplete, RowDescription or NoData, (DataRows), then CommandComplete or
-        # EmptyQueryResponse; an ErrorResponse at any point ends them. ReadyForQuery last.
-        expected = [_CLOSE_COMPLETE] * len(closing) + [_PARSE_COMPLETE] * parsing \
-            + [_BIND_COMPLETE] + [_ROW_DESCRIPTION] * describing + [_COMMAND_COMPLETE]
-        step, error, rows, tag, rowcount = 0, None, [], "", -1
-        last = len(expected) - 1
+        step, error, failing, done = 0, None, -1, len(expected)
+        rows: List[list] = [[] for _ in plans]
+        tags: List[Tuple[str, int]] = [("", -1)] * len(plans)
         for message in messages:
             kind, start, end = message
-            if kind == _DATA_ROW and step == last and error is None:
-                rows.append(message)  # decode_rows() checks its columns
+            if kind == _DATA_ROW and step < done and expected[step] == _COMMAND_COMPLETE \
+                    and error is None:
+                rows[owners[step]].append(message)  # decode_rows() checks its columns
                 continue
             if kind == _READY_FOR_QUERY:
-                if error is None and step != len(expected):
+                if error is None and step != done:
                     self._unexpected(kind, "before the query's end")
                 break
             if kind == _ERROR_RESPONSE and error is None:
                 error = PGError(parse_error_fields(data[start:end]))
+                failing = owners[step] if step < done else -1
                 continue
-            want = expected[step] if step < len(expected) and error is None else None
+            want = expected[step] if step < done and error is None else None
             if kind == want or (want, kind) in ((_ROW_DESCRIPTION, _NO_DATA),
                                                 (_COMMAND_COMPLETE, _EMPTY_QUERY)):
+                owner = owners[step]
                 step += 1
             elif kind in _ASYNCHRONOUS:
                 self._asynchronous(kind, data[start:end])
@@ -3140,24 +3173,29 @@ class PGConnection:
             if kind == _CLOSE_COMPLETE:
                 self._to_close.remove(closing.pop(0))
             elif kind == _PARSE_COMPLETE:
-                self._keep(sql, statement)
+                self._keep(plans[owner][0], plans[owner][1])
             elif kind == _ROW_DESCRIPTION:
-                statement.decoders = tuple(PG_DECODERS.get(oid, _DECODE_TEXT) for _, oid in
-                                           parse_row_description(data[start:end]))
+                plans[owner][1].decoders = tuple(
+                    PG_DECODERS.get(oid, _DECODE_TEXT)
+                    for _, oid in parse_row_description(data[start:end]))
             elif kind == _NO_DATA:
-                statement.decoders = ()
+                plans[owner][1].decoders = ()
             elif kind == _COMMAND_COMPLETE:
-                tag, rowcount = parse_command_complete(data[start:end])
+                tags[owner] = parse_command_complete(data[start:end])
         if error is not None:
-            if error.sqlstate in ("0A000", "26000") and not parsing:
+            if failing >= 0 and error.sqlstate in ("0A000", "26000") and not plans[failing][2]:
+                sql, statement, _ = plans[failing]
                 self._statements.pop(sql, None)  # prepared anew at its next use
                 if error.sqlstate == "0A000":
                     self._to_close.append(statement.name)
             raise error
-        if tag == "ROLLBACK" and _COMMIT_WORDS.match(sql):
-            raise PGError({"S": "ERROR", "V": "ERROR", "C": "25P02", "M": (
-                "the transaction had failed, so the server rolled it back at COMMIT")})
-        return Result(_decoded(data, rows, statement.decoders), rowcount, tag)
+        results = []
+        for (sql, statement, _), found, (tag, rowcount) in zip(plans, rows, tags):
+            if tag == "ROLLBACK" and _COMMIT_WORDS.match(sql):
+                raise PGError({"S": "ERROR", "V": "ERROR", "C": "25P02", "M": (
+                    "the transaction had failed, so the server rolled it back at COMMIT")})
+            results.append(Result(_decoded(data, found, statement.decoders), rowcount, tag))
+        return results
 
     def _keep(self, sql: str, statement: _Statement) -> None:
         """Keep a statement the server has prepared; close the least recently used
@@ -3231,7 +3269,8 @@ class PGConnection:
         if self._state != self.READY:
             return False
         try:
-            self._sock.settimeout(0)
+            if self._sock.gettimeout() != 0:
+                self._sock.settimeout(0)
             while True:
                 try:
                     chunk = self._sock.recv(65536)
@@ -3288,24 +3327,62 @@ class PGConnection:
             self._fail(PGTimeout, f"the deadline passed before {doing}")
         return left
 
+    # The socket is non-blocking (timeout 0), and a send or receive that cannot go on
+    # now waits in poll() until the deadline: three system calls a round trip (send,
+    # poll, receive), where a socket timeout costs six, the GIL let go at each.
+
+    def _wait(self, events: int, deadline: float) -> bool:
+        """Wait until the socket is ready for events (select.POLLIN, POLLOUT), or the
+        deadline: False if it passed."""
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self._sock, events)
+        elif events != self._polled:
+            self._poll.modify(self._sock, events)
+        self._polled = events
+        return bool(self._poll.poll(math.ceil(left * 1000)))
+
     def _send(self, data: bytes, deadline: float) -> None:
+        self._remaining(deadline, "sending")
+        if self._sock.gettimeout() != 0:
+            self._sock.settimeout(0)
+        view = memoryview(data)
         try:
-            self._sock.settimeout(self._remaining(deadline, "sending"))
-            self._sock.sendall(data)
-        except socket.timeout:
-            self._fail(PGTimeout, "the server took no more data within the deadline")
+            while view:
+                try:
+                    view = view[self._sock.send(view):]
+                    continue
+                except (BlockingIOError, ssl.SSLWantWriteError):
+                    events = select.POLLOUT
+                except ssl.SSLWantReadError:
+                    events = select.POLLIN
+                if not self._wait(events, deadline):
+                    self._fail(PGTimeout, "the server took no more data within the deadline")
         except OSError as error:
             self._fail(PGConnectionLost, _os_reason(error))
 
     def _receive(self, deadline: float, size: int = 65536) -> None:
         """Add what the server sends next to the buffer, waiting until the deadline."""
+        self._remaining(deadline, "the server's answer")
+        if self._sock.gettimeout() != 0:
+            self._sock.settimeout(0)
+        events = 0 if self.tls and self._sock.pending() else select.POLLIN  # TLS: read ahead
         try:
-            self._sock.settimeout(self._remaining(deadline, "the server's answer"))
-            chunk = self._sock.recv(size)
-        except socket.timeout:
-            waited = time.monotonic() - self._deadline_started
-            self._fail(PGTimeout, f"the server did not answer within the deadline "
-                                  f"({waited:.1f} s)")
+            while True:
+                if events and not self._wait(events, deadline):
+                    waited = time.monotonic() - self._deadline_started
+                    self._fail(PGTimeout, f"the server did not answer within the deadline "
+                                          f"({waited:.1f} s)")
+                try:
+                    chunk = self._sock.recv(size)
+                    break
+                except (BlockingIOError, ssl.SSLWantReadError):
+                    events = select.POLLIN
+                except ssl.SSLWantWriteError:
+                    events = select.POLLOUT
         except OSError as error:
             self._fail(PGConnectionLost, _os_reason(error))
         if not chunk:
@@ -3666,13 +3743,22 @@ class SchemaRefused(Exception):
 
 class _PGDatabase(SQLDatabase):
     """A lent PostgreSQL connection as SQLStore runs its SQL through it, each
-    statement with the deadline of the request it serves."""
+    statement with the deadline of the request it serves. Given begin (a BEGIN
+    statement), it opens the transaction with the first statement, in the same
+    round trip (pipelined: see PGConnection.queries())."""
 
-    def __init__(self, connection: PGConnection, deadline: float):
+    def __init__(self, connection: PGConnection, deadline: float,
+                 begin: Optional[str] = None):
         self.connection, self.deadline, self.rowcount = connection, deadline, -1
+        self.begin = begin  # None once sent
 
     def execute(self, sql: str, parameters: tuple = ()) -> list:
-        result = self.connection.query(sql, parameters, self.deadline)
+        if self.begin is None:
+            result = self.connection.query(sql, parameters, self.deadline)
+        else:
+            begin, self.begin = self.begin, None
+            result = self.connection.queries(((begin, ()), (sql, parameters)),
+                                             self.deadline)[1]
         self.rowcount = result.rowcount
         return result.rows
 
@@ -3834,13 +3920,14 @@ class PostgresStore(SQLStore):
             committing = False
             try:
                 with self._pool.connection(deadline) as connection:
-                    connection.query(self._BEGIN, (), deadline)
+                    db = _PGDatabase(connection, deadline, self._BEGIN)
                     try:
-                        result, outcome = apply(_PGDatabase(connection, deadline), *args), None
+                        result, outcome = apply(db, *args), None
                     except (*_OUTCOMES, AlreadyKeyed) as raised:
                         result, outcome = None, raised
                     committing = True
-                    connection.query("COMMIT", (), deadline)
+                    if db.begin is None:  # else apply ran no statement: no transaction
+                        connection.query("COMMIT", (), deadline)
             except PGError as error:
                 if error.sqlstate in _PG_RETRIED and run < _PG_RETRIES \
                         and time.monotonic() < deadline:

@@ -1949,6 +1949,21 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         other.reschedule("alice", dt.date(2026, 11, 25), scheduler.Changes(time=dt.time(11, 0)))
         self.assertNotEqual(self.store.version("alice"), before)
 
+    def test_a_write_sends_begin_with_its_first_statement(self):
+        sent = []
+        send = scheduler.PGConnection._send
+        with mock.patch.object(scheduler.PGConnection, "_send",
+                               lambda connection, data, deadline: (sent.append(data),
+                                                                   send(connection, data, deadline))):
+            self.store.book(appointment())
+            with self.assertRaises(scheduler.AlreadyBooked):
+                self.store.book(appointment(time="11:00"))
+        self.assertEqual([data.count(scheduler.SYNC) for data in sent], [1] * len(sent))
+        self.assertEqual(len(sent), 2 + 3)  # BEGIN and INSERT, COMMIT; then a SELECT too
+        self.assertIn(b"REPEATABLE READ", sent[0])
+        self.assertIn(b"INSERT INTO appointments", sent[0])
+        self.assertEqual(self.store.list_for_user("alice"), [appointment()])
+
     def test_text_round_trips_exactly(self):
         for user_id, note in (("o'brien \\ \"q\"", "$1 ? $$ -- /* */ \\N"),
                               ("Jos\u00e9 \U0001f600", "e\u0301 \u0915\u094d\u0937 \U0001f469\u200d\U0001f4bb")):
@@ -3521,6 +3536,47 @@ class PostgresQueryTest(unittest.TestCase):
         self.assertIn(scheduler.parse_message("s2", "SELEC 1"),
                       sent_by(connection, server))
 
+    def test_statements_pipelined_in_one_round_trip(self):
+        connection, server = scripted_connection(
+            self, PARSED + BOUND + NO_DATA + complete("BEGIN")
+            + answers_to_a_first_query(data_row(b"1"), data_row(b"2"), tag="SELECT 2")[:-6]
+            + ready(b"T"))
+        self.assertEqual(connection.queries((("BEGIN", ()), ("SELECT ?::int", (1,)))),
+                         [scheduler.Result([], -1, "BEGIN"),
+                          scheduler.Result([(1,), (2,)], 2, "SELECT 2")])
+        self.assertEqual(sent_by(connection, server),  # one Sync, at the end
+                         scheduler.parse_message("s1", "BEGIN")
+                         + scheduler.bind_message("s1", ()) + scheduler.DESCRIBE_PORTAL
+                         + scheduler.EXECUTE + scheduler.parse_message("s2", "SELECT $1::int")
+                         + scheduler.bind_message("s2", (1,)) + scheduler.DESCRIBE_PORTAL
+                         + scheduler.EXECUTE + scheduler.SYNC)
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "T"))
+        server.sendall(PARSED + BOUND + NO_DATA + complete("COMMIT") + BOUND + complete("BEGIN")
+                       + ready(b"T"))
+        self.assertEqual([result.tag for result in connection.queries(
+            (("COMMIT", ()), ("BEGIN", ())))], ["COMMIT", "BEGIN"])
+        self.assertEqual(sent_by(connection, server),  # BEGIN was kept: bound alone
+                         scheduler.parse_message("s3", "COMMIT") + scheduler.bind_message("s3", ())
+                         + scheduler.DESCRIBE_PORTAL + scheduler.EXECUTE
+                         + scheduler.bind_message("s1", ()) + scheduler.EXECUTE + scheduler.SYNC)
+
+    def test_the_first_failing_statement_of_a_pipeline_is_raised_and_the_rest_skipped(self):
+        connection, server = scripted_connection(
+            self, PARSED + BOUND + NO_DATA + complete("BEGIN") + PARSED + BOUND + NO_DATA
+            + backend(b"E", error_message("23505", "duplicate key value")) + ready(b"E"))
+        with self.assertRaisesRegex(scheduler.PGError, "duplicate key value"):
+            connection.queries((("BEGIN", ()), ("INSERT INTO t VALUES (?)", ("a",)),
+                                ("SELECT 1", ())))
+        self.assertEqual((connection.state, connection.transaction_status), ("ready", "E"))
+        server.sendall(answers_to_a_first_query(data_row(b"1")))
+        connection.query("SELECT 1")  # skipped, so never kept: prepared now
+        self.assertIn(scheduler.parse_message("s4", "SELECT 1"), sent_by(connection, server))
+        connection, server = scripted_connection(  # answers that end too soon
+            self, PARSED + BOUND + NO_DATA + complete("BEGIN") + ready(b"T"))
+        with self.assertRaises(scheduler.PGProtocolError):
+            connection.queries((("BEGIN", ()), ("SELECT 1", ())))
+        self.assertTrue(connection.broken)
+
     def test_commit_of_a_failed_transaction_raises(self):
         connection, server = scripted_connection(
             self, PARSED + BOUND + NO_DATA + complete("ROLLBACK") + ready())
@@ -3606,6 +3662,12 @@ class PostgresQueryTest(unittest.TestCase):
         self.assertTrue(connection.broken)
         with self.assertRaisesRegex(scheduler.PGTimeout, "deadline passed before sending"):
             scripted_connection(self)[0].query("SELECT 1", deadline=started)
+        connection, server = scripted_connection(self)  # a server that reads nothing
+        started = time.monotonic()
+        with self.assertRaisesRegex(scheduler.PGTimeout, "took no more data"):
+            connection.query("SELECT ?", ("x" * 2 ** 22,), deadline=started + 1)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertTrue(connection.broken)
 
     def test_one_query_at_a_time(self):
         connection, server = scripted_connection(self)
@@ -9383,7 +9445,16 @@ class PostgresOutageUnderLoadTest(unittest.TestCase):
 # Timing figures live here, never in a pass/fail test. The benchmark fails only
 # on wrong answers: errors under load, or a store that does not hold what it should.
 
-BENCH_SECONDS = 10
+BENCH_SECONDS = int(os.environ.get("SCHEDULER_BENCH_SECONDS", "10"))  # a row's load
+# wrk's scripts: the latencies (wrk's histogram: each value in microseconds, and how
+# many requests took it), so that the runs of several wrk processes add up exactly.
+WRK_LATENCIES_SCRIPT = """
+function done(summary, latency, requests)
+  for i = 1, #latency do
+    io.write(string.format("latency %d %d\\n", latency(i)))
+  end
+end
+"""
 WRK_POST_SCRIPT = """
 local threads = 0
 function setup(thread)
@@ -9512,15 +9583,16 @@ def load_process(host: str, port: str, kind: str, connections: str, seconds: str
     json.dump({"latencies": latencies, "errors": errors}, sys.stdout)
 
 
-def stdlib_load(address, kind: str, connections: int, seconds: float) -> LoadResult:
-    """Load from two processes running generate_load(): the standard library's
-    stand-in for wrk -t2 (plain processes, not multiprocessing, which would
-    re-run the unittest command line in each child on platforms that spawn)."""
+def stdlib_load(addresses, kind: str, connections: int, seconds: float) -> LoadResult:
+    """Load from two processes running generate_load(), the first to the first
+    address, the second to the last: the standard library's stand-in for wrk -t2
+    (plain processes, not multiprocessing, which would re-run the unittest command
+    line in each child on platforms that spawn)."""
     prefix = f"std{os.getpid()}-{time.monotonic_ns()}"
     processes = [subprocess.Popen(
-        [sys.executable, THIS_FILE, "load", address[0], str(address[1]), kind,
-         str(connections // 2), str(seconds), f"{prefix}-{n}"],
-        cwd=HERE, stdout=subprocess.PIPE, text=True) for n in range(2)]
+        [sys.executable, THIS_FILE, "load", host, str(port), kind, str(connections // 2),
+         str(seconds), f"{prefix}-{n}"], cwd=HERE, stdout=subprocess.PIPE, text=True)
+        for n, (host, port) in enumerate((addresses[0], addresses[-1]))]
     outcomes = [json.loads(process.communicate(timeout=seconds + 60)[0])
                 for process in processes]
     latencies = sorted(latency for outcome in outcomes for latency in outcome["latencies"])
@@ -9529,35 +9601,59 @@ def stdlib_load(address, kind: str, connections: int, seconds: float) -> LoadRes
                       sum(outcome["errors"] for outcome in outcomes))
 
 
-def _wrk_ms(text: str, percentile: str) -> float:
-    value, unit = re.search(rf"^\s+{percentile}\s+([\d.]+)(us|ms|s)$", text, re.M).groups()
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+def _wrk_percentile_ms(histogram: Dict[int, int], fraction: float) -> float:
+    """A percentile of wrk's latency histogram (microseconds: requests), as wrk
+    reckons its own: the least value that at least that share of requests took."""
+    rank, seen = int(fraction * sum(histogram.values())) + 1, 0
+    for value in sorted(histogram):
+        seen += histogram[value]
+        if seen >= rank:
+            return value / 1000
+    return float("nan")
 
 
-def wrk_load(address, kind: str, connections: int, seconds: float) -> LoadResult:
-    host, port = address
-    command = ["wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        if kind == "POST":
-            script.write(WRK_POST_SCRIPT % f"wrk{os.getpid()}-{time.monotonic_ns()}")
+def wrk_load(addresses, kind: str, connections: int, seconds: float) -> LoadResult:
+    """wrk -t2 against one server; against several, a wrk each at once, the threads
+    and connections shared out among them, their counts and latencies added up."""
+    threads, share = max(1, 2 // len(addresses)), connections // len(addresses)
+    with contextlib.ExitStack() as stack:
+        runs = []
+        for host, port in addresses:
+            script = stack.enter_context(tempfile.NamedTemporaryFile("w", suffix=".lua"))
+            script.write(WRK_LATENCIES_SCRIPT + (WRK_POST_SCRIPT % f"wrk{os.getpid()}-"
+                                                 f"{time.monotonic_ns()}" if kind == "POST"
+                                                 else ""))  # new users for each run
             script.flush()
-            command += ["-s", script.name]
-        url = f"http://{host}:{port}/appointments?user_id={READER}"
-        output = subprocess.run(command + [url], capture_output=True, text=True,
-                                timeout=seconds + 60, check=True).stdout
-    requests = int(re.search(r"(\d+) requests in", output).group(1))
-    socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
-                              r"timeout (\d+)", output)
-    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-    errors = (sum(map(int, socket_errors.groups())) if socket_errors else 0) + (
-        int(non_2xx.group(1)) if non_2xx else 0)
-    return LoadResult(requests, seconds, _wrk_ms(output, "50%"), _wrk_ms(output, "99%"), errors)
+            runs.append(subprocess.Popen(
+                ["wrk", f"-t{threads}", f"-c{share}", f"-d{seconds}s", "-s", script.name,
+                 f"http://{host}:{port}/appointments?user_id={READER}"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = []
+        for run in runs:
+            output, problem = run.communicate(timeout=seconds + 60)
+            if run.returncode:
+                raise AssertionError(f"wrk failed: {problem.strip()}")
+            outputs.append(output)
+    requests, errors, histogram = 0, 0, collections.Counter()
+    for output in outputs:
+        requests += int(re.search(r"(\d+) requests in", output).group(1))
+        socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
+                                  r"timeout (\d+)", output)
+        non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+        errors += (sum(map(int, socket_errors.groups())) if socket_errors else 0) + (
+            int(non_2xx.group(1)) if non_2xx else 0)
+        for value, count in re.findall(r"^latency (\d+) (\d+)$", output, re.M):
+            histogram[int(value)] += int(count)
+    return LoadResult(requests, seconds, _wrk_percentile_ms(histogram, 0.5),
+                      _wrk_percentile_ms(histogram, 0.99), errors)
 
 
-def run_load(address, kind: str, connections: int, seconds: float) -> LoadResult:
-    """wrk where it is installed, else the standard library's load generator."""
+def run_load(addresses, kind: str, connections: int, seconds: float) -> LoadResult:
+    """Load on the servers at addresses (their (host, port)s: servers of one
+    database), the connections shared out among them: wrk where it is installed,
+    else the standard library's load generator."""
     load = wrk_load if shutil.which("wrk") else stdlib_load
-    return load(address, kind, connections, seconds)
+    return load(addresses, kind, connections, seconds)
 
 
 def fill_store(store: scheduler.Store, users: int, per_user: int) -> None:
@@ -9604,33 +9700,56 @@ class Benchmark(unittest.TestCase):
         server = start_process(self, args, keep_log=False)
         return server.host, server.port
 
-    def serve_for_load(self, *options: str) -> Tuple[str, int]:
-        """python3 scheduler.py with these options, its listed user given five appointments."""
-        address = self.start_server_process([SCRIPT, "--port", "0", *options])
-        conn = http.client.HTTPConnection(*address, timeout=10)
+    def serve_for_load(self, *options: str, servers: int = 1) -> List[Tuple[str, int]]:
+        """python3 scheduler.py with these options, its listed user given five
+        appointments; servers > 1: as many processes of one database, each on a CPU
+        of its own where there are enough."""
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        pinned = servers > 1 and len(cpus) >= servers
+        addresses = [self.start_server_process(
+            [SCRIPT, "--port", "0", *options, *(("--cpu", str(cpus[n])) if pinned else ())])
+            for n in range(servers)]
+        conn = http.client.HTTPConnection(*addresses[0], timeout=10)
         for day in range(1, 6):
             self.assertEqual(post_json(conn, {"user_id": READER, "date": f"2026-12-0{day}",
                                               "time": "10:00"}).status, 201)
         conn.close()
-        return address
+        return addresses
+
+    def postgres_servers(self) -> list:
+        """The PostgreSQL rows' servers: (options, servers, suffix), each on a database
+        of its own, in a cluster of this test's (fsync on, as PostgreSQL's default); none,
+        having said why, where PostgreSQL's server is missing."""
+        missing = postgres_missing()
+        if missing:
+            print(f"  (no --db postgresql://... rows: {missing})", flush=True)
+            return []
+        cluster = PostgresCluster.for_test(self)
+        return [(("--db", cluster.uri(database=cluster.create_database(f"bench_{servers}"))),
+                 servers, f", PostgreSQL{', 2 servers' if servers > 1 else ''}")
+                for servers in (1, 2)]
 
     def test_1_throughput(self):
         print(f"\nThroughput: python3 scheduler.py (on one CPU, as by default; access log to "
-              f"/dev/null), {BENCH_SECONDS} s a row", flush=True)
-        print(f"  {'request':54} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
+              f"/dev/null), {BENCH_SECONDS} s a row; PostgreSQL in a cluster of the benchmark's "
+              f"own\n(fsync on), two servers of one database taking 8 connections each",
+              flush=True)
+        print(f"  {'request':61} {'conns':>5} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'errors':>6}")
         rows = [("GET", "GET /appointments?user_id= (5 listed)"),
                 ("POST", "POST /appointments (a new user each)")]
-        servers = [((), (16, 64), ""),
-                   (("--db", temporary_database(self)), (16,), ", --db"),
-                   (("--db", temporary_database(self), "--workers", "2"), (16,),
+        servers = [((), 1, (16, 64), ""),
+                   (("--db", temporary_database(self)), 1, (16,), ", --db"),
+                   (("--db", temporary_database(self), "--workers", "2"), 1, (16,),
                     ", --db, 2 workers")]
-        for options, connection_counts, suffix in servers:
-            address = self.serve_for_load(*options)
+        servers += [(options, count, (16,), suffix)
+                    for options, count, suffix in self.postgres_servers()]
+        for options, count, connection_counts, suffix in servers:
+            addresses = self.serve_for_load(*options, servers=count)
             for kind, label in rows:
                 for connections in connection_counts:
-                    result = run_load(address, kind, connections, BENCH_SECONDS)
-                    print(f"  {label + suffix:54} {connections:5} {result.rate:8.0f} "
+                    result = run_load(addresses, kind, connections, BENCH_SECONDS)
+                    print(f"  {label + suffix:61} {connections:5} {result.rate:8.0f} "
                           f"{result.p50_ms:7.2f} {result.p99_ms:7.2f} {result.errors:6}",
                           flush=True)
                     self.assertEqual(result.errors, 0)
@@ -9642,7 +9761,7 @@ class Benchmark(unittest.TestCase):
               f"{BENCH_SECONDS} s a row", flush=True)
         print(f"  {'the 4 pollers ask for':36} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} "
               f"{'polls/s':>8}")
-        address = self.serve_for_load()
+        address, = self.serve_for_load()
         conn = http.client.HTTPConnection(*address, timeout=10)
         first = dt.date(2026, 1, 1)
         for day in range(limit):
@@ -9655,7 +9774,7 @@ class Benchmark(unittest.TestCase):
             pollers = None if kind is None else subprocess.Popen(
                 [sys.executable, THIS_FILE, "load", address[0], str(address[1]), kind, "4",
                  str(BENCH_SECONDS), "poll"], cwd=HERE, stdout=subprocess.PIPE, text=True)
-            result = run_load(address, "GET", 16, BENCH_SECONDS)
+            result = run_load([address], "GET", 16, BENCH_SECONDS)
             polled = {"latencies": [], "errors": 0} if pollers is None else json.loads(
                 pollers.communicate(timeout=BENCH_SECONDS + 60)[0])
             print(f"  {label:36} {result.rate:8.0f} {result.p50_ms:7.2f} {result.p99_ms:7.2f} "
@@ -9697,7 +9816,7 @@ class Benchmark(unittest.TestCase):
             address = self.start_server_process(
                 [THIS_FILE, "serve-filled", str(users), str(self.PER_USER)])
             for kind in ("POST", "GET"):
-                result = run_load(address, kind, 16, 5)
+                result = run_load([address], kind, 16, 5)
                 self.assertEqual(result.errors, 0)
                 print(f"  {kind + ' over HTTP, 16 connections, 5 s':44} {label:>9} "
                       f"{result.p50_ms:7.2f}ms {result.p99_ms:7.2f}ms", flush=True)
