@@ -1789,9 +1789,8 @@ class StoreContract:
         sys.setswitchinterval(1e-5)  # threads take turns often, so that a race is run
         for round in range(10):
             with self.subTest(round=round):
-                store = self.make_store()
-                self.addCleanup(store.close)
-                tag = scheduler.appointment_tag(store.book(appointment()))
+                store, user = self.store, f"alice-{round}"  # a user a round: one store
+                tag = scheduler.appointment_tag(store.book(appointment(user)))
                 barrier, outcomes = threading.Barrier(4), []
 
                 def holds(current):  # long, so that a test outside the lock lets all through
@@ -1800,7 +1799,7 @@ class StoreContract:
                 def move(hour):
                     barrier.wait()
                     try:
-                        store.reschedule("alice", self.D25, scheduler.Changes(
+                        store.reschedule(user, self.D25, scheduler.Changes(
                             None, dt.time(hour)), holds)
                         outcomes.append(hour)
                     except scheduler.ConditionFailed:
@@ -1809,21 +1808,20 @@ class StoreContract:
                 run_all([threading.Thread(target=move, args=(hour,)) for hour in (10, 11, 12, 13)])
                 self.assertEqual(outcomes.count("failed"), 3, outcomes)
                 winner, = (hour for hour in outcomes if hour != "failed")
-                self.assertEqual(store.list_for_user("alice"),
-                                 [appointment(time=f"{winner}:00")])
+                self.assertEqual(store.list_for_user(user),
+                                 [appointment(user, time=f"{winner}:00")])
 
     def test_a_reschedule_racing_a_booking_for_its_date_leaves_one(self):
         for round in range(20):
             with self.subTest(round=round):
-                store = self.make_store()
-                self.addCleanup(store.close)
-                store.book(appointment(date="2026-11-25"))
+                store, user = self.store, f"alice-{round}"  # a user a round: one store
+                store.book(appointment(user, date="2026-11-25"))
                 barrier, outcomes = threading.Barrier(2), {}
 
                 def move():
                     barrier.wait()
                     try:
-                        store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None))
+                        store.reschedule(user, self.D25, scheduler.Changes(self.D26, None))
                         outcomes["move"] = "moved"
                     except scheduler.AlreadyBooked:
                         outcomes["move"] = "conflict"
@@ -1831,13 +1829,13 @@ class StoreContract:
                 def book():
                     barrier.wait()
                     try:
-                        store.book(appointment(date="2026-11-26", time="18:00"))
+                        store.book(appointment(user, date="2026-11-26", time="18:00"))
                         outcomes["book"] = "booked"
                     except scheduler.AlreadyBooked:
                         outcomes["book"] = "conflict"
 
                 run_all([threading.Thread(target=move), threading.Thread(target=book)])
-                dates = [a.date.isoformat() for a in store.list_for_user("alice")]
+                dates = [a.date.isoformat() for a in store.list_for_user(user)]
                 self.assertIn((outcomes, dates), [
                     ({"move": "moved", "book": "conflict"}, ["2026-11-26"]),
                     ({"move": "conflict", "book": "booked"}, ["2026-11-25", "2026-11-26"])])
