@@ -3878,9 +3878,8 @@ class PostgresStore(SQLStore):
                                     "it a schema of its own (nothing was changed)")
             if not exists:
                 run(f'CREATE SCHEMA "{self.schema}"')
-            for step in range(version, PG_SCHEMA_VERSION):
-                for statement in PG_SCHEMA_STEPS[step]:
-                    run(statement)
+            for step in range(version, PG_SCHEMA_VERSION):  # each in one round trip
+                connection.run_script(";\n".join(PG_SCHEMA_STEPS[step]), deadline)
             if version < PG_SCHEMA_VERSION:
                 run("UPDATE schema_version SET version = ?::integer", (PG_SCHEMA_VERSION,))
             run("COMMIT")
