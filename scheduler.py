@@ -1139,25 +1139,28 @@ class SQLStore(Store):
                "AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ? "
                "ON CONFLICT (user_id, date) DO NOTHING")
 
+    def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
+        """Run _INSERT for appointment: how many rows it inserted (0 or 1)."""
+        limit = -1 if self.capacity is None else self.capacity
+        db.execute(self._INSERT, (appointment.user_id, appointment.date.isoformat(),
+                                  f"{appointment.start:%H:%M}", *appointment.details,
+                                  limit, limit, appointment.user_id, self.user_capacity))
+        return db.rowcount
+
     def _book(self, db: SQLDatabase, appointment: Appointment) -> Appointment:
         """book(), in the write's transaction."""
-        user_id, date = appointment.user_id, appointment.date.isoformat()
-        limit = -1 if self.capacity is None else self.capacity
-        insert = (user_id, date, f"{appointment.start:%H:%M}", *appointment.details,
-                  limit, limit, user_id, self.user_capacity)
-        db.execute(self._INSERT, insert)
-        if db.rowcount:
+        if self._insert(db, appointment):
             return appointment
+        user_id, date = appointment.user_id, appointment.date.isoformat()
         existing = self._held(db, user_id, date)  # a conflict is a 409 even when full
         if existing is not None:
             raise AlreadyBooked(existing)
-        db.execute(self._INSERT, insert)  # a row in the way was set aside, or it is full
-        if db.rowcount:
+        if self._insert(db, appointment):  # a row in the way was set aside, or it is full
             return appointment
         held = db.execute("SELECT appointments FROM users WHERE user_id = ?", (user_id,))
         if held and held[0][0] >= self.user_capacity:
             raise StoreFull(self.user_capacity, user_id)
-        raise StoreFull(limit)
+        raise StoreFull(-1 if self.capacity is None else self.capacity)
 
     def _cancel(self, db: SQLDatabase, user_id: str, date: dt.date,
                 condition: Condition) -> None:
@@ -2038,10 +2041,10 @@ class PGSettings(NamedTuple):
     connect_timeout: Optional[float] = None  # seconds for each host; None: a share of the caller's
     target_session_attrs: str = "any"
     application_name: str = "scheduler"
-    # Not read from a URI: the schemas the session looks tables up in, as PostgreSQL
-    # reads search_path (a store sets its own). Sent in the StartupMessage, which
-    # takes any run-time parameter (the protocol's "Message Formats", StartupMessage).
-    search_path: Optional[str] = None
+    # Not read from a URI: run-time parameters for each session, as (name, value)
+    # pairs (a store sets its search_path and its isolation level). Sent in the
+    # StartupMessage, which takes any of them (the protocol's "Message Formats").
+    session: Tuple[Tuple[str, str], ...] = ()
 
     @property
     def redacted_uri(self) -> str:
@@ -2290,8 +2293,8 @@ class PGConnectionError(Exception):
     Subclasses: PGTimeout, when a deadline passed (a frozen server, a partition, a
     busy pool); PGConnectionLost, when an open connection failed while in use;
     PGProtocolError, when the server broke the protocol. Raised by a query, each
-    (but PGConnectionLost "broke earlier", for a connection already broken) means
-    that whether the query took effect is unknown: it may have committed."""
+    means that whether the query took effect is unknown (it may have committed),
+    unless it is a PGConnectionLost whose ran is False."""
 
     def __init__(self, reason: str, host: Optional[str] = None, port: Optional[int] = None,
                  error: Optional[PGError] = None):
@@ -2309,8 +2312,13 @@ class PGTimeout(PGConnectionError):
 
 
 class PGConnectionLost(PGConnectionError):
-    """An open connection broke while in use (closed, reset, a FATAL from the server):
-    whether what was sent on it took effect is unknown."""
+    """An open connection broke while in use (closed, reset, a FATAL from the server).
+    ran is False where the server certainly did not run the query: the connection
+    had broken before it was sent, or the server's first answer to it was a FATAL
+    (it answers in order, so it ended the session before it began the query: a
+    session ended while idle, say). Else it is None: unknown."""
+
+    ran: Optional[bool] = None
 
 
 class PGProtocolError(PGConnectionError):
@@ -2925,8 +2933,7 @@ class PGConnection:
             self._send(startup_message({
                 "user": settings.user, "database": settings.database or settings.user,
                 "application_name": settings.application_name, **_PG_SESSION,
-                **({} if settings.search_path is None else
-                   {"search_path": settings.search_path})}), deadline)
+                **dict(settings.session)}), deadline)
             self._authenticate(deadline)
             while True:
                 kind, body = self._next(deadline)
@@ -3317,8 +3324,10 @@ class PGConnection:
         if self._state == state:
             return
         if self._state == self.BROKEN:
-            raise PGConnectionLost("the connection broke earlier and is not used again",
-                                   self.host, self.port)
+            lost = PGConnectionLost("the connection broke earlier and is not used again",
+                                    self.host, self.port)
+            lost.ran = False
+            raise lost
         raise RuntimeError(f"{call} on a PostgreSQL connection that is {self._state}")
 
     def _remaining(self, deadline: float, doing: str) -> float:
@@ -3361,8 +3370,9 @@ class PGConnection:
                     events = select.POLLIN
                 if not self._wait(events, deadline):
                     self._fail(PGTimeout, "the server took no more data within the deadline")
-        except OSError as error:
-            self._fail(PGConnectionLost, _os_reason(error))
+        except OSError as error:  # nothing sent yet: nothing run
+            self._fail(PGConnectionLost, _os_reason(error), ran=False if
+                       len(view) == len(data) else None)
 
     def _receive(self, deadline: float, size: int = 65536) -> None:
         """Add what the server sends next to the buffer, waiting until the deadline."""
@@ -3441,7 +3451,8 @@ class PGConnection:
                     error = PGError(parse_error_fields(body))
                     if error.fatal:
                         self._fail(PGConnectionLost, f"the server ended the session: {error} "
-                                                     f"(SQLSTATE {error.sqlstate})", error)
+                                                     f"(SQLSTATE {error.sqlstate})", error,
+                                   ran=False if len(messages) == 1 else None)
                 at = end
             self._receive(deadline)
 
@@ -3462,10 +3473,15 @@ class PGConnection:
         except OSError:
             pass
 
-    def _fail(self, kind: type, reason: str, error: Optional[PGError] = None) -> None:
-        """Break the connection and raise kind (a PGConnectionError) naming the host."""
+    def _fail(self, kind: type, reason: str, error: Optional[PGError] = None,
+              ran: Optional[bool] = None) -> None:
+        """Break the connection and raise kind (a PGConnectionError) naming the host;
+        ran as PGConnectionLost has it."""
         self._break()
-        raise kind(reason, self.host, self.port, error)
+        failure = kind(reason, self.host, self.port, error)
+        if ran is not None:
+            failure.ran = ran
+        raise failure
 
 
 def _decoded(data: bytes, rows: List[Tuple[int, int, int]], decoders: tuple) -> List[tuple]:
@@ -3811,10 +3827,11 @@ class PostgresStore(SQLStore):
     at the write's deadline, busy_timeout seconds after it began: a database that
     stops answering is StoreUnavailable, as are a lost or refused connection and
     a server shutting down. Its words go to the log (cause), never to a client.
-    A write whose connection is lost before its COMMIT is sent runs once more, as
-    does a read's first statement (_PGReads); a write lost after it, whose outcome
-    is unknown, is StoreUnavailable: if it was committed, so was its
-    Idempotency-Key, and the client's retry with the key gets its first answer.
+    A write whose connection is lost before its COMMIT is sent, or before the
+    server ran it (PGConnectionLost.ran), runs once more, as does a read's first
+    statement (_PGReads); a write lost after, whose outcome is unknown, is
+    StoreUnavailable: if it was committed, so was its Idempotency-Key, and the
+    client's retry with the key gets its first answer.
 
     capacity is checked against the count the triggers keep, as the transaction
     sees it: writes committed by others meanwhile are not seen, so that many
@@ -3829,7 +3846,10 @@ class PostgresStore(SQLStore):
                  schema: str = POSTGRES_SCHEMA, pool_size: int = PG_POOL_SIZE):
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"schema {schema!r} is not a lowercase SQL name")
-        self.settings = settings._replace(search_path=f'"{schema}"')
+        # A statement sent alone (book()'s) is a transaction of its own, at the
+        # isolation level that write() gives each of its transactions.
+        self.settings = settings._replace(session=(
+            ("search_path", f'"{schema}"'), ("default_transaction_isolation", "repeatable read")))
         self.schema, self.capacity, self.busy_timeout = schema, capacity, busy_timeout
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
@@ -3854,7 +3874,7 @@ class PostgresStore(SQLStore):
 
             def run(sql, parameters=()):
                 return connection.query(sql, parameters, deadline).rows
-            run("BEGIN")
+            run("BEGIN ISOLATION LEVEL READ COMMITTED")  # each statement sees what is committed
             run("SELECT pg_advisory_xact_lock(hashtext(?))", (f"scheduler {self.schema}",))
             found = run("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = ?), "
                         "EXISTS (SELECT 1 FROM pg_class JOIN pg_namespace ON pg_namespace.oid "
@@ -3914,18 +3934,25 @@ class PostgresStore(SQLStore):
     _BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 
     def write(self, apply: Callable, *args):
+        return self._write(self._BEGIN, apply, *args)
+
+    def _write(self, begin: Optional[str], apply: Callable, *args):
+        """write(), in a transaction that begin opens; begin None: apply runs one
+        statement, which is a transaction of its own (committed as the server runs
+        it, in one round trip)."""
         deadline = time.monotonic() + self.busy_timeout
         for run in itertools.count(1):
             committing = False
             try:
                 with self._pool.connection(deadline) as connection:
-                    db = _PGDatabase(connection, deadline, self._BEGIN)
+                    committing = begin is None  # a statement alone commits as it runs
+                    db = _PGDatabase(connection, deadline, begin)
                     try:
                         result, outcome = apply(db, *args), None
                     except (*_OUTCOMES, AlreadyKeyed) as raised:
                         result, outcome = None, raised
                     committing = True
-                    if db.begin is None:  # else apply ran no statement: no transaction
+                    if db.begin is None and begin is not None:  # else no transaction began
                         connection.query("COMMIT", (), deadline)
             except PGError as error:
                 if error.sqlstate in _PG_RETRIED and run < _PG_RETRIES \
@@ -3933,15 +3960,27 @@ class PostgresStore(SQLStore):
                     continue
                 raise self._unavailable(error) from None
             except PGConnectionError as error:
-                # Lost before COMMIT was sent: nothing was written, and it can run again
-                # (an idle connection that a restart closed, say). After, whether it
-                # was committed is unknown: the client retries, with its key.
-                if not committing and isinstance(error, PGConnectionLost) and run == 1:
+                # Lost before what commits was sent, or before the server ran it: nothing
+                # was written, and it can run again (on an idle connection that a
+                # restart closed, say). Else whether it was committed is unknown: the
+                # client retries, with its key.
+                if isinstance(error, PGConnectionLost) and run == 1 and (
+                        not committing or error.ran is False):
                     continue
                 raise self._unavailable(error) from None
             if outcome is not None:
                 raise outcome
             return result
+
+    def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
+        """SQLStore's booking; one without a key first runs _INSERT alone, a
+        transaction of its own in one round trip, where SQLStore's takes two (BEGIN
+        with the INSERT, then COMMIT). Only if that inserts nothing (the user holds
+        that date, a row is in the way, the store or the user is full) does
+        SQLStore's transaction run, to find out why."""
+        if keyed is None and self._write(None, self._insert, appointment):
+            return appointment
+        return super().book(appointment, keyed)
 
     @contextlib.contextmanager
     def reading(self):

@@ -1913,7 +1913,7 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
 
     def test_check_constraints_refuse_what_the_parsers_refuse(self):
         settings = scheduler.parse_postgres_uri(PostgresCluster.shared().uri())._replace(
-            search_path=self.store.schema)
+            session=(("search_path", self.store.schema),))
         connection = scheduler.pg_connect(settings, time.monotonic() + 10)
         self.addCleanup(connection.close)
         insert = "INSERT INTO appointments VALUES (?, ?, ?, ?)"
@@ -1947,20 +1947,29 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         other.reschedule("alice", dt.date(2026, 11, 25), scheduler.Changes(time=dt.time(11, 0)))
         self.assertNotEqual(self.store.version("alice"), before)
 
-    def test_a_write_sends_begin_with_its_first_statement(self):
+    def test_a_booking_is_one_round_trip_and_a_write_sends_begin_with_its_first_statement(self):
         sent = []
         send = scheduler.PGConnection._send
         with mock.patch.object(scheduler.PGConnection, "_send",
                                lambda connection, data, deadline: (sent.append(data),
                                                                    send(connection, data, deadline))):
             self.store.book(appointment())
+            self.assertEqual(len(sent), 1)  # the INSERT alone, a transaction of its own
             with self.assertRaises(scheduler.AlreadyBooked):
                 self.store.book(appointment(time="11:00"))
         self.assertEqual([data.count(scheduler.SYNC) for data in sent], [1] * len(sent))
-        self.assertEqual(len(sent), 2 + 3)  # BEGIN and INSERT, COMMIT; then a SELECT too
-        self.assertIn(b"REPEATABLE READ", sent[0])
+        self.assertNotIn(b"BEGIN", sent[0])
         self.assertIn(b"INSERT INTO appointments", sent[0])
+        # It inserted nothing, so a transaction finds out why: BEGIN with the INSERT,
+        # the SELECT of what is in the way, COMMIT.
+        self.assertEqual(len(sent), 1 + 1 + 3)
+        self.assertIn(b"BEGIN ISOLATION LEVEL REPEATABLE READ", sent[2])
+        self.assertEqual(sent[2].count(scheduler.EXECUTE), 2)  # the INSERT, prepared earlier
         self.assertEqual(self.store.list_for_user("alice"), [appointment()])
+
+    def test_a_statement_alone_runs_at_repeatable_read(self):
+        with self.store.reading() as db:
+            self.assertEqual(db.execute("SHOW transaction_isolation"), [("repeatable read",)])
 
     def test_text_round_trips_exactly(self):
         for user_id, note in (("o'brien \\ \"q\"", "$1 ? $$ -- /* */ \\N"),
@@ -3592,9 +3601,22 @@ class PostgresQueryTest(unittest.TestCase):
         self.assertEqual(lost.exception.sqlstate, "57P01")
         self.assertIn("db.test:5432: the server ended the session: FATAL: terminating",
                       str(lost.exception))
+        self.assertIs(lost.exception.ran, False)  # its first answer: the query never began
         self.assertTrue(connection.broken)
-        with self.assertRaisesRegex(scheduler.PGConnectionLost, "broke earlier"):
+        with self.assertRaisesRegex(scheduler.PGConnectionLost, "broke earlier") as again:
             connection.query("SELECT 1")
+        self.assertIs(again.exception.ran, False)
+
+    def test_a_fatal_error_after_the_query_began_leaves_its_outcome_unknown(self):
+        for name, answers in (("after BindComplete", PARSED + BOUND),
+                              ("after CommandComplete", PARSED + BOUND + NO_DATA
+                               + complete("INSERT 0 1"))):
+            with self.subTest(name):
+                connection, server = scripted_connection(self, answers + backend(
+                    b"E", error_message("57P01", "terminating connection", "FATAL")))
+                with self.assertRaises(scheduler.PGConnectionLost) as lost:
+                    connection.query("INSERT INTO t VALUES (1)")
+                self.assertIsNone(lost.exception.ran)  # it may have committed
 
     OUT_OF_TURN = [  # (name, what the server answers a first query with, words)
         ("a DataRow before the RowDescription", PARSED + BOUND + data_row(b"1")
@@ -3647,8 +3669,9 @@ class PostgresQueryTest(unittest.TestCase):
         connection, server = scripted_connection(self, PARSED + BOUND + row_description(
             ("n", 23)) + data_row(b"1"))
         server.shutdown(socket.SHUT_WR)
-        with self.assertRaisesRegex(scheduler.PGConnectionLost, "closed the connection"):
+        with self.assertRaisesRegex(scheduler.PGConnectionLost, "closed the connection") as lost:
             connection.query("SELECT 1")
+        self.assertIsNone(lost.exception.ran)
         self.assertTrue(connection.broken)
 
     def test_a_silent_server_is_a_timeout_by_the_deadline(self):
@@ -6406,6 +6429,7 @@ class PostgresFaultTest(RouteTestCase):
             answers[name] = request(), time.monotonic() - started
 
         requests = {"booking": lambda: self.book("bob"),
+                    "keyed booking": lambda: self.keyed_booking("carol"),
                     "health": lambda: self.request("GET", "/healthz"),
                     "listing": lambda: self.request("GET", "/appointments?user_id=alice")}
         run_all([threading.Thread(target=timed, args=item) for item in requests.items()])
@@ -6416,8 +6440,16 @@ class PostgresFaultTest(RouteTestCase):
                 self.assertIn(f"did not answer within {self.DEADLINE} s", detail)
                 self.assertLess(seconds, self.DEADLINE + 5)  # a hang would be far longer
         self.cluster.thaw()
-        wait_until(lambda: self.book("bob").status == 201, what="a booking once thawed")
+        # The keyed booking's transaction never reached its COMMIT: its retry books it.
+        wait_until(lambda: self.keyed_booking("carol").status == 201, what="a booking once thawed")
         self.assertEqual(self.request("GET", "/healthz").status, 200)
+        self.assertEqual(len(self.stored("carol")), 1)
+        # The booking without a key was one statement, committed by the server once it
+        # ran (a 503 may hide a committed booking): a retry finds it, never a second.
+        again = self.book("bob")
+        self.assertIn(again.status, (201, 409))
+        if again.status == 409:
+            self.assertEqual(again.json()["appointment"]["user_id"], "bob")
         self.assertEqual(len(self.stored("bob")), 1)
 
     def test_sessions_ended_while_idle_are_noticed_before_use(self):
@@ -6483,15 +6515,14 @@ class PostgresFaultTest(RouteTestCase):
         self.assertEqual(retry.headers["ETag"], self.request(
             "GET", "/appointments/alice/2026-11-25").headers["ETag"])
 
-    def test_a_booking_whose_commit_never_arrived_is_booked_when_retried(self):
+    def test_a_booking_whose_commit_met_an_ended_session_runs_again_at_once(self):
+        """The server's first answer to the COMMIT is the FATAL it sent as the session
+        ended: it never ran the COMMIT, so the transaction was rolled back, and the
+        write runs again in a new one."""
         lost = self.lose_commit(before=True)
         first = self.keyed_booking()
         self.assertTrue(lost)
-        self.assertProblem(first, 503)
-        self.assertEqual(first.headers["Retry-After"], "1")
-        self.assertEqual(self.stored(), [])  # rolled back with the session
-        retry = self.keyed_booking()
-        self.assertEqual((retry.status, retry.headers["Idempotent-Replayed"]), (201, None))
+        self.assertEqual((first.status, first.headers["Idempotent-Replayed"]), (201, None))
         self.assertEqual(self.stored(), [appointment()])
 
     def test_retry_after_only_where_a_retry_soon_may_succeed(self):
