@@ -1041,6 +1041,26 @@ class _SQLKeys(KeyTable):
                          replay.media_type, json.dumps(replay.headers), replay.body))
 
 
+def insertion(rows: int) -> str:
+    """SQL that books rows appointments at once, each made only while the store (its
+    capacity, unless that is negative) and the user (user_capacity) hold fewer than
+    they may, and the user holds nothing that date. Its parameters: each
+    appointment's COLUMNS and its place among them (1, 2...), which counts those
+    before it against the capacity; then the capacity twice, and user_capacity.
+    Each user is checked as the statement began, so a statement books at most one
+    appointment of a user. Its SELECT has a WHERE, as SQLite needs to read ON
+    CONFLICT as the upsert's (SQLite's documentation of UPSERT, "Parsing
+    Ambiguity"); a VALUES list's columns are column1, column2... in SQLite and
+    PostgreSQL alike."""
+    row = f"({', '.join('?' * len(COLUMNS))}, CAST(? AS INTEGER))"
+    return (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT "
+            + ", ".join(f"v.column{n}" for n in range(1, len(COLUMNS) + 1))
+            + f" FROM (VALUES {', '.join([row] * rows)}) AS v WHERE (? < 0 OR "
+            f"(SELECT sum(n) FROM appointment_count) + v.column{len(COLUMNS) + 1} <= ?) "
+            "AND coalesce((SELECT appointments FROM users WHERE user_id = v.column1), 0) < ? "
+            "ON CONFLICT (user_id, date) DO NOTHING")
+
+
 class SQLStore(Store):
     """Appointments in the tables of an SQL database: the SQL of every read and
     write, run through an SQLDatabase, and the rules around it, for SQLiteStore
@@ -1129,22 +1149,20 @@ class SQLStore(Store):
                        (user_id, date))
         return held
 
-    # A booking, made only while the store (capacity, where not negative) and the user
-    # (user_capacity) hold fewer than they may, and the user holds nothing that date.
-    # Its SELECT has a WHERE, as SQLite needs to read ON CONFLICT as the upsert's
-    # (SQLite's documentation of UPSERT, "Parsing Ambiguity").
-    _INSERT = (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT ?, ?, ?"
-               f"{', ?' * len(DETAILS)} WHERE (? < 0 "
-               "OR (SELECT sum(n) FROM appointment_count) < ?) "
-               "AND coalesce((SELECT appointments FROM users WHERE user_id = ?), 0) < ? "
-               "ON CONFLICT (user_id, date) DO NOTHING")
+    _INSERT = insertion(1)
+
+    def _insertion_parameters(self, appointments: Sequence[Appointment]) -> list:
+        """The parameters of insertion(len(appointments))."""
+        parameters: list = []
+        for place, appointment in enumerate(appointments, 1):
+            parameters += (appointment.user_id, appointment.date.isoformat(),
+                           f"{appointment.start:%H:%M}", *appointment.details, place)
+        limit = -1 if self.capacity is None else self.capacity
+        return parameters + [limit, limit, self.user_capacity]
 
     def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
         """Run _INSERT for appointment: how many rows it inserted (0 or 1)."""
-        limit = -1 if self.capacity is None else self.capacity
-        db.execute(self._INSERT, (appointment.user_id, appointment.date.isoformat(),
-                                  f"{appointment.start:%H:%M}", *appointment.details,
-                                  limit, limit, appointment.user_id, self.user_capacity))
+        db.execute(self._INSERT, tuple(self._insertion_parameters((appointment,))))
         return db.rowcount
 
     def _book(self, db: SQLDatabase, appointment: Appointment) -> Appointment:
@@ -3681,6 +3699,12 @@ PG_CONNECT_TIMEOUT = 10.0  # seconds a start may take to connect, where the URI 
 # appointment first (unique_violation, which SQLStore's SQL otherwise never meets).
 _PG_RETRIED = frozenset({"40001", "40P01", "23505"})
 _PG_RETRIES = 5  # runs of one write at most, within its deadline
+# Bookings without a key go to the database in batches, one INSERT each (see
+# PostgresStore.book()): at most PG_BATCHES of a process's under way at once (one,
+# as SQLite's group commit has, so that those that come meanwhile make the next
+# batch), each of at most PG_BATCH_SIZE bookings.
+PG_BATCHES = 1
+PG_BATCH_SIZE = 32
 # SQLSTATE classes after which a retry soon may succeed (a 503 with Retry-After): the
 # server restarting or failing over (08 connection exception, 57 operator
 # intervention: a shutdown, a server starting up, a cancelled statement), short of
@@ -3750,6 +3774,19 @@ _PG_STEP_1 = (
 )
 PG_SCHEMA_STEPS = (_PG_STEP_1,)  # new ones go last
 PG_SCHEMA_VERSION = len(PG_SCHEMA_STEPS)
+
+
+class _Booking:
+    """A booking without a key, on its way to the database in a batch: waiting for
+    one, then sent in one, then done, with its outcome (inserted: whether its INSERT
+    made it; error: why the batch failed, for each of its bookings)."""
+
+    WAITING, SENT, DONE = "waiting", "sent", "done"
+    __slots__ = ("appointment", "deadline", "state", "inserted", "error")
+
+    def __init__(self, appointment: Appointment, deadline: float):
+        self.appointment, self.deadline, self.state = appointment, deadline, self.WAITING
+        self.inserted, self.error = False, None
 
 
 class SchemaRefused(Exception):
@@ -3834,9 +3871,10 @@ class PostgresStore(SQLStore):
     client's retry with the key gets its first answer.
 
     capacity is checked against the count the triggers keep, as the transaction
-    sees it: writes committed by others meanwhile are not seen, so that many
-    servers may together store a few more than capacity (at most one more a
-    connection writing at that moment). user_capacity is exact: two writes of one
+    sees it (a batch counts its own bookings too): writes committed by others
+    meanwhile are not seen, so that many servers may together store a few more
+    than capacity (at most a batch of bookings a server, and one booking a
+    connection, writing at that moment). user_capacity is exact: two writes of one
     user update one row of users, and the second runs again."""
 
     def __init__(self, settings: PGSettings, capacity: Optional[int] = None,
@@ -3854,6 +3892,9 @@ class PostgresStore(SQLStore):
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
         self._pool = PGPool(self.settings, pool_size, busy_timeout)
+        self._batches = threading.Condition()  # guards the two below, and each _Booking
+        self._waiting: List[_Booking] = []  # in the order they came
+        self._sending = 0  # batches under way
         try:
             self.notices = self._install()
         except BaseException:
@@ -3934,13 +3975,12 @@ class PostgresStore(SQLStore):
     _BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 
     def write(self, apply: Callable, *args):
-        return self._write(self._BEGIN, apply, *args)
+        return self._write(time.monotonic() + self.busy_timeout, self._BEGIN, apply, *args)
 
-    def _write(self, begin: Optional[str], apply: Callable, *args):
-        """write(), in a transaction that begin opens; begin None: apply runs one
-        statement, which is a transaction of its own (committed as the server runs
-        it, in one round trip)."""
-        deadline = time.monotonic() + self.busy_timeout
+    def _write(self, deadline: float, begin: Optional[str], apply: Callable, *args):
+        """write(), by the deadline, in a transaction that begin opens; begin None:
+        apply runs one statement, which is a transaction of its own (committed as
+        the server runs it, in one round trip)."""
         for run in itertools.count(1):
             committing = False
             try:
@@ -3973,14 +4013,87 @@ class PostgresStore(SQLStore):
             return result
 
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        """SQLStore's booking; one without a key first runs _INSERT alone, a
-        transaction of its own in one round trip, where SQLStore's takes two (BEGIN
-        with the INSERT, then COMMIT). Only if that inserts nothing (the user holds
-        that date, a row is in the way, the store or the user is full) does
-        SQLStore's transaction run, to find out why."""
-        if keyed is None and self._write(None, self._insert, appointment):
+        """SQLStore's booking. One without a key first goes in a batch: the bookings
+        that came while the PG_BATCHES batches before were under way, one INSERT
+        (insertion()) for them all, a transaction of its own, sent by the thread of
+        one of them. Only if that inserts nothing for it (the user holds that date,
+        a row is in the way, the store or the user is full) does SQLStore's
+        transaction run, to find out why."""
+        if keyed is None and self._batched(appointment):
             return appointment
         return super().book(appointment, keyed)
+
+    def _batched(self, appointment: Appointment) -> bool:
+        """Book appointment in a batch: whether the batch's INSERT made it. The thread
+        that finds a batch may go sends the oldest bookings waiting (its own among
+        them, unless PG_BATCH_SIZE older ones wait, or one of its user); the others
+        wait until theirs is done."""
+        booking = _Booking(appointment, time.monotonic() + self.busy_timeout)
+        with self._batches:
+            self._waiting.append(booking)
+        while booking.state != _Booking.DONE:
+            with self._batches:
+                while booking.state == _Booking.WAITING and self._sending >= PG_BATCHES:
+                    if not self._batches.wait(booking.deadline - time.monotonic()) \
+                            and booking.state == _Booking.WAITING:  # never sent: not done
+                        self._waiting.remove(booking)
+                        raise self._unavailable(PGTimeout(
+                            f"pool busy: {PG_BATCHES} batches of bookings stayed under way "
+                            "until the deadline"))
+                if booking.state == _Booking.SENT:  # in another thread's batch
+                    if not self._batches.wait_for(lambda: booking.state == _Booking.DONE,
+                                                  booking.deadline - time.monotonic() + 1):
+                        raise StoreUnavailable("The database did not answer in time; retry "
+                                               "shortly.", 1, "a batch of bookings never ended")
+                    break
+                if booking.state == _Booking.DONE:
+                    break
+                batch = self._next_batch()
+                self._sending += 1
+            self._send_batch(batch)
+        if booking.error is not None:
+            raise booking.error
+        return booking.inserted
+
+    def _next_batch(self) -> List[_Booking]:
+        """Take the oldest waiting bookings, one a user, up to PG_BATCH_SIZE (under
+        _batches): a statement checks each user once."""
+        batch: List[_Booking] = []
+        users: set = set()
+        for booking in self._waiting:
+            if booking.appointment.user_id not in users:
+                batch.append(booking)
+                users.add(booking.appointment.user_id)
+                booking.state = _Booking.SENT
+                if len(batch) == PG_BATCH_SIZE:
+                    break
+        self._waiting = [booking for booking in self._waiting
+                         if booking.state == _Booking.WAITING]
+        return batch
+
+    def _send_batch(self, batch: List[_Booking]) -> None:
+        """Run the batch's INSERT, by the deadline of its oldest booking; then mark
+        each booking done, with its outcome, and wake those waiting."""
+        inserted: set = set()
+        error: Optional[BaseException] = None
+        try:
+            inserted = self._write(min(booking.deadline for booking in batch), None,
+                                   self._insert_batch, [booking.appointment for booking in batch])
+        except BaseException as failure:  # every booking fails with it, then this thread
+            error = failure
+        finally:
+            with self._batches:
+                self._sending -= 1
+                for booking in batch:
+                    booking.inserted = booking.appointment.user_id in inserted
+                    booking.error, booking.state = error, _Booking.DONE
+                self._batches.notify_all()
+
+    def _insert_batch(self, db: SQLDatabase, appointments: List[Appointment]) -> set:
+        """The users whose appointments insertion() made (one a user)."""
+        rows = db.execute(insertion(len(appointments)) + " RETURNING user_id",
+                          tuple(self._insertion_parameters(appointments)))
+        return {row[0] for row in rows}
 
     @contextlib.contextmanager
     def reading(self):

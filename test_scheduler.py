@@ -1967,6 +1967,35 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(sent[2].count(scheduler.EXECUTE), 2)  # the INSERT, prepared earlier
         self.assertEqual(self.store.list_for_user("alice"), [appointment()])
 
+    def session(self) -> "scheduler.PGConnection":
+        """A connection of the test's own to the store's schema, as an operator's."""
+        settings = scheduler.parse_postgres_uri(PostgresCluster.shared().uri())._replace(
+            session=(("search_path", self.store.schema),))
+        connection = scheduler.pg_connect(settings, time.monotonic() + 10)
+        self.addCleanup(connection.close)
+        return connection
+
+    def test_bookings_that_come_while_a_batch_is_under_way_go_in_one_insert_next(self):
+        blocker = self.session()  # holds the key of alice's users row: her batch waits
+        blocker.queries((("BEGIN", ()), ("INSERT INTO users VALUES ('alice', 0, 0)", ())))
+        outcomes: List[object] = []
+        threads = [threading.Thread(target=lambda booked: outcomes.append(
+            self.store.book(booked)), args=(appointment(user),))
+            for user in ["alice"] + [f"user-{n}" for n in range(8)]]
+        threads[0].start()
+        wait_until(lambda: blocker.query(  # alice's batch, sent, waits for the lock
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").rows[0][0])
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: len(self.store._waiting) == 8, what="the others waiting")
+        blocker.query("ROLLBACK")
+        for thread in threads:
+            thread.join(10)
+        self.assertEqual(len(outcomes), 9)
+        self.assertEqual(self.store.count(), 9)
+        self.assertEqual(self.session().query(  # a transaction's rows share its xmin
+            "SELECT count(DISTINCT xmin::text) FROM appointments").rows, [(2,)])
+
     def test_a_statement_alone_runs_at_repeatable_read(self):
         with self.store.reading() as db:
             self.assertEqual(db.execute("SHOW transaction_isolation"), [("repeatable read",)])
@@ -2030,8 +2059,8 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
                     f"relnamespace WHERE nspname = '{schema}'", cluster.DATABASE), before)
 
     def test_racing_bookings_never_pass_the_capacity(self):
-        # Across connections, what the README says: capacity is passed by at most one
-        # booking a connection committing at that moment; then bookings are refused.
+        # What the README says: a batch counts its own bookings, and capacity is passed
+        # by at most one booking a connection committing at that moment beside it.
         store = self.make_store(capacity=5, pool_size=4)
         outcomes = race_to_fill(store, [appointment(f"user-{n}") for n in range(16)])
         booked = outcomes.count("booked")
@@ -8842,11 +8871,11 @@ class PostgresServersTest(unittest.TestCase):
         finally:
             conn.close()
 
-    def race(self, database: str, bookings: List[Tuple[ServerProcess, dict, Optional[str]]]
-             ) -> List[Response]:
+    def race(self, database: str, bookings: List[Tuple[ServerProcess, dict, Optional[str]]],
+             waiting: Optional[int] = None) -> List[Response]:
         """Send the bookings (server, body, key) at once, each on a connection of its
-        own, held back in the database until all have read what they decide on; the
-        answers, in the order of the bookings."""
+        own, held back in the database until waiting of them (all by default) have
+        read what they decide on; the answers, in the order of the bookings."""
         release = hold_back_bookings(self, self.cluster, database)
         answers: List[Optional[Response]] = [None] * len(bookings)
 
@@ -8858,7 +8887,7 @@ class PostgresServersTest(unittest.TestCase):
         for thread in threads:
             thread.start()
         try:
-            release(len(bookings))
+            release(len(bookings) if waiting is None else waiting)
         finally:
             for thread in threads:
                 thread.join()
@@ -8873,9 +8902,11 @@ class PostgresServersTest(unittest.TestCase):
     def test_two_servers_racing_for_one_user_and_date_book_exactly_one(self):
         database = self.cluster.fresh_database(self)
         servers = self.start_servers(database)
+        # A server's batch takes one booking a user (the others wait for the next), so
+        # one booking of each server's is held back in the database at a time.
         answers = self.race(database, [
             (server, {"user_id": "racer", "date": "2026-11-25", "time": f"{hour:02d}:00"}, None)
-            for hour, server in enumerate(servers * 3)])
+            for hour, server in enumerate(servers * 3)], waiting=len(servers))
         self.assertEqual(sorted(answer.status for answer in answers), [201] + [409] * 5)
         winner = next(answer.json() for answer in answers if answer.status == 201)
         for answer in answers:
