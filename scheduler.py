@@ -3776,17 +3776,94 @@ PG_SCHEMA_STEPS = (_PG_STEP_1,)  # new ones go last
 PG_SCHEMA_VERSION = len(PG_SCHEMA_STEPS)
 
 
-class _Booking:
-    """A booking without a key, on its way to the database in a batch: waiting for
-    one, then sent in one, then done, with its outcome (inserted: whether its INSERT
-    made it; error: why the batch failed, for each of its bookings)."""
+class Batches:
+    """Work that many threads hand in, done a batch at a time: a thread's work
+    waits until fewer than at_once batches are under way; then the thread whose
+    work is the oldest waiting takes what waits (up to size items, and at most one
+    an item's key, when key is given) and does it for everyone, in one call of
+    do(items, deadline), the deadline that of the oldest; the others wait for
+    their outcome. The work that comes while a batch is under way makes the next
+    one, so the busier it gets, the more each batch does.
 
-    WAITING, SENT, DONE = "waiting", "sent", "done"
-    __slots__ = ("appointment", "deadline", "state", "inserted", "error")
+    An item's life:
+        waiting   handed in (run()), not yet in a batch: it may give up at its
+                  deadline, nothing done (timed_out() says why)
+        taken     in a batch that a thread is doing
+        done      with its outcome: do()'s result for it, or what do() raised,
+                  which is raised in each thread whose item the batch held
+    """
 
-    def __init__(self, appointment: Appointment, deadline: float):
-        self.appointment, self.deadline, self.state = appointment, deadline, self.WAITING
-        self.inserted, self.error = False, None
+    WAITING, TAKEN, DONE = "waiting", "taken", "done"
+
+    class _Item:
+        __slots__ = ("work", "deadline", "state", "outcome", "error")
+
+        def __init__(self, work, deadline: float):
+            self.work, self.deadline, self.state = work, deadline, Batches.WAITING
+            self.outcome, self.error = None, None
+
+    def __init__(self, do: Callable[[list, float], list], timed_out: Callable[[], Exception],
+                 at_once: int = 1, size: int = 32, key: Optional[Callable] = None):
+        self.do, self.timed_out = do, timed_out
+        self.at_once, self.size, self.key = at_once, size, key
+        self._changed = threading.Condition()  # guards the two below and each item's state
+        self._waiting: List[Batches._Item] = []  # in the order they came
+        self._under_way = 0
+
+    def run(self, work, deadline: float):
+        """Do work in a batch, by the deadline; return its outcome."""
+        item = self._Item(work, deadline)
+        with self._changed:
+            self._waiting.append(item)
+        while True:
+            with self._changed:
+                while item.state == self.WAITING and self._under_way >= self.at_once:
+                    if not self._changed.wait(deadline - time.monotonic()) \
+                            and item.state == self.WAITING:
+                        self._waiting.remove(item)
+                        raise self.timed_out()
+                if item.state == self.TAKEN:  # in another thread's batch, which do()
+                    self._changed.wait_for(lambda: item.state == self.DONE)  # ends in time
+                if item.state == self.DONE:
+                    break
+                batch = self._take()
+            self._do(batch)
+        if item.error is not None:
+            raise item.error
+        return item.outcome
+
+    def _take(self) -> "List[Batches._Item]":
+        """The next batch (under _changed): the oldest waiting items that fit."""
+        batch: List[Batches._Item] = []
+        keys: set = set()
+        for item in self._waiting:
+            if self.key is not None:
+                key = self.key(item.work)
+                if key in keys:
+                    continue
+                keys.add(key)
+            item.state = self.TAKEN
+            batch.append(item)
+            if len(batch) == self.size:
+                break
+        self._waiting = [item for item in self._waiting if item.state == self.WAITING]
+        self._under_way += 1
+        return batch
+
+    def _do(self, batch: "List[Batches._Item]") -> None:
+        outcomes: list = []
+        error: Optional[BaseException] = None
+        try:
+            outcomes = self.do([item.work for item in batch],
+                               min(item.deadline for item in batch))
+        except BaseException as failure:  # each item's thread raises it
+            error = failure
+        finally:
+            with self._changed:
+                self._under_way -= 1
+                for item, outcome in itertools.zip_longest(batch, outcomes):
+                    item.outcome, item.error, item.state = outcome, error, self.DONE
+                self._changed.notify_all()
 
 
 class SchemaRefused(Exception):
@@ -3817,34 +3894,18 @@ class _PGDatabase(SQLDatabase):
 
 
 class _PGReads(SQLDatabase):
-    """The database of PostgresStore.reading(): a connection of the pool, taken at
-    the first statement and held until give_back(). Reads run outside a
-    transaction, a statement each, so the first, when its connection turns out to
-    be lost (a FATAL that arrived just after the pool's check of it, a server
-    that went away meanwhile), runs once more on another: nothing was read yet."""
+    """The database of PostgresStore.reading(): each statement goes in a batch of
+    reads (Batches), run on one connection in one round trip (pipelined; see
+    PGConnection.queries()), each seeing what was committed when the batch was
+    sent."""
 
-    def __init__(self, pool: PGPool, deadline: float):
-        self.pool, self.deadline, self.rowcount = pool, deadline, -1
-        self.connection: Optional[PGConnection] = None
+    def __init__(self, batches: Batches, deadline: float):
+        self.batches, self.deadline, self.rowcount = batches, deadline, -1
 
     def execute(self, sql: str, parameters: tuple = ()) -> list:
-        if self.connection is not None:
-            result = self.connection.query(sql, parameters, self.deadline)
-        else:
-            self.connection = self.pool.take(self.deadline)
-            try:
-                result = self.connection.query(sql, parameters, self.deadline)
-            except PGConnectionLost:
-                self.give_back()
-                self.connection = self.pool.take(self.deadline)
-                result = self.connection.query(sql, parameters, self.deadline)
+        result = self.batches.run((sql, parameters), self.deadline)
         self.rowcount = result.rowcount
         return result.rows
-
-    def give_back(self) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            self.pool.give_back(connection)
 
 
 class PostgresStore(SQLStore):
@@ -3865,8 +3926,8 @@ class PostgresStore(SQLStore):
     stops answering is StoreUnavailable, as are a lost or refused connection and
     a server shutting down. Its words go to the log (cause), never to a client.
     A write whose connection is lost before its COMMIT is sent, or before the
-    server ran it (PGConnectionLost.ran), runs once more, as does a read's first
-    statement (_PGReads); a write lost after, whose outcome is unknown, is
+    server ran it (PGConnectionLost.ran), runs once more, as does a batch of reads
+    (_read_batch()); a write lost after, whose outcome is unknown, is
     StoreUnavailable: if it was committed, so was its Idempotency-Key, and the
     client's retry with the key gets its first answer.
 
@@ -3892,9 +3953,12 @@ class PostgresStore(SQLStore):
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
         self._pool = PGPool(self.settings, pool_size, busy_timeout)
-        self._batches = threading.Condition()  # guards the two below, and each _Booking
-        self._waiting: List[_Booking] = []  # in the order they came
-        self._sending = 0  # batches under way
+        def timed_out() -> StoreUnavailable:
+            return self._unavailable(PGTimeout(
+                f"pool busy: {PG_BATCHES} batches stayed under way until the deadline"))
+        self._bookings = Batches(self._book_batch, timed_out, PG_BATCHES, PG_BATCH_SIZE,
+                                 key=operator.attrgetter("user_id"))
+        self._reads = Batches(self._read_batch, timed_out, PG_BATCHES, PG_BATCH_SIZE)
         try:
             self.notices = self._install()
         except BaseException:
@@ -4013,97 +4077,43 @@ class PostgresStore(SQLStore):
             return result
 
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        """SQLStore's booking. One without a key first goes in a batch: the bookings
-        that came while the PG_BATCHES batches before were under way, one INSERT
-        (insertion()) for them all, a transaction of its own, sent by the thread of
-        one of them. Only if that inserts nothing for it (the user holds that date,
-        a row is in the way, the store or the user is full) does SQLStore's
-        transaction run, to find out why."""
-        if keyed is None and self._batched(appointment):
+        """SQLStore's booking. One without a key first goes in a batch (Batches): one
+        INSERT (insertion()), a transaction of its own, for the bookings that came
+        while the batch before was under way, one a user. Only if that inserts
+        nothing for it (the user holds that date, a row is in the way, the store or
+        the user is full) does SQLStore's transaction run, to find out why."""
+        if keyed is None and self._bookings.run(appointment,
+                                                time.monotonic() + self.busy_timeout):
             return appointment
         return super().book(appointment, keyed)
 
-    def _batched(self, appointment: Appointment) -> bool:
-        """Book appointment in a batch: whether the batch's INSERT made it. The thread
-        that finds a batch may go sends the oldest bookings waiting (its own among
-        them, unless PG_BATCH_SIZE older ones wait, or one of its user); the others
-        wait until theirs is done."""
-        booking = _Booking(appointment, time.monotonic() + self.busy_timeout)
-        with self._batches:
-            self._waiting.append(booking)
-        while booking.state != _Booking.DONE:
-            with self._batches:
-                while booking.state == _Booking.WAITING and self._sending >= PG_BATCHES:
-                    if not self._batches.wait(booking.deadline - time.monotonic()) \
-                            and booking.state == _Booking.WAITING:  # never sent: not done
-                        self._waiting.remove(booking)
-                        raise self._unavailable(PGTimeout(
-                            f"pool busy: {PG_BATCHES} batches of bookings stayed under way "
-                            "until the deadline"))
-                if booking.state == _Booking.SENT:  # in another thread's batch
-                    if not self._batches.wait_for(lambda: booking.state == _Booking.DONE,
-                                                  booking.deadline - time.monotonic() + 1):
-                        raise StoreUnavailable("The database did not answer in time; retry "
-                                               "shortly.", 1, "a batch of bookings never ended")
-                    break
-                if booking.state == _Booking.DONE:
-                    break
-                batch = self._next_batch()
-                self._sending += 1
-            self._send_batch(batch)
-        if booking.error is not None:
-            raise booking.error
-        return booking.inserted
+    def _book_batch(self, appointments: List[Appointment], deadline: float) -> List[bool]:
+        """Whether the batch's INSERT made each appointment."""
+        def insert(db: SQLDatabase) -> set:
+            rows = db.execute(insertion(len(appointments)) + " RETURNING user_id",
+                              tuple(self._insertion_parameters(appointments)))
+            return {row[0] for row in rows}
+        made = self._write(deadline, None, insert)
+        return [appointment.user_id in made for appointment in appointments]
 
-    def _next_batch(self) -> List[_Booking]:
-        """Take the oldest waiting bookings, one a user, up to PG_BATCH_SIZE (under
-        _batches): a statement checks each user once."""
-        batch: List[_Booking] = []
-        users: set = set()
-        for booking in self._waiting:
-            if booking.appointment.user_id not in users:
-                batch.append(booking)
-                users.add(booking.appointment.user_id)
-                booking.state = _Booking.SENT
-                if len(batch) == PG_BATCH_SIZE:
-                    break
-        self._waiting = [booking for booking in self._waiting
-                         if booking.state == _Booking.WAITING]
-        return batch
-
-    def _send_batch(self, batch: List[_Booking]) -> None:
-        """Run the batch's INSERT, by the deadline of its oldest booking; then mark
-        each booking done, with its outcome, and wake those waiting."""
-        inserted: set = set()
-        error: Optional[BaseException] = None
+    def _read_batch(self, statements: List[Tuple[str, tuple]], deadline: float) -> List[Result]:
+        """Run the statements on one connection in one round trip, their Results. A
+        connection found lost (a FATAL that came just after the pool's check of it,
+        a server gone meanwhile) is given back, and they run once more on another:
+        reads change nothing."""
         try:
-            inserted = self._write(min(booking.deadline for booking in batch), None,
-                                   self._insert_batch, [booking.appointment for booking in batch])
-        except BaseException as failure:  # every booking fails with it, then this thread
-            error = failure
-        finally:
-            with self._batches:
-                self._sending -= 1
-                for booking in batch:
-                    booking.inserted = booking.appointment.user_id in inserted
-                    booking.error, booking.state = error, _Booking.DONE
-                self._batches.notify_all()
-
-    def _insert_batch(self, db: SQLDatabase, appointments: List[Appointment]) -> set:
-        """The users whose appointments insertion() made (one a user)."""
-        rows = db.execute(insertion(len(appointments)) + " RETURNING user_id",
-                          tuple(self._insertion_parameters(appointments)))
-        return {row[0] for row in rows}
+            with self._pool.connection(deadline) as connection:
+                return connection.queries(statements, deadline)
+        except PGConnectionLost:
+            with self._pool.connection(deadline) as connection:
+                return connection.queries(statements, deadline)
 
     @contextlib.contextmanager
     def reading(self):
-        reads = _PGReads(self._pool, time.monotonic() + self.busy_timeout)
         try:
-            yield reads
+            yield _PGReads(self._reads, time.monotonic() + self.busy_timeout)
         except (PGError, PGConnectionError) as error:
             raise self._unavailable(error) from None
-        finally:
-            reads.give_back()
 
     def close(self) -> None:
         self._pool.close()

@@ -1987,7 +1987,7 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").rows[0][0])
         for thread in threads[1:]:
             thread.start()
-        wait_until(lambda: len(self.store._waiting) == 8, what="the others waiting")
+        wait_until(lambda: len(self.store._bookings._waiting) == 8, what="the others waiting")
         blocker.query("ROLLBACK")
         for thread in threads:
             thread.join(10)
@@ -1995,6 +1995,31 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(self.store.count(), 9)
         self.assertEqual(self.session().query(  # a transaction's rows share its xmin
             "SELECT count(DISTINCT xmin::text) FROM appointments").rows, [(2,)])
+
+    def test_reads_that_come_while_a_batch_is_under_way_go_in_one_round_trip_next(self):
+        for user in ("alice", "bob"):
+            self.store.book(appointment(user))
+        blocker = self.session()  # its lock makes the first batch of reads wait
+        blocker.queries((("BEGIN", ()), ("LOCK TABLE appointments", ())))
+        sent, answers = [], []
+        send = scheduler.PGConnection._send
+        threads = [threading.Thread(target=lambda user: answers.append(
+            self.store.list_for_user(user)), args=(user,)) for user in ["alice"] + ["bob"] * 8]
+        with mock.patch.object(scheduler.PGConnection, "_send", lambda connection, data,
+                               deadline: (connection is blocker or sent.append(data),
+                                          send(connection, data, deadline))):
+            threads[0].start()
+            wait_until(lambda: blocker.query("SELECT count(*) FROM pg_stat_activity WHERE "
+                                             "wait_event_type = 'Lock'").rows[0][0])
+            for thread in threads[1:]:
+                thread.start()
+            wait_until(lambda: len(self.store._reads._waiting) == 8, what="the others waiting")
+            blocker.query("ROLLBACK")
+            for thread in threads:
+                thread.join(10)
+        self.assertEqual(sorted(answers), [[appointment("alice")]] + [[appointment("bob")]] * 8)
+        self.assertEqual([data.count(scheduler.SYNC) for data in sent], [1, 1])
+        self.assertEqual(sent[1].count(scheduler.EXECUTE), 8)
 
     def test_a_statement_alone_runs_at_repeatable_read(self):
         with self.store.reading() as db:
