@@ -55,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+import tokenize
 import tracemalloc
 import unicodedata
 import unittest
@@ -81,6 +82,25 @@ PYTHON = [sys.executable, "-S"]
 
 def appointment(user_id="alice", date="2026-11-25", time="09:30") -> scheduler.Appointment:
     return scheduler.parse_appointment({"user_id": user_id, "date": date, "time": time})
+
+
+@contextlib.contextmanager
+def other_rules(**rules):
+    """The domain's rules with these values (START_MINUTES=(0, 15, 30, 45), say), as
+    if the module had been written so, until the block ends: what is made once from
+    the rules (the API description) is made again under them, and again after."""
+    made_once = (scheduler.openapi_document, scheduler._paths, scheduler._response_components,
+                 scheduler._description, scheduler._start_strings, scheduler._stored_start)
+    try:
+        with contextlib.ExitStack() as patches:
+            for name, value in rules.items():
+                patches.enter_context(mock.patch.object(scheduler, name, value))
+            for cache in made_once:
+                cache.cache_clear()
+            yield
+    finally:
+        for cache in made_once:
+            cache.cache_clear()
 
 
 def temporary_database(testcase: unittest.TestCase) -> str:
@@ -1403,6 +1423,90 @@ class ParseAppointmentTest(unittest.TestCase):
         errors = caught.exception.errors
         self.assertEqual([field for field, _ in errors], ["user_id", "date", "time"])
         self.assertEqual(errors[2], ("time", "time is required"))
+
+
+class RulesOnceTest(unittest.TestCase):
+    """Each rule is stated once, in the domain's constants: whatever says a rule (the
+    parsers' messages, --help, the API description) is made from them, and the
+    docstrings and comments name them rather than repeat their values."""
+
+    # Other rules, and what today's and those say in words that only they would say.
+    OTHER = {"APPOINTMENT_LENGTH": dt.timedelta(minutes=15), "START_MINUTES": (0, 15, 30, 45),
+             "FIRST_DATE": dt.date(1990, 1, 1), "LAST_DATE": dt.date(2149, 12, 31),
+             "MAX_USER_ID_LENGTH": 300}
+    TODAYS_WORDS = (r"\b30-minute", r"\bhalf hour", r"\b00 or 30\b", r"\b2000-01-01\b",
+                    r"\b2099-12-31\b", r"\b256 characters|\bmost 256\b|\"maxLength\": 256\b")
+    OTHER_WORDS = (r"\b15-minute", r"\bquarter hour", r"\b00, 15, 30 or 45\b",
+                   r"\b1990-01-01\b", r"\b2149-12-31\b",
+                   r"\b300 characters|\bmost 300\b|\"maxLength\": 300\b")
+
+    @staticmethod
+    def said() -> str:
+        """What the service says of its rules: the API description, --help, and the
+        messages of each field that breaks one, the time's format and a huge number's."""
+        said = [json.dumps(scheduler.openapi_document())]
+        with contextlib.redirect_stdout(io.StringIO()) as help_text:
+            with contextlib.suppress(SystemExit):
+                scheduler.parse_args(["--help"])
+        said.append(help_text.getvalue())
+        for parse, value in ((scheduler.parse_time, "09:07"), (scheduler.parse_time, "9:07"),
+                             (scheduler.parse_date, "1899-12-31"),
+                             (scheduler.parse_user_id, "x" * 400)):
+            with contextlib.suppress(ValueError):
+                parse(value)
+                raise AssertionError(f"{value} was taken")
+            try:
+                parse(value)
+            except ValueError as error:
+                said.append(str(error))
+        try:
+            scheduler.decode_json(b'{"user_id": %s}' % (b"9" * 5000))
+        except scheduler.HTTPError as error:
+            said.append(error.detail)
+        return "\n".join(said)
+
+    def test_what_is_said_of_the_rules_follows_them(self):
+        today = self.said()
+        with other_rules(**self.OTHER):
+            other = self.said()
+            self.assertEqual(scheduler.parse_time("09:15"), dt.time(9, 15))
+        self.assertEqual(self.said(), today)  # made again under today's rules
+        for words in self.TODAYS_WORDS:
+            with self.subTest(words=words):
+                self.assertTrue(re.search(words, today), "today's rules are said")
+                found = re.search(words, other)  # written out somewhere, not made from a rule
+                self.assertIsNone(found, found and other[found.start() - 100:found.end() + 50])
+        for words in self.OTHER_WORDS:
+            with self.subTest(words=words):
+                self.assertTrue(re.search(words, other), "the other rules are said")
+
+    def test_the_examples_follow_the_rules(self):
+        # The API description's examples are made by the domain: their times and ends.
+        with other_rules(APPOINTMENT_LENGTH=dt.timedelta(minutes=60), START_MINUTES=(0,)):
+            document = json.dumps(scheduler.openapi_document())
+            self.assertIn('"time": "09:00", "start": "2026-11-25T09:00:00Z", '
+                          '"end": "2026-11-25T10:00:00Z"', document)
+            self.assertIn("time 09:30 is not bookable: appointments start on the hour "
+                          "(minutes 00)", document)
+        self.assertNotIn('"time": "09:00"', json.dumps(scheduler.openapi_document()))
+
+    # Words that say a value of today's rules; each is said by a function of the domain.
+    RULES_IN_WORDS = re.compile(r"half hour|30[- ]minute|minutes 00 or 30|\b256 characters"
+                                r"|\b500 characters|\b2099\b")
+
+    def test_docstrings_and_comments_name_the_rules_not_their_values(self):
+        with open(SCRIPT, encoding="utf-8") as source:
+            tokens = list(tokenize.generate_tokens(source.readline))
+        found = [f"line {token.start[0]}: {token.string.strip()[:70]}" for token in tokens
+                 if token.type == tokenize.COMMENT and self.RULES_IN_WORDS.search(token.string)]
+        docstrings = [scheduler.__doc__] + [
+            getattr(thing, "__doc__", None) or "" for owner in
+            [scheduler] + [value for value in vars(scheduler).values() if inspect.isclass(value)]
+            for thing in vars(owner).values()
+            if getattr(thing, "__module__", None) == "scheduler"
+            or isinstance(thing, (property, staticmethod, classmethod))]
+        found += [doc.strip()[:70] for doc in docstrings if self.RULES_IN_WORDS.search(doc)]
+        self.assertEqual(found, [])
 
 
 class HTTPErrorTest(unittest.TestCase):
@@ -6004,6 +6108,37 @@ class SchemaStrictnessTest(unittest.TestCase):
         for value in values:
             self.assertSameVerdict(self.note, scheduler.parse_note, value)
 
+    # Probes of a detail's text: every class of character the rules tell apart, line
+    # breaks among them, each in the pieces of three.
+    TEXT_PIECES = USER_ID_PIECES + ["\r", "\r\n", ",", "a\nb"]
+
+    def test_every_detail_has_the_pattern_of_its_own_rule(self):
+        # A new detail's schema is made from its own rule (FreeText), never another's.
+        schemas = scheduler.openapi_document()["components"]["schemas"]
+        values = [a + b + c for a in self.TEXT_PIECES for b in self.TEXT_PIECES
+                  for c in self.TEXT_PIECES[:12]]
+        for detail in scheduler.DETAILS:
+            with self.subTest(detail=detail.name):
+                schema = schemas["NewAppointment"]["properties"][detail.name]
+                self.assertEqual(schemas["AppointmentPatch"]["properties"][detail.name]["pattern"],
+                                 schema["pattern"])
+                self.assertEqual(schemas["Appointment"]["properties"][detail.name]["pattern"],
+                                 schema["pattern"])
+                length = detail.text.max_length
+                for value in values + ["x" * length, "x" * (length + 1), "\r\n" * length]:
+                    self.assertSameVerdict(schema, detail.parse, value)
+
+    def test_a_rule_of_text_on_one_line_has_a_pattern_of_its_own(self):
+        # As a detail that is not a note would have it: no line breaks.
+        for text in (scheduler.FreeText(20, line_breaks=False),
+                     scheduler.FreeText(20, line_breaks=True)):
+            with self.subTest(text=text):
+                schema = {"maxLength": text.max_length, "pattern": scheduler.text_pattern(text)}
+                for value in [a + b for a in self.TEXT_PIECES for b in self.TEXT_PIECES]:
+                    self.assertSameVerdict(schema, text.parse, value)
+        self.assertNotEqual(scheduler.text_pattern(scheduler.FreeText(20, line_breaks=False)),
+                            scheduler.note_pattern())
+
     def test_date(self):
         day = dt.date(1999, 12, 1)
         values = ["0000-01-01", "2026-02-30", "2026-11-25\n", "2026-1-05", "２０２６-11-25"]
@@ -6014,6 +6149,29 @@ class SchemaStrictnessTest(unittest.TestCase):
         values += [f"2026-{month:02d}-{day:02d}" for month in range(14) for day in range(33)]
         for value in values:
             self.assertSameVerdict(self.date, scheduler.parse_date, value)
+
+    def test_date_under_other_ranges(self):
+        # The pattern is made for any range of whole years: centuries whole or in part.
+        for first, last in ((1990, 2149), (2024, 2030), (1900, 1999), (2000, 2000), (1601, 1700)):
+            with self.subTest(first=first, last=last), other_rules(
+                    FIRST_DATE=dt.date(first, 1, 1), LAST_DATE=dt.date(last, 12, 31)):
+                schema = {"pattern": scheduler.date_pattern()}
+                values = [f"{year:04d}-{month:02d}-{day:02d}" for year in range(first - 2, last + 3)
+                          for month, day in ((1, 1), (2, 28), (2, 29), (2, 30), (12, 31), (13, 1))]
+                for value in values:
+                    self.assertSameVerdict(schema, scheduler.parse_date, value)
+        with other_rules(FIRST_DATE=dt.date(2000, 3, 1)):
+            with self.assertRaisesRegex(ValueError, "whole years"):
+                scheduler.date_pattern()
+
+    def test_time_under_other_starts(self):
+        for starts in ((0,), (0, 15, 30, 45), (5, 35)):
+            with self.subTest(starts=starts), other_rules(START_MINUTES=starts):
+                schema = scheduler.openapi_document()["components"]["schemas"][
+                    "NewAppointment"]["properties"]["time"]
+                for value in [f"{hour:02d}:{minute:02d}" for hour in (0, 9, 23, 24)
+                              for minute in range(61)]:
+                    self.assertSameVerdict(schema, scheduler.parse_time, value)
 
     def test_time(self):
         values = [f"{hour:02d}:{minute:02d}" for hour in range(26) for minute in range(61)]
