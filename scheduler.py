@@ -1003,6 +1003,25 @@ def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
     return None
 
 
+def past_the_bounds() -> Tuple[str, tuple]:
+    """An SQL condition on a row of appointments, and its parameters, that holds
+    wherever the row is past a bound of today's rules: a length (the user ID's, a
+    detail's), the dates that can be booked, the minutes appointments start at.
+    The tables' CHECK constraints hold only what no rule's value decides (the
+    formats: a real YYYY-MM-DD date, an HH:MM time of day, text that is not empty,
+    since SQLite's schema step 6 and PostgreSQL's step 2), so that a rule changed
+    here needs no new step; the stores look for the rest with this, and
+    stored_row_problem() says why a row found breaks the rules (a row past the
+    user ID's length in another form than NFC may keep them)."""
+    minutes = tuple(f"{minute:02d}" for minute in START_MINUTES)
+    condition = " OR ".join(
+        ["length(user_id) > ?", "date < ?", "date > ?",
+         f"substr(time, 4) NOT IN ({', '.join('?' * len(minutes))})"]
+        + [f"length({detail.name}) > ?" for detail in DETAILS])
+    return condition, (MAX_USER_ID_LENGTH, FIRST_DATE.isoformat(), LAST_DATE.isoformat(),
+                       *minutes, *(detail.text.max_length for detail in DETAILS))
+
+
 @functools.lru_cache(maxsize=4096)
 def _stored_start(date: str, time: str) -> dt.datetime:
     """The start of a stored appointment, read by today's rules (ValueError if it
@@ -1418,16 +1437,16 @@ class _Turns:
 #
 # A step that shipped is frozen: literal SQL, never built from the rules' constants
 # (START_MINUTES, FIRST_DATE...) nor edited, so that it does to a file today what it
-# did when it shipped, and a file it made and a file it upgraded are alike. A rule
-# that changes gets a new step. The tests hold a digest of each step's SQL.
+# did when it shipped, and a file it made and a file it upgraded are alike. Since
+# step 6 no constraint holds a rule's value, so a rule that changes needs no step;
+# a change of the tables gets a new one. The tests hold a digest of each step's SQL.
 APPLICATION_ID = 0x53434844  # "SCHD"
 _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointments_1"),
                 ("table", "appointment_count"), ("trigger", "counted"),
                 ("trigger", "uncounted")}
-# Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
-# that SQLite refuses what this service could not show, whoever writes the file. What
-# it cannot say (the user ID's invisible characters, and NFC) SQLiteStore.sweep() checks.
-# As step 1 shipped: MAX_USER_ID_LENGTH 256, FIRST_DATE to LAST_DATE, START_MINUTES (0, 30).
+# The appointments table as step 1 made it, the rules of that release written out in
+# its CHECK constraints; step 6 leaves in SQL only what no rule's value decides
+# (past_the_bounds()).
 _APPOINTMENTS_TABLE = """
     CREATE TABLE appointments (
         user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
@@ -1621,8 +1640,48 @@ def _schema_5(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _schema_6(db: sqlite3.Connection) -> None:
+    """Rows checked by SQLite for their form alone; lengths, dates and starts by the rules."""
+    # SQLite cannot change a constraint in place: the table is made anew and every
+    # row copied, as its documentation of ALTER TABLE says ("Making Other Kinds Of
+    # Table Schema Changes"): in the start's transaction, the new table renamed once
+    # the old one is dropped, its triggers (dropped with it) made again as they were.
+    for statement in (
+            """CREATE TABLE new_appointments (
+        user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
+            AND length(user_id) >= 1 AND user_id = trim(user_id)
+            AND user_id NOT GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')),
+        date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
+            AND date(date, '+0 days') IS date),
+        time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
+            AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'),
+        note TEXT CHECK (note IS NULL OR (typeof(note) = 'text' AND length(note) >= 1)),
+        UNIQUE (user_id, date)
+    )""",
+            "INSERT INTO new_appointments (rowid, user_id, date, time, note) "
+            "SELECT rowid, user_id, date, time, note FROM appointments",
+            "DROP TABLE appointments",
+            "ALTER TABLE new_appointments RENAME TO appointments",
+            "CREATE TRIGGER counted AFTER INSERT ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n + 1; END",
+            "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n - 1; END",
+            "CREATE TRIGGER user_booked AFTER INSERT ON appointments BEGIN "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END",
+            "CREATE TRIGGER user_cancelled AFTER DELETE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; END",
+            "CREATE TRIGGER user_changed AFTER UPDATE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END"):
+        db.execute(statement)
+
+
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5)
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -1632,8 +1691,9 @@ class SQLiteStore(SQLStore):
 
     Opening a file checks that it is this service's (or empty) before changing
     anything, and brings its schema up to date (SCHEMA_STEPS); notices says what
-    that did, for the log. CHECK constraints hold every row to the rules, and rows
-    from older releases that break them are moved to the set_aside table.
+    that did, for the log. CHECK constraints hold every row to its form, and each
+    start moves the rows that break the rules (from older releases, or past a rule
+    changed since: sweep()) to the set_aside table.
 
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): bookings and cancellations that arrive while a
@@ -1803,11 +1863,14 @@ class SQLiteStore(SQLStore):
 
     @staticmethod
     def sweep(db: sqlite3.Connection) -> None:
-        """Set aside the rows whose user ID breaks a rule that SQL cannot check (its
-        invisible characters, its form if not NFC): those with characters beyond
-        ASCII, checked by parse_user_id(). 0.3 s a million rows."""
-        found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
-                           "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
+        """Set aside the rows that break a rule the CHECK constraints leave to this
+        code: a user ID's invisible characters, or its form if not NFC (those with
+        characters beyond ASCII are checked), and the bounds (past_the_bounds()),
+        which a rule changed since the last start may have moved."""
+        bounds, parameters = past_the_bounds()
+        found = db.execute(f"SELECT rowid, {', '.join(COLUMNS)} FROM appointments WHERE "
+                           f"length(user_id) <> length(CAST(user_id AS BLOB)) OR {bounds}",
+                           parameters).fetchall()
         for rowid, *row in found:
             problem = stored_row_problem(*row)
             if problem:
