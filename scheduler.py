@@ -1131,7 +1131,9 @@ class SQLStore(Store):
     The tables, as a subclass's schema makes them:
         appointments       COLUMNS, all text: date as YYYY-MM-DD and time as HH:MM
                            (UTC), a detail NULL when there is none; UNIQUE (user_id,
-                           date); CHECK constraints that hold a row to the rules
+                           date); CHECK constraints that hold a row to its form (the
+                           bounds that the rules' values set are the code's:
+                           past_the_bounds())
         users              user_id (its primary key); appointments, how many the
                            user holds, and version, counted up at each change of
                            them, both kept by triggers on appointments
@@ -1141,9 +1143,9 @@ class SQLStore(Store):
         set_aside          COLUMNS and reason (text): rows that break today's
                            rules, moved out of the way as they were stored
 
-    A row that breaks the rules (written past the constraints, or by an older
-    release) is left out of what is shown, and set aside by the first write it
-    is in the way of (_held()).
+    A row that breaks the rules (written past the constraints, by an older
+    release, or past a bound of rules changed since) is left out of what is
+    shown, and set aside by the first write it is in the way of (_held()).
 
     A subclass provides the database: write() and reading(), below; it may
     override check() (calling this one) and close().
@@ -1177,10 +1179,11 @@ class SQLStore(Store):
 
     @staticmethod
     def _appointment(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
-        """A stored row as an Appointment, or None if it breaks the rules: the CHECK
-        constraints keep such rows out, but one written with them switched off is
-        left out of what is shown, and set aside by the first write it is in the
-        way of (_held())."""
+        """A stored row as an Appointment, or None if it breaks the rules (the CHECK
+        constraints keep out rows of the wrong form, not those past a bound of the
+        rules, nor any written with them switched off): such a row is left out of
+        what is shown, and set aside by the first write it is in the way of
+        (_held()). Its user ID is the one asked for, which a request's parser took."""
         try:
             start = _stored_start(date, time)
         except ValueError:
@@ -3815,11 +3818,17 @@ _PG_PASSING = ("08", "57", "53", "25006")
 # The schema's steps, as in SQLite: step n brings the tables from version n - 1 to n,
 # each a tuple of statements run in one transaction with the others a start needs,
 # under the schema's lock; the version is in schema_version. A step that shipped is
-# frozen, literal SQL; a rule that changes gets a new step. The tables are SQLStore's.
-# The CHECK constraints hold the parsers' rules as far as SQL can say them (NFC too,
-# which PostgreSQL has; not the invisible characters: a row with them is never asked
-# for, since no request can name its user). The count of appointments is spread over
-# PG_COUNT_SLOTS rows, each written by the connections whose backend's process ID
+# frozen, literal SQL; a change of the tables gets a new step. The tables are SQLStore's.
+# Step 1's CHECK constraints held the parsers' rules as far as SQL can say them, that
+# release's values written out; step 2 keeps what no rule's value decides (the forms,
+# and NFC, which PostgreSQL has; not the invisible characters: a row with them is never
+# asked for, since no request can name its user), so that a rule that changes needs no
+# step. A row past a bound of the rules (past_the_bounds()) is never shown: a user ID
+# too long cannot be asked for, and any other such row is left out and set aside by
+# the first write in its way, as SQLStore says. No start sweeps, as SQLite's does: a
+# server of an older release, restarted while one with wider rules serves, would set
+# aside every row that only the wider rules take. The count of appointments is spread
+# over PG_COUNT_SLOTS rows, each written by the connections whose backend's process ID
 # it is modulo 64, so that bookings by different connections do not take turns at
 # one row (as REPEATABLE READ would have them, one failing with 40001 for each).
 _PG_STEP_1 = (
@@ -3871,7 +3880,22 @@ _PG_STEP_1 = (
     "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)",
     "CREATE INDEX idempotency_keys_unchanged ON idempotency_keys (kept) WHERE NOT changed",
 )
-PG_SCHEMA_STEPS = (_PG_STEP_1,)  # new ones go last
+_PG_STEP_2 = (
+    """ALTER TABLE appointments
+        DROP CONSTRAINT appointments_user_id_check,
+        DROP CONSTRAINT appointments_date_check,
+        DROP CONSTRAINT appointments_time_check,
+        DROP CONSTRAINT appointments_note_check,
+        ADD CONSTRAINT appointments_user_id_check CHECK (char_length(user_id) >= 1
+            AND user_id = btrim(user_id, ' ') AND user_id !~ '[\\x01-\\x1f\\x7f]'
+            AND user_id IS NFC NORMALIZED),
+        ADD CONSTRAINT appointments_date_check CHECK (date ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'
+            AND to_char(to_date(date, 'YYYY-MM-DD'), 'YYYY-MM-DD') = date),
+        ADD CONSTRAINT appointments_time_check
+            CHECK (time ~ '^([01][0-9]|2[0-3]):[0-5][0-9]$'),
+        ADD CONSTRAINT appointments_note_check CHECK (char_length(note) >= 1)""",
+)
+PG_SCHEMA_STEPS = (_PG_STEP_1, _PG_STEP_2)  # new ones go last
 PG_SCHEMA_VERSION = len(PG_SCHEMA_STEPS)
 
 

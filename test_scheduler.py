@@ -1992,6 +1992,7 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
 # PostgreSQL's steps, as SHIPPED_STEPS: the SHA-256 of each one's statements.
 SHIPPED_PG_STEPS = {
     1: "517bcdfb07bd3fc070b1fdb486f79ae673610942bc626dbdb609a566b6320844",
+    2: "3df961fb6b30854f09b3428ed0c49cbca72bd436503e8ecae411123c6baa0481",
 }
 
 
@@ -2015,21 +2016,26 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
                                  f"schema step {number} shipped, and its SQL is frozen: "
                                  "a rule that changes gets a new step")
 
-    def test_check_constraints_refuse_what_the_parsers_refuse(self):
+    def connect(self, schema: str) -> scheduler.PGConnection:
+        """A connection of its own to schema, as a tool (psql) would write there."""
         settings = scheduler.parse_postgres_uri(PostgresCluster.shared().uri())._replace(
-            session=(("search_path", self.store.schema),))
+            session=(("search_path", schema),))
         connection = scheduler.pg_connect(settings, time.monotonic() + 10)
         self.addCleanup(connection.close)
+        return connection
+
+    def test_check_constraints_refuse_what_the_parsers_refuse(self):
+        # Their form; the bounds that the rules' values set are the code's (PAST_BOUNDS).
+        connection = self.connect(self.store.schema)
         insert = "INSERT INTO appointments VALUES (?, ?, ?, ?)"
-        for row in (("alice", "2026-11-25", "09:15", None),
-                    ("x" * 257, "2026-11-25", "09:00", None),
-                    ("alice", "1999-12-31", "09:00", None),
-                    ("alice", "2025-02-29", "09:00", None),
+        for row in (("alice", "2025-02-29", "09:00", None),
                     ("alice", "2026-11-25", "24:00", None),
+                    ("alice", "2026-11-25", "9:00", None),
+                    ("alice", "2026-11-25 ", "09:00", None),
                     (" alice", "2026-11-25", "09:00", None),
+                    ("", "2026-11-25", "09:00", None),
                     ("Jose\u0301", "2026-11-25", "09:00", None),  # not NFC
                     ("a\x01", "2026-11-25", "09:00", None),
-                    ("alice", "2026-11-25", "09:00", "x" * 501),
                     ("alice", "2026-11-25", "09:00", "")):
             with self.subTest(row=row[:3]):
                 with self.assertRaises(scheduler.PGError) as refused:
@@ -2037,6 +2043,61 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
                 self.assertIn(refused.exception.sqlstate, ("23514", "22008"))  # CHECK, a date
         connection.query(insert, ("Jos\u00e9", "2026-11-25", "09:00", "x" * 500))
         self.assertEqual(self.store.count(), 1)
+
+    def test_rows_past_the_bounds_of_the_rules_are_left_out_and_set_aside_in_the_way(self):
+        connection = self.connect(self.store.schema)
+        for row, _ in PAST_BOUNDS:  # PostgreSQL takes them: their form is right
+            connection.query("INSERT INTO appointments VALUES (?, ?, ?, ?)", row)
+        # A user ID past its length is never asked for: no request can name its user
+        # (as one with invisible characters, which no constraint looks for).
+        past = [(row, field) for row, field in PAST_BOUNDS if field != "user_id"]
+        for (user_id, date, _, _), field in past:
+            with self.subTest(field=field):
+                self.assertEqual(self.store.list_for_user(user_id), [])
+                with self.assertRaises(scheduler.NotBooked):  # a write: it is in the way
+                    self.store.cancel(user_id, dt.date.fromisoformat(date))
+        aside = connection.query("SELECT user_id, date, time, note, reason FROM set_aside").rows
+        self.assertEqual(sorted(row[:4] for row in aside), sorted(row for row, _ in past))
+        for user_id, *_, reason in aside:
+            field = next(field for row, field in past if row[0] == user_id)
+            self.assertTrue(reason.startswith(field + " "), reason)
+        self.assertEqual(self.store.count(), 1)  # the user ID's
+        with self.assertRaisesRegex(ValueError, "at most"):
+            scheduler.parse_user_id("x" * 257)
+
+    def test_step_2_keeps_every_row_of_a_schema_made_by_step_1(self):
+        schema = PostgresCluster.shared().fresh_schema(self)
+        connection = self.connect(schema)
+        connection.query(f'CREATE SCHEMA "{schema}"')
+        connection.run_script(";\n".join(scheduler.PG_SCHEMA_STEPS[0]))  # as version 1 made it
+        connection.query("UPDATE schema_version SET version = 1")
+        for row in (("alice", "2026-11-25", "09:30", "Left knee"),
+                    ("Jos\u00e9", "2000-01-01", "23:30", None), ("bob", "2099-12-31", "00:00", None)):
+            connection.query("INSERT INTO appointments VALUES (?, ?, ?, ?)", row)
+        tables = {table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
+            "appointments", "users", "appointment_count", "set_aside")}
+        before = {table: connection.query(sql).rows for table, sql in tables.items()}
+        store = postgres_store(self, schema=schema)
+        self.assertEqual(len(store.notices), 1)
+        self.assertTrue(store.notices[0].endswith("from schema version 1 to 2."), store.notices)
+        self.assertEqual({table: connection.query(sql).rows for table, sql in tables.items()},
+                         before)
+        self.assertEqual(store.count(), 3)
+        # A row at 09:15 is now taken by PostgreSQL, and left to the rules: not shown,
+        # and set aside by the first write in its way.
+        connection.query("INSERT INTO appointments VALUES ('carol', '2026-11-25', '09:15', NULL)")
+        self.assertEqual(store.list_for_user("carol"), [])
+        self.assertEqual(store.book(appointment("carol", time="10:00")),
+                         appointment("carol", time="10:00"))
+        self.assertEqual(connection.query("SELECT user_id, time, reason FROM set_aside").rows, [
+            ("carol", "09:15", "time 09:15 is not bookable: appointments start on the hour or "
+                               "half hour (minutes 00 or 30)")])
+        # Under rules that take it, a 09:15 booking needs no new step.
+        with other_rules(APPOINTMENT_LENGTH=dt.timedelta(minutes=15),
+                         START_MINUTES=(0, 15, 30, 45)):
+            quarter = appointment("dave", time="09:15")
+            self.assertEqual(store.book(quarter), quarter)
+            self.assertEqual(store.list_for_user("dave"), [quarter])
 
     def test_the_unique_constraint_holds_across_servers(self):
         other = self.another()
