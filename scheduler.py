@@ -1,4 +1,4 @@
-"""Appointment scheduler: book 30-minute sessions with practitioners over HTTP/JSON.
+"""Appointment scheduler: book sessions with practitioners over HTTP/JSON.
 
 Run it with ``python3 scheduler.py`` (``--help`` lists the options) and talk to it
 with curl; the README documents every endpoint. Standard library only, Python 3.9+.
@@ -17,13 +17,14 @@ with curl; the README documents every endpoint. Standard library only, Python 3.
 
 Lists, appointments and feeds carry an ETag, and answer If-None-Match with 304.
 
-Appointments last 30 minutes and start on the hour or half hour, UTC. Any number
-of users may book the same slot; each user may hold one appointment per date.
+Appointments last APPOINTMENT_LENGTH and start at START_MINUTES past the hour, UTC
+(the Domain section states each rule once). Any number of users may book the same
+slot; each user may hold one appointment per date.
 
 The file reads top to bottom, each section using only those above it:
 
-    Domain         an appointment, its fields' rules and its details (DETAILS), a
-                   booking's outcomes
+    Domain         the rules, each stated once, and their words; an appointment, its
+                   fields' parsers and its details (DETAILS), a booking's outcomes
     Stores         where appointments live: InMemoryStore; SQLStore, the SQL of every
                    read and write that SQLiteStore and a store on PostgreSQL share
                    (SQLDatabase); SQLiteStore (its versioned schema, SCHEMA_STEPS,
@@ -48,7 +49,7 @@ The file reads top to bottom, each section using only those above it:
                    deadlines, reading, writing, calling the wire format's functions
     Server         connection slots, the deadline watchdog, the log, shutdown
     Command line   options; main(), serve() (one process) and a Supervisor (--workers)
-    Appendix       the OpenAPI description, built from the domain's constants
+    Appendix       the OpenAPI description, built from the domain's rules
 """
 
 import abc
@@ -105,34 +106,69 @@ DEFAULT_PORT = 8000
 
 
 # --- Domain: what an appointment is ---------------------------------------------------
-# The rules below are the service's: the parsers apply them and the API description
-# (the appendix) is built from the same constants, so one change changes both.
+# The rules below are the service's, each stated once, here: the parsers apply them,
+# and their messages, --help, the API description (the appendix: its text, patterns
+# and examples) and the stores' checks are built from these constants, so that one
+# change changes them all. Elsewhere, words name a rule's constant, not its value.
 
+# The slot: how long an appointment lasts, and the minutes past the hour (UTC) at
+# which one may start.
 APPOINTMENT_LENGTH = dt.timedelta(minutes=30)
-START_MINUTES = (0, 30)  # appointments start on the hour or half hour
+START_MINUTES = (0, 30)
 # The dates that can be booked: recent enough for any calendar, far from datetime's
 # limits, with four-digit years everywhere (JSON, iCalendar, SQLite, OpenAPI).
 FIRST_DATE, LAST_DATE = dt.date(2000, 1, 1), dt.date(2099, 12, 31)
 MAX_USER_ID_LENGTH = 256  # characters, counted in NFC (parse_user_id)
+MAX_NOTE_LENGTH = 500  # characters, as sent (NOTE, parse_note)
+
+
+def length_in_words() -> str:
+    """APPOINTMENT_LENGTH as a sentence says it before a noun ("N-minute")."""
+    return f"{APPOINTMENT_LENGTH // dt.timedelta(minutes=1)}-minute"
+
+
+# START_MINUTES in words, for the sets that English has a name for; other sets are
+# "at set minutes past the hour", and start_minutes_listed() says which.
+_STARTS_IN_WORDS = {(0,): "on the hour", (0, 30): "on the hour or half hour",
+                    (0, 15, 30, 45): "on the hour or quarter hour"}
+
+
+def starts_in_words() -> str:
+    """START_MINUTES as a sentence says when appointments start ("on the hour", say)."""
+    return _STARTS_IN_WORDS.get(tuple(START_MINUTES), "at set minutes past the hour")
+
+
+def start_minutes_listed() -> str:
+    """START_MINUTES as two digits each, listed ("00, 20 or 40", say)."""
+    minutes = [f"{minute:02d}" for minute in START_MINUTES]
+    return " or ".join(minutes) if len(minutes) < 3 else \
+        f"{', '.join(minutes[:-1])} or {minutes[-1]}"
+
+
+def example_time() -> str:
+    """A time that can be booked, for examples: the last start of nine o'clock."""
+    return f"09:{START_MINUTES[-1]:02d}"
+
+
 # Control characters (Unicode category Cc) and lone surrogates (Cs), which JSON can
 # carry as \u escapes but which cannot be encoded as UTF-8 later.
 FORBIDDEN_CATEGORIES = ("Cc", "Cs")
-# The characters of those categories, to look for in one search of a string; a note
-# may break its lines (a line feed, U+000A).
+# The characters of those categories, to look for in one search of a string; and the
+# same but a line feed (U+000A), for text whose lines may break (a note).
 _FORBIDDEN_IN_USER_ID = re.compile(r"[\u0000-\u001f\u007f-\u009f\ud800-\udfff]")
 _FORBIDDEN_IN_NOTE = re.compile(r"[\u0000-\u0009\u000b-\u001f\u007f-\u009f\ud800-\udfff]")
-MAX_NOTE_LENGTH = 500
 # Anchored with fullmatch(); [0-9] rather than \d, which also matches non-ASCII digits.
 DATE_FORMAT = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 TIME_FORMAT = re.compile(r"([0-9]{2}):([0-9]{2})")
 
 
 class Appointment(NamedTuple):
-    """A booked 30-minute slot. Immutable, so it can be handed out freely. The
-    fields after start are its details, as DETAILS describes them (None: none)."""
+    """A booked slot, APPOINTMENT_LENGTH long. Immutable, so it can be handed out
+    freely. The fields after start are its details, as DETAILS describes them
+    (None: none)."""
 
     user_id: str
-    start: dt.datetime  # timezone-aware UTC, on the hour or half hour
+    start: dt.datetime  # timezone-aware UTC, at one of START_MINUTES past the hour
     note: Optional[str] = None  # for the practitioner
 
     @property
@@ -406,62 +442,86 @@ def parse_date(value) -> dt.date:
 
 
 def parse_time(value) -> dt.time:
-    """Return the start time for an HH:MM string on the hour or half hour; raise
-    ValueError otherwise."""
+    """Return the start time for an HH:MM string at one of START_MINUTES past the
+    hour; raise ValueError otherwise."""
     match = TIME_FORMAT.fullmatch(value) if isinstance(value, str) else None
     if match is None:
-        raise ValueError("must be a string in 24-hour HH:MM format, e.g. 09:30; "
-                         "appointments start on the hour or half hour")
+        raise ValueError(f"must be a string in 24-hour HH:MM format, e.g. {example_time()}; "
+                         f"appointments start {starts_in_words()}")
     hour, minute = map(int, match.groups())
     if hour > 23:
         raise ValueError(f"{value} is not a time of day: hours run from 00 to 23")
     if minute not in START_MINUTES:
-        raise ValueError(f"{value} is not bookable: appointments start on the hour "
-                         "or half hour (minutes 00 or 30)")
+        raise ValueError(f"{value} is not bookable: appointments start {starts_in_words()} "
+                         f"(minutes {start_minutes_listed()})")
     return dt.time(hour, minute)
 
 
 FIELDS = (("user_id", parse_user_id), ("date", parse_date), ("time", parse_time))  # in order
 
 
+class FreeText(NamedTuple):
+    """The rule of a detail that is free text, kept as written (not normalized): at
+    most max_length characters as sent; no control characters but, if its lines may
+    break (line_breaks), line feeds (CR LF is kept as one); no lone surrogates; no
+    invisible format characters but joiners between visible non-ASCII characters.
+    An empty one is none. parse() applies it; the API description's maxLength and
+    pattern for the detail are built from it (the appendix's text_pattern())."""
+
+    max_length: int  # characters, as sent
+    line_breaks: bool
+
+    def parse(self, value) -> Optional[str]:
+        """Return the text (None for an empty one: none); raise ValueError saying
+        what is wrong."""
+        if not isinstance(value, str):
+            raise ValueError("must be a string (or null for none)")
+        if len(value) > self.max_length:  # as sent
+            raise ValueError(f"must be at most {self.max_length} characters long")
+        if self.line_breaks:
+            value = value.replace("\r\n", "\n")
+            control = _FORBIDDEN_IN_NOTE.search(value)
+        else:
+            control = _FORBIDDEN_IN_USER_ID.search(value)
+        if control:
+            raise ValueError(f"must not contain control characters (U+{ord(control.group()):04X}) "
+                             + ("but line breaks, nor lone surrogates" if self.line_breaks
+                                else "nor lone surrogates"))
+        invisible = None if value.isascii() else _invisible_character(value, look_alikes=False)
+        if invisible:
+            raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
+                             f"({unicodedata.name(invisible, 'a format character')})")
+        return value or None
+
+
+NOTE = FreeText(MAX_NOTE_LENGTH, line_breaks=True)  # the note's rule
+
+
 def parse_note(value) -> Optional[str]:
     """Return the note (None for an empty one: no note); raise ValueError saying what
-    is wrong. Lines may break (a line feed; CR LF is kept as one); other control
-    characters and invisible format characters may not be there."""
-    if not isinstance(value, str):
-        raise ValueError("must be a string (or null for none)")
-    if len(value) > MAX_NOTE_LENGTH:  # as sent
-        raise ValueError(f"must be at most {MAX_NOTE_LENGTH} characters long")
-    value = value.replace("\r\n", "\n")
-    control = _FORBIDDEN_IN_NOTE.search(value)
-    if control:
-        raise ValueError(f"must not contain control characters (U+{ord(control.group()):04X}) "
-                         "but line breaks, nor lone surrogates")
-    invisible = None if value.isascii() else _invisible_character(value, look_alikes=False)
-    if invisible:
-        raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
-                         f"({unicodedata.name(invisible, 'a format character')})")
-    return value or None
+    is wrong. The note's rule is NOTE: lines may break (a line feed; CR LF is kept as
+    one); other control characters and invisible format characters may not be there."""
+    return NOTE.parse(value)
 
 
 class Detail(NamedTuple):
     """An optional field of an appointment beyond its user and start, described
-    once: the parsers, both stores, the feed and the API description take it from
-    DETAILS. Appointment has a field of the same name; SQLite a column, added by a
-    schema step."""
+    once: the parsers, both SQL stores' checks, the feed and the API description
+    take it from DETAILS, its rule (text) included. Appointment has a field of the
+    same name; SQLite and PostgreSQL a column, added by a schema step of each."""
 
     name: str
-    parse: Callable[[object], Optional[str]]  # a request's value; None for none
-    max_length: int  # characters
-    description: str  # for the API description
+    text: FreeText  # its rule
+    description: str  # what it is for, for the API description (which adds the rule's words)
     ical_property: str  # what the feed shows it as (RFC 5545 section 3.8)
 
+    @property
+    def parse(self) -> Callable[[object], Optional[str]]:
+        """Its parser: a request's value as stored; None for none."""
+        return self.text.parse
 
-DETAILS = (Detail("note", parse_note, MAX_NOTE_LENGTH,
-                  "Free text for the practitioner, kept as written (not normalized); lines "
-                  "may break (\\n), but no other control characters or invisible format "
-                  "characters. An empty one is none",
-                  "DESCRIPTION"),)
+
+DETAILS = (Detail("note", NOTE, "Free text for the practitioner", "DESCRIPTION"),)
 _DETAIL_NAMES = tuple(detail.name for detail in DETAILS)
 _NO_DETAILS = (None,) * len(DETAILS)  # an appointment's details when it has none
 # Every field a request may give, with its parser: the FIELDS, then the details.
@@ -943,6 +1003,25 @@ def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
     return None
 
 
+def past_the_bounds() -> Tuple[str, tuple]:
+    """An SQL condition on a row of appointments, and its parameters, that holds
+    wherever the row is past a bound of today's rules: a length (the user ID's, a
+    detail's), the dates that can be booked, the minutes appointments start at.
+    The tables' CHECK constraints hold only what no rule's value decides (the
+    formats: a real YYYY-MM-DD date, an HH:MM time of day, text that is not empty,
+    since SQLite's schema step 6 and PostgreSQL's step 2), so that a rule changed
+    here needs no new step; the stores look for the rest with this, and
+    stored_row_problem() says why a row found breaks the rules (a row past the
+    user ID's length in another form than NFC may keep them)."""
+    minutes = tuple(f"{minute:02d}" for minute in START_MINUTES)
+    condition = " OR ".join(
+        ["length(user_id) > ?", "date < ?", "date > ?",
+         f"substr(time, 4) NOT IN ({', '.join('?' * len(minutes))})"]
+        + [f"length({detail.name}) > ?" for detail in DETAILS])
+    return condition, (MAX_USER_ID_LENGTH, FIRST_DATE.isoformat(), LAST_DATE.isoformat(),
+                       *minutes, *(detail.text.max_length for detail in DETAILS))
+
+
 @functools.lru_cache(maxsize=4096)
 def _stored_start(date: str, time: str) -> dt.datetime:
     """The start of a stored appointment, read by today's rules (ValueError if it
@@ -1072,7 +1151,9 @@ class SQLStore(Store):
     The tables, as a subclass's schema makes them:
         appointments       COLUMNS, all text: date as YYYY-MM-DD and time as HH:MM
                            (UTC), a detail NULL when there is none; UNIQUE (user_id,
-                           date); CHECK constraints that hold a row to the rules
+                           date); CHECK constraints that hold a row to its form (the
+                           bounds that the rules' values set are the code's:
+                           past_the_bounds())
         users              user_id (its primary key); appointments, how many the
                            user holds, and version, counted up at each change of
                            them, both kept by triggers on appointments
@@ -1082,9 +1163,9 @@ class SQLStore(Store):
         set_aside          COLUMNS and reason (text): rows that break today's
                            rules, moved out of the way as they were stored
 
-    A row that breaks the rules (written past the constraints, or by an older
-    release) is left out of what is shown, and set aside by the first write it
-    is in the way of (_held()).
+    A row that breaks the rules (written past the constraints, by an older
+    release, or past a bound of rules changed since) is left out of what is
+    shown, and set aside by the first write it is in the way of (_held()).
 
     A subclass provides the database: write() and reading(), below; it may
     override check() (calling this one) and close().
@@ -1118,10 +1199,11 @@ class SQLStore(Store):
 
     @staticmethod
     def _appointment(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
-        """A stored row as an Appointment, or None if it breaks the rules: the CHECK
-        constraints keep such rows out, but one written with them switched off is
-        left out of what is shown, and set aside by the first write it is in the
-        way of (_held())."""
+        """A stored row as an Appointment, or None if it breaks the rules (the CHECK
+        constraints keep out rows of the wrong form, not those past a bound of the
+        rules, nor any written with them switched off): such a row is left out of
+        what is shown, and set aside by the first write it is in the way of
+        (_held()). Its user ID is the one asked for, which a request's parser took."""
         try:
             start = _stored_start(date, time)
         except ValueError:
@@ -1376,16 +1458,16 @@ class _Turns:
 #
 # A step that shipped is frozen: literal SQL, never built from the rules' constants
 # (START_MINUTES, FIRST_DATE...) nor edited, so that it does to a file today what it
-# did when it shipped, and a file it made and a file it upgraded are alike. A rule
-# that changes gets a new step. The tests hold a digest of each step's SQL.
+# did when it shipped, and a file it made and a file it upgraded are alike. Since
+# step 6 no constraint holds a rule's value, so a rule that changes needs no step;
+# a change of the tables gets a new one. The tests hold a digest of each step's SQL.
 APPLICATION_ID = 0x53434844  # "SCHD"
 _UNVERSIONED = {("table", "appointments"), ("index", "sqlite_autoindex_appointments_1"),
                 ("table", "appointment_count"), ("trigger", "counted"),
                 ("trigger", "uncounted")}
-# Each table's rules, in SQL: the parsers' (Domain) as far as SQL can say them, so
-# that SQLite refuses what this service could not show, whoever writes the file. What
-# it cannot say (the user ID's invisible characters, and NFC) SQLiteStore.sweep() checks.
-# As step 1 shipped: MAX_USER_ID_LENGTH 256, FIRST_DATE to LAST_DATE, START_MINUTES (0, 30).
+# The appointments table as step 1 made it, the rules of that release written out in
+# its CHECK constraints; step 6 leaves in SQL only what no rule's value decides
+# (past_the_bounds()).
 _APPOINTMENTS_TABLE = """
     CREATE TABLE appointments (
         user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
@@ -1579,8 +1661,48 @@ def _schema_5(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _schema_6(db: sqlite3.Connection) -> None:
+    """Rows checked by SQLite for their form alone; lengths, dates and starts by the rules."""
+    # SQLite cannot change a constraint in place: the table is made anew and every
+    # row copied, as its documentation of ALTER TABLE says ("Making Other Kinds Of
+    # Table Schema Changes"): in the start's transaction, the new table renamed once
+    # the old one is dropped, its triggers (dropped with it) made again as they were.
+    for statement in (
+            """CREATE TABLE new_appointments (
+        user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
+            AND length(user_id) >= 1 AND user_id = trim(user_id)
+            AND user_id NOT GLOB ('*[' || char(1) || '-' || char(31) || char(127) || ']*')),
+        date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
+            AND date(date, '+0 days') IS date),
+        time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
+            AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'),
+        note TEXT CHECK (note IS NULL OR (typeof(note) = 'text' AND length(note) >= 1)),
+        UNIQUE (user_id, date)
+    )""",
+            "INSERT INTO new_appointments (rowid, user_id, date, time, note) "
+            "SELECT rowid, user_id, date, time, note FROM appointments",
+            "DROP TABLE appointments",
+            "ALTER TABLE new_appointments RENAME TO appointments",
+            "CREATE TRIGGER counted AFTER INSERT ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n + 1; END",
+            "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n - 1; END",
+            "CREATE TRIGGER user_booked AFTER INSERT ON appointments BEGIN "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END",
+            "CREATE TRIGGER user_cancelled AFTER DELETE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; END",
+            "CREATE TRIGGER user_changed AFTER UPDATE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END"):
+        db.execute(statement)
+
+
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5)
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -1590,8 +1712,9 @@ class SQLiteStore(SQLStore):
 
     Opening a file checks that it is this service's (or empty) before changing
     anything, and brings its schema up to date (SCHEMA_STEPS); notices says what
-    that did, for the log. CHECK constraints hold every row to the rules, and rows
-    from older releases that break them are moved to the set_aside table.
+    that did, for the log. CHECK constraints hold every row to its form, and each
+    start moves the rows that break the rules (from older releases, or past a rule
+    changed since: sweep()) to the set_aside table.
 
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): bookings and cancellations that arrive while a
@@ -1761,11 +1884,14 @@ class SQLiteStore(SQLStore):
 
     @staticmethod
     def sweep(db: sqlite3.Connection) -> None:
-        """Set aside the rows whose user ID breaks a rule that SQL cannot check (its
-        invisible characters, its form if not NFC): those with characters beyond
-        ASCII, checked by parse_user_id(). 0.3 s a million rows."""
-        found = db.execute("SELECT rowid, user_id, date, time FROM appointments WHERE "
-                           "length(user_id) <> length(CAST(user_id AS BLOB))").fetchall()
+        """Set aside the rows that break a rule the CHECK constraints leave to this
+        code: a user ID's invisible characters, or its form if not NFC (those with
+        characters beyond ASCII are checked), and the bounds (past_the_bounds()),
+        which a rule changed since the last start may have moved."""
+        bounds, parameters = past_the_bounds()
+        found = db.execute(f"SELECT rowid, {', '.join(COLUMNS)} FROM appointments WHERE "
+                           f"length(user_id) <> length(CAST(user_id AS BLOB)) OR {bounds}",
+                           parameters).fetchall()
         for rowid, *row in found:
             problem = stored_row_problem(*row)
             if problem:
@@ -3716,11 +3842,17 @@ _PG_PASSING = ("08", "57", "53", "25006")
 # The schema's steps, as in SQLite: step n brings the tables from version n - 1 to n,
 # each a tuple of statements run in one transaction with the others a start needs,
 # under the schema's lock; the version is in schema_version. A step that shipped is
-# frozen, literal SQL; a rule that changes gets a new step. The tables are SQLStore's.
-# The CHECK constraints hold the parsers' rules as far as SQL can say them (NFC too,
-# which PostgreSQL has; not the invisible characters: a row with them is never asked
-# for, since no request can name its user). The count of appointments is spread over
-# PG_COUNT_SLOTS rows, each written by the connections whose backend's process ID
+# frozen, literal SQL; a change of the tables gets a new step. The tables are SQLStore's.
+# Step 1's CHECK constraints held the parsers' rules as far as SQL can say them, that
+# release's values written out; step 2 keeps what no rule's value decides (the forms,
+# and NFC, which PostgreSQL has; not the invisible characters: a row with them is never
+# asked for, since no request can name its user), so that a rule that changes needs no
+# step. A row past a bound of the rules (past_the_bounds()) is never shown: a user ID
+# too long cannot be asked for, and any other such row is left out and set aside by
+# the first write in its way, as SQLStore says. No start sweeps, as SQLite's does: a
+# server of an older release, restarted while one with wider rules serves, would set
+# aside every row that only the wider rules take. The count of appointments is spread
+# over PG_COUNT_SLOTS rows, each written by the connections whose backend's process ID
 # it is modulo 64, so that bookings by different connections do not take turns at
 # one row (as REPEATABLE READ would have them, one failing with 40001 for each).
 _PG_STEP_1 = (
@@ -3772,7 +3904,22 @@ _PG_STEP_1 = (
     "CREATE INDEX idempotency_keys_by_age ON idempotency_keys (kept)",
     "CREATE INDEX idempotency_keys_unchanged ON idempotency_keys (kept) WHERE NOT changed",
 )
-PG_SCHEMA_STEPS = (_PG_STEP_1,)  # new ones go last
+_PG_STEP_2 = (
+    """ALTER TABLE appointments
+        DROP CONSTRAINT appointments_user_id_check,
+        DROP CONSTRAINT appointments_date_check,
+        DROP CONSTRAINT appointments_time_check,
+        DROP CONSTRAINT appointments_note_check,
+        ADD CONSTRAINT appointments_user_id_check CHECK (char_length(user_id) >= 1
+            AND user_id = btrim(user_id, ' ') AND user_id !~ '[\\x01-\\x1f\\x7f]'
+            AND user_id IS NFC NORMALIZED),
+        ADD CONSTRAINT appointments_date_check CHECK (date ~ '^[0-9]{4}-[0-9]{2}-[0-9]{2}$'
+            AND to_char(to_date(date, 'YYYY-MM-DD'), 'YYYY-MM-DD') = date),
+        ADD CONSTRAINT appointments_time_check
+            CHECK (time ~ '^([01][0-9]|2[0-3]):[0-5][0-9]$'),
+        ADD CONSTRAINT appointments_note_check CHECK (char_length(note) >= 1)""",
+)
+PG_SCHEMA_STEPS = (_PG_STEP_1, _PG_STEP_2)  # new ones go last
 PG_SCHEMA_VERSION = len(PG_SCHEMA_STEPS)
 
 
@@ -4995,10 +5142,20 @@ def write_once(service: "Service", request: Request, user_id: str,
                  replay.headers + (("Idempotent-Replayed", "true"),), replay.media_type)
 
 
+def example_booking() -> dict:
+    """A booking's fields, for examples (its time is example_time())."""
+    return {"user_id": "alice", "date": "2026-11-25", "time": example_time()}
+
+
+def not_an_object() -> HTTPError:
+    """What a booking whose body is not a JSON object gets."""
+    return HTTPError(400, f"The request body must be a JSON object, e.g. "
+                          f"{json.dumps(example_booking())}.")
+
+
 def book_appointment(service: "Service", request: Request) -> Reply:
     if not isinstance(request.body, dict):
-        raise HTTPError(400, "The request body must be a JSON object, e.g. "
-                             '{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}.')
+        raise not_an_object()
     appointment = parse_appointment(request.body)
     return write_once(service, request, appointment.user_id,
                       lambda keyed: service.store.book(appointment, keyed), booked_reply)
@@ -5459,7 +5616,7 @@ def decode_json(raw: bytes) -> object:
         raise HTTPError(400, "The request body is nested too deeply.") from None
     except ValueError:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
         raise HTTPError(400, "The request body has a number with too many digits to "
-                             "read; user IDs have at most 256.") from None
+                             f"read; user IDs have at most {MAX_USER_ID_LENGTH}.") from None
     except decimal.InvalidOperation:  # an exponent past what Decimal can hold, as 1e-10**21
         raise HTTPError(400, "The request body has a number whose exponent is too large "
                              "to read.") from None
@@ -6468,9 +6625,10 @@ def usable_cpus() -> int:
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     most_workers = WORKERS_PER_CPU * usable_cpus()
     parser = argparse.ArgumentParser(
-        description="Appointment scheduler: an HTTP JSON API for booking 30-minute "
-                    "appointments (UTC). Logs one line per request to stderr. Ctrl-C or "
-                    "SIGTERM stops it gracefully; a second one stops it at once. SIGHUP: "
+        description="Appointment scheduler: an HTTP JSON API for booking "
+                    f"{length_in_words()} appointments (UTC). Logs one line per request to "
+                    "stderr. Ctrl-C or SIGTERM stops it gracefully; a second one stops it at "
+                    "once. SIGHUP: "
                     "with --workers, replaces the workers one at a time with processes that "
                     "load the code anew (a deploy without downtime); a lone server logs it "
                     "and serves on.")
@@ -7048,14 +7206,30 @@ class Supervisor:
 
 
 # --- Appendix: the API description (OpenAPI 3.1) -------------------------------------
-# Served at /openapi.json. Its schemas are built from the domain's constants, so a
-# rule changed there changes here. Its examples are literal, not computed, and tests
-# hold the service to them: each request example, sent to a fresh server, must get
-# the response example of the same name.
+# Served at /openapi.json. It is built from the domain's rules, so that a rule
+# changed there changes here: the schemas' patterns and words, and the examples, whose
+# times are example_time() and the like, and whose outcomes are what the service makes
+# of them (an appointment's as_json(), an error's http_error()). Tests hold the
+# service to the examples: each request example, sent to a fresh server, must get the
+# response example of the same name.
 
-_APPOINTMENT_EXAMPLE = {"user_id": "alice", "date": "2026-11-25", "time": "09:30",
-                        "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"}
 _PATH_EXAMPLES = {"user_id": "alice", "date": "2026-11-25"}
+
+
+def _unbookable_time() -> str:
+    """A time of day that is not a start, for examples: halfway from the first start
+    to the next."""
+    following = START_MINUTES[1] if len(START_MINUTES) > 1 else START_MINUTES[0] + 60
+    return f"09:{(START_MINUTES[0] + following) // 2 % 60:02d}"
+
+
+def _refusal(parse: Callable, *args) -> HTTPError:
+    """The error the service answers when parse(*args) raises, for an example."""
+    try:
+        parse(*args)
+    except Exception as error:
+        return http_error(error)
+    raise ValueError(f"{args} is valid: it makes no example of an error")
 
 
 def _ref(kind: str, name: str) -> dict:
@@ -7199,26 +7373,56 @@ def user_id_pattern() -> str:
     return f"^(?![{space}])(?:{allowed}|{joined}|{selected})*(?<![{space}]){_END}"
 
 
-def note_pattern() -> str:
-    """parse_note()'s rules as one regular expression: no control characters or
+def text_pattern(text: FreeText) -> str:
+    """A FreeText rule as one regular expression: no control characters or
     surrogates, no invisible format characters but joiners between visible
-    non-ASCII ones; line breaks (LF, or CR LF) anywhere."""
+    non-ASCII ones; if its lines may break, line breaks (LF, or CR LF) anywhere."""
     _, allowed, _, joined, _ = _character_classes()
-    return f"^(?:{allowed}|\\n|\\r\\n|{joined})*{_END}"
+    breaks = "|\\n|\\r\\n" if text.line_breaks else ""
+    return f"^(?:{allowed}{breaks}|{joined})*{_END}"
+
+
+def note_pattern() -> str:
+    """parse_note()'s rules (NOTE) as one regular expression: text_pattern()."""
+    return text_pattern(NOTE)
+
+
+def _text_words(text: FreeText) -> str:
+    """A FreeText rule's characters in words, for the API description."""
+    lines = ("lines may break (\\n), but no other control characters" if text.line_breaks
+             else "on one line: no control characters")
+    return (f"kept as written (not normalized); {lines} or invisible format characters. "
+            "An empty one is none")
 
 
 def date_pattern() -> str:
     """parse_date()'s dates, FIRST_DATE to LAST_DATE, as a regular expression: JSON
     Schema's "format": "date" is only an annotation, which validators may skip.
-    Written for one whole century whose first year is a leap year, as 2000 is."""
-    century = FIRST_DATE.year // 100
-    if (FIRST_DATE, LAST_DATE) != (dt.date(century * 100, 1, 1),
-                                   dt.date(century * 100 + 99, 12, 31)) or century % 4:
-        raise ValueError("date_pattern() is written for a century from a leap year")
+    Written for whole years (FIRST_DATE a 1 January, LAST_DATE a 31 December): a
+    century they hold whole is written as its two digits and any two more, its leap
+    years as the pattern of those divisible by 4 (and 00 where the century is); the
+    years of one held in part are listed."""
+    first, last = FIRST_DATE.year, LAST_DATE.year
+    if (FIRST_DATE, LAST_DATE) != (dt.date(first, 1, 1), dt.date(last, 12, 31)):
+        raise ValueError("date_pattern() is written for whole years")
     month_day = ("(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
                  "|(?:0[13578]|1[02])-31)")
-    leap = "(?:[02468][048]|[13579][26])"  # years of the century divisible by 4
-    return f"^{century}(?:[0-9]{{2}}-{month_day}|{leap}-02-29){_END}"
+    centuries = []
+    for century in range(first // 100, last // 100 + 1):
+        years = range(max(first, century * 100), min(last, century * 100 + 99) + 1)
+        leap_years = [year for year in years
+                      if year % 4 == 0 and (year % 100 or year % 400 == 0)]
+        if len(years) == 100:
+            in_it = "[0-9]{2}"
+            leap = "(?:[02468][048]|[13579][26])" if century % 4 == 0 else \
+                "(?:0[48]|[2468][048]|[13579][26])"
+        else:
+            in_it = "(?:%s)" % "|".join(f"{year % 100:02d}" for year in years)
+            leap = "(?:%s)" % "|".join(f"{year % 100:02d}" for year in leap_years)
+        centuries.append(f"{century:02d}(?:{in_it}-{month_day}"
+                         + (f"|{leap}-02-29)" if leap_years else ")"))
+    either = centuries[0] if len(centuries) == 1 else f"(?:{'|'.join(centuries)})"
+    return f"^{either}{_END}"
 
 
 @functools.lru_cache(maxsize=None)
@@ -7268,15 +7472,15 @@ def _paths() -> dict:
                              headers={"ETag": _ref("headers", "ETag")})}
     tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
     unchanged = {"304": _ref("responses", "NotModified")}
-    book = {"user_id": "alice", "date": "2026-11-25", "time": "09:30"}
-    moved = {**_APPOINTMENT_EXAMPLE, "date": "2026-11-26", "time": "10:00",
-             "start": "2026-11-26T10:00:00Z", "end": "2026-11-26T10:30:00Z"}
+    # The examples, made by the domain: a booking, the appointment it books, and a move.
+    book = example_booking()
+    booked = parse_appointment(book)
+    shown = booked.as_json()
+    move = {"date": "2026-11-26", "time": f"10:{START_MINUTES[0]:02d}"}
+    moved = parse_changes(move, booked.user_id).applied(booked).as_json()
     not_json = _problem("The body is not valid JSON (a syntax error, a key twice, NaN, a "
                         "number with too many digits, bytes that are not UTF-8), or not a "
-                        "JSON object", not_an_object=HTTPError(
-                            400, "The request body must be a JSON object, e.g. "
-                                 '{"user_id": "alice", "date": "2026-11-25", '
-                                 '"time": "09:30"}.'))
+                        "JSON object", not_an_object=not_an_object())
     retry_after = {"Retry-After": _ref("headers", "RetryAfter")}
     store_errors = {"429": _problem("The user has made as many changes with an "
                                     "Idempotency-Key in the last 24 hours as one user may "
@@ -7299,7 +7503,7 @@ def _paths() -> dict:
                 "responses": {"200": _reply(
                     "The appointments (an empty list for a user with none)",
                     _ref("schemas", "AppointmentList"),
-                    {"list": {"user_id": "alice", "appointments": [_APPOINTMENT_EXAMPLE]}},
+                    {"list": {"user_id": "alice", "appointments": [shown]}},
                     **tagged), **unchanged, **errors, **store_errors},
             },
             "post": {
@@ -7310,8 +7514,7 @@ def _paths() -> dict:
                         "book": book, "with-a-note": {**book, "note": "Left knee"}})},
                 "responses": {
                     "201": _reply("Booked", appointment, {
-                        "book": _APPOINTMENT_EXAMPLE,
-                        "with-a-note": {**_APPOINTMENT_EXAMPLE, "note": "Left knee"}},
+                        "book": shown, "with-a-note": {**shown, "note": "Left knee"}},
                                   headers={"Location": {
                                       "description": "The appointment's own URL",
                                       "schema": text}, "ETag": _ref("headers", "ETag")}),
@@ -7321,27 +7524,16 @@ def _paths() -> dict:
                                     "user holds as many appointments as one user may, or a "
                                     "request with this Idempotency-Key is still being "
                                     "processed, with Retry-After)", "ConflictProblem",
-                                    conflict=HTTPError(
-                                        409, "User alice already has an appointment on "
-                                             "2026-11-25, at 09:30; a user may book one "
-                                             "appointment per date.",
-                                        appointment=_APPOINTMENT_EXAMPLE)),
+                                    conflict=http_error(AlreadyBooked(booked))),
                     "411": _problem("No Content-Length (chunked bodies are refused)"),
                     "413": _problem("The body is larger than the server's limit"),
                     "415": _problem("The body is not labelled application/json"),
                     "422": _problem("Fields are missing or invalid; `errors` lists each (or "
                                     "the Idempotency-Key came with another request: `errors` "
                                     "names it)", "ValidationProblem", key_reused=key_reused,
-                                    invalid_fields=HTTPError(
-                                        422, "The appointment was not booked: 3 fields "
-                                             "are invalid (user_id, date, time).", errors=[
-                                            {"field": "user_id",
-                                             "message": "user_id must not be empty"},
-                                            {"field": "date", "message": "date 2025-02-29 "
-                                             "is not a real calendar date"},
-                                            {"field": "time", "message": "time 09:15 is "
-                                             "not bookable: appointments start on the "
-                                             "hour or half hour (minutes 00 or 30)"}])),
+                                    invalid_fields=_refusal(parse_appointment, {
+                                        "user_id": "", "date": "2025-02-29",
+                                        "time": _unbookable_time()})),
                     "507": _problem("The service holds its maximum of appointments"),
                     **store_errors},
             },
@@ -7350,7 +7542,7 @@ def _paths() -> dict:
             "get": {"summary": "One appointment: the URL in a booking's Location header",
                     "parameters": by_key["parameters"] + conditional["parameters"],
                     "responses": {"200": _reply(
-                        "The appointment", appointment, {"show": _APPOINTMENT_EXAMPLE},
+                        "The appointment", appointment, {"show": shown},
                         **tagged), **unchanged, **found, **store_errors}},
             "patch": {
                 "summary": "Reschedule: move the appointment to another time or date in one "
@@ -7359,9 +7551,8 @@ def _paths() -> dict:
                 # One media type, with one schema, or generated clients send the first.
                 "requestBody": {"required": True, "description": f"A JSON merge patch, sent "
                                 f"as {MERGE_PATCH_TYPE}; as {JSON_TYPE}, it is taken too",
-                                "content": _content(_ref("schemas", "AppointmentPatch"), {
-                                    "reschedule": {"date": "2026-11-26", "time": "10:00"}},
-                                    MERGE_PATCH_TYPE)},
+                                "content": _content(_ref("schemas", "AppointmentPatch"),
+                                                    {"reschedule": move}, MERGE_PATCH_TYPE)},
                 "responses": {
                     "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
                                   appointment, {"reschedule": moved}, headers={
@@ -7518,11 +7709,13 @@ def openapi_document() -> dict:
     date = {"type": "string", "format": "date", "pattern": date_pattern(),
             "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
     time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
-            "description": "HH:MM, UTC, on the hour or half hour"}
+            "description": f"HH:MM, UTC, {starts_in_words()}"}
     user_id = _ref("schemas", "UserId")
     appointment = _ref("schemas", "Appointment")
-    details = {detail.name: {"type": "string", "maxLength": detail.max_length,
-                             "pattern": note_pattern()} for detail in DETAILS}
+    details = {detail.name: {"type": "string", "maxLength": detail.text.max_length,
+                             "pattern": text_pattern(detail.text)} for detail in DETAILS}
+    details_said = {detail.name: f"{detail.description}, {_text_words(detail.text)}"
+                    for detail in DETAILS}
     condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
                  "description": "*, or a list of entity tags (empty elements are ignored, "
                                 "as RFC 9110 section 5.6.1.2 says)"}
@@ -7533,8 +7726,9 @@ def openapi_document() -> dict:
     return {
         "openapi": "3.1.0",
         "info": {"title": "Appointment scheduler", "version": __version__,
-                 "description": "Book 30-minute appointments that start on the hour or half "
-                                "hour (UTC), one per user per date; any number of users may "
+                 "description": f"Book {length_in_words()} appointments that start "
+                                f"{starts_in_words()} (UTC), one per user per date; any "
+                                "number of users may "
                                 "share a slot. HEAD works wherever GET does, and OPTIONS "
                                 "everywhere. Every error is an RFC 9457 problem "
                                 "(application/problem+json). With --cors-origin, responses "
@@ -7552,7 +7746,8 @@ def openapi_document() -> dict:
             "schemas": {
                 "UserId": {**user_id_text, "description": "Brought to NFC (Unicode's "
                            "composed form) first: one user in any form, shown back in NFC. "
-                           "In NFC, at most 256 characters; no control characters, no "
+                           f"In NFC, at most {MAX_USER_ID_LENGTH} characters; no control "
+                           "characters, no "
                            "whitespace first or last, no invisible characters (format "
                            "characters, Unicode's default-ignorable ones, blanks such as "
                            "U+2800) but joiners between visible non-ASCII characters and "
@@ -7571,10 +7766,12 @@ def openapi_document() -> dict:
                                             "minimum": -(10 ** (MAX_USER_ID_LENGTH - 1) - 1),
                                             "maximum": 10 ** MAX_USER_ID_LENGTH - 1}],
                         "description": "An integer means its decimal string (42.0 and 42 "
-                                       "too), which must fit in 256 characters"},
+                                       "too), which must fit in "
+                                       f"{MAX_USER_ID_LENGTH} characters"},
                         "date": date, "time": time,
                         **{detail.name: {**details[detail.name], "type": ["string", "null"],
-                                         "description": detail.description + "; null: none"}
+                                         "description": details_said[detail.name]
+                                                        + "; null: none"}
                            for detail in DETAILS}}},
                 "AppointmentPatch": {
                     "type": "object", "description": "Fields left out stay as they are; "
@@ -7583,8 +7780,8 @@ def openapi_document() -> dict:
                         "description": "If given, the appointment's own user",
                         "oneOf": [user_id, {"type": "integer"}]},
                         **{detail.name: {**details[detail.name], "type": ["string", "null"],
-                                         "description": detail.description + "; null removes "
-                                                        "it"}
+                                         "description": details_said[detail.name]
+                                                        + "; null removes it"}
                            for detail in DETAILS}}},
                 "Appointment": {
                     "type": "object", "required": ["user_id", "date", "time", "start", "end"],
