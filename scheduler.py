@@ -1267,17 +1267,107 @@ class SQLStore(Store):
         super().check()
 
 
-class _Write:
-    """A booking, cancellation or health probe waiting for the transaction that will
-    hold it; deadline: when it stops waiting for the writers' lock (monotonic)."""
+# Group commit (SQLiteStore.write()): the writes that line up while a transaction is
+# being written go into the next one together. A write and a batch are each a small
+# state machine, changed only through to(), under the store's line lock.
 
-    __slots__ = ("apply", "args", "deadline", "result", "error", "done", "wake")
+class _StateMachine:
+    """Something whose state changes only by to(), as NEXT allows: each state, and the
+    states it may go to from there. Any other change raises RuntimeError: it is a
+    bug, and must not pass unseen."""
+
+    __slots__ = ("state",)
+    NEXT: Dict[str, Tuple[str, ...]] = {}
+
+    def to(self, state: str) -> None:
+        if state not in self.NEXT[self.state]:
+            raise RuntimeError(f"{type(self).__name__} cannot go from {self.state} to {state}")
+        self.state = state
+
+
+class _Write(_StateMachine):
+    """One write (a booking, reschedule, cancellation, or the health check's probe)
+    on its way through group commit: apply(db, *args), to be run in a batch's
+    transaction; deadline, when it stops waiting for the writers' lock
+    (time.monotonic()); and, once run, its outcome (result, or error to raise).
+
+        state     what it is                                   next
+        NEW       made, not yet in line                        WAITING, LEADING
+        WAITING   in line behind another write; its thread     LEADING, BATCHED
+                  sleeps
+        LEADING   first in line: its thread leads the next     BATCHED
+                  batch (SQLiteStore._lead())
+        BATCHED   in the batch that its leader is writing      DONE
+        DONE      answered and out of the line                 none
+
+    A thread that sleeps is woken once: as its write leads, or else as it is DONE.
+    """
+
+    NEW, WAITING, LEADING, BATCHED, DONE = "new", "waiting", "leading", "batched", "done"
+    NEXT = {NEW: (WAITING, LEADING), WAITING: (LEADING, BATCHED), LEADING: (BATCHED,),
+            BATCHED: (DONE,), DONE: ()}
+
+    __slots__ = ("apply", "args", "deadline", "result", "error", "_asleep")
 
     def __init__(self, apply: Callable, args: tuple, deadline: float):
+        self.state = self.NEW
         self.apply, self.args, self.deadline = apply, args, deadline
-        self.result, self.error, self.done = None, None, False
-        self.wake = threading.Lock()  # held until its writer may go on: done, or first in line
-        self.wake.acquire()
+        self.result, self.error = None, None
+        self._asleep: Optional[threading.Lock] = None  # held from wait() until wake()
+
+    def wait(self) -> None:
+        """WAITING, from NEW (under the line lock): its thread is to sleep()."""
+        self.to(self.WAITING)
+        self._asleep = threading.Lock()
+        self._asleep.acquire()
+
+    def sleep(self) -> None:
+        """Sleep until wake() (without the line lock, which the waker needs)."""
+        self._asleep.acquire()
+
+    def wake(self) -> None:
+        self._asleep.release()
+
+    def outcome(self):
+        """Once DONE: its result, or its error raised."""
+        if self.state is not self.DONE:
+            raise RuntimeError(f"a write's outcome was asked for while it is {self.state}")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _Batch(_StateMachine):
+    """The writes that one leader writes in one transaction: every write in line
+    once the leader has taken the writers' lock (or failed to), the leader first.
+
+        state      what it is                                     next
+        GATHERED   its writes taken from the line, BATCHED        WRITING, FAILED
+        WRITING    in its transaction, holding the writers'       COMMITTED, FAILED
+                   lock: each write runs in a savepoint of its
+                   own, and has its own outcome
+        COMMITTED  on disk: each write's outcome stands           ANSWERED
+        FAILED     nothing written: every write's outcome is      ANSWERED
+                   one error (fail())
+        ANSWERED   each write DONE, and the next write in line    none
+                   LEADING
+    """
+
+    GATHERED, WRITING, COMMITTED, FAILED, ANSWERED = (
+        "gathered", "writing", "committed", "failed", "answered")
+    NEXT = {GATHERED: (WRITING, FAILED), WRITING: (COMMITTED, FAILED),
+            COMMITTED: (ANSWERED,), FAILED: (ANSWERED,), ANSWERED: ()}
+
+    __slots__ = ("writes",)
+
+    def __init__(self, writes: List[_Write]):
+        self.state, self.writes = self.GATHERED, writes
+
+    def fail(self, error: Exception) -> None:
+        """FAILED: error is every write's outcome."""
+        self.to(self.FAILED)
+        for write in self.writes:
+            write.result, write.error = None, error
 
 
 class _Turns:
@@ -1320,7 +1410,10 @@ class _Turns:
         return handed
 
     def give_back(self) -> None:
-        fcntl.flock(self._held, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_UN)
+        except ValueError:  # close() closed its file, which let it go
+            pass
         self._held = None
 
     def _wait(self) -> None:
@@ -1576,11 +1669,12 @@ class SQLiteStore(SQLStore):
     from older releases that break them are moved to the set_aside table.
 
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
-    MySQL's binlog group commit): bookings and cancellations that arrive while a
-    transaction is being committed wait, then go into the next one together, each
-    in a savepoint of its own, with one fsync for all of them (write()). A lone
-    write waits for nothing. Reads use a connection of their own, which WAL lets
-    read while a transaction is written.
+    MySQL's binlog group commit): writes that arrive while a transaction is being
+    committed wait, then go into the next one together, each in a savepoint of
+    its own, with one fsync for all of them (write(); the states of a write and
+    of a batch are _Write's and _Batch's). A lone write waits for nothing. Reads
+    use a connection of their own, which WAL lets read while a transaction is
+    written.
 
     SQLite's own failures (a lock held too long, a read-only file, a full disk)
     are StoreUnavailable, for every write of the transaction they ended; it is
@@ -1611,8 +1705,8 @@ class SQLiteStore(SQLStore):
         self._rescue = ""  # what was done about it, for the log...
         self._rescued = False  # ...and whether what was committed is in the database file
         self._files: Tuple[Tuple[str, Optional[Tuple[int, int]]], ...] = ()  # (path, identity)
-        self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
-        self._queue_lock = threading.Lock()  # guards _queue
+        self._line: Deque[_Write] = collections.deque()  # writes in line, the batch's first
+        self._line_lock = threading.Lock()  # guards _line and the state of each write in it
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
         # Processes sharing the file take turns at writing through this lock: a process
         # waiting for it wakes as soon as it is free, where SQLite's own busy handler
@@ -1859,112 +1953,140 @@ class SQLiteStore(SQLStore):
             raise self._unavailable(error) from None
 
     def write(self, apply: Callable, *args):
-        """Run apply(db, *args) in a transaction, with every other write that is
-        waiting when it starts, and return its result once that transaction is on
-        disk (or raise its outcome: AlreadyBooked, StoreUnavailable...). The first
-        writer in line leads: it takes the writers' lock and writes the batch of all
-        that wait by then, while writes that arrive meanwhile line up for the next."""
+        """Run apply(db, *args) in a transaction, with every other write in line when
+        it starts, and return its result once that transaction is on disk (or raise
+        its outcome: AlreadyBooked, StoreUnavailable...). A write that finds the line
+        empty leads (_lead()); one that finds others in it waits, until a leader has
+        answered it or it is first in line and leads the next batch (_Write)."""
         write = _Write(apply, args, time.monotonic() + self.busy_timeout)
-        with self._queue_lock:
-            self._queue.append(write)
-            leading = len(self._queue) == 1
-        if not leading:
-            write.wake.acquire()  # until done, or first in line
-        if not write.done:
+        with self._line_lock:
+            waiting = bool(self._line)
+            if waiting:
+                write.wait()
+            else:
+                write.to(_Write.LEADING)
+            self._line.append(write)
+        if waiting:
+            write.sleep()  # until it is LEADING, or DONE
+        if write.state is _Write.LEADING:
             self._lead(write)
-        if write.error is not None:
-            raise write.error
-        return write.result
+        return write.outcome()
 
     def _lead(self, leader: _Write) -> None:
-        """Write the batch that leader heads, answer its writes, and wake the next
-        leader. The batch's writes arrived after leader, so none waits past its own
-        deadline for the writers' lock. Whatever fails on the way, every write of the
-        batch is answered and the next leader woken: else every later write would
-        wait for ever."""
-        batch = [leader]
-        try:
-            try:
-                turn = self._turns.take(max(0.0, leader.deadline - time.monotonic()))
-                refusal = None if turn else StoreUnavailable(
-                    "The database is busy: another process has held its write lock for over "
-                    f"{self.busy_timeout:g} s; retry shortly.")
-            except Exception as error:  # the store closed; no thread to wait with...
-                turn, refusal = False, StoreUnavailable(
-                    "The database cannot be written; its operator must look into the "
-                    "server's log.", retry_after=None, cause=repr(error))
-            with self._queue_lock:
-                batch = list(self._queue)
-            try:
-                if turn:
-                    self._write_batch(batch, leader.deadline)
-                else:
-                    for write in batch:
-                        write.error = refusal
-            finally:
-                if turn:
-                    self._turns.give_back()
-        except Exception as error:  # giving the lock back failed: the store is closing
-            for write in batch:
-                write.result, write.error = None, error
-        finally:
-            with self._queue_lock:
-                for done in batch:
-                    self._queue.popleft()
-                    done.done = True
-                following = self._queue[0] if self._queue else None
-            for done in batch[1:]:
-                done.wake.release()
-            if following is not None:  # it leads the next batch
-                following.wake.release()
+        """Lead one batch, in four steps: take the writers' lock, by leader's deadline
+        (the batch's writes lined up after it, so none waits past its own); gather
+        every write in line into the batch; write it in one transaction (or fail it
+        if the lock was not taken) and give the lock back; answer each write, and
+        hand the lead to the next write in line. Each step catches its own failures,
+        so that every write of the batch is answered and the next leader woken:
+        else every later write would wait for ever."""
+        refusal = self._take_turn(leader.deadline)
+        batch = self._gather()
+        if refusal is None:
+            self._write_batch(batch, leader.deadline)
+            self._turns.give_back()
+        else:
+            batch.fail(refusal)
+        self._answer(batch)
 
-    def _write_batch(self, batch: List[_Write], deadline: float) -> None:
-        """One transaction for the batch, each write in a savepoint of its own: each
-        write's own outcome, its changes undone if it fails; or, if the transaction
-        itself fails, StoreUnavailable for all of them and nothing written."""
-        db = self._writer
-        left = deadline - time.monotonic()
-        waited = left < self.busy_timeout - 0.001  # SQLite's own wait gets only what is left
+    def _take_turn(self, deadline: float) -> Optional[StoreUnavailable]:
+        """Take the writers' lock by deadline: None once taken, else why not."""
         try:
-            if waited:
-                db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
-            db.execute("BEGIN IMMEDIATE")
+            if self._turns.take(max(0.0, deadline - time.monotonic())):
+                return None
+            return StoreUnavailable(
+                "The database is busy: another process has held its write lock for over "
+                f"{self.busy_timeout:g} s; retry shortly.")
+        except Exception as error:  # the store closed; no thread to wait with...
+            return StoreUnavailable("The database cannot be written; its operator must look "
+                                    "into the server's log.", retry_after=None,
+                                    cause=repr(error))
+
+    def _gather(self) -> _Batch:
+        """Every write in line, the leader first, BATCHED into one batch: those that
+        lined up while the leader waited for the lock go with it."""
+        with self._line_lock:
+            batch = _Batch(list(self._line))
+            for write in batch.writes:
+                write.to(_Write.BATCHED)
+        return batch
+
+    def _write_batch(self, batch: _Batch, deadline: float) -> None:
+        """Write the batch in one transaction, each write in a savepoint of its own:
+        COMMITTED, each write with its own outcome (one that failed has had its
+        changes undone); or, if the transaction itself fails, FAILED, with
+        StoreUnavailable for every write and nothing written."""
+        db = self._writer
+        batch.to(_Batch.WRITING)
+        try:
+            self._begin(deadline)
             if self.lost is not None:  # checked under the lock that a checkpoint waits for
                 raise self._lost()
-            for write in batch:
-                db.execute("SAVEPOINT one_write")
-                try:
-                    write.result = write.apply(self._write_db, *write.args)
-                except (*_OUTCOMES, AlreadyKeyed) as outcome:
-                    write.error = outcome  # kept: a row it found in its way and set aside
-                except Exception as error:  # a bug, or SQLite's failure for this write alone
-                    if isinstance(error, sqlite3.Error) and not db.in_transaction:
-                        raise  # the transaction is gone: every write fails
-                    db.execute("ROLLBACK TO one_write")
-                    write.error = (self._unavailable(error)
-                                   if isinstance(error, sqlite3.Error) else error)
-                db.execute("RELEASE one_write")
+            for write in batch.writes:
+                self._run(write)
             self._commit(db)
-            self.batches += 1
         except Exception as error:
             with contextlib.suppress(sqlite3.Error):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-            for write in batch:
-                write.result, write.error = None, (
-                    self._unavailable(error) if isinstance(error, sqlite3.Error) else error)
+            batch.fail(self._unavailable(error) if isinstance(error, sqlite3.Error) else error)
+            return
+        batch.to(_Batch.COMMITTED)
+        self.batches += 1
+
+    def _begin(self, deadline: float) -> None:
+        """BEGIN IMMEDIATE, which takes SQLite's write lock. After a wait for the
+        writers' lock, SQLite's own wait for it gets only what is left until deadline."""
+        db, left = self._writer, deadline - time.monotonic()
+        if left >= self.busy_timeout - 0.001:  # no wait
+            db.execute("BEGIN IMMEDIATE")
+            return
+        db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
+        try:
+            db.execute("BEGIN IMMEDIATE")
         finally:
-            if waited:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
+    def _run(self, write: _Write) -> None:
+        """One write of a batch being written, in a savepoint: its result, or the
+        outcome it raised (what it wrote before, a row set aside, is kept), or its
+        failure, with what it wrote undone. SQLite's failure that ended the whole
+        transaction is raised: every write of the batch fails."""
+        db = self._writer
+        db.execute("SAVEPOINT one_write")
+        try:
+            write.result = write.apply(self._write_db, *write.args)
+        except (*_OUTCOMES, AlreadyKeyed) as outcome:
+            write.error = outcome
+        except Exception as error:  # a bug, or SQLite's failure for this write alone
+            if isinstance(error, sqlite3.Error) and not db.in_transaction:
+                raise
+            db.execute("ROLLBACK TO one_write")
+            write.error = self._unavailable(error) if isinstance(error, sqlite3.Error) else error
+        db.execute("RELEASE one_write")
+
+    def _answer(self, batch: _Batch) -> None:
+        """Take the batch's writes out of the line, DONE, and wake their threads; the
+        next write in line, if any, leads the next batch."""
+        with self._line_lock:
+            batch.to(_Batch.ANSWERED)
+            for write in batch.writes:
+                self._line.popleft()  # the batch's writes are the first in line
+                write.to(_Write.DONE)
+            for write in batch.writes[1:]:  # asleep: only the leader, first, is not
+                write.wake()
+            if self._line:
+                following = self._line[0]
+                following.to(_Write.LEADING)
+                following.wake()
 
     def _commit(self, db: sqlite3.Connection) -> None:
         db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
 
     def waiting_writes(self) -> int:
         """Writes waiting for, or in, the transaction being written."""
-        with self._queue_lock:
-            return len(self._queue)
+        with self._line_lock:
+            return len(self._line)
 
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
@@ -1980,7 +2102,7 @@ class SQLiteStore(SQLStore):
         super().check()
 
     def close(self) -> None:
-        with self._queue_lock, self._read_lock:
+        with self._line_lock, self._read_lock:
             for db in (self._writer, self._reader):
                 if db is not None:
                     db.close()

@@ -2211,6 +2211,22 @@ class GroupCommitTest(BatchTestCase):
         self.assertEqual(store.count(), len(booked))  # the failed batch left nothing
         self.assertEqual(store.book(appointment("dave")), appointment("dave"))  # and then works
 
+    def test_a_write_and_a_batch_change_state_only_as_their_tables_allow(self):
+        for machine in (scheduler._Write(lambda db: None, (), 0.0), scheduler._Batch([])):
+            for state, allowed in machine.NEXT.items():
+                for target in machine.NEXT:
+                    with self.subTest(machine=type(machine).__name__, state=state,
+                                      target=target):
+                        machine.state = state
+                        if target in allowed:
+                            machine.to(target)
+                            self.assertEqual(machine.state, target)
+                        else:
+                            with self.assertRaisesRegex(RuntimeError, f"cannot go from "
+                                                                      f"{state} to {target}"):
+                                machine.to(target)
+                            self.assertEqual(machine.state, state)
+
     def test_a_lone_write_is_its_own_batch(self):
         store = self.store()
         batches = store.batches
