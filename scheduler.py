@@ -5800,6 +5800,7 @@ class Connection:
     touch the socket, and this does nothing else.
 
         event                            phase     deadline
+        the server accepts it            NEW       none until its thread serves it
         serve() waits for a request      WAITING   now + first_byte_timeout, for a new
                                                    connection; else now + idle_timeout
         a request's first byte arrives   READING   that byte + request_timeout
@@ -5807,7 +5808,13 @@ class Connection:
         its body is read                 READING   the request's, from its first byte
         the response is sent             WRITING   now + request_timeout; once sent,
                                                    if kept open, WAITING: idle_timeout
+                                                   (READING if the next request has
+                                                   begun to arrive)
         close()                          CLOSED
+
+    The phase changes only through _enter(), as _NEXT_PHASES allows; any other
+    change raises RuntimeError (a bug: the server logs it, and closes the
+    connection), as h11's state machine does.
 
     The socket stays blocking (a socket timeout adds a poll() to every read and
     write, and each system call hands over the GIL); instead the server's watchdog
@@ -5819,15 +5826,23 @@ class Connection:
     serve(), where socketserver would make a request handler.
     """
 
-    WAITING, READING, BUSY, WRITING, CLOSED = "waiting", "reading", "busy", "writing", "closed"
+    NEW, WAITING, READING, BUSY, WRITING, CLOSED = (
+        "new", "waiting", "reading", "busy", "writing", "closed")
+    _NEXT_PHASES = {  # each phase, and the phases it may go to
+        NEW: (WAITING, CLOSED),  # CLOSED: its thread could not be started
+        WAITING: (READING, CLOSED),
+        READING: (BUSY, WRITING, CLOSED),  # WRITING: the answer to a request that failed
+        BUSY: (READING, WRITING, CLOSED),
+        WRITING: (WAITING, READING, CLOSED),
+        CLOSED: ()}
 
     def __init__(self, sock: socket.socket, client_address: tuple, server: "SchedulerServer"):
         self._sock, self.client_address = sock, client_address
         self._server = server
         self._limits: Limits = server.limits
         self._lock = threading.Lock()  # guards _phase, _deadline, _expired: the watchdog reads them
-        self._phase = self.BUSY
-        self._deadline: Optional[float] = None  # time.monotonic(); None while BUSY
+        self._phase = self.NEW
+        self._deadline: Optional[float] = None  # time.monotonic(); None while NEW or BUSY
         self._expired = False  # set once, by the watchdog or close_if_idle: the connection ends
         self._data = bytearray()  # received and not yet taken: a request's start, or more
         self._request_deadline = 0.0  # the current request's, from its first byte
@@ -5835,6 +5850,8 @@ class Connection:
         self.waiting_since = 0.0  # time.monotonic() when it last began to wait, if WAITING
 
     def _enter(self, phase: str, deadline: Optional[float]) -> None:
+        if phase not in self._NEXT_PHASES[self._phase]:  # only this thread changes it
+            raise RuntimeError(f"a connection cannot go from {self._phase} to {phase}")
         with self._lock:
             self._phase, self._deadline = phase, deadline
 

@@ -6931,6 +6931,25 @@ class ConnectionTest(HTTPTestCase):
                 response, = self.serve(line + b"\r\nHost: t\r\n\r\n")
                 self.assertEqual((response.status, response.headers["Allow"]), (status, allow))
 
+    def test_a_phase_changes_only_as_the_table_allows(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        connection = scheduler.Connection(ours, ("192.0.2.1", 50000), _Host(self.service.limits))
+        table = scheduler.Connection._NEXT_PHASES
+        for phase, allowed in table.items():
+            for target in table:
+                with self.subTest(phase=phase, target=target):
+                    connection._phase = phase
+                    if target in allowed:
+                        connection._enter(target, None)
+                        self.assertEqual(connection.phase, target)
+                    else:
+                        with self.assertRaisesRegex(RuntimeError, f"a connection cannot go "
+                                                                  f"from {phase} to {target}"):
+                            connection._enter(target, None)
+                        self.assertEqual(connection.phase, phase)
+
     def test_the_access_log_has_a_line_a_response_with_control_characters_escaped(self):
         _, lines = serve_bytes(self.service, b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: t\r\n\r\n"
                                              b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
