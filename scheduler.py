@@ -6228,9 +6228,6 @@ class SchedulerServer(ThreadingHTTPServer):
     def url(self) -> str:
         return url_of(self.server_address)
 
-    def flush_log(self) -> None:
-        self._log.flush()
-
     def _watch(self) -> None:
         """The watchdog: every tick, cut off connections past their deadline (and, in
         a worker, notice when its supervisor is gone, as gunicorn's workers do). A
