@@ -6315,9 +6315,17 @@ class SchedulerServer(ThreadingHTTPServer):
 
     def _connection_metrics(self) -> List[Sample]:
         with self._lock:
+            phases = [connection.phase for connection in self._connections]
             return [("scheduler_connections_open", "gauge",
                      "Connections being served (by every worker, with --workers).",
-                     len(self._connections)),
+                     len(phases)),
+                    ("scheduler_connections_waiting", "gauge",
+                     "Connections waiting for a request: a new one's first, or the next one "
+                     "(the longest waiting is closed to make room at the cap).",
+                     phases.count(Connection.WAITING)),
+                    ("scheduler_connections_reading", "gauge",
+                     "Connections reading a request, its head or its body.",
+                     phases.count(Connection.READING)),
                     ("scheduler_connections_refused_total", "counter",
                      "Connections refused with a 503: all were busy at the cap.", self.refused),
                     ("scheduler_connections_evicted_total", "counter",
@@ -6328,11 +6336,6 @@ class SchedulerServer(ThreadingHTTPServer):
                     ("scheduler_log_lines_dropped_total", "counter",
                      "Log lines dropped because the log's reader did not keep up.",
                      self._log.dropped)]
-
-    def connections_by_phase(self) -> Dict[str, int]:
-        """How many connections are in each phase (Connection.WAITING...)."""
-        with self._lock:
-            return dict(collections.Counter(c.phase for c in self._connections))
 
     def shutdown_request(self, connection: Connection) -> None:
         """Close the connection and give back its slot."""

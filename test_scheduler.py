@@ -7070,6 +7070,11 @@ class ServerTestCase(HTTPTestCase):
         self.server = start_server(self, self.store, self.limits, self.cors_origins)
         self.host, self.port = self.server.server_address[:2]
 
+    def sample(self, name: str) -> float:
+        """A sample of /metrics, as the server makes it now, read in this process: at
+        the connection cap, a request for it would be refused."""
+        return parse_metrics(self.server.service.metrics.exposition())[(name, frozenset())]
+
     def server_log(self, until: str) -> str:
         """What the server has logged, once until is in it: the log's thread writes
         the lines out every TICK."""
@@ -7390,7 +7395,7 @@ class ConnectionCapTest(ServerTestCase):
         busy = [self.open_socket() for _ in range(count)]
         for sock in busy:
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes
-        wait_until(lambda: self.server.connections_by_phase().get("reading") == count,
+        wait_until(lambda: self.sample("scheduler_connections_reading") == count,
                    what=f"{count} connections reading requests")
         return busy
 
@@ -7415,7 +7420,7 @@ class ConnectionCapTest(ServerTestCase):
         for conn in idle:  # oldest first: each is served, then waits for another request
             self.assertEqual(self.request("GET", "/healthz", conn=conn).status, 200)
         # A client has its response before the server's thread is back to waiting.
-        wait_until(lambda: self.server.connections_by_phase().get("waiting") == 3,
+        wait_until(lambda: self.sample("scheduler_connections_waiting") == 3,
                    what="the three connections waiting")
         self.assertEqual(self.raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n").status, 200)
         self.assertEqual(idle[0].sock.recv(1), b"")  # closed to make room
@@ -7429,7 +7434,7 @@ class ConnectionCapTest(ServerTestCase):
         busy = self.busy_connections(3)
         self.assertProblem(self.raw(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"), 503)
         busy[0].close()
-        wait_until(lambda: sum(self.server.connections_by_phase().values()) < 3,
+        wait_until(lambda: self.sample("scheduler_connections_open") < 3,
                    what="a slot to free")
         conn = self.connect()  # one connection: a second would find the server at its cap
         self.assertEqual(self.metric("scheduler_connections_refused_total", conn), 1)
@@ -7858,7 +7863,7 @@ class CORSAtTheCapTest(CORSBeforeARoute, ServerTestCase):
         busy = [self.open_socket() for _ in range(2)]
         for sock in busy:
             sock.sendall(b"GET /healthz HTTP/1.1\r\n")  # and the rest never comes in time
-        wait_until(lambda: self.server.connections_by_phase().get("reading") == 2,
+        wait_until(lambda: self.sample("scheduler_connections_reading") == 2,
                    what="2 connections reading requests")
         self.assertCORS(self.raw(b"GET /healthz HTTP/1.1\r\n" + WITH_ORIGIN + b"\r\n"), 503)
 
