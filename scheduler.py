@@ -688,6 +688,12 @@ class Store(abc.ABC):
         if self.capacity is not None and self.count() >= self.capacity:
             raise StoreFull(self.capacity)
 
+    def samples(self) -> List[tuple]:
+        """What /metrics shows of this process's store, if anything: (name, type, help
+        text, value) each, added up over the workers with --workers. None here; a
+        store may override it."""
+        return []
+
     def close(self) -> None:
         """Release what the store holds; it is not used afterwards."""
 
@@ -1699,7 +1705,7 @@ class SQLiteStore(SQLStore):
         self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
-        self.batches = 0  # transactions committed by write(), each of one write or more
+        self._transactions = 0  # committed by write(), each of one write or more
         self.damaged: Optional[str] = None  # SQLite's words, once they said the file is damaged
         self.lost: Optional[str] = None  # which file was deleted or replaced, once noticed
         self._rescue = ""  # what was done about it, for the log...
@@ -2032,7 +2038,7 @@ class SQLiteStore(SQLStore):
             batch.fail(self._unavailable(error) if isinstance(error, sqlite3.Error) else error)
             return
         batch.to(_Batch.COMMITTED)
-        self.batches += 1
+        self._transactions += 1
 
     def _begin(self, deadline: float) -> None:
         """BEGIN IMMEDIATE, which takes SQLite's write lock. After a wait for the
@@ -2083,10 +2089,16 @@ class SQLiteStore(SQLStore):
     def _commit(self, db: sqlite3.Connection) -> None:
         db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
 
-    def waiting_writes(self) -> int:
-        """Writes waiting for, or in, the transaction being written."""
-        with self._line_lock:
-            return len(self._line)
+    def samples(self) -> List[tuple]:
+        """Group commit at work: how many writes are in line now, and how many
+        transactions they have taken (with scheduler_requests_total, how many writes
+        a transaction holds)."""
+        return [("scheduler_sqlite_writes_queued", "gauge",
+                 "Writes in line for the SQLite file: waiting for a transaction, or in the "
+                 "one being written (group commit).", len(self._line)),
+                ("scheduler_sqlite_transactions_total", "counter",
+                 "SQLite transactions committed for writes, each holding one write or more "
+                 "(group commit).", self._transactions)]
 
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
@@ -4429,7 +4441,7 @@ class Metrics:
     """What /metrics shows: each request counted by route template (never its raw
     path: user IDs would make a series each), method and status, with a histogram
     of durations; what the process collectors sample of this process (connections,
-    the log), summed over the workers with --workers; and what the collectors
+    the log, the store's samples()), summed over the workers with --workers; and what the collectors
     sample of the whole service (stored appointments), once.
 
     Every series a request can make is there from the start, at 0, so that
@@ -5620,7 +5632,7 @@ class Service:
              store.count()),
             ("scheduler_idempotency_keys", "gauge", "Idempotency-Keys kept, over all users.",
              store.count_keys())])
-        self.metrics.process_collectors.append(self._key_metrics)
+        self.metrics.process_collectors += [self._key_metrics, store.samples]
 
     def begin(self, request: HTTPRequest) -> Exchange:
         """Match the request's route and, if the route takes a body, check the one

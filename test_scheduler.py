@@ -2130,6 +2130,11 @@ class SharedSQLTest(StoreContract, unittest.TestCase):
         self.assertIn("USING INDEX idempotency_keys_unchanged", str(plan))
 
 
+def store_sample(store: scheduler.Store, name: str) -> float:
+    """One of the store's samples, as /metrics shows it."""
+    return next(value for sample, _, _, value in store.samples() if sample == name)
+
+
 class BatchTestCase(unittest.TestCase):
     """Tests of what writes do when they line up for one transaction."""
 
@@ -2153,7 +2158,8 @@ class BatchTestCase(unittest.TestCase):
         threads = [threading.Thread(target=run, args=(index,)) for index in range(len(writes))]
         for thread in threads:
             thread.start()
-        wait_until(lambda: store.waiting_writes() == len(writes), what="every write to wait")
+        wait_until(lambda: store_sample(store, "scheduler_sqlite_writes_queued") == len(writes),
+                   what="every write to wait")
         release()
         for thread in threads:
             thread.join()
@@ -2167,7 +2173,7 @@ class GroupCommitTest(BatchTestCase):
     def test_a_batch_answers_each_write_as_if_alone(self):
         store = self.store()
         store.book(appointment("carol"))
-        batches = store.batches
+        transactions = store_sample(store, "scheduler_sqlite_transactions_total")
         writes = [lambda: store.book(appointment("alice", time="09:00")),
                   lambda: store.book(appointment("alice", time="10:00")),  # one of these wins
                   lambda: store.book(appointment("alice", time="11:00")),
@@ -2175,7 +2181,8 @@ class GroupCommitTest(BatchTestCase):
                   lambda: store.cancel("carol", dt.date(2026, 11, 25)),
                   lambda: store.cancel("dave", dt.date(2026, 11, 25))]
         outcomes = self.gathered(store, writes)
-        self.assertLessEqual(store.batches - batches, 2)  # not one transaction a write
+        self.assertLessEqual(store_sample(store, "scheduler_sqlite_transactions_total")
+                             - transactions, 2)  # not one transaction a write
         alice = [outcome for outcome in outcomes[:3] if isinstance(outcome, scheduler.Appointment)]
         self.assertEqual(len(alice), 1)
         for outcome in outcomes[:3]:
@@ -2229,10 +2236,11 @@ class GroupCommitTest(BatchTestCase):
 
     def test_a_lone_write_is_its_own_batch(self):
         store = self.store()
-        batches = store.batches
+        transactions = store_sample(store, "scheduler_sqlite_transactions_total")
         store.book(appointment())
         store.cancel("alice", dt.date(2026, 11, 25))
-        self.assertEqual(store.batches - batches, 2)
+        self.assertEqual(store_sample(store, "scheduler_sqlite_transactions_total")
+                         - transactions, 2)
 
 
 # The DDL of the releases from before schema versions, which each ran at every start.
@@ -2794,7 +2802,8 @@ class WritersLockTest(unittest.TestCase):
         later.start()
         later.join(timeout=10)
         self.assertFalse(later.is_alive(), "the line of writes is stuck behind the failure")
-        self.assertEqual((store.count(), store.waiting_writes()), (1, 0))
+        self.assertEqual((store.count(), store_sample(store, "scheduler_sqlite_writes_queued")),
+                         (1, 0))
 
     def test_the_lock_is_handed_over_as_soon_as_it_is_free(self):
         store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=30)
@@ -2802,7 +2811,8 @@ class WritersLockTest(unittest.TestCase):
         release = hold_writers_lock(self, store.path)
         booking = threading.Thread(target=store.book, args=(appointment(),))
         booking.start()
-        wait_until(lambda: store.waiting_writes() == 1, what="the booking to wait")
+        wait_until(lambda: store_sample(store, "scheduler_sqlite_writes_queued") == 1,
+                   what="the booking to wait")
         release()
         booking.join(timeout=10)  # long before the 30 s deadline
         self.assertFalse(booking.is_alive())
@@ -6303,7 +6313,8 @@ class TruthfulHealthTest(RouteTestCase):
         checking = threading.Thread(target=lambda: health.put(self.request("GET", "/healthz")))
         checking.start()
         self.addCleanup(checking.join)
-        wait_until(lambda: self.store.waiting_writes() == 1, what="the check to wait")
+        wait_until(lambda: self.metric("scheduler_sqlite_writes_queued") == 1,
+                   what="the check to wait")  # and /metrics, a read, answered meanwhile
         self.assertEqual(len(self.request("GET", "/appointments?user_id=alice").json()
                              ["appointments"]), 1)
         self.assertTrue(checking.is_alive())  # the read was answered while it waited
