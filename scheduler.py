@@ -2030,7 +2030,7 @@ class SQLiteStore(SQLStore):
                 raise self._lost()
             for write in batch.writes:
                 self._run(write)
-            self._commit(db)
+            db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
         except Exception as error:
             with contextlib.suppress(sqlite3.Error):
                 if db.in_transaction:
@@ -2085,9 +2085,6 @@ class SQLiteStore(SQLStore):
                 following = self._line[0]
                 following.to(_Write.LEADING)
                 following.wake()
-
-    def _commit(self, db: sqlite3.Connection) -> None:
-        db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
 
     def samples(self) -> List[tuple]:
         """Group commit at work: how many writes are in line now, and how many
