@@ -4735,8 +4735,10 @@ def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
         raise HTTPError(400, f"Invalid path: date {error}.") from None
 
 
-_TAGS: Dict[int, str] = {}  # hash() of content -> its strong entity tag
-_TAGS_KEPT = 4096  # entries at most (650 KiB measured); then it starts again
+_TAGS: Dict[bytes, str] = {}  # recent contents, each with its strong entity tag
+_TAGS_KEPT_BYTES = 2 << 20  # of contents kept, at most; then it starts again...
+_TAG_KEPT_LENGTH = 32 << 10  # ...each at most this long (a longer one is hashed each time)
+_tags_kept_bytes = 0  # counted without a lock: two threads at once may count only one
 
 
 def entity_tag(content: bytes, weak: bool = False) -> str:
@@ -4745,16 +4747,19 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     in every process and after restarts. Weak (W/) for content that means the same
     with bytes that differ (section 8.8.1): the calendar feed and its DTSTAMP.
 
-    The tags of recent contents are kept by Python's own 64-bit hash of the bytes,
-    which differs between processes and so cannot be the tag, but costs a third as
-    much: a listing polled again is not hashed again (2 us of a GET's 50 over a
-    socket)."""
-    key = hash(content)
-    tag = _TAGS.get(key)
+    The tags of recent contents are kept with the contents themselves: a listing
+    polled again is found by its bytes (Python's own hash of them, then a compare,
+    cost less than SHA-1) and not hashed again."""
+    global _tags_kept_bytes
+    tag = _TAGS.get(content)
     if tag is None:
-        if len(_TAGS) >= _TAGS_KEPT:
-            _TAGS.clear()
-        tag = _TAGS[key] = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+        tag = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+        if len(content) <= _TAG_KEPT_LENGTH:
+            if _tags_kept_bytes + len(content) > _TAGS_KEPT_BYTES:
+                _TAGS.clear()
+                _tags_kept_bytes = 0
+            _TAGS[content] = tag
+            _tags_kept_bytes += len(content)
     return "W/" + tag if weak else tag
 
 

@@ -5425,6 +5425,17 @@ class ListingTest(unittest.TestCase):
                     self.assertEqual(dict(reply.headers)["ETag"], scheduler.entity_tag(content))
 
 
+class EntityTagTest(unittest.TestCase):
+    def test_a_tag_is_its_contents_sha_1_whether_made_or_kept(self):
+        sizes = (0, 1, 100, scheduler._TAG_KEPT_LENGTH, scheduler._TAG_KEPT_LENGTH + 1)
+        contents = [bytes([n % 256]) * size for n, size in enumerate(sizes * 2)]
+        contents += [os.urandom(1000) for _ in range(3 * scheduler._TAGS_KEPT_BYTES // 1000)]
+        for content in contents + contents:  # each made, then again: kept, or made anew
+            expected = f'"{hashlib.sha1(content).hexdigest()}"'
+            self.assertEqual(scheduler.entity_tag(content), expected)
+            self.assertEqual(scheduler.entity_tag(content, weak=True), "W/" + expected)
+
+
 class KeptRepliesBoundTest(unittest.TestCase):
     def test_past_the_budget_the_least_recently_used_go_first(self):
         store = scheduler.InMemoryStore()
