@@ -2808,7 +2808,6 @@ class ScramSHA256:
         name = user.replace("=", "=3D").replace(",", "=2C")  # section 5.1
         self._first_bare = f"n={name},r={self._nonce}"
         self._server_signature: Optional[bytes] = None
-        self.verified = False
 
     def client_first(self) -> bytes:
         return f"n,,{self._first_bare}".encode()
@@ -2850,7 +2849,6 @@ class ScramSHA256:
         if not hmac.compare_digest(signature, self._server_signature):
             raise PGConnectionError("the server's SCRAM signature is wrong: it does not know "
                                     "the password (is it the server it claims to be?)")
-        self.verified = True
 
 
 # TLS, as libpq's sslmode asks: prefer and require encrypt without checking who
