@@ -1274,8 +1274,9 @@ class SQLStore(Store):
 
 
 # Group commit (SQLiteStore.write()): the writes that line up while a transaction is
-# being written go into the next one together. A write and a batch are each a small
-# state machine, changed only through to(), under the store's line lock.
+# being written go into the next one together. A write, a batch, and the handover of
+# the writers' lock that processes take turns at (_Turns) are each a small state
+# machine, changed only through to().
 
 class _StateMachine:
     """Something whose state changes only by to(), as NEXT allows: each state, and the
@@ -1376,21 +1377,36 @@ class _Batch(_StateMachine):
             write.result, write.error = None, error
 
 
-class _Turns:
+class _Turns(_StateMachine):
     """The writers' file lock ({database}-lock) that the processes sharing a database
     take turns at, with a deadline. flock() waits as long as it takes, so a thread
-    of its own waits there when the lock is busy, on a descriptor of its own (two
-    descriptors of one file exclude each other as two processes do), and hands the
-    lock over if the writer still wants it; a writer past its deadline stops
-    wanting it, and the thread lets it go. One writer at a time takes it (write()
-    leads one batch at a time)."""
+    of its own (the waiter) waits there when the lock is busy, on a descriptor of
+    its own (two descriptors of one file exclude each other as two processes do),
+    and hands the lock over if the writer still wants it. One writer at a time
+    takes it (write() leads one batch at a time). The handover's state, guarded by
+    _changed:
+
+        state    what it is                                       next
+        IDLE     no writer wants the lock from the waiter,        WANTED, CLOSED
+                 which sleeps
+        WANTED   a writer waits for it (take()), and the waiter   HANDED, IDLE, CLOSED
+                 for flock(); IDLE if the writer's timeout
+                 passes first (the waiter then lets it go)
+        HANDED   the waiter holds it for the writer, which        IDLE, CLOSED
+                 takes it
+        CLOSED   close() was called: the waiter ends              none
+    """
+
+    IDLE, WANTED, HANDED, CLOSED = "idle", "wanted", "handed", "closed"
+    NEXT = {IDLE: (WANTED, CLOSED), WANTED: (HANDED, IDLE, CLOSED), HANDED: (IDLE, CLOSED),
+            CLOSED: ()}
 
     def __init__(self, path: str):
+        self.state = self.IDLE
         self._mine = open(path, "a")  # taken at once when the lock is free
-        self._theirs = open(path, "a")  # the waiting thread's; it closes it
+        self._theirs = open(path, "a")  # the waiter's; it closes it
         self._held: Optional[TextIO] = None  # whichever holds the lock while taken
-        self._state = threading.Condition()  # guards the three flags and _waiter
-        self._wanted = self._handed = self._closing = False
+        self._changed = threading.Condition()  # guards state and _waiter
         self._waiter: Optional[threading.Thread] = None
 
     def take(self, timeout: float) -> bool:
@@ -1401,16 +1417,17 @@ class _Turns:
             return True
         except BlockingIOError:
             pass
-        with self._state:
+        with self._changed:
             if self._waiter is None or not self._waiter.is_alive():  # first, or it failed
                 waiter = threading.Thread(target=self._wait, name="writers-lock", daemon=True)
                 waiter.start()
                 self._waiter = waiter
-            self._wanted = True
-            self._state.notify_all()
-            handed = self._state.wait_for(lambda: self._handed, timeout)
-            self._wanted = self._handed = False
-            self._state.notify_all()
+            self.to(self.WANTED)
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self.state is not self.WANTED, timeout)
+            handed = self.state is self.HANDED
+            if self.state is not self.CLOSED:
+                self.to(self.IDLE)  # taken, or no longer wanted
         if handed:
             self._held = self._theirs
         return handed
@@ -1423,26 +1440,29 @@ class _Turns:
         self._held = None
 
     def _wait(self) -> None:
+        """The waiter: while the lock is WANTED, wait for it, then hand it over if it
+        still is; until CLOSED."""
         while True:
-            with self._state:
-                self._state.wait_for(lambda: (self._wanted and not self._handed)
-                                     or self._closing)
-                if self._closing:
+            with self._changed:
+                self._changed.wait_for(lambda: self.state is self.WANTED
+                                       or self.state is self.CLOSED)
+                if self.state is self.CLOSED:
                     break
             fcntl.flock(self._theirs, fcntl.LOCK_EX)  # as long as it takes
-            with self._state:
-                # Handed: the loop's wait holds until the writer has taken it (_handed
-                # goes back to False) and a writer wants it again.
-                handing = self._handed = self._wanted and not self._closing
-                self._state.notify_all()
+            with self._changed:
+                handing = self.state is self.WANTED
+                if handing:
+                    self.to(self.HANDED)
+                    self._changed.notify_all()
             if not handing:
                 fcntl.flock(self._theirs, fcntl.LOCK_UN)  # nobody wants it any more
         self._theirs.close()
 
     def close(self) -> None:
-        with self._state:
-            self._closing = True
-            self._state.notify_all()
+        with self._changed:
+            if self.state is not self.CLOSED:  # it may be closed twice
+                self.to(self.CLOSED)
+                self._changed.notify_all()
             if self._waiter is None:
                 self._theirs.close()
         self._mine.close()  # the waiter, if stuck in flock(), ends when the lock is free

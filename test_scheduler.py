@@ -2214,8 +2214,10 @@ class GroupCommitTest(BatchTestCase):
         self.assertEqual(store.count(), len(booked))  # the failed batch left nothing
         self.assertEqual(store.book(appointment("dave")), appointment("dave"))  # and then works
 
-    def test_a_write_and_a_batch_change_state_only_as_their_tables_allow(self):
-        for machine in (scheduler._Write(lambda db: None, (), 0.0), scheduler._Batch([])):
+    def test_a_write_a_batch_and_the_lock_change_state_only_as_their_tables_allow(self):
+        turns = scheduler._Turns(temporary_database(self) + "-lock")
+        self.addCleanup(turns.close)
+        for machine in (scheduler._Write(lambda db: None, (), 0.0), scheduler._Batch([]), turns):
             for state, allowed in machine.NEXT.items():
                 for target in machine.NEXT:
                     with self.subTest(machine=type(machine).__name__, state=state,
@@ -2766,7 +2768,7 @@ class WritersLockTest(unittest.TestCase):
                 taken = queue.Queue()
                 taking = threading.Thread(target=lambda: taken.put(turns.take(10)))
                 taking.start()
-                wait_until(lambda: turns._wanted, what="the writer to wait")
+                wait_until(lambda: turns.state == turns.WANTED, what="the writer to wait")
                 release()
                 self.assertTrue(taken.get(timeout=10))
                 taking.join()
