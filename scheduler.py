@@ -689,8 +689,8 @@ class Store(abc.ABC):
             raise StoreFull(self.capacity)
 
     def samples(self) -> List[tuple]:
-        """What /metrics shows of this process's store, if anything: (name, type, help
-        text, value) each, added up over the workers with --workers. None here; a
+        """What /metrics shows of this process's store: (name, type, help text, value)
+        each, added up over the workers with --workers. This one shows nothing; a
         store may override it."""
         return []
 
@@ -1307,7 +1307,6 @@ class _Write(_StateMachine):
         BATCHED   in the batch that its leader is writing      DONE
         DONE      answered and out of the line                 none
 
-    A thread that sleeps is woken once: as its write leads, or else as it is DONE.
     """
 
     NEW, WAITING, LEADING, BATCHED, DONE = "new", "waiting", "leading", "batched", "done"
@@ -1333,6 +1332,7 @@ class _Write(_StateMachine):
         self._asleep.acquire()
 
     def wake(self) -> None:
+        """Wake its thread, once: as it leads, or else as it is DONE."""
         self._asleep.release()
 
     def outcome(self):
@@ -1697,10 +1697,10 @@ class SQLiteStore(SQLStore):
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): writes that arrive while a transaction is being
     committed wait, then go into the next one together, each in a savepoint of
-    its own, with one fsync for all of them (write(); the states of a write and
-    of a batch are _Write's and _Batch's). A lone write waits for nothing. Reads
-    use a connection of their own, which WAL lets read while a transaction is
-    written.
+    its own, with one fsync for all of them (write(); the states of a write, a
+    batch and the writers' lock are _Write's, _Batch's and _Turns's). A lone write
+    waits for nothing. Reads use a connection of their own, which WAL lets read
+    while a transaction is written.
 
     SQLite's own failures (a lock held too long, a read-only file, a full disk)
     are StoreUnavailable, for every write of the transaction they ended; it is
