@@ -748,6 +748,12 @@ class Store(abc.ABC):
         if self.capacity is not None and self.count() >= self.capacity:
             raise StoreFull(self.capacity)
 
+    def samples(self) -> List[tuple]:
+        """What /metrics shows of this process's store: (name, type, help text, value)
+        each, added up over the workers with --workers. This one shows nothing; a
+        store may override it."""
+        return []
+
     def close(self) -> None:
         """Release what the store holds; it is not used afterwards."""
 
@@ -1367,34 +1373,140 @@ class SQLStore(Store):
         super().check()
 
 
-class _Write:
-    """A booking, cancellation or health probe waiting for the transaction that will
-    hold it; deadline: when it stops waiting for the writers' lock (monotonic)."""
+# Group commit (SQLiteStore.write()): the writes that line up while a transaction is
+# being written go into the next one together. A write, a batch, and the handover of
+# the writers' lock that processes take turns at (_Turns) are each a small state
+# machine, changed only through to().
 
-    __slots__ = ("apply", "args", "deadline", "result", "error", "done", "wake")
+class _StateMachine:
+    """Something whose state changes only by to(), as NEXT allows: each state, and the
+    states it may go to from there. Any other change raises RuntimeError: it is a
+    bug, and must not pass unseen."""
+
+    __slots__ = ("state",)
+    NEXT: Dict[str, Tuple[str, ...]] = {}
+
+    def to(self, state: str) -> None:
+        if state not in self.NEXT[self.state]:
+            raise RuntimeError(f"{type(self).__name__} cannot go from {self.state} to {state}")
+        self.state = state
+
+
+class _Write(_StateMachine):
+    """One write (a booking, reschedule, cancellation, or the health check's probe)
+    on its way through group commit: apply(db, *args), to be run in a batch's
+    transaction; deadline, when it stops waiting for the writers' lock
+    (time.monotonic()); and, once run, its outcome (result, or error to raise).
+
+        state     what it is                                   next
+        NEW       made, not yet in line                        WAITING, LEADING
+        WAITING   in line behind another write; its thread     LEADING, BATCHED
+                  sleeps
+        LEADING   first in line: its thread leads the next     BATCHED
+                  batch (SQLiteStore._lead())
+        BATCHED   in the batch that its leader is writing      DONE
+        DONE      answered and out of the line                 none
+
+    """
+
+    NEW, WAITING, LEADING, BATCHED, DONE = "new", "waiting", "leading", "batched", "done"
+    NEXT = {NEW: (WAITING, LEADING), WAITING: (LEADING, BATCHED), LEADING: (BATCHED,),
+            BATCHED: (DONE,), DONE: ()}
+
+    __slots__ = ("apply", "args", "deadline", "result", "error", "_asleep")
 
     def __init__(self, apply: Callable, args: tuple, deadline: float):
+        self.state = self.NEW
         self.apply, self.args, self.deadline = apply, args, deadline
-        self.result, self.error, self.done = None, None, False
-        self.wake = threading.Lock()  # held until its writer may go on: done, or first in line
-        self.wake.acquire()
+        self.result, self.error = None, None
+        self._asleep: Optional[threading.Lock] = None  # held from wait() until wake()
+
+    def wait(self) -> None:
+        """WAITING, from NEW (under the line lock): its thread is to sleep()."""
+        self.to(self.WAITING)
+        self._asleep = threading.Lock()
+        self._asleep.acquire()
+
+    def sleep(self) -> None:
+        """Sleep until wake() (without the line lock, which the waker needs)."""
+        self._asleep.acquire()
+
+    def wake(self) -> None:
+        """Wake its thread, once: as it leads, or else as it is DONE."""
+        self._asleep.release()
+
+    def outcome(self):
+        """Once DONE: its result, or its error raised."""
+        if self.state is not self.DONE:
+            raise RuntimeError(f"a write's outcome was asked for while it is {self.state}")
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
-class _Turns:
+class _Batch(_StateMachine):
+    """The writes that one leader writes in one transaction: every write in line
+    once the leader has taken the writers' lock (or failed to), the leader first.
+
+        state      what it is                                     next
+        GATHERED   its writes taken from the line, BATCHED        WRITING, FAILED
+        WRITING    in its transaction, holding the writers'       COMMITTED, FAILED
+                   lock: each write runs in a savepoint of its
+                   own, and has its own outcome
+        COMMITTED  on disk: each write's outcome stands           ANSWERED
+        FAILED     nothing written: every write's outcome is      ANSWERED
+                   one error (fail())
+        ANSWERED   each write DONE, and the next write in line    none
+                   LEADING
+    """
+
+    GATHERED, WRITING, COMMITTED, FAILED, ANSWERED = (
+        "gathered", "writing", "committed", "failed", "answered")
+    NEXT = {GATHERED: (WRITING, FAILED), WRITING: (COMMITTED, FAILED),
+            COMMITTED: (ANSWERED,), FAILED: (ANSWERED,), ANSWERED: ()}
+
+    __slots__ = ("writes",)
+
+    def __init__(self, writes: List[_Write]):
+        self.state, self.writes = self.GATHERED, writes
+
+    def fail(self, error: Exception) -> None:
+        """FAILED: error is every write's outcome."""
+        self.to(self.FAILED)
+        for write in self.writes:
+            write.result, write.error = None, error
+
+
+class _Turns(_StateMachine):
     """The writers' file lock ({database}-lock) that the processes sharing a database
     take turns at, with a deadline. flock() waits as long as it takes, so a thread
-    of its own waits there when the lock is busy, on a descriptor of its own (two
-    descriptors of one file exclude each other as two processes do), and hands the
-    lock over if the writer still wants it; a writer past its deadline stops
-    wanting it, and the thread lets it go. One writer at a time takes it (write()
-    leads one batch at a time)."""
+    of its own (the waiter) waits there when the lock is busy, on a descriptor of
+    its own (two descriptors of one file exclude each other as two processes do),
+    and hands the lock over if the writer still wants it. One writer at a time
+    takes it (write() leads one batch at a time). The handover's state, guarded by
+    _changed:
+
+        state    what it is                                       next
+        IDLE     no writer wants the lock from the waiter,        WANTED, CLOSED
+                 which sleeps
+        WANTED   a writer waits for it (take()), and the waiter   HANDED, IDLE, CLOSED
+                 for flock(); IDLE if the writer's timeout
+                 passes first (the waiter then lets it go)
+        HANDED   the waiter holds it for the writer, which        IDLE, CLOSED
+                 takes it
+        CLOSED   close() was called: the waiter ends              none
+    """
+
+    IDLE, WANTED, HANDED, CLOSED = "idle", "wanted", "handed", "closed"
+    NEXT = {IDLE: (WANTED, CLOSED), WANTED: (HANDED, IDLE, CLOSED), HANDED: (IDLE, CLOSED),
+            CLOSED: ()}
 
     def __init__(self, path: str):
+        self.state = self.IDLE
         self._mine = open(path, "a")  # taken at once when the lock is free
-        self._theirs = open(path, "a")  # the waiting thread's; it closes it
+        self._theirs = open(path, "a")  # the waiter's; it closes it
         self._held: Optional[TextIO] = None  # whichever holds the lock while taken
-        self._state = threading.Condition()  # guards the three flags and _waiter
-        self._wanted = self._handed = self._closing = False
+        self._changed = threading.Condition()  # guards state and _waiter
         self._waiter: Optional[threading.Thread] = None
 
     def take(self, timeout: float) -> bool:
@@ -1405,45 +1517,52 @@ class _Turns:
             return True
         except BlockingIOError:
             pass
-        with self._state:
+        with self._changed:
             if self._waiter is None or not self._waiter.is_alive():  # first, or it failed
                 waiter = threading.Thread(target=self._wait, name="writers-lock", daemon=True)
                 waiter.start()
                 self._waiter = waiter
-            self._wanted = True
-            self._state.notify_all()
-            handed = self._state.wait_for(lambda: self._handed, timeout)
-            self._wanted = self._handed = False
-            self._state.notify_all()
+            self.to(self.WANTED)
+            self._changed.notify_all()
+            self._changed.wait_for(lambda: self.state is not self.WANTED, timeout)
+            handed = self.state is self.HANDED
+            if self.state is not self.CLOSED:
+                self.to(self.IDLE)  # taken, or no longer wanted
         if handed:
             self._held = self._theirs
         return handed
 
     def give_back(self) -> None:
-        fcntl.flock(self._held, fcntl.LOCK_UN)
+        try:
+            fcntl.flock(self._held, fcntl.LOCK_UN)
+        except ValueError:  # close() closed its file, which let it go
+            pass
         self._held = None
 
     def _wait(self) -> None:
+        """The waiter: while the lock is WANTED, wait for it, then hand it over if it
+        still is; until CLOSED."""
         while True:
-            with self._state:
-                self._state.wait_for(lambda: (self._wanted and not self._handed)
-                                     or self._closing)
-                if self._closing:
+            with self._changed:
+                self._changed.wait_for(lambda: self.state is self.WANTED
+                                       or self.state is self.CLOSED)
+                if self.state is self.CLOSED:
                     break
             fcntl.flock(self._theirs, fcntl.LOCK_EX)  # as long as it takes
-            with self._state:
-                # Handed: the loop's wait holds until the writer has taken it (_handed
-                # goes back to False) and a writer wants it again.
-                handing = self._handed = self._wanted and not self._closing
-                self._state.notify_all()
+            with self._changed:
+                handing = self.state is self.WANTED
+                if handing:
+                    self.to(self.HANDED)
+                    self._changed.notify_all()
             if not handing:
                 fcntl.flock(self._theirs, fcntl.LOCK_UN)  # nobody wants it any more
         self._theirs.close()
 
     def close(self) -> None:
-        with self._state:
-            self._closing = True
-            self._state.notify_all()
+        with self._changed:
+            if self.state is not self.CLOSED:  # it may be closed twice
+                self.to(self.CLOSED)
+                self._changed.notify_all()
             if self._waiter is None:
                 self._theirs.close()
         self._mine.close()  # the waiter, if stuck in flock(), ends when the lock is free
@@ -1717,11 +1836,12 @@ class SQLiteStore(SQLStore):
     changed since: sweep()) to the set_aside table.
 
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
-    MySQL's binlog group commit): bookings and cancellations that arrive while a
-    transaction is being committed wait, then go into the next one together, each
-    in a savepoint of its own, with one fsync for all of them (write()). A lone
-    write waits for nothing. Reads use a connection of their own, which WAL lets
-    read while a transaction is written.
+    MySQL's binlog group commit): writes that arrive while a transaction is being
+    committed wait, then go into the next one together, each in a savepoint of
+    its own, with one fsync for all of them (write(); the states of a write, a
+    batch and the writers' lock are _Write's, _Batch's and _Turns's). A lone write
+    waits for nothing. Reads use a connection of their own, which WAL lets read
+    while a transaction is written.
 
     SQLite's own failures (a lock held too long, a read-only file, a full disk)
     are StoreUnavailable, for every write of the transaction they ended; it is
@@ -1746,14 +1866,14 @@ class SQLiteStore(SQLStore):
         self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
-        self.batches = 0  # transactions committed by write(), each of one write or more
+        self._transactions = 0  # committed by write(), each of one write or more
         self.damaged: Optional[str] = None  # SQLite's words, once they said the file is damaged
         self.lost: Optional[str] = None  # which file was deleted or replaced, once noticed
         self._rescue = ""  # what was done about it, for the log...
         self._rescued = False  # ...and whether what was committed is in the database file
         self._files: Tuple[Tuple[str, Optional[Tuple[int, int]]], ...] = ()  # (path, identity)
-        self._queue: Deque[_Write] = collections.deque()  # writes waiting, the batch first
-        self._queue_lock = threading.Lock()  # guards _queue
+        self._line: Deque[_Write] = collections.deque()  # writes in line, the batch's first
+        self._line_lock = threading.Lock()  # guards _line and the state of each write in it
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
         # Processes sharing the file take turns at writing through this lock: a process
         # waiting for it wakes as soon as it is free, where SQLite's own busy handler
@@ -2003,112 +2123,143 @@ class SQLiteStore(SQLStore):
             raise self._unavailable(error) from None
 
     def write(self, apply: Callable, *args):
-        """Run apply(db, *args) in a transaction, with every other write that is
-        waiting when it starts, and return its result once that transaction is on
-        disk (or raise its outcome: AlreadyBooked, StoreUnavailable...). The first
-        writer in line leads: it takes the writers' lock and writes the batch of all
-        that wait by then, while writes that arrive meanwhile line up for the next."""
+        """Run apply(db, *args) in a transaction, with every other write in line when
+        it starts, and return its result once that transaction is on disk (or raise
+        its outcome: AlreadyBooked, StoreUnavailable...). A write that finds the line
+        empty leads (_lead()); one that finds others in it waits, until a leader has
+        answered it or it is first in line and leads the next batch (_Write)."""
         write = _Write(apply, args, time.monotonic() + self.busy_timeout)
-        with self._queue_lock:
-            self._queue.append(write)
-            leading = len(self._queue) == 1
-        if not leading:
-            write.wake.acquire()  # until done, or first in line
-        if not write.done:
+        with self._line_lock:
+            waiting = bool(self._line)
+            if waiting:
+                write.wait()
+            else:
+                write.to(_Write.LEADING)
+            self._line.append(write)
+        if waiting:
+            write.sleep()  # until it is LEADING, or DONE
+        if write.state is _Write.LEADING:
             self._lead(write)
-        if write.error is not None:
-            raise write.error
-        return write.result
+        return write.outcome()
 
     def _lead(self, leader: _Write) -> None:
-        """Write the batch that leader heads, answer its writes, and wake the next
-        leader. The batch's writes arrived after leader, so none waits past its own
-        deadline for the writers' lock. Whatever fails on the way, every write of the
-        batch is answered and the next leader woken: else every later write would
-        wait for ever."""
-        batch = [leader]
-        try:
-            try:
-                turn = self._turns.take(max(0.0, leader.deadline - time.monotonic()))
-                refusal = None if turn else StoreUnavailable(
-                    "The database is busy: another process has held its write lock for over "
-                    f"{self.busy_timeout:g} s; retry shortly.")
-            except Exception as error:  # the store closed; no thread to wait with...
-                turn, refusal = False, StoreUnavailable(
-                    "The database cannot be written; its operator must look into the "
-                    "server's log.", retry_after=None, cause=repr(error))
-            with self._queue_lock:
-                batch = list(self._queue)
-            try:
-                if turn:
-                    self._write_batch(batch, leader.deadline)
-                else:
-                    for write in batch:
-                        write.error = refusal
-            finally:
-                if turn:
-                    self._turns.give_back()
-        except Exception as error:  # giving the lock back failed: the store is closing
-            for write in batch:
-                write.result, write.error = None, error
-        finally:
-            with self._queue_lock:
-                for done in batch:
-                    self._queue.popleft()
-                    done.done = True
-                following = self._queue[0] if self._queue else None
-            for done in batch[1:]:
-                done.wake.release()
-            if following is not None:  # it leads the next batch
-                following.wake.release()
+        """Lead one batch, in four steps: take the writers' lock, by leader's deadline
+        (the batch's writes lined up after it, so none waits past its own); gather
+        every write in line into the batch; write it in one transaction (or fail it
+        if the lock was not taken) and give the lock back; answer each write, and
+        hand the lead to the next write in line. Each step catches its own failures,
+        so that every write of the batch is answered and the next leader woken:
+        else every later write would wait for ever."""
+        refusal = self._take_turn(leader.deadline)
+        batch = self._gather()
+        if refusal is None:
+            self._write_batch(batch, leader.deadline)
+            self._turns.give_back()
+        else:
+            batch.fail(refusal)
+        self._answer(batch)
 
-    def _write_batch(self, batch: List[_Write], deadline: float) -> None:
-        """One transaction for the batch, each write in a savepoint of its own: each
-        write's own outcome, its changes undone if it fails; or, if the transaction
-        itself fails, StoreUnavailable for all of them and nothing written."""
-        db = self._writer
-        left = deadline - time.monotonic()
-        waited = left < self.busy_timeout - 0.001  # SQLite's own wait gets only what is left
+    def _take_turn(self, deadline: float) -> Optional[StoreUnavailable]:
+        """Take the writers' lock by deadline: None once taken, else why not."""
         try:
-            if waited:
-                db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
-            db.execute("BEGIN IMMEDIATE")
+            if self._turns.take(max(0.0, deadline - time.monotonic())):
+                return None
+            return StoreUnavailable(
+                "The database is busy: another process has held its write lock for over "
+                f"{self.busy_timeout:g} s; retry shortly.")
+        except Exception as error:  # the store closed; no thread to wait with...
+            return StoreUnavailable("The database cannot be written; its operator must look "
+                                    "into the server's log.", retry_after=None,
+                                    cause=repr(error))
+
+    def _gather(self) -> _Batch:
+        """Every write in line, the leader first, BATCHED into one batch: those that
+        lined up while the leader waited for the lock go with it."""
+        with self._line_lock:
+            batch = _Batch(list(self._line))
+            for write in batch.writes:
+                write.to(_Write.BATCHED)
+        return batch
+
+    def _write_batch(self, batch: _Batch, deadline: float) -> None:
+        """Write the batch in one transaction, each write in a savepoint of its own:
+        COMMITTED, each write with its own outcome (one that failed has had its
+        changes undone); or, if the transaction itself fails, FAILED, with
+        StoreUnavailable for every write and nothing written."""
+        db = self._writer
+        batch.to(_Batch.WRITING)
+        try:
+            self._begin(deadline)
             if self.lost is not None:  # checked under the lock that a checkpoint waits for
                 raise self._lost()
-            for write in batch:
-                db.execute("SAVEPOINT one_write")
-                try:
-                    write.result = write.apply(self._write_db, *write.args)
-                except (*_OUTCOMES, AlreadyKeyed) as outcome:
-                    write.error = outcome  # kept: a row it found in its way and set aside
-                except Exception as error:  # a bug, or SQLite's failure for this write alone
-                    if isinstance(error, sqlite3.Error) and not db.in_transaction:
-                        raise  # the transaction is gone: every write fails
-                    db.execute("ROLLBACK TO one_write")
-                    write.error = (self._unavailable(error)
-                                   if isinstance(error, sqlite3.Error) else error)
-                db.execute("RELEASE one_write")
-            self._commit(db)
-            self.batches += 1
+            for write in batch.writes:
+                self._run(write)
+            db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
         except Exception as error:
             with contextlib.suppress(sqlite3.Error):
                 if db.in_transaction:
                     db.execute("ROLLBACK")
-            for write in batch:
-                write.result, write.error = None, (
-                    self._unavailable(error) if isinstance(error, sqlite3.Error) else error)
+            batch.fail(self._unavailable(error) if isinstance(error, sqlite3.Error) else error)
+            return
+        batch.to(_Batch.COMMITTED)
+        self._transactions += 1
+
+    def _begin(self, deadline: float) -> None:
+        """BEGIN IMMEDIATE, which takes SQLite's write lock. After a wait for the
+        writers' lock, SQLite's own wait for it gets only what is left until deadline."""
+        db, left = self._writer, deadline - time.monotonic()
+        if left >= self.busy_timeout - 0.001:  # no wait
+            db.execute("BEGIN IMMEDIATE")
+            return
+        db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
+        try:
+            db.execute("BEGIN IMMEDIATE")
         finally:
-            if waited:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
-    def _commit(self, db: sqlite3.Connection) -> None:
-        db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
+    def _run(self, write: _Write) -> None:
+        """One write of a batch being written, in a savepoint: its result, or the
+        outcome it raised (what it wrote before, a row set aside, is kept), or its
+        failure, with what it wrote undone. SQLite's failure that ended the whole
+        transaction is raised: every write of the batch fails."""
+        db = self._writer
+        db.execute("SAVEPOINT one_write")
+        try:
+            write.result = write.apply(self._write_db, *write.args)
+        except (*_OUTCOMES, AlreadyKeyed) as outcome:
+            write.error = outcome
+        except Exception as error:  # a bug, or SQLite's failure for this write alone
+            if isinstance(error, sqlite3.Error) and not db.in_transaction:
+                raise
+            db.execute("ROLLBACK TO one_write")
+            write.error = self._unavailable(error) if isinstance(error, sqlite3.Error) else error
+        db.execute("RELEASE one_write")
 
-    def waiting_writes(self) -> int:
-        """Writes waiting for, or in, the transaction being written."""
-        with self._queue_lock:
-            return len(self._queue)
+    def _answer(self, batch: _Batch) -> None:
+        """Take the batch's writes out of the line, DONE, and wake their threads; the
+        next write in line, if any, leads the next batch."""
+        with self._line_lock:
+            batch.to(_Batch.ANSWERED)
+            for write in batch.writes:
+                self._line.popleft()  # the batch's writes are the first in line
+                write.to(_Write.DONE)
+            for write in batch.writes[1:]:  # asleep: only the leader, first, is not
+                write.wake()
+            if self._line:
+                following = self._line[0]
+                following.to(_Write.LEADING)
+                following.wake()
+
+    def samples(self) -> List[tuple]:
+        """Group commit at work: how many writes are in line now, and how many
+        transactions they have taken (with scheduler_requests_total, how many writes
+        a transaction holds)."""
+        return [("scheduler_sqlite_writes_queued", "gauge",
+                 "Writes in line for the SQLite file: waiting for a transaction, or in the "
+                 "one being written (group commit).", len(self._line)),
+                ("scheduler_sqlite_transactions_total", "counter",
+                 "SQLite transactions committed for writes, each holding one write or more "
+                 "(group commit).", self._transactions)]
 
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
@@ -2124,7 +2275,7 @@ class SQLiteStore(SQLStore):
         super().check()
 
     def close(self) -> None:
-        with self._queue_lock, self._read_lock:
+        with self._line_lock, self._read_lock:
             for db in (self._writer, self._reader):
                 if db is not None:
                     db.close()
@@ -2821,7 +2972,6 @@ class ScramSHA256:
         name = user.replace("=", "=3D").replace(",", "=2C")  # section 5.1
         self._first_bare = f"n={name},r={self._nonce}"
         self._server_signature: Optional[bytes] = None
-        self.verified = False
 
     def client_first(self) -> bytes:
         return f"n,,{self._first_bare}".encode()
@@ -2863,7 +3013,6 @@ class ScramSHA256:
         if not hmac.compare_digest(signature, self._server_signature):
             raise PGConnectionError("the server's SCRAM signature is wrong: it does not know "
                                     "the password (is it the server it claims to be?)")
-        self.verified = True
 
 
 # TLS, as libpq's sslmode asks: prefer and require encrypt without checking who
@@ -4577,7 +4726,7 @@ class Metrics:
     """What /metrics shows: each request counted by route template (never its raw
     path: user IDs would make a series each), method and status, with a histogram
     of durations; what the process collectors sample of this process (connections,
-    the log), summed over the workers with --workers; and what the collectors
+    the log, the store's samples()), summed over the workers with --workers; and what the collectors
     sample of the whole service (stored appointments), once.
 
     Every series a request can make is there from the start, at 0, so that
@@ -4874,8 +5023,10 @@ def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
         raise HTTPError(400, f"Invalid path: date {error}.") from None
 
 
-_TAGS: Dict[int, str] = {}  # hash() of content -> its strong entity tag
-_TAGS_KEPT = 4096  # entries at most (650 KiB measured); then it starts again
+_TAGS: Dict[bytes, str] = {}  # recent contents, each with its strong entity tag
+_TAGS_KEPT_BYTES = 2 << 20  # of contents kept, at most; then it starts again...
+_TAG_KEPT_LENGTH = 32 << 10  # ...each at most this long (a longer one is hashed each time)
+_tags_kept_bytes = 0  # counted without a lock: two threads at once may count only one
 
 
 def entity_tag(content: bytes, weak: bool = False) -> str:
@@ -4884,16 +5035,19 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     in every process and after restarts. Weak (W/) for content that means the same
     with bytes that differ (section 8.8.1): the calendar feed and its DTSTAMP.
 
-    The tags of recent contents are kept by Python's own 64-bit hash of the bytes,
-    which differs between processes and so cannot be the tag, but costs a third as
-    much: a listing polled again is not hashed again (2 us of a GET's 50 over a
-    socket)."""
-    key = hash(content)
-    tag = _TAGS.get(key)
+    The tags of recent contents are kept with the contents themselves: a listing
+    polled again is found by its bytes (Python's own hash of them, then a compare,
+    cost less than SHA-1) and not hashed again."""
+    global _tags_kept_bytes
+    tag = _TAGS.get(content)
     if tag is None:
-        if len(_TAGS) >= _TAGS_KEPT:
-            _TAGS.clear()
-        tag = _TAGS[key] = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+        tag = f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
+        if len(content) <= _TAG_KEPT_LENGTH:
+            if _tags_kept_bytes + len(content) > _TAGS_KEPT_BYTES:
+                _TAGS.clear()
+                _tags_kept_bytes = 0
+            _TAGS[content] = tag
+            _tags_kept_bytes += len(content)
     return "W/" + tag if weak else tag
 
 
@@ -5778,7 +5932,7 @@ class Service:
              store.count()),
             ("scheduler_idempotency_keys", "gauge", "Idempotency-Keys kept, over all users.",
              store.count_keys())])
-        self.metrics.process_collectors.append(self._key_metrics)
+        self.metrics.process_collectors += [self._key_metrics, store.samples]
 
     def begin(self, request: HTTPRequest) -> Exchange:
         """Match the request's route and, if the route takes a body, check the one
@@ -5958,6 +6112,7 @@ class Connection:
     touch the socket, and this does nothing else.
 
         event                            phase     deadline
+        the server accepts it            NEW       none until its thread serves it
         serve() waits for a request      WAITING   now + first_byte_timeout, for a new
                                                    connection; else now + idle_timeout
         a request's first byte arrives   READING   that byte + request_timeout
@@ -5965,7 +6120,13 @@ class Connection:
         its body is read                 READING   the request's, from its first byte
         the response is sent             WRITING   now + request_timeout; once sent,
                                                    if kept open, WAITING: idle_timeout
+                                                   (READING if the next request has
+                                                   begun to arrive)
         close()                          CLOSED
+
+    The phase changes only through _enter(), as _NEXT_PHASES allows; any other
+    change raises RuntimeError (a bug: the server logs it, and closes the
+    connection), as h11's state machine does.
 
     The socket stays blocking (a socket timeout adds a poll() to every read and
     write, and each system call hands over the GIL); instead the server's watchdog
@@ -5977,15 +6138,23 @@ class Connection:
     serve(), where socketserver would make a request handler.
     """
 
-    WAITING, READING, BUSY, WRITING, CLOSED = "waiting", "reading", "busy", "writing", "closed"
+    NEW, WAITING, READING, BUSY, WRITING, CLOSED = (
+        "new", "waiting", "reading", "busy", "writing", "closed")
+    _NEXT_PHASES = {  # each phase, and the phases it may go to
+        NEW: (WAITING, CLOSED),  # CLOSED: its thread could not be started
+        WAITING: (READING, CLOSED),
+        READING: (BUSY, WRITING, CLOSED),  # WRITING: the answer to a request that failed
+        BUSY: (READING, WRITING, CLOSED),
+        WRITING: (WAITING, READING, CLOSED),
+        CLOSED: ()}
 
     def __init__(self, sock: socket.socket, client_address: tuple, server: "SchedulerServer"):
         self._sock, self.client_address = sock, client_address
         self._server = server
         self._limits: Limits = server.limits
         self._lock = threading.Lock()  # guards _phase, _deadline, _expired: the watchdog reads them
-        self._phase = self.BUSY
-        self._deadline: Optional[float] = None  # time.monotonic(); None while BUSY
+        self._phase = self.NEW
+        self._deadline: Optional[float] = None  # time.monotonic(); None while NEW or BUSY
         self._expired = False  # set once, by the watchdog or close_if_idle: the connection ends
         self._data = bytearray()  # received and not yet taken: a request's start, or more
         self._request_deadline = 0.0  # the current request's, from its first byte
@@ -5993,6 +6162,8 @@ class Connection:
         self.waiting_since = 0.0  # time.monotonic() when it last began to wait, if WAITING
 
     def _enter(self, phase: str, deadline: Optional[float]) -> None:
+        if phase not in self._NEXT_PHASES[self._phase]:  # only this thread changes it
+            raise RuntimeError(f"a connection cannot go from {self._phase} to {phase}")
         with self._lock:
             self._phase, self._deadline = phase, deadline
 
@@ -6369,9 +6540,6 @@ class SchedulerServer(ThreadingHTTPServer):
     def url(self) -> str:
         return url_of(self.server_address)
 
-    def flush_log(self) -> None:
-        self._log.flush()
-
     def _watch(self) -> None:
         """The watchdog: every tick, cut off connections past their deadline (and, in
         a worker, notice when its supervisor is gone, as gunicorn's workers do). A
@@ -6459,9 +6627,17 @@ class SchedulerServer(ThreadingHTTPServer):
 
     def _connection_metrics(self) -> List[Sample]:
         with self._lock:
+            phases = [connection.phase for connection in self._connections]
             return [("scheduler_connections_open", "gauge",
                      "Connections being served (by every worker, with --workers).",
-                     len(self._connections)),
+                     len(phases)),
+                    ("scheduler_connections_waiting", "gauge",
+                     "Connections waiting for a request: a new one's first, or the next one "
+                     "(the longest waiting is closed to make room at the cap).",
+                     phases.count(Connection.WAITING)),
+                    ("scheduler_connections_reading", "gauge",
+                     "Connections reading a request, its head or its body.",
+                     phases.count(Connection.READING)),
                     ("scheduler_connections_refused_total", "counter",
                      "Connections refused with a 503: all were busy at the cap.", self.refused),
                     ("scheduler_connections_evicted_total", "counter",
@@ -6472,11 +6648,6 @@ class SchedulerServer(ThreadingHTTPServer):
                     ("scheduler_log_lines_dropped_total", "counter",
                      "Log lines dropped because the log's reader did not keep up.",
                      self._log.dropped)]
-
-    def connections_by_phase(self) -> Dict[str, int]:
-        """How many connections are in each phase (Connection.WAITING...)."""
-        with self._lock:
-            return dict(collections.Counter(c.phase for c in self._connections))
 
     def shutdown_request(self, connection: Connection) -> None:
         """Close the connection and give back its slot."""
