@@ -5051,18 +5051,10 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
     return "W/" + tag if weak else tag
 
 
-# The same SHA-1 as CPython's own code, for a short text: OpenSSL's setup for each
-# text outweighs its faster hashing there (and not of a long one, a listing's).
-try:
-    from _sha1 import sha1 as _short_sha1
-except ImportError:  # a Python built without it
-    _short_sha1 = functools.partial(hashlib.sha1, usedforsecurity=False)
-
-
 def _hashed_tag(content: bytes) -> str:
-    """entity_tag() of a short content, strong, computed without keeping it: for
-    content that is new each time (a booking's)."""
-    return f'"{_short_sha1(content).hexdigest()}"'
+    """entity_tag() of a content, strong, computed without keeping it: for content
+    that is new each time (a booking's)."""
+    return f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
 
 
 def json_content(body) -> bytes:
