@@ -105,6 +105,12 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
+# ======================================================================================
+# Part one: the scheduling service. What an appointment is, where appointments live,
+# and what each request gets back: everything a change to the product touches. It
+# knows nothing of sockets; part two carries its requests and replies.
+# ======================================================================================
+
 # --- Domain: what an appointment is ---------------------------------------------------
 # The rules below are the service's, each stated once, here: the parsers apply them,
 # and their messages, --help, the API description (the appendix: its text, patterns
@@ -596,7 +602,6 @@ def parse_changes(patch: Mapping, user_id: str) -> Changes:
 
 
 # --- Stores ---------------------------------------------------------------------------
-
 
 _OUTCOMES = (AlreadyBooked, NotBooked, ConditionFailed, StoreFull)  # what a write may raise
 
@@ -3987,7 +3992,6 @@ PG_BATCH_SIZE = 32
 # read_only_sql_transaction, met in the moment a failover takes). Any other error
 # (a privilege revoked, a table dropped, a full disk) waits for the operator.
 _PG_PASSING = ("08", "57", "53", "25006")
-
 # The schema's steps, as in SQLite: step n brings the tables from version n - 1 to n,
 # each a tuple of statements run in one transaction with the others a start needs,
 # under the schema's lock; the version is in schema_version. A step that shipped is
@@ -4615,113 +4619,6 @@ class Reading(NamedTuple):
     note: object = None  # what else the writer said (the supervisor: the failing workers)
 
 
-class MetricsTable:
-    """The metrics of several worker processes (--workers), in memory they share: a
-    file that has no name (memfd_create(), else an unlinked temporary file), which
-    the supervisor makes and passes to each worker it starts, as a descriptor that
-    survives exec. Each worker process writes its numbers to a slot the supervisor
-    gives it, and a scrape, whichever worker it reaches, adds up every slot. A
-    process started in a slot after another ended there carries on from its
-    counts, so counters never go down while the supervisor runs (as
-    prometheus_client's multiprocess mode keeps a dead process's file). The
-    supervisor writes its own samples, and what a health check tells of the
-    workers (a note), to a slot of its own.
-
-    No lock, since a process killed holding one would never release it. A slot is
-    [generation][copy 0][copy 1]: a writer fills the copy of the next generation,
-    then publishes that generation; a reader takes the copy of the generation it
-    read, and reads again if the generation changed meanwhile. A writer killed
-    halfway leaves the last whole copy in place. A copy is its header (_HEADER),
-    the numbers as doubles, the layout's series (JSON: read only by a process
-    that lays them out otherwise), and the samples and the note (JSON, a few
-    hundred bytes)."""
-
-    # A copy holds at worst (every status of every route and method) 1 MB; in use,
-    # 12 KiB. Pages untouched cost no memory.
-    COPY_BYTES = 2 << 20
-    _HEADER = struct.Struct("<QQQQQ")  # generation, digest, lengths of numbers, series, samples
-
-    def __init__(self, slots: int, fd: Optional[int] = None):
-        """A new table of slots, or, given the descriptor fd of one (its fd), that table."""
-        self.slots = slots
-        self._slot_bytes = 8 + 2 * self.COPY_BYTES
-        size = slots * self._slot_bytes
-        if fd is None:
-            if hasattr(os, "memfd_create"):  # Linux: memory, not a file on a disk
-                fd = os.memfd_create("scheduler-metrics")
-            else:
-                with tempfile.TemporaryFile() as file:  # removed from its directory at once
-                    fd = os.dup(file.fileno())
-            os.ftruncate(fd, size)  # pages never written cost nothing
-        elif os.fstat(fd).st_size != size:
-            raise ValueError(f"the metrics table behind descriptor {fd} is not of {slots} slots")
-        self.fd = fd
-        self._map = mmap.mmap(fd, size)  # MAP_SHARED: every process that maps fd sees one table
-        self._layouts: Dict[int, SeriesLayout] = {}  # by digest: the layouts read so far
-        self._written: Dict[int, Tuple[int, bytes]] = {}  # slot -> this process's last write
-
-    def generation(self, slot: int) -> int:
-        """The generation of the slot's last write (0: none yet); it grows with each."""
-        return struct.unpack_from("<Q", self._map, slot * self._slot_bytes)[0]
-
-    def write(self, slot: int, layout: SeriesLayout, numbers, samples: dict,
-              note: object = None) -> bool:
-        """Publish a worker's numbers and samples, and a note, anything JSON holds
-        (unless the slot holds them already); False if they do not fit (they always
-        should)."""
-        payload = array.array("d", numbers).tobytes()
-        tail = json.dumps([samples, note], separators=(",", ":")).encode()
-        body = payload + layout.keys + tail
-        if len(body) > self.COPY_BYTES - self._HEADER.size:
-            return False
-        base = slot * self._slot_bytes
-        generation = self.generation(slot)
-        if self._written.get(slot) == (generation, body):  # a scrape in a quiet moment
-            return True
-        self._layouts.setdefault(layout.digest, layout)  # what a read of this layout gives
-        generation += 1
-        copy = base + 8 + (generation % 2) * self.COPY_BYTES
-        self._HEADER.pack_into(self._map, copy, generation, layout.digest, len(payload),
-                               len(layout.keys), len(tail))
-        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(body)] = body
-        struct.pack_into("<Q", self._map, base, generation)  # now readers take this copy
-        self._written[slot] = (generation, body)
-        return True
-
-    def read(self, slot: int) -> Optional[Reading]:
-        """A worker's last published numbers; None if it has published none."""
-        base = slot * self._slot_bytes
-        for _ in range(1000):  # a writer publishes every TICK at most: a retry is rare
-            generation = self.generation(slot)
-            if generation == 0:
-                return None
-            copy = base + 8 + (generation % 2) * self.COPY_BYTES
-            written, digest, numbers, keys, samples = self._HEADER.unpack_from(self._map, copy)
-            start = copy + self._HEADER.size
-            body = self._map[start:start + numbers + keys + samples]
-            if written == generation == self.generation(slot):
-                break
-        else:
-            return None
-        layout = self._layouts.get(digest)
-        if layout is None:
-            layout = SeriesLayout(tuple(key) for key in json.loads(body[numbers:numbers + keys]))
-            self._layouts[digest] = layout
-        values = array.array("d")
-        values.frombytes(body[:numbers])
-        return Reading(generation, layout, values, *json.loads(body[numbers + keys:]))
-
-    def retire(self, slot: int) -> None:
-        """For the supervisor, when a worker has died: its gauges no longer count
-        (its connections are gone); its counters stay, for the next to carry on."""
-        reading = self.read(slot)
-        if reading is not None:
-            for sample in reading.samples.values():
-                if sample[0] == "gauge":
-                    sample[2] = 0
-            self.write(slot, reading.layout, reading.numbers, reading.samples, reading.note)
-
-
 class Metrics:
     """What /metrics shows: each request counted by route template (never its raw
     path: user IDs would make a series each), method and status, with a histogram
@@ -4752,14 +4649,14 @@ class Metrics:
         self._numbers: List[float] = []  # this process's (and a dead predecessor's) counts
         self.collectors: List[Callable[[], List[Sample]]] = []  # the service's, as a whole
         self.process_collectors: List[Callable[[], List[Sample]]] = []  # this process's
-        self.table: Optional[MetricsTable] = None  # shared with the other workers, if any
+        self.table = None  # a MetricsTable (part two) shared with the other workers, if any
         self._slot = 0
         self._supervisor_slot: Optional[int] = None  # where the supervisor tells of the workers
         self._publish_lock = threading.Lock()  # one writer of the slot at a time
         self._carried: dict = {}  # a dead predecessor's counter samples, by name
         self._others: Optional[Tuple[Tuple[int, ...], Reading]] = None  # the other slots, added
 
-    def share(self, table: MetricsTable, slot: int, supervisor_slot: Optional[int] = None) -> None:
+    def share(self, table, slot: int, supervisor_slot: Optional[int] = None) -> None:
         """Report through slot of table, carrying on from the counts of the worker
         process that had the slot before, if one did; supervisor_slot is where the
         supervisor tells of the workers (failing_workers())."""
@@ -4894,9 +4791,11 @@ class Metrics:
         return "".join(lines)
 
 
-# --- Routes ---------------------------------------------------------------------------
-# Each route is a function from parsed input to a Reply. It never sees a socket, and
-# raises HTTPError (or lets a domain error through) when it cannot answer.
+# --- Requests and replies: HTTP's semantics, as the service applies them --------------
+# What a request is to the service (RequestHead, Request) and what it answers (Reply,
+# HTTPError, the one exception that becomes an error response): bodies and JSON,
+# problem details (RFC 9457), entity tags and conditions (RFC 9110 section 13), CORS
+# (the Fetch standard). Functions over values; none touches a socket.
 
 JSON_TYPE = "application/json"
 MERGE_PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
@@ -4911,6 +4810,40 @@ REASONS = {**{status: status.phrase for status in HTTPStatus},
            HTTPStatus.REQUEST_URI_TOO_LONG: "URI Too Long",
            HTTPStatus.REQUESTED_RANGE_NOT_SATISFIABLE: "Range Not Satisfiable",
            HTTPStatus.UNPROCESSABLE_ENTITY: "Unprocessable Content"}
+MAX_QUERY_PARAMETERS = 100
+# RFC 9110's methods (section 9) and PATCH; others get 501.
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
+                           "CONNECT"})
+CLIENT_GONE = 499  # the access log's and metrics' status of a request whose client hung
+
+
+class Limits(NamedTuple):
+    """What a client may take of the server; each is a command-line option."""
+
+    max_body_bytes: int = 64 * 1024  # larger bodies get 413, unread
+    request_timeout: float = 10.0  # seconds for a whole request to arrive; then 408
+    idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for a request
+    first_byte_timeout: float = 5.0  # seconds a new connection may wait for its first byte
+    max_connections: int = 256  # served at once; then the idle make room, or 503
+    shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
+    max_appointments: int = 500_000  # stored at most, over all users; more get 507
+    max_appointments_per_user: int = MAX_APPOINTMENTS_PER_USER  # held by one; more get 409
+    max_idempotency_keys: int = MAX_KEYS  # kept at most (24 hours each); then 503...
+    max_idempotency_keys_per_user: int = MAX_KEYS_PER_USER  # ...and 429 past one user's
+
+
+class HTTPRequest(NamedTuple):
+    """A request's head as parse_head() reads it, before routing."""
+
+    method: str
+    path: str  # percent-encoded, as sent; match() decodes it
+    query: str  # what follows the "?", as sent; parse_query() decodes it
+    version: str  # "HTTP/1.1" or "HTTP/1.0"
+    headers: Dict[str, str]  # lower-case names; a repeated header's values joined by ", "
+
+    @property
+    def declares_body(self) -> bool:
+        return "transfer-encoding" in self.headers or self.headers.get("content-length", "0") != "0"
 
 
 class HTTPError(Exception):
@@ -4964,63 +4897,131 @@ class Reply(NamedTuple):
     media_type: str = JSON_TYPE
 
 
-def appointment_url(appointment: Appointment) -> str:
-    """The appointment's own URL, with the user ID percent-encoded so that any ID
-    (with /, ?, spaces or CR/LF) stays one path segment and one header line."""
-    user = urllib.parse.quote(appointment.user_id, safe="")
-    return f"/appointments/{user}/{appointment.date.isoformat()}"
+def parse_query(query: str) -> Dict[str, List[str]]:
+    """Decode a query string into each name's values, as urllib.parse.parse_qs
+    does (at a third of its cost); 400 when it has more than MAX_QUERY_PARAMETERS
+    or is not percent-encoded UTF-8."""
+    fields = [field for field in query.split("&") if field]
+    if len(fields) > MAX_QUERY_PARAMETERS:
+        raise HTTPError(400, f"The query string has more than {MAX_QUERY_PARAMETERS} parameters.")
+    params: Dict[str, List[str]] = {}
+    try:
+        for field in fields:
+            name, _, value = field.partition("=")
+            params.setdefault(_unquote(name), []).append(_unquote(value))
+    except UnicodeDecodeError:
+        raise HTTPError(400, "The query string is not valid percent-encoded UTF-8.") from None
+    return params
 
 
-def _query_value(query: Dict[str, List[str]], name: str) -> Optional[str]:
-    """The one value of a query parameter, or None; 400 when repeated."""
-    values = query.get(name)
-    if values is None:
+def _unquote(text: str) -> str:
+    if "%" in text or "+" in text:
+        return urllib.parse.unquote_plus(text, errors="strict")
+    return text
+
+
+def body_length(request: HTTPRequest, limit: int, media_types: Tuple[str, ...]) -> int:
+    """The length of the JSON body a request declares, checked before a byte of
+    it is read: its Content-Type, one of media_types (415), its framing (411, 400)
+    and its size (413)."""
+    headers = request.headers
+    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in media_types:
+        label = media_types[0]
+        others = "".join(f" (or {other})" for other in media_types[1:])
+        raise HTTPError(415, f"Send the body as JSON with the header 'Content-Type: {label}'"
+                             f"{others} (curl: -H 'Content-Type: {label}'); got "
+                             f"{media_type or 'no Content-Type'}.",
+                        # a PATCH says which patch formats it takes (RFC 5789 section 2.2)
+                        headers={"Accept-Patch": ", ".join(media_types)}
+                        if request.method == "PATCH" else None)
+    if "transfer-encoding" in headers:
+        raise HTTPError(411, "Chunked request bodies are not supported; "
+                             "send the body with a Content-Length header.")
+    declared = headers.get("content-length")
+    if declared is None:
+        raise HTTPError(411, "A request body needs a Content-Length header.")
+    if not (declared.isdigit() and declared.isascii()):
+        raise HTTPError(400, f"Content-Length must be a non-negative integer, not {declared!r}.")
+    length = int(declared)
+    if length > limit:
+        raise HTTPError(413, f"The body is {length} bytes; the limit is {limit}.")
+    return length
+
+
+def _object_without_duplicate_keys(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise HTTPError(400, f"The JSON body has the key {key!r} more than once.")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name):
+    raise HTTPError(400, f"The JSON body contains {name}, which is not valid JSON.")
+
+
+# Built once: json.loads() with these arguments builds a decoder per call.
+_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys,
+                                 parse_constant=_reject_constant,
+                                 parse_float=decimal.Decimal)  # exact: 1e2 is the integer 100
+
+
+def decode_json(raw: bytes) -> object:
+    """Parse a request body as strict JSON; 400 saying what is wrong with it.
+
+    Beyond what json accepts, rejects NaN/Infinity, duplicate keys and non-UTF-8
+    bytes, which different parsers read differently.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPError(400, "The request body is not valid UTF-8.") from None
+    try:
+        return _JSON_DECODER.decode(text)
+    except json.JSONDecodeError as error:
+        raise HTTPError(400, f"The request body is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise HTTPError(400, "The request body is nested too deeply.") from None
+    except ValueError:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
+        raise HTTPError(400, "The request body has a number with too many digits to "
+                             f"read; user IDs have at most {MAX_USER_ID_LENGTH}.") from None
+    except decimal.InvalidOperation:  # an exponent past what Decimal can hold, as 1e-10**21
+        raise HTTPError(400, "The request body has a number whose exponent is too large "
+                             "to read.") from None
+
+
+def example_booking() -> dict:
+    """A booking's fields, for examples (its time is example_time())."""
+    return {"user_id": "alice", "date": "2026-11-25", "time": example_time()}
+
+
+def not_an_object() -> HTTPError:
+    """What a booking whose body is not a JSON object gets."""
+    return HTTPError(400, f"The request body must be a JSON object, e.g. "
+                          f"{json.dumps(example_booking())}.")
+
+
+# Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07, section 2.1): an
+# RFC 8941 string (section 3.3.3): printable ASCII in double quotes, \" and \\ escaped.
+_SF_STRING = re.compile(r'"((?:[ !#-\[\]-~]|\\[\\"])*)"')
+MAX_KEY_LENGTH = 255
+
+
+def idempotency_key(headers: Mapping[str, str]) -> Optional[str]:
+    """The request's Idempotency-Key, unquoted; None without one; 400 for anything
+    but one string of 1 to MAX_KEY_LENGTH characters."""
+    value = headers.get("idempotency-key")
+    if value is None:
         return None
-    if len(values) > 1:
-        raise HTTPError(400, f"Give the {name} query parameter once.")
-    return values[0]
-
-
-def query_user_id(query: Dict[str, List[str]]) -> str:
-    """The user_id query parameter; 400 when missing, repeated or invalid."""
-    value = _query_value(query, "user_id")
-    if not value:
-        raise HTTPError(400, "The user_id query parameter is required, "
-                             "e.g. /appointments?user_id=alice.")
-    try:
-        return parse_user_id(value)
-    except ValueError as error:
-        raise HTTPError(400, f"Invalid query parameter: user_id {error}.") from None
-
-
-def query_date_range(query: Dict[str, List[str]]) -> Tuple[Optional[dt.date], Optional[dt.date]]:
-    """The optional inclusive bounds from= and to=; 400 when malformed or when
-    from is after to."""
-    bounds = []
-    for name in ("from", "to"):
-        value = _query_value(query, name)
-        try:
-            bounds.append(None if value is None else parse_date(value))
-        except ValueError as error:
-            raise HTTPError(400, f"Invalid query parameter: {name} {error}.") from None
-    first, last = bounds
-    if first and last and first > last:
-        raise HTTPError(400, f"from ({first.isoformat()}) is after to ({last.isoformat()}); "
-                             "the range is inclusive, so from must be on or before to.")
-    return first, last
-
-
-def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
-    """The user ID and date from /appointments/{user_id}/{date}; 400 if either is
-    malformed (a well-formed one that is not booked is a NotBooked later)."""
-    try:
-        user_id = parse_user_id(params["user_id"])
-    except ValueError as error:
-        raise HTTPError(400, f"Invalid path: user_id {error}.") from None
-    try:
-        return user_id, parse_date(params["date"])
-    except ValueError as error:
-        raise HTTPError(400, f"Invalid path: date {error}.") from None
+    found = _SF_STRING.fullmatch(value)
+    key = None if found is None else re.sub(r"\\(.)", r"\1", found.group(1))
+    if key is None or not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise HTTPError(400, "Idempotency-Key must be one quoted string (RFC 8941) of 1 to "
+                             f"{MAX_KEY_LENGTH} printable ASCII characters, such as "
+                             f'"8e03978e-40d5-43e8-bc93-6894a57f9324"; got {value!r}.')
+    return key
 
 
 _TAGS: Dict[bytes, str] = {}  # recent contents, each with its strong entity tag
@@ -5130,290 +5131,120 @@ def write_condition(headers: Mapping[str, str]) -> Condition:
     return condition
 
 
-KEPT_FROM = 64  # appointments in a listing or feed from which its reply is kept...
-KEPT_BYTES = 16 << 20  # ...while all the replies kept hold at most this, in each process
-
-
-class KeptReplies:
-    """The replies to listings and feeds of users with many appointments, kept until
-    that user's appointments change (Store.version(), which sees changes made by
-    other processes too), so that polling such a user, and its 304, cost about
-    what polling a user with a few does. Only a key whose last reply held
-    KEPT_FROM appointments or more is looked up, so smaller replies cost nothing
-    more; the least recently used go first past KEPT_BYTES."""
-
-    _UNKNOWN = object()  # the version of a reply made without one: equal to none
-
-    def __init__(self, budget: int = KEPT_BYTES):
-        self.budget = budget
-        self._lock = threading.Lock()  # guards _kept and _size
-        # key -> (the user's version when it was made, the reply, its size), oldest first
-        self._kept: "collections.OrderedDict[tuple, Tuple[object, Reply, int]]" = \
-            collections.OrderedDict()
-        self._size = 0
-
-    def reply(self, store: Store, key: tuple, user_id: str,
-              make: Callable[[], Tuple[Reply, int]]) -> Reply:
-        """The reply kept for key (a route's name and its parameters) while user_id's
-        version is the one it was made for; else make() it: (the reply, how many
-        appointments it holds)."""
-        kept = self._kept.get(key)  # one call: atomic, as _keep() changes _kept under _lock
-        if kept is None:
-            reply, held = make()
-            if held >= KEPT_FROM:  # next time its version is taken first, to keep it
-                self._keep(key, self._UNKNOWN, reply)
-            return reply
-        version = store.version(user_id)  # first: a change after it makes it older
-        if kept[0] == version:
-            with self._lock:
-                if key in self._kept:
-                    self._kept.move_to_end(key)
-            return kept[1]
-        reply, held = make()
-        self._keep(key, version if held >= KEPT_FROM else None, reply)
+def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
+    """The reply, or 304 Not Modified when it is a 200 to a GET or HEAD whose ETag
+    the request's If-None-Match already has (RFC 9110 section 13.1.2: weak
+    comparison; "*" matches any). Other statuses ignore the condition (13.2.1)."""
+    condition = request.headers.get("if-none-match")
+    if condition is None or reply.status != HTTPStatus.OK or request.method not in ("GET", "HEAD"):
         return reply
-
-    def _keep(self, key: tuple, version: object, reply: Optional[Reply]) -> None:
-        """Keep the reply made for version (None: forget key's)."""
-        size = len(reply.body) if version is not None else 0
-        with self._lock:
-            old = self._kept.pop(key, None)
-            if old is not None:
-                self._size -= old[2]
-            if version is None or size > self.budget:
-                return
-            self._kept[key] = (version, reply, size)
-            self._size += size
-            while self._size > self.budget:
-                self._size -= self._kept.popitem(last=False)[1][2]
+    tag = dict(reply.headers).get("ETag")
+    if tag is None:
+        return reply
+    held = _ENTITY_TAGS.findall(condition) if _ENTITY_TAG_LIST.fullmatch(condition) else []
+    if condition.strip(" \t") != "*" and _opaque(tag) not in map(_opaque, held):
+        return reply  # no match, or not a list of entity tags: answered as if absent
+    # Only the fields a 200 would have had that describe it (section 15.4.5): no content.
+    return Reply(HTTPStatus.NOT_MODIFIED, None,
+                 tuple((name, value) for name, value in reply.headers
+                       if name in ("ETag", "Content-Location", "Vary")))
 
 
-@functools.lru_cache(maxsize=2 * MAX_APPOINTMENTS_PER_USER)
-def _listed(appointment: Appointment) -> str:
-    """An appointment's JSON as a listing holds it. Cached for the listings of users
-    with many appointments, where each range asked for (from, to) is a reply of its
-    own, made of the same appointments."""
-    return _JSON_ENCODER.encode(appointment.as_json())
+def http_error(error: BaseException) -> HTTPError:
+    """The HTTPError for whatever a request raised: here, and only here, the
+    domain's outcomes become sentences and JSON for the client. Anything
+    unforeseen is a 500 that reveals nothing (the handler logs the traceback)."""
+    if isinstance(error, HTTPError):
+        return error
+    if isinstance(error, InvalidAppointment):
+        fields = ", ".join(field for field, _ in error.errors)
+        noun = "field is" if len(error.errors) == 1 else "fields are"
+        verb = "moved" if error.moving else "booked"
+        return HTTPError(422, f"The appointment was not {verb}: {len(error.errors)} {noun} "
+                              f"invalid ({fields}).",
+                         errors=[{"field": field, "message": message}
+                                 for field, message in error.errors])
+    if isinstance(error, AlreadyBooked):
+        existing = error.existing
+        return HTTPError(409, f"User {existing.user_id} already has an appointment on "
+                              f"{existing.date.isoformat()}, at {existing.start:%H:%M}; a user "
+                              "may book one appointment per date.",
+                         appointment=existing.as_json())
+    if isinstance(error, NotBooked):
+        return HTTPError(404, f"User {error.user_id} has no appointment on "
+                              f"{error.date.isoformat()}.")
+    if isinstance(error, ConditionFailed):
+        tag = appointment_tag(error.current)
+        return HTTPError(412, f"The appointment does not meet If-Match (or If-None-Match): its "
+                              f"ETag is now {tag}. Nothing was changed; GET it, and retry with "
+                              "the ETag you get.",
+                         headers={"ETag": tag}, appointment=error.current.as_json())
+    if isinstance(error, StoreFull) and error.user_id is not None:
+        return HTTPError(409, f"User {error.user_id} holds {error.capacity} appointments, the "
+                              "most one user may; cancel one (past ones count too) to book "
+                              "another.")
+    if isinstance(error, StoreFull):
+        return HTTPError(507, f"The service holds its maximum of {error.capacity} appointments "
+                              "and can book no more until some are cancelled; tell its "
+                              "operator (the limit is --max-appointments).")
+    if isinstance(error, KeysFull) and error.user_id is not None:
+        return HTTPError(429, f"User {error.user_id} has made {error.limit} changes with an "
+                              "Idempotency-Key in the last 24 hours, the most one user may; "
+                              f"retry in {error.retry_after} seconds, or without the key.",
+                         headers={"Retry-After": str(error.retry_after)})
+    if isinstance(error, KeysFull):
+        return HTTPError(503, f"The service keeps its maximum of {error.limit} Idempotency-Keys, "
+                              "each protecting a change made in the last 24 hours; retry in "
+                              f"{error.retry_after} seconds, or without the key.",
+                         headers={"Retry-After": str(error.retry_after)})
+    if isinstance(error, StoreUnavailable):
+        return HTTPError(503, str(error), headers={} if error.retry_after is None
+                         else {"Retry-After": str(error.retry_after)})
+    return HTTPError(500, "The server hit an unexpected error and logged it; please try again.")
 
 
-def listing(user_id: str, appointments: List[Appointment]) -> Reply:
-    """A 200 of the user's appointments, with its ETag. The content is what
-    json_content() makes of {"user_id": ..., "appointments": [...]}, byte for byte;
-    of KEPT_FROM or more, it is joined from each appointment's cached text."""
-    if len(appointments) < KEPT_FROM:
-        return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
-    return tagged((f'{{"user_id": {_JSON_ENCODER.encode(user_id)}, "appointments": ['
-                   + ", ".join(map(_listed, appointments)) + "]}\n").encode())
+def error_reply(error: BaseException) -> Reply:
+    """How every error becomes a response: an RFC 9457 problem."""
+    error = http_error(error)
+    return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
 
 
-def list_appointments(service: "Service", request: Request) -> Reply:
-    user_id = query_user_id(request.query)
-    first, last = query_date_range(request.query)
-
-    def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
-        appointments = service.store.list_for_user(user_id, first, last)
-        if len(appointments) >= KEPT_FROM and request.client_gone():
-            raise ClientGone()
-        return listing(user_id, appointments), len(appointments)
-
-    return service.kept.reply(service.store, ("list", user_id, first, last), user_id, make)
-
-
-# Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07, section 2.1): an
-# RFC 8941 string (section 3.3.3): printable ASCII in double quotes, \" and \\ escaped.
-_SF_STRING = re.compile(r'"((?:[ !#-\[\]-~]|\\[\\"])*)"')
-MAX_KEY_LENGTH = 255
+# CORS (the Fetch standard): the request headers a browser may send and the response
+# headers its scripts may read, beyond the safelisted ones; how long a browser may
+# keep a preflight's answer (Chromium keeps it 2 hours at most).
+CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key"
+CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After, Idempotent-Replayed"
+CORS_MAX_AGE = 7200
+CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
+                          "Access-Control-Allow-Headers", "Access-Control-Max-Age")
+# An Origin header line, found in the bytes of a head that could not be parsed.
+_ORIGIN_LINE = re.compile(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([!-~]+)[ \t]*\r?\n")
 
 
-def idempotency_key(headers: Mapping[str, str]) -> Optional[str]:
-    """The request's Idempotency-Key, unquoted; None without one; 400 for anything
-    but one string of 1 to MAX_KEY_LENGTH characters."""
-    value = headers.get("idempotency-key")
-    if value is None:
-        return None
-    found = _SF_STRING.fullmatch(value)
-    key = None if found is None else re.sub(r"\\(.)", r"\1", found.group(1))
-    if key is None or not 1 <= len(key) <= MAX_KEY_LENGTH:
-        raise HTTPError(400, "Idempotency-Key must be one quoted string (RFC 8941) of 1 to "
-                             f"{MAX_KEY_LENGTH} printable ASCII characters, such as "
-                             f'"8e03978e-40d5-43e8-bc93-6894a57f9324"; got {value!r}.')
-    return key
+def lenient_origin(data: bytes) -> Optional[str]:
+    """The Origin a request sent, from the bytes of a head that could not be parsed,
+    if they hold one: so that a page's script can read why its request failed."""
+    found = _ORIGIN_LINE.search(data)
+    return None if found is None else str(found.group(1), "iso-8859-1")
 
 
-def content_of(body) -> Optional[bytes]:
-    """A Reply's body as the bytes render_response() sends."""
-    if body is None or isinstance(body, bytes):
-        return body
-    return body.encode() if isinstance(body, str) else json_content(body)
-
-
-def write_once(service: "Service", request: Request, user_id: str,
-               perform: Callable[[Optional[Keyed]], object],
-               reply_for: Callable[[object], Reply]) -> Reply:
-    """A write's reply: perform(keyed) makes the change in the store, reply_for(its
-    result) is the reply. With an Idempotency-Key, which belongs to user_id (the
-    user the request names), the store keeps the reply (or the error's, as
-    error_reply() makes it; not a 5xx, which a retry may not get) with the change,
-    and a retry of the same request gets it again, byte for byte in its body, with
-    Idempotent-Replayed: true (as Stripe's API says it). The same key with another
-    method, target or body is a 422; a retry that arrives while the first is still
-    being handled in this process is a 409 (draft section 2.6)."""
-    key = idempotency_key(request.headers)
-    if key is None:
-        return reply_for(perform(None))
-    fingerprint = hashlib.sha256(f"{request.method} {request.target}\n".encode()
-                                 + request.content).digest()
-
-    def render(outcome) -> Optional[Replay]:
-        reply = error_reply(outcome) if isinstance(outcome, Exception) else reply_for(outcome)
-        if reply.status >= 500:
-            return None
-        return Replay(fingerprint, reply.status, reply.media_type, reply.headers,
-                      content_of(reply.body))
-
-    with service.processing(user_id, key):
-        try:
-            return reply_for(perform(Keyed(user_id, key, fingerprint, render)))
-        except AlreadyKeyed as kept:
-            replay = kept.replay
-        except KeysFull:
-            service.count_refused_key()
-            raise
-    if replay.fingerprint != fingerprint:
-        raise HTTPError(422, "This Idempotency-Key came with another request (method, URL or "
-                             "body) in the last 24 hours; send a new key with a new request.",
-                        errors=[{"field": "Idempotency-Key", "message": "Idempotency-Key is "
-                                 "another request's: make a new one for each request"}])
-    return Reply(HTTPStatus(replay.status), replay.body,
-                 replay.headers + (("Idempotent-Replayed", "true"),), replay.media_type)
-
-
-def example_booking() -> dict:
-    """A booking's fields, for examples (its time is example_time())."""
-    return {"user_id": "alice", "date": "2026-11-25", "time": example_time()}
-
-
-def not_an_object() -> HTTPError:
-    """What a booking whose body is not a JSON object gets."""
-    return HTTPError(400, f"The request body must be a JSON object, e.g. "
-                          f"{json.dumps(example_booking())}.")
-
-
-def book_appointment(service: "Service", request: Request) -> Reply:
-    if not isinstance(request.body, dict):
-        raise not_an_object()
-    appointment = parse_appointment(request.body)
-    return write_once(service, request, appointment.user_id,
-                      lambda keyed: service.store.book(appointment, keyed), booked_reply)
-
-
-def booked_reply(booked: Appointment) -> Reply:
-    """A 201 with the appointment, its URL and its ETag as a GET of that URL gives it,
-    so that a client may edit it (If-Match) without a GET first: encoded here, once,
-    to be hashed and sent."""
-    content = json_content(booked.as_json())
-    return Reply(HTTPStatus.CREATED, content, (("Location", appointment_url(booked)),
-                                               ("ETag", _hashed_tag(content))))
-
-
-def show_appointment(service: "Service", request: Request) -> Reply:
-    return tagged_json(service.store.get(*path_key(request.params)).as_json())
-
-
-def reschedule_appointment(service: "Service", request: Request) -> Reply:
-    """PATCH with a JSON merge patch (RFC 7396) of date and time: the appointment
-    moves in one step, or stays. When its date changes, so does its URL."""
-    user_id, date = path_key(request.params)
-    if not isinstance(request.body, dict):
-        raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
-                             'fields to change, e.g. {"date": "2026-11-26", "time": "10:00"}.')
-    condition = write_condition(request.headers)
-    changes = parse_changes(request.body, user_id)
-
-    def moved_reply(moved: Appointment) -> Reply:
-        reply = tagged_json(moved.as_json())  # its ETag, as a GET of its URL now gives it
-        if moved.date == date:
-            return reply
-        url = appointment_url(moved)  # Content-Location: the body is what is now there
-        return reply._replace(headers=reply.headers + (("Location", url),
-                                                       ("Content-Location", url)))
-
-    return write_once(service, request, user_id, lambda keyed: service.store.reschedule(
-        user_id, date, changes, condition, keyed), moved_reply)
-
-
-def cancel_appointment(service: "Service", request: Request) -> Reply:
-    user_id, date = path_key(request.params)
-    condition = write_condition(request.headers)
-    return write_once(service, request, user_id,
-                      lambda keyed: service.store.cancel(user_id, date, condition, keyed),
-                      lambda _: Reply(HTTPStatus.NO_CONTENT, None))
-
-
-def utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def calendar(service: "Service", request: Request) -> Reply:
-    """The feed, with a weak ETag of everything in it but the DTSTAMPs, which say
-    when it was made: a calendar app polling it gets 304 until an appointment
-    changes (README, Decisions)."""
-    user_id = query_user_id(request.query)
-
-    def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
-        appointments = service.store.list_for_user(user_id)
-        if len(appointments) >= KEPT_FROM and request.client_gone():
-            raise ClientGone()
-        now = service.now()
-        feed = calendar_feed(user_id, appointments, now)
-        tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", "").encode(), weak=True)
-        return Reply(HTTPStatus.OK, feed.encode(), (("ETag", tag),), CALENDAR_TYPE), \
-            len(appointments)
-
-    return service.kept.reply(service.store, ("feed", user_id), user_id, make)
-
-
-def health(service: "Service", request: Request) -> Reply:
-    """503 while this process cannot take bookings (the store's check() says why);
-    else 200: "ok", or with --workers "degraded" while another worker keeps dying
-    young. This one serves (the socket is shared: a connection goes to a worker
-    that accepts), so a load balancer should keep sending requests; the body
-    says which worker fails and how, for the operator and the monitoring."""
-    try:
-        service.store.check()
-    except StoreFull as full:  # retrying will not help: no Retry-After
-        raise HTTPError(503, f"Bookings cannot be taken: the service holds its maximum of "
-                             f"{full.capacity} appointments, and each booking gets 507. "
-                             "Cancellations make room; or restart it with a higher "
-                             "--max-appointments.") from None
-    failing = service.metrics.failing_workers()
-    if not failing:
-        return Reply(HTTPStatus.OK, {"status": "ok"})
-    detail = " ".join(
-        f"Worker {worker['worker']} keeps dying young ({worker['deaths']} times in a row; "
-        f"the last {worker['last']})." for worker in failing)
-    return Reply(HTTPStatus.OK, {
-        "status": "degraded",
-        "detail": f"{detail} The supervisor starts it again after a wait that doubles each "
-                  "time, and its log says why; this worker serves.",
-        "failing_workers": [worker["worker"] for worker in failing]})
-
-
-def metrics(service: "Service", request: Request) -> Reply:
-    return Reply(HTTPStatus.OK, service.metrics.exposition(), media_type=METRICS_TYPE)
-
-
-def describe(service: "Service", request: Request) -> Reply:
-    content, tag = _description()
-    return Reply(HTTPStatus.OK, content, (("ETag", tag),))
-
-
-@functools.lru_cache(maxsize=None)
-def _description() -> Tuple[bytes, str]:
-    """The appendix's document (at the end of the file) as it is sent, and its ETag:
-    made once a process, as it changes with the code alone."""
-    content = json_content(openapi_document())
-    return content, entity_tag(content)
+def cors_headers(origins: frozenset, origin: Optional[str], preflight: bool,
+                 reply: Reply) -> Tuple[Tuple[str, str], ...]:
+    """The CORS headers for a reply, when origins allows the request's Origin
+    ("*" allows every one): to a preflight (an OPTIONS with
+    Access-Control-Request-Method), what it may send; to any other request, errors
+    included, that its script may read the reply. An origin not allowed gets none,
+    and the browser withholds the reply; the status is the same either way. Vary:
+    Origin on every reply, since whether these are there depends on it."""
+    if origin is None or not (origin in origins or "*" in origins):
+        return (("Vary", "Origin"),)
+    allowed = (("Access-Control-Allow-Origin", origin if origin in origins else "*"),
+               ("Vary", "Origin"))
+    if preflight and reply.status == HTTPStatus.NO_CONTENT:
+        return allowed + (("Access-Control-Allow-Methods", dict(reply.headers).get("Allow", "")),
+                          ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+                          ("Access-Control-Max-Age", str(CORS_MAX_AGE)))
+    return allowed + (("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS),)
 
 
 class Route(NamedTuple):
@@ -5421,21 +5252,23 @@ class Route(NamedTuple):
 
     method: str
     path: str  # literal segments, or {name} to capture one decoded segment
-    handler: Callable[["Service", Request], Reply]
+    handler: Callable  # handler(service, request): a Reply
     body_types: Tuple[str, ...] = ()  # the media types of the JSON body it reads, if any
+    client_may_go: bool = False  # whether it may find its client gone (CLIENT_GONE)
 
 
-ROUTES = (
-    Route("GET", "/appointments", list_appointments),
-    Route("POST", "/appointments", book_appointment, (JSON_TYPE,)),
-    Route("GET", "/appointments/{user_id}/{date}", show_appointment),
-    Route("PATCH", "/appointments/{user_id}/{date}", reschedule_appointment, PATCH_TYPES),
-    Route("DELETE", "/appointments/{user_id}/{date}", cancel_appointment),
-    Route("GET", "/appointments.ics", calendar),
-    Route("GET", "/healthz", health),
-    Route("GET", "/metrics", metrics),
-    Route("GET", "/openapi.json", describe),
-)
+# The route table: each route function adds itself with @route() where it is defined
+# (Routes, below), as bottle's and Flask's do; Service.begin() looks a request up in it.
+ROUTES: List[Route] = []
+
+
+def route(method: str, path: str, body_types: Tuple[str, ...] = (),
+          client_may_go: bool = False) -> Callable[[Callable], Callable]:
+    """A decorator: add the function to ROUTES as method's handler for path."""
+    def add(handler: Callable) -> Callable:
+        ROUTES.append(Route(method, path, handler, body_types, client_may_go))
+        return handler
+    return add
 
 
 @functools.lru_cache(maxsize=None)
@@ -5509,381 +5342,742 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
     raise HTTPError(405, f"{method} is not supported here; use {allow}.", headers={"Allow": allow})
 
 
-# --- Wire format: HTTP/1.1 requests in, replies out ------------------------------------
+# --- The API description (OpenAPI 3.1) --------------------------------------------------
+# Served at /openapi.json. It is built from the domain's rules, so that a rule
+# changed there changes here: the schemas' patterns and words, and the examples, whose
+# times are example_time() and the like, and whose outcomes are what the service makes
+# of them (an appointment's as_json(), an error's http_error()). Tests hold the
+# service to the examples: each request example, sent to a fresh server, must get the
+# response example of the same name.
 
-MAX_HEAD_BYTES = 65536  # the request line and headers together; more gets 414 or 431...
-MAX_HEADERS = 100  # ...and so do more header lines than this
-MAX_QUERY_PARAMETERS = 100
-# RFC 9110's methods (section 9) and PATCH; others get 501.
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE",
-                           "CONNECT"})
-# What RFC 9112 allows: a request line of a token method, a target of visible ASCII and
-# the version, one SP apart (section 3); a header line of a token name, a colon and a
-# value without control characters but HTAB (section 5; RFC 9110 sections 5.5, 5.6.2).
-_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rf"({_TOKEN}) ([!-~]+) HTTP/([0-9])\.([0-9])")
-_HEADER_LINE = re.compile(rf"({_TOKEN}):([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
+_PATH_EXAMPLES = {"user_id": "alice", "date": "2026-11-25"}
 
 
-class Limits(NamedTuple):
-    """What a client may take of the server; each is a command-line option."""
-
-    max_body_bytes: int = 64 * 1024  # larger bodies get 413, unread
-    request_timeout: float = 10.0  # seconds for a whole request to arrive; then 408
-    idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for a request
-    first_byte_timeout: float = 5.0  # seconds a new connection may wait for its first byte
-    max_connections: int = 256  # served at once; then the idle make room, or 503
-    shutdown_timeout: float = 5.0  # seconds requests in flight get to finish at shutdown
-    max_appointments: int = 500_000  # stored at most, over all users; more get 507
-    max_appointments_per_user: int = MAX_APPOINTMENTS_PER_USER  # held by one; more get 409
-    max_idempotency_keys: int = MAX_KEYS  # kept at most (24 hours each); then 503...
-    max_idempotency_keys_per_user: int = MAX_KEYS_PER_USER  # ...and 429 past one user's
+def _unbookable_time() -> str:
+    """A time of day that is not a start, for examples: halfway from the first start
+    to the next."""
+    following = START_MINUTES[1] if len(START_MINUTES) > 1 else START_MINUTES[0] + 60
+    return f"09:{(START_MINUTES[0] + following) // 2 % 60:02d}"
 
 
-class HTTPRequest(NamedTuple):
-    """A request's head as parse_head() reads it, before routing."""
-
-    method: str
-    path: str  # percent-encoded, as sent; match() decodes it
-    query: str  # what follows the "?", as sent; parse_query() decodes it
-    version: str  # "HTTP/1.1" or "HTTP/1.0"
-    headers: Dict[str, str]  # lower-case names; a repeated header's values joined by ", "
-
-    @property
-    def declares_body(self) -> bool:
-        return "transfer-encoding" in self.headers or self.headers.get("content-length", "0") != "0"
+def _refusal(parse: Callable, *args) -> HTTPError:
+    """The error the service answers when parse(*args) raises, for an example."""
+    try:
+        parse(*args)
+    except Exception as error:
+        return http_error(error)
+    raise ValueError(f"{args} is valid: it makes no example of an error")
 
 
-def split_target(target: str) -> Tuple[str, str]:
-    """The path and query of a request target. Clients send the origin form,
-    /path?query; a server must also accept the absolute form that proxies get,
-    http://host/path?query (RFC 9112 section 3.2.2). Only a target that does not
-    start with "/" can be absolute, so "://" inside a path stays part of the path."""
-    path, _, query = target.partition("?")
-    if not path.startswith("/") and "://" in path:
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
-    return path, query
+def _ref(kind: str, name: str) -> dict:
+    return {"$ref": f"#/components/{kind}/{name}"}
 
 
-# A server SHOULD ignore blank lines before a request line (RFC 9112 section 2.2); an
-# empty line ends the head (section 2.1). Bare LFs are taken for CRLF (section 2.2).
-_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
-_HEAD_END = re.compile(rb"\n\r?\n")
+def _content(schema: dict, examples: Optional[dict] = None, media_type: str = JSON_TYPE) -> dict:
+    content = {"schema": schema}
+    if examples:
+        content["examples"] = {name: {"value": value} for name, value in examples.items()}
+    return {media_type: content}
 
 
-def find_head(data: Union[bytes, bytearray], searched: int = 0) -> Optional[Tuple[int, int]]:
-    """Where the head of the request that data begins with lies, as (start, end):
-    start after the blank lines a client may send first, end after the empty line;
-    None while the head is not whole. data[:searched] is known to hold no end, so
-    a head that arrives in many pieces is searched once, not once a piece. Raises
-    HTTPError 414 (the request line) or 431 (the headers) when the head, with the
-    blank lines before it, cannot be whole within MAX_HEAD_BYTES."""
-    start = _BLANK_LINES.match(data).end()
-    end = _HEAD_END.search(data, max(start, searched - 2), MAX_HEAD_BYTES)
-    if end is not None:
-        return start, end.end()
-    if len(data) < MAX_HEAD_BYTES:
-        return None
-    line_ended = data.find(b"\n", start, MAX_HEAD_BYTES) != -1
-    raise HTTPError(431 if line_ended else 414,
-                    f"The request line and headers are longer than {MAX_HEAD_BYTES} bytes.")
+def _reply(description: str, schema: Optional[dict] = None, examples: Optional[dict] = None,
+           media_type: str = JSON_TYPE, **fields) -> dict:
+    content = {"content": _content(schema, examples, media_type)} if schema else {}
+    return {"description": description, **content, **fields}
 
 
-def request_line(head: bytes) -> str:
-    """The head's first line, as text: what the access log shows."""
-    line = head.split(b"\n", 1)[0]
-    return str(line[:-1] if line.endswith(b"\r") else line, "iso-8859-1")
+def _problem(description: str, schema: str = "Problem", headers: Optional[dict] = None,
+             **examples: HTTPError) -> dict:
+    """A problem response; its examples are what HTTPError makes of them."""
+    return _reply(description, _ref("schemas", schema),
+                  {name.replace("_", "-"): error.problem() for name, error in examples.items()},
+                  PROBLEM_TYPE, **({"headers": headers} if headers else {}))
 
 
-def parse_head(head: bytes) -> HTTPRequest:
-    """The request whose head (from find_head) this is, or HTTPError saying what is
-    wrong with it. http.server's own parser (the email package) took a third of
-    each request's time; this one is stricter, as RFC 9112 asks: one SP between the
-    parts of the request line, an ASCII target, no HTTP/0.9, no folded lines, no
-    space before a colon, one Host."""
-    lines = str(head, "iso-8859-1").split("\n")
-    line = lines[0][:-1] if lines[0].endswith("\r") else lines[0]
-    parts = _REQUEST_LINE.fullmatch(line)
-    if parts is None:
-        raise _bad_request_line(line)
-    method, target, major, minor = parts.groups()
-    if major != "1":
-        raise HTTPError(505, f"HTTP version {major}.{minor} is not supported; use 1.1.")
-    del lines[0], lines[-2:]  # the request line; the empty line and what follows it
-    if len(lines) > MAX_HEADERS:
-        raise HTTPError(431, f"More than {MAX_HEADERS} header lines.")
-    headers: Dict[str, str] = {}
-    repeated: Dict[str, List[str]] = {}  # joined once at the end, not once a line
-    for text in lines:
-        field = _HEADER_LINE.fullmatch(text)
-        if field is None:
-            raise HTTPError(400, f"Malformed header line {text[:100]!r}.")
-        name, value = field.group(1).lower(), field.group(2).strip(" \t")
-        if name in headers:
-            repeated.setdefault(name, [headers[name]]).append(value)
+def _class_char(code: int) -> str:
+    """A character inside a regular expression's [...], as Python's re and JSON
+    Schema's (ECMA-262) both read it: an escape in the BMP, itself beyond."""
+    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
+
+
+@functools.lru_cache(maxsize=None)
+def _category_runs() -> Tuple[Tuple[int, int, str], ...]:
+    """Every code point's category in this Python's Unicode database (the one the
+    parsers consult), as runs (first, last, category): 3,968 in Unicode 15. One
+    pass over the 1.1 million code points, 0.3 s; the character classes below took
+    0.7 s when each made a pass of its own."""
+    runs, first = [], 0
+    for category, group in itertools.groupby(map(unicodedata.category,
+                                                 map(chr, range(sys.maxunicode + 1)))):
+        last = first + sum(1 for _ in group) - 1
+        runs.append((first, last, category))
+        first = last + 1
+    return tuple(runs)
+
+
+def _char_class(ranges) -> str:
+    """Code point ranges (first, last), in order, as the inside of a [...]."""
+    merged: List[List[int]] = []
+    for first, last in ranges:
+        if merged and merged[-1][1] + 1 == first:
+            merged[-1][1] = last
         else:
-            headers[name] = value
-    for name, values in repeated.items():
-        headers[name] = ", ".join(values)
-    if minor != "0" and "," in headers.get("host", ","):  # none, or several joined
-        raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
-    if method not in KNOWN_METHODS:
-        raise HTTPError(501, f"Unknown method {method!r}.")
-    return HTTPRequest(method, *split_target(target), f"HTTP/1.{minor}", headers)
+            merged.append([first, last])
+    return "".join(_class_char(first) if first == last
+                   else f"{_class_char(first)}-{_class_char(last)}" for first, last in merged)
 
 
-def _bad_request_line(line: str) -> HTTPError:
-    """What is wrong with a request line that _REQUEST_LINE refused."""
-    words = line.split(" ")
-    if len(words) == 3 and re.fullmatch(_TOKEN, words[0]):
-        if not words[1].isascii():
-            return HTTPError(400, "The request target has bytes that are not ASCII; "
-                                  "percent-encode them as UTF-8 (é is %C3%A9).")
-        if not words[1].isprintable() or not words[1]:
-            return HTTPError(400, "The request target has spaces or control characters; "
-                                  "percent-encode them.")
-        if not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[2]):
-            return HTTPError(400, f"Bad HTTP version {words[2]!r}.")
-    return HTTPError(400, f"Bad request line {line!r}: expected METHOD /path HTTP/1.1.")
+_END = r"(?![\s\S])"  # the end of the text: "$" also matches before a final newline in re
+# Beyond the BMP, ECMA-262 without its u flag matches UTF-16 code units, and with it
+# code points (as Python does), and no range of such characters can be written that
+# both read alike (Spectral, without the flag, could not compile the user-ID pattern).
+# So one is written as not one of the few refused (each a literal, which both read
+# alike), then as a surrogate pair (without u) or a code point past U+FFFF (with u).
+_ASTRAL = r"(?:[\ud800-\udbff][\udc00-\udfff]|(?![\u0000-\uffff])[\s\S])"
+_AFTER_ASTRAL = r"(?:(?<=[\udc00-\udfff])|(?<=(?![\u0000-\uffff])[\s\S]))"  # lookbehinds
+_BEFORE_ASTRAL = r"(?:[\ud800-\udbff]|(?![\u0000-\uffff])[\s\S])"  # for a lookahead
 
 
-def keep_alive(request: Optional[HTTPRequest], body_read: bool, draining: bool) -> bool:
-    """Whether a connection serves another request after answering this one: the
-    one place that decides. Not after a request that could not be read (None: what
-    follows it is suspect), nor one whose body is left unread (it would be read as
-    the next request), nor while the server drains. Otherwise as the client asks
-    (RFC 9112 section 9.3): HTTP/1.1 stays open unless it says Connection: close;
-    HTTP/1.0 closes unless it says Connection: keep-alive (appendix C.2.2)."""
-    if request is None or draining or not (body_read or not request.declares_body):
-        return False
-    options = request.headers.get("connection", "").lower()
-    if not options:
-        return request.version != "HTTP/1.0"
-    tokens = {token.strip() for token in options.split(",")}
-    return "keep-alive" in tokens if request.version == "HTTP/1.0" else "close" not in tokens
+@functools.lru_cache(maxsize=None)
+def _character_classes() -> Tuple[str, str, str, str, str]:
+    """What the user ID's and the note's rules are made of, as parts of regular
+    expressions: a class of whitespace; a character a note allows (no control
+    characters, surrogates or invisible ones); one a user ID allows (nor a
+    default-ignorable one or a blank look-alike); a joiner between visible
+    non-ASCII characters; a variation selector after an emoji. The last two as
+    _invisible_character() allows them, but that beyond the BMP any allowed
+    character stands for a visible one, and for an emoji."""
+    # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
+    # surrogates that the service refuses, and a list leaves them out by itself.
+    refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
+    runs = _category_runs()
+    bmp = [(first, min(last, 0xFFFF), category) for first, last, category in runs
+           if first <= 0xFFFF]
+    spaces = [(code, code) for first, last, category in bmp  # str.isspace's: among these
+              if category in ("Zs", "Zl", "Zp", "Cc")
+              for code in range(first, last + 1) if chr(code).isspace()]
+    in_note = [(first, last) for first, last, category in bmp if category not in refused]
+    # Past the BMP, each refused character is written out (see _ASTRAL): those of the
+    # categories, and the look-alikes that are assigned (reserved ones are not).
+    refused_astral = [code for first, last, category in runs
+                      if last > 0xFFFF and category in refused
+                      for code in range(max(first, 0x10000), last + 1)]
+    look_alikes = sorted(ord(char) for char in _LOOK_ALIKES)
+    astral_look_alikes = [code for code in look_alikes if code > 0xFFFF
+                          and unicodedata.category(chr(code)) not in refused + ("Cn",)]
+
+    def allowed(ranges, astral_refused) -> str:
+        inner = _char_class(ranges)
+        astral = "|".join(chr(code) for code in astral_refused)
+        return f"(?:[{inner}]|{f'(?!{astral}){_ASTRAL}' if astral else _ASTRAL})"
+
+    in_user_id = [(low, high) for first, last in in_note
+                  for low, high in _without(first, last, look_alikes)]
+    visible = _char_class((max(first, 0x80), last) for first, last, category in bmp
+                          if category[0] in VISIBLE_CLASSES and last >= 0x80)  # beyond ASCII
+    emoji = _char_class(sorted([(max(first, 0x80), last) for first, last, category in bmp
+                                if category[0] == "S" and last >= 0x80]
+                               + [(ord(char), ord(char)) for char in EMOJI_BEYOND_SYMBOLS]))
+    joiner = "".join(_class_char(ord(char)) for char in JOINERS)
+    selector = "".join(_class_char(ord(char)) for char in VARIATION_SELECTORS)
+    keycap_bases = _char_class(sorted((ord(char), ord(char)) for char in KEYCAP_BASES))
+    return (_char_class(spaces), allowed(in_note, refused_astral),
+            allowed(in_user_id, sorted(refused_astral + astral_look_alikes)),
+            f"(?:(?<=[{visible}])|{_AFTER_ASTRAL})[{joiner}](?=[{visible}]|{_BEFORE_ASTRAL})",
+            f"(?:(?<=[{emoji}])|{_AFTER_ASTRAL})[{selector}]|(?<=[{keycap_bases}])"
+            f"{_class_char(0xFE0F)}(?={_class_char(ord(KEYCAP))})")
 
 
-def expects_continue(request: HTTPRequest) -> bool:
-    """Whether the client waits for 100 Continue before it sends the body (RFC 9110
-    section 10.1.1); an HTTP/1.0 client never does."""
-    return request.headers.get("expect", "").lower() == "100-continue" \
-        and request.version != "HTTP/1.0"
+def _without(first: int, last: int, codes: List[int]) -> List[Tuple[int, int]]:
+    """The range first to last, as ranges, without the code points codes (in order)."""
+    ranges = []
+    for code in codes[bisect.bisect_left(codes, first):bisect.bisect_right(codes, last)]:
+        if first < code:
+            ranges.append((first, code - 1))
+        first = code + 1
+    return ranges + ([(first, last)] if first <= last else [])
 
 
-CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+def user_id_pattern() -> str:
+    """parse_user_id()'s rules for a string in NFC as one regular expression: no
+    control characters or surrogates, no invisible characters but joiners between
+    visible non-ASCII ones and variation selectors after emoji, and no whitespace
+    first or last. It compiles, and matches alike, with and without ECMA-262's u
+    flag. It cannot say NFC: the service normalizes first (README, UserId)."""
+    space, _, allowed, joined, selected = _character_classes()
+    return f"^(?![{space}])(?:{allowed}|{joined}|{selected})*(?<![{space}]){_END}"
 
 
-def parse_query(query: str) -> Dict[str, List[str]]:
-    """Decode a query string into each name's values, as urllib.parse.parse_qs
-    does (at a third of its cost); 400 when it has more than MAX_QUERY_PARAMETERS
-    or is not percent-encoded UTF-8."""
-    fields = [field for field in query.split("&") if field]
-    if len(fields) > MAX_QUERY_PARAMETERS:
-        raise HTTPError(400, f"The query string has more than {MAX_QUERY_PARAMETERS} parameters.")
-    params: Dict[str, List[str]] = {}
-    try:
-        for field in fields:
-            name, _, value = field.partition("=")
-            params.setdefault(_unquote(name), []).append(_unquote(value))
-    except UnicodeDecodeError:
-        raise HTTPError(400, "The query string is not valid percent-encoded UTF-8.") from None
-    return params
+def text_pattern(text: FreeText) -> str:
+    """A FreeText rule as one regular expression: no control characters or
+    surrogates, no invisible format characters but joiners between visible
+    non-ASCII ones; if its lines may break, line breaks (LF, or CR LF) anywhere."""
+    _, allowed, _, joined, _ = _character_classes()
+    breaks = "|\\n|\\r\\n" if text.line_breaks else ""
+    return f"^(?:{allowed}{breaks}|{joined})*{_END}"
 
 
-def _unquote(text: str) -> str:
-    if "%" in text or "+" in text:
-        return urllib.parse.unquote_plus(text, errors="strict")
-    return text
+def note_pattern() -> str:
+    """parse_note()'s rules (NOTE) as one regular expression: text_pattern()."""
+    return text_pattern(NOTE)
 
 
-def body_length(request: HTTPRequest, limit: int, media_types: Tuple[str, ...]) -> int:
-    """The length of the JSON body a request declares, checked before a byte of
-    it is read: its Content-Type, one of media_types (415), its framing (411, 400)
-    and its size (413)."""
-    headers = request.headers
-    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in media_types:
-        label = media_types[0]
-        others = "".join(f" (or {other})" for other in media_types[1:])
-        raise HTTPError(415, f"Send the body as JSON with the header 'Content-Type: {label}'"
-                             f"{others} (curl: -H 'Content-Type: {label}'); got "
-                             f"{media_type or 'no Content-Type'}.",
-                        # a PATCH says which patch formats it takes (RFC 5789 section 2.2)
-                        headers={"Accept-Patch": ", ".join(media_types)}
-                        if request.method == "PATCH" else None)
-    if "transfer-encoding" in headers:
-        raise HTTPError(411, "Chunked request bodies are not supported; "
-                             "send the body with a Content-Length header.")
-    declared = headers.get("content-length")
-    if declared is None:
-        raise HTTPError(411, "A request body needs a Content-Length header.")
-    if not (declared.isdigit() and declared.isascii()):
-        raise HTTPError(400, f"Content-Length must be a non-negative integer, not {declared!r}.")
-    length = int(declared)
-    if length > limit:
-        raise HTTPError(413, f"The body is {length} bytes; the limit is {limit}.")
-    return length
+def _text_words(text: FreeText) -> str:
+    """A FreeText rule's characters in words, for the API description."""
+    lines = ("lines may break (\\n), but no other control characters" if text.line_breaks
+             else "on one line: no control characters")
+    return (f"kept as written (not normalized); {lines} or invisible format characters. "
+            "An empty one is none")
 
 
-def _object_without_duplicate_keys(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise HTTPError(400, f"The JSON body has the key {key!r} more than once.")
-        obj[key] = value
-    return obj
+def date_pattern() -> str:
+    """parse_date()'s dates, FIRST_DATE to LAST_DATE, as a regular expression: JSON
+    Schema's "format": "date" is only an annotation, which validators may skip.
+    Written for whole years (FIRST_DATE a 1 January, LAST_DATE a 31 December): a
+    century they hold whole is written as its two digits and any two more, its leap
+    years as the pattern of those divisible by 4 (and 00 where the century is); the
+    years of one held in part are listed."""
+    first, last = FIRST_DATE.year, LAST_DATE.year
+    if (FIRST_DATE, LAST_DATE) != (dt.date(first, 1, 1), dt.date(last, 12, 31)):
+        raise ValueError("date_pattern() is written for whole years")
+    month_day = ("(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
+                 "|(?:0[13578]|1[02])-31)")
+    centuries = []
+    for century in range(first // 100, last // 100 + 1):
+        years = range(max(first, century * 100), min(last, century * 100 + 99) + 1)
+        leap_years = [year for year in years
+                      if year % 4 == 0 and (year % 100 or year % 400 == 0)]
+        if len(years) == 100:
+            in_it = "[0-9]{2}"
+            leap = "(?:[02468][048]|[13579][26])" if century % 4 == 0 else \
+                "(?:0[48]|[2468][048]|[13579][26])"
+        else:
+            in_it = "(?:%s)" % "|".join(f"{year % 100:02d}" for year in years)
+            leap = "(?:%s)" % "|".join(f"{year % 100:02d}" for year in leap_years)
+        centuries.append(f"{century:02d}(?:{in_it}-{month_day}"
+                         + (f"|{leap}-02-29)" if leap_years else ")"))
+    either = centuries[0] if len(centuries) == 1 else f"(?:{'|'.join(centuries)})"
+    return f"^{either}{_END}"
 
 
-def _reject_constant(name):
-    raise HTTPError(400, f"The JSON body contains {name}, which is not valid JSON.")
+@functools.lru_cache(maxsize=None)
+def _response_components() -> dict:
+    """The responses the operations share, by name."""
+    return {
+        "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
+                               "parameter (from after to included), or a body that is not "
+                               "valid JSON"),
+        "NotFound": _problem("No such appointment or path"),
+        "NotModified": {"description": "The representation is the one the client has "
+                                       "(If-None-Match): no body",
+                        "headers": {"ETag": _ref("headers", "ETag")}},
+        "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, 501, 503 "
+                          "(with Retry-After)..."),
+    }
 
 
-# Built once: json.loads() with these arguments builds a decoder per call.
-_JSON_DECODER = json.JSONDecoder(object_pairs_hook=_object_without_duplicate_keys,
-                                 parse_constant=_reject_constant,
-                                 parse_float=decimal.Decimal)  # exact: 1e2 is the integer 100
+def _camel(name: str) -> str:
+    """list_appointments: listAppointments, as client generators name methods."""
+    first, *rest = name.split("_")
+    return first + "".join(word.capitalize() for word in rest)
 
 
-def decode_json(raw: bytes) -> object:
-    """Parse a request body as strict JSON; 400 saying what is wrong with it.
+@functools.lru_cache(maxsize=None)
+def _paths() -> dict:
+    """The description's operations, by path and method: what they take, and every
+    response each can give (their statuses are /metrics' series: request_series())."""
+    text = {"type": "string"}
+    appointment = _ref("schemas", "Appointment")
+    errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
+    by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
+    found = {**errors, "404": _ref("responses", "NotFound")}
+    conditional = {"parameters": [_ref("parameters", "IfNoneMatch")]}
+    # A write's conditions (RFC 9110 section 13.1): only on what it would otherwise change.
+    on_condition = {"parameters": by_key["parameters"] + [
+        _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch"),
+        _ref("parameters", "IdempotencyKey")]}
+    key_reused = HTTPError(422, "This Idempotency-Key came with another request (method, URL "
+                                "or body) in the last 24 hours; send a new key with a new "
+                                "request.", errors=[{"field": "Idempotency-Key", "message":
+                                                     "Idempotency-Key is another request's: "
+                                                     "make a new one for each request"}])
+    stale = {"412": _problem("The appointment does not meet If-Match or If-None-Match; "
+                             "`appointment` is as it now is, nothing changed, and ETag is "
+                             "its tag", "ConflictProblem",
+                             headers={"ETag": _ref("headers", "ETag")})}
+    tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
+    unchanged = {"304": _ref("responses", "NotModified")}
+    # The examples, made by the domain: a booking, the appointment it books, and a move.
+    book = example_booking()
+    booked = parse_appointment(book)
+    shown = booked.as_json()
+    move = {"date": "2026-11-26", "time": f"10:{START_MINUTES[0]:02d}"}
+    moved = parse_changes(move, booked.user_id).applied(booked).as_json()
+    not_json = _problem("The body is not valid JSON (a syntax error, a key twice, NaN, a "
+                        "number with too many digits, bytes that are not UTF-8), or not a "
+                        "JSON object", not_an_object=not_an_object())
+    retry_after = {"Retry-After": _ref("headers", "RetryAfter")}
+    store_errors = {"429": _problem("The user has made as many changes with an "
+                                    "Idempotency-Key in the last 24 hours as one user may "
+                                    "(their keys of requests that changed nothing make room "
+                                    "first); retry after Retry-After seconds, or without the "
+                                    "key", headers=retry_after),
+                    "503": _problem("The database is busy or failing, or the service keeps "
+                                    "as many Idempotency-Keys as it may, each protecting a "
+                                    "change made in the last 24 hours; retry after "
+                                    "Retry-After seconds where it is given (a full disk or "
+                                    "a damaged file has none: retrying will not fix them)",
+                                    headers=retry_after),
+                    "default": errors["default"]}
+    paths = {
+        "/appointments": {
+            "get": {
+                "summary": "List a user's appointments, sorted by start",
+                "parameters": [_ref("parameters", name) for name in ("UserIdQuery", "From",
+                                                                      "To", "IfNoneMatch")],
+                "responses": {"200": _reply(
+                    "The appointments (an empty list for a user with none)",
+                    _ref("schemas", "AppointmentList"),
+                    {"list": {"user_id": "alice", "appointments": [shown]}},
+                    **tagged), **unchanged, **errors, **store_errors},
+            },
+            "post": {
+                "summary": "Book an appointment",
+                "parameters": [_ref("parameters", "IdempotencyKey")],
+                "requestBody": {"required": True, "content": _content(
+                    _ref("schemas", "NewAppointment"), {  # valid ones only: tools offer them
+                        "book": book, "with-a-note": {**book, "note": "Left knee"}})},
+                "responses": {
+                    "201": _reply("Booked", appointment, {
+                        "book": shown, "with-a-note": {**shown, "note": "Left knee"}},
+                                  headers={"Location": {
+                                      "description": "The appointment's own URL",
+                                      "schema": text}, "ETag": _ref("headers", "ETag")}),
+                    "400": not_json,
+                    "409": _problem("The user already has an appointment that date; "
+                                    "`appointment` is that one (without `appointment`: the "
+                                    "user holds as many appointments as one user may, or a "
+                                    "request with this Idempotency-Key is still being "
+                                    "processed, with Retry-After)", "ConflictProblem",
+                                    conflict=http_error(AlreadyBooked(booked))),
+                    "411": _problem("No Content-Length (chunked bodies are refused)"),
+                    "413": _problem("The body is larger than the server's limit"),
+                    "415": _problem("The body is not labelled application/json"),
+                    "422": _problem("Fields are missing or invalid; `errors` lists each (or "
+                                    "the Idempotency-Key came with another request: `errors` "
+                                    "names it)", "ValidationProblem", key_reused=key_reused,
+                                    invalid_fields=_refusal(parse_appointment, {
+                                        "user_id": "", "date": "2025-02-29",
+                                        "time": _unbookable_time()})),
+                    "507": _problem("The service holds its maximum of appointments"),
+                    **store_errors},
+            },
+        },
+        "/appointments/{user_id}/{date}": {
+            "get": {"summary": "One appointment: the URL in a booking's Location header",
+                    "parameters": by_key["parameters"] + conditional["parameters"],
+                    "responses": {"200": _reply(
+                        "The appointment", appointment, {"show": shown},
+                        **tagged), **unchanged, **found, **store_errors}},
+            "patch": {
+                "summary": "Reschedule: move the appointment to another time or date in one "
+                           "step (a JSON merge patch, RFC 7396, of date and time)",
+                **on_condition,
+                # One media type, with one schema, or generated clients send the first.
+                "requestBody": {"required": True, "description": f"A JSON merge patch, sent "
+                                f"as {MERGE_PATCH_TYPE}; as {JSON_TYPE}, it is taken too",
+                                "content": _content(_ref("schemas", "AppointmentPatch"),
+                                                    {"reschedule": move}, MERGE_PATCH_TYPE)},
+                "responses": {
+                    "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
+                                  appointment, {"reschedule": moved}, headers={
+                                      "ETag": _ref("headers", "ETag"), **{
+                                          name: {"description": "The appointment's new URL, "
+                                                                "when its date changed",
+                                                 "schema": text}
+                                          for name in ("Location", "Content-Location")}}),
+                    "400": not_json,
+                    "404": _ref("responses", "NotFound"),
+                    "409": _problem("The user already has an appointment on the new date; "
+                                    "`appointment` is that one, and nothing moved (or a "
+                                    "request with this Idempotency-Key is still being "
+                                    "processed)",
+                                    "ConflictProblem"),
+                    "411": _problem("No Content-Length (chunked bodies are refused)"),
+                    "413": _problem("The body is larger than the server's limit"),
+                    "415": _problem("The body is labelled neither "
+                                    f"{' nor '.join(PATCH_TYPES)}", headers={
+                                        "Accept-Patch": _ref("headers", "AcceptPatch")}),
+                    "422": _problem("Fields are invalid, or null (a merge patch's removal), "
+                                    "or user_id is another user's; `errors` lists each (or "
+                                    "the Idempotency-Key came with another request: `errors` "
+                                    "names it)", "ValidationProblem", key_reused=key_reused),
+                    **stale, **store_errors}},
+            "delete": {"summary": "Cancel an appointment; the user may then book that "
+                                  "date again",
+                       **on_condition, "responses": {
+                           "204": _reply("Cancelled"), **found,
+                           "400": _problem("If-Match or If-None-Match is not * nor a list of "
+                                           "entity tags, or Idempotency-Key not a string"),
+                           "409": _problem("A request with this Idempotency-Key is still being "
+                                           "processed", headers={
+                                               "Retry-After": _ref("headers", "RetryAfter")}),
+                           "422": _problem("The Idempotency-Key came with another request; "
+                                           "`errors` names it", "ValidationProblem",
+                                           key_reused=key_reused),
+                           **stale, **store_errors}},
+        },
+        "/appointments.ics": {"get": {
+            "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
+            "parameters": [_ref("parameters", "UserIdQuery"), _ref("parameters", "IfNoneMatch")],
+            "responses": {"200": _reply(
+                "One VEVENT per appointment (a user with none gets a VTIMEZONE of UTC: a "
+                "calendar has a component). DTSTAMP is when the feed was made; the weak "
+                "ETag covers everything else, so it changes when an appointment does",
+                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors,
+                **store_errors}}},
+        "/healthz": {"get": {
+            "summary": "Whether bookings can be taken now (by the process that answers)",
+            "responses": {"200": _reply(
+                "They can: ok; or degraded, with --workers, while another worker keeps dying "
+                "young (detail says which and how; this one serves, so keep sending it "
+                "requests)", {
+                    "type": "object", "required": ["status"],
+                    "properties": {"status": {"enum": ["ok", "degraded"]},
+                                   "detail": {"type": "string"},
+                                   "failing_workers": {"type": "array",
+                                                       "items": {"type": "integer"}}}},
+                {"health": {"status": "ok"}}),
+                "503": _problem("They cannot, and detail says why: the database does not "
+                                "answer or cannot be written (with Retry-After if a retry may "
+                                "succeed), its files were deleted, or the service holds "
+                                "--max-appointments",
+                                headers={"Retry-After": _ref("headers", "RetryAfter")}),
+                "default": errors["default"]}}},
+        "/metrics": {"get": {
+            "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "
+                       "route template, method and status (each status an operation lists "
+                       "here, at 0 from the start), their durations, stored "
+                       "appointments, connections, dropped log lines; with --workers, "
+                       "every worker's added up, whichever answers",
+            "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
+                          "default": errors["default"]}}},
+        "/openapi.json": {"get": {"summary": "This document", **conditional, "responses": {
+            "200": _reply("OpenAPI 3.1", {"type": "object"}, **tagged), **unchanged,
+            "default": errors["default"]}}},
+    }
+    responses = _response_components()
+    for route in ROUTES:  # each operation's ID: its route function's name, in camelCase
+        paths[route.path][route.method.lower()]["operationId"] = _camel(route.handler.__name__)
+    for path, item in paths.items():
+        if "get" in item:  # HEAD: as GET, with no content at all (RFC 9110 section 9.3.2)
+            item["head"] = {
+                "summary": f"{item['get']['summary']}: the headers of GET alone",
+                **{key: value for key, value in item["get"].items()
+                   if key not in ("summary", "responses", "operationId")},
+                "operationId": "head" + item["get"]["operationId"][0].upper()
+                               + item["get"]["operationId"][1:],
+                "responses": {status: {key: value for key, value in (
+                    responses[response["$ref"].rsplit("/", 1)[1]] if "$ref" in response
+                    else response).items() if key != "content"}
+                    for status, response in item["get"]["responses"].items()}}
+        methods = _allow([method.upper() for method in item if method != "head"])
+        item["options"] = {
+            "summary": f"Which methods this path takes ({methods}); with --cors-origin, "
+                       "a browser's preflight",
+            "operationId": "options" + "".join(
+                word.capitalize() for word in re.findall(r"[a-z]+", path.replace("{", "by_"))),
+            "parameters": [  # OPTIONS answers for the path's shape, whatever fills it
+                {"name": name, "in": "path", "required": True, "schema": text,
+                 "example": _PATH_EXAMPLES[name]} for name in re.findall(r"{(\w+)}", path)] + [
+                _ref("parameters", "Origin"), _ref("parameters", "AccessControlRequestMethod")],
+            "responses": {"204": {"description": "Allow lists the methods; to an allowed "
+                                                 "origin's preflight, the CORS headers too",
+                                  "headers": {name: _ref("headers", name.replace("-", ""))
+                                              for name in CORS_PREFLIGHT_HEADERS}}}}
+    for path, item in paths.items():  # generators group the operations by tag
+        for operation in item.values():
+            operation["tags"] = ["appointments" if path.startswith("/appointments")
+                                 else "service"]
+    return paths
 
-    Beyond what json accepts, rejects NaN/Infinity, duplicate keys and non-UTF-8
-    bytes, which different parsers read differently.
-    """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise HTTPError(400, "The request body is not valid UTF-8.") from None
-    try:
-        return _JSON_DECODER.decode(text)
-    except json.JSONDecodeError as error:
-        raise HTTPError(400, f"The request body is not valid JSON: {error}.") from None
-    except RecursionError:
-        raise HTTPError(400, "The request body is nested too deeply.") from None
-    except ValueError:  # an integer past Python's limit on digits (sys.get_int_max_str_digits)
-        raise HTTPError(400, "The request body has a number with too many digits to "
-                             f"read; user IDs have at most {MAX_USER_ID_LENGTH}.") from None
-    except decimal.InvalidOperation:  # an exponent past what Decimal can hold, as 1e-10**21
-        raise HTTPError(400, "The request body has a number whose exponent is too large "
-                             "to read.") from None
+
+# The series /metrics shows from the start, at 0: for each operation of the description
+# (and OPTIONS *), each status among its responses, 500 (a bug, anywhere), 408 where a
+# body is read (it came too slowly), and 499 where a reply may be large enough to keep
+# (a listing, a feed: CLIENT_GONE, its client hung up); for a request no route answered,
+# these, by its method: one it knows (a malformed head or path, no such path, not
+# allowed there, too many header lines, HTTP/2), or not (one it does not know, or a
+# head too long or cut off before its request line was read; "other").
+UNMATCHED_STATUSES = {"known": (400, 404, 405, 431, 500, 505),
+                      "other": (400, 408, 414, 431, 500, 501, 505)}
 
 
-def http_error(error: BaseException) -> HTTPError:
-    """The HTTPError for whatever a request raised: here, and only here, the
-    domain's outcomes become sentences and JSON for the client. Anything
-    unforeseen is a 500 that reveals nothing (the handler logs the traceback)."""
-    if isinstance(error, HTTPError):
-        return error
-    if isinstance(error, InvalidAppointment):
-        fields = ", ".join(field for field, _ in error.errors)
-        noun = "field is" if len(error.errors) == 1 else "fields are"
-        verb = "moved" if error.moving else "booked"
-        return HTTPError(422, f"The appointment was not {verb}: {len(error.errors)} {noun} "
-                              f"invalid ({fields}).",
-                         errors=[{"field": field, "message": message}
-                                 for field, message in error.errors])
-    if isinstance(error, AlreadyBooked):
-        existing = error.existing
-        return HTTPError(409, f"User {existing.user_id} already has an appointment on "
-                              f"{existing.date.isoformat()}, at {existing.start:%H:%M}; a user "
-                              "may book one appointment per date.",
-                         appointment=existing.as_json())
-    if isinstance(error, NotBooked):
-        return HTTPError(404, f"User {error.user_id} has no appointment on "
-                              f"{error.date.isoformat()}.")
-    if isinstance(error, ConditionFailed):
-        tag = appointment_tag(error.current)
-        return HTTPError(412, f"The appointment does not meet If-Match (or If-None-Match): its "
-                              f"ETag is now {tag}. Nothing was changed; GET it, and retry with "
-                              "the ETag you get.",
-                         headers={"ETag": tag}, appointment=error.current.as_json())
-    if isinstance(error, StoreFull) and error.user_id is not None:
-        return HTTPError(409, f"User {error.user_id} holds {error.capacity} appointments, the "
-                              "most one user may; cancel one (past ones count too) to book "
-                              "another.")
-    if isinstance(error, StoreFull):
-        return HTTPError(507, f"The service holds its maximum of {error.capacity} appointments "
-                              "and can book no more until some are cancelled; tell its "
-                              "operator (the limit is --max-appointments).")
-    if isinstance(error, KeysFull) and error.user_id is not None:
-        return HTTPError(429, f"User {error.user_id} has made {error.limit} changes with an "
-                              "Idempotency-Key in the last 24 hours, the most one user may; "
-                              f"retry in {error.retry_after} seconds, or without the key.",
-                         headers={"Retry-After": str(error.retry_after)})
-    if isinstance(error, KeysFull):
-        return HTTPError(503, f"The service keeps its maximum of {error.limit} Idempotency-Keys, "
-                              "each protecting a change made in the last 24 hours; retry in "
-                              f"{error.retry_after} seconds, or without the key.",
-                         headers={"Retry-After": str(error.retry_after)})
-    if isinstance(error, StoreUnavailable):
-        return HTTPError(503, str(error), headers={} if error.retry_after is None
-                         else {"Retry-After": str(error.retry_after)})
-    return HTTPError(500, "The server hit an unexpected error and logged it; please try again.")
+@functools.lru_cache(maxsize=None)
+def request_series() -> Tuple[Series, ...]:
+    """Every (route, method, status) a request can be counted by, as stated above."""
+    series: List[Series] = []
+    for path, item in _paths().items():
+        for method, operation in item.items():
+            statuses = {int(status) for status in operation["responses"] if status.isdigit()}
+            statuses.add(500)
+            routes = [route for route in ROUTES if route.path == path
+                      and route.method == ("GET" if method == "head" else method.upper())]
+            if any(route.body_types for route in routes):
+                statuses.add(408)
+            if any(route.client_may_go for route in routes):
+                statuses.add(CLIENT_GONE)
+            series += [(path, method.upper(), status) for status in sorted(statuses)]
+    series += [("*", "OPTIONS", status) for status in (204, 500)]
+    for method in sorted(KNOWN_METHODS) + ["other"]:
+        series += [(UNMATCHED, method, status)
+                   for status in UNMATCHED_STATUSES["other" if method == "other" else "known"]]
+    return tuple(series)
 
 
-def error_reply(error: BaseException) -> Reply:
-    """How every error becomes a response: an RFC 9457 problem."""
-    error = http_error(error)
-    return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
+@functools.lru_cache(maxsize=None)
+def openapi_document() -> dict:
+    """The OpenAPI 3.1 description of every route in ROUTES, built once a process:
+    every call returns the same dict, which callers read and never change."""
+    minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
+    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
+    date = {"type": "string", "format": "date", "pattern": date_pattern(),
+            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
+    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
+            "description": f"HH:MM, UTC, {starts_in_words()}"}
+    user_id = _ref("schemas", "UserId")
+    appointment = _ref("schemas", "Appointment")
+    details = {detail.name: {"type": "string", "maxLength": detail.text.max_length,
+                             "pattern": text_pattern(detail.text)} for detail in DETAILS}
+    details_said = {detail.name: f"{detail.description}, {_text_words(detail.text)}"
+                    for detail in DETAILS}
+    condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
+                 "description": "*, or a list of entity tags (empty elements are ignored, "
+                                "as RFC 9110 section 5.6.1.2 says)"}
+    paths = _paths()
+    responses = _response_components()
+    user_id_text = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
+                    "pattern": user_id_pattern()}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Appointment scheduler", "version": __version__,
+                 "description": f"Book {length_in_words()} appointments that start "
+                                f"{starts_in_words()} (UTC), one per user per date; any "
+                                "number of users may "
+                                "share a slot. HEAD works wherever GET does, and OPTIONS "
+                                "everywhere. Every error is an RFC 9457 problem "
+                                "(application/problem+json). With --cors-origin, responses "
+                                "to an allowed Origin carry Access-Control-Allow-Origin, "
+                                "Vary: Origin and Access-Control-Expose-Headers "
+                                f"({CORS_EXPOSE_HEADERS})."},
+        "tags": [{"name": "appointments", "description": "Booking, listing, rescheduling, "
+                                                         "cancelling; the calendar feed"},
+                 {"name": "service", "description": "Health, metrics, this document"}],
+        "servers": [{"url": "/", "description": "The server that serves this document"},
+                    {"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}",
+                     "description": "python3 scheduler.py, as it starts by default"}],
+        "paths": paths,
+        "components": {
+            "schemas": {
+                "UserId": {**user_id_text, "description": "Brought to NFC (Unicode's "
+                           "composed form) first: one user in any form, shown back in NFC. "
+                           f"In NFC, at most {MAX_USER_ID_LENGTH} characters; no control "
+                           "characters, no "
+                           "whitespace first or last, no invisible characters (format "
+                           "characters, Unicode's default-ignorable ones, blanks such as "
+                           "U+2800) but joiners between visible non-ASCII characters and "
+                           "U+FE0E or U+FE0F after an emoji (a non-ASCII symbol, five other "
+                           "emoji such as U+2139, and in a keycap: 1, U+FE0F, U+20E3). "
+                           "maxLength and the pattern hold for the NFC form, which a "
+                           "validator cannot compute: text in another form may fail them and "
+                           "be taken, or pass them and be refused. The pattern reads alike "
+                           "with and without ECMA-262's u flag; past U+FFFF it takes a joiner "
+                           "or a variation selector beside any allowed character, and "
+                           "reserved default-ignorable code points"},
+                "NewAppointment": {
+                    "type": "object", "required": ["user_id", "date", "time"],
+                    "properties": {"user_id": {
+                        "oneOf": [user_id, {"type": "integer",
+                                            "minimum": -(10 ** (MAX_USER_ID_LENGTH - 1) - 1),
+                                            "maximum": 10 ** MAX_USER_ID_LENGTH - 1}],
+                        "description": "An integer means its decimal string (42.0 and 42 "
+                                       "too), which must fit in "
+                                       f"{MAX_USER_ID_LENGTH} characters"},
+                        "date": date, "time": time,
+                        **{detail.name: {**details[detail.name], "type": ["string", "null"],
+                                         "description": details_said[detail.name]
+                                                        + "; null: none"}
+                           for detail in DETAILS}}},
+                "AppointmentPatch": {
+                    "type": "object", "description": "Fields left out stay as they are; "
+                                                     "others are ignored",
+                    "properties": {"date": date, "time": time, "user_id": {
+                        "description": "If given, the appointment's own user",
+                        "oneOf": [user_id, {"type": "integer"}]},
+                        **{detail.name: {**details[detail.name], "type": ["string", "null"],
+                                         "description": details_said[detail.name]
+                                                        + "; null removes it"}
+                           for detail in DETAILS}}},
+                "Appointment": {
+                    "type": "object", "required": ["user_id", "date", "time", "start", "end"],
+                    "properties": {"user_id": user_id, "date": date, "time": time,
+                                   "start": stamp, "end": stamp,
+                                   **{name: {**schema, "minLength": 1, "description":
+                                             "There only when there is one"}
+                                      for name, schema in details.items()}}},
+                "AppointmentList": {
+                    "type": "object", "required": ["user_id", "appointments"],
+                    "properties": {"user_id": user_id,
+                                   "appointments": {"type": "array", "items": appointment}}},
+                "Problem": {
+                    "type": "object", "required": ["type", "title", "status", "detail"],
+                    "properties": {"type": text, "title": text, "status": {"type": "integer"},
+                                   "detail": text}},
+                "ValidationProblem": {"allOf": [_ref("schemas", "Problem"), {
+                    "type": "object", "required": ["errors"],
+                    "properties": {"errors": {"type": "array", "items": {
+                        "type": "object", "required": ["field", "message"],
+                        "properties": {"field": {**text, "description": "The body's field, "
+                                                 "or the header (Idempotency-Key)"},
+                                       "message": text}}}}}]},
+                "ConflictProblem": {"allOf": [_ref("schemas", "Problem"), {
+                    "type": "object", "properties": {"appointment": {
+                        **appointment, "description": "The appointment in the way, or as it "
+                                                      "now is (none while a request with the "
+                                                      "same Idempotency-Key is processed)"}}}]},
+            },
+            "parameters": {
+                "UserIdQuery": {"name": "user_id", "in": "query", "required": True,
+                                "schema": user_id, "example": "alice",
+                                "description": "Percent-encode it: a raw + means a space"},
+                "From": {"name": "from", "in": "query", "schema": date,
+                         "example": "2026-11-01", "description": "First date, inclusive"},
+                "To": {"name": "to", "in": "query", "schema": date, "example": "2026-11-30",
+                       "description": "Last date, inclusive; not before from (else 400)"},
+                "UserIdPath": {"name": "user_id", "in": "path", "required": True,
+                               "schema": user_id, "example": _PATH_EXAMPLES["user_id"],
+                               "description": "Percent-encoded, / included (%2F)"},
+                "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
+                             "example": _PATH_EXAMPLES["date"]},
+                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": condition,
+                                "description": "ETags the client holds (or *): if one is "
+                                               "current, a GET or HEAD gets 304 with no "
+                                               "body, a PATCH or DELETE 412"},
+                "IdempotencyKey": {  # no example: a client would send it every time
+                    "name": "Idempotency-Key", "in": "header",
+                    "schema": {"type": "string",
+                               "pattern": r'^"(?:[ !#-\[\]-~]|\\[\\"]){1,%d}"$' % MAX_KEY_LENGTH},
+                    "description": "A string (RFC 8941: in double quotes) of 1 to "
+                                   f"{MAX_KEY_LENGTH} characters, new for each request (and "
+                                   "the same for its retries): a random UUID in double "
+                                   "quotes, say, as f'\"{uuid.uuid4()}\"' makes one in "
+                                   "Python. A retry with it gets "
+                                   "the first response again (with Idempotent-Replayed: "
+                                   "true), and changes nothing; with another request, 422. "
+                                   f"Kept 24 hours, and the newest {MAX_KEYS} by default "
+                                   "(--max-idempotency-keys)"},
+                "IfMatch": {"name": "If-Match", "in": "header", "schema": condition,
+                            "description": "The ETag the client holds (or *): the change is "
+                                           "made only if it is still the appointment's, "
+                                           "strongly compared; else 412"},
+                "Origin": {"name": "Origin", "in": "header", "schema": text,
+                           "description": "A browser's page origin (CORS)"},
+                "AccessControlRequestMethod": {
+                    "name": "Access-Control-Request-Method", "in": "header", "schema": text,
+                    "description": "A browser's preflight: the method it is about to send"},
+            },
+            "headers": {
+                "ETag": {"description": "Changes exactly when the representation does; "
+                                        "send it back in If-None-Match, or in If-Match "
+                                        "to change what it tags", "schema": text},
+                "RetryAfter": {"description": "Seconds to wait", "schema": text},
+                "AcceptPatch": {"description": "The patch formats PATCH takes",
+                                "schema": text},
+                "Allow": {"description": "The methods the path takes", "schema": text},
+                "AccessControlAllowOrigin": {"description": "The allowed origin, or *",
+                                             "schema": text},
+                "AccessControlAllowMethods": {"description": "What the origin may send",
+                                              "schema": text},
+                "AccessControlAllowHeaders": {"description": CORS_ALLOW_HEADERS,
+                                              "schema": text},
+                "AccessControlMaxAge": {"description": "Seconds a browser may keep the "
+                                                       "answer", "schema": text},
+            },
+            "responses": responses,
+        },
+    }
 
 
-def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
-    """The reply, or 304 Not Modified when it is a 200 to a GET or HEAD whose ETag
-    the request's If-None-Match already has (RFC 9110 section 13.1.2: weak
-    comparison; "*" matches any). Other statuses ignore the condition (13.2.1)."""
-    condition = request.headers.get("if-none-match")
-    if condition is None or reply.status != HTTPStatus.OK or request.method not in ("GET", "HEAD"):
+@functools.lru_cache(maxsize=None)
+def _description() -> Tuple[bytes, str]:
+    """The appendix's document (at the end of the file) as it is sent, and its ETag:
+    made once a process, as it changes with the code alone."""
+    content = json_content(openapi_document())
+    return content, entity_tag(content)
+
+
+# --- Service: a request's one path to its reply ----------------------------------------
+
+KEPT_FROM = 64  # appointments in a listing or feed from which its reply is kept...
+KEPT_BYTES = 16 << 20  # ...while all the replies kept hold at most this, in each process
+
+
+class KeptReplies:
+    """The replies to listings and feeds of users with many appointments, kept until
+    that user's appointments change (Store.version(), which sees changes made by
+    other processes too), so that polling such a user, and its 304, cost about
+    what polling a user with a few does. Only a key whose last reply held
+    KEPT_FROM appointments or more is looked up, so smaller replies cost nothing
+    more; the least recently used go first past KEPT_BYTES."""
+
+    _UNKNOWN = object()  # the version of a reply made without one: equal to none
+
+    def __init__(self, budget: int = KEPT_BYTES):
+        self.budget = budget
+        self._lock = threading.Lock()  # guards _kept and _size
+        # key -> (the user's version when it was made, the reply, its size), oldest first
+        self._kept: "collections.OrderedDict[tuple, Tuple[object, Reply, int]]" = \
+            collections.OrderedDict()
+        self._size = 0
+
+    def reply(self, store: Store, key: tuple, user_id: str,
+              make: Callable[[], Tuple[Reply, int]]) -> Reply:
+        """The reply kept for key (a route's name and its parameters) while user_id's
+        version is the one it was made for; else make() it: (the reply, how many
+        appointments it holds)."""
+        kept = self._kept.get(key)  # one call: atomic, as _keep() changes _kept under _lock
+        if kept is None:
+            reply, held = make()
+            if held >= KEPT_FROM:  # next time its version is taken first, to keep it
+                self._keep(key, self._UNKNOWN, reply)
+            return reply
+        version = store.version(user_id)  # first: a change after it makes it older
+        if kept[0] == version:
+            with self._lock:
+                if key in self._kept:
+                    self._kept.move_to_end(key)
+            return kept[1]
+        reply, held = make()
+        self._keep(key, version if held >= KEPT_FROM else None, reply)
         return reply
-    tag = dict(reply.headers).get("ETag")
-    if tag is None:
-        return reply
-    held = _ENTITY_TAGS.findall(condition) if _ENTITY_TAG_LIST.fullmatch(condition) else []
-    if condition.strip(" \t") != "*" and _opaque(tag) not in map(_opaque, held):
-        return reply  # no match, or not a list of entity tags: answered as if absent
-    # Only the fields a 200 would have had that describe it (section 15.4.5): no content.
-    return Reply(HTTPStatus.NOT_MODIFIED, None,
-                 tuple((name, value) for name, value in reply.headers
-                       if name in ("ETag", "Content-Location", "Vary")))
+
+    def _keep(self, key: tuple, version: object, reply: Optional[Reply]) -> None:
+        """Keep the reply made for version (None: forget key's)."""
+        size = len(reply.body) if version is not None else 0
+        with self._lock:
+            old = self._kept.pop(key, None)
+            if old is not None:
+                self._size -= old[2]
+            if version is None or size > self.budget:
+                return
+            self._kept[key] = (version, reply, size)
+            self._size += size
+            while self._size > self.budget:
+                self._size -= self._kept.popitem(last=False)[1][2]
 
 
-# CORS (the Fetch standard): the request headers a browser may send and the response
-# headers its scripts may read, beyond the safelisted ones; how long a browser may
-# keep a preflight's answer (Chromium keeps it 2 hours at most).
-CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key"
-CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After, Idempotent-Replayed"
-CORS_MAX_AGE = 7200
-CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
-                          "Access-Control-Allow-Headers", "Access-Control-Max-Age")
-
-
-# An Origin header line, found in the bytes of a head that could not be parsed.
-_ORIGIN_LINE = re.compile(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([!-~]+)[ \t]*\r?\n")
-
-
-def lenient_origin(data: bytes) -> Optional[str]:
-    """The Origin a request sent, from the bytes of a head that could not be parsed,
-    if they hold one: so that a page's script can read why its request failed."""
-    found = _ORIGIN_LINE.search(data)
-    return None if found is None else str(found.group(1), "iso-8859-1")
-
-
-def cors_headers(origins: frozenset, origin: Optional[str], preflight: bool,
-                 reply: Reply) -> Tuple[Tuple[str, str], ...]:
-    """The CORS headers for a reply, when origins allows the request's Origin
-    ("*" allows every one): to a preflight (an OPTIONS with
-    Access-Control-Request-Method), what it may send; to any other request, errors
-    included, that its script may read the reply. An origin not allowed gets none,
-    and the browser withholds the reply; the status is the same either way. Vary:
-    Origin on every reply, since whether these are there depends on it."""
-    if origin is None or not (origin in origins or "*" in origins):
-        return (("Vary", "Origin"),)
-    allowed = (("Access-Control-Allow-Origin", origin if origin in origins else "*"),
-               ("Vary", "Origin"))
-    if preflight and reply.status == HTTPStatus.NO_CONTENT:
-        return allowed + (("Access-Control-Allow-Methods", dict(reply.headers).get("Allow", "")),
-                          ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
-                          ("Access-Control-Max-Age", str(CORS_MAX_AGE)))
-    return allowed + (("Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS),)
+def utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
 
 
 class Exchange(NamedTuple):
@@ -6023,6 +6217,402 @@ class Service:
                                                                    preflight, reply))
 
 
+# --- Routes ---------------------------------------------------------------------------
+# Each route is a function from parsed input to a Reply. It never sees a socket, and
+# raises HTTPError (or lets a domain error through) when it cannot answer.
+
+
+def appointment_url(appointment: Appointment) -> str:
+    """The appointment's own URL, with the user ID percent-encoded so that any ID
+    (with /, ?, spaces or CR/LF) stays one path segment and one header line."""
+    user = urllib.parse.quote(appointment.user_id, safe="")
+    return f"/appointments/{user}/{appointment.date.isoformat()}"
+
+
+def _query_value(query: Dict[str, List[str]], name: str) -> Optional[str]:
+    """The one value of a query parameter, or None; 400 when repeated."""
+    values = query.get(name)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise HTTPError(400, f"Give the {name} query parameter once.")
+    return values[0]
+
+
+def query_user_id(query: Dict[str, List[str]]) -> str:
+    """The user_id query parameter; 400 when missing, repeated or invalid."""
+    value = _query_value(query, "user_id")
+    if not value:
+        raise HTTPError(400, "The user_id query parameter is required, "
+                             "e.g. /appointments?user_id=alice.")
+    try:
+        return parse_user_id(value)
+    except ValueError as error:
+        raise HTTPError(400, f"Invalid query parameter: user_id {error}.") from None
+
+
+def query_date_range(query: Dict[str, List[str]]) -> Tuple[Optional[dt.date], Optional[dt.date]]:
+    """The optional inclusive bounds from= and to=; 400 when malformed or when
+    from is after to."""
+    bounds = []
+    for name in ("from", "to"):
+        value = _query_value(query, name)
+        try:
+            bounds.append(None if value is None else parse_date(value))
+        except ValueError as error:
+            raise HTTPError(400, f"Invalid query parameter: {name} {error}.") from None
+    first, last = bounds
+    if first and last and first > last:
+        raise HTTPError(400, f"from ({first.isoformat()}) is after to ({last.isoformat()}); "
+                             "the range is inclusive, so from must be on or before to.")
+    return first, last
+
+
+def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
+    """The user ID and date from /appointments/{user_id}/{date}; 400 if either is
+    malformed (a well-formed one that is not booked is a NotBooked later)."""
+    try:
+        user_id = parse_user_id(params["user_id"])
+    except ValueError as error:
+        raise HTTPError(400, f"Invalid path: user_id {error}.") from None
+    try:
+        return user_id, parse_date(params["date"])
+    except ValueError as error:
+        raise HTTPError(400, f"Invalid path: date {error}.") from None
+
+
+@functools.lru_cache(maxsize=2 * MAX_APPOINTMENTS_PER_USER)
+def _listed(appointment: Appointment) -> str:
+    """An appointment's JSON as a listing holds it. Cached for the listings of users
+    with many appointments, where each range asked for (from, to) is a reply of its
+    own, made of the same appointments."""
+    return _JSON_ENCODER.encode(appointment.as_json())
+
+
+def listing(user_id: str, appointments: List[Appointment]) -> Reply:
+    """A 200 of the user's appointments, with its ETag. The content is what
+    json_content() makes of {"user_id": ..., "appointments": [...]}, byte for byte;
+    of KEPT_FROM or more, it is joined from each appointment's cached text."""
+    if len(appointments) < KEPT_FROM:
+        return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
+    return tagged((f'{{"user_id": {_JSON_ENCODER.encode(user_id)}, "appointments": ['
+                   + ", ".join(map(_listed, appointments)) + "]}\n").encode())
+
+
+@route("GET", "/appointments", client_may_go=True)
+def list_appointments(service: Service, request: Request) -> Reply:
+    user_id = query_user_id(request.query)
+    first, last = query_date_range(request.query)
+
+    def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
+        appointments = service.store.list_for_user(user_id, first, last)
+        if len(appointments) >= KEPT_FROM and request.client_gone():
+            raise ClientGone()
+        return listing(user_id, appointments), len(appointments)
+
+    return service.kept.reply(service.store, ("list", user_id, first, last), user_id, make)
+
+
+def content_of(body) -> Optional[bytes]:
+    """A Reply's body as the bytes render_response() sends."""
+    if body is None or isinstance(body, bytes):
+        return body
+    return body.encode() if isinstance(body, str) else json_content(body)
+
+
+def write_once(service: Service, request: Request, user_id: str,
+               perform: Callable[[Optional[Keyed]], object],
+               reply_for: Callable[[object], Reply]) -> Reply:
+    """A write's reply: perform(keyed) makes the change in the store, reply_for(its
+    result) is the reply. With an Idempotency-Key, which belongs to user_id (the
+    user the request names), the store keeps the reply (or the error's, as
+    error_reply() makes it; not a 5xx, which a retry may not get) with the change,
+    and a retry of the same request gets it again, byte for byte in its body, with
+    Idempotent-Replayed: true (as Stripe's API says it). The same key with another
+    method, target or body is a 422; a retry that arrives while the first is still
+    being handled in this process is a 409 (draft section 2.6)."""
+    key = idempotency_key(request.headers)
+    if key is None:
+        return reply_for(perform(None))
+    fingerprint = hashlib.sha256(f"{request.method} {request.target}\n".encode()
+                                 + request.content).digest()
+
+    def render(outcome) -> Optional[Replay]:
+        reply = error_reply(outcome) if isinstance(outcome, Exception) else reply_for(outcome)
+        if reply.status >= 500:
+            return None
+        return Replay(fingerprint, reply.status, reply.media_type, reply.headers,
+                      content_of(reply.body))
+
+    with service.processing(user_id, key):
+        try:
+            return reply_for(perform(Keyed(user_id, key, fingerprint, render)))
+        except AlreadyKeyed as kept:
+            replay = kept.replay
+        except KeysFull:
+            service.count_refused_key()
+            raise
+    if replay.fingerprint != fingerprint:
+        raise HTTPError(422, "This Idempotency-Key came with another request (method, URL or "
+                             "body) in the last 24 hours; send a new key with a new request.",
+                        errors=[{"field": "Idempotency-Key", "message": "Idempotency-Key is "
+                                 "another request's: make a new one for each request"}])
+    return Reply(HTTPStatus(replay.status), replay.body,
+                 replay.headers + (("Idempotent-Replayed", "true"),), replay.media_type)
+
+
+@route("POST", "/appointments", (JSON_TYPE,))
+def book_appointment(service: Service, request: Request) -> Reply:
+    if not isinstance(request.body, dict):
+        raise not_an_object()
+    appointment = parse_appointment(request.body)
+    return write_once(service, request, appointment.user_id,
+                      lambda keyed: service.store.book(appointment, keyed), booked_reply)
+
+
+def booked_reply(booked: Appointment) -> Reply:
+    """A 201 with the appointment, its URL and its ETag as a GET of that URL gives it,
+    so that a client may edit it (If-Match) without a GET first: encoded here, once,
+    to be hashed and sent."""
+    content = json_content(booked.as_json())
+    return Reply(HTTPStatus.CREATED, content, (("Location", appointment_url(booked)),
+                                               ("ETag", _hashed_tag(content))))
+
+
+@route("GET", "/appointments/{user_id}/{date}")
+def show_appointment(service: Service, request: Request) -> Reply:
+    return tagged_json(service.store.get(*path_key(request.params)).as_json())
+
+
+@route("PATCH", "/appointments/{user_id}/{date}", PATCH_TYPES)
+def reschedule_appointment(service: Service, request: Request) -> Reply:
+    """PATCH with a JSON merge patch (RFC 7396) of date and time: the appointment
+    moves in one step, or stays. When its date changes, so does its URL."""
+    user_id, date = path_key(request.params)
+    if not isinstance(request.body, dict):
+        raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
+                             'fields to change, e.g. {"date": "2026-11-26", "time": "10:00"}.')
+    condition = write_condition(request.headers)
+    changes = parse_changes(request.body, user_id)
+
+    def moved_reply(moved: Appointment) -> Reply:
+        reply = tagged_json(moved.as_json())  # its ETag, as a GET of its URL now gives it
+        if moved.date == date:
+            return reply
+        url = appointment_url(moved)  # Content-Location: the body is what is now there
+        return reply._replace(headers=reply.headers + (("Location", url),
+                                                       ("Content-Location", url)))
+
+    return write_once(service, request, user_id, lambda keyed: service.store.reschedule(
+        user_id, date, changes, condition, keyed), moved_reply)
+
+
+@route("DELETE", "/appointments/{user_id}/{date}")
+def cancel_appointment(service: Service, request: Request) -> Reply:
+    user_id, date = path_key(request.params)
+    condition = write_condition(request.headers)
+    return write_once(service, request, user_id,
+                      lambda keyed: service.store.cancel(user_id, date, condition, keyed),
+                      lambda _: Reply(HTTPStatus.NO_CONTENT, None))
+
+
+@route("GET", "/appointments.ics", client_may_go=True)
+def show_calendar(service: Service, request: Request) -> Reply:
+    """The feed, with a weak ETag of everything in it but the DTSTAMPs, which say
+    when it was made: a calendar app polling it gets 304 until an appointment
+    changes (README, Decisions)."""
+    user_id = query_user_id(request.query)
+
+    def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
+        appointments = service.store.list_for_user(user_id)
+        if len(appointments) >= KEPT_FROM and request.client_gone():
+            raise ClientGone()
+        now = service.now()
+        feed = calendar_feed(user_id, appointments, now)
+        tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", "").encode(), weak=True)
+        return Reply(HTTPStatus.OK, feed.encode(), (("ETag", tag),), CALENDAR_TYPE), \
+            len(appointments)
+
+    return service.kept.reply(service.store, ("feed", user_id), user_id, make)
+
+
+@route("GET", "/healthz")
+def check_health(service: Service, request: Request) -> Reply:
+    """503 while this process cannot take bookings (the store's check() says why);
+    else 200: "ok", or with --workers "degraded" while another worker keeps dying
+    young. This one serves (the socket is shared: a connection goes to a worker
+    that accepts), so a load balancer should keep sending requests; the body
+    says which worker fails and how, for the operator and the monitoring."""
+    try:
+        service.store.check()
+    except StoreFull as full:  # retrying will not help: no Retry-After
+        raise HTTPError(503, f"Bookings cannot be taken: the service holds its maximum of "
+                             f"{full.capacity} appointments, and each booking gets 507. "
+                             "Cancellations make room; or restart it with a higher "
+                             "--max-appointments.") from None
+    failing = service.metrics.failing_workers()
+    if not failing:
+        return Reply(HTTPStatus.OK, {"status": "ok"})
+    detail = " ".join(
+        f"Worker {worker['worker']} keeps dying young ({worker['deaths']} times in a row; "
+        f"the last {worker['last']})." for worker in failing)
+    return Reply(HTTPStatus.OK, {
+        "status": "degraded",
+        "detail": f"{detail} The supervisor starts it again after a wait that doubles each "
+                  "time, and its log says why; this worker serves.",
+        "failing_workers": [worker["worker"] for worker in failing]})
+
+
+@route("GET", "/metrics")
+def show_metrics(service: Service, request: Request) -> Reply:
+    return Reply(HTTPStatus.OK, service.metrics.exposition(), media_type=METRICS_TYPE)
+
+
+@route("GET", "/openapi.json")
+def show_api_description(service: Service, request: Request) -> Reply:
+    content, tag = _description()
+    return Reply(HTTPStatus.OK, content, (("ETag", tag),))
+
+
+# ======================================================================================
+# Part two: an HTTP/1.1 runtime, standard library only. It reads requests off sockets
+# and writes replies, and reaches part one only through Service (begin(), respond(),
+# problem()) and Metrics, and the values they take and give (RequestHead, Reply...).
+# ======================================================================================
+
+# --- Wire format: HTTP/1.1 messages as bytes (RFC 9112) --------------------------------
+# Requests' heads read, and replies written, by functions over bytes and values: none
+# touches a socket.
+
+MAX_HEAD_BYTES = 65536  # the request line and headers together; more gets 414 or 431...
+MAX_HEADERS = 100  # ...and so do more header lines than this
+# What RFC 9112 allows: a request line of a token method, a target of visible ASCII and
+# the version, one SP apart (section 3); a header line of a token name, a colon and a
+# value without control characters but HTAB (section 5; RFC 9110 sections 5.5, 5.6.2).
+_TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rf"({_TOKEN}) ([!-~]+) HTTP/([0-9])\.([0-9])")
+_HEADER_LINE = re.compile(rf"({_TOKEN}):([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
+
+
+def split_target(target: str) -> Tuple[str, str]:
+    """The path and query of a request target. Clients send the origin form,
+    /path?query; a server must also accept the absolute form that proxies get,
+    http://host/path?query (RFC 9112 section 3.2.2). Only a target that does not
+    start with "/" can be absolute, so "://" inside a path stays part of the path."""
+    path, _, query = target.partition("?")
+    if not path.startswith("/") and "://" in path:
+        path = "/" + path.split("://", 1)[1].partition("/")[2]
+    return path, query
+
+
+# A server SHOULD ignore blank lines before a request line (RFC 9112 section 2.2); an
+# empty line ends the head (section 2.1). Bare LFs are taken for CRLF (section 2.2).
+_BLANK_LINES = re.compile(rb"(?:\r?\n)*")
+_HEAD_END = re.compile(rb"\n\r?\n")
+
+
+def find_head(data: Union[bytes, bytearray], searched: int = 0) -> Optional[Tuple[int, int]]:
+    """Where the head of the request that data begins with lies, as (start, end):
+    start after the blank lines a client may send first, end after the empty line;
+    None while the head is not whole. data[:searched] is known to hold no end, so
+    a head that arrives in many pieces is searched once, not once a piece. Raises
+    HTTPError 414 (the request line) or 431 (the headers) when the head, with the
+    blank lines before it, cannot be whole within MAX_HEAD_BYTES."""
+    start = _BLANK_LINES.match(data).end()
+    end = _HEAD_END.search(data, max(start, searched - 2), MAX_HEAD_BYTES)
+    if end is not None:
+        return start, end.end()
+    if len(data) < MAX_HEAD_BYTES:
+        return None
+    line_ended = data.find(b"\n", start, MAX_HEAD_BYTES) != -1
+    raise HTTPError(431 if line_ended else 414,
+                    f"The request line and headers are longer than {MAX_HEAD_BYTES} bytes.")
+
+
+def request_line(head: bytes) -> str:
+    """The head's first line, as text: what the access log shows."""
+    line = head.split(b"\n", 1)[0]
+    return str(line[:-1] if line.endswith(b"\r") else line, "iso-8859-1")
+
+
+def parse_head(head: bytes) -> HTTPRequest:
+    """The request whose head (from find_head) this is, or HTTPError saying what is
+    wrong with it. http.server's own parser (the email package) took a third of
+    each request's time; this one is stricter, as RFC 9112 asks: one SP between the
+    parts of the request line, an ASCII target, no HTTP/0.9, no folded lines, no
+    space before a colon, one Host."""
+    lines = str(head, "iso-8859-1").split("\n")
+    line = lines[0][:-1] if lines[0].endswith("\r") else lines[0]
+    parts = _REQUEST_LINE.fullmatch(line)
+    if parts is None:
+        raise _bad_request_line(line)
+    method, target, major, minor = parts.groups()
+    if major != "1":
+        raise HTTPError(505, f"HTTP version {major}.{minor} is not supported; use 1.1.")
+    del lines[0], lines[-2:]  # the request line; the empty line and what follows it
+    if len(lines) > MAX_HEADERS:
+        raise HTTPError(431, f"More than {MAX_HEADERS} header lines.")
+    headers: Dict[str, str] = {}
+    repeated: Dict[str, List[str]] = {}  # joined once at the end, not once a line
+    for text in lines:
+        field = _HEADER_LINE.fullmatch(text)
+        if field is None:
+            raise HTTPError(400, f"Malformed header line {text[:100]!r}.")
+        name, value = field.group(1).lower(), field.group(2).strip(" \t")
+        if name in headers:
+            repeated.setdefault(name, [headers[name]]).append(value)
+        else:
+            headers[name] = value
+    for name, values in repeated.items():
+        headers[name] = ", ".join(values)
+    if minor != "0" and "," in headers.get("host", ","):  # none, or several joined
+        raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
+    if method not in KNOWN_METHODS:
+        raise HTTPError(501, f"Unknown method {method!r}.")
+    return HTTPRequest(method, *split_target(target), f"HTTP/1.{minor}", headers)
+
+
+def _bad_request_line(line: str) -> HTTPError:
+    """What is wrong with a request line that _REQUEST_LINE refused."""
+    words = line.split(" ")
+    if len(words) == 3 and re.fullmatch(_TOKEN, words[0]):
+        if not words[1].isascii():
+            return HTTPError(400, "The request target has bytes that are not ASCII; "
+                                  "percent-encode them as UTF-8 (é is %C3%A9).")
+        if not words[1].isprintable() or not words[1]:
+            return HTTPError(400, "The request target has spaces or control characters; "
+                                  "percent-encode them.")
+        if not re.fullmatch(r"HTTP/[0-9]\.[0-9]", words[2]):
+            return HTTPError(400, f"Bad HTTP version {words[2]!r}.")
+    return HTTPError(400, f"Bad request line {line!r}: expected METHOD /path HTTP/1.1.")
+
+
+def keep_alive(request: Optional[HTTPRequest], body_read: bool, draining: bool) -> bool:
+    """Whether a connection serves another request after answering this one: the
+    one place that decides. Not after a request that could not be read (None: what
+    follows it is suspect), nor one whose body is left unread (it would be read as
+    the next request), nor while the server drains. Otherwise as the client asks
+    (RFC 9112 section 9.3): HTTP/1.1 stays open unless it says Connection: close;
+    HTTP/1.0 closes unless it says Connection: keep-alive (appendix C.2.2)."""
+    if request is None or draining or not (body_read or not request.declares_body):
+        return False
+    options = request.headers.get("connection", "").lower()
+    if not options:
+        return request.version != "HTTP/1.0"
+    tokens = {token.strip() for token in options.split(",")}
+    return "keep-alive" in tokens if request.version == "HTTP/1.0" else "close" not in tokens
+
+
+def expects_continue(request: HTTPRequest) -> bool:
+    """Whether the client waits for 100 Continue before it sends the body (RFC 9110
+    section 10.1.1); an HTTP/1.0 client never does."""
+    return request.headers.get("expect", "").lower() == "100-continue" \
+        and request.version != "HTTP/1.0"
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
 class _Clock(NamedTuple):
     second: int
     http_date: str  # for the Date header
@@ -6072,7 +6662,6 @@ def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = Fa
 
 # --- Connection: one client's life, from accept to close ------------------------------
 
-CLIENT_GONE = 499  # the access log's and metrics' status of a request whose client hung
 # up before its reply was made (nginx's "client closed request"); never sent
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
@@ -6085,7 +6674,6 @@ ORIGIN_SEARCH_BYTES = 4 * MAX_HEAD_BYTES  # read of a head too long, to find its
 # Kept of each piece read past MAX_HEAD_BYTES: an Origin line (scheme, host and port, 270
 # characters at most) that two reads cut in two is found whole, if shorter than this.
 ORIGIN_LINE_BYTES = 1024
-
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
@@ -6140,7 +6728,7 @@ class Connection:
         WRITING: (WAITING, READING, CLOSED),
         CLOSED: ()}
 
-    def __init__(self, sock: socket.socket, client_address: tuple, server: "SchedulerServer"):
+    def __init__(self, sock: socket.socket, client_address: tuple, server):
         self._sock, self.client_address = sock, client_address
         self._server = server
         self._limits: Limits = server.limits
@@ -6159,7 +6747,7 @@ class Connection:
         with self._lock:
             self._phase, self._deadline = phase, deadline
 
-    def serve(self, service: "Service") -> None:
+    def serve(self, service: Service) -> None:
         """Serve requests until one ends the connection (or the client does)."""
         observe, log = service.metrics.observe, self._server.log  # bound once, not per request
         self._wait()
@@ -6349,7 +6937,7 @@ class Connection:
             pass
         self._sock.close()
 
-    def refuse(self, service: "Service", reply: Reply) -> None:
+    def refuse(self, service: Service, reply: Reply) -> None:
         """Answer from the accepting thread, which must never block, and close."""
         try:
             self._sock.setblocking(False)
@@ -6400,6 +6988,118 @@ class Connection:
     def _shutdown(self, how: int) -> None:
         with contextlib.suppress(OSError):  # already closed
             self._sock.shutdown(how)
+
+
+# --- Metrics shared by the workers -------------------------------------------------------
+# With --workers, each process's numbers in a shared memory table (MetricsTable) that
+# every worker reads to answer /metrics for all of them.
+
+
+class MetricsTable:
+    """The metrics of several worker processes (--workers), in memory they share: a
+    file that has no name (memfd_create(), else an unlinked temporary file), which
+    the supervisor makes and passes to each worker it starts, as a descriptor that
+    survives exec. Each worker process writes its numbers to a slot the supervisor
+    gives it, and a scrape, whichever worker it reaches, adds up every slot. A
+    process started in a slot after another ended there carries on from its
+    counts, so counters never go down while the supervisor runs (as
+    prometheus_client's multiprocess mode keeps a dead process's file). The
+    supervisor writes its own samples, and what a health check tells of the
+    workers (a note), to a slot of its own.
+
+    No lock, since a process killed holding one would never release it. A slot is
+    [generation][copy 0][copy 1]: a writer fills the copy of the next generation,
+    then publishes that generation; a reader takes the copy of the generation it
+    read, and reads again if the generation changed meanwhile. A writer killed
+    halfway leaves the last whole copy in place. A copy is its header (_HEADER),
+    the numbers as doubles, the layout's series (JSON: read only by a process
+    that lays them out otherwise), and the samples and the note (JSON, a few
+    hundred bytes)."""
+
+    # A copy holds at worst (every status of every route and method) 1 MB; in use,
+    # 12 KiB. Pages untouched cost no memory.
+    COPY_BYTES = 2 << 20
+    _HEADER = struct.Struct("<QQQQQ")  # generation, digest, lengths of numbers, series, samples
+
+    def __init__(self, slots: int, fd: Optional[int] = None):
+        """A new table of slots, or, given the descriptor fd of one (its fd), that table."""
+        self.slots = slots
+        self._slot_bytes = 8 + 2 * self.COPY_BYTES
+        size = slots * self._slot_bytes
+        if fd is None:
+            if hasattr(os, "memfd_create"):  # Linux: memory, not a file on a disk
+                fd = os.memfd_create("scheduler-metrics")
+            else:
+                with tempfile.TemporaryFile() as file:  # removed from its directory at once
+                    fd = os.dup(file.fileno())
+            os.ftruncate(fd, size)  # pages never written cost nothing
+        elif os.fstat(fd).st_size != size:
+            raise ValueError(f"the metrics table behind descriptor {fd} is not of {slots} slots")
+        self.fd = fd
+        self._map = mmap.mmap(fd, size)  # MAP_SHARED: every process that maps fd sees one table
+        self._layouts: Dict[int, SeriesLayout] = {}  # by digest: the layouts read so far
+        self._written: Dict[int, Tuple[int, bytes]] = {}  # slot -> this process's last write
+
+    def generation(self, slot: int) -> int:
+        """The generation of the slot's last write (0: none yet); it grows with each."""
+        return struct.unpack_from("<Q", self._map, slot * self._slot_bytes)[0]
+
+    def write(self, slot: int, layout: SeriesLayout, numbers, samples: dict,
+              note: object = None) -> bool:
+        """Publish a worker's numbers and samples, and a note, anything JSON holds
+        (unless the slot holds them already); False if they do not fit (they always
+        should)."""
+        payload = array.array("d", numbers).tobytes()
+        tail = json.dumps([samples, note], separators=(",", ":")).encode()
+        body = payload + layout.keys + tail
+        if len(body) > self.COPY_BYTES - self._HEADER.size:
+            return False
+        base = slot * self._slot_bytes
+        generation = self.generation(slot)
+        if self._written.get(slot) == (generation, body):  # a scrape in a quiet moment
+            return True
+        self._layouts.setdefault(layout.digest, layout)  # what a read of this layout gives
+        generation += 1
+        copy = base + 8 + (generation % 2) * self.COPY_BYTES
+        self._HEADER.pack_into(self._map, copy, generation, layout.digest, len(payload),
+                               len(layout.keys), len(tail))
+        self._map[copy + self._HEADER.size:copy + self._HEADER.size + len(body)] = body
+        struct.pack_into("<Q", self._map, base, generation)  # now readers take this copy
+        self._written[slot] = (generation, body)
+        return True
+
+    def read(self, slot: int) -> Optional[Reading]:
+        """A worker's last published numbers; None if it has published none."""
+        base = slot * self._slot_bytes
+        for _ in range(1000):  # a writer publishes every TICK at most: a retry is rare
+            generation = self.generation(slot)
+            if generation == 0:
+                return None
+            copy = base + 8 + (generation % 2) * self.COPY_BYTES
+            written, digest, numbers, keys, samples = self._HEADER.unpack_from(self._map, copy)
+            start = copy + self._HEADER.size
+            body = self._map[start:start + numbers + keys + samples]
+            if written == generation == self.generation(slot):
+                break
+        else:
+            return None
+        layout = self._layouts.get(digest)
+        if layout is None:
+            layout = SeriesLayout(tuple(key) for key in json.loads(body[numbers:numbers + keys]))
+            self._layouts[digest] = layout
+        values = array.array("d")
+        values.frombytes(body[:numbers])
+        return Reading(generation, layout, values, *json.loads(body[numbers + keys:]))
+
+    def retire(self, slot: int) -> None:
+        """For the supervisor, when a worker has died: its gauges no longer count
+        (its connections are gone); its counters stay, for the next to carry on."""
+        reading = self.read(slot)
+        if reading is not None:
+            for sample in reading.samples.values():
+                if sample[0] == "gauge":
+                    sample[2] = 0
+            self.write(slot, reading.layout, reading.numbers, reading.samples, reading.note)
 
 
 # --- Server ---------------------------------------------------------------------------
@@ -6770,8 +7470,6 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
     "max_idempotency_keys_per_user": ("N", "Idempotency-Keys one user may hold; past it, "
                                            "429 likewise"),
 }
-
-
 # Workers at most, for each CPU the process may use: a worker is an interpreter of its
 # own, and runs Python on one CPU at a time (the GIL); a few a CPU cover the time each
 # waits for the disk, and more only add memory and start-up time.
@@ -7366,674 +8064,6 @@ class Supervisor:
         self.metrics.write(self.metrics.slots - 1, SeriesLayout(()), [], samples, [
             {"worker": number, "deaths": self.deaths[number], "last": self.last_end[number]}
             for number in failing])
-
-
-# --- Appendix: the API description (OpenAPI 3.1) -------------------------------------
-# Served at /openapi.json. It is built from the domain's rules, so that a rule
-# changed there changes here: the schemas' patterns and words, and the examples, whose
-# times are example_time() and the like, and whose outcomes are what the service makes
-# of them (an appointment's as_json(), an error's http_error()). Tests hold the
-# service to the examples: each request example, sent to a fresh server, must get the
-# response example of the same name.
-
-_PATH_EXAMPLES = {"user_id": "alice", "date": "2026-11-25"}
-
-
-def _unbookable_time() -> str:
-    """A time of day that is not a start, for examples: halfway from the first start
-    to the next."""
-    following = START_MINUTES[1] if len(START_MINUTES) > 1 else START_MINUTES[0] + 60
-    return f"09:{(START_MINUTES[0] + following) // 2 % 60:02d}"
-
-
-def _refusal(parse: Callable, *args) -> HTTPError:
-    """The error the service answers when parse(*args) raises, for an example."""
-    try:
-        parse(*args)
-    except Exception as error:
-        return http_error(error)
-    raise ValueError(f"{args} is valid: it makes no example of an error")
-
-
-def _ref(kind: str, name: str) -> dict:
-    return {"$ref": f"#/components/{kind}/{name}"}
-
-
-def _content(schema: dict, examples: Optional[dict] = None, media_type: str = JSON_TYPE) -> dict:
-    content = {"schema": schema}
-    if examples:
-        content["examples"] = {name: {"value": value} for name, value in examples.items()}
-    return {media_type: content}
-
-
-def _reply(description: str, schema: Optional[dict] = None, examples: Optional[dict] = None,
-           media_type: str = JSON_TYPE, **fields) -> dict:
-    content = {"content": _content(schema, examples, media_type)} if schema else {}
-    return {"description": description, **content, **fields}
-
-
-def _problem(description: str, schema: str = "Problem", headers: Optional[dict] = None,
-             **examples: HTTPError) -> dict:
-    """A problem response; its examples are what HTTPError makes of them."""
-    return _reply(description, _ref("schemas", schema),
-                  {name.replace("_", "-"): error.problem() for name, error in examples.items()},
-                  PROBLEM_TYPE, **({"headers": headers} if headers else {}))
-
-
-def _class_char(code: int) -> str:
-    """A character inside a regular expression's [...], as Python's re and JSON
-    Schema's (ECMA-262) both read it: an escape in the BMP, itself beyond."""
-    return f"\\u{code:04x}" if code <= 0xFFFF else chr(code)
-
-
-@functools.lru_cache(maxsize=None)
-def _category_runs() -> Tuple[Tuple[int, int, str], ...]:
-    """Every code point's category in this Python's Unicode database (the one the
-    parsers consult), as runs (first, last, category): 3,968 in Unicode 15. One
-    pass over the 1.1 million code points, 0.3 s; the character classes below took
-    0.7 s when each made a pass of its own."""
-    runs, first = [], 0
-    for category, group in itertools.groupby(map(unicodedata.category,
-                                                 map(chr, range(sys.maxunicode + 1)))):
-        last = first + sum(1 for _ in group) - 1
-        runs.append((first, last, category))
-        first = last + 1
-    return tuple(runs)
-
-
-def _char_class(ranges) -> str:
-    """Code point ranges (first, last), in order, as the inside of a [...]."""
-    merged: List[List[int]] = []
-    for first, last in ranges:
-        if merged and merged[-1][1] + 1 == first:
-            merged[-1][1] = last
-        else:
-            merged.append([first, last])
-    return "".join(_class_char(first) if first == last
-                   else f"{_class_char(first)}-{_class_char(last)}" for first, last in merged)
-
-
-_END = r"(?![\s\S])"  # the end of the text: "$" also matches before a final newline in re
-
-
-# Beyond the BMP, ECMA-262 without its u flag matches UTF-16 code units, and with it
-# code points (as Python does), and no range of such characters can be written that
-# both read alike (Spectral, without the flag, could not compile the user-ID pattern).
-# So one is written as not one of the few refused (each a literal, which both read
-# alike), then as a surrogate pair (without u) or a code point past U+FFFF (with u).
-_ASTRAL = r"(?:[\ud800-\udbff][\udc00-\udfff]|(?![\u0000-\uffff])[\s\S])"
-_AFTER_ASTRAL = r"(?:(?<=[\udc00-\udfff])|(?<=(?![\u0000-\uffff])[\s\S]))"  # lookbehinds
-_BEFORE_ASTRAL = r"(?:[\ud800-\udbff]|(?![\u0000-\uffff])[\s\S])"  # for a lookahead
-
-
-@functools.lru_cache(maxsize=None)
-def _character_classes() -> Tuple[str, str, str, str, str]:
-    """What the user ID's and the note's rules are made of, as parts of regular
-    expressions: a class of whitespace; a character a note allows (no control
-    characters, surrogates or invisible ones); one a user ID allows (nor a
-    default-ignorable one or a blank look-alike); a joiner between visible
-    non-ASCII characters; a variation selector after an emoji. The last two as
-    _invisible_character() allows them, but that beyond the BMP any allowed
-    character stands for a visible one, and for an emoji."""
-    # Listed, not excluded ([^...]): validators in Rust or JavaScript cannot name the
-    # surrogates that the service refuses, and a list leaves them out by itself.
-    refused = FORBIDDEN_CATEGORIES + INVISIBLE_CATEGORIES
-    runs = _category_runs()
-    bmp = [(first, min(last, 0xFFFF), category) for first, last, category in runs
-           if first <= 0xFFFF]
-    spaces = [(code, code) for first, last, category in bmp  # str.isspace's: among these
-              if category in ("Zs", "Zl", "Zp", "Cc")
-              for code in range(first, last + 1) if chr(code).isspace()]
-    in_note = [(first, last) for first, last, category in bmp if category not in refused]
-    # Past the BMP, each refused character is written out (see _ASTRAL): those of the
-    # categories, and the look-alikes that are assigned (reserved ones are not).
-    refused_astral = [code for first, last, category in runs
-                      if last > 0xFFFF and category in refused
-                      for code in range(max(first, 0x10000), last + 1)]
-    look_alikes = sorted(ord(char) for char in _LOOK_ALIKES)
-    astral_look_alikes = [code for code in look_alikes if code > 0xFFFF
-                          and unicodedata.category(chr(code)) not in refused + ("Cn",)]
-
-    def allowed(ranges, astral_refused) -> str:
-        inner = _char_class(ranges)
-        astral = "|".join(chr(code) for code in astral_refused)
-        return f"(?:[{inner}]|{f'(?!{astral}){_ASTRAL}' if astral else _ASTRAL})"
-
-    in_user_id = [(low, high) for first, last in in_note
-                  for low, high in _without(first, last, look_alikes)]
-    visible = _char_class((max(first, 0x80), last) for first, last, category in bmp
-                          if category[0] in VISIBLE_CLASSES and last >= 0x80)  # beyond ASCII
-    emoji = _char_class(sorted([(max(first, 0x80), last) for first, last, category in bmp
-                                if category[0] == "S" and last >= 0x80]
-                               + [(ord(char), ord(char)) for char in EMOJI_BEYOND_SYMBOLS]))
-    joiner = "".join(_class_char(ord(char)) for char in JOINERS)
-    selector = "".join(_class_char(ord(char)) for char in VARIATION_SELECTORS)
-    keycap_bases = _char_class(sorted((ord(char), ord(char)) for char in KEYCAP_BASES))
-    return (_char_class(spaces), allowed(in_note, refused_astral),
-            allowed(in_user_id, sorted(refused_astral + astral_look_alikes)),
-            f"(?:(?<=[{visible}])|{_AFTER_ASTRAL})[{joiner}](?=[{visible}]|{_BEFORE_ASTRAL})",
-            f"(?:(?<=[{emoji}])|{_AFTER_ASTRAL})[{selector}]|(?<=[{keycap_bases}])"
-            f"{_class_char(0xFE0F)}(?={_class_char(ord(KEYCAP))})")
-
-
-def _without(first: int, last: int, codes: List[int]) -> List[Tuple[int, int]]:
-    """The range first to last, as ranges, without the code points codes (in order)."""
-    ranges = []
-    for code in codes[bisect.bisect_left(codes, first):bisect.bisect_right(codes, last)]:
-        if first < code:
-            ranges.append((first, code - 1))
-        first = code + 1
-    return ranges + ([(first, last)] if first <= last else [])
-
-
-def user_id_pattern() -> str:
-    """parse_user_id()'s rules for a string in NFC as one regular expression: no
-    control characters or surrogates, no invisible characters but joiners between
-    visible non-ASCII ones and variation selectors after emoji, and no whitespace
-    first or last. It compiles, and matches alike, with and without ECMA-262's u
-    flag. It cannot say NFC: the service normalizes first (README, UserId)."""
-    space, _, allowed, joined, selected = _character_classes()
-    return f"^(?![{space}])(?:{allowed}|{joined}|{selected})*(?<![{space}]){_END}"
-
-
-def text_pattern(text: FreeText) -> str:
-    """A FreeText rule as one regular expression: no control characters or
-    surrogates, no invisible format characters but joiners between visible
-    non-ASCII ones; if its lines may break, line breaks (LF, or CR LF) anywhere."""
-    _, allowed, _, joined, _ = _character_classes()
-    breaks = "|\\n|\\r\\n" if text.line_breaks else ""
-    return f"^(?:{allowed}{breaks}|{joined})*{_END}"
-
-
-def note_pattern() -> str:
-    """parse_note()'s rules (NOTE) as one regular expression: text_pattern()."""
-    return text_pattern(NOTE)
-
-
-def _text_words(text: FreeText) -> str:
-    """A FreeText rule's characters in words, for the API description."""
-    lines = ("lines may break (\\n), but no other control characters" if text.line_breaks
-             else "on one line: no control characters")
-    return (f"kept as written (not normalized); {lines} or invisible format characters. "
-            "An empty one is none")
-
-
-def date_pattern() -> str:
-    """parse_date()'s dates, FIRST_DATE to LAST_DATE, as a regular expression: JSON
-    Schema's "format": "date" is only an annotation, which validators may skip.
-    Written for whole years (FIRST_DATE a 1 January, LAST_DATE a 31 December): a
-    century they hold whole is written as its two digits and any two more, its leap
-    years as the pattern of those divisible by 4 (and 00 where the century is); the
-    years of one held in part are listed."""
-    first, last = FIRST_DATE.year, LAST_DATE.year
-    if (FIRST_DATE, LAST_DATE) != (dt.date(first, 1, 1), dt.date(last, 12, 31)):
-        raise ValueError("date_pattern() is written for whole years")
-    month_day = ("(?:(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])|(?:0[13-9]|1[0-2])-(?:29|30)"
-                 "|(?:0[13578]|1[02])-31)")
-    centuries = []
-    for century in range(first // 100, last // 100 + 1):
-        years = range(max(first, century * 100), min(last, century * 100 + 99) + 1)
-        leap_years = [year for year in years
-                      if year % 4 == 0 and (year % 100 or year % 400 == 0)]
-        if len(years) == 100:
-            in_it = "[0-9]{2}"
-            leap = "(?:[02468][048]|[13579][26])" if century % 4 == 0 else \
-                "(?:0[48]|[2468][048]|[13579][26])"
-        else:
-            in_it = "(?:%s)" % "|".join(f"{year % 100:02d}" for year in years)
-            leap = "(?:%s)" % "|".join(f"{year % 100:02d}" for year in leap_years)
-        centuries.append(f"{century:02d}(?:{in_it}-{month_day}"
-                         + (f"|{leap}-02-29)" if leap_years else ")"))
-    either = centuries[0] if len(centuries) == 1 else f"(?:{'|'.join(centuries)})"
-    return f"^{either}{_END}"
-
-
-@functools.lru_cache(maxsize=None)
-def _response_components() -> dict:
-    """The responses the operations share, by name."""
-    return {
-        "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
-                               "parameter (from after to included), or a body that is not "
-                               "valid JSON"),
-        "NotFound": _problem("No such appointment or path"),
-        "NotModified": {"description": "The representation is the one the client has "
-                                       "(If-None-Match): no body",
-                        "headers": {"ETag": _ref("headers", "ETag")}},
-        "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, 501, 503 "
-                          "(with Retry-After)..."),
-    }
-
-
-def _camel(name: str) -> str:
-    """list_appointments: listAppointments, as client generators name methods."""
-    first, *rest = name.split("_")
-    return first + "".join(word.capitalize() for word in rest)
-
-
-@functools.lru_cache(maxsize=None)
-def _paths() -> dict:
-    """The description's operations, by path and method: what they take, and every
-    response each can give (their statuses are /metrics' series: request_series())."""
-    text = {"type": "string"}
-    appointment = _ref("schemas", "Appointment")
-    errors = {"400": _ref("responses", "BadRequest"), "default": _ref("responses", "Error")}
-    by_key = {"parameters": [_ref("parameters", "UserIdPath"), _ref("parameters", "DatePath")]}
-    found = {**errors, "404": _ref("responses", "NotFound")}
-    conditional = {"parameters": [_ref("parameters", "IfNoneMatch")]}
-    # A write's conditions (RFC 9110 section 13.1): only on what it would otherwise change.
-    on_condition = {"parameters": by_key["parameters"] + [
-        _ref("parameters", "IfMatch"), _ref("parameters", "IfNoneMatch"),
-        _ref("parameters", "IdempotencyKey")]}
-    key_reused = HTTPError(422, "This Idempotency-Key came with another request (method, URL "
-                                "or body) in the last 24 hours; send a new key with a new "
-                                "request.", errors=[{"field": "Idempotency-Key", "message":
-                                                     "Idempotency-Key is another request's: "
-                                                     "make a new one for each request"}])
-    stale = {"412": _problem("The appointment does not meet If-Match or If-None-Match; "
-                             "`appointment` is as it now is, nothing changed, and ETag is "
-                             "its tag", "ConflictProblem",
-                             headers={"ETag": _ref("headers", "ETag")})}
-    tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
-    unchanged = {"304": _ref("responses", "NotModified")}
-    # The examples, made by the domain: a booking, the appointment it books, and a move.
-    book = example_booking()
-    booked = parse_appointment(book)
-    shown = booked.as_json()
-    move = {"date": "2026-11-26", "time": f"10:{START_MINUTES[0]:02d}"}
-    moved = parse_changes(move, booked.user_id).applied(booked).as_json()
-    not_json = _problem("The body is not valid JSON (a syntax error, a key twice, NaN, a "
-                        "number with too many digits, bytes that are not UTF-8), or not a "
-                        "JSON object", not_an_object=not_an_object())
-    retry_after = {"Retry-After": _ref("headers", "RetryAfter")}
-    store_errors = {"429": _problem("The user has made as many changes with an "
-                                    "Idempotency-Key in the last 24 hours as one user may "
-                                    "(their keys of requests that changed nothing make room "
-                                    "first); retry after Retry-After seconds, or without the "
-                                    "key", headers=retry_after),
-                    "503": _problem("The database is busy or failing, or the service keeps "
-                                    "as many Idempotency-Keys as it may, each protecting a "
-                                    "change made in the last 24 hours; retry after "
-                                    "Retry-After seconds where it is given (a full disk or "
-                                    "a damaged file has none: retrying will not fix them)",
-                                    headers=retry_after),
-                    "default": errors["default"]}
-    paths = {
-        "/appointments": {
-            "get": {
-                "summary": "List a user's appointments, sorted by start",
-                "parameters": [_ref("parameters", name) for name in ("UserIdQuery", "From",
-                                                                      "To", "IfNoneMatch")],
-                "responses": {"200": _reply(
-                    "The appointments (an empty list for a user with none)",
-                    _ref("schemas", "AppointmentList"),
-                    {"list": {"user_id": "alice", "appointments": [shown]}},
-                    **tagged), **unchanged, **errors, **store_errors},
-            },
-            "post": {
-                "summary": "Book an appointment",
-                "parameters": [_ref("parameters", "IdempotencyKey")],
-                "requestBody": {"required": True, "content": _content(
-                    _ref("schemas", "NewAppointment"), {  # valid ones only: tools offer them
-                        "book": book, "with-a-note": {**book, "note": "Left knee"}})},
-                "responses": {
-                    "201": _reply("Booked", appointment, {
-                        "book": shown, "with-a-note": {**shown, "note": "Left knee"}},
-                                  headers={"Location": {
-                                      "description": "The appointment's own URL",
-                                      "schema": text}, "ETag": _ref("headers", "ETag")}),
-                    "400": not_json,
-                    "409": _problem("The user already has an appointment that date; "
-                                    "`appointment` is that one (without `appointment`: the "
-                                    "user holds as many appointments as one user may, or a "
-                                    "request with this Idempotency-Key is still being "
-                                    "processed, with Retry-After)", "ConflictProblem",
-                                    conflict=http_error(AlreadyBooked(booked))),
-                    "411": _problem("No Content-Length (chunked bodies are refused)"),
-                    "413": _problem("The body is larger than the server's limit"),
-                    "415": _problem("The body is not labelled application/json"),
-                    "422": _problem("Fields are missing or invalid; `errors` lists each (or "
-                                    "the Idempotency-Key came with another request: `errors` "
-                                    "names it)", "ValidationProblem", key_reused=key_reused,
-                                    invalid_fields=_refusal(parse_appointment, {
-                                        "user_id": "", "date": "2025-02-29",
-                                        "time": _unbookable_time()})),
-                    "507": _problem("The service holds its maximum of appointments"),
-                    **store_errors},
-            },
-        },
-        "/appointments/{user_id}/{date}": {
-            "get": {"summary": "One appointment: the URL in a booking's Location header",
-                    "parameters": by_key["parameters"] + conditional["parameters"],
-                    "responses": {"200": _reply(
-                        "The appointment", appointment, {"show": shown},
-                        **tagged), **unchanged, **found, **store_errors}},
-            "patch": {
-                "summary": "Reschedule: move the appointment to another time or date in one "
-                           "step (a JSON merge patch, RFC 7396, of date and time)",
-                **on_condition,
-                # One media type, with one schema, or generated clients send the first.
-                "requestBody": {"required": True, "description": f"A JSON merge patch, sent "
-                                f"as {MERGE_PATCH_TYPE}; as {JSON_TYPE}, it is taken too",
-                                "content": _content(_ref("schemas", "AppointmentPatch"),
-                                                    {"reschedule": move}, MERGE_PATCH_TYPE)},
-                "responses": {
-                    "200": _reply("Moved (or, for a patch that changes nothing, as it was)",
-                                  appointment, {"reschedule": moved}, headers={
-                                      "ETag": _ref("headers", "ETag"), **{
-                                          name: {"description": "The appointment's new URL, "
-                                                                "when its date changed",
-                                                 "schema": text}
-                                          for name in ("Location", "Content-Location")}}),
-                    "400": not_json,
-                    "404": _ref("responses", "NotFound"),
-                    "409": _problem("The user already has an appointment on the new date; "
-                                    "`appointment` is that one, and nothing moved (or a "
-                                    "request with this Idempotency-Key is still being "
-                                    "processed)",
-                                    "ConflictProblem"),
-                    "411": _problem("No Content-Length (chunked bodies are refused)"),
-                    "413": _problem("The body is larger than the server's limit"),
-                    "415": _problem("The body is labelled neither "
-                                    f"{' nor '.join(PATCH_TYPES)}", headers={
-                                        "Accept-Patch": _ref("headers", "AcceptPatch")}),
-                    "422": _problem("Fields are invalid, or null (a merge patch's removal), "
-                                    "or user_id is another user's; `errors` lists each (or "
-                                    "the Idempotency-Key came with another request: `errors` "
-                                    "names it)", "ValidationProblem", key_reused=key_reused),
-                    **stale, **store_errors}},
-            "delete": {"summary": "Cancel an appointment; the user may then book that "
-                                  "date again",
-                       **on_condition, "responses": {
-                           "204": _reply("Cancelled"), **found,
-                           "400": _problem("If-Match or If-None-Match is not * nor a list of "
-                                           "entity tags, or Idempotency-Key not a string"),
-                           "409": _problem("A request with this Idempotency-Key is still being "
-                                           "processed", headers={
-                                               "Retry-After": _ref("headers", "RetryAfter")}),
-                           "422": _problem("The Idempotency-Key came with another request; "
-                                           "`errors` names it", "ValidationProblem",
-                                           key_reused=key_reused),
-                           **stale, **store_errors}},
-        },
-        "/appointments.ics": {"get": {
-            "summary": "A user's appointments as an iCalendar feed (RFC 5545) to subscribe to",
-            "parameters": [_ref("parameters", "UserIdQuery"), _ref("parameters", "IfNoneMatch")],
-            "responses": {"200": _reply(
-                "One VEVENT per appointment (a user with none gets a VTIMEZONE of UTC: a "
-                "calendar has a component). DTSTAMP is when the feed was made; the weak "
-                "ETag covers everything else, so it changes when an appointment does",
-                text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors,
-                **store_errors}}},
-        "/healthz": {"get": {
-            "summary": "Whether bookings can be taken now (by the process that answers)",
-            "responses": {"200": _reply(
-                "They can: ok; or degraded, with --workers, while another worker keeps dying "
-                "young (detail says which and how; this one serves, so keep sending it "
-                "requests)", {
-                    "type": "object", "required": ["status"],
-                    "properties": {"status": {"enum": ["ok", "degraded"]},
-                                   "detail": {"type": "string"},
-                                   "failing_workers": {"type": "array",
-                                                       "items": {"type": "integer"}}}},
-                {"health": {"status": "ok"}}),
-                "503": _problem("They cannot, and detail says why: the database does not "
-                                "answer or cannot be written (with Retry-After if a retry may "
-                                "succeed), its files were deleted, or the service holds "
-                                "--max-appointments",
-                                headers={"Retry-After": _ref("headers", "RetryAfter")}),
-                "default": errors["default"]}}},
-        "/metrics": {"get": {
-            "summary": "Counters for Prometheus (text exposition format 0.0.4): requests by "
-                       "route template, method and status (each status an operation lists "
-                       "here, at 0 from the start), their durations, stored "
-                       "appointments, connections, dropped log lines; with --workers, "
-                       "every worker's added up, whichever answers",
-            "responses": {"200": _reply("The metrics", text, media_type=METRICS_TYPE),
-                          "default": errors["default"]}}},
-        "/openapi.json": {"get": {"summary": "This document", **conditional, "responses": {
-            "200": _reply("OpenAPI 3.1", {"type": "object"}, **tagged), **unchanged,
-            "default": errors["default"]}}},
-    }
-    responses = _response_components()
-    for route in ROUTES:  # each operation's ID: its route function's name, in camelCase
-        paths[route.path][route.method.lower()]["operationId"] = _camel(route.handler.__name__)
-    for path, item in paths.items():
-        if "get" in item:  # HEAD: as GET, with no content at all (RFC 9110 section 9.3.2)
-            item["head"] = {
-                "summary": f"{item['get']['summary']}: the headers of GET alone",
-                **{key: value for key, value in item["get"].items()
-                   if key not in ("summary", "responses", "operationId")},
-                "operationId": "head" + item["get"]["operationId"][0].upper()
-                               + item["get"]["operationId"][1:],
-                "responses": {status: {key: value for key, value in (
-                    responses[response["$ref"].rsplit("/", 1)[1]] if "$ref" in response
-                    else response).items() if key != "content"}
-                    for status, response in item["get"]["responses"].items()}}
-        methods = _allow([method.upper() for method in item if method != "head"])
-        item["options"] = {
-            "summary": f"Which methods this path takes ({methods}); with --cors-origin, "
-                       "a browser's preflight",
-            "operationId": "options" + "".join(
-                word.capitalize() for word in re.findall(r"[a-z]+", path.replace("{", "by_"))),
-            "parameters": [  # OPTIONS answers for the path's shape, whatever fills it
-                {"name": name, "in": "path", "required": True, "schema": text,
-                 "example": _PATH_EXAMPLES[name]} for name in re.findall(r"{(\w+)}", path)] + [
-                _ref("parameters", "Origin"), _ref("parameters", "AccessControlRequestMethod")],
-            "responses": {"204": {"description": "Allow lists the methods; to an allowed "
-                                                 "origin's preflight, the CORS headers too",
-                                  "headers": {name: _ref("headers", name.replace("-", ""))
-                                              for name in CORS_PREFLIGHT_HEADERS}}}}
-    for path, item in paths.items():  # generators group the operations by tag
-        for operation in item.values():
-            operation["tags"] = ["appointments" if path.startswith("/appointments")
-                                 else "service"]
-    return paths
-
-
-# The series /metrics shows from the start, at 0: for each operation of the description
-# (and OPTIONS *), each status among its responses, 500 (a bug, anywhere), 408 where a
-# body is read (it came too slowly), and 499 where a reply may be large enough to keep
-# (a listing, a feed: CLIENT_GONE, its client hung up); for a request no route answered,
-# these, by its method: one it knows (a malformed head or path, no such path, not
-# allowed there, too many header lines, HTTP/2), or not (one it does not know, or a
-# head too long or cut off before its request line was read; "other").
-UNMATCHED_STATUSES = {"known": (400, 404, 405, 431, 500, 505),
-                      "other": (400, 408, 414, 431, 500, 501, 505)}
-
-
-@functools.lru_cache(maxsize=None)
-def request_series() -> Tuple[Series, ...]:
-    """Every (route, method, status) a request can be counted by, as stated above."""
-    series: List[Series] = []
-    for path, item in _paths().items():
-        for method, operation in item.items():
-            statuses = {int(status) for status in operation["responses"] if status.isdigit()}
-            statuses.add(500)
-            routes = [route for route in ROUTES if route.path == path
-                      and route.method == ("GET" if method == "head" else method.upper())]
-            if any(route.body_types for route in routes):
-                statuses.add(408)
-            if any(route.handler in (list_appointments, calendar) for route in routes):
-                statuses.add(CLIENT_GONE)
-            series += [(path, method.upper(), status) for status in sorted(statuses)]
-    series += [("*", "OPTIONS", status) for status in (204, 500)]
-    for method in sorted(KNOWN_METHODS) + ["other"]:
-        series += [(UNMATCHED, method, status)
-                   for status in UNMATCHED_STATUSES["other" if method == "other" else "known"]]
-    return tuple(series)
-
-
-@functools.lru_cache(maxsize=None)
-def openapi_document() -> dict:
-    """The OpenAPI 3.1 description of every route in ROUTES, built once a process:
-    every call returns the same dict, which callers read and never change."""
-    minutes = "|".join(f"{minute:02d}" for minute in START_MINUTES)
-    text, stamp = {"type": "string"}, {"type": "string", "format": "date-time"}
-    date = {"type": "string", "format": "date", "pattern": date_pattern(),
-            "description": f"A calendar date from {FIRST_DATE} to {LAST_DATE}"}
-    time = {"type": "string", "pattern": f"^(?:[01][0-9]|2[0-3]):(?:{minutes}){_END}",
-            "description": f"HH:MM, UTC, {starts_in_words()}"}
-    user_id = _ref("schemas", "UserId")
-    appointment = _ref("schemas", "Appointment")
-    details = {detail.name: {"type": "string", "maxLength": detail.text.max_length,
-                             "pattern": text_pattern(detail.text)} for detail in DETAILS}
-    details_said = {detail.name: f"{detail.description}, {_text_words(detail.text)}"
-                    for detail in DETAILS}
-    condition = {"type": "string", "pattern": f"^(?:[ \\t]*\\*[ \\t]*|{ENTITY_TAG_LIST}){_END}",
-                 "description": "*, or a list of entity tags (empty elements are ignored, "
-                                "as RFC 9110 section 5.6.1.2 says)"}
-    paths = _paths()
-    responses = _response_components()
-    user_id_text = {"type": "string", "minLength": 1, "maxLength": MAX_USER_ID_LENGTH,
-                    "pattern": user_id_pattern()}
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "Appointment scheduler", "version": __version__,
-                 "description": f"Book {length_in_words()} appointments that start "
-                                f"{starts_in_words()} (UTC), one per user per date; any "
-                                "number of users may "
-                                "share a slot. HEAD works wherever GET does, and OPTIONS "
-                                "everywhere. Every error is an RFC 9457 problem "
-                                "(application/problem+json). With --cors-origin, responses "
-                                "to an allowed Origin carry Access-Control-Allow-Origin, "
-                                "Vary: Origin and Access-Control-Expose-Headers "
-                                f"({CORS_EXPOSE_HEADERS})."},
-        "tags": [{"name": "appointments", "description": "Booking, listing, rescheduling, "
-                                                         "cancelling; the calendar feed"},
-                 {"name": "service", "description": "Health, metrics, this document"}],
-        "servers": [{"url": "/", "description": "The server that serves this document"},
-                    {"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}",
-                     "description": "python3 scheduler.py, as it starts by default"}],
-        "paths": paths,
-        "components": {
-            "schemas": {
-                "UserId": {**user_id_text, "description": "Brought to NFC (Unicode's "
-                           "composed form) first: one user in any form, shown back in NFC. "
-                           f"In NFC, at most {MAX_USER_ID_LENGTH} characters; no control "
-                           "characters, no "
-                           "whitespace first or last, no invisible characters (format "
-                           "characters, Unicode's default-ignorable ones, blanks such as "
-                           "U+2800) but joiners between visible non-ASCII characters and "
-                           "U+FE0E or U+FE0F after an emoji (a non-ASCII symbol, five other "
-                           "emoji such as U+2139, and in a keycap: 1, U+FE0F, U+20E3). "
-                           "maxLength and the pattern hold for the NFC form, which a "
-                           "validator cannot compute: text in another form may fail them and "
-                           "be taken, or pass them and be refused. The pattern reads alike "
-                           "with and without ECMA-262's u flag; past U+FFFF it takes a joiner "
-                           "or a variation selector beside any allowed character, and "
-                           "reserved default-ignorable code points"},
-                "NewAppointment": {
-                    "type": "object", "required": ["user_id", "date", "time"],
-                    "properties": {"user_id": {
-                        "oneOf": [user_id, {"type": "integer",
-                                            "minimum": -(10 ** (MAX_USER_ID_LENGTH - 1) - 1),
-                                            "maximum": 10 ** MAX_USER_ID_LENGTH - 1}],
-                        "description": "An integer means its decimal string (42.0 and 42 "
-                                       "too), which must fit in "
-                                       f"{MAX_USER_ID_LENGTH} characters"},
-                        "date": date, "time": time,
-                        **{detail.name: {**details[detail.name], "type": ["string", "null"],
-                                         "description": details_said[detail.name]
-                                                        + "; null: none"}
-                           for detail in DETAILS}}},
-                "AppointmentPatch": {
-                    "type": "object", "description": "Fields left out stay as they are; "
-                                                     "others are ignored",
-                    "properties": {"date": date, "time": time, "user_id": {
-                        "description": "If given, the appointment's own user",
-                        "oneOf": [user_id, {"type": "integer"}]},
-                        **{detail.name: {**details[detail.name], "type": ["string", "null"],
-                                         "description": details_said[detail.name]
-                                                        + "; null removes it"}
-                           for detail in DETAILS}}},
-                "Appointment": {
-                    "type": "object", "required": ["user_id", "date", "time", "start", "end"],
-                    "properties": {"user_id": user_id, "date": date, "time": time,
-                                   "start": stamp, "end": stamp,
-                                   **{name: {**schema, "minLength": 1, "description":
-                                             "There only when there is one"}
-                                      for name, schema in details.items()}}},
-                "AppointmentList": {
-                    "type": "object", "required": ["user_id", "appointments"],
-                    "properties": {"user_id": user_id,
-                                   "appointments": {"type": "array", "items": appointment}}},
-                "Problem": {
-                    "type": "object", "required": ["type", "title", "status", "detail"],
-                    "properties": {"type": text, "title": text, "status": {"type": "integer"},
-                                   "detail": text}},
-                "ValidationProblem": {"allOf": [_ref("schemas", "Problem"), {
-                    "type": "object", "required": ["errors"],
-                    "properties": {"errors": {"type": "array", "items": {
-                        "type": "object", "required": ["field", "message"],
-                        "properties": {"field": {**text, "description": "The body's field, "
-                                                 "or the header (Idempotency-Key)"},
-                                       "message": text}}}}}]},
-                "ConflictProblem": {"allOf": [_ref("schemas", "Problem"), {
-                    "type": "object", "properties": {"appointment": {
-                        **appointment, "description": "The appointment in the way, or as it "
-                                                      "now is (none while a request with the "
-                                                      "same Idempotency-Key is processed)"}}}]},
-            },
-            "parameters": {
-                "UserIdQuery": {"name": "user_id", "in": "query", "required": True,
-                                "schema": user_id, "example": "alice",
-                                "description": "Percent-encode it: a raw + means a space"},
-                "From": {"name": "from", "in": "query", "schema": date,
-                         "example": "2026-11-01", "description": "First date, inclusive"},
-                "To": {"name": "to", "in": "query", "schema": date, "example": "2026-11-30",
-                       "description": "Last date, inclusive; not before from (else 400)"},
-                "UserIdPath": {"name": "user_id", "in": "path", "required": True,
-                               "schema": user_id, "example": _PATH_EXAMPLES["user_id"],
-                               "description": "Percent-encoded, / included (%2F)"},
-                "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
-                             "example": _PATH_EXAMPLES["date"]},
-                "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": condition,
-                                "description": "ETags the client holds (or *): if one is "
-                                               "current, a GET or HEAD gets 304 with no "
-                                               "body, a PATCH or DELETE 412"},
-                "IdempotencyKey": {  # no example: a client would send it every time
-                    "name": "Idempotency-Key", "in": "header",
-                    "schema": {"type": "string",
-                               "pattern": r'^"(?:[ !#-\[\]-~]|\\[\\"]){1,%d}"$' % MAX_KEY_LENGTH},
-                    "description": "A string (RFC 8941: in double quotes) of 1 to "
-                                   f"{MAX_KEY_LENGTH} characters, new for each request (and "
-                                   "the same for its retries): a random UUID in double "
-                                   "quotes, say, as f'\"{uuid.uuid4()}\"' makes one in "
-                                   "Python. A retry with it gets "
-                                   "the first response again (with Idempotent-Replayed: "
-                                   "true), and changes nothing; with another request, 422. "
-                                   f"Kept 24 hours, and the newest {MAX_KEYS} by default "
-                                   "(--max-idempotency-keys)"},
-                "IfMatch": {"name": "If-Match", "in": "header", "schema": condition,
-                            "description": "The ETag the client holds (or *): the change is "
-                                           "made only if it is still the appointment's, "
-                                           "strongly compared; else 412"},
-                "Origin": {"name": "Origin", "in": "header", "schema": text,
-                           "description": "A browser's page origin (CORS)"},
-                "AccessControlRequestMethod": {
-                    "name": "Access-Control-Request-Method", "in": "header", "schema": text,
-                    "description": "A browser's preflight: the method it is about to send"},
-            },
-            "headers": {
-                "ETag": {"description": "Changes exactly when the representation does; "
-                                        "send it back in If-None-Match, or in If-Match "
-                                        "to change what it tags", "schema": text},
-                "RetryAfter": {"description": "Seconds to wait", "schema": text},
-                "AcceptPatch": {"description": "The patch formats PATCH takes",
-                                "schema": text},
-                "Allow": {"description": "The methods the path takes", "schema": text},
-                "AccessControlAllowOrigin": {"description": "The allowed origin, or *",
-                                             "schema": text},
-                "AccessControlAllowMethods": {"description": "What the origin may send",
-                                              "schema": text},
-                "AccessControlAllowHeaders": {"description": CORS_ALLOW_HEADERS,
-                                              "schema": text},
-                "AccessControlMaxAge": {"description": "Seconds a browser may keep the "
-                                                       "answer", "schema": text},
-            },
-            "responses": responses,
-        },
-    }
 
 
 if __name__ == "__main__":
