@@ -21,35 +21,45 @@ Appointments last APPOINTMENT_LENGTH and start at START_MINUTES past the hour, U
 (the Domain section states each rule once). Any number of users may book the same
 slot; each user may hold one appointment per date.
 
-The file reads top to bottom, each section using only those above it:
+The file reads top to bottom, each section using only those above it, in two
+parts. Part one is the scheduling service, everything a product change touches:
 
     Domain         the rules, each stated once, and their words; an appointment, its
                    fields' parsers and its details (DETAILS), a booking's outcomes
     Stores         where appointments live: InMemoryStore; SQLStore, the SQL of every
-                   read and write that SQLiteStore and a store on PostgreSQL share
-                   (SQLDatabase); SQLiteStore (its versioned schema, SCHEMA_STEPS,
-                   frozen once shipped; group commit; the writers' lock, _Turns);
-                   the Idempotency-Keys they keep, each user's own (_once(), KeyTable)
+                   read and write that SQLiteStore and PostgresStore share
+                   (SQLDatabase); SQLiteStore (SCHEMA_STEPS, frozen once shipped;
+                   group commit as state machines: _Write, _Batch, _Turns); the
+                   Idempotency-Keys they keep, each user's own (_once(), KeyTable)
     PostgreSQL     its protocol, version 3: the URI (parse_postgres_uri()), messages
                    built and read by functions over bytes, SCRAM; PGConnection, the
-                   one class that owns such a socket; pg_connect() over several
-                   hosts; PGPool
+                   one class that owns such a socket; pg_connect(); PGPool
     PostgreSQL     PostgresStore: SQLStore's tables in a schema of its own, shared by
-      store        any number of servers (PG_SCHEMA_STEPS, frozen once shipped)
+      store        any number of servers (PG_SCHEMA_STEPS); Batches of bookings and
+                   reads, a round trip each
     Calendar feed  appointments as RFC 5545 iCalendar text
     Metrics        requests counted by route template, in Prometheus's text format
-    Routes         HTTPError; route functions from parsed input to a Reply; the
-                   replies kept for users with many appointments (KeptReplies); match()
+    Requests and   what a request is to the service (RequestHead, Request) and what it
+      replies      gets (Reply; HTTPError, and http_error() for every other error):
+                   bodies and JSON, entity tags and conditions, CORS; the route
+                   table (ROUTES, @route) and match()
+    API            the OpenAPI description, built from the domain's rules
+      description
+    Service        what requests share, and a request's one path to its Reply:
+                   begin(), then respond()
+    Routes         the route functions, from parsed input to a Reply
+
+Part two is an HTTP/1.1 runtime, reaching part one only through Service and Metrics
+and the values they take and give:
+
     Wire format    HTTP/1.1 as functions over bytes and values, none touching a
-                   socket: find_head(), parse_head(), keep_alive(), render_response();
-                   body and JSON checks; http_error() (every error's problem);
-                   If-None-Match, CORS; Service (what requests share; begin() and
-                   respond(): a request's one path to its Reply)
-    Connection     the one class that owns a client's socket: its phases and
-                   deadlines, reading, writing, calling the wire format's functions
-    Server         connection slots, the deadline watchdog, the log, shutdown
+                   socket: find_head(), parse_head(), keep_alive(), render_response()
+    Connection     the one class that owns a client's socket: its phases (a state
+                   machine, _NEXT_PHASES) and deadlines, reading and writing
+    Shared metrics the workers' numbers in shared memory (MetricsTable)
+    Server         SchedulerServer: connection slots, the deadline watchdog, the
+                   log, shutdown
     Command line   options; main(), serve() (one process) and a Supervisor (--workers)
-    Appendix       the OpenAPI description, built from the domain's rules
 """
 
 import abc
@@ -864,14 +874,14 @@ class InMemoryStore(Store):
         return appointment if appointment[2:] != _NO_DETAILS else appointment.start
 
     @staticmethod
-    def _appointment(user_id: str, kept) -> Appointment:
+    def _from_kept(user_id: str, kept) -> Appointment:
         """An appointment from what is kept of it."""
         return Appointment(user_id, kept) if isinstance(kept, dt.datetime) else kept
 
     def _on(self, user_id: str, held, date: dt.date) -> Optional[Appointment]:
         """The appointment on date among what a user holds, if any."""
         kept = held.get(date) if isinstance(held, _Dates) else held
-        found = None if kept is None else self._appointment(user_id, kept)
+        found = None if kept is None else self._from_kept(user_id, kept)
         return found if found is not None and found.start.date() == date else None
 
     def _changed(self, held: _Dates) -> None:
@@ -897,7 +907,7 @@ class InMemoryStore(Store):
         else:
             if not isinstance(held, _Dates):  # a second appointment
                 held = self._by_user[user_id] = _Dates(
-                    {self._appointment(user_id, held).date: held})
+                    {self._from_kept(user_id, held).date: held})
             held[date] = self._kept(appointment)
             self._changed(held)
         self._count += 1
@@ -1071,7 +1081,7 @@ class SQLDatabase(abc.ABC):
     def execute(self, sql: str, parameters: tuple = ()) -> list:
         """Run one statement and set rowcount; the rows it returned, each a tuple
         (none for a statement that returns none). The database's failures are
-        raised as its own errors, for the store's write() or reading() to answer."""
+        raised as its own errors, for the store's transact() or reading() to answer."""
 
 
 class _SQLKeys(KeyTable):
@@ -1178,12 +1188,12 @@ class SQLStore(Store):
     release, or past a bound of rules changed since) is left out of what is
     shown, and set aside by the first write it is in the way of (_held()).
 
-    A subclass provides the database: write() and reading(), below; it may
+    A subclass provides the database: transact() and reading(), below; it may
     override check() (calling this one) and close().
     """
 
     @abc.abstractmethod
-    def write(self, apply: Callable, *args):
+    def transact(self, apply: Callable, *args):
         """Run apply(db, *args) in a transaction, db an SQLDatabase, and return its
         result once the transaction is committed. An outcome that apply raises
         (_OUTCOMES, AlreadyKeyed) is its answer: what apply wrote before raising it
@@ -1195,7 +1205,7 @@ class SQLStore(Store):
         before it commits. SQLite runs one write transaction at a time. Where
         transactions run at once (PostgreSQL), run them at REPEATABLE READ or
         SERIALIZABLE: a transaction that another overtook fails (SQLSTATE 40001;
-        23505 where both inserted one key or appointment), and write() runs apply
+        23505 where both inserted one key or appointment), and transact() runs apply
         again in a new transaction. At READ COMMITTED, two writes could both pass
         one capacity or If-Match check."""
 
@@ -1209,7 +1219,7 @@ class SQLStore(Store):
     _DETAILS = "".join(f", {name}" for name in _DETAIL_NAMES)
 
     @staticmethod
-    def _appointment(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
+    def _from_row(user_id: str, date: str, time: str, *details) -> Optional[Appointment]:
         """A stored row as an Appointment, or None if it breaks the rules (the CHECK
         constraints keep out rows of the wrong form, not those past a bound of the
         rules, nor any written with them switched off): such a row is left out of
@@ -1234,7 +1244,7 @@ class SQLStore(Store):
         rows = db.execute(self._HELD, (user_id, date))
         if not rows:
             return None
-        held = self._appointment(user_id, date, *rows[0])
+        held = self._from_row(user_id, date, *rows[0])
         if held is None:
             db.execute(self._SET_ASIDE, (stored_row_problem(user_id, date, *rows[0]),
                                          user_id, date))
@@ -1325,21 +1335,21 @@ class SQLStore(Store):
                      lambda: apply(db, *args))
 
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        return self.write(self._once_per_key, keyed, self._book, appointment)
+        return self.transact(self._once_per_key, keyed, self._book, appointment)
 
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
                    condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
-        return self.write(self._once_per_key, keyed, self._reschedule, user_id, date, changes,
+        return self.transact(self._once_per_key, keyed, self._reschedule, user_id, date, changes,
                           condition)
 
     def cancel(self, user_id: str, date: dt.date, condition: Condition = None,
                keyed: Optional[Keyed] = None) -> None:
-        self.write(self._once_per_key, keyed, self._cancel, user_id, date, condition)
+        self.transact(self._once_per_key, keyed, self._cancel, user_id, date, condition)
 
     def get(self, user_id: str, date: dt.date) -> Appointment:
         with self.reading() as db:
             rows = db.execute(self._HELD, (user_id, date.isoformat()))
-        found = self._appointment(user_id, date.isoformat(), *rows[0]) if rows else None
+        found = self._from_row(user_id, date.isoformat(), *rows[0]) if rows else None
         if found is None:
             raise NotBooked(user_id, date)
         return found
@@ -1352,7 +1362,7 @@ class SQLStore(Store):
         bounds = (first or FIRST_DATE).isoformat(), (last or LAST_DATE).isoformat()
         with self.reading() as db:
             rows = db.execute(self._LIST, (user_id, *bounds))
-        return [found for found in (self._appointment(user_id, *row) for row in rows)
+        return [found for found in (self._from_row(user_id, *row) for row in rows)
                 if found is not None]
 
     def version(self, user_id: str) -> object:
@@ -1371,14 +1381,14 @@ class SQLStore(Store):
             return _SQLKeys(db).held(None)
 
     def check(self) -> None:
-        """A write committed as bookings are (_probe(), through write()): whatever
+        """A write committed as bookings are (_probe(), through transact()): whatever
         would fail a booking now fails it. Then, StoreFull if it holds its
         capacity."""
-        self.write(self._probe)
+        self.transact(self._probe)
         super().check()
 
 
-# Group commit (SQLiteStore.write()): the writes that line up while a transaction is
+# Group commit (SQLiteStore.transact()): the writes that line up while a transaction is
 # being written go into the next one together. A write, a batch, and the handover of
 # the writers' lock that processes take turns at (_Turns) are each a small state
 # machine, changed only through to().
@@ -1488,7 +1498,7 @@ class _Turns(_StateMachine):
     of its own (the waiter) waits there when the lock is busy, on a descriptor of
     its own (two descriptors of one file exclude each other as two processes do),
     and hands the lock over if the writer still wants it. One writer at a time
-    takes it (write() leads one batch at a time). The handover's state, guarded by
+    takes it (transact() leads one batch at a time). The handover's state, guarded by
     _changed:
 
         state    what it is                                       next
@@ -1843,7 +1853,7 @@ class SQLiteStore(SQLStore):
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): writes that arrive while a transaction is being
     committed wait, then go into the next one together, each in a savepoint of
-    its own, with one fsync for all of them (write(); the states of a write, a
+    its own, with one fsync for all of them (transact(); the states of a write, a
     batch and the writers' lock are _Write's, _Batch's and _Turns's). A lone write
     waits for nothing. Reads use a connection of their own, which WAL lets read
     while a transaction is written.
@@ -1871,7 +1881,7 @@ class SQLiteStore(SQLStore):
         self.path, self.capacity, self.busy_timeout = path, capacity, busy_timeout
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
-        self._transactions = 0  # committed by write(), each of one write or more
+        self._transactions = 0  # committed by transact(), each of one write or more
         self.damaged: Optional[str] = None  # SQLite's words, once they said the file is damaged
         self.lost: Optional[str] = None  # which file was deleted or replaced, once noticed
         self._rescue = ""  # what was done about it, for the log...
@@ -2127,7 +2137,7 @@ class SQLiteStore(SQLStore):
         except sqlite3.Error as error:
             raise self._unavailable(error) from None
 
-    def write(self, apply: Callable, *args):
+    def transact(self, apply: Callable, *args):
         """Run apply(db, *args) in a transaction, with every other write in line when
         it starts, and return its result once that transaction is on disk (or raise
         its outcome: AlreadyBooked, StoreUnavailable...). A write that finds the line
@@ -4246,7 +4256,7 @@ class PostgresStore(SQLStore):
         if not _SCHEMA_NAME.fullmatch(schema):
             raise ValueError(f"schema {schema!r} is not a lowercase SQL name")
         # A statement sent alone (book()'s) is a transaction of its own, at the
-        # isolation level that write() gives each of its transactions.
+        # isolation level that transact() gives each of its transactions.
         self.settings = settings._replace(session=(
             ("search_path", f'"{schema}"'), ("default_transaction_isolation", "repeatable read")))
         self.schema, self.capacity, self.busy_timeout = schema, capacity, busy_timeout
@@ -4338,11 +4348,11 @@ class PostgresStore(SQLStore):
 
     _BEGIN = "BEGIN ISOLATION LEVEL REPEATABLE READ"
 
-    def write(self, apply: Callable, *args):
-        return self._write(time.monotonic() + self.busy_timeout, self._BEGIN, apply, *args)
+    def transact(self, apply: Callable, *args):
+        return self._transact(time.monotonic() + self.busy_timeout, self._BEGIN, apply, *args)
 
-    def _write(self, deadline: float, begin: Optional[str], apply: Callable, *args):
-        """write(), by the deadline, in a transaction that begin opens; begin None:
+    def _transact(self, deadline: float, begin: Optional[str], apply: Callable, *args):
+        """transact(), by the deadline, in a transaction that begin opens; begin None:
         apply runs one statement, which is a transaction of its own (committed as
         the server runs it, in one round trip)."""
         for run in itertools.count(1):
@@ -4393,7 +4403,7 @@ class PostgresStore(SQLStore):
             rows = db.execute(insertion(len(appointments)) + " RETURNING user_id",
                               tuple(self._insertion_parameters(appointments)))
             return {row[0] for row in rows}
-        made = self._write(deadline, None, insert)
+        made = self._transact(deadline, None, insert)
         return [appointment.user_id in made for appointment in appointments]
 
     def _read_batch(self, statements: List[Tuple[str, tuple]], deadline: float) -> List[Result]:
@@ -4679,7 +4689,7 @@ class Metrics:
             return None
         with self._publish_lock:
             own = self._own()
-            self.table.write(self._slot, *own)
+            self.table.put(self._slot, *own)
         return own
 
     def failing_workers(self) -> List[dict]:
@@ -4832,7 +4842,7 @@ class Limits(NamedTuple):
     max_idempotency_keys_per_user: int = MAX_KEYS_PER_USER  # ...and 429 past one user's
 
 
-class HTTPRequest(NamedTuple):
+class RequestHead(NamedTuple):
     """A request's head as parse_head() reads it, before routing."""
 
     method: str
@@ -4920,7 +4930,7 @@ def _unquote(text: str) -> str:
     return text
 
 
-def body_length(request: HTTPRequest, limit: int, media_types: Tuple[str, ...]) -> int:
+def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) -> int:
     """The length of the JSON body a request declares, checked before a byte of
     it is read: its Content-Type, one of media_types (415), its framing (411, 400)
     and its size (413)."""
@@ -5131,7 +5141,7 @@ def write_condition(headers: Mapping[str, str]) -> Condition:
     return condition
 
 
-def not_modified(request: HTTPRequest, reply: Reply) -> Reply:
+def not_modified(request: RequestHead, reply: Reply) -> Reply:
     """The reply, or 304 Not Modified when it is a 200 to a GET or HEAD whose ETag
     the request's If-None-Match already has (RFC 9110 section 13.1.2: weak
     comparison; "*" matches any). Other statuses ignore the condition (13.2.1)."""
@@ -6084,7 +6094,7 @@ class Exchange(NamedTuple):
     """A request on its way to its reply: Service.begin() has routed it and checked
     the body it declares, and says how many bytes of body to read for respond()."""
 
-    request: HTTPRequest
+    request: RequestHead
     template: str  # the route's path template, UNMATCHED for none
     route: Optional[Route]
     params: Dict[str, str]  # the path's parameters, decoded
@@ -6120,7 +6130,7 @@ class Service:
              store.count_keys())])
         self.metrics.process_collectors += [self._key_metrics, store.samples]
 
-    def begin(self, request: HTTPRequest) -> Exchange:
+    def begin(self, request: RequestHead) -> Exchange:
         """Match the request's route and, if the route takes a body, check the one
         the request declares (body_length): all that can refuse it before a byte
         of its body is read."""
@@ -6187,7 +6197,7 @@ class Service:
                  "kept: the user's or every user's keys protect changes made within 24 "
                  "hours.", refused)]
 
-    def problem(self, error: BaseException, request: Optional[HTTPRequest] = None,
+    def problem(self, error: BaseException, request: Optional[RequestHead] = None,
                 line: str = "", origin: Optional[str] = None) -> Reply:
         """error_reply(error) for the request (None: one that could not be parsed;
         line is then what arrived of its request line, origin its Origin, if found),
@@ -6201,7 +6211,7 @@ class Service:
             self.log(f"The database failed in {where!r}: {error.cause!r}")
         return self.with_cors(reply, request, origin)
 
-    def with_cors(self, reply: Reply, request: Optional[HTTPRequest] = None,
+    def with_cors(self, reply: Reply, request: Optional[RequestHead] = None,
                   origin: Optional[str] = None) -> Reply:
         """The reply with its CORS headers, if the service has --cors-origin: for the
         request, or for a request known only by its origin (which cannot be a
@@ -6535,7 +6545,7 @@ def request_line(head: bytes) -> str:
     return str(line[:-1] if line.endswith(b"\r") else line, "iso-8859-1")
 
 
-def parse_head(head: bytes) -> HTTPRequest:
+def parse_head(head: bytes) -> RequestHead:
     """The request whose head (from find_head) this is, or HTTPError saying what is
     wrong with it. http.server's own parser (the email package) took a third of
     each request's time; this one is stricter, as RFC 9112 asks: one SP between the
@@ -6569,7 +6579,7 @@ def parse_head(head: bytes) -> HTTPRequest:
         raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
     if method not in KNOWN_METHODS:
         raise HTTPError(501, f"Unknown method {method!r}.")
-    return HTTPRequest(method, *split_target(target), f"HTTP/1.{minor}", headers)
+    return RequestHead(method, *split_target(target), f"HTTP/1.{minor}", headers)
 
 
 def _bad_request_line(line: str) -> HTTPError:
@@ -6587,7 +6597,7 @@ def _bad_request_line(line: str) -> HTTPError:
     return HTTPError(400, f"Bad request line {line!r}: expected METHOD /path HTTP/1.1.")
 
 
-def keep_alive(request: Optional[HTTPRequest], body_read: bool, draining: bool) -> bool:
+def keep_alive(request: Optional[RequestHead], body_read: bool, draining: bool) -> bool:
     """Whether a connection serves another request after answering this one: the
     one place that decides. Not after a request that could not be read (None: what
     follows it is suspect), nor one whose body is left unread (it would be read as
@@ -6603,7 +6613,7 @@ def keep_alive(request: Optional[HTTPRequest], body_read: bool, draining: bool) 
     return "keep-alive" in tokens if request.version == "HTTP/1.0" else "close" not in tokens
 
 
-def expects_continue(request: HTTPRequest) -> bool:
+def expects_continue(request: RequestHead) -> bool:
     """Whether the client waits for 100 Continue before it sends the body (RFC 9110
     section 10.1.1); an HTTP/1.0 client never does."""
     return request.headers.get("expect", "").lower() == "100-continue" \
@@ -6837,7 +6847,7 @@ class Connection:
                     break
         return origin
 
-    def _read_body(self, request: HTTPRequest, length: int) -> bytes:
+    def _read_body(self, request: RequestHead, length: int) -> bytes:
         """The request's body of length bytes, within the request's deadline. Sends
         100 Continue first if the client waits for it: only now, so that a request
         refused on its headers is refused unread."""
@@ -7044,7 +7054,7 @@ class MetricsTable:
         """The generation of the slot's last write (0: none yet); it grows with each."""
         return struct.unpack_from("<Q", self._map, slot * self._slot_bytes)[0]
 
-    def write(self, slot: int, layout: SeriesLayout, numbers, samples: dict,
+    def put(self, slot: int, layout: SeriesLayout, numbers, samples: dict,
               note: object = None) -> bool:
         """Publish a worker's numbers and samples, and a note, anything JSON holds
         (unless the slot holds them already); False if they do not fit (they always
@@ -7099,7 +7109,7 @@ class MetricsTable:
             for sample in reading.samples.values():
                 if sample[0] == "gauge":
                     sample[2] = 0
-            self.write(slot, reading.layout, reading.numbers, reading.samples, reading.note)
+            self.put(slot, reading.layout, reading.numbers, reading.samples, reading.note)
 
 
 # --- Server ---------------------------------------------------------------------------
@@ -7133,7 +7143,7 @@ class Log:
     def start(self) -> None:
         self._writer.start()
 
-    def write(self, line: str) -> None:
+    def add(self, line: str) -> None:
         if self.stream is None:
             return
         with self._lock:
@@ -7156,7 +7166,7 @@ class Log:
         while not self._closing.wait(TICK):
             self.flush()
         if self.dropped:
-            self.write(f"{self.dropped} log line(s) were dropped: the log's reader did not "
+            self.add(f"{self.dropped} log line(s) were dropped: the log's reader did not "
                        "keep up.")
         self.flush()
 
@@ -7212,7 +7222,7 @@ class SchedulerServer(ThreadingHTTPServer):
         self.log_complete = True  # false once closing found the log's reader stuck
         self._accept_failing = False  # accept() is out of resources; logged once
         self._log = Log(log_stream)  # a thread of its own: a stuck log stops no deadline
-        self.log = self._log.write  # log(line): bound once, for a call less a request
+        self.log = self._log.add  # log(line): bound once, for a call less a request
         service.log = self.log
         # Counted under _lock, for /metrics: connections refused at the cap, closed to
         # make room, and cut off by the watchdog past a deadline.
@@ -8061,7 +8071,7 @@ class Supervisor:
             "scheduler_worker_restarts_total": [
                 "counter", "Worker processes started in place of one that ended unplanned.",
                 self.restarted]}
-        self.metrics.write(self.metrics.slots - 1, SeriesLayout(()), [], samples, [
+        self.metrics.put(self.metrics.slots - 1, SeriesLayout(()), [], samples, [
             {"worker": number, "deaths": self.deaths[number], "last": self.last_end[number]}
             for number in failing])
 

@@ -4527,13 +4527,13 @@ class MetricsTableTest(unittest.TestCase):
         table = scheduler.MetricsTable(2)
         self.assertIsNone(table.read(0))
         for requests in (1, 2, 3):
-            self.assertTrue(table.write(0, *self.totals(requests)))
+            self.assertTrue(table.put(0, *self.totals(requests)))
         self.assertHolds(table.read(0), self.totals(3))
         self.assertIsNone(table.read(1))
 
     def test_a_layout_is_read_from_the_slot_by_a_process_that_has_not_seen_it(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, *self.totals(5))
+        table.put(0, *self.totals(5))
         table._layouts.clear()  # as in another process
         reading = table.read(0)
         self.assertIsNot(reading.layout, self.LAYOUT)
@@ -4541,28 +4541,28 @@ class MetricsTableTest(unittest.TestCase):
 
     def test_a_write_of_what_the_slot_holds_is_skipped(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, *self.totals(1))
+        table.put(0, *self.totals(1))
         generation = table.generation(0)
-        table.write(0, *self.totals(1))
+        table.put(0, *self.totals(1))
         self.assertEqual(table.generation(0), generation)
-        table.write(0, *self.totals(2))
+        table.put(0, *self.totals(2))
         self.assertEqual(table.generation(0), generation + 1)
 
     def test_a_writer_killed_halfway_leaves_the_last_whole_copy(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, *self.totals(1))
+        table.put(0, *self.totals(1))
         generation = struct.unpack_from("<Q", table._map, 0)[0]
         copy = 8 + ((generation + 1) % 2) * table.COPY_BYTES  # the copy the next write fills
         table._map[copy:copy + 80] = b"\xff" * 80  # torn, and never published
         self.assertHolds(table.read(0), self.totals(1))
-        table.write(0, *self.totals(2))
+        table.put(0, *self.totals(2))
         self.assertHolds(table.read(0), self.totals(2))
 
     def test_totals_too_large_are_refused_not_written_past_the_slot(self):
         table = scheduler.MetricsTable(2)
-        table.write(1, *self.totals(1))
+        table.put(1, *self.totals(1))
         layout, numbers, _ = self.totals(1)
-        self.assertFalse(table.write(0, layout, numbers, {"x": ["y" * table.COPY_BYTES]}))
+        self.assertFalse(table.put(0, layout, numbers, {"x": ["y" * table.COPY_BYTES]}))
         self.assertHolds(table.read(1), self.totals(1))
 
     def test_a_reader_while_another_thread_writes_sees_whole_totals_that_never_go_down(self):
@@ -4570,7 +4570,7 @@ class MetricsTableTest(unittest.TestCase):
 
         def write():
             for requests in range(1, 3001):
-                table.write(0, *self.totals(requests))
+                table.put(0, *self.totals(requests))
             done.set()
 
         writer = threading.Thread(target=write)
@@ -4589,14 +4589,14 @@ class MetricsTableTest(unittest.TestCase):
     def test_a_table_opened_by_its_descriptor_is_the_same_table(self):
         table = scheduler.MetricsTable(2)  # a worker gets table.fd, which survives exec
         other = scheduler.MetricsTable(2, table.fd)
-        other.write(1, *self.totals(5))
+        other.put(1, *self.totals(5))
         self.assertHolds(table.read(1), self.totals(5))
         with self.assertRaises(ValueError):  # the slots must match the file's size
             scheduler.MetricsTable(3, table.fd)
 
     def test_retiring_a_dead_workers_slot_keeps_its_counters_and_zeroes_its_gauges(self):
         table = scheduler.MetricsTable(1)
-        table.write(0, *self.totals(7, open_now=5))
+        table.put(0, *self.totals(7, open_now=5))
         table.retire(0)
         reading = table.read(0)
         self.assertEqual(list(reading.numbers), self.totals(7)[1])
@@ -4774,7 +4774,7 @@ class Client:
             body = body.encode()
         if body is not None:
             headers.setdefault("content-length", str(len(body)))
-        request = scheduler.HTTPRequest(method, *scheduler.split_target(target), "HTTP/1.1",
+        request = scheduler.RequestHead(method, *scheduler.split_target(target), "HTTP/1.1",
                                         headers)
         exchange = self.service.begin(request)
         reply = self.service.respond(exchange, (body or b"")[:exchange.body_length],
@@ -5107,7 +5107,7 @@ class HealthTest(RouteTestCase):
         self.client.service.metrics.share(table, 0, supervisor_slot=3)
         self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
         nothing = scheduler.SeriesLayout(())
-        table.write(3, nothing, [], {}, [
+        table.put(3, nothing, [], {}, [
             {"worker": 1, "deaths": 3, "last": "exited with status 1 before it was ready"}])
         response = self.request("GET", "/healthz")
         self.assertEqual(response.status, 200)  # this worker serves: keep sending it requests
@@ -5115,7 +5115,7 @@ class HealthTest(RouteTestCase):
         self.assertEqual((body["status"], body["failing_workers"]), ("degraded", [1]))
         self.assertIn("Worker 1 keeps dying young (3 times in a row; the last exited with "
                       "status 1 before it was ready)", body["detail"])
-        table.write(3, nothing, [], {}, [])
+        table.put(3, nothing, [], {}, [])
         self.assertEqual(self.request("GET", "/healthz").json(), {"status": "ok"})
 
 
@@ -6951,7 +6951,7 @@ class PostgresFaultTest(RouteTestCase):
                                      "M": "could not serialize access"})
 
         with self.assertRaises(scheduler.StoreUnavailable) as refused:
-            self.store.write(overtaken)
+            self.store.transact(overtaken)
         self.assertEqual(len(runs), scheduler._PG_RETRIES)
         self.assertIn("busy", str(refused.exception))
         self.assertEqual(refused.exception.retry_after, 1)
@@ -7010,7 +7010,7 @@ def head_of_size(size: int) -> bytes:
 
 def read_head(data: bytes, piece: int) -> Tuple[object, bytes]:
     """What find_head() and parse_head() make of data arriving piece bytes at a time,
-    fed as a Connection feeds them: (the HTTPRequest, or the HTTPError raised, or
+    fed as a Connection feeds them: (the RequestHead, or the HTTPError raised, or
     None if the head never ended; the bytes after the head)."""
     received, searched = bytearray(), 0
     for offset in range(0, len(data), piece):
@@ -7031,7 +7031,7 @@ class HeadGrammarTest(unittest.TestCase):
     """find_head() and parse_head(), as h11 tests its reader: each head fed whole,
     byte by byte, and with the next request's bytes behind it."""
 
-    ACCEPTED = [  # (name, raw head, what the HTTPRequest holds)
+    ACCEPTED = [  # (name, raw head, what the RequestHead holds)
         ("a GET", b"GET /appointments?user_id=a HTTP/1.1\r\nHost: t\r\n\r\n",
          {"method": "GET", "path": "/appointments", "query": "user_id=a",
           "version": "HTTP/1.1", "headers": {"host": "t"}}),
@@ -7114,7 +7114,7 @@ class HeadGrammarTest(unittest.TestCase):
             for feed, piece, behind in self.FEEDS:
                 with self.subTest(name, feed=feed):
                     request, rest = read_head(raw + behind, piece or len(raw + behind))
-                    self.assertIsInstance(request, scheduler.HTTPRequest)
+                    self.assertIsInstance(request, scheduler.RequestHead)
                     self.assertEqual({field: getattr(request, field) for field in expected},
                                      expected)
                     self.assertEqual(rest, raw.partition(b"\r\n\r\n" if b"\r\n\r\n" in raw
@@ -7144,10 +7144,10 @@ class HeadGrammarTest(unittest.TestCase):
         self.assertEqual(scheduler.request_line(b"GET / HTTP/1.1\n\n"), "GET / HTTP/1.1")
 
 
-def http_request(**overrides) -> scheduler.HTTPRequest:
+def http_request(**overrides) -> scheduler.RequestHead:
     fields = {"method": "GET", "path": "/appointments", "query": "", "version": "HTTP/1.1",
               "headers": {"host": "t"}, **overrides}
-    return scheduler.HTTPRequest(**fields)
+    return scheduler.RequestHead(**fields)
 
 
 class KeepAliveTest(unittest.TestCase):
@@ -7898,11 +7898,11 @@ class StuckLogTest(unittest.TestCase):
         log.start()
         self.addCleanup(log.close, 0)
         self.addCleanup(stream.released.set)
-        log.write("first")
+        log.add("first")
         wait_until(stream.blocked.is_set, what="the log writer to block")
         line = "x" * 999
         for _ in range(3 * scheduler.LOG_BACKLOG_BYTES // 1000):  # 3 MB for a 1 MiB backlog
-            log.write(line)
+            log.add(line)
         kept = 3 * scheduler.LOG_BACKLOG_BYTES // 1000 - log.dropped
         self.assertLessEqual(kept * 1000, scheduler.LOG_BACKLOG_BYTES)
         self.assertGreater(kept, 0)
