@@ -4907,6 +4907,13 @@ class Reply(NamedTuple):
     media_type: str = JSON_TYPE
 
 
+def content_of(body) -> Optional[bytes]:
+    """A Reply's body as the bytes render_response() sends."""
+    if body is None or isinstance(body, bytes):
+        return body
+    return body.encode() if isinstance(body, str) else json_content(body)
+
+
 def parse_query(query: str) -> Dict[str, List[str]]:
     """Decode a query string into each name's values, as urllib.parse.parse_qs
     does (at a third of its cost); 400 when it has more than MAX_QUERY_PARAMETERS
@@ -5227,15 +5234,6 @@ CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After, Idempotent
 CORS_MAX_AGE = 7200
 CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
-# An Origin header line, found in the bytes of a head that could not be parsed.
-_ORIGIN_LINE = re.compile(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([!-~]+)[ \t]*\r?\n")
-
-
-def lenient_origin(data: bytes) -> Optional[str]:
-    """The Origin a request sent, from the bytes of a head that could not be parsed,
-    if they hold one: so that a page's script can read why its request failed."""
-    found = _ORIGIN_LINE.search(data)
-    return None if found is None else str(found.group(1), "iso-8859-1")
 
 
 def cors_headers(origins: frozenset, origin: Optional[str], preflight: bool,
@@ -6323,13 +6321,6 @@ def list_appointments(service: Service, request: Request) -> Reply:
     return service.kept.reply(service.store, ("list", user_id, first, last), user_id, make)
 
 
-def content_of(body) -> Optional[bytes]:
-    """A Reply's body as the bytes render_response() sends."""
-    if body is None or isinstance(body, bytes):
-        return body
-    return body.encode() if isinstance(body, str) else json_content(body)
-
-
 def write_once(service: Service, request: Request, user_id: str,
                perform: Callable[[Optional[Keyed]], object],
                reply_for: Callable[[object], Reply]) -> Reply:
@@ -6670,6 +6661,17 @@ def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = Fa
     return (head, size) if head_only or body is None else (head + body, size)
 
 
+# An Origin header line, found in the bytes of a head that could not be parsed.
+_ORIGIN_LINE = re.compile(rb"\n[Oo][Rr][Ii][Gg][Ii][Nn][ \t]*:[ \t]*([!-~]+)[ \t]*\r?\n")
+
+
+def lenient_origin(data: bytes) -> Optional[str]:
+    """The Origin a request sent, from the bytes of a head that could not be parsed,
+    if they hold one: so that a page's script can read why its request failed."""
+    found = _ORIGIN_LINE.search(data)
+    return None if found is None else str(found.group(1), "iso-8859-1")
+
+
 # --- Connection: one client's life, from accept to close ------------------------------
 
 # up before its reply was made (nginx's "client closed request"); never sent
@@ -6947,18 +6949,19 @@ class Connection:
             pass
         self._sock.close()
 
-    def refuse(self, service: Service, reply: Reply) -> None:
+    def refuse(self, service: Service, error: HTTPError) -> None:
         """Answer from the accepting thread, which must never block, and close."""
         try:
             self._sock.setblocking(False)
             received = b""
             with contextlib.suppress(BlockingIOError):  # take what the client sent, so
                 received = self._sock.recv(65536)  # that closing does not reset the connection
+            origin = None
             if service.cors_origins:  # and, if it has come, whose page sent it; else
                 origin = lenient_origin(received)  # the one origin allowed, if one is
                 if origin is None and len(service.cors_origins) == 1:
                     origin, = service.cors_origins
-                reply = service.with_cors(reply, origin=origin)
+            reply = service.problem(error, origin=origin)
             self._sock.send(render_response(reply, keep_open=False)[0])  # small: it fits
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -7203,6 +7206,14 @@ class SchedulerServer(ThreadingHTTPServer):
         shutdown_request()  closes it and gives back its slot
         handle_error()      logs what ended it
         server_close()      also stops the watchdog and the log's thread
+
+    What it keeps of ThreadingHTTPServer: the listening socket (server_bind(),
+    which also records the server's name), serve_forever() and shutdown(), and a
+    thread per connection. Not its request handler, BaseHTTPRequestHandler: that
+    reads a head line by line from a file object, with one socket timeout for each
+    read rather than a deadline for the whole request, and answers errors in HTML;
+    Connection reads and writes HTTP/1.1 itself (RFC 9112), with a deadline on every
+    wait and a problem+json for every error (RFC 9457).
     """
 
     daemon_threads = True  # a connection still open after drain() must not block exit
@@ -7305,9 +7316,9 @@ class SchedulerServer(ThreadingHTTPServer):
             super().process_request(connection, client_address)
             return
         cap = self.limits.max_connections
-        connection.refuse(self.service, error_reply(HTTPError(
+        connection.refuse(self.service, HTTPError(
             503, f"The server is serving its maximum of {cap} connections; retry shortly.",
-            headers={"Retry-After": "1"})))
+            headers={"Retry-After": "1"}))
         self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
 
     def finish_request(self, connection: Connection, client_address) -> None:
@@ -7398,6 +7409,9 @@ class SchedulerServer(ThreadingHTTPServer):
             return len(self._connections)
 
 
+# --- Command line ---------------------------------------------------------------------
+
+
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, *,
                 log_stream: Optional[TextIO] = sys.stderr, limits: Optional[Limits] = None,
                 cors_origins: Tuple[str, ...] = (),
@@ -7413,9 +7427,6 @@ def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, 
     """
     service = Service(store if store is not None else InMemoryStore(), limits, cors_origins)
     return SchedulerServer((host, port), service, log_stream, listener)
-
-
-# --- Command line ---------------------------------------------------------------------
 
 
 def _port(text: str) -> int:

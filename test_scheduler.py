@@ -18,6 +18,7 @@
 Run: make test  (that is: python3 -m unittest -v)
 """
 
+import ast
 import atexit
 import base64
 import collections
@@ -1423,6 +1424,109 @@ class ParseAppointmentTest(unittest.TestCase):
         errors = caught.exception.errors
         self.assertEqual([field for field, _ in errors], ["user_id", "date", "time"])
         self.assertEqual(errors[2], ("time", "time is required"))
+
+
+class ModuleLayoutTest(unittest.TestCase):
+    """scheduler.py reads top to bottom, as its docstring says: no section uses a
+    name that a section below it defines, and part two, the HTTP runtime, reaches
+    part one, the service, only through Service and Metrics and the values they
+    take and give (its command line, where the two are put together, aside)."""
+
+    RUNTIME_TAKES = frozenset({  # from part one, besides Service and Metrics
+        "RequestHead", "Reply", "HTTPError", "Limits", "ClientGone", "content_of",
+        "CLIENT_GONE", "UNMATCHED", "REASONS", "KNOWN_METHODS", "SERVER_NAME",
+        "DEFAULT_HOST", "DEFAULT_PORT", "Sample", "SeriesLayout", "Reading"})
+
+    @staticmethod
+    def statements() -> List[Tuple[int, str, ast.stmt]]:
+        """Each top-level statement below the first banner: its part (1 or 2), its
+        section, and itself."""
+        with open(SCRIPT, encoding="utf-8") as file:
+            source = file.read()
+        marks = []  # (line, part, section)
+        part = 0
+        for number, line in enumerate(source.splitlines(), 1):
+            if line.startswith("# Part "):
+                part += 1
+            found = re.match(r"# --- (.+?) -+$", line)
+            if found:
+                marks.append((number, part, found.group(1)))
+        placed = []
+        for node in ast.parse(source).body:
+            before = [mark for mark in marks if mark[0] <= node.lineno]
+            if before:
+                placed.append((before[-1][1], before[-1][2], node))
+        return placed
+
+    @staticmethod
+    def defined(node: ast.stmt) -> List[str]:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return [node.name]
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, ast.AnnAssign) else []
+        return [name.id for target in targets for name in ast.walk(target)
+                if isinstance(name, ast.Name)]
+
+    @staticmethod
+    def used(node: ast.AST) -> Set[str]:
+        """The module-level names node reads (in quoted annotations too), less those
+        that a function or class inside it binds for itself."""
+        found: Set[str] = set()
+
+        def visit(node: ast.AST, bound: frozenset) -> None:
+            if isinstance(node, (ast.FunctionDef, ast.Lambda, ast.ClassDef)):
+                own: Set[str] = set()
+                if not isinstance(node, ast.ClassDef):
+                    arguments = node.args
+                    own |= {argument.arg for argument in (
+                        *arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs,
+                        arguments.vararg, arguments.kwarg) if argument is not None}
+                for child in ast.walk(node):
+                    if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                        own.add(child.id)
+                    elif isinstance(child, ast.ExceptHandler) and child.name:
+                        own.add(child.name)
+                bound = bound | own
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) \
+                    and node.id not in bound:
+                found.add(node.id)
+            annotations = [getattr(node, "returns", None), getattr(node, "annotation", None)]
+            for annotation in filter(None, annotations):
+                for text in ast.walk(annotation):
+                    if isinstance(text, ast.Constant) and isinstance(text.value, str):
+                        found.update(re.findall(r"[A-Za-z_]\w*", text.value))
+            for child in ast.iter_child_nodes(node):
+                visit(child, bound)
+
+        visit(node, frozenset())
+        return found
+
+    def test_no_section_uses_one_below_it(self):
+        placed = self.statements()
+        where = {}  # name: its section's place in the file
+        sections = list(dict.fromkeys(section for _, section, _ in placed))
+        for _, section, node in placed:
+            for name in self.defined(node):
+                where.setdefault(name, sections.index(section))
+        for _, section, node in placed:
+            for name in sorted(self.used(node)):
+                with self.subTest(section=section, name=name):
+                    self.assertLessEqual(where.get(name, -1), sections.index(section),
+                                         f"{section} (line {node.lineno}) uses {name}, "
+                                         "which a section below it defines")
+
+    def test_the_runtime_reaches_the_service_through_service_and_metrics(self):
+        placed = self.statements()
+        self.assertEqual(sorted({part for part, _, _ in placed}), [1, 2])
+        service_names = {name for part, _, node in placed if part == 1
+                         for name in self.defined(node)}
+        for part, section, node in placed:
+            if part != 2 or section.startswith("Command line"):
+                continue
+            for name in sorted(self.used(node) & service_names):
+                with self.subTest(section=section, name=name):
+                    self.assertIn(name, self.RUNTIME_TAKES | {"Service", "Metrics"},
+                                  f"{section} (line {node.lineno}) reaches into part one")
 
 
 class RulesOnceTest(unittest.TestCase):
@@ -8261,7 +8365,7 @@ class RefusedOriginTest(unittest.TestCase):
                 self.addCleanup(theirs.close)
                 theirs.sendall(sent)
                 scheduler.Connection(ours, ("192.0.2.1", 1), _Host(service.limits)).refuse(
-                    service, scheduler.error_reply(scheduler.HTTPError(503, "Full.")))
+                    service, scheduler.HTTPError(503, "Full."))
                 response = read_response(theirs)
                 self.assertEqual(response.status, 503)
                 self.assertEqual(response.headers["Access-Control-Allow-Origin"], expected)
