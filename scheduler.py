@@ -195,7 +195,7 @@ class Appointment(NamedTuple):
         plus its start and end as RFC 3339 UTC instants; details only where given."""
         date, time, start, end = _start_strings(self.start)
         shown = {"user_id": self.user_id, "date": date, "time": time, "start": start, "end": end}
-        if self[2:] != _NO_DETAILS:  # one tuple comparison: 0.4 us a call less than any()
+        if self[2:] != _NO_DETAILS:  # one tuple comparison, not any(): this runs for every row
             shown.update((detail.name, value) for detail, value in zip(DETAILS, self[2:])
                          if value is not None)
         return shown
@@ -833,10 +833,10 @@ class InMemoryStore(Store):
 
     Holds user ID -> the user's one appointment, or, from the second, _Dates {date
     -> it}; an appointment is kept as its start alone unless it has details. Most
-    members hold one appointment without details, and a dict of one entry costs
-    more than the rest of it (a million one-appointment users took 402 bytes each
-    that way, 139 this way; README, Performance). Dates and datetimes are
-    immutable and untracked by the garbage collector, so a large store stays cheap.
+    members hold one appointment without details, and a dict of one entry would
+    take more memory than the rest of it (README, Performance). Dates and
+    datetimes are immutable and untracked by the garbage collector, so a large
+    store stays cheap.
     """
 
     def __init__(self, capacity: Optional[int] = None, max_keys: int = MAX_KEYS, *,
@@ -1036,8 +1036,8 @@ def past_the_bounds() -> Tuple[str, tuple]:
 @functools.lru_cache(maxsize=4096)
 def _stored_start(date: str, time: str) -> dt.datetime:
     """The start of a stored appointment, read by today's rules (ValueError if it
-    breaks them). Cached: it is read at every listing, and a cached read cost less
-    than datetime.fromisoformat() alone."""
+    breaks them). Cached: it is read for every row of every listing, and looking it
+    up is cheaper than even datetime.fromisoformat() alone."""
     return dt.datetime.combine(parse_date(date), parse_time(time), tzinfo=dt.timezone.utc)
 
 
@@ -1620,8 +1620,8 @@ def _lenient_text(data: bytes) -> str:
 class _SQLiteDatabase(SQLDatabase):
     """An sqlite3 connection as SQLStore runs its SQL through it. A row with text
     that is not UTF-8 (written past the checks) is read again leniently, so that
-    the rules refuse the row, rather than the read failing; only then, since a
-    text_factory of Python's costs 2 us a listing."""
+    the rules refuse the row, rather than the read failing. This is done only
+    then, since a text_factory written in Python would slow down every listing."""
 
     def __init__(self, connection: sqlite3.Connection):
         self.connection, self.rowcount = connection, -1
@@ -1882,8 +1882,8 @@ class SQLiteStore(SQLStore):
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
         # Processes sharing the file take turns at writing through this lock: a process
         # waiting for it wakes as soon as it is free, where SQLite's own busy handler
-        # sleeps for up to 100 ms at a time (with two workers, p99 went from 443 to
-        # a few ms).
+        # sleeps between tries, so a waiting writer would often sleep on past the
+        # moment the lock was freed.
         self._turns: Optional[_Turns] = None  # opened with the database, below
         self._writer = self._reader = None
         self._write_db = self._read_db = None  # the two as SQLDatabases
@@ -3635,8 +3635,9 @@ class PGConnection:
         return left
 
     # The socket is non-blocking (timeout 0), and a send or receive that cannot go on
-    # now waits in poll() until the deadline: three system calls a round trip (send,
-    # poll, receive), where a socket timeout costs six, the GIL let go at each.
+    # now waits in poll() until the deadline. A round trip then takes three system
+    # calls (send, poll, receive), each letting go of the GIL; a socket timeout
+    # would take twice as many.
 
     def _wait(self, events: int, deadline: float) -> bool:
         """Wait until the socket is ready for events (select.POLLIN, POLLOUT), or the
@@ -4633,10 +4634,10 @@ class Metrics:
 
     observe() is on every request's path, so it only appends to a deque (atomic,
     no lock); the observations are folded into the counts when scraped, or by the
-    request that finds FOLD_AT waiting. (A lock and a dict update in each request
-    cost 1.4 us of a GET's 50 over a socket; this, 0.9.) A scrape renders a text
-    made once (SeriesLayout.render()), and with --workers adds up the other
-    workers' numbers once for all the scrapes until one of them publishes anew.
+    request that finds FOLD_AT waiting: taking a lock and updating a dict would
+    slow down every request, to spare the rare scrape. A scrape renders a text made
+    once (SeriesLayout.render()), and with --workers adds up the other workers'
+    numbers once for all the scrapes until one of them publishes anew.
     """
 
     FOLD_AT = 1024  # observations waiting at most before a request folds them in
@@ -4899,8 +4900,8 @@ class Reply(NamedTuple):
 
 def parse_query(query: str) -> Dict[str, List[str]]:
     """Decode a query string into each name's values, as urllib.parse.parse_qs
-    does (at a third of its cost); 400 when it has more than MAX_QUERY_PARAMETERS
-    or is not percent-encoded UTF-8."""
+    does, but doing only what a query of this API needs, so more quickly; 400 when
+    it has more than MAX_QUERY_PARAMETERS or is not percent-encoded UTF-8."""
     fields = [field for field in query.split("&") if field]
     if len(fields) > MAX_QUERY_PARAMETERS:
         raise HTTPError(400, f"The query string has more than {MAX_QUERY_PARAMETERS} parameters.")
@@ -5038,7 +5039,7 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
 
     The tags of recent contents are kept with the contents themselves: a listing
     polled again is found by its bytes (Python's own hash of them, then a compare,
-    cost less than SHA-1) and not hashed again."""
+    which is cheaper than SHA-1) and not hashed again."""
     global _tags_kept_bytes
     tag = _TAGS.get(content)
     if tag is None:
@@ -5403,9 +5404,9 @@ def _class_char(code: int) -> str:
 @functools.lru_cache(maxsize=None)
 def _category_runs() -> Tuple[Tuple[int, int, str], ...]:
     """Every code point's category in this Python's Unicode database (the one the
-    parsers consult), as runs (first, last, category): 3,968 in Unicode 15. One
-    pass over the 1.1 million code points, 0.3 s; the character classes below took
-    0.7 s when each made a pass of its own."""
+    parsers consult), as runs (first, last, category). Every code point is looked
+    at once, here, so that the character classes below need not each make a pass
+    of their own over all of them."""
     runs, first = [], 0
     for category, group in itertools.groupby(map(unicodedata.category,
                                                  map(chr, range(sys.maxunicode + 1)))):
@@ -6537,10 +6538,10 @@ def request_line(head: bytes) -> str:
 
 def parse_head(head: bytes) -> HTTPRequest:
     """The request whose head (from find_head) this is, or HTTPError saying what is
-    wrong with it. http.server's own parser (the email package) took a third of
-    each request's time; this one is stricter, as RFC 9112 asks: one SP between the
-    parts of the request line, an ASCII target, no HTTP/0.9, no folded lines, no
-    space before a colon, one Host."""
+    wrong with it. http.server's own parser (the email package) is not used: it
+    spent much of each request's time. This one is also stricter, as RFC 9112
+    asks: one SP between the parts of the request line, an ASCII target, no
+    HTTP/0.9, no folded lines, no space before a colon, one Host."""
     lines = str(head, "iso-8859-1").split("\n")
     line = lines[0][:-1] if lines[0].endswith("\r") else lines[0]
     parts = _REQUEST_LINE.fullmatch(line)
@@ -7560,8 +7561,8 @@ def pin_to_one_cpu(choice) -> Optional[int]:
     """Keep this process, and the threads it starts from now on, on one CPU; return
     it, or None where threads may run anywhere. Raises OSError for a CPU that
     cannot be used. Only one thread runs Python at a time (the GIL), and a request
-    hands it between threads twice, which costs far more across CPUs: pinned, the
-    server measured half again the throughput, a quarter of the p99 (README)."""
+    hands it between threads twice, which is much slower when the threads are on
+    different CPUs (README, Performance)."""
     if choice == "any" or not hasattr(os, "sched_setaffinity"):  # macOS has no affinity
         if isinstance(choice, int):
             raise OSError(f"this system cannot pin a process to CPU {choice}")
