@@ -578,7 +578,7 @@ class Changes(NamedTuple):
     details: Mapping[str, Optional[str]] = types.MappingProxyType({})  # read-only
 
     def applied(self, appointment: Appointment) -> Appointment:
-        """The appointment changed so."""
+        """The appointment with these changes made to it."""
         start = dt.datetime.combine(self.date or appointment.start.date(),
                                     self.time or appointment.start.time(),
                                     tzinfo=dt.timezone.utc)
@@ -644,13 +644,13 @@ def _once(keyed: Optional[Keyed], keys: KeyTable, limits: Tuple[int, int],
     """perform() a write once per key: the response kept for keyed's key, if any, is
     raised (AlreadyKeyed); else the write is performed and its outcome's response
     kept, whatever the outcome. limits: the keys one user, then all users, may
-    hold. Unchanged keys make room: the user's own, and at the total, if the user
-    has none, the oldest of any user's (then its retry is done again, where it
-    would otherwise be refused: the answer a keyed 404 or 409 keeps is worth less
-    than the service). KeysFull when no key can make room, before anything is
-    performed, so nothing is ever done that a retry could do again. Run under the
-    lock or in the transaction of the write, so that two writes of one key never
-    both perform."""
+    hold. Unchanged keys make room: the user's own first, and at the total, if the
+    user has none, the oldest of any user's. The retry of a request whose key was forgotten is
+    performed again rather than refused; that is acceptable, since such a key
+    only kept a 404 or a 409. KeysFull is raised when no key can make room, before
+    anything is performed, so that nothing is ever done that a retry could do
+    again. Run it under the store's lock or in the write's transaction, so that
+    two writes with one key never both perform."""
     if keyed is None:
         return perform()
     now = time.time()
@@ -6160,9 +6160,10 @@ class Service:
 
     @contextlib.contextmanager
     def processing(self, user_id: str, key: str):
-        """While a write of the user's Idempotency-Key is under way here; 409 if one
-        already is (another process's, at the same moment, waits for its
-        transaction and then finds the key kept)."""
+        """Mark a write with the user's Idempotency-Key as under way in this process,
+        for the length of the with block. Raises a 409 HTTPError if one already is.
+        (A write with the same key in another process is not seen here: its
+        transaction makes this one wait, and this one then finds the key kept.)"""
         with self._processing_lock:
             if (user_id, key) in self._processing:
                 raise HTTPError(409, "A request with this Idempotency-Key is still being "
@@ -6689,8 +6690,8 @@ class Connection:
     """One client connection, from accept to close, served by one thread: the one
     object that owns its socket, its phase and its deadline. serve() reads each
     request's bytes and hands them to the wire format's functions (find_head(),
-    parse_head(), keep_alive(), render_response()) and the Service; those never
-    touch the socket, and this does nothing else.
+    parse_head(), keep_alive(), render_response()) and to the Service. Those never
+    touch the socket, and this class does nothing but read and write it.
 
         event                            phase     deadline
         the server accepts it            NEW       none until its thread serves it
@@ -6711,8 +6712,9 @@ class Connection:
 
     The socket stays blocking (a socket timeout adds a poll() to every read and
     write, and each system call hands over the GIL); instead the server's watchdog
-    calls expire_if_late(), which shuts down the socket of a late connection: a
-    late reader gets end-of-file if WAITING, else a 408; a late writer, an error.
+    calls expire_if_late(), which shuts down the socket of a late connection. A
+    connection late while WAITING reads end-of-file and closes; one late while
+    READING answers 408; one late while WRITING fails to send, and closes.
 
     The server makes a Connection when it accepts one (it counts from then) and
     serves it in a thread of its own: SchedulerServer.finish_request() calls
@@ -6959,8 +6961,8 @@ class Connection:
     # For the server's other threads.
 
     def expire_if_late(self, now: float) -> bool:
-        """For the watchdog: past the deadline, end the blocked read (or write); whether
-        this did."""
+        """For the watchdog: if the connection is past its deadline, end its blocked
+        read (or write). Return True if this call did so."""
         with self._lock:
             if self._deadline is None or now < self._deadline or self._expired:
                 return False
@@ -6976,9 +6978,10 @@ class Connection:
     def close_if_idle(self, keep_new: bool = False) -> bool:
         """For shutdown, or to make room: end the wait for another request with
         end-of-file, even if its first bytes are on their way (a client must be
-        ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Whether
-        it was waiting, and so is closing. keep_new: not if it is waiting for its
-        first request (shutdown: that one is answered)."""
+        ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Return
+        True if it was waiting, and so is now closing. With keep_new, a connection
+        still waiting for its first request is left alone (at shutdown, that
+        request is answered)."""
         with self._lock:
             if self._phase != self.WAITING or (keep_new and not self._served):
                 return False
