@@ -13,7 +13,7 @@ with curl; the README documents every endpoint. Standard library only, Python 3.
     GET    /healthz
     GET    /metrics              (Prometheus text format)
     GET    /openapi.json
-    OPTIONS any path, or *      (which methods it takes; a browser's CORS preflight)
+    OPTIONS any path above, or * (which methods it takes; a browser's CORS preflight)
 
 Lists, appointments and feeds carry an ETag, and answer If-None-Match with 304.
 
@@ -5313,8 +5313,9 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
     it with its decoded path parameters.
 
     Raises a 404 HTTPError for an unknown path and a 405, with the allowed methods,
-    for a known path and another method. HEAD is served as GET, and OPTIONS for
-    every path (and for "*", the server as a whole).
+    for a known path and another method. HEAD is served as GET. OPTIONS is
+    answered for every known path, and for "*" (the server as a whole); for an
+    unknown path it is a 404, as any other method is.
     """
     if path == "*" or (method == "CONNECT" and not path.startswith("/")):
         allow = _allow([route.method for route in routes])  # what the server takes
