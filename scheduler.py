@@ -691,7 +691,21 @@ class Store(abc.ABC):
     key keeps the response keyed renders of its outcome, with the change, for
     KEY_LIFETIME seconds; a write of a key kept already raises AlreadyKeyed with
     it instead, and changes nothing; KeysFull when there is no room to keep
-    another (_once())."""
+    another (_once()).
+
+    Methods for the caller (Service and its routes):
+
+    - book(appointment, keyed), get(user_id, date), reschedule(user_id, date,
+      changes, condition, keyed), cancel(user_id, date, condition, keyed)
+    - list_for_user(user_id, first, last), version(user_id)
+    - check(), for /healthz; count(), count_keys() and samples(), for /metrics
+    - close()
+
+    Methods a subclass must define: every one marked abstract (a subclass that
+    leaves one out cannot be made: TypeError).
+
+    Methods that may be overridden: check() (calling this one), samples(),
+    close()."""
 
     capacity: Optional[int] = None
     user_capacity: int = MAX_APPOINTMENTS_PER_USER
@@ -6100,7 +6114,20 @@ class Service:
     where unexpected errors are logged. A request's one path to its reply is
     begin() (route it, and say how much body it needs), then respond() (with that
     body), for a Connection and for the tests' in-process client alike; neither
-    touches a socket. problem() answers a request that never got that far."""
+    touches a socket. problem() answers a request that never got that far.
+
+    Methods for the caller (a Connection, the in-process client):
+
+    - begin(request), then respond(exchange, body, client_gone)
+    - problem(error, request, line, origin): the reply to a request that failed
+      before respond()
+    - with_cors(reply, request, origin)
+
+    Methods for the routes: processing(user_id, key), count_refused_key().
+
+    Attributes a caller may set: log (where unexpected errors go) and now (the
+    clock). It is not meant to be subclassed: the routes (ROUTES) and the store
+    are where behaviour changes."""
 
     def __init__(self, store: Store, limits: Optional[Limits] = None,
                  cors_origins: Tuple[str, ...] = (),
@@ -6720,6 +6747,19 @@ class Connection:
     The server makes a Connection when it accepts one (it counts from then) and
     serves it in a thread of its own: SchedulerServer.finish_request() calls
     serve(), where socketserver would make a request handler.
+
+    Methods for the server:
+
+    - Connection(sock, client_address, server); server gives limits, log,
+      draining and closing_idle
+    - serve(service), in the connection's own thread, then close() (both from
+      SchedulerServer's hooks)
+    - refuse(service, reply), from the accepting thread: answer and close
+    - from other threads: expire_if_late(now) (the watchdog), close_if_idle(),
+      phase and waiting_since
+
+    Nothing is meant to be overridden. The phases are enforced: a change that
+    _NEXT_PHASES does not allow raises RuntimeError.
     """
 
     NEW, WAITING, READING, BUSY, WRITING, CLOSED = (
