@@ -845,12 +845,12 @@ class _Dates(dict):
 class InMemoryStore(Store):
     """Appointments in a dict, shared safely by the request threads; the default.
 
-    Holds user ID -> the user's one appointment, or, from the second, _Dates {date
-    -> it}; an appointment is kept as its start alone unless it has details. Most
-    members hold one appointment without details, and a dict of one entry would
-    take more memory than the rest of it (README, Performance). Dates and
-    datetimes are immutable and untracked by the garbage collector, so a large
-    store stays cheap.
+    It maps each user ID to what the user holds: the one appointment, or, once
+    there are two or more, a _Dates of them by date. An appointment is kept as its
+    start alone unless it has details. Most members hold one appointment without
+    details, and a dict of one entry would take more memory than the rest of it
+    (README, Performance). Dates and datetimes are immutable and untracked by the
+    garbage collector, so a large store stays cheap.
     """
 
     def __init__(self, capacity: Optional[int] = None, max_keys: int = MAX_KEYS, *,
@@ -6416,8 +6416,9 @@ def show_appointment(service: Service, request: Request) -> Reply:
 
 @route("PATCH", "/appointments/{user_id}/{date}", PATCH_TYPES)
 def reschedule_appointment(service: Service, request: Request) -> Reply:
-    """PATCH with a JSON merge patch (RFC 7396) of date and time: the appointment
-    moves in one step, or stays. When its date changes, so does its URL."""
+    """PATCH with a JSON merge patch (RFC 7396) of date, time and details: the
+    appointment changes in one step, or not at all. When its date changes, so
+    does its URL."""
     user_id, date = path_key(request.params)
     if not isinstance(request.body, dict):
         raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
@@ -6470,9 +6471,10 @@ def show_calendar(service: Service, request: Request) -> Reply:
 def check_health(service: Service, request: Request) -> Reply:
     """503 while this process cannot take bookings (the store's check() says why);
     else 200: "ok", or with --workers "degraded" while another worker keeps dying
-    young. This one serves (the socket is shared: a connection goes to a worker
-    that accepts), so a load balancer should keep sending requests; the body
-    says which worker fails and how, for the operator and the monitoring."""
+    young. A degraded answer is still 200 because this worker serves, and the
+    socket is shared (a connection goes to whichever worker accepts it), so a load
+    balancer should keep sending requests. The body says which worker fails and
+    how, for the operator and the monitoring."""
     try:
         service.store.check()
     except StoreFull as full:  # retrying will not help: no Retry-After
