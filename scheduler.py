@@ -687,11 +687,12 @@ class Store(abc.ABC):
     bound), user_capacity for one user, max_keys Idempotency-Keys over all users
     and max_keys_per_user for one.
 
-    The three writes take keyed (an Idempotency-Key's Keyed): the first write of a
-    key keeps the response keyed renders of its outcome, with the change, for
-    KEY_LIFETIME seconds; a write of a key kept already raises AlreadyKeyed with
-    it instead, and changes nothing; KeysFull when there is no room to keep
-    another (_once()).
+    The three writes (book, reschedule, cancel) take keyed, the Keyed of a
+    request's Idempotency-Key. The first write with a key keeps the response that
+    keyed renders of its outcome, together with the change, for KEY_LIFETIME
+    seconds. A later write with that key changes nothing, and raises AlreadyKeyed
+    with that response. KeysFull is raised when there is no room to keep another
+    key (_once()).
 
     Methods for the caller (Service and its routes):
 
@@ -1083,9 +1084,10 @@ class SQLDatabase(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, sql: str, parameters: tuple = ()) -> list:
-        """Run one statement and set rowcount; the rows it returned, each a tuple
-        (none for a statement that returns none). The database's failures are
-        raised as its own errors, for the store's write() or reading() to answer."""
+        """Run one statement, set rowcount, and return the rows it returned, each a
+        tuple (an empty list for a statement that returns none). The database's
+        failures are raised as its own errors, for the store's write() or
+        reading() to answer."""
 
 
 class _SQLKeys(KeyTable):
