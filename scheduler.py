@@ -13,7 +13,7 @@ with curl; the README documents every endpoint. Standard library only, Python 3.
     GET    /healthz
     GET    /metrics              (Prometheus text format)
     GET    /openapi.json
-    OPTIONS any path, or *      (which methods it takes; a browser's CORS preflight)
+    OPTIONS any path above, or * (which methods it takes; a browser's CORS preflight)
 
 Lists, appointments and feeds carry an ETag, and answer If-None-Match with 304.
 
@@ -205,7 +205,7 @@ class Appointment(NamedTuple):
         plus its start and end as RFC 3339 UTC instants; details only where given."""
         date, time, start, end = _start_strings(self.start)
         shown = {"user_id": self.user_id, "date": date, "time": time, "start": start, "end": end}
-        if self[2:] != _NO_DETAILS:  # one tuple comparison: 0.4 us a call less than any()
+        if self[2:] != _NO_DETAILS:  # one tuple comparison, not any(): this runs for every row
             shown.update((detail.name, value) for detail, value in zip(DETAILS, self[2:])
                          if value is not None)
         return shown
@@ -588,7 +588,7 @@ class Changes(NamedTuple):
     details: Mapping[str, Optional[str]] = types.MappingProxyType({})  # read-only
 
     def applied(self, appointment: Appointment) -> Appointment:
-        """The appointment changed so."""
+        """The appointment with these changes made to it."""
         start = dt.datetime.combine(self.date or appointment.start.date(),
                                     self.time or appointment.start.time(),
                                     tzinfo=dt.timezone.utc)
@@ -654,13 +654,13 @@ def _once(keyed: Optional[Keyed], keys: KeyTable, limits: Tuple[int, int],
     """perform() a write once per key: the response kept for keyed's key, if any, is
     raised (AlreadyKeyed); else the write is performed and its outcome's response
     kept, whatever the outcome. limits: the keys one user, then all users, may
-    hold. Unchanged keys make room: the user's own, and at the total, if the user
-    has none, the oldest of any user's (then its retry is done again, where it
-    would otherwise be refused: the answer a keyed 404 or 409 keeps is worth less
-    than the service). KeysFull when no key can make room, before anything is
-    performed, so nothing is ever done that a retry could do again. Run under the
-    lock or in the transaction of the write, so that two writes of one key never
-    both perform."""
+    hold. Unchanged keys make room: the user's own first, and at the total, if the
+    user has none, the oldest of any user's. The retry of a request whose key was forgotten is
+    performed again rather than refused; that is acceptable, since such a key
+    only kept a 404 or a 409. KeysFull is raised when no key can make room, before
+    anything is performed, so that nothing is ever done that a retry could do
+    again. Run it under the store's lock or in the write's transaction, so that
+    two writes with one key never both perform."""
     if keyed is None:
         return perform()
     now = time.time()
@@ -697,11 +697,26 @@ class Store(abc.ABC):
     bound), user_capacity for one user, max_keys Idempotency-Keys over all users
     and max_keys_per_user for one.
 
-    The three writes take keyed (an Idempotency-Key's Keyed): the first write of a
-    key keeps the response keyed renders of its outcome, with the change, for
-    KEY_LIFETIME seconds; a write of a key kept already raises AlreadyKeyed with
-    it instead, and changes nothing; KeysFull when there is no room to keep
-    another (_once())."""
+    The three writes (book, reschedule, cancel) take keyed, the Keyed of a
+    request's Idempotency-Key. The first write with a key keeps the response that
+    keyed renders of its outcome, together with the change, for KEY_LIFETIME
+    seconds. A later write with that key changes nothing, and raises AlreadyKeyed
+    with that response. KeysFull is raised when there is no room to keep another
+    key (_once()).
+
+    Methods for the caller (Service and its routes):
+
+    - book(appointment, keyed), get(user_id, date), reschedule(user_id, date,
+      changes, condition, keyed), cancel(user_id, date, condition, keyed)
+    - list_for_user(user_id, first, last), version(user_id)
+    - check(), for /healthz; count(), count_keys() and samples(), for /metrics
+    - close()
+
+    Methods a subclass must define: every one marked abstract (a subclass that
+    leaves one out cannot be made: TypeError).
+
+    Methods that may be overridden: check() (calling this one), samples(),
+    close()."""
 
     capacity: Optional[int] = None
     user_capacity: int = MAX_APPOINTMENTS_PER_USER
@@ -841,12 +856,12 @@ class _Dates(dict):
 class InMemoryStore(Store):
     """Appointments in a dict, shared safely by the request threads; the default.
 
-    Holds user ID -> the user's one appointment, or, from the second, _Dates {date
-    -> it}; an appointment is kept as its start alone unless it has details. Most
-    members hold one appointment without details, and a dict of one entry costs
-    more than the rest of it (a million one-appointment users took 402 bytes each
-    that way, 139 this way; README, Performance). Dates and datetimes are
-    immutable and untracked by the garbage collector, so a large store stays cheap.
+    It maps each user ID to what the user holds: the one appointment, or, once
+    there are two or more, a _Dates of them by date. An appointment is kept as its
+    start alone unless it has details. Most members hold one appointment without
+    details, and a dict of one entry would take more memory than the rest of it
+    (README, Performance). Dates and datetimes are immutable and untracked by the
+    garbage collector, so a large store stays cheap.
     """
 
     def __init__(self, capacity: Optional[int] = None, max_keys: int = MAX_KEYS, *,
@@ -1046,8 +1061,8 @@ def past_the_bounds() -> Tuple[str, tuple]:
 @functools.lru_cache(maxsize=4096)
 def _stored_start(date: str, time: str) -> dt.datetime:
     """The start of a stored appointment, read by today's rules (ValueError if it
-    breaks them). Cached: it is read at every listing, and a cached read cost less
-    than datetime.fromisoformat() alone."""
+    breaks them). Cached: it is read for every row of every listing, and looking it
+    up is cheaper than even datetime.fromisoformat() alone."""
     return dt.datetime.combine(parse_date(date), parse_time(time), tzinfo=dt.timezone.utc)
 
 
@@ -1079,9 +1094,10 @@ class SQLDatabase(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, sql: str, parameters: tuple = ()) -> list:
-        """Run one statement and set rowcount; the rows it returned, each a tuple
-        (none for a statement that returns none). The database's failures are
-        raised as its own errors, for the store's transact() or reading() to answer."""
+        """Run one statement, set rowcount, and return the rows it returned, each a
+        tuple (an empty list for a statement that returns none). The database's
+        failures are raised as its own errors, for the store's transact() or
+        reading() to answer."""
 
 
 class _SQLKeys(KeyTable):
@@ -1630,8 +1646,8 @@ def _lenient_text(data: bytes) -> str:
 class _SQLiteDatabase(SQLDatabase):
     """An sqlite3 connection as SQLStore runs its SQL through it. A row with text
     that is not UTF-8 (written past the checks) is read again leniently, so that
-    the rules refuse the row, rather than the read failing; only then, since a
-    text_factory of Python's costs 2 us a listing."""
+    the rules refuse the row, rather than the read failing. This is done only
+    then, since a text_factory written in Python would slow down every listing."""
 
     def __init__(self, connection: sqlite3.Connection):
         self.connection, self.rowcount = connection, -1
@@ -1892,8 +1908,8 @@ class SQLiteStore(SQLStore):
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
         # Processes sharing the file take turns at writing through this lock: a process
         # waiting for it wakes as soon as it is free, where SQLite's own busy handler
-        # sleeps for up to 100 ms at a time (with two workers, p99 went from 443 to
-        # a few ms).
+        # sleeps between tries, so a waiting writer would often sleep on past the
+        # moment the lock was freed.
         self._turns: Optional[_Turns] = None  # opened with the database, below
         self._writer = self._reader = None
         self._write_db = self._read_db = None  # the two as SQLDatabases
@@ -3645,8 +3661,9 @@ class PGConnection:
         return left
 
     # The socket is non-blocking (timeout 0), and a send or receive that cannot go on
-    # now waits in poll() until the deadline: three system calls a round trip (send,
-    # poll, receive), where a socket timeout costs six, the GIL let go at each.
+    # now waits in poll() until the deadline. A round trip then takes three system
+    # calls (send, poll, receive), each letting go of the GIL; a socket timeout
+    # would take twice as many.
 
     def _wait(self, events: int, deadline: float) -> bool:
         """Wait until the socket is ready for events (select.POLLIN, POLLOUT), or the
@@ -4643,10 +4660,10 @@ class Metrics:
 
     observe() is on every request's path, so it only appends to a deque (atomic,
     no lock); the observations are folded into the counts when scraped, or by the
-    request that finds FOLD_AT waiting. (A lock and a dict update in each request
-    cost 1.4 us of a GET's 50 over a socket; this, 0.9.) A scrape renders a text
-    made once (SeriesLayout.render()), and with --workers adds up the other
-    workers' numbers once for all the scrapes until one of them publishes anew.
+    request that finds FOLD_AT waiting: taking a lock and updating a dict would
+    slow down every request, to spare the rare scrape. A scrape renders a text made
+    once (SeriesLayout.render()), and with --workers adds up the other workers'
+    numbers once for all the scrapes until one of them publishes anew.
     """
 
     FOLD_AT = 1024  # observations waiting at most before a request folds them in
@@ -4916,8 +4933,8 @@ def content_of(body) -> Optional[bytes]:
 
 def parse_query(query: str) -> Dict[str, List[str]]:
     """Decode a query string into each name's values, as urllib.parse.parse_qs
-    does (at a third of its cost); 400 when it has more than MAX_QUERY_PARAMETERS
-    or is not percent-encoded UTF-8."""
+    does, but doing only what a query of this API needs, so more quickly; 400 when
+    it has more than MAX_QUERY_PARAMETERS or is not percent-encoded UTF-8."""
     fields = [field for field in query.split("&") if field]
     if len(fields) > MAX_QUERY_PARAMETERS:
         raise HTTPError(400, f"The query string has more than {MAX_QUERY_PARAMETERS} parameters.")
@@ -5055,7 +5072,7 @@ def entity_tag(content: bytes, weak: bool = False) -> str:
 
     The tags of recent contents are kept with the contents themselves: a listing
     polled again is found by its bytes (Python's own hash of them, then a compare,
-    cost less than SHA-1) and not hashed again."""
+    which is cheaper than SHA-1) and not hashed again."""
     global _tags_kept_bytes
     tag = _TAGS.get(content)
     if tag is None:
@@ -5320,8 +5337,9 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
     it with its decoded path parameters.
 
     Raises a 404 HTTPError for an unknown path and a 405, with the allowed methods,
-    for a known path and another method. HEAD is served as GET, and OPTIONS for
-    every path (and for "*", the server as a whole).
+    for a known path and another method. HEAD is served as GET. OPTIONS is
+    answered for every known path, and for "*" (the server as a whole); for an
+    unknown path it is a 404, as any other method is.
     """
     if path == "*" or (method == "CONNECT" and not path.startswith("/")):
         allow = _allow([route.method for route in routes])  # what the server takes
@@ -5411,9 +5429,9 @@ def _class_char(code: int) -> str:
 @functools.lru_cache(maxsize=None)
 def _category_runs() -> Tuple[Tuple[int, int, str], ...]:
     """Every code point's category in this Python's Unicode database (the one the
-    parsers consult), as runs (first, last, category): 3,968 in Unicode 15. One
-    pass over the 1.1 million code points, 0.3 s; the character classes below took
-    0.7 s when each made a pass of its own."""
+    parsers consult), as runs (first, last, category). Every code point is looked
+    at once, here, so that the character classes below need not each make a pass
+    of their own over all of them."""
     runs, first = [], 0
     for category, group in itertools.groupby(map(unicodedata.category,
                                                  map(chr, range(sys.maxunicode + 1)))):
@@ -6106,7 +6124,20 @@ class Service:
     where unexpected errors are logged. A request's one path to its reply is
     begin() (route it, and say how much body it needs), then respond() (with that
     body), for a Connection and for the tests' in-process client alike; neither
-    touches a socket. problem() answers a request that never got that far."""
+    touches a socket. problem() answers a request that never got that far.
+
+    Methods for the caller (a Connection, the in-process client):
+
+    - begin(request), then respond(exchange, body, client_gone)
+    - problem(error, request, line, origin): the reply to a request that failed
+      before respond()
+    - with_cors(reply, request, origin)
+
+    Methods for the routes: processing(user_id, key), count_refused_key().
+
+    Attributes a caller may set: log (where unexpected errors go) and now (the
+    clock). It is not meant to be subclassed: the routes (ROUTES) and the store
+    are where behaviour changes."""
 
     def __init__(self, store: Store, limits: Optional[Limits] = None,
                  cors_origins: Tuple[str, ...] = (),
@@ -6167,9 +6198,10 @@ class Service:
 
     @contextlib.contextmanager
     def processing(self, user_id: str, key: str):
-        """While a write of the user's Idempotency-Key is under way here; 409 if one
-        already is (another process's, at the same moment, waits for its
-        transaction and then finds the key kept)."""
+        """Mark a write with the user's Idempotency-Key as under way in this process,
+        for the length of the with block. Raises a 409 HTTPError if one already is.
+        (A write with the same key in another process is not seen here: its
+        transaction makes this one wait, and this one then finds the key kept.)"""
         with self._processing_lock:
             if (user_id, key) in self._processing:
                 raise HTTPError(409, "A request with this Idempotency-Key is still being "
@@ -6387,8 +6419,9 @@ def show_appointment(service: Service, request: Request) -> Reply:
 
 @route("PATCH", "/appointments/{user_id}/{date}", PATCH_TYPES)
 def reschedule_appointment(service: Service, request: Request) -> Reply:
-    """PATCH with a JSON merge patch (RFC 7396) of date and time: the appointment
-    moves in one step, or stays. When its date changes, so does its URL."""
+    """PATCH with a JSON merge patch (RFC 7396) of date, time and details: the
+    appointment changes in one step, or not at all. When its date changes, so
+    does its URL."""
     user_id, date = path_key(request.params)
     if not isinstance(request.body, dict):
         raise HTTPError(400, "The request body must be a JSON object (a merge patch) of the "
@@ -6441,9 +6474,10 @@ def show_calendar(service: Service, request: Request) -> Reply:
 def check_health(service: Service, request: Request) -> Reply:
     """503 while this process cannot take bookings (the store's check() says why);
     else 200: "ok", or with --workers "degraded" while another worker keeps dying
-    young. This one serves (the socket is shared: a connection goes to a worker
-    that accepts), so a load balancer should keep sending requests; the body
-    says which worker fails and how, for the operator and the monitoring."""
+    young. A degraded answer is still 200 because this worker serves, and the
+    socket is shared (a connection goes to whichever worker accepts it), so a load
+    balancer should keep sending requests. The body says which worker fails and
+    how, for the operator and the monitoring."""
     try:
         service.store.check()
     except StoreFull as full:  # retrying will not help: no Retry-After
@@ -6538,10 +6572,10 @@ def request_line(head: bytes) -> str:
 
 def parse_head(head: bytes) -> RequestHead:
     """The request whose head (from find_head) this is, or HTTPError saying what is
-    wrong with it. http.server's own parser (the email package) took a third of
-    each request's time; this one is stricter, as RFC 9112 asks: one SP between the
-    parts of the request line, an ASCII target, no HTTP/0.9, no folded lines, no
-    space before a colon, one Host."""
+    wrong with it. http.server's own parser (the email package) is not used: it
+    spent much of each request's time. This one is also stricter, as RFC 9112
+    asks: one SP between the parts of the request line, an ASCII target, no
+    HTTP/0.9, no folded lines, no space before a colon, one Host."""
     lines = str(head, "iso-8859-1").split("\n")
     line = lines[0][:-1] if lines[0].endswith("\r") else lines[0]
     parts = _REQUEST_LINE.fullmatch(line)
@@ -6700,8 +6734,8 @@ class Connection:
     """One client connection, from accept to close, served by one thread: the one
     object that owns its socket, its phase and its deadline. serve() reads each
     request's bytes and hands them to the wire format's functions (find_head(),
-    parse_head(), keep_alive(), render_response()) and the Service; those never
-    touch the socket, and this does nothing else.
+    parse_head(), keep_alive(), render_response()) and to the Service. Those never
+    touch the socket, and this class does nothing but read and write it.
 
         event                            phase     deadline
         the server accepts it            NEW       none until its thread serves it
@@ -6722,12 +6756,26 @@ class Connection:
 
     The socket stays blocking (a socket timeout adds a poll() to every read and
     write, and each system call hands over the GIL); instead the server's watchdog
-    calls expire_if_late(), which shuts down the socket of a late connection: a
-    late reader gets end-of-file if WAITING, else a 408; a late writer, an error.
+    calls expire_if_late(), which shuts down the socket of a late connection. A
+    connection late while WAITING reads end-of-file and closes; one late while
+    READING answers 408; one late while WRITING fails to send, and closes.
 
     The server makes a Connection when it accepts one (it counts from then) and
     serves it in a thread of its own: SchedulerServer.finish_request() calls
     serve(), where socketserver would make a request handler.
+
+    Methods for the server:
+
+    - Connection(sock, client_address, server); server gives limits, log,
+      draining and closing_idle
+    - serve(service), in the connection's own thread, then close() (both from
+      SchedulerServer's hooks)
+    - refuse(service, reply), from the accepting thread: answer and close
+    - from other threads: expire_if_late(now) (the watchdog), close_if_idle(),
+      phase and waiting_since
+
+    Nothing is meant to be overridden. The phases are enforced: a change that
+    _NEXT_PHASES does not allow raises RuntimeError.
     """
 
     NEW, WAITING, READING, BUSY, WRITING, CLOSED = (
@@ -6971,8 +7019,8 @@ class Connection:
     # For the server's other threads.
 
     def expire_if_late(self, now: float) -> bool:
-        """For the watchdog: past the deadline, end the blocked read (or write); whether
-        this did."""
+        """For the watchdog: if the connection is past its deadline, end its blocked
+        read (or write). Return True if this call did so."""
         with self._lock:
             if self._deadline is None or now < self._deadline or self._expired:
                 return False
@@ -6988,9 +7036,10 @@ class Connection:
     def close_if_idle(self, keep_new: bool = False) -> bool:
         """For shutdown, or to make room: end the wait for another request with
         end-of-file, even if its first bytes are on their way (a client must be
-        ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Whether
-        it was waiting, and so is closing. keep_new: not if it is waiting for its
-        first request (shutdown: that one is answered)."""
+        ready for that on a keep-alive connection: RFC 9112 section 9.3.1). Return
+        True if it was waiting, and so is now closing. With keep_new, a connection
+        still waiting for its first request is left alone (at shutdown, that
+        request is answered)."""
         with self._lock:
             if self._phase != self.WAITING or (keep_new and not self._served):
                 return False
@@ -7581,8 +7630,8 @@ def pin_to_one_cpu(choice) -> Optional[int]:
     """Keep this process, and the threads it starts from now on, on one CPU; return
     it, or None where threads may run anywhere. Raises OSError for a CPU that
     cannot be used. Only one thread runs Python at a time (the GIL), and a request
-    hands it between threads twice, which costs far more across CPUs: pinned, the
-    server measured half again the throughput, a quarter of the p99 (README)."""
+    hands it between threads twice, which is much slower when the threads are on
+    different CPUs (README, Performance)."""
     if choice == "any" or not hasattr(os, "sched_setaffinity"):  # macOS has no affinity
         if isinstance(choice, int):
             raise OSError(f"this system cannot pin a process to CPU {choice}")
