@@ -718,7 +718,7 @@ class Store(abc.ABC):
     Methods that may be overridden: check() (calling this one), samples(),
     close()."""
 
-    capacity: Optional[int] = None
+    capacity: Optional[int] = None  # appointments held at most; None: no limit
     user_capacity: int = MAX_APPOINTMENTS_PER_USER
     max_keys: int = MAX_KEYS
     max_keys_per_user: int = MAX_KEYS_PER_USER
@@ -770,7 +770,6 @@ class Store(abc.ABC):
         """How many Idempotency-Keys are kept, over all users."""
 
     notices: Tuple[str, ...] = ()  # what opening the store did, a sentence each, for the log
-    capacity: Optional[int] = None  # appointments held at most; None: no limit
 
     def check(self) -> None:
         """Raise StoreUnavailable if the store cannot take bookings now, and StoreFull
@@ -5706,8 +5705,9 @@ def _paths() -> dict:
                         "The appointment", appointment, {"show": shown},
                         **tagged), **unchanged, **found, **store_errors}},
             "patch": {
-                "summary": "Reschedule: move the appointment to another time or date in one "
-                           "step (a JSON merge patch, RFC 7396, of date and time)",
+                "summary": "Reschedule: move the appointment to another time or date, or "
+                           f"change its {' or '.join(_DETAIL_NAMES)}, in one step (a JSON "
+                           "merge patch, RFC 7396, of date, time and details)",
                 **on_condition,
                 # One media type, with one schema, or generated clients send the first.
                 "requestBody": {"required": True, "description": f"A JSON merge patch, sent "
