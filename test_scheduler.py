@@ -111,6 +111,17 @@ def temporary_database(testcase: unittest.TestCase) -> str:
     return os.path.join(directory.name, "appointments.db")
 
 
+@contextlib.contextmanager
+def database_of_release(path: str, version: int):
+    """path opened as the SQLite file that the release of schema version `version`
+    left (its steps run, its user_version set), for a test to fill; closed after."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for step in scheduler.SCHEMA_STEPS[:version]:
+            step(db)
+        db.execute(f"PRAGMA user_version = {version}")
+        yield db
+
+
 def run_all(threads: List[threading.Thread]) -> None:
     """Start the threads, then wait for every one to end."""
     for thread in threads:
@@ -2249,50 +2260,57 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
             session=(("search_path", self.store.schema),))
         connection = scheduler.pg_connect(settings, time.monotonic() + 10)
         self.addCleanup(connection.close)
+        self.sessions.append(connection)
         return connection
 
-    def test_bookings_that_come_while_a_batch_is_under_way_go_in_one_insert_next(self):
-        blocker = self.session()  # holds the key of alice's users row: her batch waits
-        blocker.queries((("BEGIN", ()), ("INSERT INTO users VALUES ('alice', 0, 0)", ())))
-        outcomes: List[object] = []
-        threads = [threading.Thread(target=lambda booked: outcomes.append(
-            self.store.book(booked)), args=(appointment(user),))
-            for user in ["alice"] + [f"user-{n}" for n in range(8)]]
+    sessions: List["scheduler.PGConnection"] = []  # session()'s, the test's own
+
+    def behind_a_held_batch(self, hold: str, calls: List[Callable[[], object]],
+                            batches: "scheduler.Batches") -> List[object]:
+        """Run the first call in a thread, its batch held at the lock that hold (SQL, in
+        a transaction of a connection of the test's own) takes; then the others, each
+        in a thread, and let the lock go once they all wait in batches for the next
+        batch. What the calls returned, in the order they returned."""
+        blocker = self.session()
+        blocker.queries((("BEGIN", ()), (hold, ())))
+        answers: List[object] = []
+        threads = [threading.Thread(target=lambda call: answers.append(call()), args=(call,))
+                   for call in calls]
         threads[0].start()
-        wait_until(lambda: blocker.query(  # alice's batch, sent, waits for the lock
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").rows[0][0])
+        wait_until(lambda: blocker.query("SELECT count(*) FROM pg_stat_activity WHERE "
+                                         "wait_event_type = 'Lock'").rows[0][0],
+                   what="the first batch to wait for the lock")
         for thread in threads[1:]:
             thread.start()
-        wait_until(lambda: len(self.store._bookings._waiting) == 8, what="the others waiting")
+        wait_until(lambda: len(batches._waiting) == len(calls) - 1, what="the others waiting")
         blocker.query("ROLLBACK")
         for thread in threads:
             thread.join(10)
-        self.assertEqual(len(outcomes), 9)
+        return answers
+
+    def test_bookings_that_come_while_a_batch_is_under_way_go_in_one_insert_next(self):
+        booked = self.behind_a_held_batch(  # alice's users row: her batch waits for it
+            "INSERT INTO users VALUES ('alice', 0, 0)",
+            [functools.partial(self.store.book, appointment(user))
+             for user in ["alice"] + [f"user-{n}" for n in range(8)]], self.store._bookings)
+        self.assertEqual(len(booked), 9)
         self.assertEqual(self.store.count(), 9)
         self.assertEqual(self.session().query(  # a transaction's rows share its xmin
             "SELECT count(DISTINCT xmin::text) FROM appointments").rows, [(2,)])
 
     def test_reads_that_come_while_a_batch_is_under_way_go_in_one_round_trip_next(self):
+        self.sessions = []
         for user in ("alice", "bob"):
             self.store.book(appointment(user))
-        blocker = self.session()  # its lock makes the first batch of reads wait
-        blocker.queries((("BEGIN", ()), ("LOCK TABLE appointments", ())))
-        sent, answers = [], []
+        sent = []
         send = scheduler.PGConnection._send
-        threads = [threading.Thread(target=lambda user: answers.append(
-            self.store.list_for_user(user)), args=(user,)) for user in ["alice"] + ["bob"] * 8]
         with mock.patch.object(scheduler.PGConnection, "_send", lambda connection, data,
-                               deadline: (connection is blocker or sent.append(data),
+                               deadline: (connection in self.sessions or connection.state
+                                          == "starting" or sent.append(data),
                                           send(connection, data, deadline))):
-            threads[0].start()
-            wait_until(lambda: blocker.query("SELECT count(*) FROM pg_stat_activity WHERE "
-                                             "wait_event_type = 'Lock'").rows[0][0])
-            for thread in threads[1:]:
-                thread.start()
-            wait_until(lambda: len(self.store._reads._waiting) == 8, what="the others waiting")
-            blocker.query("ROLLBACK")
-            for thread in threads:
-                thread.join(10)
+            answers = self.behind_a_held_batch("LOCK TABLE appointments", [
+                functools.partial(self.store.list_for_user, user)
+                for user in ["alice"] + ["bob"] * 8], self.store._reads)
         self.assertEqual(sorted(answers), [[appointment("alice")]] + [[appointment("bob")]] * 8)
         self.assertEqual([data.count(scheduler.SYNC) for data in sent], [1, 1])
         self.assertEqual(sent[1].count(scheduler.EXECUTE), 8)
@@ -2795,10 +2813,7 @@ class SchemaTest(unittest.TestCase):
         for version in range(1, scheduler.SCHEMA_VERSION):
             with self.subTest(version=version):
                 path = temporary_database(self)
-                with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-                    for step in scheduler.SCHEMA_STEPS[:version]:  # as that release left it
-                        step(db)
-                    db.execute(f"PRAGMA user_version = {version}")
+                with database_of_release(path, version) as db:
                     db.execute("INSERT INTO appointments (user_id, date, time) VALUES "
                                "('alice', '2026-11-25', '09:30')")
                 store = self.open(path)
@@ -2818,10 +2833,7 @@ class SchemaTest(unittest.TestCase):
         booked = json.dumps(appointment().as_json()).encode()
         in_the_way = json.dumps({"status": 409, "appointment": appointment(
             "bob").as_json()}).encode()
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-            for step in scheduler.SCHEMA_STEPS[:4]:  # as the release of version 4 left it
-                step(db)
-            db.execute("PRAGMA user_version = 4")
+        with database_of_release(path, 4) as db:
             db.executemany("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
                            [("alice", "2026-11-25", "09:30"), ("alice", "2026-11-26", "10:00"),
                             ("bob", "2026-11-25", "09:30")])
@@ -2912,10 +2924,7 @@ class SchemaTest(unittest.TestCase):
 
     def test_version_6_keeps_every_row_and_every_count(self):
         path = temporary_database(self)
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-            for step in scheduler.SCHEMA_STEPS[:5]:  # as the release of version 5 left it
-                step(db)
-            db.execute("PRAGMA user_version = 5")
+        with database_of_release(path, 5) as db:
             db.executemany("INSERT INTO appointments (user_id, date, time, note) "
                            "VALUES (?, ?, ?, ?)", [
                                ("alice", "2026-11-25", "09:30", "Left knee"),
@@ -3049,10 +3058,7 @@ class SchemaTest(unittest.TestCase):
     def test_version_4_brings_user_ids_to_nfc_and_one_user_keeps_one_appointment_a_date(self):
         nfc, nfd, other = "Jos\u00e9", "Jose\u0301", "Jose\u0341"  # U+0341 is U+0301 in NFC
         path = temporary_database(self)
-        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
-            for step in scheduler.SCHEMA_STEPS[:3]:  # as the release of version 3 left it
-                step(db)
-            db.execute("PRAGMA user_version = 3")
+        with database_of_release(path, 3) as db:
             db.executemany("INSERT INTO appointments (user_id, date, time, note) "
                            "VALUES (?, ?, ?, ?)", [
                                (nfd, "2026-11-24", "08:00", "kept whole"),  # the date is free
