@@ -4246,11 +4246,13 @@ class PostgresStore(SQLStore):
     made for the service's role) is taken.
 
     Each write is a transaction at REPEATABLE READ on a connection of the pool,
-    run again when another transaction overtook it (_PG_RETRIED); PostgreSQL
-    commits them in groups by itself. Every wait (the pool, each statement) ends
-    at the write's deadline, busy_timeout seconds after it began: a database that
-    stops answering is StoreUnavailable, as are a lost or refused connection and
-    a server shutting down. Its words go to the log (cause), never to a client.
+    run again when another transaction overtook it (_PG_RETRIED). Bookings
+    without a key, and reads, go in batches (Batches): those that come while one
+    is under way go in the next, in one round trip. Every wait (the pool, each
+    statement) ends at the write's deadline, busy_timeout seconds after it began:
+    a database that stops answering is StoreUnavailable, as are a lost or refused
+    connection and a server shutting down. Its words go to the log (cause), never
+    to a client.
     A write whose connection is lost before its COMMIT is sent, or before the
     server ran it (PGConnectionLost.ran), runs once more, as does a batch of reads
     (_read_batch()); a write lost after, whose outcome is unknown, is
