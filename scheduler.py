@@ -5075,9 +5075,25 @@ def _hashed_tag(content: bytes) -> str:
     return f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
 
 
+def _built_once_encoder() -> Callable[[object], str]:
+    """_JSON_ENCODER.encode(), but for the C encoder (_json) that it builds again on
+    each call, built here once; without its check for circular references, since
+    what a reply holds is built by this module and never circular."""
+    make = json.encoder.c_make_encoder
+    if make is None:  # a Python without the _json accelerator
+        return _JSON_ENCODER.encode
+    encoder = make(None, _JSON_ENCODER.default, json.encoder.encode_basestring, None,
+                   _JSON_ENCODER.key_separator, _JSON_ENCODER.item_separator,
+                   _JSON_ENCODER.sort_keys, _JSON_ENCODER.skipkeys, _JSON_ENCODER.allow_nan)
+    return lambda body: "".join(encoder(body, 0))
+
+
+_encode_json = _built_once_encoder()
+
+
 def json_content(body) -> bytes:
     """body as a JSON response's content: what render_response() sends for it."""
-    return (_JSON_ENCODER.encode(body) + "\n").encode()
+    return (_encode_json(body) + "\n").encode()
 
 
 def tagged(content: bytes) -> Reply:
