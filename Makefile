@@ -15,5 +15,6 @@ run: ## Serve the API (change the port with: make run PORT=9000)
 test: ## Run the test suite in 4 processes (another interpreter: make test PYTHON=python3.9)
 	$(PYTHON) test_scheduler.py parallel 4
 
-bench: ## Measure throughput, latency and memory (about 3 minutes; uses wrk if installed)
-	SCHEDULER_BENCH=1 $(PYTHON) -m unittest -v test_scheduler.Benchmark
+bench: ## Measure throughput, latency and memory (3 min; wrk if installed); BASE=<commit>: against it, taking turns
+	SCHEDULER_BENCH=1 SCHEDULER_BENCH_BASE=$(BASE) $(PYTHON) -m unittest -v \
+	    test_scheduler.Benchmark$(if $(BASE),.test_against_a_base_commit)

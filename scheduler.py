@@ -5093,9 +5093,25 @@ def _hashed_tag(content: bytes) -> str:
     return f'"{hashlib.sha1(content, usedforsecurity=False).hexdigest()}"'
 
 
+def _built_once_encoder() -> Callable[[object], str]:
+    """_JSON_ENCODER.encode(), but for the C encoder (_json) that it builds again on
+    each call, built here once; without its check for circular references, since
+    what a reply holds is built by this module and never circular."""
+    make = json.encoder.c_make_encoder
+    if make is None:  # a Python without the _json accelerator
+        return _JSON_ENCODER.encode
+    encoder = make(None, _JSON_ENCODER.default, json.encoder.encode_basestring, None,
+                   _JSON_ENCODER.key_separator, _JSON_ENCODER.item_separator,
+                   _JSON_ENCODER.sort_keys, _JSON_ENCODER.skipkeys, _JSON_ENCODER.allow_nan)
+    return lambda body: "".join(encoder(body, 0))
+
+
+_encode_json = _built_once_encoder()
+
+
 def json_content(body) -> bytes:
     """body as a JSON response's content: what render_response() sends for it."""
-    return (_JSON_ENCODER.encode(body) + "\n").encode()
+    return (_encode_json(body) + "\n").encode()
 
 
 def tagged(content: bytes) -> Reply:
@@ -5298,18 +5314,21 @@ def route(method: str, path: str, body_types: Tuple[str, ...] = (),
 
 
 @functools.lru_cache(maxsize=None)
-def _pattern(path: str) -> Tuple[str, ...]:
-    return tuple(path.split("/"))
+def _pattern(path: str) -> Tuple[Tuple[str, Optional[str]], ...]:
+    """A route's path as its segments, each with the name of the parameter it
+    captures ({name}), or None for a literal segment."""
+    return tuple((segment, segment[1:-1] if segment.startswith("{") and segment.endswith("}")
+                  else None) for segment in path.split("/"))
 
 
-def _match_segments(pattern: Tuple[str, ...], segments: List[str]) -> Optional[Dict[str, str]]:
-    """The captured parameters if segments fit the pattern, else None."""
-    if len(pattern) != len(segments):
-        return None
+def _match_segments(pattern: Tuple[Tuple[str, Optional[str]], ...],
+                    segments: List[str]) -> Optional[Dict[str, str]]:
+    """The captured parameters if segments (as many as the pattern's) fit the
+    pattern, else None."""
     params = {}
-    for want, have in zip(pattern, segments):
-        if want.startswith("{") and want.endswith("}"):
-            params[want[1:-1]] = have
+    for (want, name), have in zip(pattern, segments):
+        if name is not None:
+            params[name] = have
         elif want != have:
             return None
     return params
@@ -5348,13 +5367,16 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
             return _options(allow, "*"), {}
         raise HTTPError(405, f"{method} {path} is not supported: this server is not a "
                              f"proxy; use {allow} on its paths.", headers={"Allow": allow})
-    try:  # split the raw path first, so an encoded "/" stays inside its segment
-        segments = [urllib.parse.unquote(s, errors="strict") for s in path.split("/")]
-    except UnicodeDecodeError:
-        raise HTTPError(400, "The path is not valid percent-encoded UTF-8.") from None
-    methods, template = [], ""
+    segments = path.split("/")  # the raw path first, so an encoded "/" stays in its segment
+    if "%" in path:  # else there is nothing to decode
+        try:
+            segments = [urllib.parse.unquote(s, errors="strict") for s in segments]
+        except UnicodeDecodeError:
+            raise HTTPError(400, "The path is not valid percent-encoded UTF-8.") from None
+    methods, template, count = [], "", len(segments)
     for route in routes:
-        params = _match_segments(_pattern(route.path), segments)
+        pattern = _pattern(route.path)
+        params = _match_segments(pattern, segments) if len(pattern) == count else None
         if params is None:
             continue
         if route.method == method or (method == "HEAD" and route.method == "GET"):
@@ -6728,8 +6750,9 @@ _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0
 
 def access_log_line(client_address: tuple, line: str, status: int, size: int) -> str:
     """A response's line in the access log, in http.server's format."""
-    return (f"{client_address[0]} - - [{_clock().log_time}] "
-            f'"{line.translate(_LOG_ESCAPES)}" {status} {size}')
+    if not (line.isascii() and line.isprintable()):  # else there is nothing to escape
+        line = line.translate(_LOG_ESCAPES)
+    return f'{client_address[0]} - - [{_clock().log_time}] "{line}" {status} {size}'
 
 
 class Connection:

@@ -50,6 +50,7 @@ import signal
 import socket
 import sqlite3
 import ssl
+import statistics
 import struct
 import subprocess
 import sys
@@ -10035,6 +10036,8 @@ function request()
 end
 """
 READER = "bench-reader"  # the user whose appointments the GET load lists
+BENCH_BASE = os.environ.get("SCHEDULER_BENCH_BASE", "")  # make bench BASE=<commit>
+BENCH_ROUNDS = int(os.environ.get("SCHEDULER_BENCH_ROUNDS", "5"))  # its rounds a row
 
 
 class LoadResult(NamedTuple):
@@ -10265,14 +10268,15 @@ class Benchmark(unittest.TestCase):
         server = start_process(self, args, keep_log=False)
         return server.host, server.port
 
-    def serve_for_load(self, *options: str, servers: int = 1) -> List[Tuple[str, int]]:
-        """python3 scheduler.py with these options, its listed user given five
-        appointments; servers > 1: as many processes of one database, each on a CPU
-        of its own where there are enough."""
+    def serve_for_load(self, *options: str, servers: int = 1,
+                       script: str = SCRIPT) -> List[Tuple[str, int]]:
+        """python3 scheduler.py (or another version's, at script) with these options,
+        its listed user given five appointments; servers > 1: as many processes of
+        one database, each on a CPU of its own where there are enough."""
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pinned = servers > 1 and len(cpus) >= servers
         addresses = [self.start_server_process(
-            [SCRIPT, "--port", "0", *options, *(("--cpu", str(cpus[n])) if pinned else ())])
+            [script, "--port", "0", *options, *(("--cpu", str(cpus[n])) if pinned else ())])
             for n in range(servers)]
         conn = http.client.HTTPConnection(*addresses[0], timeout=10)
         for day in range(1, 6):
@@ -10385,6 +10389,48 @@ class Benchmark(unittest.TestCase):
                 self.assertEqual(result.errors, 0)
                 print(f"  {kind + ' over HTTP, 16 connections, 5 s':44} {label:>9} "
                       f"{result.p50_ms:7.2f}ms {result.p99_ms:7.2f}ms", flush=True)
+
+
+    @unittest.skipUnless(BENCH_BASE, "make bench BASE=<commit> compares with that commit")
+    def test_against_a_base_commit(self):
+        """make bench BASE=<commit>: that commit's scheduler.py and this one's take
+        turns, round after round, so that both meet the same noise; the medians of
+        the rounds, and their ratio."""
+        base = checkout_for_bench(self, BENCH_BASE)
+        seconds = int(os.environ.get("SCHEDULER_BENCH_SECONDS", "5"))  # a round's load
+        print(f"\nThroughput against {BENCH_BASE} (old) of this tree (new): {BENCH_ROUNDS} "
+              f"rounds of {seconds} s a row each, taking turns, 16 connections", flush=True)
+        print(f"  {'request':50} {'old req/s':>9} {'new req/s':>9} {'new/old':>7}   rounds")
+        rows = [("GET", "GET /appointments?user_id= (5 listed)"),
+                ("POST", "POST /appointments (a new user each)")]
+        for options, suffix in ((lambda: (), ""),
+                                (lambda: ("--db", temporary_database(self)), ", --db")):
+            addresses = {version: self.serve_for_load(*options(), script=script)
+                         for version, script in (("old", base), ("new", SCRIPT))}
+            rates = {(kind, version): [] for kind, _ in rows for version in addresses}
+            for round_ in range(BENCH_ROUNDS):
+                for kind, _ in rows:
+                    for version in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
+                        result = run_load(addresses[version], kind, 16, seconds)
+                        self.assertEqual(result.errors, 0)
+                        rates[kind, version].append(result.rate)
+            for kind, label in rows:
+                old, new = (statistics.median(rates[kind, version]) for version in ("old", "new"))
+                print(f"  {label + suffix:50} {old:9.0f} {new:9.0f} {new / old:7.2f}   old "
+                      + " ".join(f"{rate:.0f}" for rate in rates[kind, "old"]) + "; new "
+                      + " ".join(f"{rate:.0f}" for rate in rates[kind, "new"]), flush=True)
+
+
+def checkout_for_bench(testcase: unittest.TestCase, commit: str) -> str:
+    """The path of scheduler.py as of commit, in a temporary git worktree outside
+    this one, removed when the test ends."""
+    directory = tempfile.mkdtemp(prefix="scheduler-bench-")
+    testcase.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+    subprocess.run(["git", "-C", HERE, "worktree", "add", "--detach", "--quiet", directory,
+                    commit], check=True)
+    testcase.addCleanup(subprocess.run, ["git", "-C", HERE, "worktree", "remove", "--force",
+                                         directory], check=True)
+    return os.path.join(directory, "scheduler.py")
 
 
 # --- Running the suite over several processes (make test) ------------------------------
