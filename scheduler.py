@@ -5097,12 +5097,14 @@ def _built_once_encoder() -> Callable[[object], str]:
     """_JSON_ENCODER.encode(), but for the C encoder (_json) that it builds again on
     each call, built here once; without its check for circular references, since
     what a reply holds is built by this module and never circular."""
-    make = json.encoder.c_make_encoder
-    if make is None:  # a Python without the _json accelerator
+    make = getattr(json.encoder, "c_make_encoder", None)  # a private part of json
+    try:
+        encoder = make(None, _JSON_ENCODER.default, json.encoder.encode_basestring, None,
+                       _JSON_ENCODER.key_separator, _JSON_ENCODER.item_separator,
+                       _JSON_ENCODER.sort_keys, _JSON_ENCODER.skipkeys,
+                       _JSON_ENCODER.allow_nan)
+    except TypeError:  # no _json accelerator (None), or one that takes other arguments
         return _JSON_ENCODER.encode
-    encoder = make(None, _JSON_ENCODER.default, json.encoder.encode_basestring, None,
-                   _JSON_ENCODER.key_separator, _JSON_ENCODER.item_separator,
-                   _JSON_ENCODER.sort_keys, _JSON_ENCODER.skipkeys, _JSON_ENCODER.allow_nan)
     return lambda body: "".join(encoder(body, 0))
 
 
