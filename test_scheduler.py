@@ -612,6 +612,11 @@ def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# Where postgres_template() keeps its folder from run to run: the temporary folder as
+# this process found it, before make test moved the run's own files (memory_folder()).
+TEMPLATES = tempfile.gettempdir()
+
+
 def postgres_template() -> str:
     """The data folder that each cluster's is a copy of, stopped: made on first need
     and kept in the temporary folder for later runs, one for each PostgreSQL build
@@ -621,7 +626,7 @@ def postgres_template() -> str:
     recipe = repr((postgres_binaries(), binary.st_size, binary.st_mtime_ns,
                    PostgresCluster.INITDB, PostgresCluster.ROLES, PostgresCluster.DATABASE))
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"scheduler-pg-template-{os.geteuid()}-{key}")
+    folder = os.path.join(TEMPLATES, f"scheduler-pg-template-{os.geteuid()}-{key}")
     data = os.path.join(folder, "data")
     if os.path.isdir(data):
         return data
@@ -637,7 +642,8 @@ def postgres_template() -> str:
 
         wait_until(locked, 120, "the lock on the PostgreSQL template")
         if not os.path.isdir(data):
-            maker = PostgresCluster()
+            # Made beside it, on the same file system, to be renamed into place.
+            maker = PostgresCluster(folder=tempfile.mkdtemp(prefix="scheduler-pg-", dir=TEMPLATES))
             try:
                 maker._make(from_template=False)
                 maker.stop()
@@ -9839,21 +9845,74 @@ def run_one(name: str) -> Tuple[str, str, str]:
     return name, outcome, failures
 
 
+MEMORY = "/dev/shm"  # a tmpfs on Linux
+MEMORY_NEEDED = 1 << 30  # bytes free there: the clusters, their standbys, the SQLite files
+
+
+def memory_folder() -> Optional[str]:
+    """A new folder in memory (MEMORY) for a run's temporary files, where there is
+    one with room: creating and writing files on a disk's file system cost the suite
+    more CPU time than anything else it does, and no test needs a disk (the faults
+    are those of processes: a SIGKILL loses nothing the kernel was given). As root,
+    only where chattr +i works there, as make_read_only() needs. None where there is
+    no such folder, or where TMPDIR names the user's own choice."""
+    if "TMPDIR" in os.environ or not os.path.isdir(MEMORY):
+        return None
+    try:
+        space = os.statvfs(MEMORY)
+        if space.f_bavail * space.f_frsize < MEMORY_NEEDED:
+            return None
+        folder = tempfile.mkdtemp(prefix="scheduler-tests-", dir=MEMORY)
+    except OSError:
+        return None
+    os.chmod(folder, 0o711)  # the postgres user reaches the clusters' folders inside
+    if os.geteuid() == 0:
+        probe = os.path.join(folder, "probe")
+        open(probe, "w").close()
+        try:
+            immutable = subprocess.run(["chattr", "+i", probe], capture_output=True).returncode
+            subprocess.run(["chattr", "-i", probe], capture_output=True)
+        except OSError:
+            immutable = 1
+        if immutable:
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        os.remove(probe)
+    return folder
+
+
+def remove_memory_folder(folder: str) -> None:
+    """Remove a run's folder once its test processes have ended, with the clusters
+    still in it (their watchdogs may be on their way: either removes them)."""
+    for name in os.listdir(folder):
+        if name.startswith("scheduler-pg-"):
+            remove_cluster(os.path.join(folder, name))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def run_in_parallel(jobs: str) -> None:
     """make test: the suite in a pool of jobs processes, each taking the next test
     as it finishes one (most of the time goes to tests that start processes and
-    wait for them, which the others overlap). The layers that start processes are
-    the last in the file, and go first, so that no long test is left for the end.
-    Prints a line a test, then the failures; exits 1 if any. python3 -m unittest
-    runs the same tests in one process."""
+    wait for them, which the others overlap), its temporary files in memory where
+    it can (memory_folder()). The layers that start processes are the last in the
+    file, and go first, so that no long test is left for the end. Prints a line a
+    test, then the failures; exits 1 if any. python3 -m unittest runs the same tests
+    in one process."""
     names = [test.id() for test in iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
         "test_scheduler"))]
     started, failures = time.perf_counter(), []
-    with multiprocessing.Pool(int(jobs)) as pool:
-        for name, outcome, failed in pool.imap_unordered(run_one, reversed(names)):
-            print(f"{name} ... {outcome}", flush=True)
-            if failed:
-                failures.append(failed)
+    folder = memory_folder()
+    if folder:  # for the pool's processes, and the programs that the tests start
+        os.environ["TMPDIR"] = tempfile.tempdir = folder
+    try:
+        with multiprocessing.Pool(int(jobs)) as pool:
+            for name, outcome, failed in pool.imap_unordered(run_one, reversed(names)):
+                print(f"{name} ... {outcome}", flush=True)
+                if failed:
+                    failures.append(failed)
+    finally:
+        if folder:
+            remove_memory_folder(folder)
     print("".join(failures), end="")
     print(f"Ran {len(names)} tests in {jobs} processes in {time.perf_counter() - started:.1f} s: "
           + (f"FAILED ({len(failures)} tests)" if failures else "OK"))
