@@ -9832,9 +9832,10 @@ class Benchmark(unittest.TestCase):
 # --- Running the suite over several processes (make test) ------------------------------
 
 
-def run_one(name: str) -> Tuple[str, str, str]:
+def run_one(name: str) -> Tuple[str, str, str, float]:
     """Run one test (by its ID) in this process: (its ID, "ok", "skipped" or
-    "FAIL", what unittest reported of its failures)."""
+    "FAIL", what unittest reported of its failures, the seconds it took)."""
+    started = time.perf_counter()
     report = io.StringIO()
     result = unittest.TextTestRunner(stream=report, verbosity=0).run(
         unittest.defaultTestLoader.loadTestsFromName(name))
@@ -9842,7 +9843,39 @@ def run_one(name: str) -> Tuple[str, str, str]:
     failures = "".join(f"{'=' * 70}\n{kind}: {test}\n{'-' * 70}\n{text}\n"
                        for kind, problems in (("FAIL", result.failures), ("ERROR", result.errors))
                        for test, text in problems)
-    return name, outcome, failures
+    return name, outcome, failures, time.perf_counter() - started
+
+
+# What each test took in the last run of this checkout's suite (make test), by its ID.
+DURATIONS = os.path.join(TEMPLATES, f"scheduler-test-durations-{os.geteuid()}-"
+                                    f"{hashlib.sha256(HERE.encode()).hexdigest()[:12]}.json")
+
+
+def share_out(tests: List[unittest.TestCase]) -> List[str]:
+    """The IDs of the tests in the order that the pool takes them: the longest first,
+    by what they took in the last run (DURATIONS), so that the processes end
+    together rather than one of them finishing a long test alone. A test not in the
+    last run goes first (it may be long); without a last run, the layers that start
+    processes go first, being the last in the file."""
+    try:
+        with open(DURATIONS) as file:
+            durations = json.load(file)
+    except (OSError, ValueError):
+        durations = {}
+
+    def line(test: unittest.TestCase) -> int:
+        return inspect.unwrap(getattr(test, test._testMethodName)).__code__.co_firstlineno
+
+    return [test.id() for test in sorted(
+        tests, key=lambda test: (-durations.get(test.id(), float("inf")), -line(test)))]
+
+
+def keep_durations(durations: Dict[str, float]) -> None:
+    """Write DURATIONS anew (whole, or not at all: another run may be reading it)."""
+    with contextlib.suppress(OSError):
+        with tempfile.NamedTemporaryFile("w", dir=TEMPLATES, delete=False) as file:
+            json.dump(durations, file)
+        os.replace(file.name, DURATIONS)
 
 
 MEMORY = "/dev/shm"  # a tmpfs on Linux
@@ -9893,26 +9926,27 @@ def remove_memory_folder(folder: str) -> None:
 def run_in_parallel(jobs: str) -> None:
     """make test: the suite in a pool of jobs processes, each taking the next test
     as it finishes one (most of the time goes to tests that start processes and
-    wait for them, which the others overlap), its temporary files in memory where
-    it can (memory_folder()). The layers that start processes are the last in the
-    file, and go first, so that no long test is left for the end. Prints a line a
-    test, then the failures; exits 1 if any. python3 -m unittest runs the same tests
-    in one process."""
-    names = [test.id() for test in iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
-        "test_scheduler"))]
-    started, failures = time.perf_counter(), []
+    wait for them, which the others overlap), in the order of share_out(), its
+    temporary files in memory where it can (memory_folder()). Prints a line a test,
+    then the failures; exits 1 if any. python3 -m unittest runs the same tests in
+    one process."""
+    names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
+        "test_scheduler"))))
+    started, failures, durations = time.perf_counter(), [], {}
     folder = memory_folder()
     if folder:  # for the pool's processes, and the programs that the tests start
         os.environ["TMPDIR"] = tempfile.tempdir = folder
     try:
         with multiprocessing.Pool(int(jobs)) as pool:
-            for name, outcome, failed in pool.imap_unordered(run_one, reversed(names)):
+            for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
                 print(f"{name} ... {outcome}", flush=True)
+                durations[name] = seconds
                 if failed:
                     failures.append(failed)
     finally:
         if folder:
             remove_memory_folder(folder)
+    keep_durations(durations)
     print("".join(failures), end="")
     print(f"Ran {len(names)} tests in {jobs} processes in {time.perf_counter() - started:.1f} s: "
           + (f"FAILED ({len(failures)} tests)" if failures else "OK"))
