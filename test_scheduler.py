@@ -2495,26 +2495,37 @@ class SchemaTest(unittest.TestCase):
                 self.assertEqual(query(path, "SELECT * FROM appointment_count"),
                                  [(1, store.count())])
 
-    OPEN_WHEN_TOLD = ("import sys, scheduler; print('ready', flush=True); sys.stdin.read(1); "
-                      "scheduler.SQLiteStore(sys.argv[1]).close(); print('opened')")
+    # Opens the file that each line read names, and says so; ends when its input does.
+    OPEN_WHEN_TOLD = ("import sys, scheduler\nprint('ready', flush=True)\n"
+                      "for line in sys.stdin:\n"
+                      "    scheduler.SQLiteStore(line[:-1]).close()\n"
+                      "    print('opened', flush=True)\n")
 
     def test_processes_starting_at_once_on_a_new_file_all_open_it(self):
+        # Four processes race to open each of four new files, a file a round; each
+        # imports the module once.
+        starts = [subprocess.Popen([*PYTHON, "-c", self.OPEN_WHEN_TOLD], cwd=HERE,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                  for _ in range(4)]
+        for start in starts:
+            self.addCleanup(start.stdout.close)
+            self.addCleanup(start.stdin.close)
+            self.addCleanup(lambda start=start: start.poll() is None and start.kill())
+            self.assertEqual(start.stdout.readline(), "ready\n")
         for round_ in range(4):  # SQLite refused the switch to WAL in 13 of 80 such starts
             with self.subTest(round=round_):
                 path = temporary_database(self)
                 open(path, "w").close()  # empty, as a unit file's touch leaves it
-                starts = [subprocess.Popen([*PYTHON, "-c", self.OPEN_WHEN_TOLD, path],
-                                           cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           text=True) for _ in range(4)]
-                for start in starts:
-                    self.assertEqual(start.stdout.readline(), "ready\n")
                 for start in starts:  # all at once, as near as can be
-                    start.stdin.close()
+                    start.stdin.write(path + "\n")
+                    start.stdin.flush()
                 for start in starts:
-                    self.assertEqual(start.stdout.read(), "opened\n")
-                    start.stdout.close()
-                    self.assertEqual(start.wait(timeout=30), 0)
+                    self.assertEqual(start.stdout.readline(), "opened\n")
                 self.assertEqual(query(path, "SELECT one FROM appointment_count"), [(1,)])
+        for start in starts:
+            start.stdin.close()  # the end
+            self.assertEqual(start.stdout.read(), "")
+            self.assertEqual(start.wait(timeout=30), 0)
 
     def test_a_shipped_step_runs_the_sql_it_shipped_with(self):
         self.assertEqual(len(SHIPPED_STEPS), scheduler.SCHEMA_VERSION,
