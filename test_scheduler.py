@@ -517,21 +517,41 @@ def remove_cluster(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_clusters(folder: str) -> None:
+    """remove_cluster() for each cluster's folder in folder (scheduler-pg-*, as in a
+    run's memory_folder()), then for folder itself."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith("scheduler-pg-"):
+            remove_cluster(os.path.join(folder, name))
+    remove_cluster(folder)
+
+
 @functools.lru_cache(maxsize=None)
 def watchdog_program() -> str:
-    """The program of a cluster's watchdog: a process that waits until the test
-    process that started it ends (its end of the watchdog's stdin closes, however it
-    ends: even by SIGKILL, as a pool's worker does), then removes the cluster. It is
-    remove_cluster() and what that calls, from this file's source: importing the
-    whole file would take longer."""
+    """The program of a watchdog: a process that waits until the test process that
+    started it ends (its end of the watchdog's stdin closes, however it ends: even
+    by SIGKILL, as a pool's worker does), then removes its folder, a cluster's or a
+    run's (remove_clusters()). It is remove_clusters() and what that calls, from
+    this file's source: importing the whole file would take longer."""
     functions = (process_alive, process_children, stop_process_tree, read_lock_file,
-                 remove_cluster)
+                 remove_cluster, remove_clusters)
     return ("import collections, contextlib, os, shutil, signal, subprocess, sys, time\n"
             "from typing import Dict, List, Optional, Tuple\n\n"
             + "".join(inspect.getsource(function) + "\n" for function in functions)
             + "signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tests\n"
               "sys.stdin.buffer.read()\n"
-              "remove_cluster(os.path.dirname(os.path.abspath(__file__)))\n")
+              "remove_clusters(os.path.dirname(os.path.abspath(__file__)))\n")
+
+
+def start_watchdog(folder: str) -> subprocess.Popen:
+    """Start a watchdog (watchdog_program()) in folder, which removes it, and the
+    clusters in it, when this process ends without having closed its stdin first."""
+    program = os.path.join(folder, "watchdog.py")
+    with open(program, "w") as file:
+        file.write(watchdog_program())
+    return subprocess.Popen(
+        [sys.executable, "-S", program], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 _CERTIFICATE_EXTENSIONS = """\
@@ -760,12 +780,7 @@ class PostgresCluster:
 
     def _watch(self) -> None:
         """Start the watchdog that removes this cluster if this process ends first."""
-        program = os.path.join(self.folder, "watchdog.py")
-        with open(program, "w") as file:
-            file.write(watchdog_program())
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-S", program], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        self._watchdog = start_watchdog(self.folder)
 
     # -- Making, starting, stopping
 
@@ -9925,13 +9940,14 @@ def memory_folder() -> Optional[str]:
     return folder
 
 
-def remove_memory_folder(folder: str) -> None:
+def remove_memory_folder(folder: str, watchdog: subprocess.Popen) -> None:
     """Remove a run's folder once its test processes have ended, with the clusters
-    still in it (their watchdogs may be on their way: either removes them)."""
-    for name in os.listdir(folder):
-        if name.startswith("scheduler-pg-"):
-            remove_cluster(os.path.join(folder, name))
-    shutil.rmtree(folder, ignore_errors=True)
+    still in it (their watchdogs may be on their way: either removes them), as its
+    own watchdog would have had this process ended first."""
+    remove_clusters(folder)
+    watchdog.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        watchdog.wait(10)
 
 
 def run_in_parallel(jobs: str) -> None:
@@ -9947,6 +9963,7 @@ def run_in_parallel(jobs: str) -> None:
     folder = memory_folder()
     if folder:  # for the pool's processes, and the programs that the tests start
         os.environ["TMPDIR"] = tempfile.tempdir = folder
+        watchdog = start_watchdog(folder)
     try:
         with multiprocessing.Pool(int(jobs)) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
@@ -9956,7 +9973,7 @@ def run_in_parallel(jobs: str) -> None:
                     failures.append(failed)
     finally:
         if folder:
-            remove_memory_folder(folder)
+            remove_memory_folder(folder, watchdog)
     keep_durations(durations)
     print("".join(failures), end="")
     print(f"Ran {len(names)} tests in {jobs} processes in {time.perf_counter() - started:.1f} s: "
