@@ -8576,19 +8576,38 @@ class CommandLineTest(unittest.TestCase):
     def test_sigkill_loses_none_of_concurrent_clients_bookings(self):
         self.sigkill_while_booking(clients=8)  # their bookings are committed in batches
 
+    def refused(self, args: List[str], environ: Optional[dict] = None) -> str:
+        """What open_store(), which serve() calls, says as it refuses the store that
+        args ask for (the test fails if it opens it), with environ (by default this
+        process's) as the whole environment meanwhile."""
+        with mock.patch.dict(os.environ, os.environ if environ is None else environ,
+                             clear=True):
+            parsed = scheduler.parse_args(args)
+            limits = scheduler.Limits(**{name: getattr(parsed, name)
+                                         for name in scheduler.Limits._fields})
+            with contextlib.redirect_stderr(io.StringIO()) as stderr:
+                store = scheduler.open_store(parsed, limits)
+        if store is not None:
+            store.close()
+            self.fail(f"{args} opened a store")
+        return stderr.getvalue()
+
     def test_a_database_it_does_not_own_is_refused_untouched_in_one_line(self):
         paths = foreign_files(self)
         before = {case: files_of(path) for case, path in paths.items()}
-        runs = {case: subprocess.Popen([*PYTHON, SCRIPT, "--port", "0", "--db", path],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True) for case, path in paths.items()}
-        for case, run in runs.items():
+        for case, path in paths.items():  # open_store() is what serve() calls
             with self.subTest(case=case):
-                stderr = run.communicate(timeout=30)[1]
-                self.assertEqual(run.returncode, 1)
-                self.assertRegex(stderr, rf"\Ascheduler: cannot open the database "
-                                         rf"{re.escape(paths[case])}: [^\n]+\n\Z")
-                self.assertEqual(files_of(paths[case]), before[case])
+                said = self.refused(["--port", "0", "--db", path])
+                self.assertRegex(said, rf"\Ascheduler: cannot open the database "
+                                       rf"{re.escape(path)}: [^\n]+\n\Z")
+                self.assertEqual(files_of(path), before[case])
+        path = paths["a newer release's"]  # and once as a process
+        run = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db", path],
+                             capture_output=True, text=True, timeout=30)
+        self.assertEqual((run.returncode, run.stdout), (1, ""), run.stderr)
+        self.assertRegex(run.stderr, rf"\Ascheduler: cannot open the database "
+                                     rf"{re.escape(path)}: [^\n]+\n\Z")
+        self.assertEqual(files_of(path), before["a newer release's"])
 
     def test_the_log_names_rows_set_aside_and_the_commands_it_gives_fix_them(self):
         path = unversioned_database(self, "2026-11-30", [row[:3] for row in BROKEN_ROWS])
@@ -8822,6 +8841,7 @@ class PostgresServersTest(unittest.TestCase):
     each test that starts servers has a database of its own (fresh_database())."""
 
     stop = CommandLineTest.stop
+    refused = CommandLineTest.refused
 
     def setUp(self):
         self.cluster = PostgresCluster.shared()
@@ -8981,26 +9001,36 @@ class PostgresServersTest(unittest.TestCase):
             cases.append(("a certificate that does not verify", cluster.uri(
                 sslmode="verify-full", sslrootcert=cluster.other_ca_file), {},
                 f": {here}: the server's certificate does not verify (sslmode=verify-full): "))
-        results = {}
+        saying = {}  # what, by what it says
 
-        def start(what, uri, env):  # every URI with connect_timeout=2, libpq's least
-            results[what] = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db",
-                                  uri + ("&" if "?" in uri else "?") + "connect_timeout=2"],
-                                 capture_output=True, text=True, timeout=30,
-                                 env={**{name: value for name, value in os.environ.items()
-                                         if not name.startswith("PG")}, **env})
+        def args(uri):  # every URI with connect_timeout=2, libpq's least
+            return ["--port", "0", "--db", uri + ("&" if "?" in uri else "?") +
+                    "connect_timeout=2"]
 
-        run_all([threading.Thread(target=start, args=case[:3]) for case in cases])
+        def environ(env):
+            return {**{name: value for name, value in os.environ.items()
+                       if not name.startswith("PG")}, **env}
+
+        # The silent server as a process, whose wait the others overlap: the exit
+        # status, and the one line that the process writes; the others through
+        # open_store(), which serve() calls, and which writes that line.
+        silent_case = next(case for case in cases if case[0] == "a silent server")
+        silent = subprocess.Popen([*PYTHON, SCRIPT, *args(silent_case[1])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=environ(silent_case[2]))
+        self.addCleanup(lambda: silent.poll() is None and silent.kill())
+        for what, uri, env, _ in cases:
+            if what != "a silent server":
+                saying[what] = self.refused(args(uri), environ(env))
+        stdout, saying["a silent server"] = silent.communicate(timeout=30)
+        self.assertEqual((silent.returncode, stdout), (1, ""), saying["a silent server"])
         for what, uri, env, reason in cases:
             with self.subTest(what):
-                run = results[what]
-                self.assertEqual((run.returncode, run.stdout), (1, ""), run.stderr)
-                self.assertRegex(run.stderr, r"\A" + re.escape(
+                self.assertRegex(saying[what], r"\A" + re.escape(
                     f"scheduler: cannot use PostgreSQL{reason}") + r"[^\n]*\n\Z")
-                self.assertNoPassword(run.stderr)
+                self.assertNoPassword(saying[what])
         # connect_timeout's 2 s, not the PG_CONNECT_TIMEOUT (10 s) or more of a URI without it
-        waited = re.search(r"within the deadline \((\d+\.\d) s\)",
-                           results["a silent server"].stderr)
+        waited = re.search(r"within the deadline \((\d+\.\d) s\)", saying["a silent server"])
         self.assertTrue(2 <= float(waited[1]) < scheduler.PG_CONNECT_TIMEOUT, waited[0])
         self.assertEqual(cluster.sql(tables, foreign), before)
 
