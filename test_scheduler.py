@@ -723,11 +723,33 @@ class PostgresCluster:
     def shared(cls) -> "PostgresCluster":
         """This process's cluster, started on first use (and again if a test left it
         stopped, killed or frozen); removed when the process ends."""
+        starting = cls._starting.pop(os.getpid(), None)
+        if starting is not None:  # whatever became of it, _start_shared() says now
+            starting.join()
+        return cls._start_shared()
+
+    @classmethod
+    def _start_shared(cls) -> "PostgresCluster":
         cluster = cls._shared.get(os.getpid())  # not one a parent process started
         if cluster is None:
             cluster = cls._shared[os.getpid()] = cls()
             atexit.register(cluster.cleanup)
         return cluster.start()
+
+    _starting: Dict[int, threading.Thread] = {}  # by process ID
+
+    @classmethod
+    def start_shared_early(cls) -> None:
+        """Start this process's cluster in a thread of its own, while other tests run
+        (make test's processes do, as each begins, where PostgreSQL is found); the
+        first shared() waits for it. A failure here is shared()'s to report."""
+        def start():
+            with contextlib.suppress(Exception):
+                cls._start_shared()
+
+        if postgres_missing() is None:
+            cls._starting[os.getpid()] = thread = threading.Thread(target=start, daemon=True)
+            thread.start()
 
     @classmethod
     def for_test(cls, testcase: unittest.TestCase, settings: Optional[dict] = None
@@ -9995,7 +10017,7 @@ def run_in_parallel(jobs: str) -> None:
         os.environ["TMPDIR"] = tempfile.tempdir = folder
         watchdog = start_watchdog(folder)
     try:
-        with multiprocessing.Pool(int(jobs)) as pool:
+        with multiprocessing.Pool(int(jobs), PostgresCluster.start_shared_early) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
                 print(f"{name} ... {outcome}", flush=True)
                 durations[name] = seconds
