@@ -30,6 +30,7 @@ import functools
 import gc
 import hashlib
 import http.client
+import importlib.util
 import inspect
 import io
 import itertools
@@ -37,6 +38,7 @@ import json
 import multiprocessing
 import os
 import pwd
+import py_compile
 import queue
 import random
 import resource
@@ -74,6 +76,12 @@ VALID_BODY = b'{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}'
 # The interpreter as tests start it: without site-packages (-S), which shows that the
 # service needs only the standard library, and saves 50 ms a start on this machine.
 PYTHON = [sys.executable, "-S"]
+# How the tests start the service, in HERE: scheduler.py run as __main__, as python3
+# scheduler.py runs it, but found as a module, whose bytecode Python reads from its
+# cache where make test has written it (compile_service()): a script is compiled at
+# every start. The tests of --version and --help run python3 scheduler.py itself, as
+# the README shows it; a supervisor starts its workers so.
+SERVICE = ["-m", "scheduler"]
 
 
 # --- Helpers: one per recurring chore ---------------------------------------------------
@@ -7517,9 +7525,9 @@ class StuckLogTest(unittest.TestCase):
 
     @unittest.skipUnless(os.path.exists("/proc/self/status"), "reads memory from /proc")
     def test_a_log_nobody_reads_holds_little_memory_and_does_not_stop_shutdown(self):
-        process = subprocess.Popen([*PYTHON, SCRIPT, "--port", "0", "--shutdown-timeout",
+        process = subprocess.Popen([*PYTHON, *SERVICE, "--port", "0", "--shutdown-timeout",
                                     "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)  # stderr is never read: its pipe fills
+                                   text=True, cwd=HERE)  # stderr is never read: its pipe fills
         self.addCleanup(process.stderr.close)
         self.addCleanup(process.stdout.close)
         self.addCleanup(lambda: process.poll() is None and process.kill())
@@ -7576,7 +7584,7 @@ class HeaderMemoryTest(unittest.TestCase):
         run_all([threading.Thread(target=send) for _ in range(connections)])
 
     def test_every_slot_full_of_the_largest_unfinished_head(self):
-        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+        server = start_process(self, [*SERVICE, "--port", "0", "--max-connections",
                                       str(self.SLOTS)], keep_log=False)
         before = rss_bytes(server.process.pid)
         self.attack(server, self.SLOTS, lines=63, length=1000)  # just under 64 KiB each
@@ -7594,7 +7602,7 @@ class HeaderMemoryTest(unittest.TestCase):
     def test_with_cors_a_head_past_the_limit_is_searched_for_its_origin_not_held(self):
         # With --cors-origin, the server reads up to ORIGIN_SEARCH_BYTES of a head too
         # long, for its Origin; it held all of that a connection (332 KiB each before).
-        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+        server = start_process(self, [*SERVICE, "--port", "0", "--max-connections",
                                       str(self.SLOTS), "--cors-origin", "https://a.example"],
                                keep_log=False)
         before = rss_bytes(server.process.pid)
@@ -7618,7 +7626,7 @@ class HeaderMemoryTest(unittest.TestCase):
 
 class DescriptorTest(unittest.TestCase):
     def test_the_cap_fits_ulimit_n_and_a_burst_past_it_is_answered(self):
-        server = start_process(self, [SCRIPT, "--port", "0"], preexec_fn=lambda: (
+        server = start_process(self, [*SERVICE, "--port", "0"], preexec_fn=lambda: (
             resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))))
         cap = 64 - scheduler.DESCRIPTOR_RESERVE
         wait_for_log(server, f"Serving at most {cap} connections")
@@ -8358,8 +8366,8 @@ class ReadOnlyDatabaseTest(unittest.TestCase):
         path = temporary_database(self)
         scheduler.SQLiteStore(path).close()
         make_read_only(self, path)
-        result = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db", path],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run([*PYTHON, *SERVICE, "--port", "0", "--db", path],
+                                capture_output=True, text=True, timeout=30, cwd=HERE)
         self.assertEqual(result.returncode, 1)
         self.assertIn(f"cannot open the database {path}: attempt to write a readonly "
                       "database", result.stderr)
@@ -8369,7 +8377,7 @@ class ReadOnlyDatabaseTest(unittest.TestCase):
 class CommandLineTest(unittest.TestCase):
     def start(self, *args, env=None) -> ServerProcess:
         """Run scheduler.py with these options."""
-        return start_process(self, [SCRIPT, *args], env)
+        return start_process(self, [*SERVICE, *args], env)
 
     def stop(self, server: ServerProcess, signum=None) -> str:
         """Signal the server (if signum), wait for it to exit, return the rest of its log."""
@@ -8425,7 +8433,7 @@ class CommandLineTest(unittest.TestCase):
 
     def test_serves_logs_and_stops_cleanly_on_ctrl_c_and_sigterm(self):
         signals = (signal.SIGINT, signal.SIGTERM)
-        servers = start_processes(self, [([SCRIPT, "--port", "0"], {})] * len(signals))
+        servers = start_processes(self, [([*SERVICE, "--port", "0"], {})] * len(signals))
         for signum, server in zip(signals, servers):
             with self.subTest(signal=signum.name):
                 self.assertEqual(http_status(server, "/appointments?user_id=alice"), 200)
@@ -8438,8 +8446,8 @@ class CommandLineTest(unittest.TestCase):
 
     def test_port_comes_from_the_environment_and_the_flag_wins(self):
         from_env, from_flag = start_processes(self, [
-            ([SCRIPT], {"PORT": "0"}),  # 0: a free port, not the default 8000
-            ([SCRIPT, "--port", "0"], {"PORT": "not-a-port"})])
+            (SERVICE, {"PORT": "0"}),  # 0: a free port, not the default 8000
+            ([*SERVICE, "--port", "0"], {"PORT": "not-a-port"})])
         self.assertNotEqual(from_env.port, scheduler.DEFAULT_PORT)
         self.assertEqual(http_status(from_flag, "/appointments?user_id=a"), 200)
         self.stop(from_env, signal.SIGINT)
@@ -8624,8 +8632,8 @@ class CommandLineTest(unittest.TestCase):
                                        rf"{re.escape(path)}: [^\n]+\n\Z")
                 self.assertEqual(files_of(path), before[case])
         path = paths["a newer release's"]  # and once as a process
-        run = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db", path],
-                             capture_output=True, text=True, timeout=30)
+        run = subprocess.run([*PYTHON, *SERVICE, "--port", "0", "--db", path],
+                             capture_output=True, text=True, timeout=30, cwd=HERE)
         self.assertEqual((run.returncode, run.stdout), (1, ""), run.stderr)
         self.assertRegex(run.stderr, rf"\Ascheduler: cannot open the database "
                                      rf"{re.escape(path)}: [^\n]+\n\Z")
@@ -8658,7 +8666,7 @@ class CommandLineTest(unittest.TestCase):
         def limit_file_size():
             resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
 
-        server = start_process(self, [SCRIPT, "--port", "0", "--db", temporary_database(self)],
+        server = start_process(self, [*SERVICE, "--port", "0", "--db", temporary_database(self)],
                                keep_log=False, preexec_fn=limit_file_size)
         conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         self.addCleanup(conn.close)
@@ -8729,8 +8737,9 @@ class CommandLineTest(unittest.TestCase):
                  (["--port", "0", "--cpu", "100000"], "cannot run on CPU 100000"),
                  (["--port", "0", "--db", os.path.join(HERE, "no", "such", "dir.db")],
                   "cannot open the database")]
-        runs = [subprocess.Popen([*PYTHON, SCRIPT, *args], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True) for args, _ in cases]
+        runs = [subprocess.Popen([*PYTHON, *SERVICE, *args], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, cwd=HERE)
+                for args, _ in cases]
         for (args, message), run in zip(cases, runs):
             with self.subTest(args=args):
                 stderr = run.communicate(timeout=30)[1]
@@ -8744,7 +8753,7 @@ class CommandLineTest(unittest.TestCase):
         allowed = os.sched_getaffinity(0)
         first = min(allowed)
         cases = ((str(first), {first}), ("any", allowed), ("auto", None))
-        servers = start_processes(self, [([SCRIPT, "--port", "0", "--cpu", option], {})
+        servers = start_processes(self, [([*SERVICE, "--port", "0", "--cpu", option], {})
                                          for option, _ in cases])
         for (option, expected), server in zip(cases, servers):
             with self.subTest(cpu=option):
@@ -8784,8 +8793,8 @@ class CommandLineTest(unittest.TestCase):
                 self.assertEqual(caught.exception.code, 2)
                 self.assertIn(message, stderr.getvalue())
         args, env, message = self.USAGE_ERRORS[1]  # and once as a process, with PORT
-        result = subprocess.run([*PYTHON, SCRIPT, *args], capture_output=True,
-                                text=True, timeout=30, env={**os.environ, **env})
+        result = subprocess.run([*PYTHON, *SERVICE, *args], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, **env}, cwd=HERE)
         self.assertEqual(result.returncode, 2)
         self.assertIn(message, result.stderr)
 
@@ -8821,8 +8830,8 @@ class CommandLineTest(unittest.TestCase):
                               stderr.getvalue())
                 self.assertNoBadURIPassword(stderr.getvalue())
         uri, reason = self.BAD_URIS[-1]  # and once as a process
-        run = subprocess.run([*PYTHON, SCRIPT, "--db", uri], capture_output=True, text=True,
-                             timeout=30)
+        run = subprocess.run([*PYTHON, *SERVICE, "--db", uri], capture_output=True, text=True,
+                             timeout=30, cwd=HERE)
         self.assertEqual((run.returncode, run.stdout), (2, ""))
         self.assertIn(reason, run.stderr)
         self.assertNoBadURIPassword(run.stderr)
@@ -8871,7 +8880,7 @@ class PostgresServersTest(unittest.TestCase):
     def start_servers(self, database: str, count: int = 2) -> List[ServerProcess]:
         """count servers on database, started at once (so on an empty database they
         race to make the schema)."""
-        return start_processes(self, [([SCRIPT, "--port", "0", "--db",
+        return start_processes(self, [([*SERVICE, "--port", "0", "--db",
                                         self.cluster.uri(database=database)], {})] * count)
 
     @staticmethod
@@ -9037,9 +9046,9 @@ class PostgresServersTest(unittest.TestCase):
         # status, and the one line that the process writes; the others through
         # open_store(), which serve() calls, and which writes that line.
         silent_case = next(case for case in cases if case[0] == "a silent server")
-        silent = subprocess.Popen([*PYTHON, SCRIPT, *args(silent_case[1])],
+        silent = subprocess.Popen([*PYTHON, *SERVICE, *args(silent_case[1])],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=environ(silent_case[2]))
+                                  env=environ(silent_case[2]), cwd=HERE)
         self.addCleanup(lambda: silent.poll() is None and silent.kill())
         for what, uri, env, _ in cases:
             if what != "a silent server":
@@ -9063,13 +9072,13 @@ class WorkersTest(unittest.TestCase):
     """--workers 2 --db: two server processes on one listening socket and one file (or
     one PostgreSQL database)."""
 
-    def start(self, preexec_fn=None, script=SCRIPT, db: Optional[str] = None
+    def start(self, preexec_fn=None, script: Optional[str] = None, db: Optional[str] = None
               ) -> Tuple[ServerProcess, str, Dict[int, int]]:
-        """Start the supervisor on db (a new SQLite file by default), and wait until
-        both workers run; their process IDs."""
+        """Start the supervisor (SERVICE, or the script given) on db (a new SQLite file
+        by default), and wait until both workers run; their process IDs."""
         path = db or temporary_database(self)
-        server = start_process(self, [script, "--port", "0", "--workers", "2", "--db", path],
-                               preexec_fn=preexec_fn)
+        server = start_process(self, [*([script] if script else SERVICE), "--port", "0",
+                                      "--workers", "2", "--db", path], preexec_fn=preexec_fn)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers, running = {}, set()  # running: each has its handlers, and its store open
@@ -9138,7 +9147,7 @@ class WorkersTest(unittest.TestCase):
     def test_one_count_row_whatever_the_number_of_starts(self):
         path = temporary_database(self)
         for start in range(2):
-            server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path])
+            server = start_process(self, [*SERVICE, "--port", "0", "--workers", "2", "--db", path])
             conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
             self.assertEqual(post_json(conn, {"user_id": f"user-{start}", "date": "2026-11-25",
                                               "time": "09:00"}).status, 201)
@@ -9312,12 +9321,13 @@ class WorkersTest(unittest.TestCase):
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
         most, path = scheduler.WORKERS_PER_CPU, temporary_database(self)
-        result = subprocess.run([*PYTHON, SCRIPT, "--workers", str(most + 1), "--db", path],
-                                capture_output=True, text=True, timeout=30, preexec_fn=one_cpu)
+        result = subprocess.run([*PYTHON, *SERVICE, "--workers", str(most + 1), "--db", path],
+                                capture_output=True, text=True, timeout=30, preexec_fn=one_cpu,
+                                cwd=HERE)
         self.assertEqual(result.returncode, 2)
         self.assertIn(f"--workers {most + 1} is more than this machine can use: at most "
                       f"{most} per CPU this process may use, so {most} here", result.stderr)
-        server = start_process(self, [SCRIPT, "--port", "0", "--workers", str(most), "--db",
+        server = start_process(self, [*SERVICE, "--port", "0", "--workers", str(most), "--db",
                                       path], preexec_fn=one_cpu)
         wait_for_log(server, "Worker 0 started")  # one CPU: one starts at a time
         server.process.send_signal(signal.SIGTERM)
@@ -9480,7 +9490,7 @@ class PostgresOutageUnderLoadTest(unittest.TestCase):
     answer when retried with its key, never a 409 for its own appointment."""
 
     def start_servers(self, uri: str, count: int = 2) -> List[ServerProcess]:
-        servers = start_processes(self, [([SCRIPT, "--port", "0", "--db", uri], {})] * count)
+        servers = start_processes(self, [([*SERVICE, "--port", "0", "--db", uri], {})] * count)
         for server in servers:
             self.addCleanup(lambda p=server.process: p.poll() is None and (
                 p.send_signal(signal.SIGTERM) or p.wait(timeout=20)))
@@ -10002,13 +10012,26 @@ def remove_memory_folder(folder: str, watchdog: subprocess.Popen) -> None:
         watchdog.wait(10)
 
 
+def compile_service() -> Optional[str]:
+    """Write scheduler.py's bytecode to its cache (its __pycache__), for the processes
+    that the tests start (SERVICE), whatever PYTHONDONTWRITEBYTECODE says; the path
+    of the file if it is new, for the run to remove at its end, else None."""
+    cached = importlib.util.cache_from_source(SCRIPT)
+    new = not os.path.exists(cached)
+    try:
+        py_compile.compile(SCRIPT, doraise=True)
+    except (OSError, py_compile.PyCompileError):  # each start compiles it, as before
+        return None
+    return cached if new else None
+
+
 def run_in_parallel(jobs: str) -> None:
     """make test: the suite in a pool of jobs processes, each taking the next test
     as it finishes one (most of the time goes to tests that start processes and
     wait for them, which the others overlap), in the order of share_out(), its
-    temporary files in memory where it can (memory_folder()). Prints a line a test,
-    then the failures; exits 1 if any. python3 -m unittest runs the same tests in
-    one process."""
+    temporary files in memory where it can (memory_folder()), the service compiled
+    once (compile_service()). Prints a line a test, then the failures; exits 1 if
+    any. python3 -m unittest runs the same tests in one process."""
     names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
         "test_scheduler"))))
     started, failures, durations = time.perf_counter(), [], {}
@@ -10016,6 +10039,7 @@ def run_in_parallel(jobs: str) -> None:
     if folder:  # for the pool's processes, and the programs that the tests start
         os.environ["TMPDIR"] = tempfile.tempdir = folder
         watchdog = start_watchdog(folder)
+    compiled = compile_service()
     try:
         with multiprocessing.Pool(int(jobs), PostgresCluster.start_shared_early) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
@@ -10026,6 +10050,10 @@ def run_in_parallel(jobs: str) -> None:
     finally:
         if folder:
             remove_memory_folder(folder, watchdog)
+        if compiled:
+            with contextlib.suppress(OSError):
+                os.remove(compiled)
+                os.rmdir(os.path.dirname(compiled))  # if it holds nothing else
     keep_durations(durations)
     print("".join(failures), end="")
     print(f"Ran {len(names)} tests in {jobs} processes in {time.perf_counter() - started:.1f} s: "
