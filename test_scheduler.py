@@ -31,6 +31,7 @@ import functools
 import gc
 import hashlib
 import http.client
+import importlib.util
 import inspect
 import io
 import itertools
@@ -38,6 +39,7 @@ import json
 import multiprocessing
 import os
 import pwd
+import py_compile
 import queue
 import random
 import resource
@@ -77,6 +79,12 @@ VALID_BODY = b'{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}'
 # The interpreter as tests start it: without site-packages (-S), which shows that the
 # service needs only the standard library, and saves 50 ms a start on this machine.
 PYTHON = [sys.executable, "-S"]
+# How the tests start the service, in HERE: scheduler.py run as __main__, as python3
+# scheduler.py runs it, but found as a module, whose bytecode Python reads from its
+# cache where make test has written it (compile_service()): a script is compiled at
+# every start. The tests of --version and --help run python3 scheduler.py itself, as
+# the README shows it; a supervisor starts its workers so.
+SERVICE = ["-m", "scheduler"]
 
 
 # --- Helpers: one per recurring chore ---------------------------------------------------
@@ -550,21 +558,41 @@ def remove_cluster(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_clusters(folder: str) -> None:
+    """remove_cluster() for each cluster's folder in folder (scheduler-pg-*, as in a
+    run's memory_folder()), then for folder itself."""
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name.startswith("scheduler-pg-"):
+            remove_cluster(os.path.join(folder, name))
+    remove_cluster(folder)
+
+
 @functools.lru_cache(maxsize=None)
 def watchdog_program() -> str:
-    """The program of a cluster's watchdog: a process that waits until the test
-    process that started it ends (its end of the watchdog's stdin closes, however it
-    ends: even by SIGKILL, as a pool's worker does), then removes the cluster. It is
-    remove_cluster() and what that calls, from this file's source: importing the
-    whole file would take longer."""
+    """The program of a watchdog: a process that waits until the test process that
+    started it ends (its end of the watchdog's stdin closes, however it ends: even
+    by SIGKILL, as a pool's worker does), then removes its folder, a cluster's or a
+    run's (remove_clusters()). It is remove_clusters() and what that calls, from
+    this file's source: importing the whole file would take longer."""
     functions = (process_alive, process_children, stop_process_tree, read_lock_file,
-                 remove_cluster)
+                 remove_cluster, remove_clusters)
     return ("import collections, contextlib, os, shutil, signal, subprocess, sys, time\n"
             "from typing import Dict, List, Optional, Tuple\n\n"
             + "".join(inspect.getsource(function) + "\n" for function in functions)
             + "signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the tests\n"
               "sys.stdin.buffer.read()\n"
-              "remove_cluster(os.path.dirname(os.path.abspath(__file__)))\n")
+              "remove_clusters(os.path.dirname(os.path.abspath(__file__)))\n")
+
+
+def start_watchdog(folder: str) -> subprocess.Popen:
+    """Start a watchdog (watchdog_program()) in folder, which removes it, and the
+    clusters in it, when this process ends without having closed its stdin first."""
+    program = os.path.join(folder, "watchdog.py")
+    with open(program, "w") as file:
+        file.write(watchdog_program())
+    return subprocess.Popen(
+        [sys.executable, "-S", program], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 _CERTIFICATE_EXTENSIONS = """\
@@ -645,6 +673,11 @@ def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# Where postgres_template() keeps its folder from run to run: the temporary folder as
+# this process found it, before make test moved the run's own files (memory_folder()).
+TEMPLATES = tempfile.gettempdir()
+
+
 def postgres_template() -> str:
     """The data folder that each cluster's is a copy of, stopped: made on first need
     and kept in the temporary folder for later runs, one for each PostgreSQL build
@@ -654,7 +687,7 @@ def postgres_template() -> str:
     recipe = repr((postgres_binaries(), binary.st_size, binary.st_mtime_ns,
                    PostgresCluster.INITDB, PostgresCluster.ROLES, PostgresCluster.DATABASE))
     key = hashlib.sha256(recipe.encode()).hexdigest()[:16]
-    folder = os.path.join(tempfile.gettempdir(), f"scheduler-pg-template-{os.geteuid()}-{key}")
+    folder = os.path.join(TEMPLATES, f"scheduler-pg-template-{os.geteuid()}-{key}")
     data = os.path.join(folder, "data")
     if os.path.isdir(data):
         return data
@@ -670,7 +703,8 @@ def postgres_template() -> str:
 
         wait_until(locked, 120, "the lock on the PostgreSQL template")
         if not os.path.isdir(data):
-            maker = PostgresCluster()
+            # Made beside it, on the same file system, to be renamed into place.
+            maker = PostgresCluster(folder=tempfile.mkdtemp(prefix="scheduler-pg-", dir=TEMPLATES))
             try:
                 maker._make(from_template=False)
                 maker.stop()
@@ -730,11 +764,33 @@ class PostgresCluster:
     def shared(cls) -> "PostgresCluster":
         """This process's cluster, started on first use (and again if a test left it
         stopped, killed or frozen); removed when the process ends."""
+        starting = cls._starting.pop(os.getpid(), None)
+        if starting is not None:  # whatever became of it, _start_shared() says now
+            starting.join()
+        return cls._start_shared()
+
+    @classmethod
+    def _start_shared(cls) -> "PostgresCluster":
         cluster = cls._shared.get(os.getpid())  # not one a parent process started
         if cluster is None:
             cluster = cls._shared[os.getpid()] = cls()
             atexit.register(cluster.cleanup)
         return cluster.start()
+
+    _starting: Dict[int, threading.Thread] = {}  # by process ID
+
+    @classmethod
+    def start_shared_early(cls) -> None:
+        """Start this process's cluster in a thread of its own, while other tests run
+        (make test's processes do, as each begins, where PostgreSQL is found); the
+        first shared() waits for it. A failure here is shared()'s to report."""
+        def start():
+            with contextlib.suppress(Exception):
+                cls._start_shared()
+
+        if postgres_missing() is None:
+            cls._starting[os.getpid()] = thread = threading.Thread(target=start, daemon=True)
+            thread.start()
 
     @classmethod
     def for_test(cls, testcase: unittest.TestCase, settings: Optional[dict] = None
@@ -787,12 +843,7 @@ class PostgresCluster:
 
     def _watch(self) -> None:
         """Start the watchdog that removes this cluster if this process ends first."""
-        program = os.path.join(self.folder, "watchdog.py")
-        with open(program, "w") as file:
-            file.write(watchdog_program())
-        self._watchdog = subprocess.Popen(
-            [sys.executable, "-S", program], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
+        self._watchdog = start_watchdog(self.folder)
 
     # -- Making, starting, stopping
 
@@ -2874,26 +2925,37 @@ class SchemaTest(unittest.TestCase):
                 self.assertEqual(query(path, "SELECT * FROM appointment_count"),
                                  [(1, store.count())])
 
-    OPEN_WHEN_TOLD = ("import sys, scheduler; print('ready', flush=True); sys.stdin.read(1); "
-                      "scheduler.SQLiteStore(sys.argv[1]).close(); print('opened')")
+    # Opens the file that each line read names, and says so; ends when its input does.
+    OPEN_WHEN_TOLD = ("import sys, scheduler\nprint('ready', flush=True)\n"
+                      "for line in sys.stdin:\n"
+                      "    scheduler.SQLiteStore(line[:-1]).close()\n"
+                      "    print('opened', flush=True)\n")
 
     def test_processes_starting_at_once_on_a_new_file_all_open_it(self):
+        # Four processes race to open each of four new files, a file a round; each
+        # imports the module once.
+        starts = [subprocess.Popen([*PYTHON, "-c", self.OPEN_WHEN_TOLD], cwd=HERE,
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                  for _ in range(4)]
+        for start in starts:
+            self.addCleanup(start.stdout.close)
+            self.addCleanup(start.stdin.close)
+            self.addCleanup(lambda start=start: start.poll() is None and start.kill())
+            self.assertEqual(start.stdout.readline(), "ready\n")
         for round_ in range(4):  # SQLite refused the switch to WAL in 13 of 80 such starts
             with self.subTest(round=round_):
                 path = temporary_database(self)
                 open(path, "w").close()  # empty, as a unit file's touch leaves it
-                starts = [subprocess.Popen([*PYTHON, "-c", self.OPEN_WHEN_TOLD, path],
-                                           cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                           text=True) for _ in range(4)]
-                for start in starts:
-                    self.assertEqual(start.stdout.readline(), "ready\n")
                 for start in starts:  # all at once, as near as can be
-                    start.stdin.close()
+                    start.stdin.write(path + "\n")
+                    start.stdin.flush()
                 for start in starts:
-                    self.assertEqual(start.stdout.read(), "opened\n")
-                    start.stdout.close()
-                    self.assertEqual(start.wait(timeout=30), 0)
+                    self.assertEqual(start.stdout.readline(), "opened\n")
                 self.assertEqual(query(path, "SELECT one FROM appointment_count"), [(1,)])
+        for start in starts:
+            start.stdin.close()  # the end
+            self.assertEqual(start.stdout.read(), "")
+            self.assertEqual(start.wait(timeout=30), 0)
 
     def test_a_shipped_step_runs_the_sql_it_shipped_with(self):
         self.assertEqual(len(SHIPPED_STEPS), scheduler.SCHEMA_VERSION,
@@ -8027,9 +8089,9 @@ class StuckLogTest(unittest.TestCase):
 
     @unittest.skipUnless(os.path.exists("/proc/self/status"), "reads memory from /proc")
     def test_a_log_nobody_reads_holds_little_memory_and_does_not_stop_shutdown(self):
-        process = subprocess.Popen([*PYTHON, SCRIPT, "--port", "0", "--shutdown-timeout",
+        process = subprocess.Popen([*PYTHON, *SERVICE, "--port", "0", "--shutdown-timeout",
                                     "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True)  # stderr is never read: its pipe fills
+                                   text=True, cwd=HERE)  # stderr is never read: its pipe fills
         self.addCleanup(process.stderr.close)
         self.addCleanup(process.stdout.close)
         self.addCleanup(lambda: process.poll() is None and process.kill())
@@ -8086,7 +8148,7 @@ class HeaderMemoryTest(unittest.TestCase):
         run_all([threading.Thread(target=send) for _ in range(connections)])
 
     def test_every_slot_full_of_the_largest_unfinished_head(self):
-        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+        server = start_process(self, [*SERVICE, "--port", "0", "--max-connections",
                                       str(self.SLOTS)], keep_log=False)
         before = rss_bytes(server.process.pid)
         self.attack(server, self.SLOTS, lines=63, length=1000)  # just under 64 KiB each
@@ -8104,7 +8166,7 @@ class HeaderMemoryTest(unittest.TestCase):
     def test_with_cors_a_head_past_the_limit_is_searched_for_its_origin_not_held(self):
         # With --cors-origin, the server reads up to ORIGIN_SEARCH_BYTES of a head too
         # long, for its Origin; it held all of that a connection (332 KiB each before).
-        server = start_process(self, [SCRIPT, "--port", "0", "--max-connections",
+        server = start_process(self, [*SERVICE, "--port", "0", "--max-connections",
                                       str(self.SLOTS), "--cors-origin", "https://a.example"],
                                keep_log=False)
         before = rss_bytes(server.process.pid)
@@ -8128,7 +8190,7 @@ class HeaderMemoryTest(unittest.TestCase):
 
 class DescriptorTest(unittest.TestCase):
     def test_the_cap_fits_ulimit_n_and_a_burst_past_it_is_answered(self):
-        server = start_process(self, [SCRIPT, "--port", "0"], preexec_fn=lambda: (
+        server = start_process(self, [*SERVICE, "--port", "0"], preexec_fn=lambda: (
             resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))))
         cap = 64 - scheduler.DESCRIPTOR_RESERVE
         wait_for_log(server, f"Serving at most {cap} connections")
@@ -8867,8 +8929,8 @@ class ReadOnlyDatabaseTest(unittest.TestCase):
         path = temporary_database(self)
         scheduler.SQLiteStore(path).close()
         make_read_only(self, path)
-        result = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db", path],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run([*PYTHON, *SERVICE, "--port", "0", "--db", path],
+                                capture_output=True, text=True, timeout=30, cwd=HERE)
         self.assertEqual(result.returncode, 1)
         self.assertIn(f"cannot open the database {path}: attempt to write a readonly "
                       "database", result.stderr)
@@ -8878,7 +8940,7 @@ class ReadOnlyDatabaseTest(unittest.TestCase):
 class CommandLineTest(unittest.TestCase):
     def start(self, *args, env=None) -> ServerProcess:
         """Run scheduler.py with these options."""
-        return start_process(self, [SCRIPT, *args], env)
+        return start_process(self, [*SERVICE, *args], env)
 
     def stop(self, server: ServerProcess, signum=None) -> str:
         """Signal the server (if signum), wait for it to exit, return the rest of its log."""
@@ -8934,7 +8996,7 @@ class CommandLineTest(unittest.TestCase):
 
     def test_serves_logs_and_stops_cleanly_on_ctrl_c_and_sigterm(self):
         signals = (signal.SIGINT, signal.SIGTERM)
-        servers = start_processes(self, [([SCRIPT, "--port", "0"], {})] * len(signals))
+        servers = start_processes(self, [([*SERVICE, "--port", "0"], {})] * len(signals))
         for signum, server in zip(signals, servers):
             with self.subTest(signal=signum.name):
                 self.assertEqual(http_status(server, "/appointments?user_id=alice"), 200)
@@ -8947,8 +9009,8 @@ class CommandLineTest(unittest.TestCase):
 
     def test_port_comes_from_the_environment_and_the_flag_wins(self):
         from_env, from_flag = start_processes(self, [
-            ([SCRIPT], {"PORT": "0"}),  # 0: a free port, not the default 8000
-            ([SCRIPT, "--port", "0"], {"PORT": "not-a-port"})])
+            (SERVICE, {"PORT": "0"}),  # 0: a free port, not the default 8000
+            ([*SERVICE, "--port", "0"], {"PORT": "not-a-port"})])
         self.assertNotEqual(from_env.port, scheduler.DEFAULT_PORT)
         self.assertEqual(http_status(from_flag, "/appointments?user_id=a"), 200)
         self.stop(from_env, signal.SIGINT)
@@ -9107,19 +9169,38 @@ class CommandLineTest(unittest.TestCase):
     def test_sigkill_loses_none_of_concurrent_clients_bookings(self):
         self.sigkill_while_booking(clients=8)  # their bookings are committed in batches
 
+    def refused(self, args: List[str], environ: Optional[dict] = None) -> str:
+        """What open_store(), which serve() calls, says as it refuses the store that
+        args ask for (the test fails if it opens it), with environ (by default this
+        process's) as the whole environment meanwhile."""
+        with mock.patch.dict(os.environ, os.environ if environ is None else environ,
+                             clear=True):
+            parsed = scheduler.parse_args(args)
+            limits = scheduler.Limits(**{name: getattr(parsed, name)
+                                         for name in scheduler.Limits._fields})
+            with contextlib.redirect_stderr(io.StringIO()) as stderr:
+                store = scheduler.open_store(parsed, limits)
+        if store is not None:
+            store.close()
+            self.fail(f"{args} opened a store")
+        return stderr.getvalue()
+
     def test_a_database_it_does_not_own_is_refused_untouched_in_one_line(self):
         paths = foreign_files(self)
         before = {case: files_of(path) for case, path in paths.items()}
-        runs = {case: subprocess.Popen([*PYTHON, SCRIPT, "--port", "0", "--db", path],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                       text=True) for case, path in paths.items()}
-        for case, run in runs.items():
+        for case, path in paths.items():  # open_store() is what serve() calls
             with self.subTest(case=case):
-                stderr = run.communicate(timeout=30)[1]
-                self.assertEqual(run.returncode, 1)
-                self.assertRegex(stderr, rf"\Ascheduler: cannot open the database "
-                                         rf"{re.escape(paths[case])}: [^\n]+\n\Z")
-                self.assertEqual(files_of(paths[case]), before[case])
+                said = self.refused(["--port", "0", "--db", path])
+                self.assertRegex(said, rf"\Ascheduler: cannot open the database "
+                                       rf"{re.escape(path)}: [^\n]+\n\Z")
+                self.assertEqual(files_of(path), before[case])
+        path = paths["a newer release's"]  # and once as a process
+        run = subprocess.run([*PYTHON, *SERVICE, "--port", "0", "--db", path],
+                             capture_output=True, text=True, timeout=30, cwd=HERE)
+        self.assertEqual((run.returncode, run.stdout), (1, ""), run.stderr)
+        self.assertRegex(run.stderr, rf"\Ascheduler: cannot open the database "
+                                     rf"{re.escape(path)}: [^\n]+\n\Z")
+        self.assertEqual(files_of(path), before["a newer release's"])
 
     def test_the_log_names_rows_set_aside_and_the_commands_it_gives_fix_them(self):
         path = unversioned_database(self, "2026-11-30", [row[:3] for row in BROKEN_ROWS])
@@ -9148,7 +9229,7 @@ class CommandLineTest(unittest.TestCase):
         def limit_file_size():
             resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
 
-        server = start_process(self, [SCRIPT, "--port", "0", "--db", temporary_database(self)],
+        server = start_process(self, [*SERVICE, "--port", "0", "--db", temporary_database(self)],
                                keep_log=False, preexec_fn=limit_file_size)
         conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
         self.addCleanup(conn.close)
@@ -9219,8 +9300,9 @@ class CommandLineTest(unittest.TestCase):
                  (["--port", "0", "--cpu", "100000"], "cannot run on CPU 100000"),
                  (["--port", "0", "--db", os.path.join(HERE, "no", "such", "dir.db")],
                   "cannot open the database")]
-        runs = [subprocess.Popen([*PYTHON, SCRIPT, *args], stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.PIPE, text=True) for args, _ in cases]
+        runs = [subprocess.Popen([*PYTHON, *SERVICE, *args], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, text=True, cwd=HERE)
+                for args, _ in cases]
         for (args, message), run in zip(cases, runs):
             with self.subTest(args=args):
                 stderr = run.communicate(timeout=30)[1]
@@ -9234,7 +9316,7 @@ class CommandLineTest(unittest.TestCase):
         allowed = os.sched_getaffinity(0)
         first = min(allowed)
         cases = ((str(first), {first}), ("any", allowed), ("auto", None))
-        servers = start_processes(self, [([SCRIPT, "--port", "0", "--cpu", option], {})
+        servers = start_processes(self, [([*SERVICE, "--port", "0", "--cpu", option], {})
                                          for option, _ in cases])
         for (option, expected), server in zip(cases, servers):
             with self.subTest(cpu=option):
@@ -9274,8 +9356,8 @@ class CommandLineTest(unittest.TestCase):
                 self.assertEqual(caught.exception.code, 2)
                 self.assertIn(message, stderr.getvalue())
         args, env, message = self.USAGE_ERRORS[1]  # and once as a process, with PORT
-        result = subprocess.run([*PYTHON, SCRIPT, *args], capture_output=True,
-                                text=True, timeout=30, env={**os.environ, **env})
+        result = subprocess.run([*PYTHON, *SERVICE, *args], capture_output=True,
+                                text=True, timeout=30, env={**os.environ, **env}, cwd=HERE)
         self.assertEqual(result.returncode, 2)
         self.assertIn(message, result.stderr)
 
@@ -9311,8 +9393,8 @@ class CommandLineTest(unittest.TestCase):
                               stderr.getvalue())
                 self.assertNoBadURIPassword(stderr.getvalue())
         uri, reason = self.BAD_URIS[-1]  # and once as a process
-        run = subprocess.run([*PYTHON, SCRIPT, "--db", uri], capture_output=True, text=True,
-                             timeout=30)
+        run = subprocess.run([*PYTHON, *SERVICE, "--db", uri], capture_output=True, text=True,
+                             timeout=30, cwd=HERE)
         self.assertEqual((run.returncode, run.stdout), (2, ""))
         self.assertIn(reason, run.stderr)
         self.assertNoBadURIPassword(run.stderr)
@@ -9353,6 +9435,7 @@ class PostgresServersTest(unittest.TestCase):
     each test that starts servers has a database of its own (fresh_database())."""
 
     stop = CommandLineTest.stop
+    refused = CommandLineTest.refused
 
     def setUp(self):
         self.cluster = PostgresCluster.shared()
@@ -9360,7 +9443,7 @@ class PostgresServersTest(unittest.TestCase):
     def start_servers(self, database: str, count: int = 2) -> List[ServerProcess]:
         """count servers on database, started at once (so on an empty database they
         race to make the schema)."""
-        return start_processes(self, [([SCRIPT, "--port", "0", "--db",
+        return start_processes(self, [([*SERVICE, "--port", "0", "--db",
                                         self.cluster.uri(database=database)], {})] * count)
 
     @staticmethod
@@ -9514,26 +9597,36 @@ class PostgresServersTest(unittest.TestCase):
             cases.append(("a certificate that does not verify", cluster.uri(
                 sslmode="verify-full", sslrootcert=cluster.other_ca_file), {},
                 f": {here}: the server's certificate does not verify (sslmode=verify-full): "))
-        results = {}
+        saying = {}  # what, by what it says
 
-        def start(what, uri, env):  # every URI with connect_timeout=2, libpq's least
-            results[what] = subprocess.run([*PYTHON, SCRIPT, "--port", "0", "--db",
-                                  uri + ("&" if "?" in uri else "?") + "connect_timeout=2"],
-                                 capture_output=True, text=True, timeout=30,
-                                 env={**{name: value for name, value in os.environ.items()
-                                         if not name.startswith("PG")}, **env})
+        def args(uri):  # every URI with connect_timeout=2, libpq's least
+            return ["--port", "0", "--db", uri + ("&" if "?" in uri else "?") +
+                    "connect_timeout=2"]
 
-        run_all([threading.Thread(target=start, args=case[:3]) for case in cases])
+        def environ(env):
+            return {**{name: value for name, value in os.environ.items()
+                       if not name.startswith("PG")}, **env}
+
+        # The silent server as a process, whose wait the others overlap: the exit
+        # status, and the one line that the process writes; the others through
+        # open_store(), which serve() calls, and which writes that line.
+        silent_case = next(case for case in cases if case[0] == "a silent server")
+        silent = subprocess.Popen([*PYTHON, *SERVICE, *args(silent_case[1])],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=environ(silent_case[2]), cwd=HERE)
+        self.addCleanup(lambda: silent.poll() is None and silent.kill())
+        for what, uri, env, _ in cases:
+            if what != "a silent server":
+                saying[what] = self.refused(args(uri), environ(env))
+        stdout, saying["a silent server"] = silent.communicate(timeout=30)
+        self.assertEqual((silent.returncode, stdout), (1, ""), saying["a silent server"])
         for what, uri, env, reason in cases:
             with self.subTest(what):
-                run = results[what]
-                self.assertEqual((run.returncode, run.stdout), (1, ""), run.stderr)
-                self.assertRegex(run.stderr, r"\A" + re.escape(
+                self.assertRegex(saying[what], r"\A" + re.escape(
                     f"scheduler: cannot use PostgreSQL{reason}") + r"[^\n]*\n\Z")
-                self.assertNoPassword(run.stderr)
+                self.assertNoPassword(saying[what])
         # connect_timeout's 2 s, not the PG_CONNECT_TIMEOUT (10 s) or more of a URI without it
-        waited = re.search(r"within the deadline \((\d+\.\d) s\)",
-                           results["a silent server"].stderr)
+        waited = re.search(r"within the deadline \((\d+\.\d) s\)", saying["a silent server"])
         self.assertTrue(2 <= float(waited[1]) < scheduler.PG_CONNECT_TIMEOUT, waited[0])
         self.assertEqual(cluster.sql(tables, foreign), before)
 
@@ -9544,13 +9637,13 @@ class WorkersTest(unittest.TestCase):
     """--workers 2 --db: two server processes on one listening socket and one file (or
     one PostgreSQL database)."""
 
-    def start(self, preexec_fn=None, script=SCRIPT, db: Optional[str] = None
+    def start(self, preexec_fn=None, script: Optional[str] = None, db: Optional[str] = None
               ) -> Tuple[ServerProcess, str, Dict[int, int]]:
-        """Start the supervisor on db (a new SQLite file by default), and wait until
-        both workers run; their process IDs."""
+        """Start the supervisor (SERVICE, or the script given) on db (a new SQLite file
+        by default), and wait until both workers run; their process IDs."""
         path = db or temporary_database(self)
-        server = start_process(self, [script, "--port", "0", "--workers", "2", "--db", path],
-                               preexec_fn=preexec_fn)
+        server = start_process(self, [*([script] if script else SERVICE), "--port", "0",
+                                      "--workers", "2", "--db", path], preexec_fn=preexec_fn)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers, running = {}, set()  # running: each has its handlers, and its store open
@@ -9619,7 +9712,7 @@ class WorkersTest(unittest.TestCase):
     def test_one_count_row_whatever_the_number_of_starts(self):
         path = temporary_database(self)
         for start in range(2):
-            server = start_process(self, [SCRIPT, "--port", "0", "--workers", "2", "--db", path])
+            server = start_process(self, [*SERVICE, "--port", "0", "--workers", "2", "--db", path])
             conn = http.client.HTTPConnection(server.host, server.port, timeout=10)
             self.assertEqual(post_json(conn, {"user_id": f"user-{start}", "date": "2026-11-25",
                                               "time": "09:00"}).status, 201)
@@ -9793,12 +9886,13 @@ class WorkersTest(unittest.TestCase):
             os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
 
         most, path = scheduler.WORKERS_PER_CPU, temporary_database(self)
-        result = subprocess.run([*PYTHON, SCRIPT, "--workers", str(most + 1), "--db", path],
-                                capture_output=True, text=True, timeout=30, preexec_fn=one_cpu)
+        result = subprocess.run([*PYTHON, *SERVICE, "--workers", str(most + 1), "--db", path],
+                                capture_output=True, text=True, timeout=30, preexec_fn=one_cpu,
+                                cwd=HERE)
         self.assertEqual(result.returncode, 2)
         self.assertIn(f"--workers {most + 1} is more than this machine can use: at most "
                       f"{most} per CPU this process may use, so {most} here", result.stderr)
-        server = start_process(self, [SCRIPT, "--port", "0", "--workers", str(most), "--db",
+        server = start_process(self, [*SERVICE, "--port", "0", "--workers", str(most), "--db",
                                       path], preexec_fn=one_cpu)
         wait_for_log(server, "Worker 0 started")  # one CPU: one starts at a time
         server.process.send_signal(signal.SIGTERM)
@@ -9961,7 +10055,7 @@ class PostgresOutageUnderLoadTest(unittest.TestCase):
     answer when retried with its key, never a 409 for its own appointment."""
 
     def start_servers(self, uri: str, count: int = 2) -> List[ServerProcess]:
-        servers = start_processes(self, [([SCRIPT, "--port", "0", "--db", uri], {})] * count)
+        servers = start_processes(self, [([*SERVICE, "--port", "0", "--db", uri], {})] * count)
         for server in servers:
             self.addCleanup(lambda p=server.process: p.poll() is None and (
                 p.send_signal(signal.SIGTERM) or p.wait(timeout=20)))
@@ -10436,9 +10530,10 @@ def checkout_for_bench(testcase: unittest.TestCase, commit: str) -> str:
 # --- Running the suite over several processes (make test) ------------------------------
 
 
-def run_one(name: str) -> Tuple[str, str, str]:
+def run_one(name: str) -> Tuple[str, str, str, float]:
     """Run one test (by its ID) in this process: (its ID, "ok", "skipped" or
-    "FAIL", what unittest reported of its failures)."""
+    "FAIL", what unittest reported of its failures, the seconds it took)."""
+    started = time.perf_counter()
     report = io.StringIO()
     result = unittest.TextTestRunner(stream=report, verbosity=0).run(
         unittest.defaultTestLoader.loadTestsFromName(name))
@@ -10446,24 +10541,130 @@ def run_one(name: str) -> Tuple[str, str, str]:
     failures = "".join(f"{'=' * 70}\n{kind}: {test}\n{'-' * 70}\n{text}\n"
                        for kind, problems in (("FAIL", result.failures), ("ERROR", result.errors))
                        for test, text in problems)
-    return name, outcome, failures
+    return name, outcome, failures, time.perf_counter() - started
+
+
+# What each test took in the last run of this checkout's suite (make test), by its ID.
+DURATIONS = os.path.join(TEMPLATES, f"scheduler-test-durations-{os.geteuid()}-"
+                                    f"{hashlib.sha256(HERE.encode()).hexdigest()[:12]}.json")
+
+
+def share_out(tests: List[unittest.TestCase]) -> List[str]:
+    """The IDs of the tests in the order that the pool takes them: the longest first,
+    by what they took in the last run (DURATIONS), so that the processes end
+    together rather than one of them finishing a long test alone. A test not in the
+    last run goes first (it may be long); without a last run, the layers that start
+    processes go first, being the last in the file."""
+    try:
+        with open(DURATIONS) as file:
+            durations = json.load(file)
+    except (OSError, ValueError):
+        durations = {}
+
+    def line(test: unittest.TestCase) -> int:
+        return inspect.unwrap(getattr(test, test._testMethodName)).__code__.co_firstlineno
+
+    return [test.id() for test in sorted(
+        tests, key=lambda test: (-durations.get(test.id(), float("inf")), -line(test)))]
+
+
+def keep_durations(durations: Dict[str, float]) -> None:
+    """Write DURATIONS anew (whole, or not at all: another run may be reading it)."""
+    with contextlib.suppress(OSError):
+        with tempfile.NamedTemporaryFile("w", dir=TEMPLATES, delete=False) as file:
+            json.dump(durations, file)
+        os.replace(file.name, DURATIONS)
+
+
+MEMORY = "/dev/shm"  # a tmpfs on Linux
+MEMORY_NEEDED = 1 << 30  # bytes free there: the clusters, their standbys, the SQLite files
+
+
+def memory_folder() -> Optional[str]:
+    """A new folder in memory (MEMORY) for a run's temporary files, where there is
+    one with room: creating and writing files on a disk's file system cost the suite
+    more CPU time than anything else it does, and no test needs a disk (the faults
+    are those of processes: a SIGKILL loses nothing the kernel was given). As root,
+    only where chattr +i works there, as make_read_only() needs. None where there is
+    no such folder, or where TMPDIR names the user's own choice."""
+    if "TMPDIR" in os.environ or not os.path.isdir(MEMORY):
+        return None
+    try:
+        space = os.statvfs(MEMORY)
+        if space.f_bavail * space.f_frsize < MEMORY_NEEDED:
+            return None
+        folder = tempfile.mkdtemp(prefix="scheduler-tests-", dir=MEMORY)
+    except OSError:
+        return None
+    os.chmod(folder, 0o711)  # the postgres user reaches the clusters' folders inside
+    if os.geteuid() == 0:
+        probe = os.path.join(folder, "probe")
+        open(probe, "w").close()
+        try:
+            immutable = subprocess.run(["chattr", "+i", probe], capture_output=True).returncode
+            subprocess.run(["chattr", "-i", probe], capture_output=True)
+        except OSError:
+            immutable = 1
+        if immutable:
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
+        os.remove(probe)
+    return folder
+
+
+def remove_memory_folder(folder: str, watchdog: subprocess.Popen) -> None:
+    """Remove a run's folder once its test processes have ended, with the clusters
+    still in it (their watchdogs may be on their way: either removes them), as its
+    own watchdog would have had this process ended first."""
+    remove_clusters(folder)
+    watchdog.stdin.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        watchdog.wait(10)
+
+
+def compile_service() -> Optional[str]:
+    """Write scheduler.py's bytecode to its cache (its __pycache__), for the processes
+    that the tests start (SERVICE), whatever PYTHONDONTWRITEBYTECODE says; the path
+    of the file if it is new, for the run to remove at its end, else None."""
+    cached = importlib.util.cache_from_source(SCRIPT)
+    new = not os.path.exists(cached)
+    try:
+        py_compile.compile(SCRIPT, doraise=True)
+    except (OSError, py_compile.PyCompileError):  # each start compiles it, as before
+        return None
+    return cached if new else None
 
 
 def run_in_parallel(jobs: str) -> None:
     """make test: the suite in a pool of jobs processes, each taking the next test
     as it finishes one (most of the time goes to tests that start processes and
-    wait for them, which the others overlap). The layers that start processes are
-    the last in the file, and go first, so that no long test is left for the end.
-    Prints a line a test, then the failures; exits 1 if any. python3 -m unittest
-    runs the same tests in one process."""
-    names = [test.id() for test in iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
-        "test_scheduler"))]
-    started, failures = time.perf_counter(), []
-    with multiprocessing.Pool(int(jobs)) as pool:
-        for name, outcome, failed in pool.imap_unordered(run_one, reversed(names)):
-            print(f"{name} ... {outcome}", flush=True)
-            if failed:
-                failures.append(failed)
+    wait for them, which the others overlap), in the order of share_out(), its
+    temporary files in memory where it can (memory_folder()), the service compiled
+    once (compile_service()). Prints a line a test, then the failures; exits 1 if
+    any. python3 -m unittest runs the same tests in one process."""
+    names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
+        "test_scheduler"))))
+    started, failures, durations = time.perf_counter(), [], {}
+    folder = memory_folder()
+    if folder:  # for the pool's processes, and the programs that the tests start
+        os.environ["TMPDIR"] = tempfile.tempdir = folder
+        watchdog = start_watchdog(folder)
+    compiled = compile_service()
+    try:
+        with multiprocessing.Pool(int(jobs), PostgresCluster.start_shared_early) as pool:
+            for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
+                print(f"{name} ... {outcome}", flush=True)
+                durations[name] = seconds
+                if failed:
+                    failures.append(failed)
+    finally:
+        if folder:
+            remove_memory_folder(folder, watchdog)
+        if compiled:
+            with contextlib.suppress(OSError):
+                os.remove(compiled)
+                os.rmdir(os.path.dirname(compiled))  # if it holds nothing else
+    keep_durations(durations)
     print("".join(failures), end="")
     print(f"Ran {len(names)} tests in {jobs} processes in {time.perf_counter() - started:.1f} s: "
           + (f"FAILED ({len(failures)} tests)" if failures else "OK"))
