@@ -10640,11 +10640,12 @@ def run_in_parallel(jobs: str) -> None:
     as it finishes one (most of the time goes to tests that start processes and
     wait for them, which the others overlap), in the order of share_out(), its
     temporary files in memory where it can (memory_folder()), the service compiled
-    once (compile_service()). Prints a line a test, then the failures; exits 1 if
-    any. python3 -m unittest runs the same tests in one process."""
+    once (compile_service()). Prints as unittest's runner does by default: a
+    character a test (. ok, s skipped, F failed), then the failures and a summary;
+    exits 1 if any. python3 -m unittest runs the same tests in one process."""
     names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
         "test_scheduler"))))
-    started, failures, durations = time.perf_counter(), [], {}
+    started, failures, durations, skipped = time.perf_counter(), [], {}, 0
     folder = memory_folder()
     if folder:  # for the pool's processes, and the programs that the tests start
         os.environ["TMPDIR"] = tempfile.tempdir = folder
@@ -10653,7 +10654,8 @@ def run_in_parallel(jobs: str) -> None:
     try:
         with multiprocessing.Pool(int(jobs), PostgresCluster.start_shared_early) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
-                print(f"{name} ... {outcome}", flush=True)
+                print({"ok": ".", "skipped": "s"}.get(outcome, "F"), end="", flush=True)
+                skipped += outcome == "skipped"
                 durations[name] = seconds
                 if failed:
                     failures.append(failed)
@@ -10665,9 +10667,10 @@ def run_in_parallel(jobs: str) -> None:
                 os.remove(compiled)
                 os.rmdir(os.path.dirname(compiled))  # if it holds nothing else
     keep_durations(durations)
-    print("".join(failures), end="")
+    print("\n" + "".join(failures), end="")
     print(f"Ran {len(names)} tests in {jobs} processes in {time.perf_counter() - started:.1f} s: "
-          + (f"FAILED ({len(failures)} tests)" if failures else "OK"))
+          + (f"FAILED ({len(failures)} tests)" if failures else "OK")
+          + (f" (skipped={skipped})" if skipped else ""))
     sys.exit(1 if failures else 0)
 
 
