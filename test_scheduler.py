@@ -6197,6 +6197,15 @@ class OpenAPITest(RouteTestCase):
         self.assertEqual(response.status, 200)
         return response.json()
 
+    def test_it_carries_its_etag_and_answers_if_none_match_with_304(self):
+        first = self.request("GET", "/openapi.json")
+        tag = first.headers["ETag"]
+        self.assertEqual(tag, scheduler.entity_tag(first.body))
+        again = self.request("GET", "/openapi.json", headers={"If-None-Match": tag})
+        self.assertEqual((again.status, again.body, again.headers["ETag"]), (304, b"", tag))
+        other = self.request("GET", "/openapi.json", headers={"If-None-Match": '"other"'})
+        self.assertEqual(other.status, 200)
+
     def test_paths_and_methods_are_exactly_the_routes(self):
         document = self.document()
         self.assertEqual(document["openapi"], "3.1.0")
