@@ -917,6 +917,9 @@ class PostgresCluster:
             "listen_addresses": "127.0.0.1", "port": self.port, "unix_socket_directories": "",
             "cluster_name": self.name, "max_connections": 100,
             "log_line_prefix": "%m [%p] %q%u@%d ", "ssl": bool(self.certificates),
+            # Shared memory segments as files in the data folder, removed with it: the
+            # default's (posix, in /dev/shm) outlive a server that a test kills.
+            "dynamic_shared_memory_type": "mmap",
         }
         if self.certificates:
             settings.update(ssl_cert_file=self.certificates["cert"],
