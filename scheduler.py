@@ -4148,8 +4148,11 @@ class Batches:
                             and item.state == self.WAITING:
                         self._waiting.remove(item)
                         raise self.timed_out()
-                if item.state == self.TAKEN:  # in another thread's batch, which do()
-                    self._changed.wait_for(lambda: item.state == self.DONE)  # ends in time
+                if item.state == self.TAKEN:  # in another thread's batch: do() ends by
+                    # the batch's deadline, which is not after this item's; a moment more
+                    if not self._changed.wait_for(lambda: item.state == self.DONE,
+                                                  deadline - time.monotonic() + 1):
+                        raise self.timed_out()  # (its outcome unknown, as a lost answer's)
                 if item.state == self.DONE:
                     break
                 batch = self._take()
@@ -4409,11 +4412,13 @@ class PostgresStore(SQLStore):
         INSERT (insertion()), a transaction of its own, for the bookings that came
         while the batch before was under way, one a user. Only if that inserts
         nothing for it (the user holds that date, a row is in the way, the store or
-        the user is full) does SQLStore's transaction run, to find out why."""
-        if keyed is None and self._bookings.run(appointment,
-                                                time.monotonic() + self.busy_timeout):
+        the user is full) does SQLStore's transaction run, to find out why, by the
+        same deadline: the two together take at most busy_timeout."""
+        deadline = time.monotonic() + self.busy_timeout
+        if keyed is None and self._bookings.run(appointment, deadline):
             return appointment
-        return super().book(appointment, keyed)
+        return self._transact(deadline, self._BEGIN, self._once_per_key, keyed, self._book,
+                              appointment)
 
     def _book_batch(self, appointments: List[Appointment], deadline: float) -> List[bool]:
         """Whether the batch's INSERT made each appointment."""
