@@ -1481,8 +1481,8 @@ class _Batch(_StateMachine):
         state      what it is                                     next
         GATHERED   its writes taken from the line, BATCHED        WRITING, FAILED
         WRITING    in its transaction, holding the writers'       COMMITTED, FAILED
-                   lock: each write runs in a savepoint of its
-                   own, and has its own outcome
+                   lock: each write has its own outcome (one
+                   that fails unforeseen is undone alone)
         COMMITTED  on disk: each write's outcome stands           ANSWERED
         FAILED     nothing written: every write's outcome is      ANSWERED
                    one error (fail())
@@ -1867,8 +1867,8 @@ class SQLiteStore(SQLStore):
 
     Writes are committed in groups, as databases do (PostgreSQL's group commit,
     MySQL's binlog group commit): writes that arrive while a transaction is being
-    committed wait, then go into the next one together, each in a savepoint of
-    its own, with one fsync for all of them (transact(); the states of a write, a
+    committed wait, then go into the next one together, with one fsync for
+    all of them (transact(); the states of a write, a
     batch and the writers' lock are _Write's, _Batch's and _Turns's). A lone write
     waits for nothing. Reads use a connection of their own, which WAL lets read
     while a transaction is written.
@@ -2212,18 +2212,25 @@ class SQLiteStore(SQLStore):
         return batch
 
     def _write_batch(self, batch: _Batch, deadline: float) -> None:
-        """Write the batch in one transaction, each write in a savepoint of its own:
-        COMMITTED, each write with its own outcome (one that failed has had its
-        changes undone); or, if the transaction itself fails, FAILED, with
-        StoreUnavailable for every write and nothing written."""
+        """Write the batch in one transaction: COMMITTED, each write with its own
+        outcome (one that failed has had its changes undone); or, if the transaction
+        itself fails, FAILED, with StoreUnavailable for every write and nothing
+        written. The writes run one after another; should one fail unforeseen (a bug,
+        or SQLite's failure for that write alone), perhaps halfway, the transaction
+        is rolled back and the batch run again, each write in a savepoint of its own,
+        so that only that write's changes are undone. A savepoint for every write,
+        every time, would cost two statements a write for what seldom happens."""
         db = self._writer
         batch.to(_Batch.WRITING)
         try:
             self._begin(deadline)
             if self.lost is not None:  # checked under the lock that a checkpoint waits for
                 raise self._lost()
-            for write in batch.writes:
-                self._run(write)
+            if not all(self._run(write) for write in batch.writes):
+                db.execute("ROLLBACK")
+                self._begin(deadline)
+                for write in batch.writes:
+                    self._run_apart(write)
             db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
         except Exception as error:
             with contextlib.suppress(sqlite3.Error):
@@ -2247,21 +2254,36 @@ class SQLiteStore(SQLStore):
         finally:
             db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
-    def _run(self, write: _Write) -> None:
-        """One write of a batch being written, in a savepoint: its result, or the
-        outcome it raised (what it wrote before, a row set aside, is kept), or its
-        failure, with what it wrote undone. SQLite's failure that ended the whole
-        transaction is raised: every write of the batch fails."""
+    def _run(self, write: _Write) -> bool:
+        """One write of a batch being written: its result, or the outcome it raised
+        (what it wrote before, a row set aside, is kept); False if it failed
+        unforeseen, which may have left some of its changes (_write_batch() then
+        runs the batch again, with _run_apart())."""
+        try:
+            write.result, write.error = write.apply(self._write_db, *write.args), None
+        except (*_OUTCOMES, AlreadyKeyed) as outcome:
+            write.result, write.error = None, outcome
+        except Exception as error:
+            if isinstance(error, sqlite3.Error) and not self._writer.in_transaction:
+                raise  # SQLite ended the transaction: every write of the batch fails
+            return False
+        return True
+
+    def _run_apart(self, write: _Write) -> None:
+        """_run(), in a savepoint: a write that fails unforeseen has its changes
+        undone, and its failure as its outcome. SQLite's failure that ended the
+        whole transaction is raised: every write of the batch fails."""
         db = self._writer
         db.execute("SAVEPOINT one_write")
         try:
-            write.result = write.apply(self._write_db, *write.args)
+            write.result, write.error = write.apply(self._write_db, *write.args), None
         except (*_OUTCOMES, AlreadyKeyed) as outcome:
-            write.error = outcome
+            write.result, write.error = None, outcome
         except Exception as error:  # a bug, or SQLite's failure for this write alone
             if isinstance(error, sqlite3.Error) and not db.in_transaction:
                 raise
             db.execute("ROLLBACK TO one_write")
+            write.result = None
             write.error = self._unavailable(error) if isinstance(error, sqlite3.Error) else error
         db.execute("RELEASE one_write")
 

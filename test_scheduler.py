@@ -3182,7 +3182,7 @@ class SchemaTest(unittest.TestCase):
 
 
 class RowIsolationTest(BatchTestCase):
-    """Each write of a batch in a savepoint of its own: one that fails leaves the
+    """A write of a batch that fails unforeseen is undone alone: it leaves the
     others, and a row that cannot be read is a clear StoreUnavailable, never more."""
 
     def test_a_row_that_cannot_be_read_is_left_out_then_set_aside_when_in_the_way(self):
@@ -3218,11 +3218,14 @@ class RowIsolationTest(BatchTestCase):
 
         store = self.store(Flawed)
         outcomes = self.gathered(store, [lambda user=user: store.book(appointment(user))
-                                         for user in ("alice", "flawed", "bob")])
+                                         for user in ("alice", "flawed", "bob", "alice")])
         self.assertIsInstance(outcomes[1], RuntimeError)
         self.assertEqual([outcomes[0], outcomes[2]], [appointment("alice"), appointment("bob")])
+        self.assertIsInstance(outcomes[3], scheduler.AlreadyBooked)  # alice's first stands
         self.assertEqual(store.list_for_user("flawed"), [])  # its row undone
         self.assertEqual(store.count(), 2)
+        self.assertEqual(query(store.path, "SELECT user_id, appointments FROM users "
+                                           "ORDER BY user_id"), [("alice", 1), ("bob", 1)])
 
 
 def hold_writers_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None]:
