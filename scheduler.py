@@ -42,7 +42,7 @@ parts. Part one is the scheduling service, everything a product change touches:
     Requests and   what a request is to the service (RequestHead, Request) and what it
       replies      gets (Reply; HTTPError, and http_error() for every other error):
                    bodies and JSON, entity tags and conditions, CORS; the route
-                   table (ROUTES, @route) and match()
+                   table (ROUTES, @route) and match(); content negotiation
     API            the OpenAPI description, built from the domain's rules
       description
     Service        what requests share, and a request's one path to its Reply:
@@ -5206,6 +5206,69 @@ def not_modified(request: RequestHead, reply: Reply) -> Reply:
     return Reply(HTTPStatus.NOT_MODIFIED, None,
                  tuple((name, value) for name, value in reply.headers
                        if name in ("ETag", "Content-Location", "Vary")))
+
+
+# Content negotiation (RFC 9110 section 12.5.1): an Accept header is a list of media
+# ranges (type/subtype, type/* or */*), each with parameters, then perhaps a weight
+# (q=, from 0 to 1, three decimals at most), then extensions, which are ignored.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_ACCEPT_ELEMENTS = re.compile(rf'(?:[^,"]|{_QUOTED})+')
+_ACCEPT_PARTS = re.compile(rf'(?:[^;"]|{_QUOTED})+')
+_WEIGHT = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+_MEDIA_TYPE = re.compile(r"([-!#$%&'*+.^_`|~0-9a-z]+)/([-!#$%&'*+.^_`|~0-9a-z]+)")
+
+
+def _media_type(text: str) -> Optional[Tuple[str, str, Dict[str, str]]]:
+    """A media type or range's type, subtype and parameters (its weight among
+    them, as "q"), all in lower case: the one parameter compared, charset, is
+    read without regard to case. None when it cannot be read."""
+    parts = [part.strip(" \t") for part in _ACCEPT_PARTS.findall(text.lower())]
+    found = _MEDIA_TYPE.fullmatch(parts[0]) if parts else None
+    if found is None or (found.group(1) == "*" and found.group(2) != "*"):
+        return None
+    parameters = {}
+    for part in parts[1:]:
+        name, equals, value = part.partition("=")
+        if not equals:
+            return None
+        parameters.setdefault(name.strip(" \t"), value.strip(" \t").strip('"'))
+    return found.group(1), found.group(2), parameters
+
+
+def negotiate(accept: Optional[str], offered: Tuple[str, ...]) -> Optional[str]:
+    """Which of the offered media types (the server's preference first) a request's
+    Accept header prefers, or None for none of them. Each offered type gets the
+    weight of the most specific range that it falls in (type/subtype with the most
+    parameters, then type/subtype, then type/*, then */*; a range with parameters
+    holds only a type that has them); of the weights above 0, the highest wins, the
+    first offered of equals. Without Accept, or with none of its ranges readable
+    (they are skipped), any type is acceptable: the first."""
+    ranges = []  # (specificity, weight, type, subtype, parameters)
+    for element in _ACCEPT_ELEMENTS.findall(accept or ""):
+        read = _media_type(element)
+        if read is None:
+            continue
+        kind, subtype, parameters = read
+        names = list(parameters)
+        weight = parameters.get("q", "1")
+        if not _WEIGHT.fullmatch(weight):
+            continue
+        if "q" in parameters:  # what follows the weight are extensions
+            parameters = {name: parameters[name] for name in names[:names.index("q")]}
+        specificity = 0 if kind == "*" else 1 if subtype == "*" else 2 + len(parameters)
+        ranges.append((specificity, float(weight), kind, subtype, parameters))
+    if not ranges:
+        return offered[0] if offered else None
+    best, best_weight = None, 0.0
+    for media_type in offered:
+        kind, subtype, parameters = _media_type(media_type)
+        held = [(specificity, weight) for specificity, weight, want, want_sub, want_parameters
+                in ranges if want in ("*", kind) and want_sub in ("*", subtype)
+                and want_parameters.items() <= parameters.items()]
+        weight = max(held)[1] if held else 0.0
+        if weight > best_weight:
+            best, best_weight = media_type, weight
+    return best
 
 
 def http_error(error: BaseException) -> HTTPError:

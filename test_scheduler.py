@@ -6194,6 +6194,32 @@ class CalendarFeedTest(RouteTestCase):
         self.assertProblem(self.request("GET", "/appointments.ics"), 400)
 
 
+class NegotiateTest(unittest.TestCase):
+    """negotiate(): which of a resource's media types an Accept header prefers
+    (RFC 9110 section 12.5.1), for one that is HTML by default, or JSON (as GET / is)."""
+
+    OFFERED = HTML, JSON = ("text/html; charset=utf-8", "application/json")
+    CASES = [  # (Accept, the type chosen; None: neither, a 406)
+        (None, HTML), ("", HTML), ("*/*", HTML), ("text/html", HTML), ("TEXT/HTML", HTML),
+        ("application/json", JSON), ("application/*", JSON), ("text/*", HTML),
+        ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", HTML),  # Chrome's
+        ("application/json, text/html;q=0.9", JSON), ("text/html;q=0.5, application/*", JSON),
+        ("text/*;q=0.1, application/json;q=0.2", JSON), ("application/json;q=0, */*", HTML),
+        ("text/html;q=0, */*", JSON), ("*/*;q=0.5, text/html;q=0.4", JSON),  # the specific wins
+        ("text/html;charset=UTF-8", HTML), ("text/html;charset=latin1", None),
+        ('text/html;level="a,b", application/json;q=0.2', JSON),  # a comma in quotes
+        ("application/json; q=0.5; ext=1, text/html;q=0.4", JSON),  # an extension after q
+        ("image/png", None), ("text/plain, image/*", None), ("*/*;q=0", None),
+        # Ranges that cannot be read are skipped; with none left, Accept is as if absent.
+        ("application/json;q=abc", HTML), ("application/json;q=1.5, text/html;q=0.1", HTML),
+        ("*/json", HTML), ("json", HTML), ("image/png, nonsense", None)]
+
+    def test_cases(self):
+        for accept, chosen in self.CASES:
+            with self.subTest(accept=accept):
+                self.assertEqual(scheduler.negotiate(accept, self.OFFERED), chosen)
+
+
 class OpenAPITest(RouteTestCase):
     def document(self) -> dict:
         response = self.request("GET", "/openapi.json")
