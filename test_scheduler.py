@@ -1615,9 +1615,11 @@ class RulesOnceTest(unittest.TestCase):
 
     @staticmethod
     def said() -> str:
-        """What the service says of its rules: the API description, --help, and the
-        messages of each field that breaks one, the time's format and a huge number's."""
-        said = [json.dumps(scheduler.openapi_document())]
+        """What the service says of its rules: the API description, --help, the pages
+        (/ and /docs, which may say none), and the messages of each field that breaks
+        one, the time's format and a huge number's."""
+        said = [json.dumps(scheduler.openapi_document()), scheduler.home_page(),
+                scheduler.DOCS_PAGE, scheduler.DOCS_SCRIPT]
         with contextlib.redirect_stdout(io.StringIO()) as help_text:
             with contextlib.suppress(SystemExit):
                 scheduler.parse_args(["--help"])
@@ -6220,6 +6222,122 @@ class NegotiateTest(unittest.TestCase):
                 self.assertEqual(scheduler.negotiate(accept, self.OFFERED), chosen)
 
 
+class PagesTest(RouteTestCase):
+    """GET / and the API reference at /docs (a page and its script): what they are
+    sent as, their tags and 304s, HEAD, and the security headers that let the
+    reference run its own script alone."""
+
+    PAGES = ("/", "/docs", "/docs.js")
+
+    def test_the_root_page_names_the_service_and_links_to_the_rest(self):
+        response = self.request("GET", "/")
+        self.assertEqual((response.status, response.headers["Content-Type"]),
+                         (200, "text/html; charset=utf-8"))
+        self.assertEqual(response.headers["Vary"], "Accept")
+        page = response.body.decode()
+        self.assertIn(f"<title>Appointment scheduler {scheduler.__version__}</title>", page)
+        for path in ("/docs", "/openapi.json", "/healthz", "/metrics"):
+            self.assertIn(f'<a href="{path}">', page)
+
+    def test_as_json_it_says_the_same_and_its_links_work(self):
+        response = self.request("GET", "/", headers={"Accept": "application/json"})
+        self.assertEqual((response.status, response.headers["Content-Type"],
+                          response.headers["Vary"]), (200, "application/json", "Accept"))
+        self.assertEqual(response.json(), {
+            "name": "Appointment scheduler", "version": scheduler.__version__,
+            "links": {"docs": "/docs", "openapi": "/openapi.json", "health": "/healthz",
+                      "metrics": "/metrics"}})
+        self.assertEqual(response.json(), scheduler.openapi_document()["paths"]["/"]["get"][
+            "responses"]["200"]["content"]["application/json"]["examples"]["home"]["value"])
+        for url in response.json()["links"].values():
+            with self.subTest(url=url):
+                self.assertEqual(self.request("GET", url).status, 200)
+
+    def test_accept_chooses_and_one_that_takes_neither_gets_406(self):
+        chrome = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        for accept, media_type in ((chrome, "text/html; charset=utf-8"),
+                                   ("application/json, text/html;q=0.5", "application/json"),
+                                   ("text/html;q=0, */*", "application/json")):
+            with self.subTest(accept=accept):
+                response = self.request("GET", "/", headers={"Accept": accept})
+                self.assertEqual(response.headers["Content-Type"], media_type)
+        refused = self.request("GET", "/", headers={"Accept": "image/png"})
+        problem = self.assertProblem(refused, 406)
+        self.assertEqual(refused.headers["Vary"], "Accept")
+        self.assertIn("text/html or application/json", problem["detail"])
+
+    def test_each_carries_its_etag_and_answers_if_none_match_with_304(self):
+        for path, accept in (("/", "text/html"), ("/", "application/json"), ("/docs", None),
+                             ("/docs.js", None)):
+            with self.subTest(path=path, accept=accept):
+                headers = {"Accept": accept} if accept else {}
+                first = self.request("GET", path, headers=headers)
+                tag = first.headers["ETag"]
+                self.assertEqual(tag, scheduler.entity_tag(first.body))
+                for method in ("GET", "HEAD"):
+                    again = self.request(method, path, headers={**headers, "If-None-Match": tag})
+                    self.assertEqual((again.status, again.body, again.headers["ETag"]),
+                                     (304, b"", tag))
+                    self.assertEqual(again.headers.get("Vary"), first.headers.get("Vary"))
+                other = self.request("GET", path, headers={**headers, "If-None-Match": '"x"'})
+                self.assertEqual((other.status, other.body), (200, first.body))
+        html = self.request("GET", "/").headers["ETag"]  # each representation has its own
+        as_json = self.request("GET", "/", headers={"Accept": "application/json",
+                                                    "If-None-Match": html})
+        self.assertEqual(as_json.status, 200)
+
+    def test_head_sends_the_headers_of_get_alone(self):
+        for path in self.PAGES:
+            with self.subTest(path=path):
+                got, head = self.request("GET", path), self.request("HEAD", path)
+                self.assertEqual((head.status, head.body), (200, b""))
+                self.assertEqual(without_varying_lines(str(head.headers)),
+                                 without_varying_lines(str(got.headers)))
+
+    def test_the_reference_runs_its_own_script_alone(self):
+        page = self.request("GET", "/docs")
+        self.assertEqual(page.headers["Content-Type"], "text/html; charset=utf-8")
+        policy = dict(part.strip().split(" ", 1) for part in
+                      page.headers["Content-Security-Policy"].split(";"))
+        html = page.body.decode()
+        style = re.search(r"<style>(.*?)</style>", html, re.DOTALL).group(1)
+        style_hash = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+        self.assertEqual(policy, {
+            "default-src": "'none'", "script-src": "'self'", "connect-src": "'self'",
+            "style-src": f"'sha256-{style_hash}'", "base-uri": "'none'",
+            "form-action": "'none'", "frame-ancestors": "'none'",
+            "require-trusted-types-for": "'script'"})
+        self.assertEqual(re.findall(r"<script[^>]*>", html),
+                         ['<script src="/docs.js" defer>'])  # no script written inline
+        self.assertNotRegex(html, r"\son[a-z]+=")  # nor in attributes
+        script = self.request("GET", "/docs.js")
+        self.assertEqual(script.headers["Content-Type"], "text/javascript; charset=utf-8")
+        home = self.request("GET", "/").headers["Content-Security-Policy"]
+        self.assertEqual(home, "; ".join(f"{name} {value}" for name, value in policy.items()
+                                         if name not in ("script-src", "connect-src",
+                                                         "require-trusted-types-for")))
+        for response in (page, script, self.request("GET", "/")):
+            with self.subTest(content_type=response.headers["Content-Type"]):
+                self.assertEqual((response.headers["X-Content-Type-Options"],
+                                  response.headers["X-Frame-Options"],
+                                  response.headers["Referrer-Policy"]),
+                                 ("nosniff", "DENY", "no-referrer"))
+
+    def test_nothing_comes_from_elsewhere(self):
+        for path in self.PAGES:
+            with self.subTest(path=path):
+                text = self.request("GET", path).body.decode()
+                self.assertNotRegex(text, r"(?i)(?:https?:|[\"'(=\s])//[a-z0-9]")  # no origin
+                self.assertNotRegex(text, r"\binnerHTML\b|\beval\(|document\.write")
+
+    def test_the_pages_are_made_once(self):
+        first = [self.request("GET", path).body for path in self.PAGES]
+        with mock.patch.object(scheduler, "home_page", side_effect=AssertionError("made again")), \
+                mock.patch.object(scheduler, "_page_reply",
+                                  side_effect=AssertionError("made again")):
+            self.assertEqual([self.request("GET", path).body for path in self.PAGES], first)
+
+
 class OpenAPITest(RouteTestCase):
     def document(self) -> dict:
         response = self.request("GET", "/openapi.json")
@@ -6298,7 +6416,7 @@ class OpenAPITest(RouteTestCase):
     def test_every_operation_has_a_unique_id(self):
         ids = [operation["operationId"] for item in self.document()["paths"].values()
                for operation in item.values()]
-        self.assertEqual(len(ids), 21)
+        self.assertEqual(len(ids), 30)
         self.assertEqual(len(set(ids)), len(ids))
         self.assertTrue(all(re.fullmatch(r"[a-z][A-Za-z]+", name) for name in ids), ids)
         paths = self.document()["paths"]
@@ -6312,7 +6430,7 @@ class OpenAPITest(RouteTestCase):
     def test_head_responses_have_no_content(self):
         heads = {path: item["head"] for path, item in self.document()["paths"].items()
                  if "head" in item}
-        self.assertEqual(len(heads), 6)
+        self.assertEqual(len(heads), 9)
         for path, operation in heads.items():
             for status, response in operation["responses"].items():
                 with self.subTest(path=path, status=status):
@@ -6434,12 +6552,14 @@ class OpenAPITest(RouteTestCase):
                     else:
                         query[parameter["name"]] = value
                 url = path + ("?" + urllib.parse.urlencode(query) if query else "")
-                response = self.request(method.upper(), url)
                 status = min(int(code) for code in operation["responses"] if code[0] == "2")
-                self.assertEqual(response.status, status, response.body)
-                content = operation["responses"][str(status)].get("content", {})
-                for media_type, documented in content.items():
-                    self.assertEqual(response.headers["Content-Type"], media_type)
+                content = operation["responses"][str(status)].get("content", {None: {}})
+                for media_type, documented in content.items():  # each, as Accept asks
+                    response = self.request(method.upper(), url, headers={
+                        "Accept": media_type} if len(content) > 1 else None)
+                    self.assertEqual(response.status, status, response.body)
+                    if media_type is not None:
+                        self.assertEqual(response.headers["Content-Type"], media_type)
                     for example in self.examples(documented).values():
                         self.assertEqual(response.json(), example)
 
@@ -6660,9 +6780,12 @@ class SchemaStrictnessTest(unittest.TestCase):
 
 class RoutingErrorTest(RouteTestCase):
     def test_unknown_path_is_404(self):
-        for path in ("/", "/appointment", "/appointments/", "/appointments/alice"):
+        for path in ("//", "/doc", "/docs/", "/appointment", "/appointments/",
+                     "/appointments/alice"):
             with self.subTest(path=path):
-                self.assertProblem(self.request("GET", path), 404)
+                problem = self.assertProblem(self.request("GET", path), 404)
+                self.assertEqual(problem["detail"],
+                                 f"There is no resource at {path}; /docs lists the API's paths.")
 
     def test_wrong_method_is_405_with_allow(self):
         for method in ("PUT", "PATCH", "DELETE"):
@@ -7625,8 +7748,11 @@ class FuzzTest(HTTPTestCase):
             raw = self.bad_request()
             with self.subTest(case=case, raw=raw[:120]):
                 response, = serve_bytes(self.service, raw)[0]
-                if response.status == 200:  # a junk header line can still be a valid header
-                    self.assertTrue(raw.startswith(b"GET /appointments?user_id=a "))
+                if response.status == 200:  # a junk header line can still be a valid header,
+                    method, target = raw.split(b" ")[:2]  # and a random path a page's
+                    pages = (b"/", b"/docs", b"/docs.js")
+                    self.assertTrue(raw.startswith(b"GET /appointments?user_id=a ") or (
+                        method == b"GET" and target.split(b"?")[0] in pages))
                     continue
                 self.assertGreaterEqual(response.status, 400)
                 self.assertLess(response.status, 500)
