@@ -31,6 +31,7 @@ import functools
 import gc
 import hashlib
 import http.client
+import html.parser
 import importlib.util
 import inspect
 import io
@@ -8673,6 +8674,144 @@ class WithoutCORSTest(ServerTestCase):
                 self.assertFalse([name for name in response.headers
                                   if name.lower().startswith("access-control-")
                                   or name.lower() == "vary"])
+
+
+# The browser test runs where Chromium is found, and is skipped, saying why, where it is
+# not; under SCHEDULER_REQUIRE_BROWSER=1 (.ci/run sets it, and installs Chromium) it
+# fails instead.
+REQUIRE_BROWSER = os.environ.get("SCHEDULER_REQUIRE_BROWSER") == "1"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def browser_program() -> Optional[str]:
+    """The path of the first of BROWSERS on PATH, or None."""
+    return next(filter(None, map(shutil.which, BROWSERS)), None)
+
+
+class ElementTexts(html.parser.HTMLParser):
+    """A page as a browser shows it (--dump-dom): the text of each element with an
+    id (texts), and the attributes of its <html> (root)."""
+
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
+                      "meta", "source", "track", "wbr"})
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.texts: Dict[str, str] = {}
+        self.root: Dict[str, Optional[str]] = {}
+        self._open: List[Tuple[str, Optional[str]]] = []  # (tag, id) of the open elements
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "html":
+            self.root = attributes
+        if attributes.get("id"):
+            self.texts[attributes["id"]] = ""
+        if tag not in self.VOID:
+            self._open.append((tag, attributes.get("id")))
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for _, name in self._open:
+            if name:
+                self.texts[name] += data
+
+
+class DocsInABrowserTest(unittest.TestCase):
+    """/docs in a real browser, headless Chromium, started once: the page's own script
+    (which its Content-Security-Policy must let run) renders the API description,
+    and with ?try=USER fills in and sends its forms as a person would (a booking,
+    the listing, a booking without a date), writing what came back in the page,
+    which the browser prints (--dump-dom) when its script is done."""
+
+    BROWSER_SECONDS = 60  # then the browser is killed, and the test fails
+    USER = "browser"
+
+    def setUp(self):
+        program = browser_program()
+        if program is None:
+            reason = f"no Chromium ({', '.join(BROWSERS)}) on PATH"
+            if REQUIRE_BROWSER:
+                self.fail(f"{reason}; SCHEDULER_REQUIRE_BROWSER=1 says this test must run")
+            self.skipTest(reason)
+        self.server = start_process(self, [*SERVICE, "--port", "0"])
+        self.page = ElementTexts(self.shown(program, f"/docs?try={self.USER}"))
+
+    def shown(self, program: str, path: str) -> str:
+        """The page at path as the browser shows it once its script is done: it waits
+        for its requests (--virtual-time-budget runs the page's clock ahead only while
+        none is under way)."""
+        profile = tempfile.mkdtemp(prefix="chromium-")
+        self.addCleanup(shutil.rmtree, profile, ignore_errors=True)
+        browser = subprocess.Popen(
+            [program, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={profile}", "--disable-background-networking",
+             "--disable-component-update", "--disable-extensions", "--disable-sync",
+             "--virtual-time-budget=30000", "--dump-dom",
+             f"http://{self.server.host}:{self.server.port}{path}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)  # its own process group, to end it and its children
+        try:
+            shown, logged = browser.communicate(timeout=self.BROWSER_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(browser.pid, signal.SIGKILL)
+            browser.communicate()
+            self.fail(f"the browser did not finish within {self.BROWSER_SECONDS} s")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGKILL)  # what it may have left behind
+        self.assertEqual(browser.returncode, 0, logged[-2000:])
+        return shown
+
+    def step(self, number: int) -> str:
+        """What the page showed after its numbered step of ?try."""
+        return self.page.texts.get(f"tried-{number}", "")
+
+    def test_its_script_runs_lists_every_operation_and_sends_the_forms(self):
+        texts = self.page.texts
+        self.assertEqual(self.page.root.get("data-tried"), "done", "the script ran to its end")
+        self.assertNotIn("loading", texts)  # the script replaced it...
+        self.assertNotIn("blocked", texts)  # ...and the policy blocked nothing it did
+        self.assertEqual(self.step(4), "Style sheet applied")
+        for path, item in scheduler.openapi_document()["paths"].items():
+            for method, operation in item.items():
+                if method in ("head", "options"):
+                    continue
+                with self.subTest(method=method, path=path):
+                    shown = texts.get(f"op-{operation['operationId']}", "")
+                    self.assertIn(method.upper() + path, shown)
+                    self.assertIn(operation["summary"], shown)
+        booking = {**scheduler.example_booking(), "user_id": self.USER}  # the form's example
+        url = f"/appointments/{self.USER}/{booking['date']}"
+        booked = self.step(1)
+        self.assertTrue(booked.startswith("POST /appointments\n201 Created\n"), booked)
+        self.assertIn(f"location: {url}\n", booked)
+        shown_booking = json.loads(booked[booked.index("{"):])
+        self.assertEqual({name: shown_booking[name] for name in booking}, booking)
+        listed = self.step(2)
+        self.assertTrue(listed.startswith(f"GET /appointments?user_id={self.USER}\n200 OK\n"),
+                        listed)
+        self.assertEqual(json.loads(listed[listed.index("{"):]),
+                         {"user_id": self.USER, "appointments": [shown_booking]})
+        # The booking is there, as the API says...
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", url)
+        self.assertEqual(response_of(conn).json(), shown_booking)
+        # ...and the form shows what a booking without a date gets: a 422 that says why.
+        refused = self.step(3)
+        self.assertTrue(refused.startswith("POST /appointments\n422 Unprocessable Content\n"),
+                        refused)
+        problem = json.loads(refused[refused.index("{"):])
+        self.assertEqual((problem["status"], problem["errors"]),
+                         (422, [{"field": "date", "message": "date is required"}]))
+        self.assertEqual(texts["reply-bookAppointment"].replace("\n", ""),
+                         refused.replace("\n", ""))  # still there, under the form
 
 
 @on_every_store
