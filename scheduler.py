@@ -13,9 +13,12 @@ with curl; the README documents every endpoint. Standard library only, Python 3.
     GET    /healthz
     GET    /metrics              (Prometheus text format)
     GET    /openapi.json
+    GET    /                     (a page, or JSON for Accept: application/json)
+    GET    /docs                 (an API reference to try in a browser; its script: /docs.js)
     OPTIONS any path above, or * (which methods it takes; a browser's CORS preflight)
 
-Lists, appointments and feeds carry an ETag, and answer If-None-Match with 304.
+Lists, appointments, feeds, the description and the pages carry an ETag, and answer
+If-None-Match with 304.
 
 Appointments last APPOINTMENT_LENGTH and start at START_MINUTES past the hour, UTC
 (the Domain section states each rule once). Any number of users may book the same
@@ -42,7 +45,9 @@ parts. Part one is the scheduling service, everything a product change touches:
     Requests and   what a request is to the service (RequestHead, Request) and what it
       replies      gets (Reply; HTTPError, and http_error() for every other error):
                    bodies and JSON, entity tags and conditions, CORS; the route
-                   table (ROUTES, @route) and match()
+                   table (ROUTES, @route) and match(); content negotiation
+    Pages          the root page, and /docs: an API reference that its own script
+                   renders from the description in the browser, with forms to try
     API            the OpenAPI description, built from the domain's rules
       description
     Service        what requests share, and a request's one path to its Reply:
@@ -110,6 +115,7 @@ from typing import (Callable, ContextManager, Deque, Dict, List, Mapping, NamedT
                     Optional, Sequence, TextIO, Tuple, Union)
 
 __version__ = "1.0"
+SERVICE_TITLE = "Appointment scheduler"
 SERVER_NAME = f"scheduler/{__version__}"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -4857,6 +4863,8 @@ MERGE_PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 PATCH_TYPES = (MERGE_PATCH_TYPE, JSON_TYPE)  # what PATCH takes: a merge patch, as either
 PROBLEM_TYPE = "application/problem+json"
 CALENDAR_TYPE = "text/calendar; charset=utf-8"
+HTML_TYPE = "text/html; charset=utf-8"
+SCRIPT_TYPE = "text/javascript; charset=utf-8"  # RFC 9239
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps() makes one per call
 # Each status's name in RFC 9110 (section 15), for the status line and a problem's
 # title: Python before 3.13 has older names for these.
@@ -5230,6 +5238,69 @@ def not_modified(request: RequestHead, reply: Reply) -> Reply:
                        if name in ("ETag", "Content-Location", "Vary")))
 
 
+# Content negotiation (RFC 9110 section 12.5.1): an Accept header is a list of media
+# ranges (type/subtype, type/* or */*), each with parameters, then perhaps a weight
+# (q=, from 0 to 1, three decimals at most), then extensions, which are ignored.
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_ACCEPT_ELEMENTS = re.compile(rf'(?:[^,"]|{_QUOTED})+')
+_ACCEPT_PARTS = re.compile(rf'(?:[^;"]|{_QUOTED})+')
+_WEIGHT = re.compile(r"0(?:\.[0-9]{0,3})?|1(?:\.0{0,3})?")
+_MEDIA_TYPE = re.compile(r"([-!#$%&'*+.^_`|~0-9a-z]+)/([-!#$%&'*+.^_`|~0-9a-z]+)")
+
+
+def _media_type(text: str) -> Optional[Tuple[str, str, Dict[str, str]]]:
+    """A media type or range's type, subtype and parameters (its weight among
+    them, as "q"), all in lower case: the one parameter compared, charset, is
+    read without regard to case. None when it cannot be read."""
+    parts = [part.strip(" \t") for part in _ACCEPT_PARTS.findall(text.lower())]
+    found = _MEDIA_TYPE.fullmatch(parts[0]) if parts else None
+    if found is None or (found.group(1) == "*" and found.group(2) != "*"):
+        return None
+    parameters = {}
+    for part in parts[1:]:
+        name, equals, value = part.partition("=")
+        if not equals:
+            return None
+        parameters.setdefault(name.strip(" \t"), value.strip(" \t").strip('"'))
+    return found.group(1), found.group(2), parameters
+
+
+def negotiate(accept: Optional[str], offered: Tuple[str, ...]) -> Optional[str]:
+    """Which of the offered media types (the server's preference first) a request's
+    Accept header prefers, or None for none of them. Each offered type gets the
+    weight of the most specific range that it falls in (type/subtype with the most
+    parameters, then type/subtype, then type/*, then */*; a range with parameters
+    holds only a type that has them); of the weights above 0, the highest wins, the
+    first offered of equals. Without Accept, or with none of its ranges readable
+    (they are skipped), any type is acceptable: the first."""
+    ranges = []  # (specificity, weight, type, subtype, parameters)
+    for element in _ACCEPT_ELEMENTS.findall(accept or ""):
+        read = _media_type(element)
+        if read is None:
+            continue
+        kind, subtype, parameters = read
+        names = list(parameters)
+        weight = parameters.get("q", "1")
+        if not _WEIGHT.fullmatch(weight):
+            continue
+        if "q" in parameters:  # what follows the weight are extensions
+            parameters = {name: parameters[name] for name in names[:names.index("q")]}
+        specificity = 0 if kind == "*" else 1 if subtype == "*" else 2 + len(parameters)
+        ranges.append((specificity, float(weight), kind, subtype, parameters))
+    if not ranges:
+        return offered[0] if offered else None
+    best, best_weight = None, 0.0
+    for media_type in offered:
+        kind, subtype, parameters = _media_type(media_type)
+        held = [(specificity, weight) for specificity, weight, want, want_sub, want_parameters
+                in ranges if want in ("*", kind) and want_sub in ("*", subtype)
+                and want_parameters.items() <= parameters.items()]
+        weight = max(held)[1] if held else 0.0
+        if weight > best_weight:
+            best, best_weight = media_type, weight
+    return best
+
+
 def http_error(error: BaseException) -> HTTPError:
     """The HTTPError for whatever a request raised: here, and only here, the
     domain's outcomes become sentences and JSON for the client. Anything
@@ -5413,11 +5484,343 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
         methods.append(route.method)
         template = route.path
     if not methods:
-        raise HTTPError(404, f"There is no resource at {path}; see the README for the API.")
+        raise HTTPError(404, f"There is no resource at {path}; /docs lists the API's paths.")
     allow = _allow(methods)
     if method == "OPTIONS":
         return _options(allow, template), {}
     raise HTTPError(405, f"{method} is not supported here; use {allow}.", headers={"Allow": allow})
+
+
+# --- Pages: what a browser is shown ---------------------------------------------------
+# The root page, and an API reference at /docs: a page and its script (/docs.js) that
+# render the API description (/openapi.json) in the browser, with a form for each
+# operation that sends the real request. All of it is written here, and nothing comes
+# from anywhere else: their Content-Security-Policy lets them use only the style
+# sheet below (by its hash) and that script, and talk to this server alone.
+
+# The root page's links, by name (as its JSON gives them), each with what it is.
+HOME_LINKS = (("docs", "/docs", "the API reference, with a form to try each operation"),
+              ("openapi", "/openapi.json", "the API description (OpenAPI 3.1)"),
+              ("health", "/healthz", "whether bookings can be taken now"),
+              ("metrics", "/metrics", "counters for Prometheus"))
+HOME_TYPES = (HTML_TYPE, JSON_TYPE)  # what GET / is sent as, by Accept; HTML by default
+HOME_TYPE_NAMES = tuple(media_type.split(";")[0] for media_type in HOME_TYPES)  # for words
+
+PAGE_STYLE = """
+:root { color-scheme: light dark; --accent: #2f62b5; --muted: #777; --line: #8886; }
+body { font: 16px/1.5 system-ui, sans-serif; max-width: 60rem; margin: 0 auto;
+       padding: 1rem 1.5rem 4rem; }
+a { color: var(--accent); }
+code, pre, input, textarea { font: 14px/1.4 ui-monospace, monospace; }
+h1 small, h3 small, label small { color: var(--muted); font-weight: normal; }
+nav { display: flex; gap: 1.5rem; }
+.operation { border-top: 1px solid var(--line); padding: .5rem 0 1rem; }
+.operation h3 { margin: .5rem 0 0; }
+.method { display: inline-block; min-width: 4.5em; margin-right: .5em; border-radius: 4px;
+          color: #fff; background: #666; text-align: center; font-size: 80%; }
+.get { background: #2d7d46; } .post { background: #2f62b5; }
+.patch { background: #9a6200; } .delete { background: #b3261e; }
+form { display: grid; gap: .4rem; }
+label { display: grid; grid-template-columns: 12rem 1fr; gap: 0 .75rem; align-items: baseline; }
+label .hint { grid-column: 2; }
+.row { display: flex; gap: .5rem; }
+.row input { flex: 1; }
+textarea { width: 100%; box-sizing: border-box; }
+button { justify-self: start; padding: .2rem 1.2rem; }
+.reply { margin-top: .75rem; padding-left: .75rem; border-left: 4px solid var(--line); }
+.reply.ok { border-color: #2d7d46; } .reply.failed, .failed { border-color: #b3261e; }
+pre { margin: .25rem 0; white-space: pre-wrap; overflow-wrap: anywhere; }
+"""
+_STYLE_SOURCE = base64.b64encode(hashlib.sha256(PAGE_STYLE.encode()).digest()).decode()
+# What the pages may do: use the style sheet above (by its hash); on /docs, run its
+# script (and that script may make no markup of text: Trusted Types) and send requests
+# to this server. Nothing else: no inline script, no frames, no other origin.
+HOME_POLICY = (f"default-src 'none'; style-src 'sha256-{_STYLE_SOURCE}'; base-uri 'none'; "
+               "form-action 'none'; frame-ancestors 'none'")
+DOCS_POLICY = (HOME_POLICY + "; script-src 'self'; connect-src 'self'; "
+               "require-trusted-types-for 'script'")
+# Sent with the pages and the script, besides their policy.
+PAGE_HEADERS = (("X-Content-Type-Options", "nosniff"), ("X-Frame-Options", "DENY"),
+                ("Referrer-Policy", "no-referrer"))
+_HTML_ESCAPES = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"})
+
+
+def _html_page(title: str, head: str, body: str) -> str:
+    """An HTML document with the style sheet; title is text, head and body markup."""
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{title.translate(_HTML_ESCAPES)}</title>\n<style>{PAGE_STYLE}</style>\n"
+            f"{head}</head>\n<body>\n{body}</body>\n</html>\n")
+
+
+def home_json() -> dict:
+    """GET / as JSON: the service's name and version, and its links by name (each a
+    URL relative to the service's, so right behind any proxy)."""
+    return {"name": SERVICE_TITLE, "version": __version__,
+            "links": {name: url for name, url, _ in HOME_LINKS}}
+
+
+def home_page() -> str:
+    """GET / as HTML: the same as home_json(), for a person."""
+    links = "".join(f'<li><a href="{url}">{url}</a>: {about}</li>\n'
+                    for _, url, about in HOME_LINKS)
+    return _html_page(f"{SERVICE_TITLE} {__version__}", "", (
+        f"<main>\n<h1>{SERVICE_TITLE.translate(_HTML_ESCAPES)} "
+        f"<small>{__version__.translate(_HTML_ESCAPES)}</small></h1>\n"
+        "<p>Book appointments with practitioners over HTTP and JSON.</p>\n"
+        f"<ul>\n{links}</ul>\n"
+        "<p>This page as JSON: <code>curl -H 'Accept: application/json' ...</code></p>\n"
+        "</main>\n"))
+
+
+DOCS_PAGE = _html_page("API reference", '<script src="/docs.js" defer></script>\n', """\
+<nav><a href="/">Home</a> <a href="/openapi.json">/openapi.json</a></nav>
+<main id="api"><p id="loading">Reading the API description, /openapi.json (this page needs
+JavaScript)...</p></main>
+""")
+
+DOCS_SCRIPT = r"""// The API reference at /docs: the service's own description (/openapi.json) as a
+// page, with a form for each operation that sends the real request and shows the
+// status, headers and body that came back. No library; nothing is fetched but from
+// this server. /docs?try=USER also drives the forms once, as a person would, as
+// user USER, and lists what each reply showed (the tests' way in): see tryForms().
+"use strict";
+
+let api = {};  // the description, once read
+
+// An element with attributes and children; a string child is text, never markup.
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value !== undefined) node.setAttribute(name, value);
+  }
+  node.append(...children.filter((child) => child !== undefined));
+  return node;
+}
+
+// What a reference ({"$ref": "#/components/..."}) points to; anything else, itself.
+function resolve(node) {
+  while (node && node.$ref) {
+    node = node.$ref.slice(2).split("/").reduce((at, key) => at[key], api);
+  }
+  return node;
+}
+
+// A new Idempotency-Key: 128 random bits, written as the quoted string it must be.
+function newKey() {
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return '"' + Array.from(bytes, (byte) => byte.toString(16).padStart(2, "0")).join("") + '"';
+}
+
+// A labelled input: a parameter's (where: path, query or header) or a field of the
+// JSON body (where: body), holding value (an example) if there is one.
+function input(name, where, about, value, required) {
+  const box = el("input", {name, "data-in": where, autocomplete: "off", spellcheck: "false",
+                           value: value === undefined ? undefined : String(value)});
+  const row = el("span", {class: "row"}, box);
+  if (name === "Idempotency-Key") {
+    const button = el("button", {type: "button"}, "New key");
+    button.addEventListener("click", () => { box.value = newKey(); });
+    row.append(button);
+  }
+  return el("label", {}, el("span", {}, el("code", {}, name),
+                            el("small", {}, (where === "body" ? "" : " " + where)
+                                             + (required ? " (required)" : ""))),
+            row, about ? el("small", {class: "hint"}, about) : undefined);
+}
+
+// The JSON body that a form's fields make: those left empty are left out.
+function bodyOf(form) {
+  const body = {};
+  for (const box of form.querySelectorAll('[data-in="body"]')) {
+    if (box.value !== "") body[box.name] = box.value;
+  }
+  return JSON.stringify(body, null, 1);
+}
+
+// Send what a form says, and show the status, headers and body that came back.
+async function send(form, method, path, mediaType, reply) {
+  const query = new URLSearchParams(), headers = {};
+  for (const box of form.querySelectorAll("input[data-in]")) {
+    if (box.value === "") continue;
+    const where = box.dataset.in;
+    if (where === "path") path = path.replace(`{${box.name}}`, encodeURIComponent(box.value));
+    if (where === "query") query.append(box.name, box.value);
+    if (where === "header") headers[box.name] = box.value;
+  }
+  const url = path + (query.toString() ? "?" + query : "");
+  const request = {method: method.toUpperCase(), headers, cache: "no-store"};
+  if (mediaType) {
+    headers["Content-Type"] = mediaType;
+    request.body = form.elements.body.value;
+  }
+  reply.replaceChildren(el("p", {}, el("code", {}, request.method + " " + url)));
+  reply.hidden = false;
+  try {
+    const response = await fetch(url, request);
+    const text = await response.text();
+    let shown = text;
+    if (/json/.test(response.headers.get("Content-Type"))) {
+      try { shown = JSON.stringify(JSON.parse(text), null, 2); } catch (error) { }
+    }
+    reply.className = "reply " + (response.ok ? "ok" : "failed");
+    const status = `${response.status} ${response.statusText}`;
+    const lines = Array.from(response.headers, ([name, value]) => `${name}: ${value}`);
+    reply.append(el("p", {class: "status"}, el("strong", {}, status)),
+                 el("pre", {class: "headers"}, lines.join("\n")),
+                 el("pre", {class: "body"}, shown));
+  } catch (error) {
+    reply.className = "reply failed";
+    reply.append(el("p", {class: "status"}, "No response: " + error.message));
+  }
+}
+
+// An operation: what it does, a form with a field for each of its parameters and
+// body fields (filled with the description's examples), and the responses it gives.
+function operation(path, method, op) {
+  const form = el("form", {id: "form-" + op.operationId});
+  for (const parameter of (op.parameters || []).map(resolve)) {
+    form.append(input(parameter.name, parameter.in, parameter.description,
+                      parameter.required ? parameter.example : undefined, parameter.required));
+  }
+  let mediaType;
+  if (op.requestBody) {
+    const [type, media] = Object.entries(op.requestBody.content)[0];
+    const schema = resolve(media.schema);
+    const example = (Object.values(media.examples || {})[0] || {}).value || {};
+    for (const [name, property] of Object.entries(schema.properties || {})) {
+      form.append(input(name, "body", resolve(property).description, example[name],
+                        (schema.required || []).includes(name)));
+    }
+    const body = el("textarea", {name: "body", rows: 5, spellcheck: "false"});
+    form.append(el("label", {}, el("span", {}, "Body ", el("small", {}, type)), body));
+    form.addEventListener("input", (event) => {
+      if (event.target.dataset.in === "body") body.value = bodyOf(form);
+    });
+    body.value = bodyOf(form);
+    mediaType = type;
+  }
+  form.append(el("button", {type: "submit"}, "Send"));
+  const reply = el("div", {class: "reply", id: "reply-" + op.operationId, hidden: ""});
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    form.sent = send(form, method, path, mediaType, reply);
+  });
+  const responses = el("dl");
+  for (const [status, response] of Object.entries(op.responses)) {
+    responses.append(el("dt", {}, status), el("dd", {}, resolve(response).description));
+  }
+  return el("section", {class: "operation", id: "op-" + op.operationId},
+            el("h3", {}, el("span", {class: "method " + method}, method.toUpperCase()),
+               el("code", {}, path), " ", el("small", {}, op.operationId)),
+            el("p", {}, op.summary), form, reply,
+            el("details", {}, el("summary", {}, "Responses"), responses));
+}
+
+// The whole reference: each tag's operations (HEAD and OPTIONS, which every path
+// has, aside), then the schemas.
+function render() {
+  document.title = `${api.info.title} ${api.info.version}: API reference`;
+  const main = document.getElementById("api");
+  main.replaceChildren(el("h1", {}, api.info.title + " ", el("small", {}, api.info.version)),
+                       el("p", {}, api.info.description));
+  for (const tag of api.tags) {
+    main.append(el("h2", {id: "tag-" + tag.name}, tag.name), el("p", {}, tag.description));
+    for (const [path, item] of Object.entries(api.paths)) {
+      for (const [method, op] of Object.entries(item)) {
+        if (!["head", "options"].includes(method) && op.tags.includes(tag.name)) {
+          main.append(operation(path, method, op));
+        }
+      }
+    }
+  }
+  main.append(el("h2", {}, "Schemas"));
+  for (const [name, schema] of Object.entries(api.components.schemas)) {
+    main.append(el("details", {id: "schema-" + name}, el("summary", {}, name),
+                   el("pre", {}, JSON.stringify(schema, null, 2))));
+  }
+}
+
+// /docs?try=USER: fill in the forms and press Send as a person would: a booking as
+// USER (at the example's date and time), USER's listing, then the booking again
+// without a date. Each reply as shown is listed in the page (tried-1, tried-2...),
+// then whether the style sheet was applied; <html data-tried> says it is done.
+async function tryForms(user) {
+  const log = el("ol");
+  const note = (...children) => log.append(el("li", {id: `tried-${log.children.length + 1}`},
+                                              ...children));
+  document.getElementById("api").prepend(el("section", {id: "tried"},
+                                             el("h2", {}, "Tried as " + user), log));
+  const steps = [["bookAppointment", "body", "user_id", user],
+                 ["listAppointments", "query", "user_id", user],
+                 ["bookAppointment", "body", "date", ""]];
+  try {
+    for (const [id, where, name, value] of steps) {
+      const form = document.getElementById("form-" + id);
+      const box = form.querySelector(`[data-in="${where}"][name="${name}"]`);
+      box.value = value;
+      box.dispatchEvent(new Event("input", {bubbles: true}));
+      form.querySelector('button[type="submit"]').click();
+      await form.sent;
+      const reply = document.getElementById("reply-" + id);
+      note(el("pre", {}, Array.from(reply.children, (part) => part.textContent).join("\n")));
+    }
+    const styled = getComputedStyle(document.body).maxWidth !== "none";
+    note("Style sheet " + (styled ? "applied" : "not applied"));
+  } catch (error) {
+    note("Failed: " + error);
+  }
+  document.documentElement.dataset.tried = "done";
+}
+
+// What the Content-Security-Policy blocks, shown at the top of the page.
+document.addEventListener("securitypolicyviolation", (event) => {
+  let list = document.getElementById("blocked");
+  if (!list) {
+    list = el("ul", {id: "blocked", class: "reply failed"});
+    document.body.prepend(el("p", {}, "Blocked by the Content-Security-Policy:"), list);
+  }
+  list.append(el("li", {}, `${event.violatedDirective}: ${event.blockedURI}`));
+});
+
+(async () => {
+  try {
+    const response = await fetch("/openapi.json");
+    if (!response.ok) throw new Error(`${response.status} ${response.statusText}`);
+    api = await response.json();
+  } catch (error) {
+    document.getElementById("loading").textContent = "Could not read /openapi.json: " + error;
+    return;
+  }
+  render();
+  const user = new URLSearchParams(location.search).get("try");
+  if (user !== null) await tryForms(user);
+})();
+"""
+
+
+def _page_reply(content: bytes, media_type: str, headers: Tuple[Tuple[str, str], ...]) -> Reply:
+    """A 200 of a page or script: its ETag, then headers."""
+    return Reply(HTTPStatus.OK, content, (("ETag", entity_tag(content)),) + headers, media_type)
+
+
+@functools.lru_cache(maxsize=None)
+def home_reply(media_type: str) -> Reply:
+    """GET /'s 200 as media_type (one of HOME_TYPES), made once a process."""
+    vary = (("Vary", "Accept"),)  # as negotiated by it
+    if media_type == JSON_TYPE:
+        return _page_reply(json_content(home_json()), JSON_TYPE, vary)
+    return _page_reply(home_page().encode(), HTML_TYPE,
+                       vary + (("Content-Security-Policy", HOME_POLICY),) + PAGE_HEADERS)
+
+
+@functools.lru_cache(maxsize=None)
+def docs_reply(script: bool) -> Reply:
+    """GET /docs's 200 (or, if script, /docs.js's), made once a process."""
+    if script:
+        return _page_reply(DOCS_SCRIPT.encode(), SCRIPT_TYPE, PAGE_HEADERS)
+    return _page_reply(DOCS_PAGE.encode(), HTML_TYPE,
+                       (("Content-Security-Policy", DOCS_POLICY),) + PAGE_HEADERS)
 
 
 # --- The API description (OpenAPI 3.1) --------------------------------------------------
@@ -5684,6 +6087,7 @@ def _paths() -> dict:
                              "its tag", "ConflictProblem",
                              headers={"ETag": _ref("headers", "ETag")})}
     tagged = {"headers": {"ETag": _ref("headers", "ETag")}}
+    vary = {"description": "Accept: the representation depends on it", "schema": text}
     unchanged = {"304": _ref("responses", "NotModified")}
     # The examples, made by the domain: a booking, the appointment it books, and a move.
     book = example_booking()
@@ -5844,6 +6248,37 @@ def _paths() -> dict:
         "/openapi.json": {"get": {"summary": "This document", **conditional, "responses": {
             "200": _reply("OpenAPI 3.1", {"type": "object"}, **tagged), **unchanged,
             "default": errors["default"]}}},
+        "/": {"get": {
+            "summary": "The service's name and version, with links to "
+                       f"{', '.join(url for _, url, _ in HOME_LINKS)}: a page, or JSON",
+            "parameters": [_ref("parameters", "Accept"), _ref("parameters", "IfNoneMatch")],
+            "responses": {"200": {
+                "description": "As Accept prefers (RFC 9110 section 12.5.1): HTML by "
+                               "default, or JSON; each with its own ETag",
+                "content": {**_content(text, media_type=HTML_TYPE),
+                            **_content(_ref("schemas", "Home"), {"home": home_json()})},
+                "headers": {"ETag": _ref("headers", "ETag"), "Vary": vary}},
+                **unchanged,
+                "406": _problem(f"Accept takes neither {' nor '.join(HOME_TYPE_NAMES)}",
+                                headers={"Vary": vary}),
+                "default": errors["default"]}}},
+        "/docs": {"get": {
+            "summary": "An API reference for a browser: this document as a page, with a "
+                       "form for each operation that sends the real request and shows "
+                       "what came back",
+            **conditional, "responses": {
+                "200": _reply("The page; its script is /docs.js. Its "
+                              "Content-Security-Policy lets it run that script alone and "
+                              "talk to this server alone", text, media_type=HTML_TYPE,
+                              headers={"ETag": _ref("headers", "ETag"),
+                                       "Content-Security-Policy": {
+                                           "description": "What the page may load and "
+                                                          "where it may send requests",
+                                           "schema": text}}),
+                **unchanged, "default": errors["default"]}}},
+        "/docs.js": {"get": {"summary": "The script of /docs", **conditional, "responses": {
+            "200": _reply("JavaScript", text, media_type=SCRIPT_TYPE, **tagged), **unchanged,
+            "default": errors["default"]}}},
     }
     responses = _response_components()
     for route in ROUTES:  # each operation's ID: its route function's name, in camelCase
@@ -5939,7 +6374,7 @@ def openapi_document() -> dict:
                     "pattern": user_id_pattern()}
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Appointment scheduler", "version": __version__,
+        "info": {"title": SERVICE_TITLE, "version": __version__,
                  "description": f"Book {length_in_words()} appointments that start "
                                 f"{starts_in_words()} (UTC), one per user per date; any "
                                 "number of users may "
@@ -5951,7 +6386,8 @@ def openapi_document() -> dict:
                                 f"({CORS_EXPOSE_HEADERS})."},
         "tags": [{"name": "appointments", "description": "Booking, listing, rescheduling, "
                                                          "cancelling; the calendar feed"},
-                 {"name": "service", "description": "Health, metrics, this document"}],
+                 {"name": "service", "description": "Health, metrics, this document, and "
+                                                    "pages for a browser: / and /docs"}],
         "servers": [{"url": "/", "description": "The server that serves this document"},
                     {"url": f"http://{DEFAULT_HOST}:{DEFAULT_PORT}",
                      "description": "python3 scheduler.py, as it starts by default"}],
@@ -6008,6 +6444,14 @@ def openapi_document() -> dict:
                     "type": "object", "required": ["user_id", "appointments"],
                     "properties": {"user_id": user_id,
                                    "appointments": {"type": "array", "items": appointment}}},
+                "Home": {
+                    "type": "object", "required": ["name", "version", "links"],
+                    "properties": {"name": text, "version": text, "links": {
+                        "type": "object", "description": "URLs relative to this server's",
+                        "required": [name for name, _, _ in HOME_LINKS],
+                        "properties": {name: {"type": "string", "format": "uri-reference",
+                                              "description": about}
+                                       for name, _, about in HOME_LINKS}}}},
                 "Problem": {
                     "type": "object", "required": ["type", "title", "status", "detail"],
                     "properties": {"type": text, "title": text, "status": {"type": "integer"},
@@ -6038,6 +6482,10 @@ def openapi_document() -> dict:
                                "description": "Percent-encoded, / included (%2F)"},
                 "DatePath": {"name": "date", "in": "path", "required": True, "schema": date,
                              "example": _PATH_EXAMPLES["date"]},
+                "Accept": {"name": "Accept", "in": "header", "schema": text,
+                           "description": "The media types the client takes, with weights "
+                                          "(q=); those this resource has are "
+                                          f"{' and '.join(HOME_TYPE_NAMES)}, the first by default"},
                 "IfNoneMatch": {"name": "If-None-Match", "in": "header", "schema": condition,
                                 "description": "ETags the client holds (or *): if one is "
                                                "current, a GET or HEAD gets 304 with no "
@@ -6560,6 +7008,28 @@ def show_metrics(service: Service, request: Request) -> Reply:
 def show_api_description(service: Service, request: Request) -> Reply:
     content, tag = _description()
     return Reply(HTTPStatus.OK, content, (("ETag", tag),))
+
+
+@route("GET", "/")
+def show_home(service: Service, request: Request) -> Reply:
+    """The service's name and version, and its links: a page, or JSON where Accept
+    prefers it (the reply says Vary: Accept)."""
+    media_type = negotiate(request.headers.get("accept"), HOME_TYPES)
+    if media_type is None:
+        raise HTTPError(406, f"This resource is sent as {' or '.join(HOME_TYPE_NAMES)}, and the "
+                             "Accept header takes neither; send Accept: application/json, "
+                             "or no Accept.", headers={"Vary": "Accept"})
+    return home_reply(media_type)
+
+
+@route("GET", "/docs")
+def show_docs(service: Service, request: Request) -> Reply:
+    return docs_reply(script=False)
+
+
+@route("GET", "/docs.js")
+def show_docs_script(service: Service, request: Request) -> Reply:
+    return docs_reply(script=True)
 
 
 # ======================================================================================

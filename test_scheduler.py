@@ -31,6 +31,7 @@ import functools
 import gc
 import hashlib
 import http.client
+import html.parser
 import importlib.util
 import inspect
 import io
@@ -1615,9 +1616,11 @@ class RulesOnceTest(unittest.TestCase):
 
     @staticmethod
     def said() -> str:
-        """What the service says of its rules: the API description, --help, and the
-        messages of each field that breaks one, the time's format and a huge number's."""
-        said = [json.dumps(scheduler.openapi_document())]
+        """What the service says of its rules: the API description, --help, the pages
+        (/ and /docs, which may say none), and the messages of each field that breaks
+        one, the time's format and a huge number's."""
+        said = [json.dumps(scheduler.openapi_document()), scheduler.home_page(),
+                scheduler.DOCS_PAGE, scheduler.DOCS_SCRIPT]
         with contextlib.redirect_stdout(io.StringIO()) as help_text:
             with contextlib.suppress(SystemExit):
                 scheduler.parse_args(["--help"])
@@ -6197,6 +6200,148 @@ class CalendarFeedTest(RouteTestCase):
         self.assertProblem(self.request("GET", "/appointments.ics"), 400)
 
 
+class NegotiateTest(unittest.TestCase):
+    """negotiate(): which of a resource's media types an Accept header prefers
+    (RFC 9110 section 12.5.1), for one that is HTML by default, or JSON (as GET / is)."""
+
+    OFFERED = HTML, JSON = ("text/html; charset=utf-8", "application/json")
+    CASES = [  # (Accept, the type chosen; None: neither, a 406)
+        (None, HTML), ("", HTML), ("*/*", HTML), ("text/html", HTML), ("TEXT/HTML", HTML),
+        ("application/json", JSON), ("application/*", JSON), ("text/*", HTML),
+        ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", HTML),  # Chrome's
+        ("application/json, text/html;q=0.9", JSON), ("text/html;q=0.5, application/*", JSON),
+        ("text/*;q=0.1, application/json;q=0.2", JSON), ("application/json;q=0, */*", HTML),
+        ("text/html;q=0, */*", JSON), ("*/*;q=0.5, text/html;q=0.4", JSON),  # the specific wins
+        ("text/html;charset=UTF-8", HTML), ("text/html;charset=latin1", None),
+        ('text/html;level="a,b", application/json;q=0.2', JSON),  # a comma in quotes
+        ("application/json; q=0.5; ext=1, text/html;q=0.4", JSON),  # an extension after q
+        ("image/png", None), ("text/plain, image/*", None), ("*/*;q=0", None),
+        # Ranges that cannot be read are skipped; with none left, Accept is as if absent.
+        ("application/json;q=abc", HTML), ("application/json;q=1.5, text/html;q=0.1", HTML),
+        ("*/json", HTML), ("json", HTML), ("image/png, nonsense", None)]
+
+    def test_cases(self):
+        for accept, chosen in self.CASES:
+            with self.subTest(accept=accept):
+                self.assertEqual(scheduler.negotiate(accept, self.OFFERED), chosen)
+
+
+class PagesTest(RouteTestCase):
+    """GET / and the API reference at /docs (a page and its script): what they are
+    sent as, their tags and 304s, HEAD, and the security headers that let the
+    reference run its own script alone."""
+
+    PAGES = ("/", "/docs", "/docs.js")
+
+    def test_the_root_page_names_the_service_and_links_to_the_rest(self):
+        response = self.request("GET", "/")
+        self.assertEqual((response.status, response.headers["Content-Type"]),
+                         (200, "text/html; charset=utf-8"))
+        self.assertEqual(response.headers["Vary"], "Accept")
+        page = response.body.decode()
+        self.assertIn(f"<title>Appointment scheduler {scheduler.__version__}</title>", page)
+        for path in ("/docs", "/openapi.json", "/healthz", "/metrics"):
+            self.assertIn(f'<a href="{path}">', page)
+
+    def test_as_json_it_says_the_same_and_its_links_work(self):
+        response = self.request("GET", "/", headers={"Accept": "application/json"})
+        self.assertEqual((response.status, response.headers["Content-Type"],
+                          response.headers["Vary"]), (200, "application/json", "Accept"))
+        self.assertEqual(response.json(), {
+            "name": "Appointment scheduler", "version": scheduler.__version__,
+            "links": {"docs": "/docs", "openapi": "/openapi.json", "health": "/healthz",
+                      "metrics": "/metrics"}})
+        self.assertEqual(response.json(), scheduler.openapi_document()["paths"]["/"]["get"][
+            "responses"]["200"]["content"]["application/json"]["examples"]["home"]["value"])
+        for url in response.json()["links"].values():
+            with self.subTest(url=url):
+                self.assertEqual(self.request("GET", url).status, 200)
+
+    def test_accept_chooses_and_one_that_takes_neither_gets_406(self):
+        chrome = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        for accept, media_type in ((chrome, "text/html; charset=utf-8"),
+                                   ("application/json, text/html;q=0.5", "application/json"),
+                                   ("text/html;q=0, */*", "application/json")):
+            with self.subTest(accept=accept):
+                response = self.request("GET", "/", headers={"Accept": accept})
+                self.assertEqual(response.headers["Content-Type"], media_type)
+        refused = self.request("GET", "/", headers={"Accept": "image/png"})
+        problem = self.assertProblem(refused, 406)
+        self.assertEqual(refused.headers["Vary"], "Accept")
+        self.assertIn("text/html or application/json", problem["detail"])
+
+    def test_each_carries_its_etag_and_answers_if_none_match_with_304(self):
+        for path, accept in (("/", "text/html"), ("/", "application/json"), ("/docs", None),
+                             ("/docs.js", None)):
+            with self.subTest(path=path, accept=accept):
+                headers = {"Accept": accept} if accept else {}
+                first = self.request("GET", path, headers=headers)
+                tag = first.headers["ETag"]
+                self.assertEqual(tag, scheduler.entity_tag(first.body))
+                for method in ("GET", "HEAD"):
+                    again = self.request(method, path, headers={**headers, "If-None-Match": tag})
+                    self.assertEqual((again.status, again.body, again.headers["ETag"]),
+                                     (304, b"", tag))
+                    self.assertEqual(again.headers.get("Vary"), first.headers.get("Vary"))
+                other = self.request("GET", path, headers={**headers, "If-None-Match": '"x"'})
+                self.assertEqual((other.status, other.body), (200, first.body))
+        html = self.request("GET", "/").headers["ETag"]  # each representation has its own
+        as_json = self.request("GET", "/", headers={"Accept": "application/json",
+                                                    "If-None-Match": html})
+        self.assertEqual(as_json.status, 200)
+
+    def test_head_sends_the_headers_of_get_alone(self):
+        for path in self.PAGES:
+            with self.subTest(path=path):
+                got, head = self.request("GET", path), self.request("HEAD", path)
+                self.assertEqual((head.status, head.body), (200, b""))
+                self.assertEqual(without_varying_lines(str(head.headers)),
+                                 without_varying_lines(str(got.headers)))
+
+    def test_the_reference_runs_its_own_script_alone(self):
+        page = self.request("GET", "/docs")
+        self.assertEqual(page.headers["Content-Type"], "text/html; charset=utf-8")
+        policy = dict(part.strip().split(" ", 1) for part in
+                      page.headers["Content-Security-Policy"].split(";"))
+        html = page.body.decode()
+        style = re.search(r"<style>(.*?)</style>", html, re.DOTALL).group(1)
+        style_hash = base64.b64encode(hashlib.sha256(style.encode()).digest()).decode()
+        self.assertEqual(policy, {
+            "default-src": "'none'", "script-src": "'self'", "connect-src": "'self'",
+            "style-src": f"'sha256-{style_hash}'", "base-uri": "'none'",
+            "form-action": "'none'", "frame-ancestors": "'none'",
+            "require-trusted-types-for": "'script'"})
+        self.assertEqual(re.findall(r"<script[^>]*>", html),
+                         ['<script src="/docs.js" defer>'])  # no script written inline
+        self.assertNotRegex(html, r"\son[a-z]+=")  # nor in attributes
+        script = self.request("GET", "/docs.js")
+        self.assertEqual(script.headers["Content-Type"], "text/javascript; charset=utf-8")
+        home = self.request("GET", "/").headers["Content-Security-Policy"]
+        self.assertEqual(home, "; ".join(f"{name} {value}" for name, value in policy.items()
+                                         if name not in ("script-src", "connect-src",
+                                                         "require-trusted-types-for")))
+        for response in (page, script, self.request("GET", "/")):
+            with self.subTest(content_type=response.headers["Content-Type"]):
+                self.assertEqual((response.headers["X-Content-Type-Options"],
+                                  response.headers["X-Frame-Options"],
+                                  response.headers["Referrer-Policy"]),
+                                 ("nosniff", "DENY", "no-referrer"))
+
+    def test_nothing_comes_from_elsewhere(self):
+        for path in self.PAGES:
+            with self.subTest(path=path):
+                text = self.request("GET", path).body.decode()
+                self.assertNotRegex(text, r"(?i)(?:https?:|[\"'(=\s])//[a-z0-9]")  # no origin
+                self.assertNotRegex(text, r"\binnerHTML\b|\beval\(|document\.write")
+
+    def test_the_pages_are_made_once(self):
+        first = [self.request("GET", path).body for path in self.PAGES]
+        with mock.patch.object(scheduler, "home_page", side_effect=AssertionError("made again")), \
+                mock.patch.object(scheduler, "_page_reply",
+                                  side_effect=AssertionError("made again")):
+            self.assertEqual([self.request("GET", path).body for path in self.PAGES], first)
+
+
 class OpenAPITest(RouteTestCase):
     def document(self) -> dict:
         response = self.request("GET", "/openapi.json")
@@ -6275,7 +6420,7 @@ class OpenAPITest(RouteTestCase):
     def test_every_operation_has_a_unique_id(self):
         ids = [operation["operationId"] for item in self.document()["paths"].values()
                for operation in item.values()]
-        self.assertEqual(len(ids), 21)
+        self.assertEqual(len(ids), 30)
         self.assertEqual(len(set(ids)), len(ids))
         self.assertTrue(all(re.fullmatch(r"[a-z][A-Za-z]+", name) for name in ids), ids)
         paths = self.document()["paths"]
@@ -6289,7 +6434,7 @@ class OpenAPITest(RouteTestCase):
     def test_head_responses_have_no_content(self):
         heads = {path: item["head"] for path, item in self.document()["paths"].items()
                  if "head" in item}
-        self.assertEqual(len(heads), 6)
+        self.assertEqual(len(heads), 9)
         for path, operation in heads.items():
             for status, response in operation["responses"].items():
                 with self.subTest(path=path, status=status):
@@ -6411,12 +6556,14 @@ class OpenAPITest(RouteTestCase):
                     else:
                         query[parameter["name"]] = value
                 url = path + ("?" + urllib.parse.urlencode(query) if query else "")
-                response = self.request(method.upper(), url)
                 status = min(int(code) for code in operation["responses"] if code[0] == "2")
-                self.assertEqual(response.status, status, response.body)
-                content = operation["responses"][str(status)].get("content", {})
-                for media_type, documented in content.items():
-                    self.assertEqual(response.headers["Content-Type"], media_type)
+                content = operation["responses"][str(status)].get("content", {None: {}})
+                for media_type, documented in content.items():  # each, as Accept asks
+                    response = self.request(method.upper(), url, headers={
+                        "Accept": media_type} if len(content) > 1 else None)
+                    self.assertEqual(response.status, status, response.body)
+                    if media_type is not None:
+                        self.assertEqual(response.headers["Content-Type"], media_type)
                     for example in self.examples(documented).values():
                         self.assertEqual(response.json(), example)
 
@@ -6637,9 +6784,12 @@ class SchemaStrictnessTest(unittest.TestCase):
 
 class RoutingErrorTest(RouteTestCase):
     def test_unknown_path_is_404(self):
-        for path in ("/", "/appointment", "/appointments/", "/appointments/alice"):
+        for path in ("//", "/doc", "/docs/", "/appointment", "/appointments/",
+                     "/appointments/alice"):
             with self.subTest(path=path):
-                self.assertProblem(self.request("GET", path), 404)
+                problem = self.assertProblem(self.request("GET", path), 404)
+                self.assertEqual(problem["detail"],
+                                 f"There is no resource at {path}; /docs lists the API's paths.")
 
     def test_wrong_method_is_405_with_allow(self):
         for method in ("PUT", "PATCH", "DELETE"):
@@ -7602,8 +7752,11 @@ class FuzzTest(HTTPTestCase):
             raw = self.bad_request()
             with self.subTest(case=case, raw=raw[:120]):
                 response, = serve_bytes(self.service, raw)[0]
-                if response.status == 200:  # a junk header line can still be a valid header
-                    self.assertTrue(raw.startswith(b"GET /appointments?user_id=a "))
+                if response.status == 200:  # a junk header line can still be a valid header,
+                    method, target = raw.split(b" ")[:2]  # and a random path a page's
+                    pages = (b"/", b"/docs", b"/docs.js")
+                    self.assertTrue(raw.startswith(b"GET /appointments?user_id=a ") or (
+                        method == b"GET" and target.split(b"?")[0] in pages))
                     continue
                 self.assertGreaterEqual(response.status, 400)
                 self.assertLess(response.status, 500)
@@ -8524,6 +8677,144 @@ class WithoutCORSTest(ServerTestCase):
                 self.assertFalse([name for name in response.headers
                                   if name.lower().startswith("access-control-")
                                   or name.lower() == "vary"])
+
+
+# The browser test runs where Chromium is found, and is skipped, saying why, where it is
+# not; under SCHEDULER_REQUIRE_BROWSER=1 (.ci/run sets it, and installs Chromium) it
+# fails instead.
+REQUIRE_BROWSER = os.environ.get("SCHEDULER_REQUIRE_BROWSER") == "1"
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+
+def browser_program() -> Optional[str]:
+    """The path of the first of BROWSERS on PATH, or None."""
+    return next(filter(None, map(shutil.which, BROWSERS)), None)
+
+
+class ElementTexts(html.parser.HTMLParser):
+    """A page as a browser shows it (--dump-dom): the text of each element with an
+    id (texts), and the attributes of its <html> (root)."""
+
+    VOID = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link",
+                      "meta", "source", "track", "wbr"})
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.texts: Dict[str, str] = {}
+        self.root: Dict[str, Optional[str]] = {}
+        self._open: List[Tuple[str, Optional[str]]] = []  # (tag, id) of the open elements
+        self.feed(page)
+        self.close()
+
+    def handle_starttag(self, tag, attrs):
+        attributes = dict(attrs)
+        if tag == "html":
+            self.root = attributes
+        if attributes.get("id"):
+            self.texts[attributes["id"]] = ""
+        if tag not in self.VOID:
+            self._open.append((tag, attributes.get("id")))
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        for _, name in self._open:
+            if name:
+                self.texts[name] += data
+
+
+class DocsInABrowserTest(unittest.TestCase):
+    """/docs in a real browser, headless Chromium, started once: the page's own script
+    (which its Content-Security-Policy must let run) renders the API description,
+    and with ?try=USER fills in and sends its forms as a person would (a booking,
+    the listing, a booking without a date), writing what came back in the page,
+    which the browser prints (--dump-dom) when its script is done."""
+
+    BROWSER_SECONDS = 60  # then the browser is killed, and the test fails
+    USER = "browser"
+
+    def setUp(self):
+        program = browser_program()
+        if program is None:
+            reason = f"no Chromium ({', '.join(BROWSERS)}) on PATH"
+            if REQUIRE_BROWSER:
+                self.fail(f"{reason}; SCHEDULER_REQUIRE_BROWSER=1 says this test must run")
+            self.skipTest(reason)
+        self.server = start_process(self, [*SERVICE, "--port", "0"])
+        self.page = ElementTexts(self.shown(program, f"/docs?try={self.USER}"))
+
+    def shown(self, program: str, path: str) -> str:
+        """The page at path as the browser shows it once its script is done: it waits
+        for its requests (--virtual-time-budget runs the page's clock ahead only while
+        none is under way)."""
+        profile = tempfile.mkdtemp(prefix="chromium-")
+        self.addCleanup(shutil.rmtree, profile, ignore_errors=True)
+        browser = subprocess.Popen(
+            [program, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={profile}", "--disable-background-networking",
+             "--disable-component-update", "--disable-extensions", "--disable-sync",
+             "--virtual-time-budget=30000", "--dump-dom",
+             f"http://{self.server.host}:{self.server.port}{path}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)  # its own process group, to end it and its children
+        try:
+            shown, logged = browser.communicate(timeout=self.BROWSER_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(browser.pid, signal.SIGKILL)
+            browser.communicate()
+            self.fail(f"the browser did not finish within {self.BROWSER_SECONDS} s")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(browser.pid, signal.SIGKILL)  # what it may have left behind
+        self.assertEqual(browser.returncode, 0, logged[-2000:])
+        return shown
+
+    def step(self, number: int) -> str:
+        """What the page showed after its numbered step of ?try."""
+        return self.page.texts.get(f"tried-{number}", "")
+
+    def test_its_script_runs_lists_every_operation_and_sends_the_forms(self):
+        texts = self.page.texts
+        self.assertEqual(self.page.root.get("data-tried"), "done", "the script ran to its end")
+        self.assertNotIn("loading", texts)  # the script replaced it...
+        self.assertNotIn("blocked", texts)  # ...and the policy blocked nothing it did
+        self.assertEqual(self.step(4), "Style sheet applied")
+        for path, item in scheduler.openapi_document()["paths"].items():
+            for method, operation in item.items():
+                if method in ("head", "options"):
+                    continue
+                with self.subTest(method=method, path=path):
+                    shown = texts.get(f"op-{operation['operationId']}", "")
+                    self.assertIn(method.upper() + path, shown)
+                    self.assertIn(operation["summary"], shown)
+        booking = {**scheduler.example_booking(), "user_id": self.USER}  # the form's example
+        url = f"/appointments/{self.USER}/{booking['date']}"
+        booked = self.step(1)
+        self.assertTrue(booked.startswith("POST /appointments\n201 Created\n"), booked)
+        self.assertIn(f"location: {url}\n", booked)
+        shown_booking = json.loads(booked[booked.index("{"):])
+        self.assertEqual({name: shown_booking[name] for name in booking}, booking)
+        listed = self.step(2)
+        self.assertTrue(listed.startswith(f"GET /appointments?user_id={self.USER}\n200 OK\n"),
+                        listed)
+        self.assertEqual(json.loads(listed[listed.index("{"):]),
+                         {"user_id": self.USER, "appointments": [shown_booking]})
+        # The booking is there, as the API says...
+        conn = http.client.HTTPConnection(self.server.host, self.server.port, timeout=10)
+        self.addCleanup(conn.close)
+        conn.request("GET", url)
+        self.assertEqual(response_of(conn).json(), shown_booking)
+        # ...and the form shows what a booking without a date gets: a 422 that says why.
+        refused = self.step(3)
+        self.assertTrue(refused.startswith("POST /appointments\n422 Unprocessable Content\n"),
+                        refused)
+        problem = json.loads(refused[refused.index("{"):])
+        self.assertEqual((problem["status"], problem["errors"]),
+                         (422, [{"field": "date", "message": "date is required"}]))
+        self.assertEqual(texts["reply-bookAppointment"].replace("\n", ""),
+                         refused.replace("\n", ""))  # still there, under the form
 
 
 @on_every_store
