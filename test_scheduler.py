@@ -760,6 +760,8 @@ class PostgresCluster:
         self._frozen: List[int] = []
         self._watchdog: Optional[subprocess.Popen] = None
         self._numbers_of_names = itertools.count(1)
+        self._spare_schemas: List[str] = []  # emptied_schema()'s, given back
+        self._emptying: Optional["scheduler.PGConnection"] = None  # _empty()'s connection
 
     @classmethod
     def shared(cls) -> "PostgresCluster":
@@ -1007,6 +1009,8 @@ class PostgresCluster:
     def cleanup(self) -> None:
         """Remove the standbys made from this cluster, stop the server, remove the
         folder. Can be called again."""
+        if self._emptying is not None:
+            self._emptying.close()
         for standby in reversed(self.standbys):
             standby.cleanup()
         if self.primary is not None and self in self.primary.standbys:
@@ -1083,6 +1087,46 @@ class PostgresCluster:
         """A schema name for one test, in database. Not dropped when the test ends
         (that took a psql process a test): the cluster is thrown away whole."""
         return self.new_schema_name()
+
+    def emptied_schema(self, testcase: unittest.TestCase) -> str:
+        """A schema in DATABASE for one test that touches its store only through the
+        store's methods (OnPostgres): one that a store made for an earlier test of
+        this process, emptied of its rows, else a new name; given back for the next
+        test when this one ends. Making a store's tables cost more than the rest of
+        such a test. A schema that cannot be emptied (a test left the server down,
+        say) is left alone."""
+        while self._spare_schemas:
+            schema = self._spare_schemas.pop()
+            try:
+                self._empty(schema)
+            except (scheduler.PGError, scheduler.PGConnectionError, LookupError):
+                continue
+            break
+        else:
+            schema = self.new_schema_name()
+        testcase.addCleanup(self._spare_schemas.append, schema)
+        return schema
+
+    def _empty(self, schema: str) -> None:
+        """Delete every row that a test made in the store's tables in schema, as the
+        store's own SQL would (the triggers keep the counts), in one transaction."""
+        if self._emptying is None or self._emptying.state != "ready":
+            settings = scheduler.parse_postgres_uri(self.uri(self.SUPERUSER))._replace(
+                session=(("statement_timeout", "5000"),))
+            self._emptying = scheduler.pg_connect(settings, time.monotonic() + 10)
+        try:
+            tables = [name for name, in self._emptying.query(
+                "SELECT tablename FROM pg_tables WHERE schemaname = $1", (schema,)).rows]
+            if "appointments" not in tables:
+                raise LookupError(f"schema {schema} holds no store")  # left alone
+            self._emptying.queries([("BEGIN", ())] + [
+                (f'DELETE FROM "{schema}"."{table}"', ()) for table in
+                ["appointments"] + sorted(set(tables) - {"appointments", "schema_version",
+                                                          "appointment_count"})]
+                + [("COMMIT", ())])
+        except BaseException:
+            self._emptying.close()  # in whatever state the failure left it
+            raise
 
     def _drop(self, statement: str, database: str = "postgres") -> None:
         """Run statement unless the server is down or frozen (a test that left it so
@@ -1232,7 +1276,7 @@ class OnPostgres:
     """Mixed into a test class: the same tests, with appointments in PostgreSQL."""
 
     def make_store(self):
-        return postgres_store(self)
+        return postgres_store(self, schema=PostgresCluster.shared().emptied_schema(self))
 
 
 def on_every_store(cls):
