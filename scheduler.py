@@ -4909,6 +4909,49 @@ class RequestHead(NamedTuple):
         return "transfer-encoding" in self.headers or self.headers.get("content-length", "0") != "0"
 
 
+# X-Request-ID: what ties a response to its lines in the log. A client's own (a
+# proxy's, say) is kept if it is 1 to MAX_REQUEST_ID_LENGTH of these characters:
+# printable ASCII but space, quotes and backslash, so that every log format shows it
+# as it is; a request without one, or with any other, gets one made here (RequestIds).
+MAX_REQUEST_ID_LENGTH = 200
+REQUEST_ID_CHARACTERS = r"!#-&(-\[\]-~"  # a regular expression's class, as re and ECMA-262 read it
+_REQUEST_ID = re.compile(f"[{REQUEST_ID_CHARACTERS}]{{1,{MAX_REQUEST_ID_LENGTH}}}")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+
+
+def request_id_in_words() -> str:
+    return (f"1 to {MAX_REQUEST_ID_LENGTH} printable ASCII characters but space, quotes "
+            "and backslash")
+
+
+class RequestIds:
+    """The IDs made here for requests: UUIDs (RFC 9562) of version 8, the version of
+    layouts of one's own. The first 80 bits (74 random, with the version and the
+    variant) are drawn once a process, the last 48 are a counter from a random
+    start: so no ID costs a system call (uuid.uuid4() reads os.urandom() for each),
+    and two processes, or two runs of one, share none while their first bits
+    differ. A forked child draws its own. next(count) is atomic in CPython (the
+    GIL): threads take IDs with no lock."""
+
+    def __init__(self):
+        self.draw()
+        os.register_at_fork(after_in_child=self.draw)
+
+    def draw(self) -> None:
+        bits = int.from_bytes(os.urandom(16), "big")
+        first, middle, last = bits >> 80, bits >> 68 & 0xFFF, bits >> 54 & 0x3FFF
+        self.prefix = f"{first >> 16:08x}-{first & 0xFFFF:04x}-8{middle:03x}-" \
+                      f"{0x8000 | last:04x}-"
+        # From 2**44 on, 12 hex digits without padding; 2**47 IDs and more before 2**48.
+        self.count = itertools.count(1 << 44 | bits & (1 << 46) - 1)
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.count):x}"
+
+
+_REQUEST_IDS = RequestIds()  # the process's: every Service takes its IDs from it
+
+
 class HTTPError(Exception):
     """The one exception that becomes an error response, of any status: raised by
     routes and by the wire format, and made from domain errors by http_error().
@@ -4925,11 +4968,21 @@ class HTTPError(Exception):
         self.headers = headers or {}
         self.extensions = extensions
 
-    def problem(self) -> dict:
-        """The RFC 9457 problem details object for this error."""
-        return {"type": "about:blank",  # the status says what kind of problem it is...
-                "title": REASONS[self.status],  # ...so its name (section 4.2.1)
-                "status": int(self.status), "detail": self.detail, **self.extensions}
+    def problem(self, request_id: Optional[str] = None) -> dict:
+        """The RFC 9457 problem details object for this error, in the response to the
+        request of request_id (its X-Request-ID): as the problem's instance, a URI
+        (section 3.1.5), urn:uuid: and the ID when it is a UUID; else as the
+        extension member request_id."""
+        problem = {"type": "about:blank",  # the status says what kind of problem it is...
+                   "title": REASONS[self.status],  # ...so its name (section 4.2.1)
+                   "status": int(self.status), "detail": self.detail}
+        if request_id is not None:
+            if _UUID.fullmatch(request_id):
+                problem["instance"] = "urn:uuid:" + request_id.lower()
+            else:
+                problem["request_id"] = request_id
+        problem.update(self.extensions)
+        return problem
 
 
 class Request(NamedTuple):
@@ -4944,6 +4997,7 @@ class Request(NamedTuple):
     target: str = ""  # the path and query, as sent
     content: bytes = b""  # the body, as sent
     client_gone: Callable[[], bool] = lambda: False  # whether the client has hung up
+    request_id: str = ""  # its X-Request-ID, as the response carries it
 
 
 class ClientGone(Exception):
@@ -5354,17 +5408,19 @@ def http_error(error: BaseException) -> HTTPError:
     return HTTPError(500, "The server hit an unexpected error and logged it; please try again.")
 
 
-def error_reply(error: BaseException) -> Reply:
-    """How every error becomes a response: an RFC 9457 problem."""
+def error_reply(error: BaseException, request_id: Optional[str] = None) -> Reply:
+    """How every error becomes a response: an RFC 9457 problem (HTTPError.problem())."""
     error = http_error(error)
-    return Reply(error.status, error.problem(), tuple(error.headers.items()), PROBLEM_TYPE)
+    return Reply(error.status, error.problem(request_id), tuple(error.headers.items()),
+                 PROBLEM_TYPE)
 
 
 # CORS (the Fetch standard): the request headers a browser may send and the response
 # headers its scripts may read, beyond the safelisted ones; how long a browser may
 # keep a preflight's answer (Chromium keeps it 2 hours at most).
-CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key"
-CORS_EXPOSE_HEADERS = "Location, Content-Location, ETag, Retry-After, Idempotent-Replayed"
+CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key, X-Request-ID"
+CORS_EXPOSE_HEADERS = ("Location, Content-Location, ETag, Retry-After, Idempotent-Replayed, "
+                       "X-Request-ID")
 CORS_MAX_AGE = 7200
 CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
@@ -5832,6 +5888,7 @@ def docs_reply(script: bool) -> Reply:
 # response example of the same name.
 
 _PATH_EXAMPLES = {"user_id": "alice", "date": "2026-11-25"}
+_REQUEST_ID_EXAMPLE = "5e0b3c8a-2f71-8c4d-9a1e-3b6f0d2c7a15"  # as RequestIds makes them
 
 
 def _unbookable_time() -> str:
@@ -5871,7 +5928,8 @@ def _problem(description: str, schema: str = "Problem", headers: Optional[dict] 
              **examples: HTTPError) -> dict:
     """A problem response; its examples are what HTTPError makes of them."""
     return _reply(description, _ref("schemas", schema),
-                  {name.replace("_", "-"): error.problem() for name, error in examples.items()},
+                  {name.replace("_", "-"): error.problem(_REQUEST_ID_EXAMPLE)
+                   for name, error in examples.items()},
                   PROBLEM_TYPE, **({"headers": headers} if headers else {}))
 
 
@@ -6044,7 +6102,7 @@ def date_pattern() -> str:
 @functools.lru_cache(maxsize=None)
 def _response_components() -> dict:
     """The responses the operations share, by name."""
-    return {
+    responses = {
         "BadRequest": _problem("The request cannot be parsed: a missing or malformed "
                                "parameter (from after to included), or a body that is not "
                                "valid JSON"),
@@ -6055,6 +6113,9 @@ def _response_components() -> dict:
         "Error": _problem("Any other error: 405 (with Allow), 408, 414, 431, 500, 501, 503 "
                           "(with Retry-After)..."),
     }
+    for response in responses.values():
+        _with_request_id(response)
+    return responses
 
 
 def _camel(name: str) -> str:
@@ -6313,7 +6374,18 @@ def _paths() -> dict:
         for operation in item.values():
             operation["tags"] = ["appointments" if path.startswith("/appointments")
                                  else "service"]
+            operation["parameters"] = operation.get("parameters", []) + [
+                _ref("parameters", "RequestId")]
+            for response in operation["responses"].values():
+                _with_request_id(response)
     return paths
+
+
+def _with_request_id(response: dict) -> None:
+    """Add the X-Request-ID header, which every response carries, to a response."""
+    if "$ref" not in response:  # a component's has it
+        response["headers"] = {**response.get("headers", {}),
+                               "X-Request-ID": _ref("headers", "XRequestID")}
 
 
 # The series /metrics shows from the start, at 0: for each operation of the description
@@ -6380,7 +6452,9 @@ def openapi_document() -> dict:
                                 "number of users may "
                                 "share a slot. HEAD works wherever GET does, and OPTIONS "
                                 "everywhere. Every error is an RFC 9457 problem "
-                                "(application/problem+json). With --cors-origin, responses "
+                                "(application/problem+json). Every response carries "
+                                "X-Request-ID, which the log writes too. With --cors-origin, "
+                                "responses "
                                 "to an allowed Origin carry Access-Control-Allow-Origin, "
                                 "Vary: Origin and Access-Control-Expose-Headers "
                                 f"({CORS_EXPOSE_HEADERS})."},
@@ -6455,7 +6529,14 @@ def openapi_document() -> dict:
                 "Problem": {
                     "type": "object", "required": ["type", "title", "status", "detail"],
                     "properties": {"type": text, "title": text, "status": {"type": "integer"},
-                                   "detail": text}},
+                                   "detail": text,
+                                   "instance": {"type": "string", "format": "uri-reference",
+                                                "description": "urn:uuid: and the response's "
+                                                               "X-Request-ID, when that is a "
+                                                               "UUID"},
+                                   "request_id": {**text, "description": "The response's "
+                                                  "X-Request-ID, when that is the client's "
+                                                  "own and not a UUID"}}},
                 "ValidationProblem": {"allOf": [_ref("schemas", "Problem"), {
                     "type": "object", "required": ["errors"],
                     "properties": {"errors": {"type": "array", "items": {
@@ -6512,6 +6593,15 @@ def openapi_document() -> dict:
                 "AccessControlRequestMethod": {
                     "name": "Access-Control-Request-Method", "in": "header", "schema": text,
                     "description": "A browser's preflight: the method it is about to send"},
+                "RequestId": {  # no example: a client would send it every time
+                    "name": "X-Request-ID", "in": "header",
+                    "schema": {"type": "string", "minLength": 1,
+                               "maxLength": MAX_REQUEST_ID_LENGTH,
+                               "pattern": f"^[{REQUEST_ID_CHARACTERS}]+{_END}"},
+                    "description": f"The client's own ID for the request, "
+                                   f"{request_id_in_words()}: the response carries it back "
+                                   "and the log writes it. Without it, or with another "
+                                   "value, the service makes one (a UUID)"},
             },
             "headers": {
                 "ETag": {"description": "Changes exactly when the representation does; "
@@ -6529,6 +6619,13 @@ def openapi_document() -> dict:
                                               "schema": text},
                 "AccessControlMaxAge": {"description": "Seconds a browser may keep the "
                                                        "answer", "schema": text},
+                "XRequestID": {"description": "The request's ID, on every response: the "
+                                              "client's X-Request-ID if it sent one that "
+                                              "may be kept, else a UUID made here. The log "
+                                              "writes it with the request (and beside the "
+                                              "traceback of a 500); a problem says it as "
+                                              "its instance (urn:uuid:...), or as request_id",
+                               "schema": text},
             },
             "responses": responses,
         },
@@ -6607,6 +6704,12 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def print_log(message: str, **fields) -> None:
+    """Where a Service logs by default (a server gives its own log): stderr. fields
+    say more, for a log that writes them apart; a traceback follows the message."""
+    print(message, *filter(None, [fields.get("traceback")]), sep="\n", file=sys.stderr)
+
+
 class Exchange(NamedTuple):
     """A request on its way to its reply: Service.begin() has routed it and checked
     the body it declares, and says how many bytes of body to read for respond()."""
@@ -6617,6 +6720,7 @@ class Exchange(NamedTuple):
     params: Dict[str, str]  # the path's parameters, decoded
     body_length: int = 0  # bytes of body the route takes; 0: none to read
     error: Optional[BaseException] = None  # why it fails, found before its body
+    request_id: str = ""  # its X-Request-ID: the client's (if it may be kept) or one made
 
 
 class Service:
@@ -6627,11 +6731,17 @@ class Service:
     body), for a Connection and for the tests' in-process client alike; neither
     touches a socket. problem() answers a request that never got that far.
 
+    Each request has an ID: its client's X-Request-ID if that may be kept, else one
+    made here (request_id()); begin() gives it (Exchange.request_id), a problem says
+    it (HTTPError.problem()), and the caller sends it back with the reply
+    (render_response()).
+
     Methods for the caller (a Connection, the in-process client):
 
     - begin(request), then respond(exchange, body, client_gone)
-    - problem(error, request, line, origin): the reply to a request that failed
-      before respond()
+    - problem(error, request, line, origin, request_id): the reply to a request
+      that failed before respond()
+    - request_id(headers): the ID of a request with these headers
     - with_cors(reply, request, origin)
 
     Methods for the routes: processing(user_id, key), count_refused_key().
@@ -6641,12 +6751,11 @@ class Service:
     are where behaviour changes."""
 
     def __init__(self, store: Store, limits: Optional[Limits] = None,
-                 cors_origins: Tuple[str, ...] = (),
-                 log: Callable[[str], None] = lambda line: print(line, file=sys.stderr)):
+                 cors_origins: Tuple[str, ...] = (), log: Callable[..., None] = print_log):
         self.store = store
         self.limits = limits if limits is not None else Limits()
         self.cors_origins = frozenset(cors_origins)  # empty: no CORS headers at all
-        self.log = log
+        self.log = log  # log(message, **fields): fields as print_log() takes them
         self.now = utc_now  # the clock, for what says when it was made (a feed's DTSTAMP)
         self.kept = KeptReplies()  # listings and feeds of users with many appointments
         self._processing: set = set()  # (user ID, Idempotency-Key) of writes under way here
@@ -6660,18 +6769,32 @@ class Service:
              store.count_keys())])
         self.metrics.process_collectors += [self._key_metrics, store.samples]
 
+    @staticmethod
+    def request_id(headers: Mapping[str, str]) -> str:
+        """The ID of a request with these headers: its X-Request-ID, if that may be
+        kept (_REQUEST_ID), else a new one (RequestIds)."""
+        given = headers.get("x-request-id")
+        if given is not None and _REQUEST_ID.fullmatch(given):
+            return given
+        return _REQUEST_IDS.next()
+
     def begin(self, request: RequestHead) -> Exchange:
         """Match the request's route and, if the route takes a body, check the one
         the request declares (body_length): all that can refuse it before a byte
         of its body is read."""
         route = None
+        # request_id(), written out here: every request would pay for its two calls
+        request_id = request.headers.get("x-request-id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = f"{_REQUEST_IDS.prefix}{next(_REQUEST_IDS.count):x}"
         try:
             route, params = match(ROUTES, request.method, request.path)
             length = (body_length(request, self.limits.max_body_bytes, route.body_types)
                       if route.body_types else 0)
         except Exception as error:
-            return Exchange(request, route.path if route else UNMATCHED, route, {}, 0, error)
-        return Exchange(request, route.path, route, params, length)
+            return Exchange(request, route.path if route else UNMATCHED, route, {}, 0, error,
+                            request_id)
+        return Exchange(request, route.path, route, params, length, None, request_id)
 
     def respond(self, exchange: Exchange, body: bytes = b"",
                 client_gone: Callable[[], bool] = lambda: False) -> Reply:
@@ -6679,7 +6802,7 @@ class Service:
         takes one, and run the route; an error becomes its problem; then
         If-None-Match may make it a 304, and CORS adds its headers. client_gone
         tells whether the client has hung up; ClientGone passes through."""
-        request = exchange.request
+        request, request_id = exchange.request, exchange.request_id
         try:
             if exchange.error is not None:
                 raise exchange.error
@@ -6688,13 +6811,13 @@ class Service:
                 exchange.params, parse_query(request.query),
                 decode_json(body) if route.body_types else None, request.headers,
                 request.method, request.path + "?" + request.query if request.query
-                else request.path, body, client_gone))
+                else request.path, body, client_gone, request_id))
             if "if-none-match" in request.headers:
                 reply = not_modified(request, reply)
         except ClientGone:
             raise
         except Exception as error:
-            return self.problem(error, request)
+            return self.problem(error, request, request_id=request_id)
         return self.with_cors(reply, request)
 
     @contextlib.contextmanager
@@ -6729,17 +6852,23 @@ class Service:
                  "hours.", refused)]
 
     def problem(self, error: BaseException, request: Optional[RequestHead] = None,
-                line: str = "", origin: Optional[str] = None) -> Reply:
+                line: str = "", origin: Optional[str] = None,
+                request_id: Optional[str] = None) -> Reply:
         """error_reply(error) for the request (None: one that could not be parsed;
         line is then what arrived of its request line, origin its Origin, if found),
-        logging the traceback of an unexpected error (a 500). Call it where the
-        error is being handled."""
-        reply = error_reply(error)
+        logging the traceback of an unexpected error (a 500). request_id: its
+        X-Request-ID, if known (else request_id() of its headers). Call it where
+        the error is being handled."""
+        if request_id is None:
+            request_id = self.request_id(request.headers if request is not None else {})
+        reply = error_reply(error, request_id)
         where = f"{request.method} {request.path}" if request is not None else line
         if reply.status == HTTPStatus.INTERNAL_SERVER_ERROR:
-            self.log(f"Unexpected error in {where!r}:\n{traceback.format_exc()}")
+            self.log(f"Unexpected error in {where!r} (request ID {request_id}):",
+                     traceback=traceback.format_exc(), request_id=request_id)
         elif isinstance(error, StoreUnavailable) and error.cause:  # one line: repr escapes
-            self.log(f"The database failed in {where!r}: {error.cause!r}")
+            self.log(f"The database failed in {where!r} (request ID {request_id}): "
+                     f"{error.cause!r}", request_id=request_id)
         return self.with_cors(reply, request, origin)
 
     def with_cors(self, reply: Reply, request: Optional[RequestHead] = None,
@@ -6872,7 +7001,8 @@ def write_once(service: Service, request: Request, user_id: str,
                                  + request.content).digest()
 
     def render(outcome) -> Optional[Replay]:
-        reply = error_reply(outcome) if isinstance(outcome, Exception) else reply_for(outcome)
+        reply = error_reply(outcome, request.request_id or None) \
+            if isinstance(outcome, Exception) else reply_for(outcome)
         if reply.status >= 500:
             return None
         return Replay(fingerprint, reply.status, reply.media_type, reply.headers,
@@ -7194,21 +7324,25 @@ def _clock() -> _Clock:
 _STATUS_LINES = {status: f"HTTP/1.1 {status.value} {reason}" for status, reason in REASONS.items()}
 
 
-def render_response(reply: Reply, *, keep_open: bool = True, http_1_0: bool = False,
-                    head_only: bool = False) -> Tuple[bytes, int]:
+def render_response(reply: Reply, request_id: Optional[str] = None, *, keep_open: bool = True,
+                    http_1_0: bool = False, head_only: bool = False) -> Tuple[bytes, int]:
     """A whole HTTP/1.1 response as bytes, for one write (separate writes for head
     and body meet Nagle's algorithm and delayed ACKs, and stall a keep-alive client
     for tens of milliseconds), and the size of its content. A body of None means no
-    content at all (204): no Content-Type, no Content-Length. keep_open is
-    keep_alive()'s answer, said as Connection: close when false; as Connection:
-    keep-alive when true to an HTTP/1.0 client, which otherwise waits for the close
-    (RFC 9112 section 9.3, appendix C.2.2). head_only: the head alone, for HEAD."""
+    content at all (204): no Content-Type, no Content-Length. request_id: the
+    request's ID (Service.request_id()), sent back in X-Request-ID, last of the
+    reply's headers (None: none). keep_open is keep_alive()'s answer, said as
+    Connection: close when false; as Connection: keep-alive when true to an
+    HTTP/1.0 client, which otherwise waits for the close (RFC 9112 section 9.3,
+    appendix C.2.2). head_only: the head alone, for HEAD."""
     body = content_of(reply.body)
     lines = [_STATUS_LINES[reply.status], f"Server: {SERVER_NAME}",
              f"Date: {_clock().http_date}"]
     if body is not None:
         lines += [f"Content-Type: {reply.media_type}", f"Content-Length: {len(body)}"]
     lines += [f"{name}: {value}" for name, value in reply.headers]
+    if request_id is not None:
+        lines.append(f"X-Request-ID: {request_id}")
     if not keep_open:
         lines.append("Connection: close")
     elif http_1_0:
@@ -7229,6 +7363,16 @@ def lenient_origin(data: bytes) -> Optional[str]:
     return None if found is None else str(found.group(1), "iso-8859-1")
 
 
+_REQUEST_ID_LINE = re.compile(rb"\nx-request-id[ \t]*:[ \t]*([!-~]+)[ \t]*\r?\n", re.IGNORECASE)
+
+
+def lenient_headers(data: bytes) -> Dict[str, str]:
+    """What may be read of a head that could not be parsed for its X-Request-ID: a
+    client's own, if the bytes hold one, for the answer to say it back."""
+    found = _REQUEST_ID_LINE.search(data)
+    return {} if found is None else {"x-request-id": str(found.group(1), "iso-8859-1")}
+
+
 # --- Connection: one client's life, from accept to close ------------------------------
 
 # up before its reply was made (nginx's "client closed request"); never sent
@@ -7246,12 +7390,22 @@ ORIGIN_LINE_BYTES = 1024
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 
+# An access log line says, of a response: the client's address, the request line
+# (what arrived of it), the status, the bytes of content sent, the request's
+# duration in microseconds (as /metrics' histogram has it: from its head read to its
+# response ready to send; for a head that could not be read, from when that was
+# found), and its ID, from the request (None: not read).
 
-def access_log_line(client_address: tuple, line: str, status: int, size: int) -> str:
-    """A response's line in the access log, in http.server's format."""
+
+def access_log_line(client_address: tuple, line: str, status: int, size: int, seconds: float,
+                    request_id: str, request: Optional[RequestHead] = None) -> str:
+    """A response's line in the text access log: http.server's format, then the
+    duration (as Apache's %D) and the request ID (with no space nor quote:
+    RequestIds, _REQUEST_ID)."""
     if not (line.isascii() and line.isprintable()):  # else there is nothing to escape
         line = line.translate(_LOG_ESCAPES)
-    return f'{client_address[0]} - - [{_clock().log_time}] "{line}" {status} {size}'
+    return (f'{client_address[0]} - - [{_clock().log_time}] "{line}" {status} {size} '
+            f'{int(seconds * 1_000_000)} {request_id}')
 
 
 class Connection:
@@ -7333,13 +7487,14 @@ class Connection:
 
     def serve(self, service: Service) -> None:
         """Serve requests until one ends the connection (or the client does)."""
-        observe, log = service.metrics.observe, self._server.log  # bound once, not per request
+        observe = service.metrics.observe  # bound once, not per request
+        log, access_line = self._server.log_line, self._server.access_line
         self._wait()
         # Entering WAITING, then checking closing_idle, pairs with drain(). A new
         # connection's first request is served even then: its client has sent it, or is
         # sending it, and with --workers another process took over the listening socket.
         while not (self._served and self._server.closing_idle):
-            request, line, template, head = None, "", UNMATCHED, None
+            request, line, template, head, exchange = None, "", UNMATCHED, None, None
             try:
                 head = self._read_head()
                 if head is None:  # the client closed, or sent nothing in time
@@ -7353,30 +7508,38 @@ class Connection:
                 body = self._read_body(request, exchange.body_length) \
                     if exchange.body_length else b""
                 reply = service.respond(exchange, body, self._client_gone)
-                body_read = exchange.body_length > 0
+                request_id, body_read = exchange.request_id, exchange.body_length > 0
             except ConnectionError:
                 raise  # the client went away: nobody to answer
             except ClientGone:  # noticed before its reply was made: logged as nginx does
-                log(access_log_line(self.client_address, line, CLIENT_GONE, 0))
-                observe(template, request.method, CLIENT_GONE, time.perf_counter() - started)
+                seconds = time.perf_counter() - started
+                log(access_line(self.client_address, line, CLIENT_GONE, 0, seconds,
+                                exchange.request_id, request))
+                observe(template, request.method, CLIENT_GONE, seconds)
                 return
             except Exception as error:
                 started = time.perf_counter()
                 origin = None
                 if request is None and service.cors_origins:  # a script may read why
                     origin = lenient_origin(head) if head is not None else self._head_origin()
-                reply = service.problem(error, request, line, origin)
+                # The client's X-Request-ID, if it can be read: in a head too long, not.
+                request_id = exchange.request_id if exchange is not None else \
+                    service.request_id(lenient_headers(head) if head is not None else {})
+                reply = service.problem(error, request, line, origin, request_id)
                 body_read = False
             method = request.method if request is not None else line.partition(" ")[0]
             keep_open = keep_alive(request, body_read, self._server.draining)
             apart = reply.body if method != "HEAD" and isinstance(reply.body, bytes) \
                 and len(reply.body) >= SEND_APART_BYTES else None
             response, size = render_response(
-                reply, keep_open=keep_open, head_only=method == "HEAD" or apart is not None,
+                reply, request_id, keep_open=keep_open,
+                head_only=method == "HEAD" or apart is not None,
                 http_1_0=request is not None and request.version == "HTTP/1.0")
-            log(access_log_line(self.client_address, line, reply.status, size))  # never lost
+            seconds = time.perf_counter() - started
+            log(access_line(self.client_address, line, reply.status, size, seconds, request_id,
+                            request))  # never lost
             observe(template, method if method in KNOWN_METHODS else "other", reply.status,
-                    time.perf_counter() - started)
+                    seconds)
             self._send(response, keep_open, apart)
             if not keep_open:
                 return
@@ -7521,8 +7684,10 @@ class Connection:
             pass
         self._sock.close()
 
-    def refuse(self, service: Service, error: HTTPError) -> None:
-        """Answer from the accepting thread, which must never block, and close."""
+    def refuse(self, service: Service, error: HTTPError) -> str:
+        """Answer from the accepting thread, which must never block, and close; return
+        the answer's X-Request-ID."""
+        request_id = service.request_id({})
         try:
             self._sock.setblocking(False)
             received = b""
@@ -7533,12 +7698,16 @@ class Connection:
                 origin = lenient_origin(received)  # the one origin allowed, if one is
                 if origin is None and len(service.cors_origins) == 1:
                     origin, = service.cors_origins
-            reply = service.problem(error, origin=origin)
-            self._sock.send(render_response(reply, keep_open=False)[0])  # small: it fits
+            given = lenient_headers(received)  # the client's X-Request-ID, if it came
+            if given:
+                request_id = service.request_id(given)
+            reply = service.problem(error, origin=origin, request_id=request_id)
+            self._sock.send(render_response(reply, request_id, keep_open=False)[0])  # it fits
             self._sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
         self._sock.close()
+        return request_id
 
     # For the server's other threads.
 
@@ -7755,6 +7924,14 @@ class Log:
         return not self._writer.is_alive()
 
 
+def text_message(message: str, fields: dict) -> str:
+    """A message for the log: as it is, with a traceback after it (fields' other
+    members are for a log that writes them apart; what matters of them, the
+    message says)."""
+    traceback = fields.get("traceback")
+    return message if traceback is None else f"{message}\n{traceback}"
+
+
 def address_family(host: str) -> int:
     """The socket family for a host to listen on: IPv6 for an address with colons."""
     return socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -7806,7 +7983,9 @@ class SchedulerServer(ThreadingHTTPServer):
         self.log_complete = True  # false once closing found the log's reader stuck
         self._accept_failing = False  # accept() is out of resources; logged once
         self._log = Log(log_stream)  # a thread of its own: a stuck log stops no deadline
-        self.log = self._log.add  # log(line): bound once, for a call less a request
+        self.log_line = self._log.add  # log_line(line): bound once, for a call less a request
+        self.access_line = access_log_line  # a request's line, for log_line()
+        self._message = text_message
         service.log = self.log
         # Counted under _lock, for /metrics: connections refused at the cap, closed to
         # make room, and cut off by the watchdog past a deadline.
@@ -7825,6 +8004,11 @@ class SchedulerServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         return url_of(self.server_address)
+
+    def log(self, message: str, **fields) -> None:
+        """Log a line for the operator: message, and fields that say more (in text,
+        a traceback after it; in JSON, members beside it)."""
+        self._log.add(self._message(message, fields))
 
     def _watch(self) -> None:
         """The watchdog: every tick, cut off connections past their deadline (and, in
@@ -7889,10 +8073,11 @@ class SchedulerServer(ThreadingHTTPServer):
             super().process_request(connection, client_address)
             return
         cap = self.limits.max_connections
-        connection.refuse(self.service, HTTPError(
+        request_id = connection.refuse(self.service, HTTPError(
             503, f"The server is serving its maximum of {cap} connections; retry shortly.",
             headers={"Retry-After": "1"}))
-        self.log(f"{client_address[0]} - - refused: {cap} connections open; 503")
+        self.log(f"{client_address[0]} - - refused: {cap} connections open; 503 {request_id}",
+                 client=client_address[0], status=503, request_id=request_id)
 
     def finish_request(self, connection: Connection, client_address) -> None:
         connection.serve(self.service)
@@ -7950,7 +8135,8 @@ class SchedulerServer(ThreadingHTTPServer):
         if isinstance(error, OSError):  # the client reset, or stalled while we wrote
             self.log(f"{client_address[0]} - - connection dropped: {error!r}")
         else:
-            self.log(f"Unexpected error serving {client_address[0]}:\n{traceback.format_exc()}")
+            self.log(f"Unexpected error serving {client_address[0]}:", client=client_address[0],
+                     traceback=traceback.format_exc())
 
     def drain(self, timeout: float, grace: float = 0.0) -> int:
         """Stop accepting, let requests in flight finish, close idle keep-alive

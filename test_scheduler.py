@@ -65,6 +65,7 @@ import tracemalloc
 import unicodedata
 import unittest
 import urllib.parse
+import uuid
 from http import HTTPStatus
 from unittest import mock
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
@@ -1766,6 +1767,74 @@ class HTTPErrorTest(unittest.TestCase):
                               (404, "Not Found")):
             with self.subTest(status=status):
                 self.assertEqual(scheduler.HTTPError(status, "x").problem()["title"], title)
+
+
+def made_request_id(testcase: unittest.TestCase, request_id: str) -> uuid.UUID:
+    """request_id is one the service made (RequestIds): a UUID of version 8, written
+    in lower case; returns it."""
+    made = uuid.UUID(request_id)
+    testcase.assertEqual((str(made), made.version, made.variant),
+                         (request_id, 8, uuid.RFC_4122), request_id)
+    return made
+
+
+class RequestIdRuleTest(unittest.TestCase):
+    """X-Request-ID: which of a client's are kept (a table of values, as the head's
+    bytes read as ISO-8859-1 make them), and the IDs made for the others."""
+
+    KEPT = ["a", "x" * scheduler.MAX_REQUEST_ID_LENGTH, "req-42", "0B7C3C4E-5D6F-4A1B-9C2D-1",
+            "urn:uuid:5e0b3c8a-2f71-8c4d-9a1e-3b6f0d2c7a15", "%0D%0A", "a,b", "{}()<>[]",
+            "!#$%&*+-./:;=?@^_`|~", "trace=1;span=2"]
+    REFUSED = ["", "x" * (scheduler.MAX_REQUEST_ID_LENGTH + 1), "a b", 'a"b', "a'b", "a\\b",
+               "a\tb", "a\x00b", "\x1b[31m", "a\x7fb", "\x85", "caf\xc3\xa9", "\xff\xfe",
+               "a, b", "a\r\nX-Forged: 1", " a"]
+
+    def test_a_clients_id_is_kept_if_it_is_a_token_of_printable_ascii(self):
+        for value in self.KEPT + self.REFUSED:
+            with self.subTest(value=value):
+                got = scheduler.Service.request_id({"x-request-id": value})
+                if value in self.KEPT:
+                    self.assertEqual(got, value)
+                else:
+                    self.assertNotEqual(got, value)
+                    made_request_id(self, got)
+        made_request_id(self, scheduler.Service.request_id({}))
+
+    def test_the_api_description_says_the_same(self):
+        parameter = scheduler.openapi_document()["components"]["parameters"]["RequestId"]
+        self.assertEqual((parameter["name"], parameter["in"]), ("X-Request-ID", "header"))
+        schema = parameter["schema"]
+        self.assertIn(f"1 to {scheduler.MAX_REQUEST_ID_LENGTH} printable ASCII",
+                      parameter["description"])
+        for value in self.KEPT + self.REFUSED:
+            with self.subTest(value=value):
+                by_schema = (schema["minLength"] <= len(value) <= schema["maxLength"]
+                             and re.search(schema["pattern"], value) is not None)
+                self.assertEqual(by_schema, value in self.KEPT)
+
+    def test_made_ids_are_unique_and_cost_no_system_call(self):
+        ids = scheduler.RequestIds()
+        with mock.patch("os.urandom", side_effect=AssertionError("a system call per ID")):
+            made = [ids.next() for _ in range(10_000)]
+        self.assertEqual(len(set(made)), len(made))
+        first = [made_request_id(self, value).int for value in made]
+        self.assertEqual(first, list(range(first[0], first[0] + len(made))))  # a counter
+        self.assertEqual({value[:24] for value in made}, {ids.prefix})
+        another = scheduler.RequestIds()  # another process's, or a forked child's
+        self.assertNotEqual(another.prefix, ids.prefix)
+        ids.draw()  # what a forked child does first
+        self.assertNotIn(ids.next(), made)
+
+    def test_a_problem_says_the_id_as_its_instance_or_as_request_id(self):
+        error = scheduler.HTTPError(404, "No such thing.")
+        self.assertNotIn("instance", error.problem())
+        made = scheduler.Service.request_id({})
+        self.assertEqual(error.problem(made)["instance"], "urn:uuid:" + made)
+        self.assertEqual(error.problem("0B7C3C4E-5D6F-4A1B-9C2D-AA0000000001")["instance"],
+                         "urn:uuid:0b7c3c4e-5d6f-4a1b-9c2d-aa0000000001")  # RFC 9562: lower
+        problem = error.problem("req-42")
+        self.assertEqual(problem["request_id"], "req-42")
+        self.assertNotIn("instance", problem)  # a URI reference; req-42 would be a relative one
 
 
 # --- Stores ---------------------------------------------------------------------------
@@ -4986,8 +5055,9 @@ class Client:
 
     def __init__(self, store: scheduler.Store, limits: Optional[scheduler.Limits] = None,
                  cors_origins: Tuple[str, ...] = ()):
-        self.logged: List[str] = []
-        self.service = scheduler.Service(store, limits, cors_origins, self.logged.append)
+        self.logged: List[str] = []  # what the service logged, as the text log has it
+        self.fields: List[dict] = []  # and what it said more of each (request_id...)
+        self.service = scheduler.Service(store, limits, cors_origins, self.log)
         self.client_gone = lambda: False  # what the service finds when it asks
 
     def request(self, method: str, target: str, body=None, headers=None) -> Response:
@@ -5005,8 +5075,13 @@ class Client:
         exchange = self.service.begin(request)
         reply = self.service.respond(exchange, (body or b"")[:exchange.body_length],
                                      self.client_gone)
-        response, _ = scheduler.render_response(reply, head_only=method == "HEAD")
+        response, _ = scheduler.render_response(reply, exchange.request_id,
+                                                head_only=method == "HEAD")
         return read_response(_BytesSocket(response), method)
+
+    def log(self, message: str, **fields) -> None:
+        self.logged.append(scheduler.text_message(message, fields))
+        self.fields.append(fields)
 
 
 class RouteTestCase(HTTPTestCase):
@@ -6074,6 +6149,108 @@ class ConditionalGetTest(RouteTestCase):
         self.assertNotIn("ETag", response.headers)
 
 
+class RequestIdTest(RouteTestCase):
+    """Every response carries its request's ID in X-Request-ID: the client's own if it
+    may be kept, else one made here; a problem says it too. (In memory alone: no
+    store has a part in it but for a kept reply, which IdempotencyKeyTest replays on
+    every store.)"""
+
+    def requests(self) -> List[Tuple[str, str, Optional[dict], dict, int]]:
+        """A request of each kind: (method, target, body, headers, status)."""
+        self.book()
+        listed = self.request("GET", "/appointments?user_id=alice")
+        return [("GET", "/appointments?user_id=alice", None, {}, 200),
+                ("HEAD", "/appointments?user_id=alice", None, {}, 200),
+                ("GET", "/appointments?user_id=alice", None,
+                 {"If-None-Match": listed.headers["ETag"]}, 304),
+                ("POST", "/appointments", {"user_id": "bob", "date": "2026-11-25",
+                                           "time": "09:30"}, {}, 201),
+                ("OPTIONS", "/appointments", None, {}, 204),
+                ("OPTIONS", "*", None, {}, 204),
+                ("DELETE", "/appointments/bob/2026-11-25", None, {}, 204),
+                ("GET", "/nowhere", None, {}, 404),
+                ("PUT", "/appointments", None, {}, 405),
+                ("POST", "/appointments", {"user_id": ""}, {}, 422),
+                ("POST", "/appointments", "[", {"Content-Type": "application/json"}, 400),
+                ("GET", "/appointments?user_id=alice", None, {"If-None-Match": "W/"}, 200)]
+
+    def test_a_clients_id_comes_back_on_every_response_and_in_every_problem(self):
+        for method, target, body, headers, status in self.requests():
+            with self.subTest(method=method, target=target, status=status):
+                response = self.request(method, target, body,
+                                        {**headers, "X-Request-ID": "client-7_A.b~!"})
+                self.assertEqual(response.status, status)
+                self.assertEqual(response.headers["X-Request-ID"], "client-7_A.b~!")
+                if status >= 400:
+                    problem = self.assertProblem(response, status)
+                    self.assertEqual(problem["request_id"], "client-7_A.b~!")
+                    self.assertNotIn("instance", problem)
+
+    def test_without_an_id_that_may_be_kept_one_is_made(self):
+        seen = set()
+        for given in (None, "", "a b", "x" * (scheduler.MAX_REQUEST_ID_LENGTH + 1), 'a"b',
+                      "caf\xc3\xa9"):
+            for method, target, body, headers, status in self.requests():
+                with self.subTest(given=given, method=method, target=target):
+                    sent = {**headers, **({} if given is None else {"X-Request-ID": given})}
+                    response = self.request(method, target, body, sent)
+                    made = response.headers["X-Request-ID"]
+                    made_request_id(self, made)
+                    self.assertNotIn(made, seen)
+                    seen.add(made)
+                    if status >= 400:
+                        problem = self.assertProblem(response, status)
+                        self.assertEqual(problem["instance"], "urn:uuid:" + made)
+                        self.assertNotIn("request_id", problem)
+
+    def test_a_clients_uuid_is_the_problems_instance(self):
+        given = "5E0B3C8A-2F71-4C4D-9A1E-3B6F0D2C7A15"  # a version 4, from uuid.uuid4()
+        response = self.request("GET", "/nowhere", headers={"X-Request-ID": given})
+        self.assertEqual(response.headers["X-Request-ID"], given)  # as sent
+        self.assertEqual(self.assertProblem(response, 404)["instance"],
+                         "urn:uuid:" + given.lower())
+
+    def test_a_replayed_error_keeps_its_first_instance_and_says_its_own_id(self):
+        self.book(time="15:00")
+        key = {"Idempotency-Key": '"k"'}
+        first = self.book(headers=key)
+        again = self.book(headers=key)
+        self.assertEqual(again.headers["Idempotent-Replayed"], "true")
+        self.assertEqual(again.body, first.body)  # byte for byte, so the first's instance
+        self.assertEqual(self.assertProblem(again, 409)["instance"],
+                         "urn:uuid:" + first.headers["X-Request-ID"])
+        self.assertNotEqual(again.headers["X-Request-ID"], first.headers["X-Request-ID"])
+
+    def test_browsers_may_send_it_and_read_it(self):
+        self.client = Client(self.store, cors_origins=(ORIGIN,))
+        preflight = self.request("OPTIONS", "/appointments", headers={
+            "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, x-request-id"})
+        self.assertEqual(preflight.status, 204)
+        allowed = [name.strip().lower()
+                   for name in preflight.headers["Access-Control-Allow-Headers"].split(",")]
+        self.assertIn("x-request-id", allowed)
+        made_request_id(self, preflight.headers["X-Request-ID"])
+        for response in (self.book(headers={"Origin": ORIGIN}),
+                         self.request("GET", "/nowhere", headers={"Origin": ORIGIN})):
+            exposed = [name.strip() for name in
+                       response.headers["Access-Control-Expose-Headers"].split(",")]
+            self.assertIn("X-Request-ID", exposed)
+
+    def test_a_500_is_logged_with_its_id_beside_the_traceback(self):
+        self.client = Client(BrokenStore())
+        response = self.book(headers={"X-Request-ID": "support-ticket-1234"})
+        problem = self.assertProblem(response, 500)
+        self.assertEqual(problem["request_id"], "support-ticket-1234")
+        self.assertNotIn("disk on fire", json.dumps(problem))
+        logged, = self.client.logged
+        fields, = self.client.fields
+        self.assertIn("support-ticket-1234", logged.partition("\n")[0])
+        self.assertIn("RuntimeError: disk on fire", logged)
+        self.assertEqual(fields["request_id"], "support-ticket-1234")
+        self.assertIn("RuntimeError: disk on fire", fields["traceback"])
+
+
 @on_every_store
 class NoteTest(RouteTestCase):
     """An appointment's note for the practitioner: booked with it, shown wherever the
@@ -6386,6 +6563,15 @@ class PagesTest(RouteTestCase):
             self.assertEqual([self.request("GET", path).body for path in self.PAGES], first)
 
 
+def as_in_examples(problem: dict) -> dict:
+    """A problem with the instance of the API description's examples in place of its
+    own (a request's X-Request-ID, new each time), if it has one."""
+    if not re.fullmatch(r"urn:uuid:[0-9a-f]{8}-[0-9a-f]{4}-8[0-9a-f]{3}-[89ab][0-9a-f]{3}-"
+                        r"[0-9a-f]{12}", problem.get("instance", "")):
+        return problem
+    return {**problem, "instance": "urn:uuid:" + scheduler._REQUEST_ID_EXAMPLE}
+
+
 class OpenAPITest(RouteTestCase):
     def document(self) -> dict:
         response = self.request("GET", "/openapi.json")
@@ -6458,7 +6644,7 @@ class OpenAPITest(RouteTestCase):
         operation = self.document()["paths"]["/appointments"]["post"]
         response = Client(scheduler.InMemoryStore()).request("POST", "/appointments", {
             "user_id": "", "date": "2025-02-29", "time": "09:15"})
-        self.assertEqual((response.status, response.json()),
+        self.assertEqual((response.status, as_in_examples(response.json())),
                          self.documented_response(operation, "invalid-fields"))
 
     def test_every_operation_has_a_unique_id(self):
@@ -6531,7 +6717,7 @@ class OpenAPITest(RouteTestCase):
             "application/problem+json"])["conflict"]
         self.assertEqual(self.request("POST", "/appointments", book).status, 201)
         response = self.request("POST", "/appointments", book)
-        self.assertEqual((response.status, response.json()), (409, conflict))
+        self.assertEqual((response.status, as_in_examples(response.json())), (409, conflict))
 
     def test_a_reused_key_gets_the_documented_422_whose_errors_name_it(self):
         # The 422 schema requires errors: a generated client reads them (KeyError before).
@@ -6556,9 +6742,28 @@ class OpenAPITest(RouteTestCase):
                 key = {"Idempotency-Key": '"k"'}
                 self.assertLess(client.request(method.upper(), *first, key).status, 300)
                 again = client.request(method.upper(), *another, key)
-                self.assertEqual((again.status, again.json()),
+                self.assertEqual((again.status, as_in_examples(again.json())),
                                  self.documented_response(operation, "key-reused"))
                 self.assertEqual(again.json()["errors"][0]["field"], "Idempotency-Key")
+
+    def test_every_operation_takes_x_request_id_and_every_response_carries_it(self):
+        document = self.document()
+        components = document["components"]
+        for path, item in document["paths"].items():
+            for method, operation in item.items():
+                with self.subTest(path=path, method=method):
+                    self.assertIn({"$ref": "#/components/parameters/RequestId"},
+                                  operation["parameters"])
+                    for status, response in operation["responses"].items():
+                        if "$ref" in response:
+                            response = components["responses"][response["$ref"].rsplit("/")[-1]]
+                        self.assertEqual(response["headers"]["X-Request-ID"],
+                                         {"$ref": "#/components/headers/XRequestID"}, status)
+        self.assertIn("instance", components["schemas"]["Problem"]["properties"])
+        self.assertIn("X-Request-ID", document["info"]["description"])  # exposed to scripts
+        key = components["parameters"]["RequestId"]
+        self.assertFalse({"example", "examples"} & set(key) | {"example", "examples"} & set(
+            key["schema"]), key)
 
     def test_headers_that_must_be_new_each_time_have_no_example(self):
         key = self.document()["components"]["parameters"]["IdempotencyKey"]
@@ -7618,7 +7823,7 @@ class _Host:
 
     def __init__(self, limits: scheduler.Limits):
         self.limits, self.draining, self.closing_idle, self.lines = limits, False, False, []
-        self.log = self.lines.append
+        self.log_line, self.access_line = self.lines.append, scheduler.access_log_line
 
 
 def serve_bytes(service: scheduler.Service, data: bytes) -> Tuple[List[Response], List[str]]:
@@ -7648,7 +7853,7 @@ class ConnectionTest(HTTPTestCase):
 
     def setUp(self):
         super().setUp()
-        self.service = scheduler.Service(self.store, log=lambda line: None)
+        self.service = scheduler.Service(self.store, log=lambda line, **fields: None)
 
     def serve(self, data: bytes) -> List[Response]:
         return serve_bytes(self.service, data)[0]
@@ -7719,7 +7924,8 @@ class ConnectionTest(HTTPTestCase):
                                              b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         self.assertEqual(len(lines), 1)  # the first is refused, and ends the connection
         self.assertTrue(lines[0].startswith("192.0.2.1 - - ["))
-        self.assertRegex(lines[0], r'"GET /\\x1b\[31mred\\x07 HTTP/1\.1" 400 [0-9]+$')
+        self.assertRegex(lines[0], r'"GET /\\x1b\[31mred\\x07 HTTP/1\.1" 400 [0-9]+ [0-9]+ '
+                                   r'[0-9a-f-]{36}$')
 
 
 class FuzzTest(HTTPTestCase):
@@ -7739,7 +7945,7 @@ class FuzzTest(HTTPTestCase):
     def setUp(self):
         super().setUp()
         self.service = scheduler.Service(self.store, scheduler.Limits(max_body_bytes=4096),
-                                         log=lambda line: None)
+                                         log=lambda line, **fields: None)
         for index in range(5):
             self.store.book(appointment(f"fuzz-{index}"))
         self.before = {f"fuzz-{i}": self.stored(f"fuzz-{i}") for i in range(5)}
@@ -7961,10 +8167,82 @@ class UnexpectedErrorTest(ServerTestCase):
 
     def test_500_without_traceback_and_server_stays_up(self):
         conn = self.connect()
-        problem = self.assertProblem(self.book(conn=conn), 500)
+        response = self.book(conn=conn)
+        problem = self.assertProblem(response, 500)
         self.assertNotIn("disk on fire", json.dumps(problem))
-        self.server_log(until="RuntimeError: disk on fire")  # logged, or this fails
+        request_id = response.headers["X-Request-ID"]
+        self.assertEqual(problem["instance"], "urn:uuid:" + request_id)
+        log = self.server_log(until="RuntimeError: disk on fire")  # logged, or this fails
+        self.assertIn(f"Unexpected error in 'POST /appointments' (request ID {request_id}):\n"
+                      "Traceback (most recent call last):\n", log)
         self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
+
+
+class RequestIdOverHTTPTest(ServerTestCase):
+    """The responses the runtime makes itself, before a route is found, carry an
+    X-Request-ID too (the client's, if the head it could not read holds one), and
+    the access log writes it after the request's duration."""
+
+    CASES = [  # (name, raw request, status, the X-Request-ID sent back: None, one made)
+        ("a malformed header line", b"GET / HTTP/1.1\r\nHost: t\r\nX-Request-ID: bad-1\r\n"
+         b"X A: b\r\n\r\n", 400, "bad-1"),
+        ("101 header lines", b"GET / HTTP/1.1\r\nHost: t\r\nx-request-id: lines-1\r\n"
+         + b"X: y\r\n" * 100 + b"\r\n", 431, "lines-1"),
+        ("a head past 64 KiB", b"GET / HTTP/1.1\r\nHost: t\r\nX-Request-ID: long-1\r\nX-A: "
+         + b"b" * 70_000 + b"\r\n\r\n", 431, None),  # not read: too long
+        ("an unknown method", b"BREW / HTTP/1.1\r\nHost: t\r\nX-Request-ID: brew-1\r\n\r\n",
+         501, "brew-1"),
+        ("a bad ID in a bad head", b"GET /a b HTTP/1.1\r\nHost: t\r\nX-Request-ID: a\"b\r\n"
+         b"\r\n", 400, None),
+        ("HTTP/2.0", b"GET / HTTP/2.0\r\nHost: t\r\n\r\n", 505, None),
+    ]
+
+    def test_answers_to_heads_that_cannot_be_read_carry_one(self):
+        for name, raw, status, sent_back in self.CASES:
+            with self.subTest(name):
+                response = self.raw(raw)
+                problem = self.assertProblem(response, status)
+                request_id = response.headers["X-Request-ID"]
+                if sent_back is None:
+                    made_request_id(self, request_id)
+                    self.assertEqual(problem["instance"], "urn:uuid:" + request_id)
+                else:
+                    self.assertEqual((request_id, problem["request_id"]), (sent_back, sent_back))
+                line = self.server_log(until=f" {request_id}\n").splitlines()[-1]
+                self.assertRegex(line, rf'" {status} {len(response.body)} [0-9]+ '
+                                       rf'{re.escape(request_id)}$')
+
+    def test_the_access_log_appends_the_duration_and_the_id_to_http_servers_line(self):
+        self.book()
+        self.request("GET", "/appointments?user_id=alice", headers={"X-Request-ID": "t-1"})
+        line = self.server_log(until=" t-1\n").splitlines()[-1]
+        self.assertRegex(line, r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4} \d\d:\d\d:\d\d\] '
+                               r'"GET /appointments\?user_id=alice HTTP/1\.1" 200 \d+ \d+ t-1$')
+
+
+class AccessLogDurationTest(ServerTestCase):
+    """The duration the access log writes runs from the request's head read to its
+    response ready to send, as /metrics' histogram counts it."""
+
+    def make_store(self):
+        return BlockingStore()
+
+    def test_it_covers_the_time_the_route_took(self):
+        sent = time.perf_counter()
+        client = threading.Thread(target=self.book, kwargs={"headers": {"X-Request-ID": "slow"}})
+        client.start()
+        self.addCleanup(client.join)
+        self.assertTrue(self.store.inside.wait(10))
+        inside = time.perf_counter()  # the head has been read; the reply is not made
+        self.assertEqual(self.request("GET", "/healthz").status, 200)  # meanwhile, something
+        released = time.perf_counter()
+        self.store.go_on.set()
+        client.join()
+        answered = time.perf_counter()
+        line = self.server_log(until=" slow\n").splitlines()[-1]
+        microseconds = int(line.split()[-2])
+        self.assertGreaterEqual(microseconds, int((released - inside) * 1_000_000))
+        self.assertLessEqual(microseconds, (answered - sent) * 1_000_000)
 
 
 class RaceTest(ServerTestCase):
@@ -8149,7 +8427,7 @@ class HungUpClientTest(ServerTestCase):
         self.hung_up.set()
         line, = [line for line in self.server_log(until="GET /appointments").splitlines()
                  if "GET /appointments" in line]
-        self.assertTrue(line.endswith('"GET /appointments?user_id=alice HTTP/1.1" 499 0'), line)
+        self.assertRegex(line, r'"GET /appointments\?user_id=alice HTTP/1\.1" 499 0 [0-9]+ \S+$')
         self.assertEqual(self.metric("scheduler_requests_total", route="/appointments",
                                      method="GET", status="499"), 1)
 
@@ -8173,6 +8451,9 @@ class ConnectionCapTest(ServerTestCase):
         self.assertEqual(refused.headers["Retry-After"], "1")
         self.assertEqual(refused.headers["Connection"], "close")
         self.assertIn("maximum of 3", problem["detail"])
+        request_id = refused.headers["X-Request-ID"]
+        self.assertEqual(problem["instance"], "urn:uuid:" + request_id)
+        self.server_log(until=f"- - refused: 3 connections open; 503 {request_id}\n")
         busy[0].sendall(b"Host: t\r\nConnection: close\r\n\r\n")  # one finishes
         self.assertEqual(read_response(busy[0]).status, 200)
         busy[0].close()
@@ -8468,7 +8749,10 @@ def readme_examples():
 
 def without_varying_lines(text: str) -> str:
     """The text without the lines that change from run to run: the Date and Server
-    headers, and the time a calendar feed was made."""
+    headers, and the time a calendar feed was made; and with each request's ID (the
+    X-Request-ID header, a problem's instance) as one made here, blanked out."""
+    text = re.sub(r"(?m)^(X-Request-ID: |.*\"instance\": \"urn:uuid:)[0-9a-f]{8}-[0-9a-f]{4}-"
+                  r"8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", r"\1(an ID)", text)
     return "\n".join(line for line in text.replace("\r\n", "\n").split("\n")
                      if not line.startswith(("Date: ", "Server: ", "DTSTAMP:")))
 
@@ -8580,7 +8864,10 @@ class CORSBeforeARoute:
     cors_origins = (ORIGIN,)
 
     def assertCORS(self, response: Response, status: int):
-        self.assertProblem(response, status)
+        problem = self.assertProblem(response, status)
+        request_id = response.headers["X-Request-ID"]  # and a script may read it:
+        self.assertIn("X-Request-ID", response.headers["Access-Control-Expose-Headers"])
+        self.assertEqual(problem["instance"], "urn:uuid:" + request_id)
         self.assertEqual(response.headers["Access-Control-Allow-Origin"], ORIGIN)
         self.assertEqual(response.headers["Vary"], "Origin")
         self.assertIn("Retry-After", response.headers["Access-Control-Expose-Headers"])
@@ -8678,7 +8965,7 @@ class OriginSearchTest(unittest.TestCase):
 
     def answer(self, pieces: List[bytes]) -> Response:
         service = scheduler.Service(scheduler.InMemoryStore(), cors_origins=(ORIGIN,),
-                                    log=lambda line: None)
+                                    log=lambda line, **fields: None)
         sock = _PiecesSocket(pieces)
         scheduler.Connection(sock, ("192.0.2.1", 1), _Host(service.limits)).serve(service)
         return read_response(_BytesSocket(sock.sent))
@@ -9592,7 +9879,10 @@ class CommandLineTest(unittest.TestCase):
         self.assertNotIn("Retry-After", response.headers)  # retrying soon will not help
         conn.request("GET", "/healthz")
         health = conn.getresponse()
-        self.assertEqual((health.status, health.read()), (503, response.body))
+        problem, refused = json.loads(health.read()), response.json()
+        self.assertEqual(problem.pop("instance"), "urn:uuid:" + health.headers["X-Request-ID"])
+        refused.pop("instance")  # each request's own
+        self.assertEqual((health.status, problem), (503, refused))
         server.process.terminate()
 
     def test_a_backup_taken_under_write_load_holds_every_acknowledged_booking(self):
