@@ -6706,7 +6706,8 @@ def utc_now() -> dt.datetime:
 
 def print_log(message: str, **fields) -> None:
     """Where a Service logs by default (a server gives its own log): stderr. fields
-    say more, for a log that writes them apart; a traceback follows the message."""
+    say more, for a log that writes them apart (--log-format json); a traceback
+    follows the message."""
     print(message, *filter(None, [fields.get("traceback")]), sep="\n", file=sys.stderr)
 
 
@@ -7321,6 +7322,20 @@ def _clock() -> _Clock:
     return _clock_now
 
 
+_utc_second = (0, "")  # a second, and it in RFC 3339 (without the Z): utc_timestamp()'s
+
+
+def utc_timestamp() -> str:
+    """Now, in RFC 3339 to the millisecond, UTC: for the JSON log. Each second is
+    formatted once, as _clock() does."""
+    global _utc_second
+    now = time.time()
+    whole, second = int(now), _utc_second  # one read: another thread may change it
+    if second[0] != whole:
+        second = _utc_second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{second[1]}.{int((now - whole) * 1000):03d}Z"
+
+
 _STATUS_LINES = {status: f"HTTP/1.1 {status.value} {reason}" for status, reason in REASONS.items()}
 
 
@@ -7389,12 +7404,17 @@ ORIGIN_SEARCH_BYTES = 4 * MAX_HEAD_BYTES  # read of a head too long, to find its
 ORIGIN_LINE_BYTES = 1024
 # Control characters in log lines could forge lines or drive a terminal: show them as \xNN.
 _LOG_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+# The JSON log's: ASCII alone, every other character (a byte of a head, read as
+# ISO-8859-1: any byte) escaped as \u00NN, so that any bytes make one valid line.
+_LOG_ENCODER = json.JSONEncoder(ensure_ascii=True, check_circular=False)
+_json_string = json.encoder.encode_basestring_ascii  # what _LOG_ENCODER does to a str
 
 # An access log line says, of a response: the client's address, the request line
 # (what arrived of it), the status, the bytes of content sent, the request's
 # duration in microseconds (as /metrics' histogram has it: from its head read to its
 # response ready to send; for a head that could not be read, from when that was
-# found), and its ID, from the request (None: not read).
+# found), its ID, and (in JSON) its User-Agent, from the request (None: not read).
+# --log-format picks one of ACCESS_LOG_LINES.
 
 
 def access_log_line(client_address: tuple, line: str, status: int, size: int, seconds: float,
@@ -7406,6 +7426,27 @@ def access_log_line(client_address: tuple, line: str, status: int, size: int, se
         line = line.translate(_LOG_ESCAPES)
     return (f'{client_address[0]} - - [{_clock().log_time}] "{line}" {status} {size} '
             f'{int(seconds * 1_000_000)} {request_id}')
+
+
+def access_log_json(client_address: tuple, line: str, status: int, size: int, seconds: float,
+                    request_id: str, request: Optional[RequestHead] = None) -> str:
+    """A response's line in the JSON access log: one object, on one line (what is
+    missing, null). Written out, not by _LOG_ENCODER, which makes its encoder anew
+    for each line; the address and the request ID need no escapes (_REQUEST_ID)."""
+    agent = request.headers.get("user-agent") if request is not None else None
+    method, _, rest = line.partition(" ")
+    target, _, protocol = rest.rpartition(" ") if " " in rest else (rest, "", "")
+    return (f'{{"time": "{utc_timestamp()}", "client": "{client_address[0]}", '
+            f'"method": {_json_string(method) if method else "null"}, '
+            f'"target": {_json_string(target) if target else "null"}, '
+            f'"protocol": {_json_string(protocol) if protocol else "null"}, '
+            f'"status": {int(status)}, "bytes": {size}, '
+            f'"duration_us": {int(seconds * 1_000_000)}, '
+            f'"request_id": "{request_id}", '
+            f'"user_agent": {"null" if agent is None else _json_string(agent)}}}')
+
+
+ACCESS_LOG_LINES = {"text": access_log_line, "json": access_log_json}
 
 
 class Connection:
@@ -7925,11 +7966,18 @@ class Log:
 
 
 def text_message(message: str, fields: dict) -> str:
-    """A message for the log: as it is, with a traceback after it (fields' other
-    members are for a log that writes them apart; what matters of them, the
-    message says)."""
+    """A message for the text log: as it is, with a traceback after it (fields' other
+    members are for the JSON log; what matters of them, the message says)."""
     traceback = fields.get("traceback")
     return message if traceback is None else f"{message}\n{traceback}"
+
+
+def json_message(message: str, fields: dict) -> str:
+    """A message for the JSON log: an object on one line, fields among its members."""
+    return _LOG_ENCODER.encode({"time": utc_timestamp(), "message": message, **fields})
+
+
+LOG_FORMATS = {"text": text_message, "json": json_message}  # --log-format; ACCESS_LOG_LINES too
 
 
 def address_family(host: str) -> int:
@@ -7970,7 +8018,7 @@ class SchedulerServer(ThreadingHTTPServer):
     request_queue_size = 128  # listen backlog; the default 5 drops bursts of connects
 
     def __init__(self, address, service: Service, log_stream: Optional[TextIO],
-                 listener: Optional[socket.socket] = None):
+                 listener: Optional[socket.socket] = None, log_format: str = "text"):
         self.service = service
         self.store, self.limits = service.store, service.limits  # for short
         self.log_stream = log_stream
@@ -7984,8 +8032,8 @@ class SchedulerServer(ThreadingHTTPServer):
         self._accept_failing = False  # accept() is out of resources; logged once
         self._log = Log(log_stream)  # a thread of its own: a stuck log stops no deadline
         self.log_line = self._log.add  # log_line(line): bound once, for a call less a request
-        self.access_line = access_log_line  # a request's line, for log_line()
-        self._message = text_message
+        self.access_line = ACCESS_LOG_LINES[log_format]  # a request's line, for log_line()
+        self._message = LOG_FORMATS[log_format]
         service.log = self.log
         # Counted under _lock, for /metrics: connections refused at the cap, closed to
         # make room, and cut off by the watchdog past a deadline.
@@ -8173,19 +8221,20 @@ class SchedulerServer(ThreadingHTTPServer):
 
 def make_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, store=None, *,
                 log_stream: Optional[TextIO] = sys.stderr, limits: Optional[Limits] = None,
-                cors_origins: Tuple[str, ...] = (),
-                listener: Optional[socket.socket] = None) -> SchedulerServer:
+                cors_origins: Tuple[str, ...] = (), listener: Optional[socket.socket] = None,
+                log_format: str = "text") -> SchedulerServer:
     """Build a bound server (port 0 picks a free port); the caller runs serve_forever().
 
     store defaults to a new InMemoryStore, limits to Limits(). log_stream gets one
     access-log line a request and the tracebacks of unexpected errors; None
-    silences it. cors_origins: the origins whose scripts may call the API ("*":
-    any). listener: a listening socket to serve instead of binding one (several
+    silences it; log_format says how it is written ("text" or "json": LOG_FORMATS).
+    cors_origins: the origins whose scripts may call the API ("*": any).
+    listener: a listening socket to serve instead of binding one (several
     processes share it with --workers). Raises OSError when the address cannot
     be bound.
     """
     service = Service(store if store is not None else InMemoryStore(), limits, cors_origins)
-    return SchedulerServer((host, port), service, log_stream, listener)
+    return SchedulerServer((host, port), service, log_stream, listener, log_format)
 
 
 def _port(text: str) -> int:
@@ -8301,6 +8350,15 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         help="let web pages from this origin (e.g. https://app.example.com) "
                              "call the API from a browser; repeat for more; * for any "
                              "(default: none)")
+    parser.add_argument("--log-format", choices=list(LOG_FORMATS), default="text",
+                        help="how stderr's log is written: text, a line a request as "
+                             "http.server writes it, then the request's duration in "
+                             "microseconds (from its head read to its response ready to "
+                             "send) and its X-Request-ID; or json, an object a line (time, "
+                             "client, method, target, protocol, status, bytes, duration_us, "
+                             "request_id, user_agent), and every other line an object too "
+                             "(time, message; a traceback, a request_id) (default: "
+                             "%(default)s)")
     limits = parser.add_argument_group("limits")
     for name, (metavar, description) in _LIMIT_OPTIONS.items():
         default = getattr(Limits(), name)
@@ -8373,7 +8431,9 @@ def fit_to_descriptors(max_connections: int) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    global _say_format
     args = parse_args(argv)
+    _say_format = LOG_FORMATS[args.log_format]
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})
     limits = limits._replace(max_connections=fit_to_descriptors(args.max_connections))
     worker = os.environ.pop(WORKER_VARIABLE, None)
@@ -8384,17 +8444,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cpu = pin_to_one_cpu(args.cpu)  # before any thread starts: threads inherit it
     except OSError as error:
-        print(f"scheduler: cannot run on CPU {args.cpu}: {error.strerror or error}",
-              file=sys.stderr)
+        say(f"scheduler: cannot run on CPU {args.cpu}: {error.strerror or error}")
         return 1
     return serve(args, limits, cpu)
+
+
+_say_format = text_message  # how say() writes: main() sets it from --log-format
 
 
 def say(line: str) -> None:
     """A line for the operator, on stderr at once (outside a server's own log). A
     stderr that has gone (a terminal hung up) loses the line, and stops nothing."""
     with contextlib.suppress(OSError):
-        print(line, file=sys.stderr, flush=True)
+        print(_say_format(line, {}), file=sys.stderr, flush=True)
 
 
 def open_store(args: argparse.Namespace, limits: Limits) -> Optional[Store]:
@@ -8444,7 +8506,8 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         return 1
     try:
         server = make_server(args.host, args.port, store, limits=limits, log_stream=log_stream,
-                             cors_origins=tuple(args.cors_origins), listener=listener)
+                             cors_origins=tuple(args.cors_origins), listener=listener,
+                             log_format=args.log_format)
     except OSError as error:
         say(cannot_listen(args, error))
         store.close()

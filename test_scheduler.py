@@ -8020,10 +8020,11 @@ class FuzzTest(HTTPTestCase):
 
 
 def start_server(testcase: unittest.TestCase, store=None, limits=None,
-                 cors_origins=()) -> scheduler.SchedulerServer:
+                 cors_origins=(), log_format="text") -> scheduler.SchedulerServer:
     """Start the real server on a free port in a thread; stop it when the test ends."""
     server = scheduler.make_server("127.0.0.1", 0, store, log_stream=io.StringIO(),
-                                   limits=limits, cors_origins=cors_origins)
+                                   limits=limits, cors_origins=cors_origins,
+                                   log_format=log_format)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
     thread.start()
     testcase.addCleanup(thread.join)
@@ -8037,10 +8038,12 @@ class ServerTestCase(HTTPTestCase):
 
     limits = None  # the defaults; subclasses set short timeouts or small caps
     cors_origins = ()  # none, as without --cors-origin
+    log_format = "text"  # as without --log-format
 
     def setUp(self):
         super().setUp()
-        self.server = start_server(self, self.store, self.limits, self.cors_origins)
+        self.server = start_server(self, self.store, self.limits, self.cors_origins,
+                                   self.log_format)
         self.host, self.port = self.server.server_address[:2]
 
     def sample(self, name: str) -> float:
@@ -8178,6 +8181,26 @@ class UnexpectedErrorTest(ServerTestCase):
         self.assertEqual(self.request("GET", "/appointments?user_id=a", conn=conn).status, 200)
 
 
+class UnexpectedErrorInJSONTest(ServerTestCase):
+    log_format = "json"
+
+    def make_store(self):
+        return BrokenStore()
+
+    def test_the_traceback_is_a_member_of_a_line_beside_the_request_id(self):
+        response = self.book(headers={"X-Request-ID": "ticket-1234"})
+        self.assertEqual(self.assertProblem(response, 500)["request_id"], "ticket-1234")
+        lines = [json.loads(line) for line in
+                 self.server_log(until='"status": 500').splitlines()]
+        error, access = lines  # one line each, whatever the traceback holds
+        self.assertEqual((error["request_id"], access["request_id"], access["status"]),
+                         ("ticket-1234", "ticket-1234", 500))
+        self.assertTrue(error["traceback"].startswith("Traceback (most recent call last):\n"))
+        self.assertIn("RuntimeError: disk on fire", error["traceback"])
+        self.assertIn("'POST /appointments'", error["message"])
+        self.assertRegex(error["time"], r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
 class RequestIdOverHTTPTest(ServerTestCase):
     """The responses the runtime makes itself, before a route is found, carry an
     X-Request-ID too (the client's, if the head it could not read holds one), and
@@ -8243,6 +8266,58 @@ class AccessLogDurationTest(ServerTestCase):
         microseconds = int(line.split()[-2])
         self.assertGreaterEqual(microseconds, int((released - inside) * 1_000_000))
         self.assertLessEqual(microseconds, (answered - sent) * 1_000_000)
+
+
+class AccessLogInJSONTest(ServerTestCase):
+    """--log-format json: one JSON object a line, whatever bytes a client sends."""
+
+    log_format = "json"
+    AGENT = b'Mozilla/5.0 "quoted" \\ \tand \x80\xff\xfe\xc3\xa9 obs-text }"{'
+    REQUESTS = [  # (raw request, status, the request ID it carries)
+        (b"GET /appointments?user_id=%22%5C HTTP/1.1\r\nHost: t\r\nUser-Agent: " + AGENT
+         + b"\r\nX-Request-ID: agent\r\n\r\n", 200, "agent"),
+        (b"GET /\x1b[2J\x00\x07\"}\\ HTTP/1.1\r\nHost: t\r\nX-Request-ID: control\r\n\r\n", 400,
+         "control"),
+        (b"GET /\xff\xfe\xc3 HTTP/1.1\r\nHost: t\r\nX-Request-ID: utf-8\r\n\r\n", 400, "utf-8"),
+        (b"GET /" + b"a" * 60_000 + b"?q=\xe9 HTTP/1.1\r\nHost: t\r\nX-Request-ID: long\r\n\r\n",
+         400, "long"),
+        (b"GET /" + b"%22" * 20_000 + b" HTTP/1.1\r\nHost: t\r\nX-Request-ID: quotes\r\n\r\n",
+         404, "quotes"),
+        (b"POST /appointments HTTP/1.1\r\nHost: t\r\nX-Request-ID: cut\r\n\r\n", 415, "cut"),
+    ]
+
+    def test_each_line_is_one_object_whatever_the_client_sent(self):
+        sent = {}
+        for raw, status, request_id in self.REQUESTS:
+            response = self.raw(raw)
+            self.assertEqual((response.status, response.headers["X-Request-ID"]),
+                             (status, request_id))
+            sent[request_id] = (raw, response)
+        text = self.server_log(until='"request_id": "cut"')
+        lines = text.splitlines()
+        self.assertEqual(len(lines), len(self.REQUESTS))
+        for line in lines:
+            self.assertTrue(line.isascii() and line.isprintable(), line[:200])
+        logged = {entry["request_id"]: entry for entry in map(json.loads, lines)}
+        self.assertEqual(set(logged), set(sent))
+        for request_id, (raw, response) in sent.items():
+            with self.subTest(request_id=request_id):
+                entry = logged[request_id]
+                method, target, protocol = raw.split(b"\r\n")[0].split(b" ")
+                self.assertEqual(
+                    (entry["client"], entry["method"], entry["target"], entry["protocol"],
+                     entry["status"], entry["bytes"]),
+                    ("127.0.0.1", "GET" if method == b"GET" else "POST",
+                     target.decode("latin-1"), "HTTP/1.1", response.status,
+                     len(response.body)))
+                self.assertIsInstance(entry["duration_us"], int)
+                self.assertGreaterEqual(entry["duration_us"], 0)
+                self.assertRegex(entry["time"],
+                                 r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+        # Each byte is a character (ISO-8859-1): what was sent can be had back.
+        self.assertEqual(logged["agent"]["user_agent"].encode("latin-1"), self.AGENT)
+        self.assertEqual(logged["control"]["user_agent"], None)  # not read: a bad head
+        self.assertEqual(logged["cut"]["user_agent"], None)  # none sent
 
 
 class RaceTest(ServerTestCase):
@@ -9603,7 +9678,7 @@ class CommandLineTest(unittest.TestCase):
                                 text=True, timeout=30)
         self.assertEqual(result.returncode, 0)
         limits = ["--" + name.replace("_", "-") for name in scheduler.Limits._fields]
-        for word in ["--host", "--port", "PORT", *limits, "SIGHUP"]:
+        for word in ["--host", "--port", "PORT", *limits, "SIGHUP", "--log-format"]:
             self.assertIn(word, result.stdout)
         most = scheduler.WORKERS_PER_CPU * scheduler.usable_cpus()
         self.assertIn(f"at most {scheduler.WORKERS_PER_CPU} per CPU this process may use "
@@ -9643,6 +9718,19 @@ class CommandLineTest(unittest.TestCase):
                 self.assertIn(f"{signum.name} received: shutting down.", log)
                 self.assertIn("No longer accepting connections", log)
                 self.assertNotIn("Traceback", log)
+
+    def test_with_log_format_json_every_line_on_stderr_is_an_object(self):
+        server = self.start("--port", "0", "--log-format", "json")
+        self.assertEqual(http_status(server, "/appointments?user_id=alice"), 200)
+        log = self.stop(server, signal.SIGTERM)
+        self.assertEqual(server.process.returncode, 0)
+        entries = [json.loads(line) for line in log.splitlines()]  # each one, or this fails
+        self.assertTrue(entries[0]["message"].startswith("Running on "))
+        access, = [entry for entry in entries if "status" in entry]
+        self.assertEqual((access["method"], access["target"], access["status"]),
+                         ("GET", "/appointments?user_id=alice", 200))
+        made_request_id(self, access["request_id"])
+        self.assertEqual(entries[-1]["message"], "Stopped.")
 
     def test_port_comes_from_the_environment_and_the_flag_wins(self):
         from_env, from_flag = start_processes(self, [
