@@ -617,6 +617,50 @@ def parse_changes(patch: Mapping, user_id: str) -> Changes:
                    {name: changes[name] for name in _DETAIL_NAMES if name in changes})
 
 
+class Event(NamedTuple):
+    """An appointment as a calendar keeps it (RFC 5545's VEVENT): one event from its
+    booking to its cancellation, across moves and changes of its details. key tells
+    it from every other event of its user, ever (event_key(); the feed's UID is made
+    of it). sequence counts its changes: 0 as booked, one more for each change of
+    its start or a detail (a change to what it already is is none). modified is
+    when it last changed (as booked, at first); None where that is not known."""
+
+    appointment: Appointment
+    key: str
+    sequence: int = 0
+    modified: Optional[dt.datetime] = None
+
+
+@functools.lru_cache(maxsize=4096)
+def _start_key(start: dt.datetime) -> str:
+    """The start as iCalendar writes a UTC instant. Cached, as _start_strings() is
+    (which a booking's reply then finds the start's hash kept for)."""
+    return start.strftime("%Y%m%dT%H%M%SZ")
+
+
+def event_key(start: dt.datetime, stamp: Optional[int] = None) -> str:
+    """The key of the event booked for start at stamp (microseconds since the epoch,
+    by a store's clock): the start as iCalendar writes it, then the stamp. Two of a
+    user's events have one key only if both were booked for one start in one
+    microsecond, one cancelled in between: the user holds one appointment a date.
+    An appointment booked before events were kept (stamp None) has its start for
+    key, and keeps it when it moves (SQLStore): the feed's UID was made of the start
+    then, so that an upgrade shows subscribers the events they had."""
+    return _start_key(start) if stamp is None else f"{_start_key(start)}-{stamp}"
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def stamp_time(stamp: int) -> Optional[dt.datetime]:
+    """A stamp (microseconds since the epoch) as a UTC datetime; None for one
+    datetime cannot hold (written past the store)."""
+    try:
+        return _EPOCH + dt.timedelta(microseconds=stamp)
+    except OverflowError:
+        return None
+
+
 # --- Stores ---------------------------------------------------------------------------
 
 _OUTCOMES = (AlreadyBooked, NotBooked, ConditionFailed, StoreFull)  # what a write may raise
@@ -714,7 +758,7 @@ class Store(abc.ABC):
 
     - book(appointment, keyed), get(user_id, date), reschedule(user_id, date,
       changes, condition, keyed), cancel(user_id, date, condition, keyed)
-    - list_for_user(user_id, first, last), version(user_id)
+    - list_for_user(user_id, first, last), events(user_id), version(user_id)
     - check(), for /healthz; count(), count_keys() and samples(), for /metrics
     - close()
 
@@ -722,19 +766,26 @@ class Store(abc.ABC):
     leaves one out cannot be made: TypeError).
 
     Methods that may be overridden: check() (calling this one), samples(),
-    close()."""
+    close().
+
+    Each appointment is an Event as well, from its booking to its cancellation:
+    book() makes a new one and reschedule() changes it; events() shows them.
+    They are stamped by clock(), time.time_ns() (nanoseconds since the epoch)
+    unless a test sets another."""
 
     capacity: Optional[int] = None  # appointments held at most; None: no limit
+    clock: Callable[[], int] = staticmethod(time.time_ns)
     user_capacity: int = MAX_APPOINTMENTS_PER_USER
     max_keys: int = MAX_KEYS
     max_keys_per_user: int = MAX_KEYS_PER_USER
 
     @abc.abstractmethod
     def book(self, appointment: Appointment, keyed: Optional[Keyed] = None) -> Appointment:
-        """Store the appointment and return it. Raises AlreadyBooked, carrying the
-        existing appointment, when the user already has one that date; StoreFull
-        with the user's ID when the user holds user_capacity, and without one when
-        the store holds its capacity."""
+        """Store the appointment, as a new event (a key none of the user's events
+        had, sequence 0, modified now), and return it. Raises AlreadyBooked,
+        carrying the existing appointment, when the user already has one that date;
+        StoreFull with the user's ID when the user holds user_capacity, and without
+        one when the store holds its capacity."""
 
     @abc.abstractmethod
     def get(self, user_id: str, date: dt.date) -> Appointment:
@@ -750,16 +801,23 @@ class Store(abc.ABC):
     def reschedule(self, user_id: str, date: dt.date, changes: Changes,
                    condition: Condition = None, keyed: Optional[Keyed] = None) -> Appointment:
         """Change the user's appointment on date as changes says (move it, change its
-        details) in one step, and return it changed. Raises NotBooked when there is
-        none on date, AlreadyBooked, carrying it, when the user holds another on
-        the new date, and only then ConditionFailed when condition does not hold
-        for the appointment as it is; nothing changes then."""
+        details) in one step, and return it changed: the same event, its sequence
+        one more and modified now; unless it was already as changes says, when
+        nothing changes. Raises NotBooked when there is none on date,
+        AlreadyBooked, carrying it, when the user holds another on the new date,
+        and only then ConditionFailed when condition does not hold for the
+        appointment as it is; nothing changes then."""
 
     @abc.abstractmethod
     def list_for_user(self, user_id: str, first: Optional[dt.date] = None,
                       last: Optional[dt.date] = None) -> List[Appointment]:
         """The user's appointments from first to last (inclusive, each optional),
         sorted by start; empty for an unknown user."""
+
+    @abc.abstractmethod
+    def events(self, user_id: str) -> List[Event]:
+        """The user's appointments as events, sorted by start; empty for an unknown
+        user."""
 
     @abc.abstractmethod
     def version(self, user_id: str) -> object:
@@ -858,14 +916,59 @@ class _Dates(dict):
     __slots__ = ("version",)
 
 
+# InMemoryStore keeps an appointment without details, as booked, in one int: the
+# stamp it was booked at, in the low _STAMP_BITS (to the year 4253), and above them
+# the minute it starts at, counted from 0001-01-01 (toordinal() * 1440 + hour * 60 +
+# minute), so that such ints sort by start. An int of this size (89 bits at most) is
+# smaller than a datetime alone.
+_STAMP_BITS = 56
+_STAMPS = (1 << _STAMP_BITS) - 1
+
+
+class _Starts(dict):
+    """The start at each minute (counted as InMemoryStore counts them), made when
+    first asked for and kept, up to 4,096 (then it starts again): appointments share
+    a few dozen starts a day. A dict's lookup, not an lru_cache's call: a listing
+    makes one for each appointment."""
+
+    def __missing__(self, minute: int) -> dt.datetime:
+        if len(self) >= 4096:
+            self.clear()
+        day, time_of_day = divmod(minute, 1440)
+        start = self[minute] = dt.datetime.combine(
+            dt.date.fromordinal(day), dt.time(*divmod(time_of_day, 60)), tzinfo=dt.timezone.utc)
+        return start
+
+
+_START_AT = _Starts()
+
+
+def _birth_key(birth: int) -> str:
+    """The event key of an appointment kept as birth was (the minute and stamp of its
+    booking)."""
+    return event_key(_START_AT[birth >> _STAMP_BITS], birth & _STAMPS)
+
+
+class _Kept(NamedTuple):
+    """What InMemoryStore keeps of an appointment with details, or changed since it
+    was booked: the appointment, its birth (the int it would have been kept as
+    when booked), its event's sequence and when it last changed (a stamp)."""
+
+    appointment: Appointment
+    birth: int
+    sequence: int
+    modified: int
+
+
 class InMemoryStore(Store):
     """Appointments in a dict, shared safely by the request threads; the default.
 
     It maps each user ID to what the user holds: the one appointment, or, once
-    there are two or more, a _Dates of them by date. An appointment is kept as its
-    start alone unless it has details. Most members hold one appointment without
-    details, and a dict of one entry would take more memory than the rest of it
-    (README, Performance). Dates and datetimes are immutable and untracked by the
+    there are two or more, a _Dates of them by date. An appointment is kept as one
+    int (its start and the stamp it was booked at) until it has details or
+    changes, then as a _Kept. Most members hold one appointment without details,
+    and a dict of one entry would take more memory than the rest of it (README,
+    Performance). Ints, dates and datetimes are immutable and untracked by the
     garbage collector, so a large store stays cheap.
     """
 
@@ -876,10 +979,11 @@ class InMemoryStore(Store):
         self.user_capacity = user_capacity
         self.max_keys, self.max_keys_per_user = max_keys, max_keys_per_user
         self._lock = threading.Lock()  # guards everything below
-        self._by_user: Dict[str, Union[dt.datetime, Appointment, _Dates]] = {}
+        self._by_user: Dict[str, Union[int, _Kept, _Dates]] = {}
         self._count = 0
         self._keys = _MemoryKeys()
         self._versions = itertools.count(1)  # for _Dates.version
+        self._stamped = 0  # the last stamp
 
     def _once_per_key(self, keyed: Optional[Keyed], perform: Callable[[], object]):
         """perform() once per key (_once()), under the lock."""
@@ -888,15 +992,20 @@ class InMemoryStore(Store):
                 return perform()
             return _once(keyed, self._keys, (self.max_keys_per_user, self.max_keys), perform)
 
-    @staticmethod
-    def _kept(appointment: Appointment) -> Union[dt.datetime, Appointment]:
-        """What is kept of an appointment: its start, unless it has details."""
-        return appointment if appointment[2:] != _NO_DETAILS else appointment.start
+    def _stamp(self) -> int:
+        """The stamp of a change made now, under the lock: microseconds since the
+        epoch, and after every stamp before, so that no two events are born at one."""
+        stamp = self.clock() // 1000
+        if stamp <= self._stamped:  # (not max(): this is cheaper, and runs for every booking)
+            stamp = self._stamped + 1
+        self._stamped = stamp
+        return stamp
 
     @staticmethod
-    def _from_kept(user_id: str, kept) -> Appointment:
+    def _from_kept(user_id: str, kept: Union[int, _Kept]) -> Appointment:
         """An appointment from what is kept of it."""
-        return Appointment(user_id, kept) if isinstance(kept, dt.datetime) else kept
+        return Appointment(user_id, _START_AT[kept >> _STAMP_BITS]) if type(kept) is int \
+            else kept.appointment
 
     def _on(self, user_id: str, held, date: dt.date) -> Optional[Appointment]:
         """The appointment on date among what a user holds, if any."""
@@ -922,13 +1031,16 @@ class InMemoryStore(Store):
             raise StoreFull(self.user_capacity, user_id)
         if self.capacity is not None and self._count >= self.capacity:
             raise StoreFull(self.capacity)
+        start, stamp = appointment.start, self._stamp()
+        birth = (start.toordinal() * 1440 + start.hour * 60 + start.minute) << _STAMP_BITS | stamp
+        kept = birth if appointment[2:] == _NO_DETAILS else _Kept(appointment, birth, 0, stamp)
         if held is None:
-            self._by_user[user_id] = self._kept(appointment)
+            self._by_user[user_id] = kept
         else:
             if not isinstance(held, _Dates):  # a second appointment
                 held = self._by_user[user_id] = _Dates(
                     {self._from_kept(user_id, held).date: held})
-            held[date] = self._kept(appointment)
+            held[date] = kept
             self._changed(held)
         self._count += 1
         return appointment
@@ -970,8 +1082,9 @@ class InMemoryStore(Store):
                     condition: Condition) -> Appointment:
         """reschedule(), under the lock: check and change under one hold of it."""
         held = self._by_user.get(user_id)
-        found = self._on(user_id, held, date)
-        if found is None:
+        kept = held.get(date) if isinstance(held, _Dates) else held
+        found = None if kept is None else self._from_kept(user_id, kept)
+        if found is None or found.start.date() != date:
             raise NotBooked(user_id, date)
         changed = changes.applied(found)
         existing = None if changed.date == date else self._on(user_id, held, changed.date)
@@ -979,11 +1092,15 @@ class InMemoryStore(Store):
             raise AlreadyBooked(existing)
         if condition is not None and not condition(found):
             raise ConditionFailed(found)
+        if changed == found:  # no change: the event stays as it was
+            return changed
+        birth, sequence = (kept, 0) if type(kept) is int else (kept.birth, kept.sequence)
+        kept = _Kept(changed, birth, sequence + 1, self._stamp())
         if not isinstance(held, _Dates):
-            self._by_user[user_id] = self._kept(changed)
+            self._by_user[user_id] = kept
         else:
             del held[date]
-            held[changed.date] = self._kept(changed)
+            held[changed.date] = kept
             self._changed(held)
         return changed
 
@@ -993,16 +1110,36 @@ class InMemoryStore(Store):
             held = self._by_user.get(user_id)
             kept = list(held.values()) if isinstance(held, _Dates) else () if held is None \
                 else (held,)
-        found = [Appointment(user_id, one) if type(one) is dt.datetime else one for one in kept]
+        ordered = len(kept) < 2
+        if not ordered:
+            try:
+                kept.sort()  # ints sort by start, faster than appointments do
+                ordered = True
+            except TypeError:  # a _Kept among them: the appointments are sorted below
+                pass
+        found = [Appointment(user_id, _START_AT[one >> _STAMP_BITS]) if type(one) is int
+                 else one.appointment for one in kept]
         if first is not None or last is not None:
             found = [appointment for appointment in found
                      if (first is None or appointment.start.date() >= first)
                      and (last is None or appointment.start.date() <= last)]
-        return sorted(found) if len(found) > 1 else found  # by start: one a date
+        return found if ordered else sorted(found)  # by start: one a date
+
+    def events(self, user_id: str) -> List[Event]:
+        with self._lock:
+            held = self._by_user.get(user_id)
+            kept = list(held.values()) if isinstance(held, _Dates) else () if held is None \
+                else (held,)
+        found = [Event(Appointment(user_id, _START_AT[one >> _STAMP_BITS]), _birth_key(one), 0,
+                       stamp_time(one & _STAMPS)) if type(one) is int
+                 else Event(one.appointment, _birth_key(one.birth), one.sequence,
+                            stamp_time(one.modified)) for one in kept]
+        return sorted(found)  # by appointment: by start, one a date
 
     def version(self, user_id: str) -> object:
         """The version of the user's _Dates; else what is kept of the one appointment
-        (immutable, and equal only to the same appointment), or None for none."""
+        (immutable, and equal only to the same appointment as the same event, as it
+        changes), or None for none."""
         with self._lock:
             held = self._by_user.get(user_id)
             return held.version if isinstance(held, _Dates) else held
@@ -1022,6 +1159,9 @@ class InMemoryStore(Store):
 
 # The columns of an appointment's row: its fields, then its details.
 COLUMNS = ("user_id", "date", "time") + _DETAIL_NAMES
+# What a booking writes of its event: its key (event_key()) and the stamp it was booked
+# at, when it last changed; its sequence starts at 0 by itself.
+_EVENT_MADE = ("event_key", "modified")
 
 
 def stored_row_problem(user_id, date, time, *details) -> Optional[str]:
@@ -1166,18 +1306,19 @@ def insertion(rows: int) -> str:
     """SQL that books rows appointments at once, each made only while the store (its
     capacity, unless that is negative) and the user (user_capacity) hold fewer than
     they may, and the user holds nothing that date. Its parameters: each
-    appointment's COLUMNS and its place among them (1, 2...), which counts those
-    before it against the capacity; then the capacity twice, and user_capacity.
-    Each user is checked as the statement began, so a statement books at most one
-    appointment of a user. Its SELECT has a WHERE, as SQLite needs to read ON
-    CONFLICT as the upsert's (SQLite's documentation of UPSERT, "Parsing
-    Ambiguity"); a VALUES list's columns are column1, column2... in SQLite and
-    PostgreSQL alike."""
-    row = f"({', '.join('?' * len(COLUMNS))}, CAST(? AS INTEGER))"
-    return (f"INSERT INTO appointments ({', '.join(COLUMNS)}) SELECT "
-            + ", ".join(f"v.column{n}" for n in range(1, len(COLUMNS) + 1))
+    appointment's COLUMNS, its event's key and stamp (_EVENT_MADE), and its place
+    among them (1, 2...), which counts those before it against the capacity; then
+    the capacity twice, and user_capacity. Each user is checked as the statement
+    began, so a statement books at most one appointment of a user. Its SELECT has
+    a WHERE, as SQLite needs to read ON CONFLICT as the upsert's (SQLite's
+    documentation of UPSERT, "Parsing Ambiguity"); a VALUES list's columns are
+    column1, column2... in SQLite and PostgreSQL alike."""
+    columns = COLUMNS + _EVENT_MADE
+    row = f"({', '.join('?' * (len(columns) - 1))}, CAST(? AS BIGINT), CAST(? AS INTEGER))"
+    return (f"INSERT INTO appointments ({', '.join(columns)}) SELECT "
+            + ", ".join(f"v.column{n}" for n in range(1, len(columns) + 1))
             + f" FROM (VALUES {', '.join([row] * rows)}) AS v WHERE (? < 0 OR "
-            f"(SELECT sum(n) FROM appointment_count) + v.column{len(COLUMNS) + 1} <= ?) "
+            f"(SELECT sum(n) FROM appointment_count) + v.column{len(columns) + 1} <= ?) "
             "AND coalesce((SELECT appointments FROM users WHERE user_id = v.column1), 0) < ? "
             "ON CONFLICT (user_id, date) DO NOTHING")
 
@@ -1195,7 +1336,10 @@ class SQLStore(Store):
                            (UTC), a detail NULL when there is none; UNIQUE (user_id,
                            date); CHECK constraints that hold a row to its form (the
                            bounds that the rules' values set are the code's:
-                           past_the_bounds())
+                           past_the_bounds()). Then its Event's: event_key (NULL:
+                           the start's, for a row booked before events were kept,
+                           or by an older release), sequence, and modified, a stamp
+                           (NULL: not known)
         users              user_id (its primary key); appointments, how many the
                            user holds, and version, counted up at each change of
                            them, both kept by triggers on appointments
@@ -1279,8 +1423,10 @@ class SQLStore(Store):
         """The parameters of insertion(len(appointments))."""
         parameters: list = []
         for place, appointment in enumerate(appointments, 1):
+            stamp = self.clock() // 1000
             parameters += (appointment.user_id, appointment.date.isoformat(),
-                           f"{appointment.start:%H:%M}", *appointment.details, place)
+                           f"{appointment.start:%H:%M}", *appointment.details,
+                           event_key(appointment.start, stamp), stamp, place)
         limit = -1 if self.capacity is None else self.capacity
         return parameters + [limit, limit, self.user_capacity]
 
@@ -1315,8 +1461,10 @@ class SQLStore(Store):
         db.execute("DELETE FROM appointments WHERE user_id = ? AND date = ?",
                    (user_id, date.isoformat()))
 
+    # A row booked before events were kept takes its key from the start it moves from.
     _UPDATE = (f"UPDATE appointments SET date = ?, time = ?"
-               f"{''.join(f', {name} = ?' for name in _DETAIL_NAMES)} "
+               f"{''.join(f', {name} = ?' for name in _DETAIL_NAMES)}, "
+               "event_key = coalesce(event_key, ?), sequence = sequence + 1, modified = ? "
                "WHERE user_id = ? AND date = ?")
 
     def _reschedule(self, db: SQLDatabase, user_id: str, date: dt.date,
@@ -1333,8 +1481,11 @@ class SQLStore(Store):
                 raise AlreadyBooked(existing)
         if condition is not None and not condition(held):  # after a conflict, as in memory
             raise ConditionFailed(held)
+        if moved == held:  # no change: the event stays as it was
+            return moved
         db.execute(self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}",
-                                  *moved.details, user_id, date.isoformat()))
+                                  *moved.details, event_key(held.start), self.clock() // 1000,
+                                  user_id, date.isoformat()))
         return moved
 
     # The health check's booking, by a user no member can be (the parser refuses an
@@ -1385,6 +1536,25 @@ class SQLStore(Store):
             rows = db.execute(self._LIST, (user_id, *bounds))
         return [found for found in (self._from_row(user_id, *row) for row in rows)
                 if found is not None]
+
+    _EVENTS = (f"SELECT date, time{_DETAILS}, event_key, sequence, modified "
+               "FROM appointments WHERE user_id = ? ORDER BY date")
+    # A key as event_key() makes it, in printable ASCII with no space, as a feed's UID
+    # may hold it; another (written past the store by hand) is taken as none.
+    _KEY_FORM = re.compile(r"[!-~]+")
+
+    def events(self, user_id: str) -> List[Event]:
+        with self.reading() as db:
+            rows = db.execute(self._EVENTS, (user_id,))
+        events = []
+        for *row, key, sequence, modified in rows:
+            found = self._from_row(user_id, *row)
+            if found is not None:
+                if not (isinstance(key, str) and self._KEY_FORM.fullmatch(key)):
+                    key = event_key(found.start)
+                events.append(Event(found, key, sequence,
+                                    None if modified is None else stamp_time(modified)))
+        return events
 
     def version(self, user_id: str) -> object:
         """The user's version, which the triggers count up at every change; None for
@@ -1856,8 +2026,22 @@ def _schema_6(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _schema_7(db: sqlite3.Connection) -> None:
+    """Calendar events: a key kept across moves, a count of changes, when the last was made."""
+    # A row from before keeps no key (NULL): its start's is its key until it moves,
+    # as the feed's UID was made of the start (event_key()). No row is written.
+    for statement in (
+            "ALTER TABLE appointments ADD COLUMN event_key TEXT CHECK (event_key IS NULL OR ("
+            "typeof(event_key) = 'text' AND length(event_key) >= 1))",
+            "ALTER TABLE appointments ADD COLUMN sequence INTEGER NOT NULL DEFAULT 0 "
+            "CHECK (typeof(sequence) = 'integer' AND sequence >= 0)",
+            "ALTER TABLE appointments ADD COLUMN modified INTEGER "
+            "CHECK (modified IS NULL OR typeof(modified) = 'integer')"):
+        db.execute(statement)
+
+
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6)
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6, _schema_7)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -2072,7 +2256,8 @@ class SQLiteStore(SQLStore):
                 f"aside in {self.path}: not shown, counted, or in the way of a booking. "
                 f"{named}{more}. To see them all: {sql} \"SELECT rowid, * FROM set_aside\". "
                 f"To restore one, corrected (row 1 at 09:30, say): {sql} \"INSERT INTO "
-                f"appointments SELECT {restored} FROM set_aside WHERE rowid = 1; "
+                f"appointments ({', '.join(COLUMNS)}) SELECT {restored} FROM set_aside "
+                f"WHERE rowid = 1; "
                 f"DELETE FROM set_aside WHERE rowid = 1\". To delete them: {sql} \"DELETE FROM "
                 f"set_aside\"."]
 
@@ -4126,7 +4311,14 @@ _PG_STEP_2 = (
             CHECK (time ~ '^([01][0-9]|2[0-3]):[0-5][0-9]$'),
         ADD CONSTRAINT appointments_note_check CHECK (char_length(note) >= 1)""",
 )
-PG_SCHEMA_STEPS = (_PG_STEP_1, _PG_STEP_2)  # new ones go last
+# Step 3 makes each appointment a calendar event, as SQLite's step 7 does.
+_PG_STEP_3 = (
+    """ALTER TABLE appointments
+        ADD COLUMN event_key text COLLATE "C" CHECK (char_length(event_key) >= 1),
+        ADD COLUMN sequence integer NOT NULL DEFAULT 0 CHECK (sequence >= 0),
+        ADD COLUMN modified bigint""",
+)
+PG_SCHEMA_STEPS = (_PG_STEP_1, _PG_STEP_2, _PG_STEP_3)  # new ones go last
 PG_SCHEMA_VERSION = len(PG_SCHEMA_STEPS)
 
 
@@ -4522,10 +4714,11 @@ def _user_hash(user_id: str) -> str:
     return hashlib.sha256(user_id.encode("utf-8")).hexdigest()[:16]
 
 
-def appointment_uid(appointment: Appointment) -> str:
-    """A UID that stays the same in every feed for as long as the appointment
-    exists. It hashes the user ID, which may hold characters UIDs should not."""
-    return f"{_ical_instant(appointment.start)}-{_user_hash(appointment.user_id)}@scheduler"
+def event_uid(user_id: str, event: Event) -> str:
+    """The event's UID (section 3.8.4.7), the same in every feed from its booking to
+    its cancellation, and no other event's: its key, unique among its user's
+    events, and a hash of the user ID, which may hold characters UIDs should not."""
+    return f"{event.key}-{_user_hash(user_id)}@scheduler"
 
 
 # RFC 5545 section 3.6: a calendar holds at least one component. A feed with no
@@ -4536,20 +4729,27 @@ _UTC_TIMEZONE = ["BEGIN:VTIMEZONE", "TZID:UTC", "BEGIN:STANDARD", "DTSTART:19700
                  "END:VTIMEZONE"]
 
 
-def calendar_feed(user_id: str, appointments: List[Appointment], now: dt.datetime) -> str:
-    """The appointments as an iCalendar object, one VEVENT each (or, for none, a
-    VTIMEZONE: the object needs a component). With METHOD, the DTSTAMP of each
-    event is when this object was made: now."""
+def calendar_feed(user_id: str, events: List[Event], now: dt.datetime) -> str:
+    """The user's appointments as an iCalendar object, a VEVENT each (or, for none,
+    a VTIMEZONE: the object needs a component). With METHOD, the DTSTAMP of each
+    event is when this object was made: now. Its UID is the same for the
+    appointment's life, SEQUENCE counts its changes (section 3.8.7.4: a calendar
+    takes the higher as the newer), and LAST-MODIFIED says when the last was made,
+    where that is known."""
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:-//scheduler//{SERVER_NAME}//EN",
              "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
              f"X-WR-CALNAME:{_ical_text(f'Appointments of {user_id}')}"]
-    if not appointments:
+    if not events:
         lines += _UTC_TIMEZONE
     stamp = f"DTSTAMP:{_ical_instant(now)}"
-    for appointment in appointments:
+    for event in events:
+        appointment = event.appointment
         lines += ["BEGIN:VEVENT",
-                  f"UID:{appointment_uid(appointment)}",
+                  f"UID:{_ical_text(event_uid(user_id, event))}",
                   stamp,
+                  *(() if event.modified is None else
+                    (f"LAST-MODIFIED:{event.modified:%Y%m%dT%H%M%SZ}",)),  # not cached: one each
+                  f"SEQUENCE:{event.sequence}",
                   f"DTSTART:{_ical_instant(appointment.start)}",
                   f"DTEND:{_ical_instant(appointment.end)}",
                   f"SUMMARY:{CALENDAR_SUMMARY}",
@@ -6276,7 +6476,9 @@ def _paths() -> dict:
             "parameters": [_ref("parameters", "UserIdQuery"), _ref("parameters", "IfNoneMatch")],
             "responses": {"200": _reply(
                 "One VEVENT per appointment (a user with none gets a VTIMEZONE of UTC: a "
-                "calendar has a component). DTSTAMP is when the feed was made; the weak "
+                "calendar has a component). Its UID stays the same from booking to "
+                "cancellation, through moves; SEQUENCE counts its changes and LAST-MODIFIED "
+                "says when the last was made. DTSTAMP is when the feed was made; the weak "
                 "ETag covers everything else, so it changes when an appointment does",
                 text, media_type=CALENDAR_TYPE, **tagged), **unchanged, **errors,
                 **store_errors}}},
@@ -7090,14 +7292,14 @@ def show_calendar(service: Service, request: Request) -> Reply:
     user_id = query_user_id(request.query)
 
     def make() -> "Tuple[Reply, int]":  # quoted: not evaluated at every request
-        appointments = service.store.list_for_user(user_id)
-        if len(appointments) >= KEPT_FROM and request.client_gone():
+        events = service.store.events(user_id)
+        if len(events) >= KEPT_FROM and request.client_gone():
             raise ClientGone()
         now = service.now()
-        feed = calendar_feed(user_id, appointments, now)
+        feed = calendar_feed(user_id, events, now)
         tag = entity_tag(feed.replace(f"DTSTAMP:{_ical_instant(now)}", "").encode(), weak=True)
         return Reply(HTTPStatus.OK, feed.encode(), (("ETag", tag),), CALENDAR_TYPE), \
-            len(appointments)
+            len(events)
 
     return service.kept.reply(service.store, ("feed", user_id), user_id, make)
 

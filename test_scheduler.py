@@ -2013,6 +2013,14 @@ class StoreContract:
             self.store.book(appointment(date=date))
         listed = [a.date.isoformat() for a in self.store.list_for_user("alice")]
         self.assertEqual(listed, sorted(dates))
+        # With a note, or moved, as booked, or neither (kept apart in memory): the same.
+        self.store.book(appointment(date="2026-11-26")._replace(note="x"))
+        self.store.reschedule("alice", dt.date(2026, 12, 1), scheduler.Changes(
+            dt.date(2026, 11, 20), None))
+        listed = [a.date.isoformat() for a in self.store.list_for_user("alice")]
+        self.assertEqual(listed, sorted(dates[1:] + ["2026-11-26", "2026-11-20"]))
+        self.assertEqual([event.appointment.date.isoformat()
+                          for event in self.store.events("alice")], listed)
 
     def test_unknown_user_has_no_appointments(self):
         self.assertEqual(self.store.list_for_user("nobody"), [])
@@ -2232,10 +2240,90 @@ class StoreContract:
                     ({"move": "moved", "book": "conflict"}, ["2026-11-26"]),
                     ({"move": "conflict", "book": "booked"}, ["2026-11-25", "2026-11-26"])])
 
+    # Calendar events: an appointment is one from its booking to its cancellation.
+    BOOKED_AT = dt.datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+
+    def tick(self, store: scheduler.Store) -> Callable[[], dt.datetime]:
+        """Set the store's clock to BOOKED_AT, a second later at each reading; return
+        what it will read next."""
+        ticks = itertools.count(int(self.BOOKED_AT.timestamp()) * 10**9, 10**9)
+        readings: List[int] = []
+        store.clock = lambda: readings.append(next(ticks)) or readings[-1]
+        return lambda: self.BOOKED_AT + dt.timedelta(seconds=len(readings))
+
+    def test_an_appointment_is_one_event_across_moves_and_changes(self):
+        next_reading = self.tick(self.store)
+        booked_at = next_reading()
+        self.store.book(appointment(date="2026-11-25", time="09:30"))
+        self.store.book(appointment(date="2026-11-28"))
+        event, other = self.store.events("alice")
+        self.assertEqual(event, scheduler.Event(appointment(), event.key, 0, booked_at))
+        self.assertTrue(event.key.startswith("20261125T093000Z-"), event.key)
+        self.assertNotEqual(other.key, event.key)
+        versions = [event]
+        for changes in (scheduler.Changes(self.D26, dt.time(10)),  # a move
+                        scheduler.Changes(details={"note": "Left knee"}),  # a detail
+                        scheduler.Changes(self.D25, dt.time(9, 30), {"note": None})):  # back
+            changed_at = next_reading()
+            moved = self.store.reschedule("alice", versions[-1].appointment.date, changes)
+            versions.append(scheduler.Event(moved, event.key, len(versions), changed_at))
+            self.assertEqual(self.store.events("alice"), sorted([versions[-1], other]))
+        self.assertEqual(versions[-1].appointment, event.appointment)  # as booked, a third version
+        self.assertEqual(self.store.list_for_user("alice"), [event.appointment, other.appointment])
+
+    def test_a_change_to_what_it_is_changes_no_event(self):
+        self.tick(self.store)
+        self.store.book(appointment()._replace(note="Left knee"))
+        self.store.reschedule("alice", self.D25, scheduler.Changes(details={"note": "x"}))
+        events = self.store.events("alice")
+        for changes in (scheduler.Changes(), scheduler.Changes(self.D25, dt.time(9, 30)),
+                        scheduler.Changes(details={"note": "x"})):
+            with self.subTest(changes=changes):
+                self.assertEqual(self.store.reschedule("alice", self.D25, changes),
+                                 events[0].appointment)
+                self.assertEqual(self.store.events("alice"), events)
+        with self.assertRaises(scheduler.ConditionFailed):  # refused: none either
+            self.store.reschedule("alice", self.D25, scheduler.Changes(self.D26, None),
+                                  lambda current: False)
+        self.assertEqual(self.store.events("alice"), events)
+
+    def test_a_slot_cancelled_and_booked_again_is_a_new_event(self):
+        next_reading = self.tick(self.store)
+        self.store.book(appointment())
+        self.store.reschedule("alice", self.D25, scheduler.Changes(None, dt.time(11)))
+        first = self.store.events("alice")[0]
+        self.store.cancel("alice", self.D25)
+        self.assertEqual(self.store.events("alice"), [])
+        booked_at = next_reading()
+        self.store.book(appointment(time="11:00"))
+        again = self.store.events("alice")[0]
+        self.assertEqual(again, scheduler.Event(first.appointment, again.key, 0, booked_at))
+        self.assertNotEqual(again.key, first.key)
+        self.assertEqual(self.store.events("bob"), [])
+
+    def test_events_are_kept_apart_by_user(self):
+        self.tick(self.store)
+        for user_id in ("alice", "bob"):
+            self.store.book(appointment(user_id))
+        self.store.reschedule("bob", self.D25, scheduler.Changes(self.D26, None))
+        (alice,), (bob,) = self.store.events("alice"), self.store.events("bob")
+        self.assertEqual((alice.appointment, alice.sequence), (appointment("alice"), 0))
+        self.assertEqual((bob.appointment, bob.sequence), (appointment("bob", "2026-11-26"), 1))
+
 
 class InMemoryStoreTest(StoreContract, unittest.TestCase):
     def make_store(self, **options):
         return scheduler.InMemoryStore(**options)
+
+    def test_a_slot_booked_again_at_the_same_reading_of_the_clock_is_a_new_event(self):
+        self.store.clock = lambda: 1_796_000_000 * 10**9  # a clock standing still
+        self.store.book(appointment())
+        first = self.store.events("alice")[0]
+        self.store.cancel("alice", self.D25)
+        self.store.book(appointment())
+        again = self.store.events("alice")[0]
+        self.assertNotEqual(again.key, first.key)  # each stamp after the one before
+        self.assertEqual(again.modified - first.modified, dt.timedelta(microseconds=1))
 
 
 class SQLiteStoreTest(StoreContract, unittest.TestCase):
@@ -2281,6 +2369,7 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
 SHIPPED_PG_STEPS = {
     1: "517bcdfb07bd3fc070b1fdb486f79ae673610942bc626dbdb609a566b6320844",
     2: "3df961fb6b30854f09b3428ed0c49cbca72bd436503e8ecae411123c6baa0481",
+    3: "a0e61686100a5eaeebe0ac375abe2cb13291965fd79c1a03c78edb6547b2a996",
 }
 
 
@@ -2391,6 +2480,40 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
             quarter = appointment("dave", time="09:15")
             self.assertEqual(store.book(quarter), quarter)
             self.assertEqual(store.list_for_user("dave"), [quarter])
+
+    def test_step_3_keeps_every_row_and_the_uid_each_feed_showed(self):
+        schema = PostgresCluster.shared().fresh_schema(self)
+        connection = self.connect(schema)
+        connection.query(f'CREATE SCHEMA "{schema}"')
+        for step in scheduler.PG_SCHEMA_STEPS[:2]:  # as version 2 made it
+            connection.run_script(";\n".join(step))
+        connection.query("UPDATE schema_version SET version = 2")
+        for row in (("alice", "2026-11-25", "09:30", "Left knee"),
+                    ("alice", "2026-11-26", "23:30", None),
+                    ("Jos\u00e9", "2000-01-01", "00:00", None)):
+            connection.query("INSERT INTO appointments VALUES (?, ?, ?, ?)", row)
+        tables = {"appointments": "SELECT user_id, date, time, note FROM appointments "
+                                  "ORDER BY 1, 2",
+                  **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
+                      "users", "appointment_count")}}
+        before = {table: connection.query(sql).rows for table, sql in tables.items()}
+        store = postgres_store(self, schema=schema)
+        self.assertEqual(len(store.notices), 1)
+        self.assertTrue(store.notices[0].endswith("from schema version 2 to 3."), store.notices)
+        self.assertEqual({table: connection.query(sql).rows for table, sql in tables.items()},
+                         before)
+        for column, value in (("event_key", ""), ("sequence", -1)):
+            with self.subTest(column=column, value=value):
+                with self.assertRaises(scheduler.PGError) as refused:
+                    connection.query(f"UPDATE appointments SET {column} = ?", (value,))
+                self.assertEqual(refused.exception.sqlstate, "23514")  # CHECK
+        connection.query("UPDATE appointments SET event_key = 'a b' WHERE date = '2000-01-01'")
+        assert_upgraded_events_keep_their_uids(self, store)  # that key taken as none
+        # A server of the release before, still running, books as it did: its rows
+        # are events too, of the start's key until they move.
+        connection.query("INSERT INTO appointments VALUES ('bob', '2026-11-25', '09:30', NULL)")
+        self.assertEqual(store.events("bob"), [scheduler.Event(appointment("bob"),
+                                                               "20261125T093000Z")])
 
     def test_the_unique_constraint_holds_across_servers(self):
         other = self.another()
@@ -2939,7 +3062,35 @@ SHIPPED_STEPS = {
     4: "659826acf89e23f875bcaf8b916866201753aa53a7dbb470703d45e77958e9e5",
     5: "e644279dfcf700fa7efdb3c7fb9dfc17f79df1c983bdc28400d71523b7f2bd74",
     6: "a91609441e7bc6ccd7b6eb36117491cbc638daa6f111669c8f176fb990058953",
+    7: "f26fc3f9a6e15a04b8caead94425e383d45abb78c0b67cf9f6f4ce5fcaeb07e3",
 }
+
+
+def assert_upgraded_events_keep_their_uids(test: unittest.TestCase, store: scheduler.Store):
+    """The appointments a release from before events were kept stored (alice's on
+    2026-11-25 at 09:30, with a note, and on 2026-11-26 at 23:30; Jos\u00e9's on
+    2000-01-01 at 00:00), in store, upgraded: each feed shows the UIDs that release's
+    did, made of the user and the start, so subscribers see no change; a move keeps
+    its UID, and a slot cancelled and booked again is a new event."""
+    def uids(user_id: str) -> List[str]:
+        feed = scheduler.calendar_feed(user_id, store.events(user_id), scheduler.utc_now())
+        return [line[4:] for line in unfold(feed) if line.startswith("UID:")]
+
+    alice = ["20261125T093000Z-2bd806c97f0e00af@scheduler",  # as the README showed them
+             "20261126T233000Z-2bd806c97f0e00af@scheduler"]
+    test.assertEqual(uids("alice"), alice)
+    test.assertEqual(uids("Jos\u00e9"), [
+        "20000101T000000Z-%s@scheduler" % hashlib.sha256("Jos\u00e9".encode()).hexdigest()[:16]])
+    test.assertEqual([(event.sequence, event.modified) for event in store.events("alice")],
+                     [(0, None), (0, None)])  # when each last changed is not known
+    store.reschedule("alice", dt.date(2026, 11, 25), scheduler.Changes(dt.date(2026, 11, 27)))
+    test.assertEqual(uids("alice"), alice[1:] + alice[:1])  # the moved one is last now
+    moved = store.events("alice")[1]
+    test.assertEqual((moved.appointment.note, moved.sequence), ("Left knee", 1))
+    test.assertIsNotNone(moved.modified)
+    store.cancel("alice", dt.date(2026, 11, 26))
+    store.book(appointment(date="2026-11-26", time="23:30"))
+    test.assertNotIn(uids("alice")[0], alice)
 
 
 class SchemaTest(unittest.TestCase):
@@ -3139,6 +3290,35 @@ class SchemaTest(unittest.TestCase):
             ("Jos\u00e9", 1, 1), ("alice", 1, 5), ("bob", 0, 2), ("carol", 1, 1)])
         self.assertEqual(query(path, "SELECT n FROM appointment_count"), [(3,)])
         self.assertEqual(store.count(), 3)
+
+    def test_version_7_keeps_every_row_and_the_uid_each_feed_showed(self):
+        path = temporary_database(self)
+        with database_of_release(path, 6) as db:
+            db.executemany("INSERT INTO appointments (user_id, date, time, note) "
+                           "VALUES (?, ?, ?, ?)", [
+                               ("alice", "2026-11-25", "09:30", "Left knee"),
+                               ("alice", "2026-11-26", "23:30", None),
+                               ("Jos\u00e9", "2000-01-01", "00:00", None)])
+        tables = {"appointments": "SELECT rowid, user_id, date, time, note FROM appointments "
+                                  "ORDER BY rowid",
+                  **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
+                      "users", "appointment_count")}}
+        before = {table: query(path, sql) for table, sql in tables.items()}
+        store = self.open(path)
+        self.assertEqual(store.notices[0], f"Upgraded {path} to schema version 7: Calendar "
+                                           "events: a key kept across moves, a count of "
+                                           "changes, when the last was made.")
+        self.assertEqual({table: query(path, sql) for table, sql in tables.items()}, before)
+        made = temporary_database(self)
+        self.open(made)
+        self.assertEqual(self.schema(path), self.schema(made))  # upgraded, or made so
+        for column, value in (("event_key", ""), ("event_key", b"k"), ("sequence", -1),
+                              ("sequence", "x"), ("modified", 1.5)):
+            with self.subTest(column=column, value=value), \
+                    self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK"):
+                query(path, f"UPDATE appointments SET {column} = ?", (value,))
+        query(path, "UPDATE appointments SET event_key = 'a b\r\n' WHERE date = '2000-01-01'")
+        assert_upgraded_events_keep_their_uids(self, store)  # that key taken as none
 
     def test_rows_past_the_bounds_of_the_rules_are_set_aside_by_the_next_start(self):
         path = temporary_database(self)
@@ -5932,8 +6112,10 @@ class KeptRepliesTest(RouteTestCase):
     def setUp(self):
         super().setUp()
         book_many(self.store, "alice", scheduler.KEPT_FROM)
-        self.reads = mock.patch.object(self.store, "list_for_user",
-                                       wraps=self.store.list_for_user).start()
+        reads = self.reads = mock.Mock()  # called at each read, a listing's or a feed's
+        for name in ("list_for_user", "events"):
+            mock.patch.object(self.store, name, lambda *args, read=getattr(self.store, name): (
+                reads(), read(*args))[1]).start()
         self.addCleanup(mock.patch.stopall)
 
     def polled(self, url: str, times: int = 3) -> Response:
@@ -6104,7 +6286,9 @@ class ConditionalGetTest(RouteTestCase):
         self.assertTrue(all(new != old for new, old in zip(moved, first)), (first, moved))
         self.request("PATCH", "/appointments/alice/2026-11-25", '{"time": "09:30"}',
                      {"Content-Type": "application/json"})
-        self.assertEqual(tags(), first)  # the same content, the same tag
+        back = tags()
+        self.assertEqual(back[:2], first[:2])  # the same content, the same tag
+        self.assertNotIn(back[2], (first[2], moved[2]))  # the event's third version (SEQUENCE)
 
     def test_the_feed_tag_leaves_out_when_it_was_made(self):
         self.book()
@@ -6345,6 +6529,7 @@ class CalendarFeedTest(RouteTestCase):
         return events
 
     def test_feed_has_one_event_per_appointment(self):
+        booked_from = dt.datetime.now(UTC).replace(microsecond=0)
         self.book("alice", "2026-11-26", "23:30")
         self.book("alice", "2026-11-25", "09:00")
         self.book("bob", "2026-11-25", "09:00")
@@ -6362,6 +6547,11 @@ class CalendarFeedTest(RouteTestCase):
             self.assertEqual(event["SUMMARY"], scheduler.CALENDAR_SUMMARY)
             stamp = dt.datetime.strptime(event["DTSTAMP"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
             self.assertTrue(before <= stamp <= after)
+            # As booked: the first version (RFC 5545 section 3.8.7.4), changed when booked.
+            self.assertEqual(event["SEQUENCE"], "0")
+            changed = dt.datetime.strptime(event["LAST-MODIFIED"], "%Y%m%dT%H%M%SZ").replace(
+                tzinfo=UTC)
+            self.assertTrue(booked_from <= changed <= before)
         self.assertEqual(len({e["UID"] for e in events}), 2)
 
     def test_uids_are_stable_and_differ_between_users(self):
@@ -6372,6 +6562,39 @@ class CalendarFeedTest(RouteTestCase):
         other = self.events(unfold(self.feed("bob").body.decode()))[0]["UID"]
         self.assertEqual(first, again)
         self.assertNotEqual(first, other)
+
+    def test_a_moved_appointment_is_the_same_event_with_its_changes_counted(self):
+        clock = [dt.datetime(2026, 11, 20, 8, 0, tzinfo=UTC)]  # the store's
+        self.store.clock = lambda: int(clock[0].timestamp()) * 10**9
+        self.client.service.now = lambda: dt.datetime(2026, 11, 21, tzinfo=UTC)  # DTSTAMP
+        self.book("alice", "2026-11-25", "09:30")
+        (booked,) = self.events(unfold(self.feed("alice").body.decode()))
+        self.assertEqual((booked["SEQUENCE"], booked["LAST-MODIFIED"], booked["DTSTART"]),
+                         ("0", "20261120T080000Z", "20261125T093000Z"))
+        url = "/appointments/alice/2026-11-25"
+        for sequence, (patch, start) in enumerate(((
+                {"date": "2026-11-26", "time": "10:00"}, "20261126T100000Z"),
+                ({"note": "Left knee"}, "20261126T100000Z")), 1):
+            clock[0] += dt.timedelta(hours=1)
+            response = self.request("PATCH", url, patch)
+            self.assertEqual(response.status, 200, response.body)
+            url = response.headers.get("Location", url)
+            (event,) = self.events(unfold(self.feed("alice").body.decode()))
+            self.assertEqual(event["UID"], booked["UID"])  # the same event, moved or changed
+            self.assertEqual((event["SEQUENCE"], event["LAST-MODIFIED"], event["DTSTART"]),
+                             (str(sequence), f"{clock[0]:%Y%m%dT%H%M%SZ}", start))
+        unchanged = self.feed("alice")
+        clock[0] += dt.timedelta(hours=1)
+        self.assertEqual(self.request("PATCH", url, {"note": "Left knee"}).status, 200)
+        again = self.feed("alice")  # a change to what it is changes nothing, nor its tag
+        self.assertEqual((again.body, again.headers["ETag"]),
+                         (unchanged.body, unchanged.headers["ETag"]))
+        self.assertEqual(self.request("DELETE", url).status, 204)
+        self.book("alice", "2026-11-26", "10:00")  # the same slot again: a new event
+        (rebooked,) = self.events(unfold(self.feed("alice").body.decode()))
+        self.assertNotEqual(rebooked["UID"], booked["UID"])
+        self.assertEqual((rebooked["SEQUENCE"], rebooked["LAST-MODIFIED"]),
+                         ("0", f"{clock[0]:%Y%m%dT%H%M%SZ}"))
 
     def test_lines_end_in_crlf_and_fold_at_75_octets(self):
         user_id = "Zoë, née; Ünïcödé \\ " + "東京" * 40  # long, multi-byte, to escape
@@ -8824,12 +9047,14 @@ def readme_examples():
 
 def without_varying_lines(text: str) -> str:
     """The text without the lines that change from run to run: the Date and Server
-    headers, and the time a calendar feed was made; and with each request's ID (the
-    X-Request-ID header, a problem's instance) as one made here, blanked out."""
+    headers; in a calendar feed, the time it was made, and each event's UID and
+    LAST-MODIFIED (the UID holds when it was booked); and with each request's ID
+    (the X-Request-ID header, a problem's instance) as one made here, blanked out."""
     text = re.sub(r"(?m)^(X-Request-ID: |.*\"instance\": \"urn:uuid:)[0-9a-f]{8}-[0-9a-f]{4}-"
                   r"8[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", r"\1(an ID)", text)
     return "\n".join(line for line in text.replace("\r\n", "\n").split("\n")
-                     if not line.startswith(("Date: ", "Server: ", "DTSTAMP:")))
+                     if not line.startswith(("Date: ", "Server: ", "DTSTAMP:", "UID:",
+                                             "LAST-MODIFIED:")))
 
 
 @unittest.skipUnless(shutil.which("curl"), "curl is not installed")
