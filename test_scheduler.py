@@ -2442,21 +2442,30 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         with self.assertRaisesRegex(ValueError, "at most"):
             scheduler.parse_user_id("x" * 257)
 
-    def test_step_2_keeps_every_row_of_a_schema_made_by_step_1(self):
+    def schema_of_version(self, version: int, rows: List[tuple]) -> Tuple[
+            str, "scheduler.PGConnection", Dict[str, str], Dict[str, list]]:
+        """A schema of the test's own as PG_SCHEMA_STEPS up to version made it, holding
+        rows (user_id, date, time, note); a connection to it; and, by table, the SQL
+        that reads its rows, and what that read before any store opened it."""
         schema = PostgresCluster.shared().fresh_schema(self)
         connection = self.connect(schema)
         connection.query(f'CREATE SCHEMA "{schema}"')
-        connection.run_script(";\n".join(scheduler.PG_SCHEMA_STEPS[0]))  # as version 1 made it
-        connection.query("UPDATE schema_version SET version = 1")
-        for row in (("alice", "2026-11-25", "09:30", "Left knee"),
-                    ("Jos\u00e9", "2000-01-01", "23:30", None),
-                    ("bob", "2099-12-31", "00:00", None)):
+        for step in scheduler.PG_SCHEMA_STEPS[:version]:
+            connection.run_script(";\n".join(step))
+        connection.query(f"UPDATE schema_version SET version = {version}")
+        for row in rows:
             connection.query("INSERT INTO appointments VALUES (?, ?, ?, ?)", row)
         tables = {"appointments": "SELECT user_id, date, time, note FROM appointments "
                                   "ORDER BY 1, 2",
                   **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
                       "users", "appointment_count")}}
-        before = {table: connection.query(sql).rows for table, sql in tables.items()}
+        return schema, connection, tables, {table: connection.query(sql).rows
+                                            for table, sql in tables.items()}
+
+    def test_step_2_keeps_every_row_of_a_schema_made_by_step_1(self):
+        schema, connection, tables, before = self.schema_of_version(1, [
+            ("alice", "2026-11-25", "09:30", "Left knee"),
+            ("Jos\u00e9", "2000-01-01", "23:30", None), ("bob", "2099-12-31", "00:00", None)])
         store = postgres_store(self, schema=schema)
         self.assertEqual(len(store.notices), 1)
         self.assertTrue(store.notices[0].endswith(
@@ -2482,21 +2491,9 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
             self.assertEqual(store.list_for_user("dave"), [quarter])
 
     def test_step_3_keeps_every_row_and_the_uid_each_feed_showed(self):
-        schema = PostgresCluster.shared().fresh_schema(self)
-        connection = self.connect(schema)
-        connection.query(f'CREATE SCHEMA "{schema}"')
-        for step in scheduler.PG_SCHEMA_STEPS[:2]:  # as version 2 made it
-            connection.run_script(";\n".join(step))
-        connection.query("UPDATE schema_version SET version = 2")
-        for row in (("alice", "2026-11-25", "09:30", "Left knee"),
-                    ("alice", "2026-11-26", "23:30", None),
-                    ("Jos\u00e9", "2000-01-01", "00:00", None)):
-            connection.query("INSERT INTO appointments VALUES (?, ?, ?, ?)", row)
-        tables = {"appointments": "SELECT user_id, date, time, note FROM appointments "
-                                  "ORDER BY 1, 2",
-                  **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
-                      "users", "appointment_count")}}
-        before = {table: connection.query(sql).rows for table, sql in tables.items()}
+        schema, connection, tables, before = self.schema_of_version(2, [
+            ("alice", "2026-11-25", "09:30", "Left knee"),
+            ("alice", "2026-11-26", "23:30", None), ("Jos\u00e9", "2000-01-01", "00:00", None)])
         store = postgres_store(self, schema=schema)
         self.assertEqual(len(store.notices), 1)
         self.assertTrue(store.notices[0].endswith("from schema version 2 to 3."), store.notices)
@@ -3093,6 +3090,17 @@ def assert_upgraded_events_keep_their_uids(test: unittest.TestCase, store: sched
     test.assertNotIn(uids("alice")[0], alice)
 
 
+def rows_by_table(path: str, *others: str) -> Tuple[Dict[str, str], Dict[str, list]]:
+    """By table of the SQLite file at path (appointments, users, appointment_count and
+    others), the SQL that reads its rows in order, and what it reads now: what an
+    upgrade must leave as it found it."""
+    tables = {"appointments": "SELECT rowid, user_id, date, time, note FROM appointments "
+                              "ORDER BY rowid",
+              **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
+                  "users", "appointment_count", *others)}}
+    return tables, {table: query(path, sql) for table, sql in tables.items()}
+
+
 class SchemaTest(unittest.TestCase):
     """The file's schema has a version; a start upgrades older files in one
     transaction and refuses files it does not own, before changing them."""
@@ -3267,11 +3275,7 @@ class SchemaTest(unittest.TestCase):
             db.execute("DELETE FROM appointments WHERE user_id = 'bob'")  # bob's version: 2
             db.execute("INSERT INTO idempotency_keys VALUES ('alice', 'k', x'01', 1.5, 1, 201, "
                        "'application/json', '[]', x'7b7d')")
-        tables = {"appointments": "SELECT rowid, user_id, date, time, note FROM appointments "
-                                  "ORDER BY rowid",
-                  **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
-                      "users", "appointment_count", "idempotency_keys")}}
-        before = {table: query(path, sql) for table, sql in tables.items()}
+        tables, before = rows_by_table(path, "idempotency_keys")
         store = self.open(path)
         self.assertEqual(store.notices[0], f"Upgraded {path} to schema version 6: Rows checked "
                                            "by SQLite for their form alone; lengths, dates and "
@@ -3299,11 +3303,7 @@ class SchemaTest(unittest.TestCase):
                                ("alice", "2026-11-25", "09:30", "Left knee"),
                                ("alice", "2026-11-26", "23:30", None),
                                ("Jos\u00e9", "2000-01-01", "00:00", None)])
-        tables = {"appointments": "SELECT rowid, user_id, date, time, note FROM appointments "
-                                  "ORDER BY rowid",
-                  **{table: f"SELECT * FROM {table} ORDER BY 1, 2" for table in (
-                      "users", "appointment_count")}}
-        before = {table: query(path, sql) for table, sql in tables.items()}
+        tables, before = rows_by_table(path)
         store = self.open(path)
         self.assertEqual(store.notices[0], f"Upgraded {path} to schema version 7: Calendar "
                                            "events: a key kept across moves, a count of "
