@@ -7592,7 +7592,6 @@ def lenient_headers(data: bytes) -> Dict[str, str]:
 
 # --- Connection: one client's life, from accept to close ------------------------------
 
-# up before its reply was made (nginx's "client closed request"); never sent
 LINGER_SECONDS = 1.0  # how long a closing connection reads what the client still sends...
 LINGER_BYTES = 1024 * 1024  # ...and how much of it, at most
 RECEIVE_BYTES = 65536  # asked of each recv(): a whole head, or a body at the default cap
