@@ -6985,11 +6985,7 @@ class Service:
         """Match the request's route and, if the route takes a body, check the one
         the request declares (body_length): all that can refuse it before a byte
         of its body is read."""
-        route = None
-        # request_id(), written out here: every request would pay for its two calls
-        request_id = request.headers.get("x-request-id")
-        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = f"{_REQUEST_IDS.prefix}{next(_REQUEST_IDS.count):x}"
+        route, request_id = None, self.request_id(request.headers)
         try:
             route, params = match(ROUTES, request.method, request.path)
             length = (body_length(request, self.limits.max_body_bytes, route.body_types)
