@@ -122,6 +122,25 @@ def temporary_database(testcase: unittest.TestCase) -> str:
     return os.path.join(directory.name, "appointments.db")
 
 
+_made_database: List[bytes] = []  # made_database()'s file, once made in this process
+
+
+def made_database(testcase: unittest.TestCase) -> str:
+    """A path (as temporary_database()'s) for an SQLite file as the service makes it
+    anew, every schema step run and no row: a copy of one made once in this process,
+    since running the steps is most of what opening a store costs, and the tests that
+    open stores by the hundred test the store, not the steps (SchemaTest does)."""
+    if not _made_database:
+        path = temporary_database(testcase)
+        scheduler.SQLiteStore(path).close()
+        with open(path, "rb") as file:
+            _made_database.append(file.read())
+    path = temporary_database(testcase)
+    with open(path, "wb") as file:
+        file.write(_made_database[0])
+    return path
+
+
 @contextlib.contextmanager
 def database_of_release(path: str, version: int):
     """path opened as the SQLite file that the release of schema version `version`
@@ -1256,7 +1275,7 @@ class OnSQLite:
     """Mixed into a test class: the same tests, with appointments in an SQLite file."""
 
     def make_store(self):
-        return scheduler.SQLiteStore(temporary_database(self))
+        return scheduler.SQLiteStore(made_database(self))
 
 
 def postgres_store(testcase: unittest.TestCase, cluster: Optional["PostgresCluster"] = None,
@@ -2328,7 +2347,7 @@ class InMemoryStoreTest(StoreContract, unittest.TestCase):
 
 class SQLiteStoreTest(StoreContract, unittest.TestCase):
     def make_store(self, **options):
-        self.path = temporary_database(self)
+        self.path = made_database(self)
         return scheduler.SQLiteStore(self.path, **options)
 
     def test_appointments_survive_reopening_the_file(self):
@@ -2718,7 +2737,7 @@ class SharedSQLTest(StoreContract, unittest.TestCase):
     fails, even one whose failure SQLite would let the write get over."""
 
     def make_store(self, **options):
-        store = scheduler.SQLiteStore(temporary_database(self), **options)
+        store = scheduler.SQLiteStore(made_database(self), **options)
         store.failed = []
         store._write_db = NotingDatabase(store._writer, store.failed)
         self.addCleanup(lambda: self.assertEqual(store.failed, []))
@@ -3561,7 +3580,7 @@ class WritersLockTest(unittest.TestCase):
                 turns.give_back()
 
     def test_waiting_for_another_process_has_a_deadline(self):
-        store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=0.2)
+        store = scheduler.SQLiteStore(made_database(self), busy_timeout=0.2)
         self.addCleanup(store.close)
         release = hold_writers_lock(self, store.path)
         outcome = queue.Queue()
@@ -3575,7 +3594,7 @@ class WritersLockTest(unittest.TestCase):
         self.assertEqual(store.count(), 1)
 
     def test_a_failure_on_the_way_to_the_lock_is_answered_and_writes_go_on(self):
-        store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=10)
+        store = scheduler.SQLiteStore(made_database(self), busy_timeout=10)
         self.addCleanup(store.close)
         release = hold_writers_lock(self, store.path)
         with mock.patch.object(scheduler.threading, "Thread",
@@ -3590,7 +3609,7 @@ class WritersLockTest(unittest.TestCase):
                          (1, 0))
 
     def test_the_lock_is_handed_over_as_soon_as_it_is_free(self):
-        store = scheduler.SQLiteStore(temporary_database(self), busy_timeout=30)
+        store = scheduler.SQLiteStore(made_database(self), busy_timeout=30)
         self.addCleanup(store.close)
         release = hold_writers_lock(self, store.path)
         booking = threading.Thread(target=store.book, args=(appointment(),))
@@ -7474,7 +7493,7 @@ class TruthfulHealthTest(RouteTestCase):
     for it."""
 
     def make_store(self):
-        return scheduler.SQLiteStore(temporary_database(self), busy_timeout=0.2)
+        return scheduler.SQLiteStore(made_database(self), busy_timeout=0.2)
 
     def test_503_while_another_process_holds_the_writers_lock_past_the_deadline(self):
         release = hold_writers_lock(self, self.store.path)
@@ -7554,7 +7573,7 @@ class DatabaseFailureTest(RouteTestCase):
     words, which may quote the schema, go to the log alone."""
 
     def make_store(self):
-        return scheduler.SQLiteStore(temporary_database(self))
+        return scheduler.SQLiteStore(made_database(self))
 
     SECRET = "CREATE TABLE hidden (\n  secret_column TEXT CHECK (length(secret_column) > 0))"
 
@@ -7578,7 +7597,7 @@ class DatabaseFailureTest(RouteTestCase):
 
 class LockedDatabaseTest(RouteTestCase):
     def make_store(self):
-        return scheduler.SQLiteStore(temporary_database(self), busy_timeout=0.1)
+        return scheduler.SQLiteStore(made_database(self), busy_timeout=0.1)
 
     def test_a_lock_held_too_long_is_503_with_retry_after_and_nothing_written(self):
         self.assertEqual(self.request("GET", "/healthz").status, 200)
