@@ -8821,10 +8821,11 @@ class Supervisor:
     """--workers N: open the listening socket once, and start N server processes
     that share it (the kernel gives each new connection to one of them; one
     socket, not SO_REUSEPORT, so it works on macOS too), each pinned to a CPU of
-    its own with --cpu auto. Each is this script run anew (fork and exec, by
-    subprocess), told by WORKER_VARIABLE which worker it is and given the socket,
-    the metrics table and a pipe as descriptors; it writes on the pipe when it
-    serves. At most one a CPU starts at a time.
+    its own with --cpu auto. Each is this code run anew (fork and exec, by
+    subprocess) as this process was, as a script or as a module, told by
+    WORKER_VARIABLE which worker it is and given the socket, the metrics table and
+    a pipe as descriptors; it writes on the pipe when it serves. At most one a CPU
+    starts at a time.
 
     Restart one that dies, with a backoff. On SIGTERM or Ctrl-C, pass it on, let
     each drain as a lone server does, and exit 0 when all have; a second signal
@@ -8853,7 +8854,13 @@ class Supervisor:
         self.cpus = allowed if args.cpu == "auto" else []
         self.at_once = usable_cpus()  # workers starting at most at once
         self.pid = os.getpid()
-        self.script = os.path.abspath(__file__)
+        # How a worker runs this code: as this process does. Run as a module (python3 -m
+        # scheduler), the workers are too, and so load its bytecode from the cache that
+        # the import system keeps beside the file, where a script is compiled anew at
+        # every start. The cache is checked against the file's modification time and
+        # size, so a reload's new process still loads the code as the file is now.
+        self.code = (["-m", __spec__.name] if __name__ == "__main__" and __spec__ is not None
+                     else [os.path.abspath(__file__)])
         self.listener: Optional[socket.socket] = None
         # A slot for each worker process, and one more for a reload's new process while
         # the one it replaces drains; the last slot is the supervisor's own.
@@ -8968,7 +8975,7 @@ class Supervisor:
 
     def start(self, number: int, replaces: Optional[int] = None) -> None:
         """Start a process for worker number (in a reload, to take over from process
-        replaces): this script anew, with the arguments it was given."""
+        replaces): this code anew, with the arguments it was given."""
         slot = self.free_slots.pop(0)
         ready, told = os.pipe()
         listener, table = self.listener.fileno(), self.metrics.fd
@@ -8976,7 +8983,7 @@ class Supervisor:
                    "listener": listener, "metrics": table, "ready": told, "supervisor": self.pid,
                    "cpu": self.cpus[number % len(self.cpus)] if self.cpus else None}
         # The same interpreter with the same options (-S, -X...), as multiprocessing starts one.
-        command = [sys.executable, *subprocess._args_from_interpreter_flags(), self.script,
+        command = [sys.executable, *subprocess._args_from_interpreter_flags(), *self.code,
                    *self.argv]
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # none until it is ready for them
         try:

@@ -85,7 +85,7 @@ PYTHON = [sys.executable, "-S"]
 # scheduler.py runs it, but found as a module, whose bytecode Python reads from its
 # cache where make test has written it (compile_service()): a script is compiled at
 # every start. The tests of --version and --help run python3 scheduler.py itself, as
-# the README shows it; a supervisor starts its workers so.
+# the README shows it; a supervisor started so starts its workers so.
 SERVICE = ["-m", "scheduler"]
 
 
@@ -227,14 +227,15 @@ class ServerProcess(NamedTuple):
 
 
 def start_processes(testcase: unittest.TestCase, runs: List[Tuple[List[str], dict]],
-                    keep_log: bool = True, preexec_fn=None) -> List[ServerProcess]:
+                    keep_log: bool = True, preexec_fn=None, cwd: str = HERE
+                    ) -> List[ServerProcess]:
     """Run Python programs that print "Listening on URL" first (scheduler.py, or a
-    command of this file's), each with its arguments and environment, all at once;
-    wait for each one's URL, and kill them when the test ends."""
+    command of this file's), each with its arguments and environment, all at once,
+    in cwd; wait for each one's URL, and kill them when the test ends."""
     started = []
     for args, env in runs:
         process = subprocess.Popen(
-            [*PYTHON, *args], stdout=subprocess.PIPE, text=True, cwd=HERE,
+            [*PYTHON, *args], stdout=subprocess.PIPE, text=True, cwd=cwd,
             stderr=subprocess.PIPE if keep_log else subprocess.DEVNULL,
             env={**os.environ, **env}, preexec_fn=preexec_fn)
         testcase.addCleanup(process.stdout.close)
@@ -368,8 +369,8 @@ def accepted_connections(pid: int, port: int) -> int:
 
 
 def start_process(testcase: unittest.TestCase, args: List[str], env=None,
-                  keep_log: bool = True, preexec_fn=None) -> ServerProcess:
-    return start_processes(testcase, [(args, env or {})], keep_log, preexec_fn)[0]
+                  keep_log: bool = True, preexec_fn=None, cwd: str = HERE) -> ServerProcess:
+    return start_processes(testcase, [(args, env or {})], keep_log, preexec_fn, cwd)[0]
 
 
 def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None]:
@@ -10609,13 +10610,14 @@ class WorkersTest(unittest.TestCase):
     """--workers 2 --db: two server processes on one listening socket and one file (or
     one PostgreSQL database)."""
 
-    def start(self, preexec_fn=None, script: Optional[str] = None, db: Optional[str] = None
-              ) -> Tuple[ServerProcess, str, Dict[int, int]]:
-        """Start the supervisor (SERVICE, or the script given) on db (a new SQLite file
-        by default), and wait until both workers run; their process IDs."""
+    def start(self, preexec_fn=None, code: List[str] = SERVICE, cwd: str = HERE,
+              db: Optional[str] = None) -> Tuple[ServerProcess, str, Dict[int, int]]:
+        """Start the supervisor (code: SERVICE, or a script) in cwd on db (a new SQLite
+        file by default), and wait until both workers run, each started as the
+        supervisor was (the same arguments); their process IDs."""
         path = db or temporary_database(self)
-        server = start_process(self, [*([script] if script else SERVICE), "--port", "0",
-                                      "--workers", "2", "--db", path], preexec_fn=preexec_fn)
+        server = start_process(self, [*code, "--port", "0", "--workers", "2", "--db", path],
+                               preexec_fn=preexec_fn, cwd=cwd)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers, running = {}, set()  # running: each has its handlers, and its store open
@@ -10628,6 +10630,10 @@ class WorkersTest(unittest.TestCase):
                 workers[int(started[1])] = int(started[2])
             elif " running on " in line:
                 running.add(line.split()[1])
+        command = server.process.args[len(PYTHON):]  # the interpreter's options may differ
+        for pid in workers.values():
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                self.assertEqual(file.read().decode().split("\0")[-len(command) - 1:-1], command)
         return server, path, workers
 
     @staticmethod
@@ -10879,7 +10885,11 @@ class WorkersTest(unittest.TestCase):
         shutil.copy(SCRIPT, script)
         with open(script, encoding="utf-8") as file:
             code = file.read()
-        server, path, workers = self.start(script=script)
+        # Run as a module (SERVICE), whose processes load its bytecode from the cache
+        # beside the file, written here (PYTHONDONTWRITEBYTECODE may be set): a new
+        # process must not load it once the file has changed.
+        py_compile.compile(script, doraise=True)
+        server, path, workers = self.start(cwd=directory.name)
         answers, failures, stop = [], [], threading.Event()  # (status, Server) of each booking
 
         def stream(keep_alive: bool):  # one booking after another, each on a new connection
@@ -10941,7 +10951,7 @@ class WorkersTest(unittest.TestCase):
         self.assertFalse(any(map(self.running, [new, *workers.values()])))
 
     def test_workers_stop_by_themselves_when_the_supervisor_is_killed(self):
-        server, _, workers = self.start()
+        server, _, workers = self.start(code=[SCRIPT])  # a script: the others run a module
         server.process.kill()
         server.process.wait(timeout=10)
         wait_until(lambda: not any(map(self.running, workers.values())),
