@@ -102,7 +102,6 @@ import stringprep
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -8022,7 +8021,8 @@ class MetricsTable:
         if fd is None:
             if hasattr(os, "memfd_create"):  # Linux: memory, not a file on a disk
                 fd = os.memfd_create("scheduler-metrics")
-            else:
+            else:  # imported here, not above: every start would pay for it, on Linux for nothing
+                import tempfile
                 with tempfile.TemporaryFile() as file:  # removed from its directory at once
                     fd = os.dup(file.fileno())
             os.ftruncate(fd, size)  # pages never written cost nothing
