@@ -10610,14 +10610,14 @@ class WorkersTest(unittest.TestCase):
     """--workers 2 --db: two server processes on one listening socket and one file (or
     one PostgreSQL database)."""
 
-    def start(self, preexec_fn=None, code: List[str] = SERVICE, cwd: str = HERE,
+    def start(self, preexec_fn=None, code: List[str] = SERVICE, cwd: str = HERE, env=None,
               db: Optional[str] = None) -> Tuple[ServerProcess, str, Dict[int, int]]:
-        """Start the supervisor (code: SERVICE, or a script) in cwd on db (a new SQLite
-        file by default), and wait until both workers run, each started as the
-        supervisor was (the same arguments); their process IDs."""
+        """Start the supervisor (code: SERVICE, or a script) in cwd, with env, on db (a
+        new SQLite file by default), and wait until both workers run, each started as
+        the supervisor was (the same arguments); their process IDs."""
         path = db or temporary_database(self)
         server = start_process(self, [*code, "--port", "0", "--workers", "2", "--db", path],
-                               preexec_fn=preexec_fn, cwd=cwd)
+                               env, preexec_fn=preexec_fn, cwd=cwd)
         self.addCleanup(lambda: server.process.poll() is None and (
             server.process.send_signal(signal.SIGTERM) or server.process.wait(timeout=20)))
         workers, running = {}, set()  # running: each has its handlers, and its store open
@@ -10885,11 +10885,11 @@ class WorkersTest(unittest.TestCase):
         shutil.copy(SCRIPT, script)
         with open(script, encoding="utf-8") as file:
             code = file.read()
-        # Run as a module (SERVICE), whose processes load its bytecode from the cache
-        # beside the file, written here (PYTHONDONTWRITEBYTECODE may be set): a new
-        # process must not load it once the file has changed.
-        py_compile.compile(script, doraise=True)
-        server, path, workers = self.start(cwd=directory.name)
+        # Run as a module (SERVICE), as a deploy would: its bytecode is cached beside
+        # the file, by the first process that imports it (PYTHONDONTWRITEBYTECODE
+        # unset), and a new process must not load it once the file has changed.
+        server, path, workers = self.start(cwd=directory.name,
+                                           env={"PYTHONDONTWRITEBYTECODE": ""})
         answers, failures, stop = [], [], threading.Event()  # (status, Server) of each booking
 
         def stream(keep_alive: bool):  # one booking after another, each on a new connection
