@@ -11596,8 +11596,10 @@ def run_in_parallel(jobs: str) -> None:
     once (compile_service()). Prints as unittest's runner does by default: a
     character a test (. ok, s skipped, F failed), then the failures and a summary;
     exits 1 if any. python3 -m unittest runs the same tests in one process."""
-    names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
-        "test_scheduler"))))
+    # The module that the pool's tests are loaded from, not this one (__main__) that
+    # runs the pool: each has its own PostgresCluster class, and so its own clusters.
+    tests = importlib.import_module("test_scheduler")
+    names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromModule(tests))))
     started, failures, durations, skipped = time.perf_counter(), [], {}, 0
     folder = memory_folder()
     if folder:  # for the pool's processes, and the programs that the tests start
@@ -11605,7 +11607,7 @@ def run_in_parallel(jobs: str) -> None:
         watchdog = start_watchdog(folder)
     compiled = compile_service()
     try:
-        with multiprocessing.Pool(int(jobs), PostgresCluster.start_shared_early) as pool:
+        with multiprocessing.Pool(int(jobs), tests.PostgresCluster.start_shared_early) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
                 print({"ok": ".", "skipped": "s"}.get(outcome, "F"), end="", flush=True)
                 skipped += outcome == "skipped"
