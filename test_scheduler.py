@@ -648,6 +648,35 @@ def make_certificates(folder: str) -> Dict[str, str]:
             "cert": path("server.crt"), "key": path("server.key")}
 
 
+@functools.lru_cache(maxsize=None)
+def certificate_files() -> Dict[str, Tuple[str, bytes]]:
+    """make_certificates()'s files, made once in this process (in a temporary folder,
+    removed at once): (file name, content) by make_certificates()'s names."""
+    folder = tempfile.mkdtemp(prefix="scheduler-tls-")
+    try:
+        files = {}
+        for name, path in make_certificates(folder).items():
+            with open(path, "rb") as file:
+                files[name] = os.path.basename(path), file.read()
+        return files
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_certificates(folder: str) -> Dict[str, str]:
+    """make_certificates() for a cluster: the same files for every cluster of this
+    process, written into folder; their paths by those names. openssl runs on the
+    first call only (make test's first call is in the process that starts its pool,
+    whose processes inherit what it made)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, (file_name, content) in certificate_files().items():
+        paths[name] = path = os.path.join(folder, file_name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+            file.write(content)  # private to the server's user, as it wants its key
+    return paths
+
+
 def ssl_request(port: int, timeout: float) -> Optional[bytes]:
     """Send PostgreSQL's SSLRequest to 127.0.0.1:port; the server's one-byte answer
     (b"S" or b"N"), or None if none came within timeout seconds (a frozen server:
@@ -861,9 +890,7 @@ class PostgresCluster:
         self._watch()
         try:
             if from_template and tls_missing() is None and not self.certificates:
-                self.certificates = make_certificates(os.path.join(self.folder, "tls"))
-                self.ca_file = self.certificates["ca"]
-                self.other_ca_file = self.certificates["other_ca"]
+                self._write_certificates()
             self._own(self.folder)
             if os.path.exists(self.data):
                 raise ClusterError(f"{self.data} exists: a cluster's folder must not hold one")
@@ -878,6 +905,10 @@ class PostgresCluster:
         except BaseException:
             self.cleanup()
             raise
+
+    def _write_certificates(self) -> None:
+        self.certificates = write_certificates(os.path.join(self.folder, "tls"))
+        self.ca_file, self.other_ca_file = self.certificates["ca"], self.certificates["other_ca"]
 
     INITDB = ["--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync", "--wal-segsize=1"]
     ROLES = (f"CREATE ROLE scheduler LOGIN PASSWORD {_sql_literal(PASSWORDS['scheduler'])};"
@@ -1158,12 +1189,7 @@ class PostgresCluster:
         standby._watch()
         try:
             if self.certificates:  # its own copy: it may outlive this cluster's folder
-                tls = shutil.copytree(os.path.dirname(self.certificates["cert"]),
-                                      os.path.join(standby.folder, "tls"))
-                standby.certificates = {name: os.path.join(tls, os.path.basename(path))
-                                        for name, path in self.certificates.items()}
-                standby.ca_file, standby.other_ca_file = (standby.certificates["ca"],
-                                                          standby.certificates["other_ca"])
+                standby._write_certificates()
             standby._own(standby.folder)
             env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
             env["PGPASSWORD"] = self.PASSWORDS[self.SUPERUSER]
@@ -11606,6 +11632,8 @@ def run_in_parallel(jobs: str) -> None:
         os.environ["TMPDIR"] = tempfile.tempdir = folder
         watchdog = start_watchdog(folder)
     compiled = compile_service()
+    if tls_missing() is None:  # made once here, for the pool's processes to inherit
+        tests.certificate_files()
     try:
         with multiprocessing.Pool(int(jobs), tests.PostgresCluster.start_shared_early) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
