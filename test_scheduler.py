@@ -371,10 +371,11 @@ def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None
 # --- Helpers: throwaway PostgreSQL clusters ---------------------------------------------
 #
 # Tests on PostgreSQL share one cluster per test process (PostgresCluster.shared()), each
-# test in a schema of its own (fresh_schema()); a test that stops, kills or fails over a
-# server it cannot put back as it was makes its own cluster. Where PostgreSQL's server
-# binaries are not found those tests are skipped, saying why; under
-# SCHEDULER_REQUIRE_POSTGRES=1 (.ci/run sets it) they fail instead.
+# test in a schema of its own (fresh_schema(), or emptied_schema(): one that an earlier
+# test gave back, emptied); a test that stops, kills or fails over a server it cannot put
+# back as it was makes its own cluster. Where PostgreSQL's server binaries are not found
+# those tests are skipped, saying why; under SCHEDULER_REQUIRE_POSTGRES=1 (.ci/run sets
+# it) they fail instead.
 
 REQUIRE_POSTGRES = os.environ.get("SCHEDULER_REQUIRE_POSTGRES") == "1"
 POSTGRES_PROGRAMS = ("initdb", "pg_ctl", "postgres", "psql")
@@ -1121,12 +1122,13 @@ class PostgresCluster:
         return self.new_schema_name()
 
     def emptied_schema(self, testcase: unittest.TestCase) -> str:
-        """A schema in DATABASE for one test that touches its store only through the
-        store's methods (OnPostgres): one that a store made for an earlier test of
-        this process, emptied of its rows, else a new name; given back for the next
-        test when this one ends. Making a store's tables cost more than the rest of
-        such a test. A schema that cannot be emptied (a test left the server down,
-        say) is left alone."""
+        """A schema in DATABASE for one test that changes only the rows in its store's
+        tables (through the store's methods, or SQL as a tool would), never the
+        tables (OnPostgres, PostgresStoreTest): one that a store made for an earlier
+        test of this process, emptied of its rows, else a new name; given back for
+        the next test when this one ends. Making a store's tables cost more than the
+        rest of such a test. A schema that cannot be emptied (a test left the server
+        down, say) is left alone."""
         while self._spare_schemas:
             schema = self._spare_schemas.pop()
             try:
@@ -2404,6 +2406,7 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
     sharing the database (two stores are two servers' connections)."""
 
     def make_store(self, **options):
+        options.setdefault("schema", PostgresCluster.shared().emptied_schema(self))
         return postgres_store(self, **options)
 
     def another(self, **options) -> scheduler.PostgresStore:
