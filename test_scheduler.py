@@ -701,6 +701,13 @@ def _conf_value(value) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
+def _psql_text(value) -> str:
+    """A value that scheduler's client read, as psql prints it."""
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    return "" if value is None else str(value)
+
+
 def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -792,7 +799,7 @@ class PostgresCluster:
         self._watchdog: Optional[subprocess.Popen] = None
         self._numbers_of_names = itertools.count(1)
         self._spare_schemas: List[str] = []  # emptied_schema()'s, given back
-        self._emptying: Optional["scheduler.PGConnection"] = None  # _empty()'s connection
+        self._sessions: Dict[str, "scheduler.PGConnection"] = {}  # sql()'s, by database
 
     @classmethod
     def shared(cls) -> "PostgresCluster":
@@ -1042,8 +1049,9 @@ class PostgresCluster:
     def cleanup(self) -> None:
         """Remove the standbys made from this cluster, stop the server, remove the
         folder. Can be called again."""
-        if self._emptying is not None:
-            self._emptying.close()
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
         for standby in reversed(self.standbys):
             standby.cleanup()
         if self.primary is not None and self in self.primary.standbys:
@@ -1092,25 +1100,46 @@ class PostgresCluster:
 
     def sql(self, statement: str, database: str = "postgres", timeout: float = 30) -> str:
         """Run statement (several, separated by ';', run in one transaction) as the
-        superuser through psql; the rows it returns, a line each, columns separated
-        by '|'. ClusterError if it fails."""
-        quoted = database.replace("\\", "\\\\").replace("'", "\\'")
-        conninfo = (f"host=127.0.0.1 port={self.port} user={self.SUPERUSER} dbname='{quoted}' "
-                    f"sslmode=disable connect_timeout={max(2, round(timeout))}")
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
-        env.update(PGPASSWORD=self.PASSWORDS[self.SUPERUSER], PGAPPNAME="test_scheduler",
-                   PGOPTIONS=f"-c statement_timeout={round(timeout * 1000)}")
+        superuser; the rows it returns as psql -A -t prints them: a line each,
+        columns separated by '|', NULL empty, booleans t and f. ClusterError if it
+        fails. Through scheduler's client, on a session kept from call to call
+        (_session()), not a psql each: that cost more than most statements."""
+        deadline = time.monotonic() + timeout
         try:
-            result = subprocess.run(
-                [self._program("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                 "-d", conninfo, "-c", statement], stdin=subprocess.DEVNULL,
-                capture_output=True, text=True, env=env, timeout=timeout + 5)
-        except subprocess.TimeoutExpired:
-            raise ClusterError(f"{statement!r} on {self.name}: no answer within {timeout:g} s") \
-                from None
-        if result.returncode:
-            raise ClusterError(f"{statement!r} on {self.name}: {result.stderr.strip()}")
-        return result.stdout.rstrip("\n")
+            session = self._session(database, timeout)
+            results = session.run_script(statement, deadline)
+            session.run_script("DISCARD ALL", deadline)  # a SET ROLE, say, ends here
+        except (scheduler.PGError, scheduler.PGConnectionError) as error:
+            self._discard(database)
+            raise ClusterError(f"{statement!r} on {self.name}: {error}") from None
+        if database not in ("postgres", self.DATABASE):
+            self._discard(database)  # a test's own, which it may drop
+        return "\n".join("|".join(map(_psql_text, row)) for result in results
+                          for row in result.rows)
+
+    def _session(self, database: str, timeout: float = 30) -> "scheduler.PGConnection":
+        """The superuser's session on database: the one kept if the server has not
+        ended it (a restart, a kill) meanwhile, else a new one (without TLS, its
+        statements cut off after timeout seconds) that is kept."""
+        session = self._sessions.pop(database, None)
+        if session is not None and session.check_idle():
+            self._sessions[database] = session
+            return session
+        if session is not None:
+            session.close()
+        settings = scheduler.parse_postgres_uri(self.uri(
+            self.SUPERUSER, database=database, sslmode="disable",
+            application_name="test_scheduler"))._replace(
+                session=(("statement_timeout", str(round(timeout * 1000))),))
+        self._sessions[database] = session = scheduler.pg_connect(
+            settings, time.monotonic() + timeout)
+        return session
+
+    def _discard(self, database: str) -> None:
+        """Close the session kept on database, in whatever state a failure left it."""
+        session = self._sessions.pop(database, None)
+        if session is not None:
+            session.close()
 
     def new_schema_name(self) -> str:
         """A schema name that no other call here returns."""
@@ -1144,22 +1173,19 @@ class PostgresCluster:
     def _empty(self, schema: str) -> None:
         """Delete every row that a test made in the store's tables in schema, as the
         store's own SQL would (the triggers keep the counts), in one transaction."""
-        if self._emptying is None or self._emptying.state != "ready":
-            settings = scheduler.parse_postgres_uri(self.uri(self.SUPERUSER))._replace(
-                session=(("statement_timeout", "5000"),))
-            self._emptying = scheduler.pg_connect(settings, time.monotonic() + 10)
+        session = self._session(self.DATABASE)
         try:
-            tables = [name for name, in self._emptying.query(
+            tables = [name for name, in session.query(
                 "SELECT tablename FROM pg_tables WHERE schemaname = $1", (schema,)).rows]
             if "appointments" not in tables:
                 raise LookupError(f"schema {schema} holds no store")  # left alone
-            self._emptying.queries([("BEGIN", ())] + [
+            session.queries([("BEGIN", ())] + [
                 (f'DELETE FROM "{schema}"."{table}"', ()) for table in
                 ["appointments"] + sorted(set(tables) - {"appointments", "schema_version",
                                                           "appointment_count"})]
                 + [("COMMIT", ())])
         except BaseException:
-            self._emptying.close()  # in whatever state the failure left it
+            self._discard(self.DATABASE)
             raise
 
     def _drop(self, statement: str, database: str = "postgres") -> None:
