@@ -391,10 +391,11 @@ def hold_write_lock(testcase: unittest.TestCase, path: str) -> Callable[[], None
 # --- Helpers: throwaway PostgreSQL clusters ---------------------------------------------
 #
 # Tests on PostgreSQL share one cluster per test process (PostgresCluster.shared()), each
-# test in a schema of its own (fresh_schema()); a test that stops, kills or fails over a
-# server it cannot put back as it was makes its own cluster. Where PostgreSQL's server
-# binaries are not found those tests are skipped, saying why; under
-# SCHEDULER_REQUIRE_POSTGRES=1 (.ci/run sets it) they fail instead.
+# test in a schema of its own (fresh_schema(), or emptied_schema(): one that an earlier
+# test gave back, emptied); a test that stops, kills or fails over a server it cannot put
+# back as it was makes its own cluster. Where PostgreSQL's server binaries are not found
+# those tests are skipped, saying why; under SCHEDULER_REQUIRE_POSTGRES=1 (.ci/run sets
+# it) they fail instead.
 
 REQUIRE_POSTGRES = os.environ.get("SCHEDULER_REQUIRE_POSTGRES") == "1"
 POSTGRES_PROGRAMS = ("initdb", "pg_ctl", "postgres", "psql")
@@ -668,6 +669,35 @@ def make_certificates(folder: str) -> Dict[str, str]:
             "cert": path("server.crt"), "key": path("server.key")}
 
 
+@functools.lru_cache(maxsize=None)
+def certificate_files() -> Dict[str, Tuple[str, bytes]]:
+    """make_certificates()'s files, made once in this process (in a temporary folder,
+    removed at once): (file name, content) by make_certificates()'s names."""
+    folder = tempfile.mkdtemp(prefix="scheduler-tls-")
+    try:
+        files = {}
+        for name, path in make_certificates(folder).items():
+            with open(path, "rb") as file:
+                files[name] = os.path.basename(path), file.read()
+        return files
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_certificates(folder: str) -> Dict[str, str]:
+    """make_certificates() for a cluster: the same files for every cluster of this
+    process, written into folder; their paths by those names. openssl runs on the
+    first call only (make test's first call is in the process that starts its pool,
+    whose processes inherit what it made)."""
+    os.makedirs(folder, exist_ok=True)
+    paths = {}
+    for name, (file_name, content) in certificate_files().items():
+        paths[name] = path = os.path.join(folder, file_name)
+        with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
+            file.write(content)  # private to the server's user, as it wants its key
+    return paths
+
+
 def ssl_request(port: int, timeout: float) -> Optional[bytes]:
     """Send PostgreSQL's SSLRequest to 127.0.0.1:port; the server's one-byte answer
     (b"S" or b"N"), or None if none came within timeout seconds (a frozen server:
@@ -689,6 +719,13 @@ def _conf_value(value) -> str:
     if isinstance(value, int):
         return str(value)
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def _psql_text(value) -> str:
+    """A value that scheduler's client read, as psql prints it."""
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    return "" if value is None else str(value)
 
 
 def _sql_literal(text: str) -> str:
@@ -782,7 +819,7 @@ class PostgresCluster:
         self._watchdog: Optional[subprocess.Popen] = None
         self._numbers_of_names = itertools.count(1)
         self._spare_schemas: List[str] = []  # emptied_schema()'s, given back
-        self._emptying: Optional["scheduler.PGConnection"] = None  # _empty()'s connection
+        self._sessions: Dict[str, "scheduler.PGConnection"] = {}  # sql()'s, by database
 
     @classmethod
     def shared(cls) -> "PostgresCluster":
@@ -881,9 +918,7 @@ class PostgresCluster:
         self._watch()
         try:
             if from_template and tls_missing() is None and not self.certificates:
-                self.certificates = make_certificates(os.path.join(self.folder, "tls"))
-                self.ca_file = self.certificates["ca"]
-                self.other_ca_file = self.certificates["other_ca"]
+                self._write_certificates()
             self._own(self.folder)
             if os.path.exists(self.data):
                 raise ClusterError(f"{self.data} exists: a cluster's folder must not hold one")
@@ -898,6 +933,10 @@ class PostgresCluster:
         except BaseException:
             self.cleanup()
             raise
+
+    def _write_certificates(self) -> None:
+        self.certificates = write_certificates(os.path.join(self.folder, "tls"))
+        self.ca_file, self.other_ca_file = self.certificates["ca"], self.certificates["other_ca"]
 
     INITDB = ["--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync", "--wal-segsize=1"]
     ROLES = (f"CREATE ROLE scheduler LOGIN PASSWORD {_sql_literal(PASSWORDS['scheduler'])};"
@@ -1030,8 +1069,9 @@ class PostgresCluster:
     def cleanup(self) -> None:
         """Remove the standbys made from this cluster, stop the server, remove the
         folder. Can be called again."""
-        if self._emptying is not None:
-            self._emptying.close()
+        for session in self._sessions.values():
+            session.close()
+        self._sessions.clear()
         for standby in reversed(self.standbys):
             standby.cleanup()
         if self.primary is not None and self in self.primary.standbys:
@@ -1080,25 +1120,46 @@ class PostgresCluster:
 
     def sql(self, statement: str, database: str = "postgres", timeout: float = 30) -> str:
         """Run statement (several, separated by ';', run in one transaction) as the
-        superuser through psql; the rows it returns, a line each, columns separated
-        by '|'. ClusterError if it fails."""
-        quoted = database.replace("\\", "\\\\").replace("'", "\\'")
-        conninfo = (f"host=127.0.0.1 port={self.port} user={self.SUPERUSER} dbname='{quoted}' "
-                    f"sslmode=disable connect_timeout={max(2, round(timeout))}")
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
-        env.update(PGPASSWORD=self.PASSWORDS[self.SUPERUSER], PGAPPNAME="test_scheduler",
-                   PGOPTIONS=f"-c statement_timeout={round(timeout * 1000)}")
+        superuser; the rows it returns as psql -A -t prints them: a line each,
+        columns separated by '|', NULL empty, booleans t and f. ClusterError if it
+        fails. Through scheduler's client, on a session kept from call to call
+        (_session()), not a psql each: that cost more than most statements."""
+        deadline = time.monotonic() + timeout
         try:
-            result = subprocess.run(
-                [self._program("psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
-                 "-d", conninfo, "-c", statement], stdin=subprocess.DEVNULL,
-                capture_output=True, text=True, env=env, timeout=timeout + 5)
-        except subprocess.TimeoutExpired:
-            raise ClusterError(f"{statement!r} on {self.name}: no answer within {timeout:g} s") \
-                from None
-        if result.returncode:
-            raise ClusterError(f"{statement!r} on {self.name}: {result.stderr.strip()}")
-        return result.stdout.rstrip("\n")
+            session = self._session(database, timeout)
+            results = session.run_script(statement, deadline)
+            session.run_script("DISCARD ALL", deadline)  # a SET ROLE, say, ends here
+        except (scheduler.PGError, scheduler.PGConnectionError) as error:
+            self._discard(database)
+            raise ClusterError(f"{statement!r} on {self.name}: {error}") from None
+        if database not in ("postgres", self.DATABASE):
+            self._discard(database)  # a test's own, which it may drop
+        return "\n".join("|".join(map(_psql_text, row)) for result in results
+                          for row in result.rows)
+
+    def _session(self, database: str, timeout: float = 30) -> "scheduler.PGConnection":
+        """The superuser's session on database: the one kept if the server has not
+        ended it (a restart, a kill) meanwhile, else a new one (without TLS, its
+        statements cut off after timeout seconds) that is kept."""
+        session = self._sessions.pop(database, None)
+        if session is not None and session.check_idle():
+            self._sessions[database] = session
+            return session
+        if session is not None:
+            session.close()
+        settings = scheduler.parse_postgres_uri(self.uri(
+            self.SUPERUSER, database=database, sslmode="disable",
+            application_name="test_scheduler"))._replace(
+                session=(("statement_timeout", str(round(timeout * 1000))),))
+        self._sessions[database] = session = scheduler.pg_connect(
+            settings, time.monotonic() + timeout)
+        return session
+
+    def _discard(self, database: str) -> None:
+        """Close the session kept on database, in whatever state a failure left it."""
+        session = self._sessions.pop(database, None)
+        if session is not None:
+            session.close()
 
     def new_schema_name(self) -> str:
         """A schema name that no other call here returns."""
@@ -1110,12 +1171,13 @@ class PostgresCluster:
         return self.new_schema_name()
 
     def emptied_schema(self, testcase: unittest.TestCase) -> str:
-        """A schema in DATABASE for one test that touches its store only through the
-        store's methods (OnPostgres): one that a store made for an earlier test of
-        this process, emptied of its rows, else a new name; given back for the next
-        test when this one ends. Making a store's tables cost more than the rest of
-        such a test. A schema that cannot be emptied (a test left the server down,
-        say) is left alone."""
+        """A schema in DATABASE for one test that changes only the rows in its store's
+        tables (through the store's methods, or SQL as a tool would), never the
+        tables (OnPostgres, PostgresStoreTest): one that a store made for an earlier
+        test of this process, emptied of its rows, else a new name; given back for
+        the next test when this one ends. Making a store's tables cost more than the
+        rest of such a test. A schema that cannot be emptied (a test left the server
+        down, say) is left alone."""
         while self._spare_schemas:
             schema = self._spare_schemas.pop()
             try:
@@ -1131,22 +1193,19 @@ class PostgresCluster:
     def _empty(self, schema: str) -> None:
         """Delete every row that a test made in the store's tables in schema, as the
         store's own SQL would (the triggers keep the counts), in one transaction."""
-        if self._emptying is None or self._emptying.state != "ready":
-            settings = scheduler.parse_postgres_uri(self.uri(self.SUPERUSER))._replace(
-                session=(("statement_timeout", "5000"),))
-            self._emptying = scheduler.pg_connect(settings, time.monotonic() + 10)
+        session = self._session(self.DATABASE)
         try:
-            tables = [name for name, in self._emptying.query(
+            tables = [name for name, in session.query(
                 "SELECT tablename FROM pg_tables WHERE schemaname = $1", (schema,)).rows]
             if "appointments" not in tables:
                 raise LookupError(f"schema {schema} holds no store")  # left alone
-            self._emptying.queries([("BEGIN", ())] + [
+            session.queries([("BEGIN", ())] + [
                 (f'DELETE FROM "{schema}"."{table}"', ()) for table in
                 ["appointments"] + sorted(set(tables) - {"appointments", "schema_version",
                                                           "appointment_count"})]
                 + [("COMMIT", ())])
         except BaseException:
-            self._emptying.close()  # in whatever state the failure left it
+            self._discard(self.DATABASE)
             raise
 
     def _drop(self, statement: str, database: str = "postgres") -> None:
@@ -1178,12 +1237,7 @@ class PostgresCluster:
         standby._watch()
         try:
             if self.certificates:  # its own copy: it may outlive this cluster's folder
-                tls = shutil.copytree(os.path.dirname(self.certificates["cert"]),
-                                      os.path.join(standby.folder, "tls"))
-                standby.certificates = {name: os.path.join(tls, os.path.basename(path))
-                                        for name, path in self.certificates.items()}
-                standby.ca_file, standby.other_ca_file = (standby.certificates["ca"],
-                                                          standby.certificates["other_ca"])
+                standby._write_certificates()
             standby._own(standby.folder)
             env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
             env["PGPASSWORD"] = self.PASSWORDS[self.SUPERUSER]
@@ -2398,6 +2452,7 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
     sharing the database (two stores are two servers' connections)."""
 
     def make_store(self, **options):
+        options.setdefault("schema", PostgresCluster.shared().emptied_schema(self))
         return postgres_store(self, **options)
 
     def another(self, **options) -> scheduler.PostgresStore:
@@ -11625,16 +11680,20 @@ def run_in_parallel(jobs: str) -> None:
     once (compile_service()). Prints as unittest's runner does by default: a
     character a test (. ok, s skipped, F failed), then the failures and a summary;
     exits 1 if any. python3 -m unittest runs the same tests in one process."""
-    names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromName(
-        "test_scheduler"))))
+    # The module that the pool's tests are loaded from, not this one (__main__) that
+    # runs the pool: each has its own PostgresCluster class, and so its own clusters.
+    tests = importlib.import_module("test_scheduler")
+    names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromModule(tests))))
     started, failures, durations, skipped = time.perf_counter(), [], {}, 0
     folder = memory_folder()
     if folder:  # for the pool's processes, and the programs that the tests start
         os.environ["TMPDIR"] = tempfile.tempdir = folder
         watchdog = start_watchdog(folder)
     compiled = compile_service()
+    if tls_missing() is None:  # made once here, for the pool's processes to inherit
+        tests.certificate_files()
     try:
-        with multiprocessing.Pool(int(jobs), PostgresCluster.start_shared_early) as pool:
+        with multiprocessing.Pool(int(jobs), tests.PostgresCluster.start_shared_early) as pool:
             for name, outcome, failed, seconds in pool.imap_unordered(run_one, names):
                 print({"ok": ".", "skipped": "s"}.get(outcome, "F"), end="", flush=True)
                 skipped += outcome == "skipped"
