@@ -1302,25 +1302,33 @@ class _SQLKeys(KeyTable):
                          replay.media_type, json.dumps(replay.headers), replay.body))
 
 
+def room(place: str, user_id: str) -> str:
+    """An SQL condition that holds while the store (its capacity, unless that is
+    negative) and the user (user_capacity) hold fewer appointments than they may,
+    for one of user_id (SQL) at place (SQL: its place among those booked at once,
+    1, 2..., which counts those before it against the capacity). Its parameters:
+    the capacity, whatever place takes, the capacity again, whatever user_id
+    takes, then user_capacity. The counts are the triggers' (SQLStore)."""
+    return (f"(? < 0 OR (SELECT sum(n) FROM appointment_count) + {place} <= ?) "
+            f"AND coalesce((SELECT appointments FROM users WHERE user_id = {user_id}), 0) < ?")
+
+
 def insertion(rows: int) -> str:
-    """SQL that books rows appointments at once, each made only while the store (its
-    capacity, unless that is negative) and the user (user_capacity) hold fewer than
-    they may, and the user holds nothing that date. Its parameters: each
+    """SQL that books rows appointments at once, each made only while there is room
+    for it (room()) and the user holds nothing that date. Its parameters: each
     appointment's COLUMNS, its event's key and stamp (_EVENT_MADE), and its place
-    among them (1, 2...), which counts those before it against the capacity; then
-    the capacity twice, and user_capacity. Each user is checked as the statement
-    began, so a statement books at most one appointment of a user. Its SELECT has
-    a WHERE, as SQLite needs to read ON CONFLICT as the upsert's (SQLite's
-    documentation of UPSERT, "Parsing Ambiguity"); a VALUES list's columns are
-    column1, column2... in SQLite and PostgreSQL alike."""
+    among them (1, 2...); then the capacity twice, and user_capacity. Each user is
+    checked as the statement began, so a statement books at most one appointment
+    of a user. Its SELECT has a WHERE, as SQLite needs to read ON CONFLICT as the
+    upsert's (SQLite's documentation of UPSERT, "Parsing Ambiguity"); a VALUES
+    list's columns are column1, column2... in SQLite and PostgreSQL alike."""
     columns = COLUMNS + _EVENT_MADE
     row = f"({', '.join('?' * (len(columns) - 1))}, CAST(? AS BIGINT), CAST(? AS INTEGER))"
     return (f"INSERT INTO appointments ({', '.join(columns)}) SELECT "
             + ", ".join(f"v.column{n}" for n in range(1, len(columns) + 1))
-            + f" FROM (VALUES {', '.join([row] * rows)}) AS v WHERE (? < 0 OR "
-            f"(SELECT sum(n) FROM appointment_count) + v.column{len(columns) + 1} <= ?) "
-            "AND coalesce((SELECT appointments FROM users WHERE user_id = v.column1), 0) < ? "
-            "ON CONFLICT (user_id, date) DO NOTHING")
+            + f" FROM (VALUES {', '.join([row] * rows)}) AS v WHERE "
+            + room(f"v.column{len(columns) + 1}", "v.column1")
+            + " ON CONFLICT (user_id, date) DO NOTHING")
 
 
 class SQLStore(Store):
@@ -1419,14 +1427,18 @@ class SQLStore(Store):
 
     _INSERT = insertion(1)
 
+    def _row(self, appointment: Appointment) -> tuple:
+        """What a booking writes of appointment: its COLUMNS, then its event's key
+        and stamp (_EVENT_MADE), stamped now."""
+        stamp = self.clock() // 1000
+        return (appointment.user_id, appointment.date.isoformat(), f"{appointment.start:%H:%M}",
+                *appointment.details, event_key(appointment.start, stamp), stamp)
+
     def _insertion_parameters(self, appointments: Sequence[Appointment]) -> list:
         """The parameters of insertion(len(appointments))."""
         parameters: list = []
         for place, appointment in enumerate(appointments, 1):
-            stamp = self.clock() // 1000
-            parameters += (appointment.user_id, appointment.date.isoformat(),
-                           f"{appointment.start:%H:%M}", *appointment.details,
-                           event_key(appointment.start, stamp), stamp, place)
+            parameters += (*self._row(appointment), place)
         limit = -1 if self.capacity is None else self.capacity
         return parameters + [limit, limit, self.user_capacity]
 
@@ -2503,6 +2515,24 @@ class SQLiteStore(SQLStore):
                 ("scheduler_sqlite_transactions_total", "counter",
                  "SQLite transactions committed for writes, each holding one write or more "
                  "(group commit).", self._transactions)]
+
+    # One write transaction runs at a time here, so that a booking may look for room
+    # (room()) and then insert its row alone, where insertion() does both in one
+    # statement: an INSERT ... SELECT into a table with triggers, as appointments is,
+    # first copies its rows to a temporary table (SQLite's insert.c), which costs more
+    # than the look.
+    _ROOM = f"SELECT {room('?', '?')}"
+    _INSERT_ROW = (f"INSERT INTO appointments ({', '.join(COLUMNS + _EVENT_MADE)}) VALUES "
+                   f"({', '.join('?' * len(COLUMNS + _EVENT_MADE))}) "
+                   "ON CONFLICT (user_id, date) DO NOTHING")
+
+    def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
+        limit = -1 if self.capacity is None else self.capacity
+        if not db.execute(self._ROOM, (limit, 1, limit, appointment.user_id,
+                                       self.user_capacity))[0][0]:
+            return 0
+        db.execute(self._INSERT_ROW, self._row(appointment))
+        return db.rowcount
 
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
