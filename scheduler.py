@@ -1431,8 +1431,9 @@ class SQLStore(Store):
         """What a booking writes of appointment: its COLUMNS, then its event's key
         and stamp (_EVENT_MADE), stamped now."""
         stamp = self.clock() // 1000
-        return (appointment.user_id, appointment.date.isoformat(), f"{appointment.start:%H:%M}",
-                *appointment.details, event_key(appointment.start, stamp), stamp)
+        date, time_of_day = _start_strings(appointment.start)[:2]  # cached, as the reply finds it
+        return (appointment.user_id, date, time_of_day, *appointment.details,
+                event_key(appointment.start, stamp), stamp)
 
     def _insertion_parameters(self, appointments: Sequence[Appointment]) -> list:
         """The parameters of insertion(len(appointments))."""
@@ -1495,7 +1496,7 @@ class SQLStore(Store):
             raise ConditionFailed(held)
         if moved == held:  # no change: the event stays as it was
             return moved
-        db.execute(self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}",
+        db.execute(self._UPDATE, (*_start_strings(moved.start)[:2],
                                   *moved.details, event_key(held.start), self.clock() // 1000,
                                   user_id, date.isoformat()))
         return moved
