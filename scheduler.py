@@ -1301,25 +1301,33 @@ class _SQLKeys(KeyTable):
                          replay.media_type, json.dumps(replay.headers), replay.body))
 
 
+def room(place: str, user_id: str) -> str:
+    """An SQL condition that holds while the store (its capacity, unless that is
+    negative) and the user (user_capacity) hold fewer appointments than they may,
+    for one of user_id (SQL) at place (SQL: its place among those booked at once,
+    1, 2..., which counts those before it against the capacity). Its parameters:
+    the capacity, whatever place takes, the capacity again, whatever user_id
+    takes, then user_capacity. The counts are the triggers' (SQLStore)."""
+    return (f"(? < 0 OR (SELECT sum(n) FROM appointment_count) + {place} <= ?) "
+            f"AND coalesce((SELECT appointments FROM users WHERE user_id = {user_id}), 0) < ?")
+
+
 def insertion(rows: int) -> str:
-    """SQL that books rows appointments at once, each made only while the store (its
-    capacity, unless that is negative) and the user (user_capacity) hold fewer than
-    they may, and the user holds nothing that date. Its parameters: each
+    """SQL that books rows appointments at once, each made only while there is room
+    for it (room()) and the user holds nothing that date. Its parameters: each
     appointment's COLUMNS, its event's key and stamp (_EVENT_MADE), and its place
-    among them (1, 2...), which counts those before it against the capacity; then
-    the capacity twice, and user_capacity. Each user is checked as the statement
-    began, so a statement books at most one appointment of a user. Its SELECT has
-    a WHERE, as SQLite needs to read ON CONFLICT as the upsert's (SQLite's
-    documentation of UPSERT, "Parsing Ambiguity"); a VALUES list's columns are
-    column1, column2... in SQLite and PostgreSQL alike."""
+    among them (1, 2...); then the capacity twice, and user_capacity. Each user is
+    checked as the statement began, so a statement books at most one appointment
+    of a user. Its SELECT has a WHERE, as SQLite needs to read ON CONFLICT as the
+    upsert's (SQLite's documentation of UPSERT, "Parsing Ambiguity"); a VALUES
+    list's columns are column1, column2... in SQLite and PostgreSQL alike."""
     columns = COLUMNS + _EVENT_MADE
     row = f"({', '.join('?' * (len(columns) - 1))}, CAST(? AS BIGINT), CAST(? AS INTEGER))"
     return (f"INSERT INTO appointments ({', '.join(columns)}) SELECT "
             + ", ".join(f"v.column{n}" for n in range(1, len(columns) + 1))
-            + f" FROM (VALUES {', '.join([row] * rows)}) AS v WHERE (? < 0 OR "
-            f"(SELECT sum(n) FROM appointment_count) + v.column{len(columns) + 1} <= ?) "
-            "AND coalesce((SELECT appointments FROM users WHERE user_id = v.column1), 0) < ? "
-            "ON CONFLICT (user_id, date) DO NOTHING")
+            + f" FROM (VALUES {', '.join([row] * rows)}) AS v WHERE "
+            + room(f"v.column{len(columns) + 1}", "v.column1")
+            + " ON CONFLICT (user_id, date) DO NOTHING")
 
 
 class SQLStore(Store):
@@ -1418,14 +1426,19 @@ class SQLStore(Store):
 
     _INSERT = insertion(1)
 
+    def _row(self, appointment: Appointment) -> tuple:
+        """What a booking writes of appointment: its COLUMNS, then its event's key
+        and stamp (_EVENT_MADE), stamped now."""
+        stamp = self.clock() // 1000
+        date, time_of_day = _start_strings(appointment.start)[:2]  # cached, as the reply finds it
+        return (appointment.user_id, date, time_of_day, *appointment.details,
+                event_key(appointment.start, stamp), stamp)
+
     def _insertion_parameters(self, appointments: Sequence[Appointment]) -> list:
         """The parameters of insertion(len(appointments))."""
         parameters: list = []
         for place, appointment in enumerate(appointments, 1):
-            stamp = self.clock() // 1000
-            parameters += (appointment.user_id, appointment.date.isoformat(),
-                           f"{appointment.start:%H:%M}", *appointment.details,
-                           event_key(appointment.start, stamp), stamp, place)
+            parameters += (*self._row(appointment), place)
         limit = -1 if self.capacity is None else self.capacity
         return parameters + [limit, limit, self.user_capacity]
 
@@ -1482,7 +1495,7 @@ class SQLStore(Store):
             raise ConditionFailed(held)
         if moved == held:  # no change: the event stays as it was
             return moved
-        db.execute(self._UPDATE, (moved.date.isoformat(), f"{moved.start:%H:%M}",
+        db.execute(self._UPDATE, (*_start_strings(moved.start)[:2],
                                   *moved.details, event_key(held.start), self.clock() // 1000,
                                   user_id, date.isoformat()))
         return moved
@@ -2039,8 +2052,55 @@ def _schema_7(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _schema_8(db: sqlite3.Connection) -> None:
+    """User IDs checked for control characters by a pattern written out, not made for each row."""
+    # The same constraints, but that a user ID's pattern, '*[' || char(1) || '-' ||
+    # char(31) || char(127) || ']*' since step 1, is written out with the characters
+    # themselves (a constant, in any text encoding of the file, where SQLite called char()
+    # and joined the pieces for each row it checked); the table made anew and its rows
+    # copied, as step 6 did.
+    for statement in (
+            """CREATE TABLE new_appointments (
+        user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
+            AND length(user_id) >= 1 AND user_id = trim(user_id)
+            AND user_id NOT GLOB '*[\x01-\x1f\x7f]*'),
+        date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
+            AND date(date, '+0 days') IS date),
+        time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
+            AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'),
+        note TEXT CHECK (note IS NULL OR (typeof(note) = 'text' AND length(note) >= 1)),
+        event_key TEXT CHECK (event_key IS NULL OR (
+            typeof(event_key) = 'text' AND length(event_key) >= 1)),
+        sequence INTEGER NOT NULL DEFAULT 0 CHECK (typeof(sequence) = 'integer' AND sequence >= 0),
+        modified INTEGER CHECK (modified IS NULL OR typeof(modified) = 'integer'),
+        UNIQUE (user_id, date)
+    )""",
+            "INSERT INTO new_appointments (rowid, user_id, date, time, note, event_key, sequence, "
+            "modified) SELECT rowid, user_id, date, time, note, event_key, sequence, modified "
+            "FROM appointments",
+            "DROP TABLE appointments",
+            "ALTER TABLE new_appointments RENAME TO appointments",
+            "CREATE TRIGGER counted AFTER INSERT ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n + 1; END",
+            "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n - 1; END",
+            "CREATE TRIGGER user_booked AFTER INSERT ON appointments BEGIN "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END",
+            "CREATE TRIGGER user_cancelled AFTER DELETE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; END",
+            "CREATE TRIGGER user_changed AFTER UPDATE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END"):
+        db.execute(statement)
+
+
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6, _schema_7)
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6, _schema_7,
+                _schema_8)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
@@ -2502,6 +2562,24 @@ class SQLiteStore(SQLStore):
                 ("scheduler_sqlite_transactions_total", "counter",
                  "SQLite transactions committed for writes, each holding one write or more "
                  "(group commit).", self._transactions)]
+
+    # One write transaction runs at a time here, so that a booking may look for room
+    # (room()) and then insert its row alone, where insertion() does both in one
+    # statement: an INSERT ... SELECT into a table with triggers, as appointments is,
+    # first copies its rows to a temporary table (SQLite's insert.c), which costs more
+    # than the look.
+    _ROOM = f"SELECT {room('?', '?')}"
+    _INSERT_ROW = (f"INSERT INTO appointments ({', '.join(COLUMNS + _EVENT_MADE)}) VALUES "
+                   f"({', '.join('?' * len(COLUMNS + _EVENT_MADE))}) "
+                   "ON CONFLICT (user_id, date) DO NOTHING")
+
+    def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
+        limit = -1 if self.capacity is None else self.capacity
+        if not db.execute(self._ROOM, (limit, 1, limit, appointment.user_id,
+                                       self.user_capacity))[0][0]:
+            return 0
+        db.execute(self._INSERT_ROW, self._row(appointment))
+        return db.rowcount
 
     def check(self) -> None:
         """A write committed as bookings are, through the same line and lock and
