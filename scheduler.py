@@ -1361,7 +1361,8 @@ class SQLStore(Store):
     shown, and set aside by the first write it is in the way of (_held()).
 
     A subclass provides the database: transact() and reading(), below; it may
-    override check() (calling this one) and close().
+    override check() (calling this one), close(), and _insert(), how a booking
+    writes its row where there is room for it.
     """
 
     @abc.abstractmethod
