@@ -3276,6 +3276,17 @@ def _hmac(key: bytes, message: bytes) -> bytes:
     return hmac.new(key, message, "sha256").digest()
 
 
+@functools.lru_cache(maxsize=16)
+def _salted_password(password: bytes, salt: bytes, iterations: int) -> bytes:
+    """SaltedPassword, Hi(password, salt, iterations) of RFC 5802 section 3: PBKDF2
+    with HMAC-SHA-256, the costly part of a login by design. Kept, as that section
+    lets a client ("MAY cache ... SaltedPassword"), by all three: a server offers a
+    user the same salt and count at every login, so a pool's next connection, or
+    every one after a failover, skips it; a new salt (the password set again) is
+    a new entry."""
+    return hashlib.pbkdf2_hmac("sha256", password, salt, iterations)
+
+
 class ScramSHA256:
     """The client's side of SCRAM-SHA-256 (RFC 5802, RFC 7677), without channel
     binding ("n,,"): client_first(), then client_final(server's first message),
@@ -3311,7 +3322,7 @@ class ScramSHA256:
             salt_bytes = base64.b64decode(salt, validate=True)
         except binascii.Error:
             raise PGProtocolError("the server's SCRAM salt is not base64") from None
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt_bytes, int(iterations))
+        salted = _salted_password(self._password, salt_bytes, int(iterations))
         client_key = _hmac(salted, b"Client Key")
         without_proof = f"c=biws,r={nonce}"  # biws: base64 of "n,,"
         auth_message = f"{self._first_bare},{text},{without_proof}".encode()

@@ -4123,6 +4123,29 @@ class PostgresAuthenticationTest(unittest.TestCase):
     def test_scram_sha_256_as_rfc_7677_section_3(self):
         self.rfc_exchange().check_server_final(self.SERVER_FINAL)  # the server proved itself
 
+    def test_the_salted_password_is_made_once_for_a_password_salt_and_count(self):
+        # RFC 5802 section 3: a client MAY cache SaltedPassword. Another salt (the
+        # password set again), count or password is another computation.
+        first, made = self.SERVER_FIRST, []
+        pbkdf2 = hashlib.pbkdf2_hmac
+
+        def counted(*args):
+            made.append(args)
+            return pbkdf2(*args)
+
+        other_salt = first.replace(b"W22ZaJ0SNY7soEsUEjb6gQ==", base64.b64encode(b"another salt"))
+        with mock.patch.object(scheduler.hashlib, "pbkdf2_hmac", counted):
+            scheduler._salted_password.cache_clear()
+            for password, server_first, computed in (
+                    ("pencil", first, 1), ("pencil", first, 1), ("pencil", other_salt, 2),
+                    ("pencil", first.replace(b"i=4096", b"i=4097"), 3), ("pen", first, 4),
+                    ("pencil", first, 4)):
+                with self.subTest(password=password, server_first=server_first):
+                    scram = scheduler.ScramSHA256(password, "rOprNGfwEbeRWgbNEkqO", user="user")
+                    scram.client_final(server_first)
+                    self.assertEqual(len(made), computed)
+        self.rfc_exchange().check_server_final(self.SERVER_FINAL)  # the kept one is right
+
     def test_a_server_that_cannot_prove_it_knows_the_password_is_refused(self):
         wrong = base64.b64encode(bytes(32)).decode()
         for final, words in ((f"v={wrong}".encode(), "signature is wrong"),
