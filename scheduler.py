@@ -1435,13 +1435,17 @@ class SQLStore(Store):
         return (appointment.user_id, date, time_of_day, *appointment.details,
                 event_key(appointment.start, stamp), stamp)
 
+    @property
+    def _limit(self) -> int:
+        """The capacity as room() and StoreFull take it: negative for none."""
+        return -1 if self.capacity is None else self.capacity
+
     def _insertion_parameters(self, appointments: Sequence[Appointment]) -> list:
         """The parameters of insertion(len(appointments))."""
         parameters: list = []
         for place, appointment in enumerate(appointments, 1):
             parameters += (*self._row(appointment), place)
-        limit = -1 if self.capacity is None else self.capacity
-        return parameters + [limit, limit, self.user_capacity]
+        return parameters + [self._limit, self._limit, self.user_capacity]
 
     def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
         """Run _INSERT for appointment: how many rows it inserted (0 or 1)."""
@@ -1461,7 +1465,7 @@ class SQLStore(Store):
         held = db.execute("SELECT appointments FROM users WHERE user_id = ?", (user_id,))
         if held and held[0][0] >= self.user_capacity:
             raise StoreFull(self.user_capacity, user_id)
-        raise StoreFull(-1 if self.capacity is None else self.capacity)
+        raise StoreFull(self._limit)
 
     def _cancel(self, db: SQLDatabase, user_id: str, date: dt.date,
                 condition: Condition) -> None:
@@ -2528,7 +2532,7 @@ class SQLiteStore(SQLStore):
                    "ON CONFLICT (user_id, date) DO NOTHING")
 
     def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
-        limit = -1 if self.capacity is None else self.capacity
+        limit = self._limit
         if not db.execute(self._ROOM, (limit, 1, limit, appointment.user_id,
                                        self.user_capacity))[0][0]:
             return 0

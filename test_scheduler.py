@@ -11610,8 +11610,8 @@ def run_one(name: str) -> Tuple[str, str, str, float]:
     # the whole ID as a module and then each shorter prefix of it: a good part of a
     # short test's time went to those failed imports.
     module, case, method = name.rsplit(".", 2)
-    test = getattr(importlib.import_module(module), case)(method)
-    result = unittest.TextTestRunner(stream=report, verbosity=0).run(unittest.TestSuite([test]))
+    one = getattr(importlib.import_module(module), case)(method)
+    result = unittest.TextTestRunner(stream=report, verbosity=0).run(unittest.TestSuite([one]))
     outcome = ("FAIL" if not result.wasSuccessful() else "skipped" if result.skipped else "ok")
     failures = "".join(f"{'=' * 70}\n{kind}: {test}\n{'-' * 70}\n{text}\n"
                        for kind, problems in (("FAIL", result.failures), ("ERROR", result.errors))
