@@ -3233,6 +3233,32 @@ class SchemaTest(unittest.TestCase):
                 with self.assertRaisesRegex(sqlite3.IntegrityError, "CHECK"):
                     query(path, "UPDATE appointments SET note = ?", ("",))
 
+    def test_rows_written_past_the_constraints_do_not_stop_an_upgrade(self):
+        # Each release's file, holding rows a tool wrote past its CHECK constraints,
+        # opens as a file of today holding the same rows does.
+        planted = list({row[0]: row[:3] for row in [row for row in BROKEN_ROWS if isinstance(
+            row[0], str)] + [row for row, _ in PAST_BOUNDS] + [("alice", GOOD_DATE, "10:00")]
+                        }.values())  # a row a user
+
+        def opened(path: str) -> dict:
+            self.open(path).close()
+            return {table: sorted(query(path, sql), key=repr) for table, sql in (
+                ("appointments", "SELECT user_id, date, time FROM appointments"),
+                ("set_aside", "SELECT user_id, date, time, reason FROM set_aside"),
+                ("users", "SELECT user_id, appointments FROM users"))}
+
+        today = made_database(self)
+        plant_rows(today, planted)
+        expected = opened(today)
+        for version in range(1, scheduler.SCHEMA_VERSION):
+            with self.subTest(version=version):
+                path = temporary_database(self)
+                with database_of_release(path, version):
+                    pass
+                plant_rows(path, planted)
+                self.assertEqual(opened(path), expected)
+                self.assertEqual(query(path, "PRAGMA user_version"), [(scheduler.SCHEMA_VERSION,)])
+
     def test_version_5_counts_each_users_appointments_and_scopes_the_keys_kept(self):
         path = temporary_database(self)
         booked = json.dumps(appointment().as_json()).encode()
