@@ -8046,14 +8046,14 @@ class Connection:
 class MetricsTable:
     """The metrics of several worker processes (--workers), in memory they share: a
     file that has no name (memfd_create(), else an unlinked temporary file), which
-    the supervisor makes and passes to each worker it starts, as a descriptor that
-    survives exec. Each worker process writes its numbers to a slot the supervisor
-    gives it, and a scrape, whichever worker it reaches, adds up every slot. A
-    process started in a slot after another ended there carries on from its
-    counts, so counters never go down while the supervisor runs (as
-    prometheus_client's multiprocess mode keeps a dead process's file). The
-    supervisor writes its own samples, and what a health check tells of the
-    workers (a note), to a slot of its own.
+    the supervisor makes and passes to each worker it starts as a descriptor (one
+    that survives exec, for a worker that loads the code anew). Each worker process
+    writes its numbers to a slot the supervisor gives it, and a scrape, whichever
+    worker it reaches, adds up every slot. A process started in a slot after
+    another ended there carries on from its counts, so counters never go down while
+    the supervisor runs (as prometheus_client's multiprocess mode keeps a dead
+    process's file). The supervisor writes its own samples, and what a health
+    check tells of the workers (a note), to a slot of its own.
 
     No lock, since a process killed holding one would never release it. A slot is
     [generation][copy 0][copy 1]: a writer fills the copy of the next generation,
@@ -8856,16 +8856,21 @@ CRASH_LOOP, READY_SECONDS = 2, 60.0
 class WorkerProcess:
     """A worker process that a Supervisor started and has not yet reaped."""
 
-    def __init__(self, number: int, slot: int, process: subprocess.Popen, ready_fd: int,
-                 generation: int, replaces: Optional[int]):
-        self.number, self.slot, self.process = number, slot, process
-        self.pid = process.pid
+    def __init__(self, number: int, slot: int, pid: int, ready_fd: int, generation: int,
+                 replaces: Optional[int]):
+        self.number, self.slot, self.pid = number, slot, pid
         self.started = time.monotonic()
         self.ready_fd: Optional[int] = ready_fd  # its readiness pipe, until it has spoken
         self.ready = False  # it said it serves
         self.generation = generation  # the supervisor's SIGHUPs before it started
         self.replaces = replaces  # in a reload: the process ID of the one it takes over from
         self.retiring = False  # told to drain: its replacement is ready
+
+    def poll(self) -> Optional[int]:
+        """None while it runs; once it has ended, its exit status (a signal that
+        killed it as minus its number), and it is reaped."""
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        return os.waitstatus_to_exitcode(status) if pid else None
 
     def ended(self, code: int) -> str:
         how = f"was killed by {signal.Signals(-code).name}" if code < 0 else \
@@ -8877,16 +8882,16 @@ class Supervisor:
     """--workers N: open the listening socket once, and start N server processes
     that share it (the kernel gives each new connection to one of them; one
     socket, not SO_REUSEPORT, so it works on macOS too), each pinned to a CPU of
-    its own with --cpu auto. Each is this code run anew (fork and exec, by
-    subprocess) as this process was, as a script or as a module, told by
-    WORKER_VARIABLE which worker it is and given the socket, the metrics table and
-    a pipe as descriptors; it writes on the pipe when it serves. At most one a CPU
-    starts at a time.
+    its own with --cpu auto. Each is a fork of this process, which has the code
+    loaded already (become_worker()), told which worker it is and given the socket,
+    the metrics table and a pipe as descriptors; it writes on the pipe when it
+    serves. At most one a CPU starts at a time.
 
     Restart one that dies, with a backoff. On SIGTERM or Ctrl-C, pass it on, let
     each drain as a lone server does, and exit 0 when all have; a second signal
     kills them all at once. On SIGHUP, reload: one worker at a time, start a new
-    process (which loads the code as the file is now), and once it is ready, tell
+    process that loads the code as the file is now (fork and exec), and from then on
+    start every process so; once the new one is ready, tell
     the old one to drain; wait for it to stop, then the next (a deploy without
     downtime, as gunicorn's and nginx's). A new process that fails stops the
     reload, and the old one serves on.
@@ -8910,11 +8915,11 @@ class Supervisor:
         self.cpus = allowed if args.cpu == "auto" else []
         self.at_once = usable_cpus()  # workers starting at most at once
         self.pid = os.getpid()
-        # How a worker runs this code: as this process does. Run as a module (python3 -m
-        # scheduler), the workers are too, and so load its bytecode from the cache that
-        # the import system keeps beside the file, where a script is compiled anew at
-        # every start. The cache is checked against the file's modification time and
-        # size, so a reload's new process still loads the code as the file is now.
+        # How a process started after a SIGHUP runs this code anew: as this process does.
+        # Run as a module (python3 -m scheduler), it is too, and so loads its bytecode
+        # from the cache that the import system keeps beside the file, where a script is
+        # compiled anew at every start. The cache is checked against the file's
+        # modification time and size, so it still loads the code as the file is now.
         self.code = (["-m", __spec__.name] if __name__ == "__main__" and __spec__ is not None
                      else [os.path.abspath(__file__)])
         self.listener: Optional[socket.socket] = None
@@ -9031,32 +9036,66 @@ class Supervisor:
 
     def start(self, number: int, replaces: Optional[int] = None) -> None:
         """Start a process for worker number (in a reload, to take over from process
-        replaces): this code anew, with the arguments it was given."""
+        replaces), with the arguments this one was given (become_worker())."""
         slot = self.free_slots.pop(0)
         ready, told = os.pipe()
         listener, table = self.listener.fileno(), self.metrics.fd
-        setting = {"number": number, "slot": slot, "slots": self.metrics.slots,
-                   "listener": listener, "metrics": table, "ready": told, "supervisor": self.pid,
-                   "cpu": self.cpus[number % len(self.cpus)] if self.cpus else None}
-        # The same interpreter with the same options (-S, -X...), as multiprocessing starts one.
-        command = [sys.executable, *subprocess._args_from_interpreter_flags(), *self.code,
-                   *self.argv]
+        setting = json.dumps({
+            "number": number, "slot": slot, "slots": self.metrics.slots, "listener": listener,
+            "metrics": table, "ready": told, "supervisor": self.pid,
+            "cpu": self.cpus[number % len(self.cpus)] if self.cpus else None})
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # none until it is ready for them
+        for stream in (sys.stdout, sys.stderr):  # else the child would write it out again
+            with contextlib.suppress(OSError):
+                stream.flush()
         try:
-            process = subprocess.Popen(command, pass_fds=(listener, table, told),
-                                       env={**os.environ, WORKER_VARIABLE: json.dumps(setting)})
+            pid, why = os.fork(), ""
         except OSError as error:
+            pid, why = -1, error.strerror
+        if pid == 0:
+            self.become_worker(setting, (listener, table, told), ready)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+        os.close(told)
+        if pid < 0:
             self.free_slots.append(slot)
             os.close(ready)
-            self.failed_to_start(number, replaces, f"could not be started ({error.strerror})")
+            self.failed_to_start(number, replaces, f"could not be started ({why})")
             return
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
-            os.close(told)
-        self.workers[process.pid] = WorkerProcess(number, slot, process, ready, self.generation,
-                                                  replaces)
-        say(f"Worker {number} started (process {process.pid})"
+        self.workers[pid] = WorkerProcess(number, slot, pid, ready, self.generation, replaces)
+        say(f"Worker {number} started (process {pid})"
             + (f" to replace process {replaces}." if replaces else "."))
+
+    def become_worker(self, setting: str, passed: Tuple[int, ...], ready: int) -> None:
+        """In the child that start() forked: be the worker that setting (JSON, as
+        WORKER_VARIABLE carries it) describes, given the descriptors passed, then
+        exit; never return to the supervisor's loop. Until a SIGHUP, it runs the
+        code this process loaded, and so starts without loading it again; this
+        process has no other thread, so the child may go on (as socketserver's
+        ForkingMixIn does). After one, it loads the code anew, as the file is now:
+        it execs the interpreter as this process was run (the same options, -S or
+        -X, as multiprocessing passes them on), with setting in WORKER_VARIABLE."""
+        status = 1
+        try:
+            signal.set_wakeup_fd(-1)  # the supervisor's self-pipe and handlers are its own
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            for fd in [ready, self._wake, self._woken] + [
+                    worker.ready_fd for worker in self.workers.values()
+                    if worker.ready_fd is not None]:
+                os.close(fd)
+            if self.generation:
+                for fd in passed:
+                    os.set_inheritable(fd, True)
+                os.execve(sys.executable, [
+                    sys.executable, *subprocess._args_from_interpreter_flags(), *self.code,
+                    *self.argv], {**os.environ, WORKER_VARIABLE: setting})
+            status = run_worker(self.args, self.limits, setting)
+        except BaseException:
+            sys.excepthook(*sys.exc_info())  # as an uncaught exception would end it
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):
+                    stream.flush()
+            os._exit(status)
 
     def stop(self, signum: int) -> None:
         """The first signal: pass SIGTERM on, and let the workers drain. The second:
@@ -9106,7 +9145,7 @@ class Supervisor:
     def reap(self) -> None:
         """Collect the worker processes that ended, and plan what follows each end."""
         for pid, worker in list(self.workers.items()):
-            code = worker.process.poll()
+            code = worker.poll()
             if code is None:
                 continue
             del self.workers[pid]

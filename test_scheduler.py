@@ -10752,6 +10752,14 @@ class WorkersTest(unittest.TestCase):
         return server, path, workers
 
     @staticmethod
+    def exec_of(pid: int) -> bool:
+        """Whether a worker's process was started anew (exec), with the worker's
+        setting in its environment, rather than forked from its supervisor."""
+        with open(f"/proc/{pid}/environ", "rb") as file:
+            return any(entry.startswith(scheduler.WORKER_VARIABLE.encode() + b"=")
+                       for entry in file.read().split(b"\0"))
+
+    @staticmethod
     def running(pid: int) -> bool:
         """Whether the process exists and is not a zombie waiting to be reaped."""
         try:
@@ -11005,6 +11013,7 @@ class WorkersTest(unittest.TestCase):
         # unset), and a new process must not load it once the file has changed.
         server, path, workers = self.start(cwd=directory.name,
                                            env={"PYTHONDONTWRITEBYTECODE": ""})
+        forked = [self.exec_of(pid) for pid in workers.values()]
         answers, failures, stop = [], [], threading.Event()  # (status, Server) of each booking
 
         def stream(keep_alive: bool):  # one booking after another, each on a new connection
@@ -11054,6 +11063,14 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual({status for status, _ in answers}, {201})
         self.assertEqual(answers[-1][1], f"scheduler/reloaded-{scheduler.__version__}")
         self.assertEqual(query(path, "SELECT count(*) FROM appointments"), [(len(answers),)])
+        # Forks before the SIGHUP (the code loaded once); from then on, processes that
+        # load the code anew, including one that replaces a worker that died.
+        self.assertEqual(forked, [False, False])
+        os.kill(replaced[0][1], signal.SIGKILL)
+        again = int(re.search(r"\(process (\d+)\)", wait_for_log(
+            server, f"Worker {replaced[0][0]} started")).group(1))
+        wait_for_log(server, f"Worker {replaced[0][0]} running")  # past its exec
+        self.assertEqual([self.exec_of(pid) for pid in (replaced[1][1], again)], [True, True])
 
     def test_sigterm_during_a_reload_stops_every_worker_cleanly(self):
         server, _, workers = self.start()
