@@ -79,13 +79,14 @@ README = os.path.join(HERE, "README.md")
 THIS_FILE = os.path.abspath(__file__)
 VALID_BODY = b'{"user_id": "alice", "date": "2026-11-25", "time": "09:30"}'
 # The interpreter as tests start it: without site-packages (-S), which shows that the
-# service needs only the standard library, and saves 50 ms a start on this machine.
+# service needs only the standard library, and spares each start what site-packages
+# add to it (a .pth file runs code at every start).
 PYTHON = [sys.executable, "-S"]
 # How the tests start the service, in HERE: scheduler.py run as __main__, as python3
 # scheduler.py runs it, but found as a module, whose bytecode Python reads from its
 # cache where make test has written it (compile_service()): a script is compiled at
 # every start. The tests of --version and --help run python3 scheduler.py itself, as
-# the README shows it; a supervisor started so starts its workers so.
+# the README shows it; a supervisor started so starts a reload's processes so.
 SERVICE = ["-m", "scheduler"]
 
 
@@ -11005,12 +11006,18 @@ class WorkersTest(unittest.TestCase):
         directory = tempfile.TemporaryDirectory()  # a copy of the code, to deploy changes to
         self.addCleanup(directory.cleanup)
         script = os.path.join(directory.name, "scheduler.py")
-        shutil.copy(SCRIPT, script)
+        # Run as a module (SERVICE), as a deploy would: its bytecode is cached beside
+        # the file, and a new process must not load it once the file has changed. The
+        # cache is copied from where make test wrote it (compile_service()), the file
+        # with its time, for which the cache holds; else the first process that
+        # imports the file writes it (PYTHONDONTWRITEBYTECODE unset).
+        shutil.copy2(SCRIPT, script)
+        with contextlib.suppress(OSError):
+            os.makedirs(os.path.join(directory.name, "__pycache__"))
+            shutil.copy2(importlib.util.cache_from_source(SCRIPT),
+                         importlib.util.cache_from_source(script))
         with open(script, encoding="utf-8") as file:
             code = file.read()
-        # Run as a module (SERVICE), as a deploy would: its bytecode is cached beside
-        # the file, by the first process that imports it (PYTHONDONTWRITEBYTECODE
-        # unset), and a new process must not load it once the file has changed.
         server, path, workers = self.start(cwd=directory.name,
                                            env={"PYTHONDONTWRITEBYTECODE": ""})
         forked = [self.exec_of(pid) for pid in workers.values()]
