@@ -8890,11 +8890,11 @@ class Supervisor:
     Restart one that dies, with a backoff. On SIGTERM or Ctrl-C, pass it on, let
     each drain as a lone server does, and exit 0 when all have; a second signal
     kills them all at once. On SIGHUP, reload: one worker at a time, start a new
-    process that loads the code as the file is now (fork and exec), and from then on
-    start every process so; once the new one is ready, tell
-    the old one to drain; wait for it to stop, then the next (a deploy without
-    downtime, as gunicorn's and nginx's). A new process that fails stops the
-    reload, and the old one serves on.
+    process that loads the code as the file is now (a fork that execs the
+    interpreter anew, as is every process started from then on), and once it is
+    ready, tell the old one to drain; wait for it to stop, then the next (a deploy
+    without downtime, as gunicorn's and nginx's). A new process that fails stops
+    the reload, and the old one serves on.
 
     Its state is touched by run()'s thread alone: signals reach it through a pipe
     (see run()), not through handlers that change it, and each iteration of
