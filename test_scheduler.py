@@ -608,6 +608,12 @@ def watchdog_program() -> str:
               "remove_clusters(os.path.dirname(os.path.abspath(__file__)))\n")
 
 
+# The folders that a watchdog of this run watches (make test's memory_folder()): it
+# removes the clusters made directly in one when the run ends, so that such a cluster
+# needs no watchdog of its own; one left by a test process that died stays until then.
+WATCHED: List[str] = []
+
+
 def start_watchdog(folder: str) -> subprocess.Popen:
     """Start a watchdog (watchdog_program()) in folder, which removes it, and the
     clusters in it, when this process ends without having closed its stdin first."""
@@ -789,11 +795,11 @@ class PostgresCluster:
         postgres     the superuser, scram-sha-256; admin SQL (sql()) and replication
 
     Made on its first start(); cleanup() stops the server and removes the folder, or,
-    if this process ends first however it ends, a watchdog process does. As root,
-    initdb, pg_ctl and pg_basebackup run as the postgres user (initdb refuses root).
-    Every setting is in postgresql.conf, and pg_ctl always writes the server's output
-    to a log file in folder (log()): a server that a test restarts must not inherit
-    its pipes. Every wait has a deadline."""
+    if this process ends first however it ends, a watchdog process does (its own, or
+    the run's: WATCHED). As root, initdb, pg_ctl and pg_basebackup run as the postgres
+    user (initdb refuses root). Every setting is in postgresql.conf, and pg_ctl always
+    writes the server's output to a log file in folder (log()): a server that a test
+    restarts must not inherit its pipes. Every wait has a deadline."""
 
     SUPERUSER = "postgres"
     DATABASE = "scheduler"
@@ -904,8 +910,10 @@ class PostgresCluster:
                 shutil.chown(os.path.join(top, name), POSTGRES_ACCOUNT)
 
     def _watch(self) -> None:
-        """Start the watchdog that removes this cluster if this process ends first."""
-        self._watchdog = start_watchdog(self.folder)
+        """Start the watchdog that removes this cluster if this process ends first,
+        unless one of the run's does (WATCHED)."""
+        if os.path.dirname(self.folder) not in WATCHED:
+            self._watchdog = start_watchdog(self.folder)
 
     # -- Making, starting, stopping
 
@@ -11777,6 +11785,7 @@ def run_in_parallel(jobs: str) -> None:
     if folder:  # for the pool's processes, and the programs that the tests start
         os.environ["TMPDIR"] = tempfile.tempdir = folder
         watchdog = start_watchdog(folder)
+        tests.WATCHED.append(folder)
     compiled = compile_service()
     if tls_missing() is None:  # made once here, for the pool's processes to inherit
         tests.certificate_files()
