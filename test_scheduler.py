@@ -11775,9 +11775,14 @@ def run_in_parallel(jobs: str) -> None:
     temporary files in memory where it can (memory_folder()), the service compiled
     once (compile_service()). Prints as unittest's runner does by default: a
     character a test (. ok, s skipped, F failed), then the failures and a summary;
-    exits 1 if any. python3 -m unittest runs the same tests in one process."""
-    # The module that the pool's tests are loaded from, not this one (__main__) that
-    # runs the pool: each has its own PostgresCluster class, and so its own clusters.
+    exits 1 if any. python3 -m unittest runs the same tests in one process.
+
+    make test calls it on the module imported (import test_scheduler), rather than
+    running this file (python3 test_scheduler.py parallel 4), which compiles the
+    file twice: as __main__, and as the module whose tests the pool runs (its tests
+    have IDs by that name)."""
+    # The module that the pool's tests are loaded from, not __main__ where this file
+    # is run: each has its own PostgresCluster class, and so its own clusters.
     tests = importlib.import_module("test_scheduler")
     names = share_out(list(iterate_tests(unittest.defaultTestLoader.loadTestsFromModule(tests))))
     started, failures, durations, skipped = time.perf_counter(), [], {}, 0
