@@ -67,6 +67,8 @@ and the values they take and give:
     Command line   options; main(), serve() (one process) and a Supervisor (--workers)
 """
 
+from __future__ import annotations  # PEP 563: annotations are not evaluated at import
+
 import abc
 import argparse
 import array
