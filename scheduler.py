@@ -2057,8 +2057,55 @@ def _schema_7(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _schema_8(db: sqlite3.Connection) -> None:
+    """User IDs checked for control characters by a pattern written out, not made for each row."""
+    # The same constraints, but that a user ID's pattern, '*[' || char(1) || '-' ||
+    # char(31) || char(127) || ']*' since step 1, is written out with the characters
+    # themselves (a constant, in any text encoding of the file, where SQLite called char()
+    # and joined the pieces for each row it checked); the table made anew and its rows
+    # copied, as step 6 did.
+    for statement in (
+            """CREATE TABLE new_appointments (
+        user_id TEXT NOT NULL CHECK (typeof(user_id) = 'text'
+            AND length(user_id) >= 1 AND user_id = trim(user_id)
+            AND user_id NOT GLOB '*[\x01-\x1f\x7f]*'),
+        date TEXT NOT NULL CHECK (typeof(date) = 'text'  -- YYYY-MM-DD, UTC, a real date
+            AND date(date, '+0 days') IS date),
+        time TEXT NOT NULL CHECK (typeof(time) = 'text'  -- HH:MM, UTC
+            AND time GLOB '[0-2][0-9]:[0-5][0-9]' AND time < '24:00'),
+        note TEXT CHECK (note IS NULL OR (typeof(note) = 'text' AND length(note) >= 1)),
+        event_key TEXT CHECK (event_key IS NULL OR (
+            typeof(event_key) = 'text' AND length(event_key) >= 1)),
+        sequence INTEGER NOT NULL DEFAULT 0 CHECK (typeof(sequence) = 'integer' AND sequence >= 0),
+        modified INTEGER CHECK (modified IS NULL OR typeof(modified) = 'integer'),
+        UNIQUE (user_id, date)
+    )""",
+            "INSERT INTO new_appointments (rowid, user_id, date, time, note, event_key, sequence, "
+            "modified) SELECT rowid, user_id, date, time, note, event_key, sequence, modified "
+            "FROM appointments",
+            "DROP TABLE appointments",
+            "ALTER TABLE new_appointments RENAME TO appointments",
+            "CREATE TRIGGER counted AFTER INSERT ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n + 1; END",
+            "CREATE TRIGGER uncounted AFTER DELETE ON appointments "
+            "BEGIN UPDATE appointment_count SET n = n - 1; END",
+            "CREATE TRIGGER user_booked AFTER INSERT ON appointments BEGIN "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END",
+            "CREATE TRIGGER user_cancelled AFTER DELETE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; END",
+            "CREATE TRIGGER user_changed AFTER UPDATE ON appointments BEGIN "
+            "UPDATE users SET appointments = appointments - 1, version = version + 1 "
+            "WHERE user_id = OLD.user_id; "
+            "INSERT INTO users VALUES (NEW.user_id, 1, 1) ON CONFLICT (user_id) DO UPDATE SET "
+            "appointments = appointments + 1, version = version + 1; END"):
+        db.execute(statement)
+
+
 # Step n is SCHEMA_STEPS[n - 1]; new ones go last.
-SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6, _schema_7)
+SCHEMA_STEPS = (_schema_1, _schema_2, _schema_3, _schema_4, _schema_5, _schema_6, _schema_7,
+                _schema_8)
 SCHEMA_VERSION = len(SCHEMA_STEPS)
 
 
