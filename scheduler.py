@@ -110,8 +110,8 @@ import unicodedata
 import urllib.parse
 from http import HTTPStatus
 from http.server import ThreadingHTTPServer
-from typing import (Callable, ContextManager, Deque, Dict, List, Mapping, NamedTuple,
-                    Optional, Sequence, TextIO, Tuple, Union)
+from typing import (BinaryIO, Callable, ContextManager, Deque, Dict, List, Mapping,
+                    NamedTuple, Optional, Sequence, TextIO, Tuple, Union)
 
 __version__ = "1.0"
 SERVICE_TITLE = "Appointment scheduler"
@@ -1726,9 +1726,11 @@ class _Turns(_StateMachine):
 
     def __init__(self, path: str):
         self.state = self.IDLE
-        self._mine = open(path, "a")  # taken at once when the lock is free
-        self._theirs = open(path, "a")  # the waiter's; it closes it
-        self._held: Optional[TextIO] = None  # whichever holds the lock while taken
+        # Unbuffered binary files: flock() asks one for its descriptor directly, where a
+        # text file passes the question on through its buffer.
+        self._mine = open(path, "ab", buffering=0)  # taken at once when the lock is free
+        self._theirs = open(path, "ab", buffering=0)  # the waiter's; it closes it
+        self._held: Optional[BinaryIO] = None  # whichever holds the lock while taken
         self._changed = threading.Condition()  # guards state and _waiter
         self._waiter: Optional[threading.Thread] = None
 
@@ -2490,11 +2492,13 @@ class SQLiteStore(SQLStore):
             self._begin(deadline)
             if self.lost is not None:  # checked under the lock that a checkpoint waits for
                 raise self._lost()
-            if not all(self._run(write) for write in batch.writes):
-                db.execute("ROLLBACK")
-                self._begin(deadline)
-                for write in batch.writes:
-                    self._run_apart(write)
+            for write in batch.writes:  # a loop: all() of a generator makes a frame a batch
+                if not self._run(write):
+                    db.execute("ROLLBACK")
+                    self._begin(deadline)
+                    for each in batch.writes:
+                        self._run_apart(each)
+                    break
             db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
         except Exception as error:
             with contextlib.suppress(sqlite3.Error):
