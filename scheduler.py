@@ -581,7 +581,7 @@ def parse_appointment(fields: Mapping) -> Appointment:
     if errors:
         raise InvalidAppointment(errors)
     start = dt.datetime.combine(values["date"], values["time"], tzinfo=dt.timezone.utc)
-    return Appointment(values["user_id"], start, *(values.get(name) for name in _DETAIL_NAMES))
+    return Appointment(values["user_id"], start, *map(values.get, _DETAIL_NAMES))
 
 
 class Changes(NamedTuple):
@@ -5331,6 +5331,8 @@ def parse_query(query: str) -> Dict[str, List[str]]:
     """Decode a query string into each name's values, as urllib.parse.parse_qs
     does, but doing only what a query of this API needs, so more quickly; 400 when
     it has more than MAX_QUERY_PARAMETERS or is not percent-encoded UTF-8."""
+    if not query:  # most requests have none
+        return {}
     fields = [field for field in query.split("&") if field]
     if len(fields) > MAX_QUERY_PARAMETERS:
         raise HTTPError(400, f"The query string has more than {MAX_QUERY_PARAMETERS} parameters.")
@@ -7659,7 +7661,8 @@ def render_response(reply: Reply, request_id: Optional[str] = None, *, keep_open
              f"Date: {_clock().http_date}"]
     if body is not None:
         lines += [f"Content-Type: {reply.media_type}", f"Content-Length: {len(body)}"]
-    lines += [f"{name}: {value}" for name, value in reply.headers]
+    for name, value in reply.headers:
+        lines.append(f"{name}: {value}")
     if request_id is not None:
         lines.append(f"X-Request-ID: {request_id}")
     if not keep_open:
