@@ -7768,7 +7768,8 @@ class Connection:
                                                    connection; else now + idle_timeout
         a request's first byte arrives   READING   that byte + request_timeout
         the head is parsed               BUSY      none while the request is handled
-        its body is read                 READING   the request's, from its first byte
+        its body is awaited (one that    READING   the request's, from its first byte
+        came with the head is not)
         the response is sent             WRITING   now + request_timeout; once sent,
                                                    if kept open, WAITING: idle_timeout
                                                    (READING if the next request has
@@ -7934,16 +7935,19 @@ class Connection:
     def _read_body(self, request: RequestHead, length: int) -> bytes:
         """The request's body of length bytes, within the request's deadline. Sends
         100 Continue first if the client waits for it: only now, so that a request
-        refused on its headers is refused unread."""
-        self._enter(self.READING, self._request_deadline)
-        if expects_continue(request):
-            self._sock.sendall(CONTINUE)
-        while len(self._data) < length:
-            if not self._receive():
-                raise HTTPError(400, f"The body ended after {len(self._data)} of {length} bytes.")
+        refused on its headers is refused unread. A body that arrived with the head,
+        as a small one mostly does, is taken at once: the connection stays BUSY."""
+        if len(self._data) < length or expects_continue(request):
+            self._enter(self.READING, self._request_deadline)
+            if expects_continue(request):
+                self._sock.sendall(CONTINUE)
+            while len(self._data) < length:
+                if not self._receive():
+                    raise HTTPError(400, f"The body ended after {len(self._data)} of {length} "
+                                         "bytes.")
+            self._enter(self.BUSY, None)
         body = bytes(self._data[:length])
         del self._data[:length]  # what is left is the next request's
-        self._enter(self.BUSY, None)
         return body
 
     def _client_gone(self) -> bool:
