@@ -3144,6 +3144,7 @@ SHIPPED_STEPS = {
     5: "e644279dfcf700fa7efdb3c7fb9dfc17f79df1c983bdc28400d71523b7f2bd74",
     6: "a91609441e7bc6ccd7b6eb36117491cbc638daa6f111669c8f176fb990058953",
     7: "f26fc3f9a6e15a04b8caead94425e383d45abb78c0b67cf9f6f4ce5fcaeb07e3",
+    8: "aa162748b6434d95fc601eb68d3629424041277aab144db347633cf81c66cb28",
 }
 
 
@@ -3429,6 +3430,68 @@ class SchemaTest(unittest.TestCase):
                 query(path, f"UPDATE appointments SET {column} = ?", (value,))
         query(path, "UPDATE appointments SET event_key = 'a b\r\n' WHERE date = '2000-01-01'")
         assert_upgraded_events_keep_their_uids(self, store)  # that key taken as none
+
+    def test_version_8_keeps_every_row_and_every_count_and_refuses_what_7_refused(self):
+        path = temporary_database(self)
+        with database_of_release(path, 7) as db:
+            db.executemany("INSERT INTO appointments (user_id, date, time, note, event_key, "
+                           "sequence, modified) VALUES (?, ?, ?, ?, ?, ?, ?)", [
+                               ("alice", "2026-11-25", "09:30", "Left knee", None, 0, None),
+                               ("alice", "2026-11-26", "23:30", None, "k-1", 2, 1700),
+                               ("Jos\u00e9", "2000-01-01", "00:00", None, "k-2", 0, 1800),
+                               ("bob", "2099-12-31", "12:00", None, None, 0, None)])
+            db.execute("DELETE FROM appointments WHERE user_id = 'bob'")  # bob's version: 2
+        tables = {"appointments": "SELECT rowid, * FROM appointments ORDER BY rowid",
+                  **{table: f"SELECT * FROM {table} ORDER BY 1" for table in (
+                      "users", "appointment_count")}}
+        before = {table: query(path, sql) for table, sql in tables.items()}
+        store = self.open(path)
+        self.assertEqual(store.notices, (f"Upgraded {path} to schema version 8: User IDs "
+                                         "checked for control characters by a pattern written "
+                                         "out, not made for each row.",))
+        self.assertEqual({table: query(path, sql) for table, sql in tables.items()}, before)
+        self.assertEqual(query(path, "PRAGMA integrity_check"), [("ok",)])
+        made = temporary_database(self)
+        self.open(made)
+        self.assertEqual(self.schema(path), self.schema(made))  # upgraded, or made so
+        # The user IDs each takes, by SQLite's CHECK constraints alone.
+        user_ids = ["alice", "", " alice", "alice ", "a\x01b", "a\x1fb", "a\x7fb", "\x01",
+                    "a\x00b", "a b", "a\x80b", "\u00e9", "a[b]*?", "a-b", b"alice", 1]
+        version_7 = temporary_database(self)
+        with database_of_release(version_7, 7):
+            pass
+
+        def taken(file: str) -> List[bool]:
+            verdicts = []
+            with contextlib.closing(sqlite3.connect(file, isolation_level=None)) as db:
+                for user_id in user_ids:
+                    db.execute("BEGIN")
+                    try:
+                        db.execute("INSERT INTO appointments (user_id, date, time) "
+                                   "VALUES (?, '2030-01-01', '10:00')", (user_id,))
+                        verdicts.append(True)
+                    except sqlite3.IntegrityError:
+                        verdicts.append(False)
+                    db.execute("ROLLBACK")
+            return verdicts
+
+        in_utf_16 = temporary_database(self)  # a file whose text is UTF-16, all steps run
+        with contextlib.closing(sqlite3.connect(in_utf_16, isolation_level=None)) as db:
+            db.execute("PRAGMA encoding = 'UTF-16le'")
+            for step in scheduler.SCHEMA_STEPS:
+                step(db)
+        self.assertEqual(query(in_utf_16, "PRAGMA encoding"), [("UTF-16le",)])
+        self.assertEqual(taken(path), taken(version_7))
+        self.assertEqual(taken(in_utf_16), taken(version_7))
+        self.assertEqual(taken(path), [True, False, False, False, False, False, False, False,
+                                       True, True, True, True, True, True, False, True])
+        # The triggers, made again, count as before.
+        store.book(appointment("carol"))
+        store.cancel("alice", dt.date(2026, 11, 25))
+        self.assertEqual(query(path, "SELECT * FROM users WHERE user_id IN "
+                                     "('alice', 'bob', 'carol') ORDER BY user_id"),
+                         [("alice", 1, 3), ("bob", 0, 2), ("carol", 1, 1)])
+        self.assertEqual(query(path, "SELECT n FROM appointment_count"), [(3,)])
 
     def test_rows_past_the_bounds_of_the_rules_are_set_aside_by_the_next_start(self):
         path = temporary_database(self)
