@@ -2170,6 +2170,7 @@ class SQLiteStore(SQLStore):
         self._turns: Optional[_Turns] = None  # opened with the database, below
         self._writer = self._reader = None
         self._write_db = self._read_db = None  # the two as SQLDatabases
+        self._busy_ms = int(busy_timeout * 1000)  # the writer's busy timeout (_begin())
         self.inspect(path)  # before anything is written
         try:
             # isolation_level=None: transactions only where BEGIN says so.
@@ -2512,17 +2513,17 @@ class SQLiteStore(SQLStore):
         self._transactions += 1
 
     def _begin(self, deadline: float) -> None:
-        """BEGIN IMMEDIATE, which takes SQLite's write lock. After a wait for the
-        writers' lock, SQLite's own wait for it gets only what is left until deadline."""
-        db, left = self._writer, deadline - time.monotonic()
-        if left >= self.busy_timeout - 0.001:  # no wait
-            db.execute("BEGIN IMMEDIATE")
-            return
-        db.execute(f"PRAGMA busy_timeout = {max(0, int(left * 1000))}")
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+        """BEGIN IMMEDIATE, which takes SQLite's write lock, waiting for it (SQLite's
+        busy timeout) no later than deadline. The busy timeout is changed only when it
+        must be: lowered when less time is left than it allows (as after a wait in
+        line, or for the writers' lock), and raised again once a tenth of busy_timeout
+        more is left. So a wait may end up to that much before the deadline, never
+        after it, and a batch mostly sends BEGIN alone."""
+        left = int(max(0.0, deadline - time.monotonic()) * 1000)  # in milliseconds
+        if left < self._busy_ms or left > self._busy_ms + self.busy_timeout * 100:
+            self._busy_ms = min(left, int(self.busy_timeout * 1000))
+            self._writer.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        self._writer.execute("BEGIN IMMEDIATE")
 
     def _run(self, write: _Write) -> bool:
         """One write of a batch being written: its result, or the outcome it raised
