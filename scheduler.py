@@ -2281,7 +2281,6 @@ class SQLiteStore(SQLStore):
                 if not new:
                     notices.append(f"Upgraded {self.path} to schema version {step + 1}: "
                                    f"{SCHEMA_STEPS[step].__doc__}")
-            db.execute("PRAGMA ignore_check_constraints = 0")
             if version < SCHEMA_VERSION:
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if new:
@@ -2297,7 +2296,7 @@ class SQLiteStore(SQLStore):
             raise
         finally:
             db.text_factory = str
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error):  # the checks on again, for every write
                 db.execute("PRAGMA ignore_check_constraints = 0")
 
     @staticmethod
@@ -2495,13 +2494,11 @@ class SQLiteStore(SQLStore):
             self._begin(deadline)
             if self.lost is not None:  # checked under the lock that a checkpoint waits for
                 raise self._lost()
-            for write in batch.writes:  # a loop: all() of a generator makes a frame a batch
-                if not self._run(write):
-                    db.execute("ROLLBACK")
-                    self._begin(deadline)
-                    for each in batch.writes:
-                        self._run_apart(each)
-                    break
+            if not all(map(self._run, batch.writes)):  # map(): no generator's frame a batch
+                db.execute("ROLLBACK")
+                self._begin(deadline)
+                for write in batch.writes:
+                    self._run_apart(write)
             db.execute("COMMIT")  # the one fsync for the batch (synchronous = FULL)
         except Exception as error:
             with contextlib.suppress(sqlite3.Error):
@@ -8766,6 +8763,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 _say_format = text_message  # how say() writes: main() sets it from --log-format
 
 
+def flush_output() -> None:
+    """Write out what stdout and stderr hold, as exiting would; one that has gone
+    (closed, or a terminal hung up) loses it."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+
+
 def say(line: str) -> None:
     """A line for the operator, on stderr at once (outside a server's own log). A
     stderr that has gone (a terminal hung up) loses the line, and stops nothing."""
@@ -9106,9 +9111,7 @@ class Supervisor:
             "metrics": table, "ready": told, "supervisor": self.pid,
             "cpu": self.cpus[number % len(self.cpus)] if self.cpus else None})
         signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # none until it is ready for them
-        for stream in (sys.stdout, sys.stderr):  # else the child would write it out again
-            with contextlib.suppress(OSError):
-                stream.flush()
+        flush_output()  # else the child would write what is buffered out again
         try:
             pid, why = os.fork(), ""
         except OSError as error:
@@ -9153,9 +9156,7 @@ class Supervisor:
         except BaseException:
             sys.excepthook(*sys.exc_info())  # as an uncaught exception would end it
         finally:
-            for stream in (sys.stdout, sys.stderr):
-                with contextlib.suppress(OSError, ValueError):
-                    stream.flush()
+            flush_output()
             os._exit(status)
 
     def stop(self, signum: int) -> None:
