@@ -3246,9 +3246,9 @@ class SchemaTest(unittest.TestCase):
     def test_rows_written_past_the_constraints_do_not_stop_an_upgrade(self):
         # Each release's file, holding rows a tool wrote past its CHECK constraints,
         # opens as a file of today holding the same rows does.
-        planted = list({row[0]: row[:3] for row in [row for row in BROKEN_ROWS if isinstance(
-            row[0], str)] + [row for row, _ in PAST_BOUNDS] + [("alice", GOOD_DATE, "10:00")]
-                        }.values())  # a row a user
+        rows = [row[:3] for row in BROKEN_ROWS if isinstance(row[0], str)]
+        rows += [row[:3] for row, _ in PAST_BOUNDS] + [("alice", GOOD_DATE, "10:00")]
+        planted = list({row[0]: row for row in rows}.values())  # a row a user
 
         def opened(path: str) -> dict:
             self.open(path).close()
@@ -11091,7 +11091,7 @@ class WorkersTest(unittest.TestCase):
             code = file.read()
         server, path, workers = self.start(cwd=directory.name,
                                            env={"PYTHONDONTWRITEBYTECODE": ""})
-        forked = [self.exec_of(pid) for pid in workers.values()]
+        started_anew = [self.exec_of(pid) for pid in workers.values()]
         answers, failures, stop = [], [], threading.Event()  # (status, Server) of each booking
 
         def stream(keep_alive: bool):  # one booking after another, each on a new connection
@@ -11143,7 +11143,7 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual(query(path, "SELECT count(*) FROM appointments"), [(len(answers),)])
         # Forks before the SIGHUP (the code loaded once); from then on, processes that
         # load the code anew, including one that replaces a worker that died.
-        self.assertEqual(forked, [False, False])
+        self.assertEqual(started_anew, [False, False])
         os.kill(replaced[0][1], signal.SIGKILL)
         again = int(re.search(r"\(process (\d+)\)", wait_for_log(
             server, f"Worker {replaced[0][0]} started")).group(1))
