@@ -2581,22 +2581,28 @@ class SQLiteStore(SQLStore):
                  "SQLite transactions committed for writes, each holding one write or more "
                  "(group commit).", self._transactions)]
 
-    # One write transaction runs at a time here, so that a booking may look for room
-    # (room()) and then insert its row alone, where insertion() does both in one
-    # statement: an INSERT ... SELECT into a table with triggers, as appointments is,
-    # first copies its rows to a temporary table (SQLite's insert.c), which costs more
-    # than the look.
-    _ROOM = f"SELECT {room('?', '?')}"
-    _INSERT_ROW = (f"INSERT INTO appointments ({', '.join(COLUMNS + _EVENT_MADE)}) VALUES "
-                   f"({', '.join('?' * len(COLUMNS + _EVENT_MADE))}) "
-                   "ON CONFLICT (user_id, date) DO NOTHING")
+    # A booking's look for room (room()) is made in the statement that inserts its
+    # row: where there is none, the user ID is NULL, which the NOT NULL constraint
+    # refuses. SQLite fails that one statement, with nothing written, and the
+    # transaction goes on (PostgreSQL would abort it: SQLStore's SQL never fails a
+    # statement). A look of its own would cost a statement more a booking; and
+    # insertion()'s INSERT ... SELECT, into a table with triggers as appointments is,
+    # has SQLite copy its rows to a temporary table first (its insert.c).
+    _INSERT_IF_ROOM = (f"INSERT INTO appointments ({', '.join(COLUMNS + _EVENT_MADE)}) VALUES "
+                       f"((SELECT ? WHERE {room('1', '?')}), "
+                       f"{', '.join('?' * (len(COLUMNS + _EVENT_MADE) - 1))}) "
+                       "ON CONFLICT (user_id, date) DO NOTHING")
+    _NO_ROOM = "NOT NULL constraint failed: appointments.user_id"  # SQLite's words
 
     def _insert(self, db: SQLDatabase, appointment: Appointment) -> int:
-        limit = self._limit
-        if not db.execute(self._ROOM, (limit, 1, limit, appointment.user_id,
-                                       self.user_capacity))[0][0]:
+        row, limit = self._row(appointment), self._limit
+        try:
+            db.execute(self._INSERT_IF_ROOM, (row[0], limit, limit, row[0], self.user_capacity,
+                                              *row[1:]))
+        except sqlite3.IntegrityError as error:
+            if str(error) != self._NO_ROOM:
+                raise
             return 0
-        db.execute(self._INSERT_ROW, self._row(appointment))
         return db.rowcount
 
     def check(self) -> None:

@@ -62,6 +62,7 @@ import threading
 import time
 import tokenize
 import tracemalloc
+import types
 import unicodedata
 import unittest
 import urllib.parse
@@ -2441,6 +2442,18 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(sorted(outcomes), ["booked"] + ["conflict"] * 7)
         self.assertEqual(len(other.list_for_user("alice")), 1)
 
+    def test_a_booking_without_room_fails_its_statement_alone(self):
+        """SQLiteStore._insert() looks for room in its INSERT, whose NOT NULL refuses
+        the row where there is none: the rest of the transaction stands."""
+        store = self.make_store(user_capacity=1)
+        self.addCleanup(store.close)
+        store.book(appointment())
+        inserted = store.transact(lambda db: (store._insert(db, appointment(date="2026-11-26")),
+                                              store._insert(db, appointment("bob"))))
+        self.assertEqual(inserted, (0, 1))
+        self.assertEqual(store.list_for_user("alice"), [appointment()])
+        self.assertEqual(store.list_for_user("bob"), [appointment("bob")])
+
     def test_check_reports_a_database_that_does_not_answer(self):
         self.store.check()
         self.store.close()
@@ -2799,10 +2812,13 @@ class NotingDatabase(scheduler._SQLiteDatabase):
 
 class SharedSQLTest(StoreContract, unittest.TestCase):
     """SQLStore's SQL, which a store on PostgreSQL runs too: no statement of a write
-    fails, even one whose failure SQLite would let the write get over."""
+    fails, even one whose failure SQLite would let the write get over. A booking runs
+    SQLStore's _insert() (insertion()), not SQLiteStore's, whose statement fails where
+    there is no room, as SQLite allows."""
 
     def make_store(self, **options):
         store = scheduler.SQLiteStore(made_database(self), **options)
+        store._insert = types.MethodType(scheduler.SQLStore._insert, store)
         store.failed = []
         store._write_db = NotingDatabase(store._writer, store.failed)
         self.addCleanup(lambda: self.assertEqual(store.failed, []))
