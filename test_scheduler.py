@@ -11362,6 +11362,7 @@ class LoadResult(NamedTuple):
     p50_ms: float
     p99_ms: float
     errors: int  # wrong statuses, dropped connections, timeouts
+    problem: str = ""  # what the errors were, for the failure's message
 
     @property
     def rate(self) -> float:
@@ -11391,13 +11392,14 @@ def _bench_request(kind: str, prefix: str, number: int) -> bytes:
 
 
 def generate_load(address, kind: str, connections: int, seconds: float,
-                  prefix: str) -> Tuple[List[float], int]:
+                  prefix: str) -> Tuple[List[float], int, str]:
     """Keep connections keep-alive connections busy for seconds, each sending its
     next request as soon as the last answer is in. Returns the latencies (in
-    seconds) of the right answers, and how many were wrong or never came."""
+    seconds) of the right answers, how many were wrong or never came, and what
+    the first of those was."""
     expected = b" 201 " if kind == "POST" else b" 200 "
     selector = selectors.DefaultSelector()
-    latencies, errors, number = [], 0, 0
+    latencies, errors, number, problem = [], 0, 0, ""
     deadline = time.monotonic() + seconds
     for index in range(connections):
         sock = socket.create_connection(address, timeout=10)
@@ -11408,6 +11410,7 @@ def generate_load(address, kind: str, connections: int, seconds: float,
         for key, _ in selector.select(timeout=10) or [(None, None)]:
             if key is None:  # nothing answered for 10 s: count every connection as failed
                 errors += len(selector.get_map())
+                problem = problem or "no answer within 10 s"
                 for open_key in list(selector.get_map().values()):
                     selector.unregister(open_key.fileobj)
                     open_key.fileobj.close()
@@ -11427,6 +11430,8 @@ def generate_load(address, kind: str, connections: int, seconds: float,
                 continue  # the answer is not all in yet
             if not data or not buffer.startswith(b"HTTP/1.1") or expected not in buffer[:13]:
                 errors += 1
+                problem = problem or (bytes(buffer[:buffer.find(b"\r")]).decode("latin-1")
+                                      if data else "the connection closed")
             else:
                 latencies.append(time.perf_counter() - sent)
             del buffer[:head_end + 4 + length]
@@ -11437,7 +11442,7 @@ def generate_load(address, kind: str, connections: int, seconds: float,
             else:
                 selector.unregister(sock)
                 sock.close()
-    return latencies, errors
+    return latencies, errors, problem
 
 
 def _percentile_ms(sorted_seconds: list, fraction: float) -> float:
@@ -11462,9 +11467,9 @@ def load_process(host: str, port: str, kind: str, connections: str, seconds: str
                  prefix: str) -> None:
     """python3 test_scheduler.py load ...: generate_load() in a process of its own,
     its latencies and errors printed as JSON."""
-    latencies, errors = generate_load((host, int(port)), kind, int(connections),
-                                      float(seconds), prefix)
-    json.dump({"latencies": latencies, "errors": errors}, sys.stdout)
+    latencies, errors, problem = generate_load((host, int(port)), kind, int(connections),
+                                               float(seconds), prefix)
+    json.dump({"latencies": latencies, "errors": errors, "problem": problem}, sys.stdout)
 
 
 def stdlib_load(addresses, kind: str, connections: int, seconds: float) -> LoadResult:
@@ -11482,7 +11487,8 @@ def stdlib_load(addresses, kind: str, connections: int, seconds: float) -> LoadR
     latencies = sorted(latency for outcome in outcomes for latency in outcome["latencies"])
     return LoadResult(len(latencies), seconds, _percentile_ms(latencies, 0.5),
                       _percentile_ms(latencies, 0.99),
-                      sum(outcome["errors"] for outcome in outcomes))
+                      sum(outcome["errors"] for outcome in outcomes),
+                      "; ".join(outcome["problem"] for outcome in outcomes if outcome["problem"]))
 
 
 def _wrk_percentile_ms(histogram: Dict[int, int], fraction: float) -> float:
@@ -11518,7 +11524,7 @@ def wrk_load(addresses, kind: str, connections: int, seconds: float) -> LoadResu
             if run.returncode:
                 raise AssertionError(f"wrk failed: {problem.strip()}")
             outputs.append(output)
-    requests, errors, histogram = 0, 0, collections.Counter()
+    requests, errors, histogram, problems = 0, 0, collections.Counter(), []
     for output in outputs:
         requests += int(re.search(r"(\d+) requests in", output).group(1))
         socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), "
@@ -11526,10 +11532,11 @@ def wrk_load(addresses, kind: str, connections: int, seconds: float) -> LoadResu
         non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
         errors += (sum(map(int, socket_errors.groups())) if socket_errors else 0) + (
             int(non_2xx.group(1)) if non_2xx else 0)
+        problems += [found.group(0) for found in (socket_errors, non_2xx) if found]
         for value, count in re.findall(r"^latency (\d+) (\d+)$", output, re.M):
             histogram[int(value)] += int(count)
     return LoadResult(requests, seconds, _wrk_percentile_ms(histogram, 0.5),
-                      _wrk_percentile_ms(histogram, 0.99), errors)
+                      _wrk_percentile_ms(histogram, 0.99), errors, "; ".join(problems))
 
 
 def run_load(addresses, kind: str, connections: int, seconds: float) -> LoadResult:
@@ -11638,7 +11645,7 @@ class Benchmark(unittest.TestCase):
                     print(f"  {label + suffix:61} {connections:5} {result.rate:8.0f} "
                           f"{result.p50_ms:7.2f} {result.p99_ms:7.2f} {result.errors:6}",
                           flush=True)
-                    self.assertEqual(result.errors, 0)
+                    self.assertEqual(result.errors, 0, result.problem)
 
     def test_3_a_user_at_the_limit_polled_by_four_clients(self):
         limit = scheduler.MAX_APPOINTMENTS_PER_USER
@@ -11661,11 +11668,12 @@ class Benchmark(unittest.TestCase):
                 [sys.executable, THIS_FILE, "load", address[0], str(address[1]), kind, "4",
                  str(BENCH_SECONDS), "poll"], cwd=HERE, stdout=subprocess.PIPE, text=True)
             result = run_load([address], "GET", 16, BENCH_SECONDS)
-            polled = {"latencies": [], "errors": 0} if pollers is None else json.loads(
+            polled = {"latencies": [], "errors": 0, "problem": ""} if pollers is None else json.loads(
                 pollers.communicate(timeout=BENCH_SECONDS + 60)[0])
             print(f"  {label:36} {result.rate:8.0f} {result.p50_ms:7.2f} {result.p99_ms:7.2f} "
                   f"{len(polled['latencies']) / BENCH_SECONDS:8.1f}", flush=True)
-            self.assertEqual(result.errors + polled["errors"], 0)
+            self.assertEqual(result.errors + polled["errors"], 0,
+                             f"{result.problem} {polled['problem']}")
 
     def test_2_a_million_appointments(self):
         stored = self.STORED_USERS * self.PER_USER
@@ -11703,7 +11711,7 @@ class Benchmark(unittest.TestCase):
                 [THIS_FILE, "serve-filled", str(users), str(self.PER_USER)])
             for kind in ("POST", "GET"):
                 result = run_load([address], kind, 16, 5)
-                self.assertEqual(result.errors, 0)
+                self.assertEqual(result.errors, 0, result.problem)
                 print(f"  {kind + ' over HTTP, 16 connections, 5 s':44} {label:>9} "
                       f"{result.p50_ms:7.2f}ms {result.p99_ms:7.2f}ms", flush=True)
 
@@ -11733,7 +11741,7 @@ class Benchmark(unittest.TestCase):
                 for kind, _ in rows:
                     for version in ("old", "new") if round_ % 2 == 0 else ("new", "old"):
                         result = run_load(addresses[version], kind, 16, seconds)
-                        self.assertEqual(result.errors, 0)
+                        self.assertEqual(result.errors, 0, result.problem)
                         rates[kind, version].append(result.rate)
             for kind, label in rows:
                 old, new = (statistics.median(rates[kind, version]) for version in ("old", "new"))
