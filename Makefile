@@ -15,6 +15,6 @@ run: ## Serve the API (change the port with: make run PORT=9000)
 test: ## Run the test suite in 4 processes (another interpreter: make test PYTHON=python3.9)
 	$(PYTHON) -c 'import test_scheduler; test_scheduler.run_in_parallel("4")'
 
-bench: ## Measure throughput, latency and memory (3 min; wrk if installed); BASE=<commit>: against it, taking turns
+bench: ## Measure throughput, latency and memory (4 min; wrk if installed); BASE=<commit>: against it, taking turns
 	SCHEDULER_BENCH=1 SCHEDULER_BENCH_BASE=$(BASE) $(PYTHON) -m unittest -v \
 	    test_scheduler.Benchmark$(if $(BASE),.test_against_a_base_commit)

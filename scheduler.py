@@ -1849,6 +1849,7 @@ class _SQLiteDatabase(SQLDatabase):
         self.connection, self.rowcount = connection, -1
 
     def execute(self, sql: str, parameters: tuple = ()) -> list:
+        self.rowcount = -1  # until the statement has run: it may fail
         try:
             cursor = self.connection.execute(sql, parameters)
             rows = cursor.fetchall()
@@ -2581,13 +2582,14 @@ class SQLiteStore(SQLStore):
                  "SQLite transactions committed for writes, each holding one write or more "
                  "(group commit).", self._transactions)]
 
-    # A booking's look for room (room()) is made in the statement that inserts its
-    # row: where there is none, the user ID is NULL, which the NOT NULL constraint
-    # refuses. SQLite fails that one statement, with nothing written, and the
-    # transaction goes on (PostgreSQL would abort it: SQLStore's SQL never fails a
-    # statement). A look of its own would cost a statement more a booking; and
-    # insertion()'s INSERT ... SELECT, into a table with triggers as appointments is,
-    # has SQLite copy its rows to a temporary table first (its insert.c).
+    # The check for room (room()) is in the INSERT itself: where there is no room, the
+    # user ID is NULL, and the NOT NULL constraint refuses the row. SQLite fails that
+    # one statement, with nothing written, and the transaction goes on (PostgreSQL
+    # would abort it, which is why SQLStore's SQL never fails a statement). The
+    # failure is told from others by SQLite's exact message. A separate SELECT would
+    # cost one more statement per booking; and insertion()'s INSERT ... SELECT, into
+    # a table with triggers as appointments is, has SQLite copy its rows to a
+    # temporary table first (its insert.c).
     _INSERT_IF_ROOM = (f"INSERT INTO appointments ({', '.join(COLUMNS + _EVENT_MADE)}) VALUES "
                        f"((SELECT ? WHERE {room('1', '?')}), "
                        f"{', '.join('?' * (len(COLUMNS + _EVENT_MADE) - 1))}) "

@@ -2448,11 +2448,17 @@ class SQLiteStoreTest(StoreContract, unittest.TestCase):
         store = self.make_store(user_capacity=1)
         self.addCleanup(store.close)
         store.book(appointment())
-        inserted = store.transact(lambda db: (store._insert(db, appointment(date="2026-11-26")),
-                                              store._insert(db, appointment("bob"))))
-        self.assertEqual(inserted, (0, 1))
+
+        def three(db):  # bob's before the refused one, carol's after it
+            return (store._insert(db, appointment("bob")),
+                    store._insert(db, appointment(date="2026-11-26")),
+                    store._writer.in_transaction, store._insert(db, appointment("carol")))
+
+        self.assertEqual(store.transact(three), (1, 0, True, 1))
         self.assertEqual(store.list_for_user("alice"), [appointment()])
         self.assertEqual(store.list_for_user("bob"), [appointment("bob")])
+        self.assertEqual(store.list_for_user("carol"), [appointment("carol")])
+        self.assertEqual(store.count(), 3)
 
     def test_check_reports_a_database_that_does_not_answer(self):
         self.store.check()
@@ -7848,6 +7854,7 @@ class PostgresFaultTestCase(RouteTestCase):
             {"user_id": user_id, "date": "2026-11-25", "time": "09:30"}),
             {"Content-Type": "application/json", "Idempotency-Key": '"first-try"'})
 
+
 @requires_postgres
 class PostgresFrozenTest(PostgresFaultTestCase):
     DEADLINE = 1  # short: the test waits it out
@@ -7885,6 +7892,7 @@ class PostgresFrozenTest(PostgresFaultTestCase):
         if again.status == 409:
             self.assertEqual(again.json()["appointment"]["user_id"], "bob")
         self.assertEqual(len(self.stored("bob")), 1)
+
 
 @requires_postgres
 class PostgresFaultTest(PostgresFaultTestCase):
@@ -11135,7 +11143,7 @@ class WorkersTest(unittest.TestCase):
                     failures.append(repr(error))
                 conn.close()
                 conn = None
-            if conn is not None:  # kept open when the test stopped it
+            if conn is not None:  # kept open when the loop ended
                 conn.close()
 
         streams = [threading.Thread(target=stream, args=(keep_alive,))
