@@ -7907,7 +7907,7 @@ class Connection:
         closed (or the wait ran out) before sending one."""
         searched = 0
         while True:
-            found = find_head(self._data, searched)
+            found = find_head(self._data, searched) if self._data else None  # nothing to search yet
             if found is not None:
                 start, end = found
                 head = bytes(self._data[start:end])
@@ -7990,7 +7990,7 @@ class Connection:
     def _wait(self, since: Optional[float] = None) -> None:
         """Wait for a request: from now, or from when the last response was sent. If
         some of it has arrived already (sent behind the last one), it is being read."""
-        if self._data.strip(b"\r\n"):
+        if self._data and self._data.strip(b"\r\n"):
             self._request_deadline = time.monotonic() + self._limits.request_timeout
             self._enter(self.READING, self._request_deadline)
             return
