@@ -455,7 +455,7 @@ def parse_date(value) -> dt.date:
     if match is None:
         raise ValueError("must be a string in YYYY-MM-DD format, e.g. 2026-11-25")
     try:
-        date = dt.date(*map(int, match.groups()))
+        date = dt.date.fromisoformat(value)  # DATE_FORMAT's form, which every version reads
     except ValueError:
         raise ValueError(f"{value} is not a real calendar date") from None
     if not FIRST_DATE <= date <= LAST_DATE:
@@ -5365,7 +5365,9 @@ def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) 
     it is read: its Content-Type, one of media_types (415), its framing (411, 400)
     and its size (413)."""
     headers = request.headers
-    media_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    media_type = headers.get("content-type", "")
+    if media_type not in media_types:  # "application/json; charset=utf-8", say: its type alone
+        media_type = media_type.split(";")[0].strip().lower()
     if media_type not in media_types:
         label = media_types[0]
         others = "".join(f" (or {other})" for other in media_types[1:])
@@ -7561,7 +7563,8 @@ def parse_head(head: bytes) -> RequestHead:
         field = _HEADER_LINE.fullmatch(text)
         if field is None:
             raise HTTPError(400, f"Malformed header line {text[:100]!r}.")
-        name, value = field.group(1).lower(), field.group(2).strip(" \t")
+        name, value = field.groups()
+        name, value = name.lower(), value.strip(" \t")
         if name in headers:
             repeated.setdefault(name, [headers[name]]).append(value)
         else:
