@@ -11722,7 +11722,9 @@ class Benchmark(unittest.TestCase):
     def test_against_a_base_commit(self):
         """make bench BASE=<commit>: that commit's scheduler.py and this one's take
         turns, round after round, so that both meet the same noise; the medians of
-        the rounds, and their ratio."""
+        the rounds, and the median of each round's ratio. A round's two runs are
+        next to each other in time, so a host whose speed drifts from round to
+        round moves both of them, where it would move a ratio of the medians."""
         base = checkout_for_bench(self, BENCH_BASE)
         seconds = int(os.environ.get("SCHEDULER_BENCH_SECONDS", "5"))  # a round's load
         print(f"\nThroughput against {BENCH_BASE} (old) of this tree (new): {BENCH_ROUNDS} "
@@ -11747,7 +11749,9 @@ class Benchmark(unittest.TestCase):
                         rates[kind, version].append(result.rate)
             for kind, label in rows:
                 old, new = (statistics.median(rates[kind, version]) for version in ("old", "new"))
-                print(f"  {label + suffix:50} {old:9.0f} {new:9.0f} {new / old:7.2f}   old "
+                ratio = statistics.median(new_rate / old_rate for old_rate, new_rate in zip(
+                    rates[kind, "old"], rates[kind, "new"]))
+                print(f"  {label + suffix:50} {old:9.0f} {new:9.0f} {ratio:7.2f}   old "
                       + " ".join(f"{rate:.0f}" for rate in rates[kind, "old"]) + "; new "
                       + " ".join(f"{rate:.0f}" for rate in rates[kind, "new"]), flush=True)
 
