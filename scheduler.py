@@ -5384,11 +5384,15 @@ def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) 
     if declared is None:
         raise HTTPError(411, "A request body needs a Content-Length header.")
     if not (declared.isdigit() and declared.isascii()):
-        raise HTTPError(400, f"Content-Length must be a non-negative integer, not {declared!r}.")
-    length = int(declared)
-    if length > limit:
-        raise HTTPError(413, f"The body is {length} bytes; the limit is {limit}.")
-    return length
+        raise HTTPError(400, f"Content-Length must be a non-negative integer, not "
+                             f"{declared[:40]!r}.")
+    digits = declared.lstrip("0") or "0"
+    # A number with more digits than the limit is over it, however many there are:
+    # int() is not asked to read them (it refuses over 4,300, from Python 3.11 on).
+    if len(digits) > len(str(limit)) or int(digits) > limit:
+        size = digits if len(digits) <= 20 else f"{digits[:20]}... ({len(digits)} digits)"
+        raise HTTPError(413, f"The body is {size} bytes; the limit is {limit}.")
+    return int(digits)
 
 
 def _object_without_duplicate_keys(pairs):
