@@ -2135,7 +2135,9 @@ class SQLiteStore(SQLStore):
     SQLite's own failures (a lock held too long, a read-only file, a full disk)
     are StoreUnavailable, for every write of the transaction they ended; it is
     rolled back whole, so nothing is half-written. A damaged file is noted in
-    damaged, and check() reports it from then on.
+    damaged; from then on writes are refused and check() reports it. (A write that
+    touched no damaged page would succeed, and be lost with the file when its
+    operator restores a backup.)
 
     A file deleted or replaced while the store is open (the -wal file, say, by a
     careless clean-up) goes unnoticed by SQLite: it writes on into the file it
@@ -2492,6 +2494,8 @@ class SQLiteStore(SQLStore):
         db = self._writer
         batch.to(_Batch.WRITING)
         try:
+            if self.damaged is not None:
+                raise self._damaged()
             self._begin(deadline)
             if self.lost is not None:  # checked under the lock that a checkpoint waits for
                 raise self._lost()

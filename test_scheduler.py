@@ -7725,25 +7725,41 @@ class TruthfulHealthTest(RouteTestCase):
         release()
         self.assertEqual(health.get(timeout=10).status, 200)
 
-    def test_a_damaged_file_is_503_that_retrying_will_not_fix(self):
+    def damage(self, pages: Callable[[int, Dict[str, int]], Set[int]]) -> None:
+        """Store 3,000 users' appointments in the file itself, then overwrite the pages
+        that pages(the file's page count, each table's and index's root page) names."""
         path = self.store.path
         with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
             db.execute("BEGIN")
             db.executemany("INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
-                           [(f"user-{n}", "2026-11-25", "09:00") for n in range(3000)])
+                           [(f"user-{n:04d}", "2026-11-25", "09:00") for n in range(3000)])
             db.execute("COMMIT")
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all of it in the file itself
             roots = dict(db.execute("SELECT name, rootpage FROM sqlite_master"))
-        pages = os.path.getsize(path) // 4096
-        with open(path, "r+b") as file:  # every page but the schema's and the count's
-            for page in set(range(2, pages + 1)) - {roots["appointment_count"]}:
+        with open(path, "r+b") as file:
+            for page in pages(os.path.getsize(path) // 4096, roots):
                 file.seek((page - 1) * 4096)
                 file.write(b"\xde\xad" * 2048)
-        for path in ("/appointments?user_id=user-5", "/healthz"):
+
+    def test_a_damaged_file_is_503_that_retrying_will_not_fix(self):
+        # Every page but the schema's and the count's.
+        self.damage(lambda pages, roots: set(range(2, pages + 1)) - {roots["appointment_count"]})
+        for path in ("/appointments?user_id=user-0005", "/healthz"):
             with self.subTest(path=path):
                 response = self.request("GET", path)
                 self.assertIn("damaged", self.assertProblem(response, 503)["detail"])
                 self.assertNotIn("Retry-After", response.headers)
+
+    def test_once_the_file_is_found_damaged_no_write_is_taken(self):
+        # The pages of the first rows (user-0000...) but the roots: a booking of a new
+        # user, which SQLite writes at the right-hand end of each tree, could succeed,
+        # and its 201 be lost with the file when its operator restores a backup.
+        self.damage(lambda pages, roots: set(range(2, pages // 3)) - set(roots.values()))
+        response = self.request("GET", "/appointments?user_id=user-0005")
+        self.assertIn("damaged", self.assertProblem(response, 503)["detail"])
+        for request in (self.book, lambda: self.request("DELETE", "/appointments/user-2999/"
+                                                                  "2026-11-25")):
+            self.assertIn("damaged", self.assertProblem(request(), 503)["detail"])
 
     def test_a_wal_file_deleted_is_503_and_what_was_committed_is_in_the_database_file(self):
         self.assertEqual(self.book().status, 201)
