@@ -2142,9 +2142,14 @@ class SQLiteStore(SQLStore):
     A file deleted or replaced while the store is open (the -wal file, say, by a
     careless clean-up) goes unnoticed by SQLite: it writes on into the file it
     holds open, which no other process can open, and a crash loses what it held.
-    check() compares the files at the path with those opened (device and inode);
-    once one differs, it copies what was committed into the database file, and
-    writes are refused (lost says why) until the server is started again.
+    A -shm file deleted is worse: the next process to open the database (a worker
+    started again) makes a new one, and the processes no longer see each other's
+    writes to the -wal file, so each overwrites what the other committed. Every
+    batch, under the writers' lock, and check() compare the files at the path (the
+    database, its -wal and -shm) with those opened (device and inode); once one
+    differs, writes are refused (lost says why) until the server is started
+    again, and check() copies what was committed into the database file (not
+    after a -shm file: the -wal file still holds it, for the restart to find).
     """
 
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
@@ -2187,7 +2192,8 @@ class SQLiteStore(SQLStore):
             self.notices = self._upgrade()
             self._turns = _Turns(f"{path}-lock")
             # The files as opened: the -wal is there while a connection is open.
-            self._files = tuple((name, self._identity(name)) for name in (path, path + "-wal"))
+            self._files = tuple((name, self._identity(name))
+                                for name in (path, path + "-wal", path + "-shm"))
         except (sqlite3.Error, OSError) as error:
             self.close()
             if isinstance(error, OSError):
@@ -2374,12 +2380,18 @@ class SQLiteStore(SQLStore):
         return status.st_dev, status.st_ino
 
     def _lost(self) -> StoreUnavailable:
-        what = "its -wal file" if self.lost.endswith("-wal") else "the database file"
+        what = {"-wal": "its -wal file", "-shm": "its -shm file"}.get(self.lost[-4:],
+                                                                       "the database file")
         return StoreUnavailable(
             f"The database cannot keep bookings safely: {what} was deleted or replaced "
             "while the server ran. Bookings are refused until its operator starts the server "
             "again (every process on the file).", retry_after=None,
             cause=f"{self.lost} is not the file opened at the start; {self._rescue}")
+
+    def _lost_file(self) -> Optional[str]:
+        """The first file opened at the start that is no longer at its path, if any."""
+        return next((name for name, identity in self._files
+                     if identity is not None and self._identity(name) != identity), None)
 
     def _notice_lost_files(self) -> None:
         """If a file opened at the start is no longer at its path, note it in lost and
@@ -2389,13 +2401,16 @@ class SQLiteStore(SQLStore):
         From then on writes are refused: _write_batch checks lost under the write
         lock, which the checkpoint waits for, and a crash would lose a later one."""
         if self.lost is None:
-            self.lost = next((name for name, identity in self._files
-                              if identity is not None and self._identity(name) != identity), None)
+            self.lost = self._lost_file()
         if self.lost is None or self._rescued:
             return
         if self.lost == self.path:
             self._rescue = ("a process opening the path cannot see what this one wrote; "
                             "put back the file it should use, then restart the server")
+            return
+        if self.lost.endswith("-shm"):  # this process's view of the -wal file may be stale
+            self._rescue = ("the -wal file holds what was committed; restart every process "
+                            "on the file")
             return
         try:
             with self._read_lock:
@@ -2497,7 +2512,9 @@ class SQLiteStore(SQLStore):
             if self.damaged is not None:
                 raise self._damaged()
             self._begin(deadline)
-            if self.lost is not None:  # checked under the lock that a checkpoint waits for
+            if self.lost is None:  # looked for under the lock that a checkpoint waits for
+                self.lost = self._lost_file()
+            if self.lost is not None:
                 raise self._lost()
             if not all(map(self._run, batch.writes)):  # map(): no generator's frame a batch
                 db.execute("ROLLBACK")

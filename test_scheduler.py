@@ -7781,6 +7781,27 @@ class TruthfulHealthTest(RouteTestCase):
         shutil.copyfile(self.store.path, alone)
         self.assertEqual(query(alone, "SELECT user_id FROM appointments"), [("alice",)])
 
+    def test_a_shm_file_deleted_stops_writes_at_once(self):
+        # The next process to open the database (a worker started again) makes a new
+        # -shm file, and from then on this one's writes would overwrite that one's.
+        self.assertEqual(self.book().status, 201)
+        os.remove(self.store.path + "-shm")
+        book_bob = ("import datetime, sys, scheduler; store = scheduler.SQLiteStore(sys.argv[1]); "
+                    "store.book(scheduler.Appointment('bob', datetime.datetime(2026, 11, 25, 9, "
+                    "30, tzinfo=datetime.timezone.utc))); store.close()")
+        subprocess.run([sys.executable, "-c", book_bob, self.store.path], cwd=HERE, check=True,
+                       timeout=30)
+        for request in (lambda: self.book("carol"), lambda: self.request("GET", "/healthz")):
+            response = request()  # the booking first: no health check has looked yet
+            detail = self.assertProblem(response, 503)["detail"]
+            self.assertIn("its -shm file was deleted or replaced", detail)
+        # What another process sees: both bookings acknowledged, and nothing else.
+        listed = subprocess.run(
+            [sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1])."
+             "execute('SELECT user_id FROM appointments ORDER BY 1').fetchall())",
+             self.store.path], capture_output=True, text=True, check=True, timeout=30).stdout
+        self.assertEqual(listed, "[('alice',), ('bob',)]\n")
+
     def test_a_database_file_moved_away_is_503(self):
         os.rename(self.store.path, self.store.path + ".moved")
         detail = self.assertProblem(self.request("GET", "/healthz"), 503)["detail"]
