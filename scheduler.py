@@ -342,6 +342,11 @@ class StoreUnavailable(Exception):
 # Each parser raises ValueError with a message that follows the field's name:
 # "date" + " must be a string in YYYY-MM-DD format...".
 
+# User IDs that no URL can hold as a path segment: a client removes them, with the
+# segment before ".." (RFC 3986 section 5.2.4), and a browser does so for %2E and
+# %2E%2E too (the URL standard's "single-dot" and "double-dot" segments).
+DOT_SEGMENTS = (".", "..")
+
 
 def parse_user_id(value) -> str:
     """Return the user ID as a string in NFC, Unicode's composed form; raise
@@ -378,6 +383,9 @@ def parse_user_id(value) -> str:
         raise ValueError("must not contain control characters or lone surrogates")
     if value != value.strip():
         raise ValueError("must not start or end with whitespace")
+    if value in DOT_SEGMENTS:
+        raise ValueError(f"must not be {' or '.join(DOT_SEGMENTS)}: an appointment's URL "
+                         "could not hold it")
     invisible = None if ascii_only else _invisible_character(value, look_alikes=True)
     if invisible:
         raise ValueError(f"must not contain the invisible character U+{ord(invisible):04X} "
@@ -2312,12 +2320,14 @@ class SQLiteStore(SQLStore):
     def sweep(db: sqlite3.Connection) -> None:
         """Set aside the rows that break a rule the CHECK constraints leave to this
         code: a user ID's invisible characters, or its form if not NFC (those with
-        characters beyond ASCII are checked), and the bounds (past_the_bounds()),
-        which a rule changed since the last start may have moved."""
+        characters beyond ASCII are checked), a user ID that is a dot segment, and
+        the bounds (past_the_bounds()), which a rule changed since the last start
+        may have moved."""
         bounds, parameters = past_the_bounds()
+        dots = ", ".join("?" * len(DOT_SEGMENTS))
         found = db.execute(f"SELECT rowid, {', '.join(COLUMNS)} FROM appointments WHERE "
-                           f"length(user_id) <> length(CAST(user_id AS BLOB)) OR {bounds}",
-                           parameters).fetchall()
+                           f"length(user_id) <> length(CAST(user_id AS BLOB)) OR user_id IN "
+                           f"({dots}) OR {bounds}", (*DOT_SEGMENTS, *parameters)).fetchall()
         for rowid, *row in found:
             problem = stored_row_problem(*row)
             if problem:
@@ -6381,13 +6391,15 @@ def _without(first: int, last: int, codes: List[int]) -> List[Tuple[int, int]]:
 
 
 def user_id_pattern() -> str:
-    """parse_user_id()'s rules for a string in NFC as one regular expression: no
-    control characters or surrogates, no invisible characters but joiners between
-    visible non-ASCII ones and variation selectors after emoji, and no whitespace
-    first or last. It compiles, and matches alike, with and without ECMA-262's u
+    """parse_user_id()'s rules for a string in NFC as one regular expression: not a
+    dot segment, no control characters or surrogates, no invisible characters but
+    joiners between visible non-ASCII ones and variation selectors after emoji,
+    and no whitespace first or last. It compiles, and matches alike, with and without ECMA-262's u
     flag. It cannot say NFC: the service normalizes first (README, UserId)."""
     space, _, allowed, joined, selected = _character_classes()
-    return f"^(?![{space}])(?:{allowed}|{joined}|{selected})*(?<![{space}]){_END}"
+    dots = "|".join(re.escape(segment) for segment in DOT_SEGMENTS)
+    return (f"^(?!(?:{dots}){_END})(?![{space}])(?:{allowed}|{joined}|{selected})*"
+            f"(?<![{space}]){_END}")
 
 
 def text_pattern(text: FreeText) -> str:
@@ -6815,7 +6827,8 @@ def openapi_document() -> dict:
             "schemas": {
                 "UserId": {**user_id_text, "description": "Brought to NFC (Unicode's "
                            "composed form) first: one user in any form, shown back in NFC. "
-                           f"In NFC, at most {MAX_USER_ID_LENGTH} characters; no control "
+                           f"In NFC, at most {MAX_USER_ID_LENGTH} characters; not "
+                           f"{' or '.join(DOT_SEGMENTS)} (no URL holds them); no control "
                            "characters, no "
                            "whitespace first or last, no invisible characters (format "
                            "characters, Unicode's default-ignorable ones, blanks such as "

@@ -1408,6 +1408,8 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("a/b c", "a/b c"),
         ("Zoë 東京", "Zoë 東京"),
         ("x" * 256, "x" * 256),
+        ("...", "..."),  # not a dot segment: a URL holds it
+        (".alice", ".alice"),
         # Joiners between visible non-ASCII characters: emoji sequences, joining scripts.
         ("dev-\U0001F469\u200d\U0001F4BB", "dev-\U0001F469\u200d\U0001F4BB"),  # woman coder
         ("\U0001F3F3\ufe0f\u200d\U0001F308", "\U0001F3F3\ufe0f\u200d\U0001F308"),  # rainbow flag
@@ -1457,6 +1459,8 @@ class ParseUserIdTest(ParserCases, unittest.TestCase):
         ("al\ud800ice", "lone surrogates"),
         (" alice", "whitespace"),
         ("alice\u3000", "whitespace"),
+        (".", "must not be \\. or \\.\\.: an appointment's URL could not hold it"),
+        ("..", "must not be \\. or \\.\\."),
         # Invisible format characters: alike-looking IDs, or text reversed (Trojan Source).
         ("alice\u200b", "U\\+200B \\(ZERO WIDTH SPACE\\)"),
         ("ali\u200dce", "U\\+200D"),  # a joiner between ASCII letters joins nothing
@@ -3670,6 +3674,19 @@ class SchemaTest(unittest.TestCase):
                          sorted(unicode_rows + [("e\u0301te\u0301", "2026-11-25", "10:00")]))
         self.assertEqual(query(path, "SELECT reason FROM set_aside WHERE time = '10:00'"), [
             ("user_id is not in NFC (Unicode's composed form), as this release stores it",)])
+
+
+    def test_the_next_start_sets_aside_user_ids_no_url_can_hold(self):
+        path = temporary_database(self)
+        self.open(path).close()
+        for user_id in (*scheduler.DOT_SEGMENTS, "..."):  # no CHECK refuses them
+            query(path, "INSERT INTO appointments (user_id, date, time) VALUES (?, ?, ?)",
+                  (user_id, "2026-11-25", "09:00"))
+        store = self.open(path)
+        self.assertEqual(store.count(), 1)  # "..." alone
+        reason = "user_id must not be . or ..: an appointment's URL could not hold it"
+        self.assertEqual(query(path, "SELECT user_id, reason FROM set_aside ORDER BY 1"),
+                         [(".", reason), ("..", reason)])
 
 
 class RowIsolationTest(BatchTestCase):
