@@ -8650,7 +8650,7 @@ _LIMIT_OPTIONS = {  # Limits field: (metavar, help)
     "shutdown_timeout": ("SECONDS", "on SIGTERM or Ctrl-C, time in-flight requests get to "
                                     "finish"),
     "max_appointments": ("N", "appointments stored at most, over all users; more get 507 "
-                              "(about 400 bytes each in memory at worst)"),
+                              "(the memory they take: the README's Limits)"),
     "max_appointments_per_user": ("N", "appointments one user may hold, past ones included; "
                                        "more get 409"),
     "max_idempotency_keys": ("N", "Idempotency-Keys kept at most, over all users (each for 24 "

@@ -2414,6 +2414,53 @@ class InMemoryStoreTest(StoreContract, unittest.TestCase):
         self.assertEqual(again.modified - first.modified, dt.timedelta(microseconds=1))
 
 
+def limits_row(option: str) -> str:
+    """The row of the README's Limits table for option, as written."""
+    with open(README, encoding="utf-8") as file:
+        return next(line for line in file if line.startswith(f"| `{option}`"))
+
+
+class AppointmentMemoryTest(unittest.TestCase):
+    """What the README's Limits table says an appointment takes in memory at worst,
+    measured with tracemalloc: the longest user ID and note, in four-byte UTF-8
+    characters, each made anew as a request's JSON makes it, and each appointment
+    moved once; at one appointment a user, and at as many as a user may hold."""
+
+    @staticmethod
+    def largest(number: int, character: str, length: int) -> str:
+        return f"{number:06d}" + character * (length - 6)
+
+    def bytes_each(self, count: int, per_user: int) -> float:
+        store = scheduler.InMemoryStore()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for number in range(count):
+                user, day = number // per_user, dt.date(2026, 1, 1) + dt.timedelta(
+                    days=number % per_user)
+                store.book(scheduler.Appointment(
+                    self.largest(user, "😀", scheduler.MAX_USER_ID_LENGTH),
+                    dt.datetime.combine(day, dt.time(9, 30), tzinfo=UTC),
+                    self.largest(number, "🦴", scheduler.MAX_NOTE_LENGTH)))
+                store.reschedule(self.largest(user, "😀", scheduler.MAX_USER_ID_LENGTH),
+                                 day, scheduler.Changes(time=dt.time(10, 0)))
+            return (tracemalloc.get_traced_memory()[0] - before) / count
+        finally:
+            tracemalloc.stop()
+
+    def test_the_worst_case_is_the_one_the_readme_gives(self):
+        row = limits_row("--max-appointments")
+        claimed = int(re.search(r"([\d,]+) bytes at worst", row).group(1).replace(",", ""))
+        worst = max(self.bytes_each(2 * scheduler.MAX_APPOINTMENTS_PER_USER, per_user)
+                    for per_user in (1, scheduler.MAX_APPOINTMENTS_PER_USER))
+        self.assertLessEqual(worst, claimed)
+        self.assertGreater(worst, 0.9 * claimed, "the README gives the worst case measured")
+        at_the_cap = float(re.search(r"([\d.]+) GiB at the cap", row).group(1))
+        self.assertEqual(at_the_cap,
+                         round(claimed * scheduler.Limits().max_appointments / 2**30, 1))
+
+
 class SQLiteStoreTest(StoreContract, unittest.TestCase):
     def make_store(self, **options):
         self.path = made_database(self)
