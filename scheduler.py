@@ -2152,12 +2152,13 @@ class SQLiteStore(SQLStore):
     holds open, which no other process can open, and a crash loses what it held.
     A -shm file deleted is worse: the next process to open the database (a worker
     started again) makes a new one, and the processes no longer see each other's
-    writes to the -wal file, so each overwrites what the other committed. Every
-    batch, under the writers' lock, and check() compare the files at the path (the
-    database, its -wal and -shm) with those opened (device and inode); once one
-    differs, writes are refused (lost says why) until the server is started
-    again, and check() copies what was committed into the database file (not
-    after a -shm file: the -wal file still holds it, for the restart to find).
+    writes to the -wal file, so each overwrites what the other committed. A batch,
+    under the writers' lock, if LOOK_EVERY seconds have passed since the last one
+    looked, and check() compare the files at the path (the database, its -wal and
+    -shm) with those opened (device and inode); once one differs, writes are
+    refused (lost says why) until the server is started again, and check() copies
+    what was committed into the database file (not after a -shm file: the -wal
+    file still holds it, for the restart to find).
     """
 
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
@@ -2176,6 +2177,7 @@ class SQLiteStore(SQLStore):
         self._rescue = ""  # what was done about it, for the log...
         self._rescued = False  # ...and whether what was committed is in the database file
         self._files: Tuple[Tuple[str, Optional[Tuple[int, int]]], ...] = ()  # (path, identity)
+        self._looked = 0.0  # when a batch last looked at _files (time.monotonic())
         self._line: Deque[_Write] = collections.deque()  # writes in line, the batch's first
         self._line_lock = threading.Lock()  # guards _line and the state of each write in it
         self._read_lock = threading.Lock()  # guards _reader: one thread at a time
@@ -2334,6 +2336,11 @@ class SQLiteStore(SQLStore):
                 _set_aside(db, rowid, problem)
 
     SET_ASIDE_NAMED = 10  # rows the log names, at most
+
+    # Seconds between two batches' looks for files deleted or replaced. Not every
+    # batch: each stat() lets go of the GIL in the middle of the transaction, and
+    # the batch then waits for another thread to give it back.
+    LOOK_EVERY = 0.01
 
     def set_aside_notice(self, db: sqlite3.Connection) -> List[str]:
         """What the log says while rows are set aside: the first few, and the commands
@@ -2522,7 +2529,9 @@ class SQLiteStore(SQLStore):
             if self.damaged is not None:
                 raise self._damaged()
             self._begin(deadline)
-            if self.lost is None:  # looked for under the lock that a checkpoint waits for
+            # Looked for under the lock that a checkpoint waits for.
+            if self.lost is None and time.monotonic() >= self._looked + self.LOOK_EVERY:
+                self._looked = time.monotonic()
                 self.lost = self._lost_file()
             if self.lost is not None:
                 raise self._lost()

@@ -7850,11 +7850,13 @@ class TruthfulHealthTest(RouteTestCase):
         # -shm file, and from then on this one's writes would overwrite that one's.
         self.assertEqual(self.book().status, 201)
         os.remove(self.store.path + "-shm")
+        deleted = time.monotonic()
         book_bob = ("import datetime, sys, scheduler; store = scheduler.SQLiteStore(sys.argv[1]); "
                     "store.book(scheduler.Appointment('bob', datetime.datetime(2026, 11, 25, 9, "
                     "30, tzinfo=datetime.timezone.utc))); store.close()")
         subprocess.run([sys.executable, "-c", book_bob, self.store.path], cwd=HERE, check=True,
                        timeout=30)
+        self.assertGreater(time.monotonic() - deleted, self.store.LOOK_EVERY)  # a batch looks
         for request in (lambda: self.book("carol"), lambda: self.request("GET", "/healthz")):
             response = request()  # the booking first: no health check has looked yet
             detail = self.assertProblem(response, 503)["detail"]
