@@ -7130,12 +7130,20 @@ class Service:
         self._keys_refused = 0  # writes refused for want of room for their key
         self._processing_lock = threading.Lock()  # guards _processing and _keys_refused
         self.metrics = Metrics(request_series)  # (the appendix, at the end of the file)
-        self.metrics.collectors.append(lambda: [
-            ("scheduler_appointments", "gauge", "Appointments stored, over all users.",
-             store.count()),
-            ("scheduler_idempotency_keys", "gauge", "Idempotency-Keys kept, over all users.",
-             store.count_keys())])
+        self.metrics.collectors.append(self._store_metrics)
         self.metrics.process_collectors += [self._key_metrics, store.samples]
+
+    def _store_metrics(self) -> List[Sample]:
+        """The stored appointments and keys; none while the store cannot be read (its
+        database down or damaged), so that /metrics still shows the numbers an
+        operator looks at then: the 503s, the connections."""
+        try:
+            return [("scheduler_appointments", "gauge", "Appointments stored, over all users.",
+                     self.store.count()),
+                    ("scheduler_idempotency_keys", "gauge", "Idempotency-Keys kept, over all "
+                     "users.", self.store.count_keys())]
+        except StoreUnavailable:
+            return []
 
     @staticmethod
     def request_id(headers: Mapping[str, str]) -> str:

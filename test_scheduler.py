@@ -7814,6 +7814,18 @@ class TruthfulHealthTest(RouteTestCase):
                 self.assertIn("damaged", self.assertProblem(response, 503)["detail"])
                 self.assertNotIn("Retry-After", response.headers)
 
+    def test_metrics_while_the_file_is_damaged_leave_out_what_is_stored(self):
+        self.damage(lambda pages, roots: set(range(2, pages + 1)))  # the count's page too
+        self.assertProblem(self.book(), 503)
+        response = self.request("GET", "/metrics")
+        self.assertEqual(response.status, 200)
+        samples = parse_metrics(response.body.decode())
+        names = {name for name, _ in samples}
+        self.assertNotIn("scheduler_appointments", names)
+        self.assertNotIn("scheduler_idempotency_keys", names)
+        self.assertIn("scheduler_requests_total", names)  # the process's own numbers
+        self.assertEqual(samples["scheduler_sqlite_transactions_total", frozenset()], 0)
+
     def test_once_the_file_is_found_damaged_no_write_is_taken(self):
         # The pages of the first rows (user-0000...) but the roots: a booking of a new
         # user, which SQLite writes at the right-hand end of each tree, could succeed,
