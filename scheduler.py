@@ -2683,6 +2683,7 @@ PG_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-ful
 PG_TARGET_SESSION_ATTRS = ("any", "read-write")
 PG_MIN_CONNECT_TIMEOUT = 2  # seconds: libpq takes connect_timeout=1 as 2
 PG_QUERY_TIMEOUT = 30.0  # seconds a query may take when its caller gives no deadline
+PG_CANCEL_TIMEOUT = 5.0  # seconds a cancel request may take (PGConnection.cancel_query())
 MAX_PG_MESSAGE_BYTES = 64 << 20  # a longer message from a server breaks its connection
 MAX_PREPARED_STATEMENTS = 200  # kept per connection; the least recently used is closed
 MAX_SCRAM_ITERATIONS = 10_000_000  # more, asked by a server, would stall the client
@@ -3041,6 +3042,13 @@ def startup_message(parameters: Mapping[str, str]) -> bytes:
     body = _INT32.pack(_PROTOCOL_3_0) + b"".join(
         _cstring(name) + _cstring(value, name) for name, value in parameters.items()) + b"\0"
     return _INT32.pack(len(body) + 4) + body
+
+
+def cancel_request_message(backend_pid: int, secret_key: int) -> bytes:
+    """CancelRequest: the one message of a connection of its own, made to ask the
+    server to cancel what the session with this BackendKeyData runs now. The server
+    answers nothing, and closes the connection ("Canceling Requests in Progress")."""
+    return struct.pack("!iiii", 16, 80877102, backend_pid, secret_key)
 
 
 def password_message(password: bytes) -> bytes:
@@ -3493,8 +3501,8 @@ _COMMIT_WORDS = re.compile(r"\s*(?:COMMIT|END)\b", re.I)
 class PGConnection:
     """One connection to a PostgreSQL server: the one object that owns its socket,
     its state and its deadlines. connect() opens one; query() runs a statement with
-    the extended query protocol, queries() several in one round trip; close() ends it. Not for two threads at once (the
-    pool lends each to one).
+    the extended query protocol, queries() several in one round trip; close() ends
+    it. Not for two threads at once (the pool lends each to one).
 
         state      what it is doing                  what it accepts
         new        opened, not yet started           start()
@@ -3508,7 +3516,8 @@ class PGConnection:
     Any call in another state, or a message the protocol does not allow in the
     state, fails loudly (RuntimeError for the caller's mistake; PGProtocolError
     for the server's, which breaks the connection). Every wait has a deadline
-    (time.monotonic()); when it passes, the connection breaks: PGTimeout.
+    (time.monotonic()); when it passes, the connection breaks (PGTimeout), and a
+    query under way is cancelled (cancel_query()).
 
     Each SQL text becomes a named prepared statement on its first use (Parse), and
     is then run by Bind and Execute alone; the MAX_PREPARED_STATEMENTS most recently
@@ -3529,7 +3538,7 @@ class PGConnection:
         self.settings, self.host, self.port = settings, host, port
         self.timeout = timeout  # for query() without a deadline
         self.parameters: Dict[str, str] = {}  # ParameterStatus: server_version...
-        self.backend_pid: Optional[int] = None  # BackendKeyData, for pg_terminate_backend()
+        self.backend_pid: Optional[int] = None  # BackendKeyData (cancel_query())
         self.secret_key: Optional[int] = None
         self.transaction_status: Optional[str] = None  # from the last ReadyForQuery
         self.tls = False
@@ -4008,6 +4017,30 @@ class PGConnection:
         self._state = self.CLOSED
         self._sock.close()
 
+    def cancel_query(self) -> None:
+        """Ask the server to cancel what this session runs now, as libpq's PQcancel()
+        does: a CancelRequest on a connection of its own, in plain TCP (the key is
+        good for this one session alone), sent by a thread of its own, which gives up
+        after PG_CANCEL_TIMEOUT, so that the caller's answer does not wait for it.
+        Whether the server could cancel it, no one is told: the protocol says nothing
+        back."""
+        if self.backend_pid is None or self.secret_key is None:
+            return
+        message, host, port = cancel_request_message(self.backend_pid, self.secret_key), \
+            self.host, self.port
+
+        def send() -> None:
+            deadline = time.monotonic() + PG_CANCEL_TIMEOUT
+            try:
+                with contextlib.closing(_open_tcp(host, port, deadline)) as sock:
+                    sock.sendall(message)
+                    sock.settimeout(max(0.0, deadline - time.monotonic()))
+                    sock.recv(1)  # until the server closes it, once it has acted
+            except OSError:  # nothing more to do: the connection is broken all the same
+                pass
+
+        threading.Thread(target=send, name="postgresql-cancel", daemon=True).start()
+
     # Reading and writing, for the methods above.
 
     def _expect(self, state: str, call: str) -> None:
@@ -4167,7 +4200,12 @@ class PGConnection:
     def _fail(self, kind: type, reason: str, error: Optional[PGError] = None,
               ran: Optional[bool] = None) -> None:
         """Break the connection and raise kind (a PGConnectionError) naming the host;
-        ran as PGConnectionLost has it."""
+        ran as PGConnectionLost has it. A query given up at its deadline is cancelled
+        too (cancel_query()): else its backend would go on, waiting for a lock or a
+        synchronous standby with no client to answer, past the pool's bound on
+        connections, and commit whenever it could."""
+        if kind is PGTimeout and self._state == self.BUSY:
+            self.cancel_query()
         self._break()
         failure = kind(reason, self.host, self.port, error)
         if ran is not None:

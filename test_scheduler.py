@@ -2733,7 +2733,21 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
             thread.join(10)
         return answers
 
-    def test_bookings_that_come_while_a_batch_is_under_way_go_in_one_insert_next(self):
+    def test_a_statement_past_its_deadline_is_cancelled_not_left_running(self):
+        # Given up on, its backend waited on for the lock, one more than the pool's
+        # bound each time, and booked once the lock went, after the client's 503.
+        blocker = self.session()
+        blocker.queries((("BEGIN", ()), ("LOCK TABLE appointments", ())))
+        self.store.busy_timeout = 0.5
+        for user in ("alice", "bob"):
+            with self.assertRaises(scheduler.StoreUnavailable):
+                self.store.book(appointment(user))
+        wait_until(lambda: blocker.query("SELECT count(*) FROM pg_stat_activity WHERE "
+                                         "wait_event_type = 'Lock'").rows == [(0,)],
+                   what="the bookings' statements to be cancelled")
+        blocker.query("ROLLBACK")
+        self.assertEqual(self.store.count(), 0)
+
         booked = self.behind_a_held_batch(  # alice's users row: her batch waits for it
             "INSERT INTO users VALUES ('alice', 0, 0)",
             [functools.partial(self.store.book, appointment(user))
@@ -4051,6 +4065,8 @@ class PostgresMessageTest(unittest.TestCase):
 
     BUILT = [  # (name, the bytes built, the bytes expected)
         ("SSLRequest", scheduler.SSL_REQUEST, b"\0\0\0\x08\x04\xd2\x16\x2f"),
+        ("CancelRequest", scheduler.cancel_request_message(1234, -5),  # the key as sent
+         b"\0\0\0\x10\x04\xd2\x16\x2e\0\0\x04\xd2\xff\xff\xff\xfb"),
         ("StartupMessage", scheduler.startup_message({"user": "alice", "database": "app"}),
          b"\0\0\0\x21\0\x03\0\0user\0alice\0database\0app\0\0"),
         ("PasswordMessage", scheduler.password_message(b"pw"), b"p\0\0\0\x07pw\0"),
