@@ -4423,6 +4423,9 @@ PG_BATCH_SIZE = 32
 # read_only_sql_transaction, met in the moment a failover takes). Any other error
 # (a privilege revoked, a table dropped, a full disk) waits for the operator.
 _PG_PASSING = ("08", "57", "53", "25006")
+# A login refused (SQLSTATE class 28: a password or role changed; 3D000: no such
+# database; 42501: no CONNECT privilege) waits for the operator, not for a retry.
+_PG_LOGIN_REFUSED = ("28", "3D000", "42501")
 # The schema's steps, as in SQLite: step n brings the tables from version n - 1 to n,
 # each a tuple of statements run in one transaction with the others a start needs,
 # under the schema's lock; the version is in schema_version. A step that shipped is
@@ -4764,6 +4767,10 @@ class PostgresStore(SQLStore):
         if isinstance(error, PGTimeout):
             message = (f"The database did not answer within {self.busy_timeout:g} s; "
                        "retry shortly.")
+        elif isinstance(error, PGConnectionError) and (error.sqlstate or "").startswith(
+                _PG_LOGIN_REFUSED):
+            message, retry_after = ("The database refused this server's login; its operator "
+                                    "must look into the server's log."), None
         elif isinstance(error, PGConnectionError):
             message = "The database cannot be reached now; retry shortly."
         elif error.sqlstate in _PG_RETRIED:

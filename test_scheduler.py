@@ -8025,6 +8025,20 @@ class PostgresFaultTest(PostgresFaultTestCase):
     # tests end sessions, and each request must get its answer on another.
     DEADLINE = 10
 
+    def test_a_login_refused_is_503_that_waits_for_the_operator(self):
+        # As after an operator changed the role's password: retrying will not help.
+        self.assertEqual(self.book().status, 201)
+        password = PostgresCluster.PASSWORDS["scheduler"]
+        self.cluster.sql("ALTER ROLE scheduler PASSWORD 'changed-by-an-operator'")
+        self.addCleanup(self.cluster.sql, f"ALTER ROLE scheduler PASSWORD '{password}'")
+        self.end_sessions()
+        for request in (lambda: self.book("bob"), lambda: self.request("GET", "/healthz")):
+            response = request()
+            detail = self.assertProblem(response, 503)["detail"]
+            self.assertIn("refused this server's login", detail)
+            self.assertNotIn("Retry-After", response.headers)
+        self.assertNotIn(password, "\n".join(self.client.logged))
+
     def test_sessions_ended_while_idle_are_noticed_before_use(self):
         run_all([threading.Thread(target=self.book, args=(f"user-{n}",)) for n in range(4)])
         for request, status in ((lambda: self.book("bob"), 201),
