@@ -2151,14 +2151,17 @@ class SQLiteStore(SQLStore):
     careless clean-up) goes unnoticed by SQLite: it writes on into the file it
     holds open, which no other process can open, and a crash loses what it held.
     A -shm file deleted is worse: the next process to open the database (a worker
-    started again) makes a new one, and the processes no longer see each other's
-    writes to the -wal file, so each overwrites what the other committed. A batch,
-    under the writers' lock, if LOOK_EVERY seconds have passed since the last one
+    started again) would make a new one, and the processes would no longer see
+    each other's writes to the -wal file, each overwriting what the other
+    committed; so a store does not open a database whose -shm file is missing
+    while other processes have it open (_refuse_a_deleted_shm()). A batch, under
+    the writers' lock, if LOOK_EVERY seconds have passed since the last one
     looked, and check() compare the files at the path (the database, its -wal and
-    -shm) with those opened (device and inode); once one differs, writes are
-    refused (lost says why) until the server is started again, and check() copies
-    what was committed into the database file (not after a -shm file: the -wal
-    file still holds it, for the restart to find).
+    -shm) with those opened (device and inode); once one differs (a -shm file:
+    once another has taken its place), writes are refused (lost says why) until
+    the server is started again, and check() copies what was committed into the
+    database file (not after a -shm file: the -wal file still holds it, for the
+    restart to find).
     """
 
     def __init__(self, path: str, capacity: Optional[int] = None, busy_timeout: float = 5.0,
@@ -2189,6 +2192,7 @@ class SQLiteStore(SQLStore):
         self._writer = self._reader = None
         self._write_db = self._read_db = None  # the two as SQLDatabases
         self._busy_ms = int(busy_timeout * 1000)  # the writer's busy timeout (_begin())
+        self._refuse_a_deleted_shm(path)  # before anything opens it, and makes one anew
         self.inspect(path)  # before anything is written
         try:
             # isolation_level=None: transactions only where BEGIN says so.
@@ -2406,9 +2410,41 @@ class SQLiteStore(SQLStore):
             cause=f"{self.lost} is not the file opened at the start; {self._rescue}")
 
     def _lost_file(self) -> Optional[str]:
-        """The first file opened at the start that is no longer at its path, if any."""
-        return next((name for name, identity in self._files
-                     if identity is not None and self._identity(name) != identity), None)
+        """The first file opened at the start that is no longer at its path, if any:
+        a -shm file only once another file has taken its place. Deleted, it is still
+        the one every process that has the database open shares, and no process of
+        this service can join them with a new one (_refuse_a_deleted_shm())."""
+        for name, identity in self._files:
+            now = self._identity(name) if identity is not None else identity
+            if now != identity and not (now is None and name.endswith("-shm")):
+                return name
+        return None
+
+    @staticmethod
+    def _refuse_a_deleted_shm(path: str) -> None:
+        """DatabaseRefused if the database's -shm file was deleted while other
+        processes have it open: opening it would make a new one, and from then on
+        this process and those would each overwrite what the other commits to the
+        -wal file. Each connection to a database in WAL mode holds a read lock on
+        the bytes of its file that SQLite's SHARED lock takes (510 of them, 2 after
+        the first GiB: SQLite's os_unix.c), which a write lock then cannot take.
+        (A lock of this process's own would not stop it, and closing the file here
+        lets go of every lock the process holds on it: a server has no connection
+        to the database yet when it opens it.)"""
+        if os.path.exists(path + "-shm") or not os.path.exists(path + "-wal"):
+            return
+        try:
+            file = open(path, "r+b")
+        except OSError:  # SQLite says what is wrong with it
+            return
+        with file:
+            try:
+                fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, 510, 0x40000002)
+            except OSError:
+                raise DatabaseRefused(
+                    "its -shm file was deleted while other processes have it open; stop "
+                    "every process on it, then start the server again (nothing was "
+                    "changed)") from None
 
     def _notice_lost_files(self) -> None:
         """If a file opened at the start is no longer at its path, note it in lost and

@@ -7873,23 +7873,35 @@ class TruthfulHealthTest(RouteTestCase):
         shutil.copyfile(self.store.path, alone)
         self.assertEqual(query(alone, "SELECT user_id FROM appointments"), [("alice",)])
 
-    def test_a_shm_file_deleted_stops_writes_at_once(self):
-        # The next process to open the database (a worker started again) makes a new
-        # -shm file, and from then on this one's writes would overwrite that one's.
+    def test_a_shm_file_deleted_is_not_made_anew_while_the_database_is_open(self):
+        # A process that opened the database then (a worker started again) would make
+        # a new -shm file, and it and this one would overwrite each other's commits.
         self.assertEqual(self.book().status, 201)
         os.remove(self.store.path + "-shm")
-        deleted = time.monotonic()
-        book_bob = ("import datetime, sys, scheduler; store = scheduler.SQLiteStore(sys.argv[1]); "
-                    "store.book(scheduler.Appointment('bob', datetime.datetime(2026, 11, 25, 9, "
-                    "30, tzinfo=datetime.timezone.utc))); store.close()")
-        subprocess.run([sys.executable, "-c", book_bob, self.store.path], cwd=HERE, check=True,
-                       timeout=30)
-        self.assertGreater(time.monotonic() - deleted, self.store.LOOK_EVERY)  # a batch looks
+        opening = subprocess.run(
+            [sys.executable, "-c", "import sys, scheduler; scheduler.SQLiteStore(sys.argv[1])",
+             self.store.path], cwd=HERE, capture_output=True, text=True, timeout=30)
+        self.assertNotEqual(opening.returncode, 0)
+        self.assertIn("DatabaseRefused: its -shm file was deleted while other processes have "
+                      "it open; stop every process on it", opening.stderr)
+        self.assertFalse(os.path.exists(self.store.path + "-shm"))
+        self.assertEqual(self.book("bob").status, 201)  # every process shares the one deleted
+        self.assertEqual(self.request("GET", "/healthz").status, 200)
+
+    def test_a_shm_file_made_anew_by_another_program_stops_writes_at_once(self):
+        self.assertEqual(self.book().status, 201)
+        os.remove(self.store.path + "-shm")
+        made = time.monotonic()
+        subprocess.run([sys.executable, "-c", "import sqlite3, sys; db = sqlite3.connect("
+                        "sys.argv[1]); db.execute(\"INSERT INTO appointments (user_id, date, "
+                        "time) VALUES ('bob', '2026-11-25', '09:30')\"); db.commit()",
+                        self.store.path], check=True, timeout=30)
+        self.assertGreater(time.monotonic() - made, self.store.LOOK_EVERY)  # a batch looks
         for request in (lambda: self.book("carol"), lambda: self.request("GET", "/healthz")):
             response = request()  # the booking first: no health check has looked yet
             detail = self.assertProblem(response, 503)["detail"]
             self.assertIn("its -shm file was deleted or replaced", detail)
-        # What another process sees: both bookings acknowledged, and nothing else.
+        # What another process sees: both bookings, and nothing else.
         listed = subprocess.run(
             [sys.executable, "-c", "import sqlite3, sys; print(sqlite3.connect(sys.argv[1])."
              "execute('SELECT user_id FROM appointments ORDER BY 1').fetchall())",
