@@ -2452,7 +2452,10 @@ class AppointmentMemoryTest(unittest.TestCase):
     def test_the_worst_case_is_the_one_the_readme_gives(self):
         row = limits_row("--max-appointments")
         claimed = int(re.search(r"([\d,]+) bytes at worst", row).group(1).replace(",", ""))
-        worst = max(self.bytes_each(2 * scheduler.MAX_APPOINTMENTS_PER_USER, per_user)
+        # Each the less of two measures: tracemalloc counts what other threads of the
+        # process allocate meanwhile (make test starts PostgreSQL in one), which only adds.
+        worst = max(min(self.bytes_each(2 * scheduler.MAX_APPOINTMENTS_PER_USER, per_user)
+                        for _ in range(2))
                     for per_user in (1, scheduler.MAX_APPOINTMENTS_PER_USER))
         self.assertLessEqual(worst, claimed)
         self.assertGreater(worst, 0.9 * claimed, "the README gives the worst case measured")
