@@ -2192,7 +2192,7 @@ class SQLiteStore(SQLStore):
         self._writer = self._reader = None
         self._write_db = self._read_db = None  # the two as SQLDatabases
         self._busy_ms = int(busy_timeout * 1000)  # the writer's busy timeout (_begin())
-        self._refuse_a_deleted_shm(path)  # before anything opens it, and makes one anew
+        self._refuse_a_deleted_shm(path, time.monotonic() + busy_timeout)  # before it is opened
         self.inspect(path)  # before anything is written
         try:
             # isolation_level=None: transactions only where BEGIN says so.
@@ -2420,31 +2420,41 @@ class SQLiteStore(SQLStore):
                 return name
         return None
 
-    @staticmethod
-    def _refuse_a_deleted_shm(path: str) -> None:
+    @classmethod
+    def _refuse_a_deleted_shm(cls, path: str, deadline: float) -> None:
         """DatabaseRefused if the database's -shm file was deleted while other
         processes have it open: opening it would make a new one, and from then on
         this process and those would each overwrite what the other commits to the
-        -wal file. Each connection to a database in WAL mode holds a read lock on
-        the bytes of its file that SQLite's SHARED lock takes (510 of them, 2 after
-        the first GiB: SQLite's os_unix.c), which a write lock then cannot take.
-        (A lock of this process's own would not stop it, and closing the file here
-        lets go of every lock the process holds on it: a server has no connection
-        to the database yet when it opens it.)"""
-        if os.path.exists(path + "-shm") or not os.path.exists(path + "-wal"):
-            return
+        -wal file. SQLite itself leaves a -wal file without its -shm for a moment,
+        as it opens a database and as the last connection closes it: the state must
+        last until the deadline to be refused."""
+        while os.path.exists(path + "-wal") and not os.path.exists(path + "-shm") \
+                and cls._held_by_another_process(path):
+            if time.monotonic() >= deadline:
+                raise DatabaseRefused(
+                    "its -shm file was deleted while other processes have it open; stop "
+                    "every process on it, then start the server again (nothing was "
+                    "changed)")
+            time.sleep(0.01)  # as SQLite's busy handler sleeps
+
+    @staticmethod
+    def _held_by_another_process(path: str) -> bool:
+        """Whether another process has the database open. Each connection to a
+        database in WAL mode holds a read lock on the bytes of its file that SQLite's
+        SHARED lock takes (510 of them, 2 after the first GiB: SQLite's os_unix.c),
+        which a write lock then cannot take. (A lock of this process's own would not
+        stop it, and closing the file here lets go of every lock the process holds
+        on it: a server has no connection to the database yet when it opens it.)"""
         try:
             file = open(path, "r+b")
         except OSError:  # SQLite says what is wrong with it
-            return
+            return False
         with file:
             try:
                 fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB, 510, 0x40000002)
             except OSError:
-                raise DatabaseRefused(
-                    "its -shm file was deleted while other processes have it open; stop "
-                    "every process on it, then start the server again (nothing was "
-                    "changed)") from None
+                return True
+        return False
 
     def _notice_lost_files(self) -> None:
         """If a file opened at the start is no longer at its path, note it in lost and

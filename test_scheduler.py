@@ -7881,8 +7881,9 @@ class TruthfulHealthTest(RouteTestCase):
         self.assertEqual(self.book().status, 201)
         os.remove(self.store.path + "-shm")
         opening = subprocess.run(
-            [sys.executable, "-c", "import sys, scheduler; scheduler.SQLiteStore(sys.argv[1])",
-             self.store.path], cwd=HERE, capture_output=True, text=True, timeout=30)
+            [sys.executable, "-c", "import sys, scheduler; scheduler.SQLiteStore(sys.argv[1], "
+             "busy_timeout=0.2)", self.store.path], cwd=HERE, capture_output=True, text=True,
+            timeout=30)
         self.assertNotEqual(opening.returncode, 0)
         self.assertIn("DatabaseRefused: its -shm file was deleted while other processes have "
                       "it open; stop every process on it", opening.stderr)
