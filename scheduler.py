@@ -2414,9 +2414,11 @@ class SQLiteStore(SQLStore):
         a -shm file only once another file has taken its place. Deleted, it is still
         the one every process that has the database open shares, and no process of
         this service can join them with a new one (_refuse_a_deleted_shm())."""
-        for name, identity in self._files:
-            now = self._identity(name) if identity is not None else identity
-            if now != identity and not (now is None and name.endswith("-shm")):
+        for name, opened in self._files:
+            if opened is None:  # it was not there at the start
+                continue
+            now = self._identity(name)
+            if now != opened and not (now is None and name.endswith("-shm")):
                 return name
         return None
 
