@@ -7645,6 +7645,11 @@ MAX_HEADERS = 100  # ...and so do more header lines than this
 _TOKEN = r"[-!#$%&'*+.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([!-~]+) HTTP/([0-9])\.([0-9])")
 _HEADER_LINE = re.compile(rf"({_TOKEN}):([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
+# A Host value: RFC 3986's host (an IP literal in brackets, or a name or IPv4 address
+# of unreserved characters, sub-delims and percent-encodings) and an optional port,
+# or nothing (RFC 9110 section 7.2).
+_HOST = re.compile(r"(?:\[[-0-9A-Za-z:._~!$&'()*+,;=]+\]|(?:[-0-9A-Za-z._~!$&'()*+,;=]"
+                   r"|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
 
 
 def split_target(target: str) -> Tuple[str, str]:
@@ -7721,6 +7726,9 @@ def parse_head(head: bytes) -> RequestHead:
         headers[name] = ", ".join(values)
     if minor != "0" and "," in headers.get("host", ","):  # none, or several joined
         raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
+    if "host" in headers and not _HOST.fullmatch(headers["host"]):  # RFC 9112 section 3.2
+        raise HTTPError(400, f"The Host header {headers['host'][:100]!r} is not a host and "
+                             "port.")
     if method not in KNOWN_METHODS:
         raise HTTPError(501, f"Unknown method {method!r}.")
     return RequestHead(method, *split_target(target), f"HTTP/1.{minor}", headers)

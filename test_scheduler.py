@@ -8258,9 +8258,25 @@ class HeadGrammarTest(unittest.TestCase):
             b"X-%d: v\r\n" % n for n in range(99)) + b"Host: t\r\n\r\n", {"method": "GET"}),
         (f"a head of {LIMIT} bytes", head_of_size(LIMIT), {"path": "/healthz"}),
         ("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: t\r\n\r\n", {"path": "*"}),
+        ("Hosts of each form (RFC 3986 section 3.2.2)", b"GET / HTTP/1.1\r\nHost: "
+         b"[::1]:8000\r\n\r\n", {"headers": {"host": "[::1]:8000"}}),
+        ("an IPv4 address and a port", b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n\r\n",
+         {"headers": {"host": "127.0.0.1:8000"}}),
+        ("an empty Host (RFC 9110 section 7.2)", b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+         {"headers": {"host": ""}}),
+        ("a name percent-encoded", b"GET / HTTP/1.1\r\nHost: b%C3%BCcher.test\r\n\r\n",
+         {"headers": {"host": "b%C3%BCcher.test"}}),
     ]
 
     REFUSED = [  # (name, raw head, status, words in the detail)
+        ("a Host with a space (RFC 9112 section 3.2)", b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+         400, "'a b' is not a host and port"),
+        ("a Host that is a URL", b"GET / HTTP/1.1\r\nHost: http://x\r\n\r\n", 400,
+         "not a host and port"),
+        ("a Host beyond ASCII", b"GET / HTTP/1.1\r\nHost: \xff\r\n\r\n", 400,
+         "not a host and port"),
+        ("an HTTP/1.0 Host too", b"GET / HTTP/1.0\r\nHost: a/b\r\n\r\n", 400,
+         "not a host and port"),
         ("not a request line", b"NOT A REQUEST\r\n\r\n", 400, "HTTP version"),
         ("not one either", b"NOT-A-REQUEST\r\n\r\n", 400, "request line"),
         ("HTTP/9.9", b"GET /appointments HTTP/9.9\r\n\r\n", 505, "not supported"),
