@@ -2809,13 +2809,18 @@ def is_postgres_uri(text: str) -> bool:
     return text.startswith(("postgresql://", "postgres://"))
 
 
+# A "%" that does not begin a percent-encoding: one needs two hex digits after it
+# (RFC 3986 section 2.1); "%" itself is sent as %25.
+LONE_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
 def _percent_decoded(text: str, what: str) -> str:
     """text with its %XX escapes decoded, as libpq decodes each part of a URI (a "+"
     stays a "+"); ValueError naming what (never quoting a password) if it is not
     valid percent-encoded UTF-8, or decodes to NUL."""
     if "%" not in text:
         return text
-    if re.search(r"%(?![0-9A-Fa-f]{2})", text):
+    if LONE_PERCENT.search(text):
         raise ValueError(f"{what} has a '%' that is not followed by two hex digits")
     if re.search(r"%00", text):
         raise ValueError(f"{what} has %00 (NUL), which libpq forbids")
@@ -5477,6 +5482,9 @@ def parse_query(query: str) -> Dict[str, List[str]]:
     fields = [field for field in query.split("&") if field]
     if len(fields) > MAX_QUERY_PARAMETERS:
         raise HTTPError(400, f"The query string has more than {MAX_QUERY_PARAMETERS} parameters.")
+    if "%" in query and LONE_PERCENT.search(query):
+        raise HTTPError(400, "The query string has a '%' that is not followed by two hex "
+                             "digits; send % itself as %25.")
     params: Dict[str, List[str]] = {}
     try:
         for field in fields:
@@ -5980,6 +5988,9 @@ def match(routes, method: str, path: str) -> Tuple[Route, Dict[str, str]]:
                              f"proxy; use {allow} on its paths.", headers={"Allow": allow})
     segments = path.split("/")  # the raw path first, so an encoded "/" stays in its segment
     if "%" in path:  # else there is nothing to decode
+        if LONE_PERCENT.search(path):
+            raise HTTPError(400, "The path has a '%' that is not followed by two hex digits; "
+                                 "send % itself as %25.")
         try:
             segments = [urllib.parse.unquote(s, errors="strict") for s in segments]
         except UnicodeDecodeError:

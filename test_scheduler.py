@@ -5802,6 +5802,20 @@ class ManageBookingTest(RouteTestCase):
             with self.subTest(path=path):
                 self.assertIn(message, self.assertProblem(self.request("GET", path), 400)["detail"])
 
+    def test_a_percent_sign_that_encodes_nothing_is_400(self):
+        # RFC 3986 section 2.1: "%" and two hex digits. "/appointments/%/..." was the
+        # user "%", a second URL of /appointments/%25/...
+        self.assertEqual(self.book("%").status, 201)
+        for target in ("/appointments/%/2026-11-25", "/appointments/%zz/2026-11-25",
+                       "/appointments/%2/2026-11-25", "/appointments?user_id=%",
+                       "/appointments?user_id=%zz", "/appointments.ics?user_id=a%2"):
+            with self.subTest(target=target):
+                detail = self.assertProblem(self.request("GET", target), 400)["detail"]
+                self.assertIn("'%' that is not followed by two hex digits; send % itself as "
+                              "%25", detail)
+        self.assertEqual(self.request("GET", "/appointments/%25/2026-11-25").status, 200)
+        self.assertEqual(self.request("GET", "/appointments?user_id=%25").json()["user_id"], "%")
+
     def test_cancel_is_204_without_a_body_and_frees_the_date(self):
         location = self.book(time="09:30").headers["Location"]
         response = self.request("DELETE", location)
