@@ -2750,6 +2750,7 @@ class PostgresStoreTest(StoreContract, unittest.TestCase):
         blocker.query("ROLLBACK")
         self.assertEqual(self.store.count(), 0)
 
+    def test_bookings_that_come_while_a_batch_is_under_way_go_in_one_insert_next(self):
         booked = self.behind_a_held_batch(  # alice's users row: her batch waits for it
             "INSERT INTO users VALUES ('alice', 0, 0)",
             [functools.partial(self.store.book, appointment(user))
