@@ -6507,8 +6507,9 @@ def user_id_pattern() -> str:
     """parse_user_id()'s rules for a string in NFC as one regular expression: not a
     dot segment, no control characters or surrogates, no invisible characters but
     joiners between visible non-ASCII ones and variation selectors after emoji,
-    and no whitespace first or last. It compiles, and matches alike, with and without ECMA-262's u
-    flag. It cannot say NFC: the service normalizes first (README, UserId)."""
+    and no whitespace first or last. It compiles, and matches alike, with and
+    without ECMA-262's u flag. It cannot say NFC: the service normalizes first
+    (README, UserId)."""
     space, _, allowed, joined, selected = _character_classes()
     dots = "|".join(re.escape(segment) for segment in DOT_SEGMENTS)
     return (f"^(?!(?:{dots}){_END})(?![{space}])(?:{allowed}|{joined}|{selected})*"
@@ -7658,9 +7659,12 @@ _REQUEST_LINE = re.compile(rf"({_TOKEN}) ([!-~]+) HTTP/([0-9])\.([0-9])")
 _HEADER_LINE = re.compile(rf"({_TOKEN}):([^\x00-\x08\x0a-\x1f\x7f]*)\r?")
 # A Host value: RFC 3986's host (an IP literal in brackets, or a name or IPv4 address
 # of unreserved characters, sub-delims and percent-encodings) and an optional port,
-# or nothing (RFC 9110 section 7.2).
-_HOST = re.compile(r"(?:\[[-0-9A-Za-z:._~!$&'()*+,;=]+\]|(?:[-0-9A-Za-z._~!$&'()*+,;=]"
-                   r"|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+# or nothing (RFC 9110 section 7.2). Written as runs of the characters between the
+# percent-encodings: read twice as fast as a choice at each character, and as
+# linear (each run after the first begins with a "%").
+_HOST_CHARACTERS = "[-0-9A-Za-z._~!$&'()*+,;=]*"
+_HOST = re.compile(rf"(?:\[[-0-9A-Za-z:._~!$&'()*+,;=]+\]|{_HOST_CHARACTERS}"
+                   rf"(?:%[0-9A-Fa-f]{{2}}{_HOST_CHARACTERS})*)(?::[0-9]*)?")
 
 
 def split_target(target: str) -> Tuple[str, str]:
@@ -7737,9 +7741,9 @@ def parse_head(head: bytes) -> RequestHead:
         headers[name] = ", ".join(values)
     if minor != "0" and "," in headers.get("host", ","):  # none, or several joined
         raise HTTPError(400, "An HTTP/1.1 request needs exactly one Host header (RFC 9112).")
-    if "host" in headers and not _HOST.fullmatch(headers["host"]):  # RFC 9112 section 3.2
-        raise HTTPError(400, f"The Host header {headers['host'][:100]!r} is not a host and "
-                             "port.")
+    host = headers.get("host")
+    if host is not None and not _HOST.fullmatch(host):  # RFC 9112 section 3.2
+        raise HTTPError(400, f"The Host header {host[:100]!r} is not a host and port.")
     if method not in KNOWN_METHODS:
         raise HTTPError(501, f"Unknown method {method!r}.")
     return RequestHead(method, *split_target(target), f"HTTP/1.{minor}", headers)

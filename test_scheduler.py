@@ -8292,6 +8292,8 @@ class HeadGrammarTest(unittest.TestCase):
          "not a host and port"),
         ("an HTTP/1.0 Host too", b"GET / HTTP/1.0\r\nHost: a/b\r\n\r\n", 400,
          "not a host and port"),
+        ("a Host with a '%' that encodes nothing", b"GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n",
+         400, "not a host and port"),
         ("not a request line", b"NOT A REQUEST\r\n\r\n", 400, "HTTP version"),
         ("not one either", b"NOT-A-REQUEST\r\n\r\n", 400, "request line"),
         ("HTTP/9.9", b"GET /appointments HTTP/9.9\r\n\r\n", 505, "not supported"),
@@ -11869,8 +11871,8 @@ class Benchmark(unittest.TestCase):
                 [sys.executable, THIS_FILE, "load", address[0], str(address[1]), kind, "4",
                  str(BENCH_SECONDS), "poll"], cwd=HERE, stdout=subprocess.PIPE, text=True)
             result = run_load([address], "GET", 16, BENCH_SECONDS)
-            polled = {"latencies": [], "errors": 0, "problem": ""} if pollers is None else json.loads(
-                pollers.communicate(timeout=BENCH_SECONDS + 60)[0])
+            polled = {"latencies": [], "errors": 0, "problem": ""} if pollers is None \
+                else json.loads(pollers.communicate(timeout=BENCH_SECONDS + 60)[0])
             print(f"  {label:36} {result.rate:8.0f} {result.p50_ms:7.2f} {result.p99_ms:7.2f} "
                   f"{len(polled['latencies']) / BENCH_SECONDS:8.1f}", flush=True)
             self.assertEqual(result.errors + polled["errors"], 0,
