@@ -4981,6 +4981,12 @@ _UTC_TIMEZONE = ["BEGIN:VTIMEZONE", "TZID:UTC", "BEGIN:STANDARD", "DTSTART:19700
                  "END:VTIMEZONE"]
 
 
+# The feed's iTIP method (RFC 5546): a calendar published for others to subscribe to.
+# Its media type names it too (CALENDAR_TYPE), as RFC 5545 section 8.1 asks of a
+# stream whose objects all have one METHOD.
+CALENDAR_METHOD = "PUBLISH"
+
+
 def calendar_feed(user_id: str, events: List[Event], now: dt.datetime) -> str:
     """The user's appointments as an iCalendar object, a VEVENT each (or, for none,
     a VTIMEZONE: the object needs a component). With METHOD, the DTSTAMP of each
@@ -4989,7 +4995,7 @@ def calendar_feed(user_id: str, events: List[Event], now: dt.datetime) -> str:
     takes the higher as the newer), and LAST-MODIFIED says when the last was made,
     where that is known."""
     lines = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:-//scheduler//{SERVER_NAME}//EN",
-             "CALSCALE:GREGORIAN", "METHOD:PUBLISH",
+             "CALSCALE:GREGORIAN", f"METHOD:{CALENDAR_METHOD}",
              f"X-WR-CALNAME:{_ical_text(f'Appointments of {user_id}')}"]
     if not events:
         lines += _UTC_TIMEZONE
@@ -5314,7 +5320,7 @@ JSON_TYPE = "application/json"
 MERGE_PATCH_TYPE = "application/merge-patch+json"  # RFC 7396
 PATCH_TYPES = (MERGE_PATCH_TYPE, JSON_TYPE)  # what PATCH takes: a merge patch, as either
 PROBLEM_TYPE = "application/problem+json"
-CALENDAR_TYPE = "text/calendar; charset=utf-8"
+CALENDAR_TYPE = f"text/calendar; charset=utf-8; method={CALENDAR_METHOD}"
 HTML_TYPE = "text/html; charset=utf-8"
 SCRIPT_TYPE = "text/javascript; charset=utf-8"  # RFC 9239
 _JSON_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps() makes one per call

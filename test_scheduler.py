@@ -6827,7 +6827,12 @@ class CalendarFeedTest(RouteTestCase):
         query = urllib.parse.urlencode({"user_id": user_id})
         response = self.request("GET", f"/appointments.ics?{query}")
         self.assertEqual(response.status, 200)
-        self.assertEqual(response.headers["Content-Type"], "text/calendar; charset=utf-8")
+        # RFC 5545 section 8.1: a stream whose objects have one METHOD names it in its
+        # media type's method parameter too.
+        self.assertEqual(response.headers["Content-Type"],
+                         "text/calendar; charset=utf-8; method=PUBLISH")
+        self.assertEqual([line for line in unfold(response.body.decode())
+                          if line.startswith("METHOD:")], ["METHOD:PUBLISH"])
         return response
 
     def events(self, lines: list) -> list:
