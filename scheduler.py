@@ -610,16 +610,35 @@ class Changes(NamedTuple):
         return appointment._replace(start=start, **self.details)
 
 
+# What an appointment shows (Appointment.as_json()) that follows from its date and time.
+_DERIVED = ("start", "end")
+
+
 def parse_changes(patch: Mapping, user_id: str) -> Changes:
     """What a JSON merge patch (RFC 7396) of user_id's appointment asks for. Other
     fields are ignored, as in a booking, but user_id, if given, must be the
-    appointment's own; null removes a detail, and cannot remove date or time.
+    appointment's own; start and end, if given, must be what the patch's date and
+    time make them; null removes a detail, and cannot remove date or time.
     Raises InvalidAppointment naming every invalid field at once."""
     # In a merge patch, null removes the member.
     changes, errors = _parse_fields(patch, null="cannot be removed; leave it out to keep it")
     if changes.get("user_id", user_id) != user_id:
         errors.append(("user_id", f"user_id cannot be changed: the appointment is {user_id}'s; "
                                   "the other user books one of their own"))
+    # A client may send back what it was shown, changed. Were start and end ignored, one
+    # that changed them would be told the appointment moved when it did not: a patch is
+    # applied whole or not at all (RFC 5789 section 2).
+    given = [name for name in _DERIVED if name in patch]
+    if given and not errors:
+        if "date" in changes and "time" in changes:
+            shown = Appointment(user_id, dt.datetime.combine(
+                changes["date"], changes["time"], tzinfo=dt.timezone.utc)).as_json()
+            errors += [(name, f"{name} must be {shown[name]}, as date and time make it; "
+                              "change date and time to move the appointment")
+                       for name in given if patch[name] != shown[name]]
+        else:
+            errors += [(name, f"{name} follows from date and time: give both with it, or "
+                              "leave it out") for name in given]
     if errors:
         raise InvalidAppointment(errors, moving=True)
     return Changes(changes.get("date"), changes.get("time"),
@@ -6981,6 +7000,9 @@ def openapi_document() -> dict:
                     "properties": {"date": date, "time": time, "user_id": {
                         "description": "If given, the appointment's own user",
                         "oneOf": [user_id, {"type": "integer"}]},
+                        **{name: {**stamp, "description": f"If given, with date and time: "
+                                                          f"the {name} they make"}
+                           for name in _DERIVED},
                         **{detail.name: {**details[detail.name], "type": ["string", "null"],
                                          "description": details_said[detail.name]
                                                         + "; null removes it"}

@@ -6014,6 +6014,32 @@ class RescheduleTest(RouteTestCase):
                 self.assertIn("was not moved", problem["detail"])
                 self.assertEqual(self.stored(), [appointment(time="09:30")])
 
+    def test_the_appointment_sent_back_changed_is_a_patch(self):
+        shown = self.book(time="09:30").json()
+        response = self.patch({**shown, "note": "Left knee"})
+        self.assertEqual((response.status, response.json()), (200, {**shown, "note": "Left knee"}))
+        moved = {**appointment(date="2026-11-26", time="10:00").as_json(), "note": "Left knee"}
+        response = self.patch(moved)
+        self.assertEqual((response.status, response.json()), (200, moved))
+        self.assertEqual(self.stored(), [appointment(date="2026-11-26", time="10:00")._replace(
+            note="Left knee")])
+
+    def test_a_start_or_end_that_date_and_time_do_not_make_is_422_and_nothing_moves(self):
+        # RFC 5789 section 2: a patch is applied whole or not at all. Ignored, a changed
+        # start would have been a 200 that moved nothing.
+        shown = self.book(time="09:30").json()
+        cases = [({"start": "2026-11-25T15:00:00Z"}, ["start"]),
+                 ({"time": "15:00", "start": "2026-11-25T15:00:00Z"}, ["start"]),
+                 ({"end": shown["end"], "note": "x"}, ["end"]),
+                 ({**shown, "start": "2026-11-25T15:00:00Z", "end": None}, ["start", "end"]),
+                 ({**shown, "time": "15:00"}, ["start", "end"])]
+        for body, fields in cases:
+            with self.subTest(body=body):
+                problem = self.assertProblem(self.patch(body), 422)
+                self.assertEqual([error["field"] for error in problem["errors"]], fields)
+                self.assertIn("date and time", problem["errors"][0]["message"])
+                self.assertEqual(self.stored(), [appointment(time="09:30")])
+
     def test_what_is_not_a_merge_patch_object_is_refused(self):
         self.book(time="09:30")
         cases = [("[1]", "application/merge-patch+json", 400),
