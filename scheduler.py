@@ -5526,10 +5526,31 @@ def _unquote(text: str) -> str:
     return text
 
 
+def check_framing(request: RequestHead) -> None:
+    """Refuse a request whose body's length cannot be known for certain, whatever
+    its route (RFC 9112 section 6.3), before it is carried out: a Transfer-Encoding
+    whose last coding is not chunked, or a Content-Length that is not one number, is
+    a 400; chunked is a 411, as this server reads no chunked body. Either way the
+    connection then closes (keep_alive()): what follows cannot be told apart."""
+    headers = request.headers
+    codings = headers.get("transfer-encoding")
+    if codings is not None:
+        if codings.rpartition(",")[2].strip().lower() != "chunked":
+            raise HTTPError(400, f"Transfer-Encoding {codings[:40]!r} does not end with "
+                                 "chunked, so the body's length cannot be known (RFC 9112 "
+                                 "section 6.3); send the body with a Content-Length header.")
+        raise HTTPError(411, "Chunked request bodies are not supported; "
+                             "send the body with a Content-Length header.")
+    declared = headers.get("content-length")
+    if declared is not None and not (declared.isdigit() and declared.isascii()):
+        raise HTTPError(400, f"Content-Length must be a non-negative integer, not "
+                             f"{declared[:40]!r}.")
+
+
 def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) -> int:
     """The length of the JSON body a request declares, checked before a byte of
-    it is read: its Content-Type, one of media_types (415), its framing (411, 400)
-    and its size (413)."""
+    it is read: its Content-Type, one of media_types (415), its framing (411, 400:
+    check_framing()) and its size (413)."""
     headers = request.headers
     media_type = headers.get("content-type", "")
     if media_type not in media_types:  # "application/json; charset=utf-8", say: its type alone
@@ -5543,15 +5564,10 @@ def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) 
                         # a PATCH says which patch formats it takes (RFC 5789 section 2.2)
                         headers={"Accept-Patch": ", ".join(media_types)}
                         if request.method == "PATCH" else None)
-    if "transfer-encoding" in headers:
-        raise HTTPError(411, "Chunked request bodies are not supported; "
-                             "send the body with a Content-Length header.")
+    check_framing(request)
     declared = headers.get("content-length")
     if declared is None:
         raise HTTPError(411, "A request body needs a Content-Length header.")
-    if not (declared.isdigit() and declared.isascii()):
-        raise HTTPError(400, f"Content-Length must be a non-negative integer, not "
-                             f"{declared[:40]!r}.")
     digits = declared.lstrip("0") or "0"
     # A number with more digits than the limit is over it, however many there are:
     # int() is not asked to read them (it refuses over 4,300, from Python 3.11 on).
@@ -7289,13 +7305,18 @@ class Service:
 
     def begin(self, request: RequestHead) -> Exchange:
         """Match the request's route and, if the route takes a body, check the one
-        the request declares (body_length): all that can refuse it before a byte
-        of its body is read."""
+        the request declares (body_length); if it takes none, check that the
+        request's framing can be read (check_framing): all that can refuse it
+        before a byte of its body is read."""
         route, request_id = None, self.request_id(request.headers)
         try:
             route, params = match(ROUTES, request.method, request.path)
-            length = (body_length(request, self.limits.max_body_bytes, route.body_types)
-                      if route.body_types else 0)
+            if route.body_types:
+                length = body_length(request, self.limits.max_body_bytes, route.body_types)
+            else:
+                length = 0
+                if request.declares_body:
+                    check_framing(request)
         except Exception as error:
             return Exchange(request, route.path if route else UNMATCHED, route, {}, 0, error,
                             request_id)
@@ -7695,14 +7716,28 @@ _HOST = re.compile(rf"(?:\[[-0-9A-Za-z:._~!$&'()*+,;=]+\]|{_HOST_CHARACTERS}"
                    rf"(?:%[0-9A-Fa-f]{{2}}{_HOST_CHARACTERS})*)(?::[0-9]*)?")
 
 
+_HTTP_SCHEMES = ("http", "https")  # of an absolute-form target; compared in lower case
+
+
 def split_target(target: str) -> Tuple[str, str]:
     """The path and query of a request target. Clients send the origin form,
     /path?query; a server must also accept the absolute form that proxies get,
     http://host/path?query (RFC 9112 section 3.2.2). Only a target that does not
-    start with "/" can be absolute, so "://" inside a path stays part of the path."""
+    start with "/" can be absolute, so "://" inside a path stays part of the path.
+    Raises HTTPError 400 for a fragment, which no form holds (section 3.2), and for
+    an absolute form of another scheme: read past them, a path would be routed that
+    any other reader of the URI (a proxy's rule, say) would not see there."""
+    if "#" in target:
+        raise HTTPError(400, "The request target has a fragment ('#'), which a client keeps "
+                             "to itself (RFC 9112 section 3.2); percent-encode a '#' in a "
+                             "user ID as %23.")
     path, _, query = target.partition("?")
     if not path.startswith("/") and "://" in path:
-        path = "/" + path.split("://", 1)[1].partition("/")[2]
+        scheme, _, rest = path.partition("://")
+        if scheme.lower() not in _HTTP_SCHEMES:
+            raise HTTPError(400, f"The request target's scheme {scheme[:20]!r} is not http or "
+                                 "https; send the path, /appointments?...")
+        path = "/" + rest.partition("/")[2]
     return path, query
 
 

@@ -8292,6 +8292,8 @@ class HeadGrammarTest(unittest.TestCase):
          {"version": "HTTP/1.0", "headers": {}}),
         ("the absolute form", b"GET http://s.test/appointments?user_id=a HTTP/1.1\r\n"
          b"Host: s.test\r\n\r\n", {"path": "/appointments", "query": "user_id=a"}),
+        ("the absolute form, its scheme in any case", b"GET HTTPS://s.test/healthz HTTP/1.1\r\n"
+         b"Host: s.test\r\n\r\n", {"path": "/healthz"}),
         ("names lower-cased, values trimmed of spaces and tabs",
          b"GET / HTTP/1.1\r\nHOST: t\r\nX-A:\t b c \t\r\nX-B:\r\n\r\n",
          {"headers": {"host": "t", "x-a": "b c", "x-b": ""}}),
@@ -8325,6 +8327,16 @@ class HeadGrammarTest(unittest.TestCase):
          "not a host and port"),
         ("a Host with a '%' that encodes nothing", b"GET / HTTP/1.1\r\nHost: a%zz\r\n\r\n",
          400, "not a host and port"),
+        ("a fragment, which no target holds (RFC 9112 section 3.2)",
+         b"DELETE http://x#/appointments/a/2026-11-27 HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+         "fragment"),
+        ("a fragment in the origin form", b"GET /healthz#a HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+         "fragment"),
+        ("the absolute form of another scheme",
+         b"DELETE a/b://x/appointments/a/2026-11-27 HTTP/1.1\r\nHost: x\r\n\r\n", 400,
+         "not http or https"),
+        ("the absolute form with no scheme", b"GET ://x/healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+         400, "not http or https"),
         ("not a request line", b"NOT A REQUEST\r\n\r\n", 400, "HTTP version"),
         ("not one either", b"NOT-A-REQUEST\r\n\r\n", 400, "request line"),
         ("HTTP/9.9", b"GET /appointments HTTP/9.9\r\n\r\n", 505, "not supported"),
@@ -8538,6 +8550,24 @@ class ConnectionTest(HTTPTestCase):
 
     def serve(self, data: bytes) -> List[Response]:
         return serve_bytes(self.service, data)[0]
+
+    def test_a_request_whose_body_cannot_be_framed_is_refused_whatever_its_route(self):
+        # RFC 9112 section 6.3: the length of what follows cannot be known, so the request
+        # is refused (411 for chunked, which is well framed but not read here) and the
+        # connection ends; a DELETE with no body to read cancels nothing all the same.
+        booked = appointment()
+        self.store.book(booked)
+        cases = [(b"Transfer-Encoding: gzip\r\n", 400), (b"Transfer-Encoding: chunked, x\r\n", 400),
+                 (b"Transfer-Encoding: chunked\r\n\r\n0\r\n", 411),
+                 (b"Content-Length: abc\r\n", 400), (b"Content-Length: -1\r\n", 400),
+                 (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400)]
+        for method, target in (("DELETE", "/appointments/alice/2026-11-25"), ("GET", "/healthz")):
+            for framing, status in cases:
+                with self.subTest(method=method, framing=framing):
+                    responses = self.serve(f"{method} {target} HTTP/1.1\r\nHost: t\r\n".encode()
+                                           + framing + b"\r\n" + NEXT_REQUEST)
+                    self.assertEqual([r.status for r in responses], [status])
+                    self.assertEqual(self.store.get("alice", booked.date), booked)
 
     def test_requests_sent_together_are_answered_in_order(self):
         responses = self.serve(post_head(len(VALID_BODY)) + VALID_BODY + b"\r\n"
