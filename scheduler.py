@@ -173,6 +173,13 @@ def example_time() -> str:
     return f"09:{START_MINUTES[-1]:02d}"
 
 
+def example_unbookable_time() -> str:
+    """A time of day that is not a start, for examples: halfway from nine o'clock's
+    first start to the next."""
+    following = START_MINUTES[1] if len(START_MINUTES) > 1 else START_MINUTES[0] + 60
+    return f"09:{(START_MINUTES[0] + following) // 2 % 60:02d}"
+
+
 # Control characters (Unicode category Cc) and lone surrogates (Cs), which JSON can
 # carry as \u escapes but which cannot be encoded as UTF-8 later.
 FORBIDDEN_CATEGORIES = ("Cc", "Cs")
@@ -6398,13 +6405,6 @@ _PATH_EXAMPLES = {"user_id": "alice", "date": "2026-11-25"}
 _REQUEST_ID_EXAMPLE = "5e0b3c8a-2f71-8c4d-9a1e-3b6f0d2c7a15"  # as RequestIds makes them
 
 
-def _unbookable_time() -> str:
-    """A time of day that is not a start, for examples: halfway from the first start
-    to the next."""
-    following = START_MINUTES[1] if len(START_MINUTES) > 1 else START_MINUTES[0] + 60
-    return f"09:{(START_MINUTES[0] + following) // 2 % 60:02d}"
-
-
 def _refusal(parse: Callable, *args) -> HTTPError:
     """The error the service answers when parse(*args) raises, for an example."""
     try:
@@ -6721,7 +6721,7 @@ def _paths() -> dict:
                                     "names it)", "ValidationProblem", key_reused=key_reused,
                                     invalid_fields=_refusal(parse_appointment, {
                                         "user_id": "", "date": "2025-02-29",
-                                        "time": _unbookable_time()})),
+                                        "time": example_unbookable_time()})),
                     "507": _problem("The service holds its maximum of appointments"),
                     **store_errors},
             },

@@ -98,6 +98,18 @@ def appointment(user_id="alice", date="2026-11-25", time="09:30") -> scheduler.A
     return scheduler.parse_appointment({"user_id": user_id, "date": date, "time": time})
 
 
+ICALENDAR_INSTANT = "%Y%m%dT%H%M%SZ"  # RFC 5545 section 3.3.5, in UTC
+LAST_START = f"23:{scheduler.START_MINUTES[-1]:02d}"  # the day's last slot
+
+
+def ends(date: str, time: str, form: str = "%Y-%m-%dT%H:%M:%SZ") -> str:
+    """When an appointment booked for date and time ends, by the rules
+    (APPOINTMENT_LENGTH), as form writes it: RFC 3339 as the JSON shows it, or
+    ICALENDAR_INSTANT as the feed does."""
+    start = dt.datetime.strptime(f"{date} {time}", "%Y-%m-%d %H:%M")
+    return (start + scheduler.APPOINTMENT_LENGTH).strftime(form)
+
+
 @contextlib.contextmanager
 def other_rules(**rules):
     """The domain's rules with these values (START_MINUTES=(0, 15, 30, 45), say), as
@@ -1542,6 +1554,7 @@ class ParseDateTest(ParserCases, unittest.TestCase):
 
 class ParseTimeTest(ParserCases, unittest.TestCase):
     parse = staticmethod(scheduler.parse_time)
+    STARTS = scheduler.starts_in_words()  # "on the hour or half hour", by the rules
     VALID = [
         ("00:00", dt.time(0, 0)),
         ("09:00", dt.time(9, 0)),
@@ -1549,16 +1562,16 @@ class ParseTimeTest(ParserCases, unittest.TestCase):
         ("23:30", dt.time(23, 30)),
     ]
     INVALID = [
-        ("09:15", "on the hour or half hour"),
-        ("09:59", "on the hour or half hour"),
-        ("9:00", "on the hour or half hour"),
+        ("09:15", STARTS),
+        ("09:59", STARTS),
+        ("9:00", STARTS),
         ("24:00", "00 to 23"),
-        ("09:00:00", "on the hour or half hour"),
-        ("0900", "on the hour or half hour"),
-        ("9:30am", "on the hour or half hour"),
-        ("09:30\n", "on the hour or half hour"),
-        ("０９:３０", "on the hour or half hour"),  # full-width digits
-        ("", "on the hour or half hour"),
+        ("09:00:00", STARTS),
+        ("0900", STARTS),
+        ("9:30am", STARTS),
+        ("09:30\n", STARTS),
+        ("０９:３０", STARTS),  # full-width digits
+        ("", STARTS),
         (930, "HH:MM"),
         (None, "HH:MM"),
     ]
@@ -1602,15 +1615,16 @@ class ParseAppointmentTest(unittest.TestCase):
         booked = appointment("alice", "2026-11-25", "09:30")
         self.assertEqual(booked.user_id, "alice")
         self.assertEqual(booked.start, dt.datetime(2026, 11, 25, 9, 30, tzinfo=UTC))
-        self.assertEqual(booked.end, dt.datetime(2026, 11, 25, 10, 0, tzinfo=UTC))
+        self.assertEqual(booked.end.strftime("%Y-%m-%dT%H:%M:%SZ"), ends("2026-11-25", "09:30"))
+        self.assertEqual(booked.end.tzinfo, UTC)
 
     def test_json_shape(self):
         self.assertEqual(appointment(42, "2026-11-25", "09:30").as_json(), {
             "user_id": "42", "date": "2026-11-25", "time": "09:30",
-            "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"})
+            "start": "2026-11-25T09:30:00Z", "end": ends("2026-11-25", "09:30")})
 
     def test_last_slot_ends_at_midnight_next_day(self):
-        booked = appointment(date="2026-12-31", time="23:30")
+        booked = appointment(date="2026-12-31", time=LAST_START)
         self.assertEqual(booked.as_json()["end"], "2027-01-01T00:00:00Z")
         self.assertEqual(booked.date, dt.date(2026, 12, 31))
 
@@ -1798,9 +1812,14 @@ class RulesOnceTest(unittest.TestCase):
                           "(minutes 00)", document)
         self.assertNotIn('"time": "09:00"', json.dumps(scheduler.openapi_document()))
 
-    # Words that say a value of today's rules; each is said by a function of the domain.
-    RULES_IN_WORDS = re.compile(r"half hour|30[- ]minute|minutes 00 or 30|\b256 characters"
-                                r"|\b500 characters|\b2099\b")
+    # Words that say a value of the rules, as the domain's functions say them: made from
+    # the rules, so that they are the words to keep out after a rule changes too.
+    RULES_IN_WORDS = re.compile("|".join([
+        re.escape(scheduler.starts_in_words().replace("on the hour or ", "")),  # "half hour"
+        re.escape(scheduler.length_in_words()).replace(r"\-", "[- ]"),  # "30-minute"
+        "minutes " + re.escape(scheduler.start_minutes_listed()),
+        rf"\b{scheduler.MAX_USER_ID_LENGTH} characters", rf"\b{scheduler.MAX_NOTE_LENGTH} characters",
+        rf"\b{scheduler.LAST_DATE.year}\b"]))
 
     def test_docstrings_and_comments_name_the_rules_not_their_values(self):
         with open(SCRIPT, encoding="utf-8") as source:
@@ -5585,7 +5604,7 @@ class BookTest(RouteTestCase):
         self.assertEqual(response.headers["Location"], "/appointments/alice/2026-11-25")
         self.assertEqual(response.json(), {
             "user_id": "alice", "date": "2026-11-25", "time": "09:30",
-            "start": "2026-11-25T09:30:00Z", "end": "2026-11-25T10:00:00Z"})
+            "start": "2026-11-25T09:30:00Z", "end": ends("2026-11-25", "09:30")})
         self.assertEqual(self.stored(), [appointment()])
 
     def test_the_etag_is_the_one_of_its_url_and_an_edit_needs_no_get_first(self):
@@ -5605,8 +5624,8 @@ class BookTest(RouteTestCase):
         self.assertEqual(response.headers["Location"],
                          "/appointments/a%2Fb%20c%2Bd%40e.com%C3%A9/2026-11-25")
 
-    def test_half_past_eleven_ends_next_day(self):
-        response = self.book(time="23:30")
+    def test_the_last_slot_ends_the_next_day(self):
+        response = self.book(time=LAST_START)
         self.assertEqual(response.json()["end"], "2026-11-26T00:00:00Z")
 
     def test_integer_user_id_is_its_decimal_string(self):
@@ -5756,9 +5775,9 @@ class BadBookingTest(RouteTestCase):
                     self.assertTrue(error["message"])
                 self.assertUnchanged()
 
-    def test_time_error_says_hour_or_half_hour(self):
+    def test_a_time_error_says_when_appointments_start(self):
         problem = self.assertProblem(self.book(time="09:15"), 422)
-        self.assertIn("on the hour or half hour", problem["errors"][0]["message"])
+        self.assertIn(scheduler.starts_in_words(), problem["errors"][0]["message"])
         self.assertUnchanged()
 
     def test_wrong_content_type_is_415_with_a_hint(self):
@@ -6146,7 +6165,7 @@ class ConditionalWriteTest(RouteTestCase):
         self.assertProblem(self.request("DELETE", "/appointments/alice/2026-11-27",
                                         headers={"If-Match": "*"}), 404)
         self.assertProblem(self.patch({"date": "2026-11-26"}, If_Match=stale), 409)
-        self.assertProblem(self.patch({"time": "10:15"}, If_Match=stale), 422)
+        self.assertProblem(self.patch({"time": "09:15"}, If_Match=stale), 422)
         self.assertEqual(len(self.stored()), 2)
 
     # RFC 9110 section 5.6.1.2: a list's empty elements are ignored, so an empty
@@ -6887,8 +6906,8 @@ class CalendarFeedTest(RouteTestCase):
         self.assertEqual(lines[-1], "END:VCALENDAR")
         events = self.events(lines)
         self.assertEqual([(e["DTSTART"], e["DTEND"]) for e in events],
-                         [("20261125T090000Z", "20261125T093000Z"),
-                          ("20261126T233000Z", "20261127T000000Z")])
+                         [("20261125T090000Z", ends("2026-11-25", "09:00", ICALENDAR_INSTANT)),
+                          ("20261126T233000Z", ends("2026-11-26", "23:30", ICALENDAR_INSTANT))])
         for event in events:
             self.assertEqual(event["SUMMARY"], scheduler.CALENDAR_SUMMARY)
             stamp = dt.datetime.strptime(event["DTSTAMP"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
@@ -7212,7 +7231,7 @@ class OpenAPITest(RouteTestCase):
     def test_the_invalid_fields_example_is_what_such_a_booking_gets(self):
         operation = self.document()["paths"]["/appointments"]["post"]
         response = Client(scheduler.InMemoryStore()).request("POST", "/appointments", {
-            "user_id": "", "date": "2025-02-29", "time": "09:15"})
+            "user_id": "", "date": "2025-02-29", "time": scheduler.example_unbookable_time()})
         self.assertEqual((response.status, as_in_examples(response.json())),
                          self.documented_response(operation, "invalid-fields"))
 
@@ -7685,8 +7704,7 @@ class BookableDatesTest(RouteTestCase):
                          [])
 
     def test_the_first_and_the_last_slot_show_in_every_form(self):
-        for date, start, dtend in (("2000-01-01", "00:00", "20000101T003000Z"),
-                                   ("2099-12-31", "23:30", "21000101T000000Z")):
+        for date, start in (("2000-01-01", "00:00"), ("2099-12-31", LAST_START)):
             with self.subTest(date=date):
                 booked = self.book("edge", date, start)
                 self.assertEqual(booked.status, 201)
@@ -7695,7 +7713,7 @@ class BookableDatesTest(RouteTestCase):
                 listed = self.request("GET", "/appointments?user_id=edge").json()
                 self.assertIn(booked.json(), listed["appointments"])
                 feed = self.request("GET", "/appointments.ics?user_id=edge").body.decode()
-                self.assertIn(f"DTEND:{dtend}\r\n", feed)
+                self.assertIn(f"DTEND:{ends(date, start, ICALENDAR_INSTANT)}\r\n", feed)
 
 
 class InvisibleUserIdTest(RouteTestCase):
