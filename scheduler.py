@@ -18,7 +18,7 @@ with curl; the README documents every endpoint. Standard library only, Python 3.
     OPTIONS any path above, or * (which methods it takes; a browser's CORS preflight)
 
 Lists, appointments, feeds, the description and the pages carry an ETag, and answer
-If-None-Match with 304.
+If-None-Match with 304; every read and write answers an If-Match it fails with 412.
 
 Appointments last APPOINTMENT_LENGTH and start at START_MINUTES past the hour, UTC
 (the Domain section states each rule once). Any number of users may book the same
@@ -5784,6 +5784,29 @@ def write_condition(headers: Mapping[str, str]) -> Condition:
     return condition
 
 
+def unless_matched(request: RequestHead, reply: Reply) -> Reply:
+    """The reply to a GET or HEAD that sends If-Match, if its ETag is among those
+    the header holds, strongly compared ("*": any, or none at all); else HTTPError
+    412 with the ETag it has now. An origin server evaluates If-Match before any
+    method, a read too (RFC 9110 section 13.1.1; section 13.2.2, step 1). Writes
+    have theirs tested in the store (write_condition()); a reply that is not a 2xx
+    ignores it (13.2.1). A value that is neither "*" nor entity tags holds no tag
+    that is current: 412, where a write, which must not go ahead, gets a 400."""
+    condition = request.headers.get("if-match")
+    if condition is None or request.method not in ("GET", "HEAD") \
+            or not 200 <= reply.status < 300 or condition.strip(" \t") == "*":
+        return reply
+    tag = dict(reply.headers).get("ETag")
+    try:
+        if tag is not None and _tag_test(condition, "If-Match", strong=True)(tag):
+            return reply
+    except HTTPError:  # not entity tags: none of them is the current one
+        pass
+    raise HTTPError(412, "The representation does not meet If-Match: "
+                         + (f"its ETag is now {tag}." if tag else "it has no ETag."),
+                    headers={"ETag": tag} if tag else None)
+
+
 def not_modified(request: RequestHead, reply: Reply) -> Reply:
     """The reply, or 304 Not Modified when it is a 200 to a GET or HEAD whose ETag
     the request's If-None-Match already has (RFC 9110 section 13.1.2: weak
@@ -6857,6 +6880,12 @@ def _paths() -> dict:
     for route in ROUTES:  # each operation's ID: its route function's name, in camelCase
         paths[route.path][route.method.lower()]["operationId"] = _camel(route.handler.__name__)
     for path, item in paths.items():
+        if "get" in item:  # If-Match, as every GET and HEAD evaluates it (unless_matched())
+            item["get"]["parameters"] = item["get"].get("parameters", []) + [
+                _ref("parameters", "IfMatch")]
+            item["get"]["responses"]["412"] = _problem(
+                "The representation does not meet If-Match (a weak ETag never does); ETag "
+                "is its tag now, where it has one", headers={"ETag": _ref("headers", "ETag")})
         if "get" in item:  # HEAD: as GET, with no content at all (RFC 9110 section 9.3.2)
             item["head"] = {
                 "summary": f"{item['get']['summary']}: the headers of GET alone",
@@ -7101,9 +7130,10 @@ def openapi_document() -> dict:
                                    f"Kept 24 hours, and the newest {MAX_KEYS} by default "
                                    "(--max-idempotency-keys)"},
                 "IfMatch": {"name": "If-Match", "in": "header", "schema": condition,
-                            "description": "The ETag the client holds (or *): the change is "
-                                           "made only if it is still the appointment's, "
-                                           "strongly compared; else 412"},
+                            "description": "The ETag the client holds (or *): a PATCH or "
+                                           "DELETE changes the appointment, and a GET or HEAD "
+                                           "answers, only while it is still current, strongly "
+                                           "compared; else 412"},
                 "Origin": {"name": "Origin", "in": "header", "schema": text,
                            "description": "A browser's page origin (CORS)"},
                 "AccessControlRequestMethod": {
@@ -7338,6 +7368,8 @@ class Service:
                 decode_json(body) if route.body_types else None, request.headers,
                 request.method, request.path + "?" + request.query if request.query
                 else request.path, body, client_gone, request_id))
+            if "if-match" in request.headers:  # first (RFC 9110 section 13.2.2)
+                reply = unless_matched(request, reply)
             if "if-none-match" in request.headers:
                 reply = not_modified(request, reply)
         except ClientGone:

@@ -6633,6 +6633,34 @@ class ConditionalGetTest(RouteTestCase):
                     self.assertEqual(response.headers["ETag"], tag)
                     self.assertNotIn("Content-Type", response.headers)
 
+    def test_if_match_is_evaluated_on_a_read_too(self):
+        # RFC 9110 section 13.1.1: before any method, a GET or HEAD too; strong comparison,
+        # so a weak tag (the feed's) never matches; "*" holds any current representation.
+        self.book()
+        for url in self.URLS + ["/healthz"]:  # /healthz: no ETag
+            for method in ("GET", "HEAD"):
+                with self.subTest(url=url, method=method):
+                    tag = self.request(method, url).headers.get("ETag")
+                    strong = tag is not None and not tag.startswith("W/")
+                    met = ["*"] + ([tag, f'"stale", {tag}'] if strong else [])
+                    unmet = ['"stale"', "not a tag"] + ([tag] if tag and not strong else [])
+                    for condition in met:
+                        response = self.request(method, url, headers={"If-Match": condition})
+                        self.assertEqual(response.status, 200, condition)
+                    for condition in unmet:
+                        response = self.request(method, url, headers={"If-Match": condition})
+                        self.assertEqual((response.status, response.headers.get("ETag")),
+                                         (412, tag), condition)
+                        if method == "GET":
+                            self.assertIn("If-Match", self.assertProblem(response, 412)["detail"])
+        # Evaluated first (section 13.2.2), and a response that is not a 2xx ignores it.
+        url = self.URLS[1]
+        tag = self.request("GET", url).headers["ETag"]
+        self.assertEqual(self.request("GET", url, headers={"If-Match": '"stale"',
+                                                           "If-None-Match": tag}).status, 412)
+        self.assertEqual(self.request("GET", "/appointments/alice/2026-11-26",
+                                      headers={"If-Match": '"stale"'}).status, 404)
+
     def test_the_tag_changes_exactly_when_the_content_does(self):
         self.book("alice", "2026-11-25", "09:30")
 
@@ -10152,6 +10180,8 @@ class MetricsFromTheStartTest(ServerTestCase):
             ("GET", "/appointments", None, {}),  # 400
             ("GET", "/appointments/alice/2026-11-26", None, {}),  # 404
             ("HEAD", "/appointments/alice/x", None, {}),  # 400
+            ("GET", "/appointments?user_id=alice", None, {"If-Match": '"stale"'}),  # 412
+            ("HEAD", "/healthz", None, {"If-Match": '"stale"'}),  # 412
             ("PATCH", self.URL, b'{"time": "10:00"}', {**patch, "If-Match": '"stale"'}),  # 412
             ("PATCH", self.URL, b'{"time": "10:00"}', patch),
             ("PATCH", self.URL, b'{"time": "10:00"}', json_type),
