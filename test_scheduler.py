@@ -3468,9 +3468,14 @@ class SchemaTest(unittest.TestCase):
     def test_rules_changed_since_a_step_shipped_leave_the_step_as_it_was(self):
         shipped = temporary_database(self)
         self.open(shipped).close()
+        longer_notes = scheduler.FreeText(1000, line_breaks=True)
         rules = {"START_MINUTES": (0, 15, 30, 45), "MAX_USER_ID_LENGTH": 300,
                  "FIRST_DATE": dt.date(1990, 1, 1), "LAST_DATE": dt.date(2199, 12, 31),
-                 "MAX_NOTE_LENGTH": 1000}
+                 # The note's rule is NOTE, made once from MAX_NOTE_LENGTH, and DETAILS
+                 # holds it: each changed as the module would have made it.
+                 "MAX_NOTE_LENGTH": 1000, "NOTE": longer_notes,
+                 "DETAILS": tuple(detail._replace(text=longer_notes) if detail.name == "note"
+                                  else detail for detail in scheduler.DETAILS)}
         with contextlib.ExitStack() as patches:
             for name, value in rules.items():
                 patches.enter_context(mock.patch.object(scheduler, name, value))
