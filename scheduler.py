@@ -8174,8 +8174,17 @@ class Connection:
     def _read_head(self) -> Optional[bytes]:
         """The next request's head, as find_head() finds it; None when the client
         closed (or the wait ran out) before sending one."""
-        searched = 0
+        searched = blank = 0
         while True:
+            # Blank lines before the request line are ignored (RFC 9112 section 2.2): let
+            # go as they come, so that each is searched once, however they trickle in.
+            skipped = _BLANK_LINES.match(self._data).end()
+            if skipped:
+                del self._data[:skipped]
+                searched, blank = max(0, searched - skipped), blank + skipped
+                if blank > MAX_HEAD_BYTES:
+                    raise HTTPError(400, f"More than {MAX_HEAD_BYTES} bytes of blank lines "
+                                         "came before a request line.")
             found = find_head(self._data, searched) if self._data else None  # nothing to search yet
             if found is not None:
                 start, end = found
