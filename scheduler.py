@@ -6880,13 +6880,14 @@ def _paths() -> dict:
     for route in ROUTES:  # each operation's ID: its route function's name, in camelCase
         paths[route.path][route.method.lower()]["operationId"] = _camel(route.handler.__name__)
     for path, item in paths.items():
-        if "get" in item:  # If-Match, as every GET and HEAD evaluates it (unless_matched())
+        if "get" in item:
+            # If-Match, as every GET and HEAD evaluates it (unless_matched()).
             item["get"]["parameters"] = item["get"].get("parameters", []) + [
                 _ref("parameters", "IfMatch")]
             item["get"]["responses"]["412"] = _problem(
                 "The representation does not meet If-Match (a weak ETag never does); ETag "
                 "is its tag now, where it has one", headers={"ETag": _ref("headers", "ETag")})
-        if "get" in item:  # HEAD: as GET, with no content at all (RFC 9110 section 9.3.2)
+            # HEAD: as GET, with no content at all (RFC 9110 section 9.3.2).
             item["head"] = {
                 "summary": f"{item['get']['summary']}: the headers of GET alone",
                 **{key: value for key, value in item["get"].items()
