@@ -5954,7 +5954,7 @@ def error_reply(error: BaseException, request_id: Optional[str] = None) -> Reply
 # keep a preflight's answer (Chromium keeps it 2 hours at most).
 CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key, X-Request-ID"
 CORS_EXPOSE_HEADERS = ("Location, Content-Location, ETag, Retry-After, Idempotent-Replayed, "
-                       "X-Request-ID")
+                       "X-Request-ID, Allow, Accept-Patch")  # the last two: of a 405, a 415
 CORS_MAX_AGE = 7200
 CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
@@ -8853,16 +8853,31 @@ def _cpu(text: str):
     raise argparse.ArgumentTypeError(f"{text!r} is not a CPU number, 'auto' or 'any'")
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_ORIGIN_HOST = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
+
+
 def _origin(text: str) -> str:
-    """An origin as browsers send it (scheme://host[:port], no path) or "*"."""
-    parts = urllib.parse.urlsplit(text)
-    if text == "*" or (parts.scheme in ("http", "https") and parts.hostname and not parts.path
-                       and not parts.query and not parts.fragment and "@" not in text
-                       and text == text.lower()):
+    """An origin as a browser sends it in Origin, or "*". A browser sends the
+    origin's serialization (the URL standard's): scheme://host[:port], in lower
+    case, the host in ASCII (an international name as punycode, xn--...), the port
+    left out when it is the scheme's default; nothing after. Any other form could
+    never equal what a browser sends, so it is refused rather than taken."""
+    if text == "*":
+        return text
+    scheme, separator, host = text.partition("://")
+    port = None
+    if ":" in host and not host.endswith("]"):  # "[::1]" is a host without a port
+        host, _, port = host.rpartition(":")
+    port_as_sent = port is None or (port.isascii() and port.isdigit() and port[0] != "0"
+                                    and int(port) <= 65535
+                                    and int(port) != _DEFAULT_PORTS.get(scheme))
+    if separator and scheme in _DEFAULT_PORTS and _ORIGIN_HOST.fullmatch(host) and port_as_sent:
         return text
     raise argparse.ArgumentTypeError(
-        f"{text!r} is not an origin: give scheme://host[:port] in lower case, with no path or "
-        "trailing slash (e.g. https://app.example.com), or *")
+        f"{text!r} is not an origin as a browser sends it: give scheme://host[:port] in lower "
+        "case, with the host in ASCII (punycode for other names), no default port (80, 443) "
+        "and no path or trailing slash (e.g. https://app.example.com), or *")
 
 
 def _positive(kind):

@@ -6816,6 +6816,16 @@ class RequestIdTest(RouteTestCase):
             exposed = [name.strip() for name in
                        response.headers["Access-Control-Expose-Headers"].split(",")]
             self.assertIn("X-Request-ID", exposed)
+        # A script reads what a 405 and a 415 say to do next (Fetch: the headers
+        # exposed are the safelisted ones and those listed).
+        for response, name in ((self.request("PUT", "/appointments", headers={"Origin": ORIGIN}),
+                                "Allow"),
+                               (self.request("PATCH", "/appointments/alice/2026-11-25", b"{}", {
+                                   "Origin": ORIGIN, "Content-Type": "text/plain"}),
+                                "Accept-Patch")):
+            self.assertIn(name, response.headers)
+            self.assertIn(name, [exposed.strip() for exposed in
+                                 response.headers["Access-Control-Expose-Headers"].split(",")])
 
     def test_a_500_is_logged_with_its_id_beside_the_traceback(self):
         self.client = Client(BrokenStore())
@@ -10858,6 +10868,12 @@ class CommandLineTest(unittest.TestCase):
           "x.db"], {}, f"at most {scheduler.WORKERS_PER_CPU} per CPU this process may use"),
         (["--cors-origin", "https://app.example.com/"], {}, "not an origin"),
         (["--cors-origin", "app.example.com"], {}, "not an origin"),
+        # Never what a browser sends (the URL standard's serialization of an origin).
+        (["--cors-origin", "https://app.example.com:443"], {}, "no default port"),
+        (["--cors-origin", "http://b\u00fccher.example"], {}, "punycode"),
+        (["--cors-origin", "http://app.example.com:99999"], {}, "not an origin"),
+        (["--cors-origin", "http://app.example.com:"], {}, "not an origin"),
+        (["--cors-origin", "http://a b"], {}, "not an origin"),
         (["--db", ""], {}, "--db needs a file name"),  # an unset variable in a unit file
     ]
 
