@@ -9108,9 +9108,16 @@ def cannot_listen(args: argparse.Namespace, error: OSError) -> str:
     return f"scheduler: cannot listen on {args.host}:{args.port}: {error.strerror}"
 
 
-# The signals that stop or reload: a Supervisor blocks them while it starts a worker,
-# which unblocks them once its handlers are set (serve()).
+# The signals that stop or reload a server or its Supervisor.
 CONTROL_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# What a Supervisor sends its workers to have them drain and stop: not SIGTERM, which
+# a worker may get from the operator too, at the same moment, when it goes to the
+# whole process group (systemd's KillMode=control-group, kill -- -PGID). The
+# supervisor's would then be the worker's second, which stops it at once.
+DRAIN_SIGNAL = signal.SIGUSR1
+# A Supervisor blocks these while it starts a worker, which unblocks them once its
+# handlers are set (serve()): until then their default would end it.
+WORKER_SIGNALS = CONTROL_SIGNALS + (DRAIN_SIGNAL,)
 
 
 def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
@@ -9144,9 +9151,16 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
     def stop(signum, frame):
         if signals:  # the second signal: stop now, whatever is unwritten or unfinished
             os._exit(1)
-        signals.append(signal.Signals(signum).name)
+        stopping(f"{signal.Signals(signum).name} received")
+
+    def stopping(reason: str) -> None:
+        signals.append(reason)
         # serve_forever() runs in this thread and shutdown() waits for it to return.
         threading.Thread(target=server.shutdown, daemon=True).start()
+
+    def drain(signum, frame):  # the supervisor's DRAIN_SIGNAL: a first signal, never a second
+        if not signals:
+            stopping("The supervisor asks it to stop")
 
     def hang_up(signum, frame):  # logs from another thread: this one may hold the log's lock
         line = "SIGHUP received: serving on (the log is stderr: there is no file to reopen)."
@@ -9157,11 +9171,11 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hang_up)
     else:  # Ctrl-C and SIGHUP are the Supervisor's: a terminal sends them to every
-        # process in its group, and a worker would count SIGINT as a first signal and
-        # the supervisor's SIGTERM as a second (stop at once).
+        # process in its group, and a worker would count SIGINT as a first signal.
         for signum in (signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)  # a worker starts with them blocked
+        signal.signal(DRAIN_SIGNAL, drain)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # a worker starts with them blocked
     server.parent = parent
     if listener is None:
         print(f"Listening on {server.url} (Ctrl-C to stop)", flush=True)
@@ -9181,7 +9195,7 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         os.close(ready)
     server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
     if signals:
-        server.log(f"{signals[0]} received: shutting down.")
+        server.log(f"{signals[0]}: shutting down.")
     # A worker's clients have another worker to go to: their next request is answered
     # (with Connection: close) rather than lost. A lone server's would be refused.
     still_open = server.drain(limits.shutdown_timeout, DRAIN_GRACE if parent else 0.0)
@@ -9259,14 +9273,14 @@ class Supervisor:
     the metrics table and a pipe as descriptors; it writes on the pipe when it
     serves. At most one a CPU starts at a time.
 
-    Restart one that dies, with a backoff. On SIGTERM or Ctrl-C, pass it on, let
-    each drain as a lone server does, and exit 0 when all have; a second signal
-    kills them all at once. On SIGHUP, reload: one worker at a time, start a new
-    process that loads the code as the file is now (a fork that execs the
-    interpreter anew, as is every process started from then on), and once it is
-    ready, tell the old one to drain; wait for it to stop, then the next (a deploy
-    without downtime, as gunicorn's and nginx's). A new process that fails stops
-    the reload, and the old one serves on.
+    Restart one that dies, with a backoff. On SIGTERM or Ctrl-C, tell each worker
+    (DRAIN_SIGNAL), let each drain as a lone server does, and exit 0 when all have;
+    a second signal kills them all at once. On SIGHUP, reload: one worker at a
+    time, start a new process that loads the code as the file is now (a fork that
+    execs the interpreter anew, as is every process started from then on), and
+    once it is ready, tell the old one to drain; wait for it to stop, then the
+    next (a deploy without downtime, as gunicorn's and nginx's). A new process
+    that fails stops the reload, and the old one serves on.
 
     Its state is touched by run()'s thread alone: signals reach it through a pipe
     (see run()), not through handlers that change it, and each iteration of
@@ -9387,10 +9401,10 @@ class Supervisor:
         old = self.workers.get(worker.replaces) if worker.ready else None
         if old is not None:
             worker.replaces = None
-            if not self.stopping:  # else it has its SIGTERM already
+            if not self.stopping:  # else it has been told already
                 old.retiring = True
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(old.pid, signal.SIGTERM)
+                    os.kill(old.pid, DRAIN_SIGNAL)
                 say(f"Worker {worker.number} (process {worker.pid}) is ready: process "
                     f"{old.pid} drains and stops.")
 
@@ -9416,7 +9430,7 @@ class Supervisor:
             "number": number, "slot": slot, "slots": self.metrics.slots, "listener": listener,
             "metrics": table, "ready": told, "supervisor": self.pid,
             "cpu": self.cpus[number % len(self.cpus)] if self.cpus else None})
-        signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # none until it is ready for them
+        signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)  # none until it is ready for them
         flush_output()  # else the child would write what is buffered out again
         try:
             pid, why = os.fork(), ""
@@ -9424,7 +9438,7 @@ class Supervisor:
             pid, why = -1, error.strerror
         if pid == 0:
             self.become_worker(setting, (listener, table, told), ready)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)
         os.close(told)
         if pid < 0:
             self.free_slots.append(slot)
@@ -9466,8 +9480,8 @@ class Supervisor:
             os._exit(status)
 
     def stop(self, signum: int) -> None:
-        """The first signal: pass SIGTERM on, and let the workers drain. The second:
-        kill them all, and exit now."""
+        """The first signal: tell the workers to drain and stop (DRAIN_SIGNAL), and
+        let them. The second: kill them all, and exit now."""
         if self.stopping:
             for pid in self.workers:
                 with contextlib.suppress(ProcessLookupError):
@@ -9477,10 +9491,9 @@ class Supervisor:
         self.due.clear()
         self.reloading = None
         self.listener.close()  # new connections are refused once every worker closed it too
-        for pid, worker in self.workers.items():
-            if not worker.retiring:  # a second SIGTERM would cut its requests off
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        for pid in self.workers:  # a retiring one has been told: telling it again does nothing
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, DRAIN_SIGNAL)
 
     def reload(self) -> None:
         """SIGHUP: replace every worker started before it (reload_step() does, one at
@@ -9543,6 +9556,10 @@ class Supervisor:
         who = who or f"Worker {number}"
         if replaces is not None:
             self.reloading = None
+            if all(worker.generation < self.generation for worker in self.workers.values()):
+                # None runs the new code: a worker started again later loads the code the
+                # others run, as if there had been no SIGHUP, not the file that failed.
+                self.generation -= 1
             say(f"{who}, started to replace process {replaces}, {how}: the reload stops, and "
                 "the workers serve on with the code they had loaded.")
             return

@@ -11375,7 +11375,7 @@ class WorkersTest(unittest.TestCase):
         sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))  # in flight
         self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
         server.process.send_signal(signal.SIGTERM)
-        wait_for_log(server, "SIGTERM received: shutting down.")
+        wait_for_log(server, "The supervisor asks it to stop: shutting down.")
         server.process.send_signal(signal.SIGINT)
         self.assertEqual(server.process.wait(timeout=20), 1)
         wait_until(lambda: not any(map(self.running, workers.values())),
@@ -11389,7 +11389,25 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual(server.process.wait(timeout=20), 0)
         log = "".join(read_log_until(
             server, "SIGINT received: every worker has drained and stopped."))
-        self.assertEqual(log.count("SIGTERM received: shutting down."), 2, log)
+        self.assertEqual(log.count("The supervisor asks it to stop: shutting down."), 2, log)
+        self.assertEqual(log.count("Stopped."), 2, log)
+
+    def test_sigterm_to_the_whole_group_drains_every_worker(self):
+        # systemd's KillMode=control-group sends SIGTERM to every process of the service:
+        # each worker gets it from there and the supervisor's word too. Neither may be
+        # taken for a second signal, which would cut the requests in flight off.
+        server, _, workers = self.start(preexec_fn=os.setpgrp)
+        sock = socket.create_connection((server.host, server.port), timeout=10)
+        self.addCleanup(sock.close)
+        sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))  # in flight
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        os.killpg(server.process.pid, signal.SIGTERM)
+        log = "".join(read_log_until(server, "SIGTERM received: shutting down."))
+        sock.sendall(VALID_BODY)
+        self.assertEqual(read_response(sock).status, 201)
+        self.assertEqual(server.process.wait(timeout=20), 0)
+        log += "".join(read_log_until(
+            server, "SIGTERM received: every worker has drained and stopped."))
         self.assertEqual(log.count("Stopped."), 2, log)
 
     def health_and_metrics(self, server: ServerProcess) -> Tuple[dict, dict]:
@@ -11453,23 +11471,43 @@ class WorkersTest(unittest.TestCase):
         log = "".join(read_log_until(server, "SIGTERM received: every worker has drained"))
         self.assertLess(log.count(" started (process "), most, log)
 
-    def test_sighup_replaces_every_worker_with_the_code_anew_and_answers_every_request(self):
-        directory = tempfile.TemporaryDirectory()  # a copy of the code, to deploy changes to
+    def deployed_copy(self) -> Tuple[str, str, str]:
+        """A copy of the code, to deploy changes to: its directory, its path, and
+        its text. Run as a module (SERVICE), as a deploy would: its bytecode is cached
+        beside the file, and a new process must not load it once the file has
+        changed. The cache is copied from where make test wrote it
+        (compile_service()), the file with its time, for which the cache holds; else
+        the first process that imports the file writes it (PYTHONDONTWRITEBYTECODE
+        unset)."""
+        directory = tempfile.TemporaryDirectory()
         self.addCleanup(directory.cleanup)
         script = os.path.join(directory.name, "scheduler.py")
-        # Run as a module (SERVICE), as a deploy would: its bytecode is cached beside
-        # the file, and a new process must not load it once the file has changed. The
-        # cache is copied from where make test wrote it (compile_service()), the file
-        # with its time, for which the cache holds; else the first process that
-        # imports the file writes it (PYTHONDONTWRITEBYTECODE unset).
         shutil.copy2(SCRIPT, script)
         with contextlib.suppress(OSError):
             os.makedirs(os.path.join(directory.name, "__pycache__"))
             shutil.copy2(importlib.util.cache_from_source(SCRIPT),
                          importlib.util.cache_from_source(script))
         with open(script, encoding="utf-8") as file:
-            code = file.read()
-        server, path, workers = self.start(cwd=directory.name,
+            return directory.name, script, file.read()
+
+    def test_a_worker_that_dies_after_a_failed_reload_starts_with_the_code_the_others_run(self):
+        directory, script, code = self.deployed_copy()
+        server, _, workers = self.start(cwd=directory, env={"PYTHONDONTWRITEBYTECODE": ""})
+        with open(script, "w", encoding="utf-8") as file:  # a deploy that cannot start
+            file.write(code + "\n) this is not Python\n")
+        server.process.send_signal(signal.SIGHUP)
+        wait_for_log(server, "the reload stops, and the workers serve on")
+        number, pid = min(workers.items())
+        os.kill(pid, signal.SIGKILL)
+        restarted = int(re.search(r"\(process (\d+)\)", wait_for_log(
+            server, f"Worker {number} started")).group(1))
+        wait_for_log(server, f"Worker {number} running")  # the file that failed would not run
+        self.assertEqual(self.health_and_metrics(server)[1]["scheduler_workers_running"], 2)
+        self.assertFalse(self.exec_of(restarted))  # a fork of the code loaded, as before
+
+    def test_sighup_replaces_every_worker_with_the_code_anew_and_answers_every_request(self):
+        directory, script, code = self.deployed_copy()
+        server, path, workers = self.start(cwd=directory,
                                            env={"PYTHONDONTWRITEBYTECODE": ""})
         started_anew = [self.exec_of(pid) for pid in workers.values()]
         answers, failures, stop = [], [], threading.Event()  # (status, Server) of each booking
