@@ -9146,21 +9146,22 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         return 1
     if metrics is not None:
         server.service.metrics.share(*metrics)
-    signals = []
+    signals, reasons = [], []  # the stop signals received; why it stops (the first reason)
 
     def stop(signum, frame):
-        if signals:  # the second signal: stop now, whatever is unwritten or unfinished
+        if signals:  # the second: stop now, whatever is unwritten or unfinished
             os._exit(1)
+        signals.append(signum)
         stopping(f"{signal.Signals(signum).name} received")
 
-    def stopping(reason: str) -> None:
-        signals.append(reason)
-        # serve_forever() runs in this thread and shutdown() waits for it to return.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+    def drain(signum, frame):  # the supervisor's DRAIN_SIGNAL: it neither is nor makes a second
+        stopping("The supervisor asks it to stop")
 
-    def drain(signum, frame):  # the supervisor's DRAIN_SIGNAL: a first signal, never a second
-        if not signals:
-            stopping("The supervisor asks it to stop")
+    def stopping(reason: str) -> None:
+        if not reasons:
+            reasons.append(reason)
+            # serve_forever() runs in this thread and shutdown() waits for it to return.
+            threading.Thread(target=server.shutdown, daemon=True).start()
 
     def hang_up(signum, frame):  # logs from another thread: this one may hold the log's lock
         line = "SIGHUP received: serving on (the log is stderr: there is no file to reopen)."
@@ -9194,8 +9195,8 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
             os.write(ready, b"1")
         os.close(ready)
     server.serve_forever(poll_interval=0.1)  # how soon shutdown() is noticed
-    if signals:
-        server.log(f"{signals[0]}: shutting down.")
+    if reasons:
+        server.log(f"{reasons[0]}: shutting down.")
     # A worker's clients have another worker to go to: their next request is answered
     # (with Connection: close) rather than lost. A lone server's would be refused.
     still_open = server.drain(limits.shutdown_timeout, DRAIN_GRACE if parent else 0.0)
