@@ -8255,9 +8255,11 @@ class Connection:
     def _receive(self) -> bool:
         """Read what the client sent next into _data; False at end of file. A
         request's first byte starts its deadline. Past a deadline: end of file while
-        waiting, else a 408."""
+        waiting, else a 408. What was read while waiting is a request begun, though
+        the wait ended as it came (close_if_idle(), at shutdown): its client sent it
+        before it could see the close, and it is answered."""
         chunk = self._sock.recv(RECEIVE_BYTES)
-        if self._expired:
+        if self._expired and not (chunk and self._phase == self.WAITING):
             if self._phase == self.WAITING:  # no request had begun: nothing to answer
                 return False
             raise HTTPError(408, "The request did not arrive whole within "

@@ -8642,6 +8642,43 @@ class ConnectionTest(HTTPTestCase):
         self.assertEqual(problem.status, 400)
         self.assertIn("blank lines", problem.json()["detail"])
 
+    def test_a_request_read_as_the_wait_for_it_is_ended_is_answered(self):
+        # At shutdown, close_if_idle() may end a keep-alive connection's wait just as
+        # its next request is read: the client sent it before it could see the close,
+        # and it is answered rather than dropped.
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        theirs.settimeout(10)  # the client's wait for an answer
+        closed = []  # what close_if_idle() returned, called as the second request is read
+
+        class Racing:  # the connection's socket, as the race would have it
+            reads = 0
+
+            def __getattr__(self, name):
+                return getattr(ours, name)
+
+            def recv(self, size, *flags):
+                data = ours.recv(size, *flags)
+                if not flags:  # not a peek
+                    Racing.reads += 1
+                    if Racing.reads == 2:
+                        closed.append(connection.close_if_idle())
+                return data
+
+        connection = scheduler.Connection(Racing(), ("192.0.2.1", 50000),
+                                          _Host(self.service.limits))
+        serving = threading.Thread(target=connection.serve, args=(self.service,))
+        request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+        theirs.sendall(request)
+        serving.start()
+        self.assertEqual(read_response(theirs).status, 200)
+        theirs.sendall(request)  # read by the second recv(), as the wait is ended
+        self.assertEqual(read_response(theirs).status, 200)
+        serving.join(timeout=10)
+        self.assertFalse(serving.is_alive())
+        self.assertEqual(closed, [True])
+
     def test_requests_sent_together_are_answered_in_order(self):
         responses = self.serve(post_head(len(VALID_BODY)) + VALID_BODY + b"\r\n"
                                + b"GET /appointments?user_id=alice HTTP/1.1\r\nHost: t\r\n\r\n"
