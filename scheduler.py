@@ -7348,7 +7348,7 @@ class Service:
                 length = body_length(request, self.limits.max_body_bytes, route.body_types)
             else:
                 length = 0
-                if request.declares_body:
+                if "content-length" in request.headers or "transfer-encoding" in request.headers:
                     check_framing(request)
         except Exception as error:
             return Exchange(request, route.path if route else UNMATCHED, route, {}, 0, error,
@@ -8183,7 +8183,8 @@ class Connection:
         while True:
             # Blank lines before the request line are ignored (RFC 9112 section 2.2): let
             # go as they come, so that each is searched once, however they trickle in.
-            skipped = _BLANK_LINES.match(self._data).end()
+            skipped = _BLANK_LINES.match(self._data).end() \
+                if self._data and self._data[0] in b"\r\n" else 0  # the match only if needed
             if skipped:
                 del self._data[:skipped]
                 searched, blank = max(0, searched - skipped), blank + skipped
