@@ -636,7 +636,7 @@ def parse_changes(patch: Mapping, user_id: str) -> Changes:
     # that changed them would be told the appointment moved when it did not: a patch is
     # applied whole or not at all (RFC 5789 section 2).
     given = [name for name in _DERIVED if name in patch]
-    if given and not errors:
+    if given and not any(field in ("date", "time") for field, _ in errors):
         if "date" in changes and "time" in changes:
             shown = Appointment(user_id, dt.datetime.combine(
                 changes["date"], changes["time"], tzinfo=dt.timezone.utc)).as_json()
@@ -5538,11 +5538,13 @@ def check_framing(request: RequestHead) -> None:
     its route (RFC 9112 section 6.3), before it is carried out: a Transfer-Encoding
     whose last coding is not chunked, or a Content-Length that is not one number, is
     a 400; chunked is a 411, as this server reads no chunked body. Either way the
-    connection then closes (keep_alive()): what follows cannot be told apart."""
+    connection then closes (keep_alive()): where the body ends and the next request
+    begins cannot be known."""
     headers = request.headers
     codings = headers.get("transfer-encoding")
     if codings is not None:
-        if codings.rpartition(",")[2].strip().lower() != "chunked":
+        named = [coding.strip().lower() for coding in codings.split(",") if coding.strip()]
+        if named[-1:] != ["chunked"]:  # empty elements are no codings (RFC 9110 5.6.1.2)
             raise HTTPError(400, f"Transfer-Encoding {codings[:40]!r} does not end with "
                                  "chunked, so the body's length cannot be known (RFC 9112 "
                                  "section 6.3); send the body with a Content-Length header.")
@@ -5556,8 +5558,9 @@ def check_framing(request: RequestHead) -> None:
 
 def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) -> int:
     """The length of the JSON body a request declares, checked before a byte of
-    it is read: its Content-Type, one of media_types (415), its framing (411, 400:
-    check_framing()) and its size (413)."""
+    it is read: its framing first (411, 400: check_framing()), then its Content-Type,
+    one of media_types (415), and its size (413)."""
+    check_framing(request)  # a body whose end cannot be known is refused whatever it is
     headers = request.headers
     media_type = headers.get("content-type", "")
     if media_type not in media_types:  # "application/json; charset=utf-8", say: its type alone
@@ -5571,7 +5574,6 @@ def body_length(request: RequestHead, limit: int, media_types: Tuple[str, ...]) 
                         # a PATCH says which patch formats it takes (RFC 5789 section 2.2)
                         headers={"Accept-Patch": ", ".join(media_types)}
                         if request.method == "PATCH" else None)
-    check_framing(request)
     declared = headers.get("content-length")
     if declared is None:
         raise HTTPError(411, "A request body needs a Content-Length header.")
@@ -5785,24 +5787,26 @@ def write_condition(headers: Mapping[str, str]) -> Condition:
 
 
 def unless_matched(request: RequestHead, reply: Reply) -> Reply:
-    """The reply to a GET or HEAD that sends If-Match, if its ETag is among those
-    the header holds, strongly compared ("*": any, or none at all); else HTTPError
-    412 with the ETag it has now. An origin server evaluates If-Match before any
-    method, a read too (RFC 9110 section 13.1.1; section 13.2.2, step 1). Writes
-    have theirs tested in the store (write_condition()); a reply that is not a 2xx
-    ignores it (13.2.1). A value that is neither "*" nor entity tags holds no tag
-    that is current: 412, where a write, which must not go ahead, gets a 400."""
+    """The reply to a GET or HEAD that sends If-Match, if its ETag is among the
+    tags the header holds, strongly compared ("*" holds for any reply, with an ETag
+    or without one); else HTTPError 412, with the ETag the reply has now. An origin
+    server evaluates If-Match before any method, a read too (RFC 9110 section
+    13.1.1; section 13.2.2, step 1). Writes have theirs tested in the store
+    (write_condition()); a reply that is not a 2xx ignores it (13.2.1). A value that
+    is neither "*" nor entity tags holds no tag that is current: 412, saying so,
+    where a write, which must not go ahead, gets a 400."""
     condition = request.headers.get("if-match")
     if condition is None or request.method not in ("GET", "HEAD") \
             or not 200 <= reply.status < 300 or condition.strip(" \t") == "*":
         return reply
-    tag = dict(reply.headers).get("ETag")
+    tag, unread = dict(reply.headers).get("ETag"), ""
     try:
-        if tag is not None and _tag_test(condition, "If-Match", strong=True)(tag):
-            return reply
+        matches = _tag_test(condition, "If-Match", strong=True)
     except HTTPError:  # not entity tags: none of them is the current one
-        pass
-    raise HTTPError(412, "The representation does not meet If-Match: "
+        matches, unread = None, " (its value is neither * nor a list of entity tags)"
+    if matches is not None and tag is not None and matches(tag):
+        return reply
+    raise HTTPError(412, f"The representation does not meet If-Match{unread}: "
                          + (f"its ETag is now {tag}." if tag else "it has no ETag."),
                     headers={"ETag": tag} if tag else None)
 
@@ -5953,8 +5957,9 @@ def error_reply(error: BaseException, request_id: Optional[str] = None) -> Reply
 # headers its scripts may read, beyond the safelisted ones; how long a browser may
 # keep a preflight's answer (Chromium keeps it 2 hours at most).
 CORS_ALLOW_HEADERS = "Content-Type, If-None-Match, If-Match, Idempotency-Key, X-Request-ID"
+# Allow (sent with a 405) and Accept-Patch (with a 415) say what to send instead.
 CORS_EXPOSE_HEADERS = ("Location, Content-Location, ETag, Retry-After, Idempotent-Replayed, "
-                       "X-Request-ID, Allow, Accept-Patch")  # the last two: of a 405, a 415
+                       "X-Request-ID, Allow, Accept-Patch")
 CORS_MAX_AGE = 7200
 CORS_PREFLIGHT_HEADERS = ("Allow", "Access-Control-Allow-Origin", "Access-Control-Allow-Methods",
                           "Access-Control-Allow-Headers", "Access-Control-Max-Age")
@@ -6948,8 +6953,8 @@ def request_series() -> Tuple[Series, ...]:
     for path, item in _paths().items():
         for method, operation in item.items():
             statuses = {int(status) for status in operation["responses"] if status.isdigit()}
-            # Any request may also have a query that cannot be read (400) or a body framed
-            # as this server reads none (400, 411: check_framing()), or meet a bug (500).
+            # Any request may also have a query that cannot be read (400), or a body whose
+            # framing this server cannot read (400, 411: check_framing()), or meet a bug (500).
             statuses |= {400, 411, 500}
             routes = [route for route in ROUTES if route.path == path
                       and route.method == ("GET" if method == "head" else method.upper())]
@@ -7772,7 +7777,11 @@ def split_target(target: str) -> Tuple[str, str]:
         if scheme.lower() not in _HTTP_SCHEMES:
             raise HTTPError(400, f"The request target's scheme {scheme[:20]!r} is not http or "
                                  "https; send the path, /appointments?...")
-        path = "/" + rest.partition("/")[2]
+        authority, _, path = rest.partition("/")
+        if not authority.rpartition("@")[2].partition(":")[0] and not authority.startswith("["):
+            raise HTTPError(400, "The request target has no host (RFC 9110 section 4.2.1); "
+                                 "send the path, /appointments?...")
+        path = "/" + path
     return path, query
 
 
@@ -8256,9 +8265,9 @@ class Connection:
     def _receive(self) -> bool:
         """Read what the client sent next into _data; False at end of file. A
         request's first byte starts its deadline. Past a deadline: end of file while
-        waiting, else a 408. What was read while waiting is a request begun, though
-        the wait ended as it came (close_if_idle(), at shutdown): its client sent it
-        before it could see the close, and it is answered."""
+        waiting, else a 408. Bytes that arrive just as close_if_idle() ends the wait
+        (at shutdown) are a request begun: its client sent it before it could see the
+        close, so it is answered."""
         chunk = self._sock.recv(RECEIVE_BYTES)
         if self._expired and not (chunk and self._phase == self.WAITING):
             if self._phase == self.WAITING:  # no request had begun: nothing to answer
@@ -9157,7 +9166,7 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         signals.append(signum)
         stopping(f"{signal.Signals(signum).name} received")
 
-    def drain(signum, frame):  # the supervisor's DRAIN_SIGNAL: it neither is nor makes a second
+    def drain(signum, frame):  # the supervisor's DRAIN_SIGNAL: never counted as a stop signal
         stopping("The supervisor asks it to stop")
 
     def stopping(reason: str) -> None:
@@ -9175,7 +9184,8 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         signal.signal(signal.SIGINT, stop)
         signal.signal(signal.SIGHUP, hang_up)
     else:  # Ctrl-C and SIGHUP are the Supervisor's: a terminal sends them to every
-        # process in its group, and a worker would count SIGINT as a first signal.
+        # process in its group, and a worker would take a second Ctrl-C for its own
+        # second signal (stop at once) while the supervisor still lets it drain.
         for signum in (signal.SIGINT, signal.SIGHUP):
             signal.signal(signum, signal.SIG_IGN)
         signal.signal(DRAIN_SIGNAL, drain)
@@ -9560,10 +9570,12 @@ class Supervisor:
         who = who or f"Worker {number}"
         if replaces is not None:
             self.reloading = None
-            if all(worker.generation < self.generation for worker in self.workers.values()):
-                # None runs the new code: a worker started again later loads the code the
-                # others run, as if there had been no SIGHUP, not the file that failed.
-                self.generation -= 1
+            # Where none runs the new code, the count goes back to what the workers run:
+            # one started again later starts as they did. Before any reload that
+            # succeeded, that is a fork of the code loaded, not the file that failed;
+            # after one, it is the file as it is then (an exec reads it anew).
+            self.generation = max((worker.generation for worker in self.workers.values()),
+                                  default=self.generation)
             say(f"{who}, started to replace process {replaces}, {how}: the reload stops, and "
                 "the workers serve on with the code they had loaded.")
             return

@@ -6066,6 +6066,11 @@ class RescheduleTest(RouteTestCase):
                 self.assertEqual([error["field"] for error in problem["errors"]], fields)
                 self.assertIn("date and time", problem["errors"][0]["message"])
                 self.assertEqual(self.stored(), [appointment(time="09:30")])
+        # Named with every other invalid field at once; only an unreadable date or time
+        # leaves nothing to hold start and end to.
+        problem = self.assertProblem(self.patch({"note": "a\u0000b",
+                                                 "start": "2026-11-25T15:00:00Z"}), 422)
+        self.assertEqual([error["field"] for error in problem["errors"]], ["note", "start"])
 
     def test_what_is_not_a_merge_patch_object_is_refused(self):
         self.book(time="09:30")
@@ -6657,7 +6662,9 @@ class ConditionalGetTest(RouteTestCase):
                         self.assertEqual((response.status, response.headers.get("ETag")),
                                          (412, tag), condition)
                         if method == "GET":
-                            self.assertIn("If-Match", self.assertProblem(response, 412)["detail"])
+                            detail = self.assertProblem(response, 412)["detail"]
+                            self.assertIn("If-Match", detail)
+                            self.assertEqual("neither * nor" in detail, condition == "not a tag")
         # Evaluated first (section 13.2.2), and a response that is not a 2xx ignores it.
         url = self.URLS[1]
         tag = self.request("GET", url).headers["ETag"]
@@ -8401,6 +8408,8 @@ class HeadGrammarTest(unittest.TestCase):
          "not http or https"),
         ("the absolute form with no scheme", b"GET ://x/healthz HTTP/1.1\r\nHost: x\r\n\r\n",
          400, "not http or https"),
+        ("the absolute form with no host (RFC 9110 section 4.2.1)",
+         b"GET http:///healthz HTTP/1.1\r\nHost: x\r\n\r\n", 400, "no host"),
         ("not a request line", b"NOT A REQUEST\r\n\r\n", 400, "HTTP version"),
         ("not one either", b"NOT-A-REQUEST\r\n\r\n", 400, "request line"),
         ("HTTP/9.9", b"GET /appointments HTTP/9.9\r\n\r\n", 505, "not supported"),
@@ -8623,6 +8632,7 @@ class ConnectionTest(HTTPTestCase):
         self.store.book(booked)
         cases = [(b"Transfer-Encoding: gzip\r\n", 400), (b"Transfer-Encoding: chunked, x\r\n", 400),
                  (b"Transfer-Encoding: chunked\r\n\r\n0\r\n", 411),
+                 (b"Transfer-Encoding: gzip, chunked,\r\n\r\n0\r\n", 411),  # "" is no coding
                  (b"Content-Length: abc\r\n", 400), (b"Content-Length: -1\r\n", 400),
                  (b"Content-Length: 5\r\nContent-Length: 6\r\n", 400)]
         for method, target in (("DELETE", "/appointments/alice/2026-11-25"), ("GET", "/healthz")):
@@ -8632,6 +8642,10 @@ class ConnectionTest(HTTPTestCase):
                                            + framing + b"\r\n" + NEXT_REQUEST)
                     self.assertEqual([r.status for r in responses], [status])
                     self.assertEqual(self.store.get("alice", booked.date), booked)
+        # On a route that takes a body too, before what the body is (its Content-Type).
+        refused, = self.serve(b"POST /appointments HTTP/1.1\r\nHost: t\r\n"
+                              b"Transfer-Encoding: gzip\r\n\r\n")
+        self.assertEqual(refused.status, 400)
 
     def test_blank_lines_before_a_request_are_let_go_up_to_the_heads_limit(self):
         # RFC 9112 section 2.2: ignored. Each is let go as it comes, so that a trickle
@@ -9242,8 +9256,8 @@ class SlowClientTest(ServerTestCase):
         problem = self.assertProblem(read_response(sock), 408)
         self.assertIn("0.25 seconds", problem["detail"])
         self.assertClosed(sock)
-        # Its duration, in the histogram and the log, runs from the head read, as any
-        # request's does: the wait for the body is in it.
+        # Its duration runs from the head read, as any request's does: the wait for the
+        # body is in it (the histogram's, and so the log's, which is the same figure).
         labels = frozenset({"route": "/appointments", "method": "POST"}.items())
         waited = wait_until(lambda: parse_metrics(self.request("GET", "/metrics").body.decode())
                             .get(("scheduler_request_duration_seconds_sum", labels)),
@@ -11439,7 +11453,8 @@ class WorkersTest(unittest.TestCase):
         sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))  # in flight
         self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
         os.killpg(server.process.pid, signal.SIGTERM)
-        log = "".join(read_log_until(server, "SIGTERM received: shutting down."))
+        # Each worker says why it stops: its SIGTERM, or the supervisor's word if first.
+        log = "".join(read_log_until(server, ": shutting down."))
         sock.sendall(VALID_BODY)
         self.assertEqual(read_response(sock).status, 201)
         self.assertEqual(server.process.wait(timeout=20), 0)
@@ -11539,7 +11554,8 @@ class WorkersTest(unittest.TestCase):
         restarted = int(re.search(r"\(process (\d+)\)", wait_for_log(
             server, f"Worker {number} started")).group(1))
         wait_for_log(server, f"Worker {number} running")  # the file that failed would not run
-        self.assertEqual(self.health_and_metrics(server)[1]["scheduler_workers_running"], 2)
+        wait_until(lambda: self.health_and_metrics(server)[1]["scheduler_workers_running"] == 2,
+                   what="both workers serving")
         self.assertFalse(self.exec_of(restarted))  # a fork of the code loaded, as before
 
     def test_sighup_replaces_every_worker_with_the_code_anew_and_answers_every_request(self):
