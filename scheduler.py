@@ -6941,9 +6941,10 @@ def _with_request_id(response: dict) -> None:
 # (a listing, a feed: CLIENT_GONE, its client hung up); for a request no route answered,
 # these, by its method: one it knows (a malformed head or path, no such path, not
 # allowed there, too many header lines, HTTP/2), or not (one it does not know, or a
-# head too long or cut off before its request line was read; "other").
+# head too long or cut off before its request line was read, by a deadline (408) or
+# by shutdown (503); "other").
 UNMATCHED_STATUSES = {"known": (400, 404, 405, 431, 500, 505),
-                      "other": (400, 408, 414, 431, 500, 501, 505)}
+                      "other": (400, 408, 414, 431, 500, 501, 503, 505)}
 
 
 @functools.lru_cache(maxsize=None)
@@ -8111,6 +8112,7 @@ class Connection:
         self._phase = self.NEW
         self._deadline: Optional[float] = None  # time.monotonic(); None while NEW or BUSY
         self._expired = False  # set once, by the watchdog or close_if_idle: the connection ends
+        self._closed_idle = False  # set by close_if_idle: it was not a deadline that passed
         self._data = bytearray()  # received and not yet taken: a request's start, or more
         self._request_deadline = 0.0  # the current request's, from its first byte
         self._served = 0  # responses sent
@@ -8272,6 +8274,10 @@ class Connection:
         if self._expired and not (chunk and self._phase == self.WAITING):
             if self._phase == self.WAITING:  # no request had begun: nothing to answer
                 return False
+            if self._closed_idle:  # what came before the close is not the whole request
+                raise HTTPError(503, "The server is shutting down, and stopped reading this "
+                                     "request before it was whole; send it again.",
+                                headers={"Retry-After": "1"})
             raise HTTPError(408, "The request did not arrive whole within "
                                  f"{self._limits.request_timeout:g} seconds.")
         if not chunk:
@@ -8390,7 +8396,7 @@ class Connection:
         with self._lock:
             if self._phase != self.WAITING or (keep_new and not self._served):
                 return False
-            self._expired = True
+            self._expired = self._closed_idle = True
             self._shutdown(socket.SHUT_RD)
             return True
 

@@ -8656,17 +8656,17 @@ class ConnectionTest(HTTPTestCase):
         self.assertEqual(problem.status, 400)
         self.assertIn("blank lines", problem.json()["detail"])
 
-    def test_a_request_read_as_the_wait_for_it_is_ended_is_answered(self):
-        # At shutdown, close_if_idle() may end a keep-alive connection's wait just as
-        # its next request is read: the client sent it before it could see the close,
-        # and it is answered rather than dropped.
+    def race_the_close(self, second: bytes) -> Response:
+        """The answer to second, sent on a kept-alive connection whose wait for it
+        close_if_idle() ends (at shutdown) just as its socket reads it, as the race
+        would have it: a stand-in socket runs close_if_idle() at its second read."""
         ours, theirs = socket.socketpair()
         self.addCleanup(ours.close)
         self.addCleanup(theirs.close)
         theirs.settimeout(10)  # the client's wait for an answer
-        closed = []  # what close_if_idle() returned, called as the second request is read
+        closed = []  # what close_if_idle() returned
 
-        class Racing:  # the connection's socket, as the race would have it
+        class Racing:
             reads = 0
 
             def __getattr__(self, name):
@@ -8683,15 +8683,25 @@ class ConnectionTest(HTTPTestCase):
         connection = scheduler.Connection(Racing(), ("192.0.2.1", 50000),
                                           _Host(self.service.limits))
         serving = threading.Thread(target=connection.serve, args=(self.service,))
-        request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
-        theirs.sendall(request)
+        theirs.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
         serving.start()
         self.assertEqual(read_response(theirs).status, 200)
-        theirs.sendall(request)  # read by the second recv(), as the wait is ended
-        self.assertEqual(read_response(theirs).status, 200)
+        theirs.sendall(second)  # read by the second recv(), as the wait is ended
+        answer = read_response(theirs)
         serving.join(timeout=10)
         self.assertFalse(serving.is_alive())
         self.assertEqual(closed, [True])
+        return answer
+
+    def test_a_request_read_as_the_wait_for_it_is_ended_is_answered(self):
+        # Its client sent it before it could see the close: answered, not dropped.
+        self.assertEqual(self.race_the_close(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+                         .status, 200)
+        # Only its start came: the rest is never read, and the client is told to resend
+        # it (not that it was too slow, 408).
+        answer = self.race_the_close(b"GET /healthz HTTP/1.1\r\nHost:")
+        self.assertEqual((answer.status, answer.headers["Retry-After"]), (503, "1"))
+        self.assertIn((scheduler.UNMATCHED, "other", 503), scheduler.request_series())
 
     def test_requests_sent_together_are_answered_in_order(self):
         responses = self.serve(post_head(len(VALID_BODY)) + VALID_BODY + b"\r\n"
