@@ -85,6 +85,7 @@ import fcntl
 import functools
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import json
 import math
@@ -8876,15 +8877,16 @@ def _cpu(text: str):
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-_ORIGIN_HOST = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\]")
+_ORIGIN_HOST = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?")  # a name, in ASCII
 
 
 def _origin(text: str) -> str:
     """An origin as a browser sends it in Origin, or "*". A browser sends the
     origin's serialization (the URL standard's): scheme://host[:port], in lower
-    case, the host in ASCII (an international name as punycode, xn--...), the port
-    left out when it is the scheme's default; nothing after. Any other form could
-    never equal what a browser sends, so it is refused rather than taken."""
+    case, the host in ASCII (an international name as punycode, xn--...) and an
+    IP address in its one written form (127.0.0.1, [::1]), the port left out when
+    it is the scheme's default; nothing after. Any other form could never equal
+    what a browser sends, so it is refused rather than taken."""
     if text == "*":
         return text
     scheme, separator, host = text.partition("://")
@@ -8894,12 +8896,28 @@ def _origin(text: str) -> str:
     port_as_sent = port is None or (port.isascii() and port.isdigit() and port[0] != "0"
                                     and int(port) <= 65535
                                     and int(port) != _DEFAULT_PORTS.get(scheme))
-    if separator and scheme in _DEFAULT_PORTS and _ORIGIN_HOST.fullmatch(host) and port_as_sent:
+    if separator and scheme in _DEFAULT_PORTS and port_as_sent and _host_as_sent(host):
         return text
     raise argparse.ArgumentTypeError(
         f"{text!r} is not an origin as a browser sends it: give scheme://host[:port] in lower "
-        "case, with the host in ASCII (punycode for other names), no default port (80, 443) "
-        "and no path or trailing slash (e.g. https://app.example.com), or *")
+        "case, with the host in ASCII (punycode for other names), an IP address as "
+        "127.0.0.1 or [::1], no default port (80, 443) and no path or trailing slash (e.g. "
+        "https://app.example.com), or *")
+
+
+def _host_as_sent(host: str) -> bool:
+    """Whether host is written as a browser writes it in an origin: a name in lower
+    case ASCII, or an IP address in its one form. A name whose last label is a
+    number is an IPv4 address to a browser (the URL standard), which writes it
+    as four decimal numbers: 127.1 is sent as 127.0.0.1."""
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            return ipaddress.IPv6Address(host[1:-1]).compressed == host[1:-1]
+        if host.rstrip(".").rpartition(".")[2].isdigit():
+            return str(ipaddress.IPv4Address(host)) == host
+    except ValueError:
+        return False
+    return bool(_ORIGIN_HOST.fullmatch(host))
 
 
 def _positive(kind):
@@ -9173,7 +9191,7 @@ def serve(args: argparse.Namespace, limits: Limits, cpu: Optional[int],
         stopping(f"{signal.Signals(signum).name} received")
 
     def drain(signum, frame):  # the supervisor's DRAIN_SIGNAL: never counted as a stop signal
-        stopping("The supervisor asks it to stop")
+        stopping("Asked by the supervisor to stop")
 
     def stopping(reason: str) -> None:
         if not reasons:

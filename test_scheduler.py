@@ -10945,8 +10945,18 @@ class CommandLineTest(unittest.TestCase):
         (["--cors-origin", "http://app.example.com:99999"], {}, "not an origin"),
         (["--cors-origin", "http://app.example.com:"], {}, "not an origin"),
         (["--cors-origin", "http://a b"], {}, "not an origin"),
+        (["--cors-origin", "http://127.1"], {}, "127.0.0.1"),  # a browser sends 127.0.0.1
+        (["--cors-origin", "http://[::ffff:1.2.3.4]"], {}, "not an origin"),  # [::ffff:102:304]
         (["--db", ""], {}, "--db needs a file name"),  # an unset variable in a unit file
     ]
+
+    def test_an_origin_is_taken_in_every_form_a_browser_sends(self):
+        origins = ["https://app.example.com", "http://127.0.0.1:9401", "http://[::1]:8000",
+                   "http://xn--bcher-kva.example", "http://my_host.example",
+                   "http://example.com.", "http://[::ffff:102:304]", "*"]
+        self.assertEqual(scheduler.parse_args(
+            [word for origin in origins for word in ("--cors-origin", origin)]).cors_origins,
+            origins)
 
     def test_bad_option_is_a_usage_error(self):
         for args, env, message in self.USAGE_ERRORS:  # parse_args() is what main() calls
@@ -11436,7 +11446,7 @@ class WorkersTest(unittest.TestCase):
         sock.sendall(post_head(len(VALID_BODY), "Expect: 100-continue\r\n"))  # in flight
         self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
         server.process.send_signal(signal.SIGTERM)
-        wait_for_log(server, "The supervisor asks it to stop: shutting down.")
+        wait_for_log(server, "Asked by the supervisor to stop: shutting down.")
         server.process.send_signal(signal.SIGINT)
         self.assertEqual(server.process.wait(timeout=20), 1)
         wait_until(lambda: not any(map(self.running, workers.values())),
@@ -11450,7 +11460,7 @@ class WorkersTest(unittest.TestCase):
         self.assertEqual(server.process.wait(timeout=20), 0)
         log = "".join(read_log_until(
             server, "SIGINT received: every worker has drained and stopped."))
-        self.assertEqual(log.count("The supervisor asks it to stop: shutting down."), 2, log)
+        self.assertEqual(log.count("Asked by the supervisor to stop: shutting down."), 2, log)
         self.assertEqual(log.count("Stopped."), 2, log)
 
     def test_sigterm_to_the_whole_group_drains_every_worker(self):
