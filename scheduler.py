@@ -6215,7 +6215,9 @@ function newKey() {
 // JSON body (where: body), holding value (an example) if there is one.
 function input(name, where, about, value, required) {
   const box = el("input", {name, "data-in": where, autocomplete: "off", spellcheck: "false",
-                           value: value === undefined ? undefined : String(value)});
+                           value: value === undefined ? undefined : String(value),
+                           // a path left without a segment is another path: not sent
+                           required: where === "path" && required ? "" : undefined});
   const row = el("span", {class: "row"}, box);
   if (name === "Idempotency-Key") {
     const button = el("button", {type: "button"}, "New key");
@@ -6341,9 +6343,10 @@ function render() {
 }
 
 // /docs?try=USER: fill in the forms and press Send as a person would: a booking as
-// USER (at the example's date and time), USER's listing, then the booking again
-// without a date. Each reply as shown is listed in the page (tried-1, tried-2...),
-// then whether the style sheet was applied; <html data-tried> says it is done.
+// USER (at the example's date and time), USER's listing, the booking again without
+// a date, then an appointment's lookup without its user. Each reply as shown is
+// listed in the page (tried-1, tried-2...), or what was not sent and why, then
+// whether the style sheet was applied; <html data-tried> says it is done.
 async function tryForms(user) {
   const log = el("ol");
   const note = (...children) => log.append(el("li", {id: `tried-${log.children.length + 1}`},
@@ -6352,13 +6355,18 @@ async function tryForms(user) {
                                              el("h2", {}, "Tried as " + user), log));
   const steps = [["bookAppointment", "body", "user_id", user],
                  ["listAppointments", "query", "user_id", user],
-                 ["bookAppointment", "body", "date", ""]];
+                 ["bookAppointment", "body", "date", ""],
+                 ["showAppointment", "path", "user_id", ""]];
   try {
     for (const [id, where, name, value] of steps) {
       const form = document.getElementById("form-" + id);
       const box = form.querySelector(`[data-in="${where}"][name="${name}"]`);
       box.value = value;
       box.dispatchEvent(new Event("input", {bubbles: true}));
+      if (!form.checkValidity()) {  // pressing Send would show why, and send nothing
+        note(`Not sent: ${name} ${box.validity.valueMissing ? "is required" : "is invalid"}`);
+        continue;
+      }
       form.querySelector('button[type="submit"]').click();
       await form.sent;
       const reply = document.getElementById("reply-" + id);

@@ -9997,8 +9997,9 @@ class DocsInABrowserTest(unittest.TestCase):
     """/docs in a real browser, headless Chromium, started once: the page's own script
     (which its Content-Security-Policy must let run) renders the API description,
     and with ?try=USER fills in and sends its forms as a person would (a booking,
-    the listing, a booking without a date), writing what came back in the page,
-    which the browser prints (--dump-dom) when its script is done."""
+    the listing, a booking without a date, a lookup without its user), writing what
+    came back in the page, which the browser prints (--dump-dom) when its script is
+    done."""
 
     BROWSER_SECONDS = 60  # then the browser is killed, and the test fails
     USER = "browser"
@@ -10048,7 +10049,7 @@ class DocsInABrowserTest(unittest.TestCase):
         self.assertEqual(self.page.root.get("data-tried"), "done", "the script ran to its end")
         self.assertNotIn("loading", texts)  # the script replaced it...
         self.assertNotIn("blocked", texts)  # ...and the policy blocked nothing it did
-        self.assertEqual(self.step(4), "Style sheet applied")
+        self.assertEqual(self.step(5), "Style sheet applied")
         for path, item in scheduler.openapi_document()["paths"].items():
             for method, operation in item.items():
                 if method in ("head", "options"):
@@ -10083,6 +10084,8 @@ class DocsInABrowserTest(unittest.TestCase):
                          (422, [{"field": "date", "message": "date is required"}]))
         self.assertEqual(texts["reply-bookAppointment"].replace("\n", ""),
                          refused.replace("\n", ""))  # still there, under the form
+        # A path parameter left empty is not sent: /appointments/{user_id}/... would be.
+        self.assertEqual(self.step(4), "Not sent: user_id is required")
 
 
 @on_every_store
