@@ -9093,6 +9093,10 @@ def fit_to_descriptors(max_connections: int) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     global _say_format
+    # A SIGHUP ends a process that has no handler for it. Until serve() or the
+    # Supervisor sets theirs, one that comes while the store opens (an upgrade may
+    # take a while) is ignored: the code it would have reloaded is being loaded.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = parse_args(argv)
     _say_format = LOG_FORMATS[args.log_format]
     limits = Limits(**{name: getattr(args, name) for name in Limits._fields})

@@ -10654,6 +10654,33 @@ class CommandLineTest(unittest.TestCase):
         self.assertIn("Stopped.", self.stop(server))
         self.assertEqual(server.process.returncode, 0)
 
+    @unittest.skipUnless(os.path.exists("/proc/self/status"), "reads signal masks from /proc")
+    def test_a_sighup_while_the_store_opens_does_not_end_the_process(self):
+        # The upgrade of an older file waits for the write lock another connection
+        # holds: the process is in main(), its handlers not set yet.
+        path = temporary_database(self)
+        with database_of_release(path, scheduler.SCHEMA_VERSION - 1):
+            pass
+        release = hold_write_lock(self, path)
+        process = subprocess.Popen([*PYTHON, *SERVICE, "--port", "0", "--db", path],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                   cwd=HERE)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stdout.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        def ignores_sighup() -> bool:  # /proc/PID/status: SigIgn, a mask with bit 0 for signal 1
+            with open(f"/proc/{process.pid}/status", encoding="ascii") as status:
+                mask = re.search(r"^SigIgn:\s*([0-9a-f]+)$", status.read(), re.M).group(1)
+            return bool(int(mask, 16) & 1 << (signal.SIGHUP - 1))
+
+        wait_until(ignores_sighup, what="the process in main(), SIGHUP ignored")
+        process.send_signal(signal.SIGHUP)
+        release()
+        self.assertIn("Listening on http://", process.stdout.readline())
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(timeout=20), 0)
+
     def test_sighup_keeps_a_lone_server_serving_and_loses_nothing(self):
         server = self.start("--port", "0")
         sock = self.start_request_in_flight(server)
