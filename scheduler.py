@@ -8920,12 +8920,28 @@ def _host_as_sent(host: str) -> bool:
     as four decimal numbers: 127.1 is sent as 127.0.0.1."""
     try:
         if host.startswith("[") and host.endswith("]"):
-            return ipaddress.IPv6Address(host[1:-1]).compressed == host[1:-1]
+            return _ipv6_as_sent(int(ipaddress.IPv6Address(host[1:-1]))) == host[1:-1]
         if host.rstrip(".").rpartition(".")[2].isdigit():
             return str(ipaddress.IPv4Address(host)) == host
     except ValueError:
         return False
     return bool(_ORIGIN_HOST.fullmatch(host))
+
+
+def _ipv6_as_sent(address: int) -> str:
+    """An IPv6 address as the URL standard writes it: eight pieces in hexadecimal,
+    the first longest run of two or more zero pieces as "::" (an IPv4-mapped one
+    too, which Python 3.13's ipaddress writes with its last 32 bits dotted)."""
+    pieces = [address >> shift & 0xFFFF for shift in range(112, -1, -16)]
+    best, length = None, 1
+    for start in range(8):
+        run = next((end for end in range(start, 8) if pieces[end]), 8) - start
+        if run > length:
+            best, length = start, run
+    written = [f"{piece:x}" for piece in pieces]
+    if best is None:
+        return ":".join(written)
+    return ":".join(written[:best]) + "::" + ":".join(written[best + length:])
 
 
 def _positive(kind):
