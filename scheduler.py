@@ -8120,8 +8120,9 @@ class Connection:
         self._lock = threading.Lock()  # guards _phase, _deadline, _expired: the watchdog reads them
         self._phase = self.NEW
         self._deadline: Optional[float] = None  # time.monotonic(); None while NEW or BUSY
-        self._expired = False  # set once, by the watchdog or close_if_idle: the connection ends
-        self._closed_idle = False  # set by close_if_idle: it was not a deadline that passed
+        # Why the connection ends, once set: its deadline passed ("deadline", set by the
+        # watchdog), or close_if_idle() ended its wait ("closed"). None until then.
+        self._expired: Optional[str] = None
         self._data = bytearray()  # received and not yet taken: a request's start, or more
         self._request_deadline = 0.0  # the current request's, from its first byte
         self._served = 0  # responses sent
@@ -8283,7 +8284,7 @@ class Connection:
         if self._expired and not (chunk and self._phase == self.WAITING):
             if self._phase == self.WAITING:  # no request had begun: nothing to answer
                 return False
-            if self._closed_idle:  # what came before the close is not the whole request
+            if self._expired == "closed":  # what came before the close is not the whole request
                 raise HTTPError(503, "The server is shutting down, and stopped reading this "
                                      "request before it was whole; send it again.",
                                 headers={"Retry-After": "1"})
@@ -8386,7 +8387,7 @@ class Connection:
         with self._lock:
             if self._deadline is None or now < self._deadline or self._expired:
                 return False
-            self._expired = True
+            self._expired = "deadline"
             # A late reader still gets its 408, so only a late writer loses both sides.
             self._shutdown(socket.SHUT_RDWR if self._phase == self.WRITING else socket.SHUT_RD)
             return True
@@ -8405,7 +8406,7 @@ class Connection:
         with self._lock:
             if self._phase != self.WAITING or (keep_new and not self._served):
                 return False
-            self._expired = self._closed_idle = True
+            self._expired = "closed"
             self._shutdown(socket.SHUT_RD)
             return True
 
