@@ -5712,6 +5712,7 @@ def _built_once_encoder() -> Callable[[object], str]:
 
 
 _encode_json = _built_once_encoder()
+_json_text = json.encoder.encode_basestring  # what _encode_json() makes of a str
 
 
 def json_content(body) -> bytes:
@@ -7527,21 +7528,23 @@ def path_key(params: Dict[str, str]) -> Tuple[str, dt.date]:
         raise HTTPError(400, f"Invalid path: date {error}.") from None
 
 
-@functools.lru_cache(maxsize=2 * MAX_APPOINTMENTS_PER_USER)
+LISTED_KEPT = 2 * MAX_APPOINTMENTS_PER_USER  # appointments whose JSON is kept for listings
+
+
+@functools.lru_cache(maxsize=LISTED_KEPT)
 def _listed(appointment: Appointment) -> str:
-    """An appointment's JSON as a listing holds it. Cached for the listings of users
-    with many appointments, where each range asked for (from, to) is a reply of its
-    own, made of the same appointments."""
-    return _JSON_ENCODER.encode(appointment.as_json())
+    """An appointment's JSON as a listing holds it. Kept, the least recently listed
+    going first: a user's listing is asked for again and again (an app polls it),
+    and each range of a long one (from, to) is a reply of its own, made of the same
+    appointments; an appointment that changes is another key."""
+    return _encode_json(appointment.as_json())
 
 
 def listing(user_id: str, appointments: List[Appointment]) -> Reply:
     """A 200 of the user's appointments, with its ETag. The content is what
-    json_content() makes of {"user_id": ..., "appointments": [...]}, byte for byte;
-    of KEPT_FROM or more, it is joined from each appointment's cached text."""
-    if len(appointments) < KEPT_FROM:
-        return tagged_json({"user_id": user_id, "appointments": [a.as_json() for a in appointments]})
-    return tagged((f'{{"user_id": {_JSON_ENCODER.encode(user_id)}, "appointments": ['
+    json_content() makes of {"user_id": ..., "appointments": [...]}, byte for byte,
+    joined from each appointment's kept text (_listed())."""
+    return tagged((f'{{"user_id": {_json_text(user_id)}, "appointments": ['
                    + ", ".join(map(_listed, appointments)) + "]}\n").encode())
 
 

@@ -6576,7 +6576,7 @@ class KeptAcrossServersTest(KeptAcrossProcessesTest):
 
 
 class ListingTest(unittest.TestCase):
-    def test_a_long_listing_joined_from_cached_texts_is_json_content_byte_for_byte(self):
+    def test_a_listing_joined_from_kept_texts_is_json_content_byte_for_byte(self):
         for user_id, note in (("alice", None), ("😀" * 256, "🦴" * 500), ('q"\\\n', 'a\nb"c')):
             listed = [scheduler.Appointment(user_id, dt.datetime.combine(
                 dt.date(2026, 1, 1) + dt.timedelta(days=day), dt.time(9, 30), tzinfo=UTC),
@@ -6588,6 +6588,30 @@ class ListingTest(unittest.TestCase):
                         appointment.as_json() for appointment in listed[:count]]})
                     self.assertEqual(reply.body, content)
                     self.assertEqual(dict(reply.headers)["ETag"], scheduler.entity_tag(content))
+
+
+    def test_the_kept_texts_take_at_most_what_the_readme_gives(self):
+        with open(README, encoding="utf-8") as file:
+            row = next(line for line in file if line.startswith("| kept "))
+        self.assertIn(f"{scheduler.LISTED_KEPT:,} appointments' JSON", row)
+        claimed = float(re.search(r"the JSON: ([\d.]+) MiB at worst", row).group(1))
+        largest, start = AppointmentMemoryTest.largest, appointment().start
+        scheduler._listed.cache_clear()
+        self.addCleanup(scheduler._listed.cache_clear)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for number in range(scheduler.LISTED_KEPT + 100):  # past the bound: the oldest go
+                scheduler._listed(scheduler.Appointment(
+                    largest(number, "😀", scheduler.MAX_USER_ID_LENGTH), start,
+                    largest(number, "🦴", scheduler.MAX_NOTE_LENGTH)))
+            used = (tracemalloc.get_traced_memory()[0] - before) / 2**20
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(scheduler._listed.cache_info().currsize, scheduler.LISTED_KEPT)
+        self.assertLessEqual(used, claimed)
+        self.assertGreater(used, 0.9 * claimed, "the README gives the worst case measured")
 
 
 class EntityTagTest(unittest.TestCase):
