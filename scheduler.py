@@ -7469,11 +7469,17 @@ class Service:
 # raises HTTPError (or lets a domain error through) when it cannot answer.
 
 
+# RFC 3986's unreserved characters (section 2.3): what percent-encoding leaves as it is.
+_UNRESERVED = re.compile(r"[-0-9A-Za-z._~]*")
+
+
 def appointment_url(appointment: Appointment) -> str:
     """The appointment's own URL, with the user ID percent-encoded so that any ID
     (with /, ?, spaces or CR/LF) stays one path segment and one header line."""
-    user = urllib.parse.quote(appointment.user_id, safe="")
-    return f"/appointments/{user}/{appointment.date.isoformat()}"
+    user = appointment.user_id
+    if not _UNRESERVED.fullmatch(user):  # else quote() would return it as it is
+        user = urllib.parse.quote(user, safe="")
+    return f"/appointments/{user}/{_start_strings(appointment.start)[0]}"
 
 
 def _query_value(query: Dict[str, List[str]], name: str) -> Optional[str]:
