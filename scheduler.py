@@ -480,9 +480,20 @@ def parse_date(value) -> dt.date:
     return date
 
 
+@functools.lru_cache(maxsize=4)
+def _day_starts(minutes: Tuple[int, ...]) -> Dict[str, dt.time]:
+    """Every start of a day at these minutes past the hour, as HH:MM, with its time:
+    what parse_time() accepts, looked up in one step."""
+    return {f"{hour:02d}:{minute:02d}": dt.time(hour, minute)
+            for hour in range(24) for minute in minutes}
+
+
 def parse_time(value) -> dt.time:
     """Return the start time for an HH:MM string at one of START_MINUTES past the
     hour; raise ValueError otherwise."""
+    start = _day_starts(START_MINUTES).get(value) if isinstance(value, str) else None
+    if start is not None:  # a bookable time: the checks below would take it
+        return start
     match = TIME_FORMAT.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise ValueError(f"must be a string in 24-hour HH:MM format, e.g. {example_time()}; "
