@@ -491,7 +491,7 @@ def _day_starts(minutes: Tuple[int, ...]) -> Dict[str, dt.time]:
 def parse_time(value) -> dt.time:
     """Return the start time for an HH:MM string at one of START_MINUTES past the
     hour; raise ValueError otherwise."""
-    start = _day_starts(START_MINUTES).get(value) if isinstance(value, str) else None
+    start = _day_starts(tuple(START_MINUTES)).get(value) if isinstance(value, str) else None
     if start is not None:  # a bookable time: the checks below would take it
         return start
     match = TIME_FORMAT.fullmatch(value) if isinstance(value, str) else None

@@ -116,7 +116,8 @@ def other_rules(**rules):
     if the module had been written so, until the block ends: what is made once from
     the rules (the API description) is made again under them, and again after."""
     made_once = (scheduler.openapi_document, scheduler._paths, scheduler._response_components,
-                 scheduler._description, scheduler._start_strings, scheduler._stored_start)
+                 scheduler._description, scheduler._start_strings, scheduler._stored_start,
+                 scheduler._listed)
     try:
         with contextlib.ExitStack() as patches:
             for name, value in rules.items():
@@ -1608,6 +1609,31 @@ class ParseNoteTest(ParserCases, unittest.TestCase):
         ("a\u2028b", "U\\+2028"),
         ("tag\U000E0041", "U\\+E0041"),
     ]
+
+
+class DecodeJsonTest(unittest.TestCase):
+    # RFC 8259 section 2: space, tab, CR and LF may come before and after the value, and
+    # nothing else; an error says where, as json does.
+    CASES = [
+        (b' \t\r\n{"a": 1} \n', {"a": 1}),
+        (b'{"a": 1}x', "Extra data: line 1 column 9 (char 8)"),
+        (b'{"a": 1}\n\n x', "Extra data: line 3 column 2 (char 11)"),
+        (b"{} {}", "Extra data: line 1 column 4 (char 3)"),
+        (b" \n ", "Expecting value: line 2 column 2 (char 3)"),
+        (b"\x0c{}", "Expecting value: line 1 column 1 (char 0)"),  # a form feed is not JSON's
+        (b"\xc2\xa0{}", "Expecting value: line 1 column 1 (char 0)"),  # nor a no-break space
+    ]
+
+    def test_whitespace_around_the_value(self):
+        for body, expected in self.CASES:
+            with self.subTest(body=body):
+                if isinstance(expected, dict):
+                    self.assertEqual(scheduler.decode_json(body), expected)
+                else:
+                    with self.assertRaises(scheduler.HTTPError) as raised:
+                        scheduler.decode_json(body)
+                    self.assertEqual(raised.exception.detail,
+                                     f"The request body is not valid JSON: {expected}.")
 
 
 class ParseAppointmentTest(unittest.TestCase):
@@ -6595,7 +6621,13 @@ class ListingTest(unittest.TestCase):
             row = next(line for line in file if line.startswith("| kept "))
         self.assertIn(f"{scheduler.LISTED_KEPT:,} appointments' JSON", row)
         claimed = float(re.search(r"the JSON: ([\d.]+) MiB at worst", row).group(1))
-        largest, start = AppointmentMemoryTest.largest, appointment().start
+        start = appointment().start
+
+        def largest(number: int, length: int) -> str:
+            # One emoji makes a string take four bytes a character, in the key and in its
+            # JSON; the rest are quotes, which JSON writes as two characters (\").
+            return f"{number:06d}😀" + '"' * (length - 7)
+
         scheduler._listed.cache_clear()
         self.addCleanup(scheduler._listed.cache_clear)
         gc.collect()
@@ -6604,8 +6636,8 @@ class ListingTest(unittest.TestCase):
             before = tracemalloc.get_traced_memory()[0]
             for number in range(scheduler.LISTED_KEPT + 100):  # past the bound: the oldest go
                 scheduler._listed(scheduler.Appointment(
-                    largest(number, "😀", scheduler.MAX_USER_ID_LENGTH), start,
-                    largest(number, "🦴", scheduler.MAX_NOTE_LENGTH)))
+                    largest(number, scheduler.MAX_USER_ID_LENGTH), start,
+                    largest(number, scheduler.MAX_NOTE_LENGTH)))
             used = (tracemalloc.get_traced_memory()[0] - before) / 2**20
         finally:
             tracemalloc.stop()
