@@ -12,8 +12,8 @@ help: ## List the targets
 run: ## Serve the API (change the port with: make run PORT=9000)
 	$(PYTHON) scheduler.py --host $(HOST) --port $(PORT)
 
-test: ## Run the test suite in 4 processes (another interpreter: make test PYTHON=python3.9)
-	$(PYTHON) -c 'import test_scheduler; test_scheduler.run_in_parallel("4")'
+test: ## Run the test suite in 5 processes (another interpreter: make test PYTHON=python3.9)
+	$(PYTHON) -c 'import test_scheduler; test_scheduler.run_in_parallel("5")'
 
 bench: ## Measure throughput, latency and memory (4 min; wrk if installed); BASE=<commit>: against it, taking turns
 	SCHEDULER_BENCH=1 SCHEDULER_BENCH_BASE=$(BASE) $(PYTHON) -m unittest -v \

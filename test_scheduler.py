@@ -15,7 +15,7 @@
     Command line         scheduler.py as a process: options, signals, --db
     Benchmark            make bench only: timings, never asserted
 
-Run: make test  (in 4 processes: run_in_parallel()), or python3 -m unittest (in one)
+Run: make test  (in 5 processes: run_in_parallel()), or python3 -m unittest (in one)
 """
 
 import ast
